@@ -1,0 +1,38 @@
+"""The attention-backend contract: plan once per step, then attend once per layer.
+
+A step is a flat batch of tokens from several requests (prefill chunks and decode tokens mixed).
+`StepMetadata` describes it; the model runner builds it once per step and calls `plan`, then
+each layer calls `attend`, which writes the step's new K/V into the paged cache and attends over
+each request's whole context. The torch backend (CPU) and the flashinfer backend (GPU) implement
+this same interface.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class StepMetadata:
+    qo_lens: list[int]          # new tokens per request in this step
+    kv_lens: list[int]          # context length per request after this step (includes new tokens)
+    page_tables: list[list[int]]
+    page_size: int
+    write_slots: torch.Tensor   # [num_tokens] flat slot (page * page_size + offset) of each new token
+
+    @property
+    def num_tokens(self) -> int:
+        return int(sum(self.qo_lens))
+
+
+class AttentionBackend(ABC):
+    @abstractmethod
+    def plan(self, meta: StepMetadata) -> None:
+        """Prepare per-step metadata shared by all layers."""
+
+    @abstractmethod
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor) -> torch.Tensor:
+        """q: [T, Hq, D], k/v: [T, Hkv, D], kv_cache: [P, 2, page_size, Hkv, D] -> out [T, Hq, D]."""

@@ -1,0 +1,170 @@
+"""The engine core: one process's model, KV cache, scheduler and step loop (colocated E+P+D).
+
+Lifecycle: `EngineCore(config)` loads weights and sizes the KV pool; `add(req)` queues a
+processed request; each `step()` schedules a batch, encodes images of newly scheduled requests
+(batched across requests), runs the language model, samples, applies stop rules and frees the
+pages of finished requests; it returns one `TokenEvent` per request that produced a token.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from epd.attention.torch_backend import TorchAttentionBackend
+from epd.config import ModelConfig, parse_dtype
+from epd.detokenizer import IncrementalDetokenizer
+from epd.inputs import InputError, InputProcessor, ProcessedInput
+from epd.kv_pool import KVCache, KVCacheSpec
+from epd.model_loader import default_device, load_language_model
+from epd.model_runner import ModelRunner, attach_image_embeddings
+from epd.models.vision import VisionTower
+from epd.request import Request, TokenEvent
+from epd.sampling import SamplingParams, SamplingRow, sample
+from epd.scheduler import Chunk, Scheduler
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model_path: str
+    device: str | None = None            # default: cuda when present, else cpu
+    dtype: str | None = None             # default: float32 on cpu, the checkpoint's dtype on cuda
+    page_size: int = 16
+    max_running_requests: int = 64
+    max_step_tokens: int = 2048
+    kv_cache_tokens: int | None = None   # default: sized from memory
+    mem_fraction: float = 0.85           # of free GPU memory after weights, for the KV pool
+    max_model_len: int | None = None
+    load_vision: bool = True
+
+    def resolved_device(self) -> torch.device:
+        return torch.device(self.device or default_device())
+
+    def resolved_dtype(self, model: ModelConfig) -> torch.dtype:
+        if self.dtype:
+            return parse_dtype(self.dtype)
+        return torch.float32 if self.resolved_device().type == "cpu" else model.dtype
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig, tokenizer) -> None:
+        self.config = config
+        self.model_config = ModelConfig.from_pretrained(config.model_path)
+        self.device = config.resolved_device()
+        self.dtype = config.resolved_dtype(self.model_config)
+        self.tokenizer = tokenizer
+        t0 = time.perf_counter()
+        self.model = load_language_model(self.model_config, self.device, self.dtype)
+        self.vision = VisionTower(self.model_config, self.device, self.dtype) if config.load_vision else None
+        self.kv = self._make_kv_cache()
+        log.info("loaded %s on %s (%s) in %.2fs; KV pool %d pages x %d tokens", self.model_config.model_id,
+                 self.device, self.dtype, time.perf_counter() - t0, self.kv.pool.capacity, config.page_size)
+        self.max_context = min(self.model_config.text.max_position_embeddings,
+                               config.max_model_len or 1 << 30,
+                               self.kv.pool.capacity * config.page_size)
+        self.scheduler = Scheduler(self.kv, config.max_running_requests, config.max_step_tokens)
+        self.runner = ModelRunner(self.model, self.kv, TorchAttentionBackend(), self.device)
+        self.inputs = InputProcessor(self.model_config, tokenizer, self.max_context)
+        self._rid = 0
+
+    def _make_kv_cache(self) -> KVCache:
+        tc = self.model_config.text
+        spec = KVCacheSpec(tc.num_layers, tc.num_kv_heads, tc.head_dim, self.config.page_size, self.dtype)
+        if self.config.kv_cache_tokens:
+            pages = -(-self.config.kv_cache_tokens // spec.page_size) + 1
+        elif self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            pages = KVCache.pages_fitting(spec, int(free * self.config.mem_fraction))
+        else:
+            pages = KVCache.pages_fitting(spec, 1 << 30)  # 1 GiB of host memory by default
+        return KVCache(spec, pages, self.device)
+
+    def new_request(self, inp: ProcessedInput, params: SamplingParams, rid: str | None = None) -> Request:
+        max_total = min(self.max_context, len(inp.input_ids) + params.max_new_tokens)
+        gen = None
+        if params.seed is not None and not params.greedy:
+            gen = torch.Generator(device=self.device).manual_seed(params.seed)
+        if rid is None:
+            self._rid += 1
+            rid = f"req-{self._rid}"
+        detok = IncrementalDetokenizer(self.tokenizer, params.stop, params.skip_special_tokens)
+        return Request(rid, inp, params, detok, max_total, generator=gen)
+
+    def add(self, req: Request) -> None:
+        try:
+            self.scheduler.add(req)
+        except ValueError as e:
+            raise InputError(str(e), "max_new_tokens") from None
+
+    def step(self) -> list[TokenEvent]:
+        chunks = self.scheduler.schedule()
+        if not chunks:
+            return []
+        self._encode_images([c.req for c in chunks if c.req.image_embeds is None and c.req.inp.images])
+        logits = self.runner.run(chunks)
+        self.scheduler.advance(chunks)
+        sampling = [c for c in chunks if c.samples]
+        return self._commit(sampling, logits)
+
+    def _encode_images(self, reqs: list[Request]) -> None:
+        todo = [im for r in reqs for im in r.inp.images if im.embeddings is None]
+        if todo:
+            assert self.vision is not None, "this engine was built without a vision tower"
+            pixels = torch.cat([im.pixel_values for im in todo])  # type: ignore[misc]
+            grids = torch.tensor([im.grid_thw for im in todo])
+            for im, emb in zip(todo, self.vision.encode(pixels, grids), strict=True):
+                im.embeddings, im.pixel_values = emb, None
+        for r in reqs:
+            attach_image_embeddings(r, self.dtype, self.device)
+
+    def _commit(self, chunks: list[Chunk], logits: torch.Tensor) -> list[TokenEvent]:
+        rows = [SamplingRow(c.req.params, c.req.generator, c.req.inp.input_ids + c.req.output_ids,
+                            c.req.output_ids, self._banned(c.req)) for c in chunks]
+        result = sample(logits, rows)
+        events = []
+        for i, c in enumerate(chunks):
+            lp = result.logprobs[i] if result.logprobs else None
+            top = result.top_logprobs[i] if result.top_logprobs else None
+            events.append(self._append_token(c.req, result.token_ids[i], lp, top))
+        return events
+
+    def _stop_ids(self, req: Request) -> set[int]:
+        ids = set(req.params.stop_token_ids)
+        if not req.params.ignore_eos:
+            ids.update(self.model_config.eos_token_ids)
+        return ids
+
+    def _banned(self, req: Request) -> tuple[int, ...]:
+        return tuple(self._stop_ids(req)) if len(req.output_ids) < req.params.min_new_tokens else ()
+
+    def _append_token(self, req: Request, tok: int, lp: float | None, top) -> TokenEvent:
+        req.output_ids.append(tok)
+        if lp is not None:
+            req.output_logprobs.append(lp)
+        if req.first_token_time is None:
+            req.first_token_time = time.monotonic()
+        reason, text = None, ""
+        if tok in self._stop_ids(req):
+            reason = {"type": "stop", "matched": tok}
+        else:
+            text = req.detok.push(tok)
+            if req.detok.stopped is not None:
+                reason = {"type": "stop", "matched": req.detok.stopped}
+        if reason is None and (len(req.output_ids) >= req.params.max_new_tokens
+                               or req.total_len >= req.max_total_tokens):
+            reason = {"type": "length", "length": len(req.output_ids)}
+        if reason is not None:
+            text += req.detok.finish()
+            self.scheduler.finish(req, reason)
+        return TokenEvent(req.rid, tok, text, lp, top, reason is not None, reason)
+
+    def abort(self, rid: str) -> bool:
+        return self.scheduler.abort(rid) is not None
+
+    def check_integrity(self) -> None:
+        self.scheduler.check_integrity()

@@ -1,0 +1,139 @@
+"""Turn a prompt (text or token ids) plus images into what the model consumes.
+
+`InputProcessor.process` tokenizes, loads and preprocesses images (or accepts precomputed
+embeddings), expands each image placeholder token to the image's token count, and computes
+M-RoPE positions. Mismatches between placeholders and images, and prompts longer than the
+context, raise `InputError` naming the problem; nothing is allocated before this succeeds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from epd.config import ModelConfig
+from epd.image_processor import ImageProcessor
+from epd.media import image_content_hash, load_image
+from epd.mrope import mrope_positions
+
+
+class InputError(ValueError):
+    """A request the engine cannot run as given (the HTTP layer maps it to 400)."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass
+class ImageInput:
+    grid_thw: tuple[int, int, int]
+    num_tokens: int
+    pixel_values: torch.Tensor | None = None   # [patches, C*T*P*P], when the encoder must run
+    embeddings: torch.Tensor | None = None     # [num_tokens, hidden], once encoded
+    content_hash: str | None = None
+
+
+@dataclass
+class ProcessedInput:
+    input_ids: list[int]
+    images: list[ImageInput]
+    positions: torch.Tensor                    # [3, len(input_ids)]
+    mrope_delta: int
+    image_offsets: list[int] = field(default_factory=list)  # index of each image's first token
+
+
+class InputProcessor:
+    def __init__(self, config: ModelConfig, tokenizer: Any, max_context: int) -> None:
+        self.config = config
+        self.tokenizer = tokenizer
+        self.max_context = max_context
+        self.image_processor = ImageProcessor(config.model_path, config.spatial_merge_size)
+
+    def process(self, prompt: str | None = None, input_ids: list[int] | None = None,
+                image_data: list | None = None) -> ProcessedInput:
+        if (prompt is None) == (input_ids is None):
+            raise InputError("give exactly one of prompt or input_ids", "prompt")
+        ids = list(input_ids) if input_ids is not None else self.tokenizer.encode(prompt, add_special_tokens=False)
+        if not ids:
+            raise InputError("the prompt is empty", "prompt")
+        images = [self._image(i, item) for i, item in enumerate(image_data or [])]
+        ids = self._expand(ids, images)
+        if len(ids) >= self.max_context:
+            raise InputError(f"prompt is {len(ids)} tokens (text + images); the context is {self.max_context} "
+                             f"tokens and at least one must be left to generate", "prompt")
+        vocab = self.config.text.vocab_size
+        bad = next((t for t in ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise InputError(f"token id {bad} is outside the vocabulary (size {vocab})", "input_ids")
+        positions, delta = mrope_positions(ids, self.config.image_token_id, [im.grid_thw for im in images],
+                                           self.config.spatial_merge_size)
+        return ProcessedInput(ids, images, positions, delta, _image_starts(ids, images, self.config.image_token_id))
+
+    def _image(self, index: int, item: Any) -> ImageInput:
+        if isinstance(item, dict):
+            return _precomputed(index, item, self.config)
+        image = load_image(item, index=index, allow_any_local=True)
+        pre = self.image_processor.preprocess(image)
+        return ImageInput(pre.grid_thw, pre.num_tokens, pixel_values=pre.pixel_values,
+                          content_hash=image_content_hash(image))
+
+    def _expand(self, ids: list[int], images: list[ImageInput]) -> list[int]:
+        """One placeholder per image is expanded; an already expanded prompt is accepted as is."""
+        pad = self.config.image_token_id
+        count = sum(1 for t in ids if t == pad)
+        runs = _runs(ids, pad)
+        if len(runs) == len(images) and all(n == im.num_tokens for n, im in zip(runs, images, strict=True)):
+            return ids
+        if count != len(images):
+            raise InputError(f"the prompt has {count} image placeholder(s) but {len(images)} image(s) were given",
+                             "image_data")
+        out: list[int] = []
+        it = iter(images)
+        for t in ids:
+            out.extend([pad] * next(it).num_tokens if t == pad else [t])
+        return out
+
+
+def _runs(ids: list[int], token: int) -> list[int]:
+    runs, n = [], 0
+    for t in ids:
+        if t == token:
+            n += 1
+        elif n:
+            runs.append(n)
+            n = 0
+    if n:
+        runs.append(n)
+    return runs
+
+
+def _image_starts(ids: list[int], images: list[ImageInput], pad: int) -> list[int]:
+    starts, i = [], 0
+    for im in images:
+        while ids[i] != pad:
+            i += 1
+        starts.append(i)
+        i += im.num_tokens
+    return starts
+
+
+def _precomputed(index: int, item: dict, config: ModelConfig) -> ImageInput:
+    modality = str(item.get("modality", "IMAGE")).upper()
+    if modality != "IMAGE":
+        raise InputError(f"image {index}: unsupported modality {modality!r}", f"image_data[{index}]")
+    emb, thw = item.get("precomputed_embeddings"), item.get("image_grid_thw")
+    if emb is None or thw is None:
+        raise InputError(f"image {index}: a precomputed item needs 'precomputed_embeddings' and "
+                         f"'image_grid_thw'", f"image_data[{index}]")
+    grid = tuple(int(x) for x in torch.as_tensor(thw).reshape(-1).tolist())
+    if len(grid) != 3:
+        raise InputError(f"image {index}: image_grid_thw must be (t, h, w), got {grid}", f"image_data[{index}]")
+    emb = torch.as_tensor(emb)
+    tokens = grid[0] * grid[1] * grid[2] // config.spatial_merge_size**2
+    if emb.dim() != 2 or emb.shape != (tokens, config.text.hidden_size):
+        raise InputError(f"image {index}: precomputed_embeddings has shape {tuple(emb.shape)}, expected "
+                         f"({tokens}, {config.text.hidden_size}) for grid {grid}", f"image_data[{index}]")
+    return ImageInput(grid, tokens, embeddings=emb)  # type: ignore[arg-type]

@@ -1,0 +1,150 @@
+"""Continuous batching with chunked prefill and a token budget per step.
+
+Queues, in order: waiting (FIFO, nothing allocated) -> running -> finished.
+Each step `schedule()` builds a flat batch under `max_step_tokens`:
+  1. every running request with one pending token (decode) gets it;
+  2. running requests still prefilling get the next chunk of their prompt;
+  3. waiting requests are admitted while the budget, `max_running` and free pages allow
+     (a request is admitted only if its whole pending context fits in the free pages).
+Pages are allocated as tokens are scheduled. When a decode needs a page and none is free, the
+most recently admitted other request is preempted: its pages are freed and it returns to the
+front of the waiting queue, to be recomputed later (prompt + output so far), so nothing is lost.
+Every request's pages are freed exactly once, when it finishes, aborts or is preempted.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from epd.kv_pool import KVCache
+from epd.request import Request, Status
+
+
+@dataclass
+class Chunk:
+    req: Request
+    start: int      # first token index computed in this step
+    length: int
+
+    @property
+    def samples(self) -> bool:
+        """True when this chunk reaches the last known token, so the step yields a new token."""
+        return self.start + self.length == self.req.total_len
+
+
+class Scheduler:
+    def __init__(self, kv: KVCache, max_running: int, max_step_tokens: int) -> None:
+        self.kv = kv
+        self.pool = kv.pool
+        self.max_running = max_running
+        self.max_step_tokens = max_step_tokens
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.num_preemptions = 0
+
+    def add(self, req: Request) -> None:
+        need = self.pool.pages_for(req.max_total_tokens)
+        if need > self.pool.capacity:
+            raise ValueError(f"request needs up to {req.max_total_tokens} tokens of KV cache; the pool holds "
+                             f"{self.pool.capacity * self.pool.page_size}")
+        self.waiting.append(req)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> list[Chunk]:
+        chunks: list[Chunk] = []
+        budget = self.max_step_tokens
+        for req in [r for r in self.running if r.pending_tokens == 1]:
+            if req.status is not Status.RUNNING or budget == 0:
+                continue
+            if self._grow(req, req.total_len, protected={c.req.rid for c in chunks}):
+                chunks.append(Chunk(req, req.num_computed, 1))
+                budget -= 1
+        for req in [r for r in self.running if r.pending_tokens > 1]:
+            if budget == 0:
+                break
+            n = min(req.pending_tokens, budget)
+            if self._grow(req, req.num_computed + n):
+                chunks.append(Chunk(req, req.num_computed, n))
+                budget -= n
+        while self.waiting and budget > 0 and len(self.running) < self.max_running:
+            req = self.waiting[0]
+            if self.pool.pages_for(req.total_len) > self.pool.num_free - self._owed_to_prefills():
+                break
+            self.waiting.popleft()
+            req.status = Status.RUNNING
+            self.running.append(req)
+            n = min(req.pending_tokens, budget)
+            self._grow(req, req.num_computed + n)
+            chunks.append(Chunk(req, req.num_computed, n))
+            budget -= n
+        if not chunks and len(self.running) > 1:
+            self._preempt(self.running[-1])  # prefills starved of pages: give the oldest room
+            return self.schedule()
+        return chunks
+
+    def _owed_to_prefills(self) -> int:
+        """Pages running prefills still need to finish their prompt (kept back from admission)."""
+        return sum(max(0, self.pool.pages_for(r.total_len) - len(r.pages))
+                   for r in self.running if r.pending_tokens > 1)
+
+    def _grow(self, req: Request, num_tokens: int, protected: set[str] | None = None) -> bool:
+        """Make req's pages cover num_tokens; with `protected` given (decodes), preempt the newest
+        running request that is neither req nor already scheduled this step."""
+        need = self.pool.pages_for(num_tokens) - len(req.pages)
+        while need > self.pool.num_free:
+            victim = None if protected is None else next(
+                (r for r in reversed(self.running) if r is not req and r.rid not in protected), None)
+            if victim is None:
+                return False
+            self._preempt(victim)
+        if need > 0:
+            req.pages.extend(self.pool.allocate(need))
+        return True
+
+    def _preempt(self, req: Request) -> None:
+        self._release(req)
+        req.num_computed = 0
+        req.status = Status.WAITING
+        self.waiting.appendleft(req)
+        self.num_preemptions += 1
+
+    def _release(self, req: Request) -> None:
+        if req in self.running:
+            self.running.remove(req)
+        if req.pages:
+            self.pool.free(req.pages)
+            req.pages = []
+
+    def advance(self, chunks: list[Chunk]) -> None:
+        """Record that the scheduled tokens' KV is now in the cache."""
+        for c in chunks:
+            c.req.num_computed = c.start + c.length
+
+    def finish(self, req: Request, reason: dict) -> None:
+        req.status = Status.FINISHED
+        req.finish_reason = reason
+        self._release(req)
+
+    def abort(self, rid: str) -> Request | None:
+        for queue in (self.running, list(self.waiting)):
+            for req in queue:
+                if req.rid == rid:
+                    if req in self.waiting:
+                        self.waiting.remove(req)
+                    self.finish(req, {"type": "abort", "message": "aborted"})
+                    return req
+        return None
+
+    def check_integrity(self) -> None:
+        """free + in use == total, and every in-use page belongs to exactly one live request."""
+        self.pool.check_integrity()
+        owned = [p for r in self.running for p in r.pages]
+        if len(owned) != len(set(owned)):
+            raise AssertionError("a KV page is owned by two requests")
+        if len(owned) != self.pool.num_in_use:
+            raise AssertionError(f"{self.pool.num_in_use} pages in use but running requests own {len(owned)}")
+        if any(r.pages for r in self.waiting):
+            raise AssertionError("a waiting request holds pages")
