@@ -17,6 +17,7 @@ import torch
 SUPPORTED_ARCHS = ("qwen2_vl", "qwen2_5_vl")
 
 _DTYPES = {
+    "float64": torch.float64,
     "float32": torch.float32,
     "float16": torch.float16,
     "bfloat16": torch.bfloat16,

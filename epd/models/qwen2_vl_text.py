@@ -142,4 +142,6 @@ class Qwen2VLLanguageModel(nn.Module):
         return self.language_model.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
+        """Sampling runs in float32 at least (float64 stays float64)."""
+        out = self.lm_head(hidden)
+        return out if out.dtype == torch.float64 else out.float()
