@@ -1,0 +1,399 @@
+"""Loading and validating images from untrusted request items.
+
+Lifecycle of one item in ``load_image`` / ``aload_image``:
+1. source: PIL image | bytes | ``data:image/...;base64,`` URI | ``http(s)://`` URL | ``file://``
+   URL | local path; other schemes (``ftp:``, ``gopher:``, ``javascript:``) are refused.
+2. bytes: decode the data URI, read the file under the local-file policy, or stream the URL with a
+   byte cap and a deadline, following at most ``max_redirects`` redirects, each hop re-checked.
+3. decode: sniff magic bytes and refuse formats not allowed; check the header's size before any
+   pixel is decoded (bomb guard); ``verify()`` then ``load()`` so truncated data fails here.
+4. normalise: EXIF orientation applied, first frame only, RGB with alpha composited on white.
+
+Formats: PNG, JPEG, WEBP, GIF, BMP (OpenAI's list plus BMP); TIFF is opt-in (big parser, multi-page,
+rare on the web); PDF, SVG, HEIF/AVIF, ICO, PSD are named in errors, never decoded. ``min_side``
+is 1 px because Qwen2-VL's processor scales small images up itself.
+
+Local files: ``allowed_local_dir=None, allow_any_local=True`` (offline Engine) reads any path.
+The HTTP router passes ``allow_any_local=False`` and, to serve files at all, ``allowed_local_dir``;
+paths (relative ones taken from it) must stay inside it once ``..`` and symlinks are resolved.
+Network: ``block_link_local`` (default on) refuses hosts resolving to link-local / cloud-metadata
+addresses (169.254.169.254); loopback stays allowed. ``block_private_networks`` refuses every
+non-global address. Hosts are resolved before httpx connects (DNS rebinding in between is not
+caught); an environment proxy is trusted.
+
+Failures raise ``MediaError`` (a ``ValueError``): the message starts "image N:" (1-based);
+``index`` (0-based) and ``param`` let the HTTP layer answer with an OpenAI-style 400.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import functools
+import hashlib
+import io
+import ipaddress
+import os
+import re
+import socket
+import ssl
+import stat
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+import httpx
+import numpy as np
+from PIL import Image, ImageOps
+
+ImageItem = Image.Image | bytes | bytearray | memoryview | str | os.PathLike
+
+DEFAULT_FORMATS = frozenset({"PNG", "JPEG", "WEBP", "GIF", "BMP"})
+_DECODABLE = DEFAULT_FORMATS | {"TIFF"}
+_HEADERS = {"User-Agent": "epd-media/0.1", "Accept": "image/*"}
+_SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]+):")  # 2+ chars so "C:\x.png" stays a path
+# Link-local covers 169.254.0.0/16 (AWS, GCP, Azure metadata); these are the other well-known ones.
+_METADATA_NETS = (ipaddress.ip_network("100.100.100.200/32"), ipaddress.ip_network("fd00:ec2::254/128"))
+_MAGIC: tuple[tuple[bytes, str], ...] = (
+    (b"\x89PNG\r\n\x1a\n", "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"GIF87a", "GIF"), (b"GIF89a", "GIF"),
+    (b"BM", "BMP"), (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"), (b"%PDF", "PDF"),
+    (b"\x00\x00\x01\x00", "ICO"), (b"8BPS", "PSD"), (b"\xff\x0a", "JPEG XL"),
+)
+
+
+class MediaError(ValueError):
+    """An image item could not be used. ``index`` is 0-based; the message counts from 1."""
+
+    def __init__(self, message: str, *, index: int | None = None, param: str | None = None) -> None:
+        super().__init__(message)
+        self.index = index
+        self.param = param
+
+
+@dataclass(frozen=True)
+class MediaLimits:
+    """What the loader accepts; built once at start-up and shared by every request."""
+
+    max_pixels: int = 50_000_000
+    min_side: int = 1
+    max_aspect_ratio: float = 200.0  # Qwen2-VL's processor refuses anything longer
+    max_bytes: int = 20 * 1024 * 1024  # encoded size, for every kind of source
+    allowed_formats: frozenset[str] = DEFAULT_FORMATS
+    fetch_timeout_s: float = 10.0  # whole URL fetch, redirects included
+    max_redirects: int = 3
+    block_link_local: bool = True
+    block_private_networks: bool = False
+
+    def __post_init__(self) -> None:
+        if min(self.max_pixels, self.min_side, self.max_bytes, self.max_aspect_ratio) < 1 or (
+            self.max_redirects < 0 or self.fetch_timeout_s <= 0
+        ):
+            raise ValueError("MediaLimits: sizes and max_aspect_ratio must be >= 1, timeouts > 0")
+        if not self.allowed_formats <= _DECODABLE:
+            raise ValueError(f"MediaLimits: allowed_formats must be a subset of {sorted(_DECODABLE)}")
+
+
+DEFAULT_LIMITS = MediaLimits()
+
+
+@dataclass(frozen=True)
+class _Where:
+    index: int  # which item is being loaded, for error messages
+    param: str | None
+
+    def error(self, detail: str) -> MediaError:
+        return MediaError(f"image {self.index + 1}: {detail}", index=self.index, param=self.param)
+
+
+def load_image(
+    item: ImageItem, *, allowed_local_dir: str | None = None, allow_any_local: bool = True,
+    limits: MediaLimits = DEFAULT_LIMITS, index: int = 0, param: str | None = None,
+) -> Image.Image:
+    """Load, validate and normalise one image item to an RGB ``PIL.Image``; raises ``MediaError``."""
+    where = _Where(index, param)
+    if isinstance(item, Image.Image):
+        return _from_pil(item, limits, where)
+    source = _read_source(item, allowed_local_dir, allow_any_local, limits, where)
+    if isinstance(source, bytes):
+        return _decode(source, limits, where)
+    data, content_type = _fetch_blocking(source, limits, where)
+    return _decode(data, limits, where, content_type)
+
+
+async def aload_image(
+    item: ImageItem, *, allowed_local_dir: str | None = None, allow_any_local: bool = True,
+    limits: MediaLimits = DEFAULT_LIMITS, index: int = 0, param: str | None = None,
+    client: httpx.AsyncClient | None = None,
+) -> Image.Image:
+    """``load_image`` for the router: URLs are fetched through ``client`` (a temporary one if None);
+    file reads and decoding run in a worker thread so the event loop never waits on them."""
+    where = _Where(index, param)
+    if isinstance(item, Image.Image):
+        return await asyncio.to_thread(_from_pil, item, limits, where)
+    source = await asyncio.to_thread(_read_source, item, allowed_local_dir, allow_any_local, limits, where)
+    if isinstance(source, bytes):
+        return await asyncio.to_thread(_decode, source, limits, where)
+    data, content_type = await _fetch(source, limits, where, client)
+    return await asyncio.to_thread(_decode, data, limits, where, content_type)
+
+
+def image_content_hash(img: Image.Image) -> str:
+    """Hex sha256 of mode, size and raw pixels: equal for equal pixels whatever the source."""
+    digest = hashlib.sha256(f"{img.mode}:{img.width}x{img.height}:".encode())
+    digest.update(img.tobytes())
+    return digest.hexdigest()
+
+
+def _short(text: str, limit: int = 120) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _read_source(item: object, allowed_dir: str | None, allow_any: bool, limits: MediaLimits,
+                 where: _Where) -> bytes | str:
+    """The item's encoded bytes, or its http(s) URL (a str) when it must be fetched."""
+    if isinstance(item, bytes | bytearray | memoryview):
+        return bytes(item)
+    if isinstance(item, os.PathLike):
+        return _read_local(Path(item), allowed_dir, allow_any, limits, where)
+    if not isinstance(item, str):
+        raise where.error(f"unsupported image item of type {type(item).__name__}")
+    text = item.strip()
+    match = _SCHEME_RE.match(text)
+    scheme = match.group(1).lower() if match else ""
+    if not text:
+        raise where.error("image reference is empty")
+    if scheme in ("http", "https"):
+        return text
+    if scheme == "data":
+        return _decode_data_uri(text, limits, where)
+    if scheme == "file":
+        parts = urlsplit(text)
+        if parts.netloc not in ("", "localhost"):
+            raise where.error(f"file URL must name no host or localhost: {_short(text)!r}")
+        text = unquote(parts.path)
+    elif scheme:
+        hint = "use http(s)://, data:image/...;base64, or a file path"
+        raise where.error(f"unsupported URL scheme '{scheme}:' in {_short(text, 60)!r}; {hint}")
+    return _read_local(Path(text), allowed_dir, allow_any, limits, where)
+
+
+def _decode_data_uri(uri: str, limits: MediaLimits, where: _Where) -> bytes:
+    header, comma, payload = uri[len("data:") :].partition(",")
+    if not comma:
+        raise where.error("data URI has no ',' between its header and its data")
+    mime, *params = (p.strip().lower() for p in header.split(";"))
+    if not mime.startswith("image/"):
+        raise where.error(f"data URI MIME type '{mime or '(none)'}' is not an image type")
+    if "base64" not in params:
+        raise where.error("data URI must be base64-encoded ('data:image/png;base64,...')")
+    payload = "".join(payload.split())  # some clients wrap base64 lines
+    if len(payload) // 4 * 3 > limits.max_bytes:
+        raise where.error(f"data URI holds more than the {limits.max_bytes}-byte limit")
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise where.error("data URI is not valid base64") from exc
+
+
+def _read_local(path: Path, allowed_dir: str | None, allow_any: bool, limits: MediaLimits,
+                where: _Where) -> bytes:
+    shown = _short(str(path))
+    if allowed_dir is not None:
+        root = os.path.realpath(allowed_dir)
+        real = os.path.realpath(os.path.join(root, path))  # an absolute path replaces root here
+        if os.path.commonpath([root, real]) != root:
+            raise where.error(f"local file {shown!r} is outside the allowed media directory")
+    elif allow_any:
+        real = os.path.realpath(path)
+    else:
+        raise where.error("local files are not accepted here; send an http(s) URL or a data URI")
+    try:
+        # O_NONBLOCK: a FIFO cannot hang us; O_NOFOLLOW: no symlink swapped in after realpath.
+        fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
+    except FileNotFoundError as exc:
+        raise where.error(f"local file not found: {shown!r}") from exc
+    except OSError as exc:
+        raise where.error(f"could not open local file {shown!r}: {exc.strerror}") from exc
+    info = os.fstat(fd)
+    too_big = info.st_size > limits.max_bytes
+    if too_big or not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        problem = f"is over the {limits.max_bytes}-byte limit" if too_big else "is not a regular file"
+        raise where.error(f"local path {shown!r} {problem}")
+    with os.fdopen(fd, "rb") as f:
+        return f.read(limits.max_bytes + 1)
+
+
+def _check_url(url: str, where: _Where) -> httpx.URL:
+    try:
+        parsed = httpx.URL(url)
+    except (httpx.InvalidURL, ValueError) as exc:
+        raise where.error(f"invalid URL {_short(url)!r}") from exc
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        raise where.error(f"not an http(s) URL with a host: {_short(url)!r}")
+    return parsed
+
+
+def _shown(url: httpx.URL) -> str:
+    return _short(str(url.copy_with(userinfo=b"")))  # never echo credentials
+
+
+async def _check_host(url: httpx.URL, limits: MediaLimits, where: _Where) -> None:
+    if not (limits.block_link_local or limits.block_private_networks):
+        return
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(url.host, url.port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise where.error(f"URL fetch failed: could not resolve host {url.host!r}") from exc
+    for *_, sockaddr in infos:
+        ip = ipaddress.ip_address(str(sockaddr[0]).split("%")[0])
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        if limits.block_link_local and (ip.is_link_local or any(ip in n for n in _METADATA_NETS)):
+            raise where.error(f"URL host resolves to a link-local / metadata address: {_shown(url)}")
+        if limits.block_private_networks and not ip.is_global:
+            raise where.error(f"URL host resolves to a private-network address: {_shown(url)}")
+
+
+def _next_hop(resp: httpx.Response, url: httpx.URL, limits: MediaLimits, where: _Where) -> str | None:
+    """The redirect target, or None when ``resp`` is the image response (then checked)."""
+    if resp.is_redirect:
+        return str(url.join(resp.headers["location"]))
+    if resp.status_code != 200:
+        raise where.error(f"URL fetch failed: HTTP {resp.status_code} from {_shown(url)}")
+    length = resp.headers.get("content-length", "")
+    if length.isdigit() and int(length) > limits.max_bytes:
+        raise _too_large(url, limits, where)
+    return None
+
+
+def _too_large(url: httpx.URL, limits: MediaLimits, where: _Where) -> MediaError:
+    return where.error(f"URL fetch failed: {_shown(url)} is over the {limits.max_bytes}-byte limit")
+
+
+async def _fetch(url: str, limits: MediaLimits, where: _Where,
+                 client: httpx.AsyncClient | None) -> tuple[bytes, str | None]:
+    """GET ``url`` with redirects followed by hand, so every hop gets the scheme and host checks."""
+    http = httpx.AsyncClient(verify=_tls_context()) if client is None else client
+    try:
+        async with asyncio.timeout(limits.fetch_timeout_s):
+            for _ in range(limits.max_redirects + 1):
+                target = _check_url(url, where)
+                await _check_host(target, limits, where)
+                request = http.stream("GET", target, headers=_HEADERS, follow_redirects=False,
+                                      timeout=limits.fetch_timeout_s)
+                async with request as resp:
+                    next_url = _next_hop(resp, target, limits, where)
+                    if next_url is None:
+                        body = bytearray()
+                        async for chunk in resp.aiter_bytes():
+                            body.extend(chunk)
+                            if len(body) > limits.max_bytes:
+                                raise _too_large(target, limits, where)
+                        return bytes(body), resp.headers.get("content-type")
+                url = next_url
+    except (TimeoutError, httpx.TimeoutException) as exc:
+        waited = f"timed out after {limits.fetch_timeout_s:g} s"
+        raise where.error(f"URL fetch failed: {waited} fetching {_short(url)}") from exc
+    except httpx.HTTPError as exc:
+        raise where.error(f"URL fetch failed: {type(exc).__name__} from {_short(url)}") from exc
+    finally:
+        if client is None:
+            await http.aclose()
+    raise where.error(f"URL fetch failed: more than {limits.max_redirects} redirects, last to {_short(url)}")
+
+
+@functools.cache
+def _tls_context() -> ssl.SSLContext:
+    return httpx.create_ssl_context()  # building one costs ~50 ms, so once per process
+
+
+def _fetch_blocking(url: str, limits: MediaLimits, where: _Where) -> tuple[bytes, str | None]:
+    """``_fetch`` for sync callers, on its own thread so a caller's running loop is never in the way."""
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(asyncio.run, _fetch(url, limits, where, None)).result()
+
+
+def _sniff_format(data: bytes) -> str | None:
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    if data[4:8] == b"ftyp":
+        return "AVIF" if data[8:12] in (b"avif", b"avis") else "HEIF"
+    fmt = next((fmt for magic, fmt in _MAGIC if data.startswith(magic)), None)
+    return fmt or ("SVG" if b"<svg" in data[:1024].lower() else None)
+
+
+def _check_geometry(size: tuple[int, int], limits: MediaLimits, where: _Where) -> None:
+    width, height = size
+    if width < limits.min_side or height < limits.min_side:
+        raise where.error(f"size {width}x{height} is below the minimum side of {limits.min_side} px")
+    if width * height > limits.max_pixels:
+        mp, cap = width * height / 1e6, limits.max_pixels / 1e6
+        raise where.error(f"size {width}x{height} = {mp:.1f} MP is over the {cap:g} MP limit (bomb?)")
+    ratio = max(width, height) / min(width, height)
+    if ratio > limits.max_aspect_ratio:
+        cap = f"{limits.max_aspect_ratio:g}:1"
+        raise where.error(f"aspect ratio {ratio:.0f}:1 ({width}x{height}) is over the {cap} limit")
+
+
+def _decode(data: bytes, limits: MediaLimits, where: _Where, content_type: str | None = None) -> Image.Image:
+    if not data:
+        raise where.error("no image data (0 bytes)")
+    if len(data) > limits.max_bytes:
+        raise where.error(f"{len(data)} bytes is over the {limits.max_bytes}-byte limit")
+    fmt = _sniff_format(data)
+    if fmt is None:
+        sent = f" (server sent Content-Type {content_type!r})" if content_type else ""
+        raise where.error(f"could not decode image bytes: not a recognised image format{sent}")
+    if fmt not in limits.allowed_formats:
+        allowed = ", ".join(sorted(limits.allowed_formats))
+        raise where.error(f"unsupported image format '{fmt}' (allowed: {allowed})")
+    try:
+        with Image.open(io.BytesIO(data), formats=[fmt]) as probe:
+            _check_geometry(probe.size, limits, where)  # header only: nothing decoded yet
+            probe.verify()
+        img = Image.open(io.BytesIO(data), formats=[fmt])
+        img.load()
+    except MediaError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise where.error(f"over Pillow's pixel limit (decompression bomb?): {exc}") from exc
+    except Exception as exc:  # Pillow raises many types on hostile input
+        raise where.error(f"could not decode {fmt} image bytes (truncated or corrupt?)") from exc
+    return _to_rgb(img, where)
+
+
+def _from_pil(img: Image.Image, limits: MediaLimits, where: _Where) -> Image.Image:
+    _check_geometry(img.size, limits, where)
+    try:
+        img.load()
+    except Exception as exc:
+        raise where.error("could not decode image (truncated or corrupt?)") from exc
+    return _to_rgb(img, where)
+
+
+def _to_rgb(img: Image.Image, where: _Where) -> Image.Image:
+    img = ImageOps.exif_transpose(img)  # always a new image, so the caller's is never changed
+    if img.mode == "RGB":
+        return img
+    if img.mode.startswith("I") or img.mode == "F":
+        return _high_depth_to_rgb(img)  # scale 16-bit / float grey to 8 bits instead of clipping
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (img.mode == "P" and "transparency" in img.info):
+        white = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, img.convert("RGBA")).convert("RGB")
+    try:
+        return img.convert("RGB")
+    except ValueError as exc:
+        raise where.error(f"unsupported colour mode '{img.mode}'") from exc
+
+
+def _high_depth_to_rgb(img: Image.Image) -> Image.Image:
+    arr = np.asarray(img, dtype=np.float64)  # [height, width]
+    peak = float(arr.max(initial=0.0))
+    if img.mode.startswith("I;16") or (img.mode == "I" and peak > 255):
+        arr = arr / 257.0
+    elif img.mode == "F" and peak <= 1.0:
+        arr = arr * 255.0
+    return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8)).convert("RGB")
