@@ -27,6 +27,16 @@ class ImageProcessor:
         self._proc = Qwen2VLImageProcessorPil.from_pretrained(model_path)
         self.merge = merge_size
 
+    def grid_for(self, image: Image.Image) -> tuple[int, int, int]:
+        """The (t, h, w) patch grid `preprocess` would produce, from the size alone (cheap)."""
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+        p = self._proc
+        factor = p.patch_size * p.merge_size
+        h, w = smart_resize(image.height, image.width, factor=factor, min_pixels=p.size.shortest_edge,
+                            max_pixels=p.size.longest_edge)
+        return 1, h // p.patch_size, w // p.patch_size
+
     def preprocess(self, image: Image.Image) -> PreprocessedImage:
         out = self._proc(images=[image], return_tensors="pt")
         t, h, w = (int(x) for x in out["image_grid_thw"][0].tolist())

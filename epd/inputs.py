@@ -34,6 +34,7 @@ class ImageInput:
     pixel_values: torch.Tensor | None = None   # [patches, C*T*P*P], when the encoder must run
     embeddings: torch.Tensor | None = None     # [num_tokens, hidden], once encoded
     content_hash: str | None = None
+    source: Any = None                         # the PIL image, when pixels are left to the encoder
 
 
 @dataclass
@@ -46,7 +47,10 @@ class ProcessedInput:
 
 
 class InputProcessor:
-    def __init__(self, config: ModelConfig, tokenizer: Any, max_context: int) -> None:
+    def __init__(self, config: ModelConfig, tokenizer: Any, max_context: int, with_pixels: bool = True) -> None:
+        """with_pixels=False (the router): images get their grid from their size only; the
+        encoder node preprocesses the pixels."""
+        self.with_pixels = with_pixels
         self.config = config
         self.tokenizer = tokenizer
         self.max_context = max_context
@@ -64,18 +68,16 @@ class InputProcessor:
         if len(ids) >= self.max_context:
             raise InputError(f"prompt is {len(ids)} tokens (text + images); the context is {self.max_context} "
                              f"tokens and at least one must be left to generate", "prompt")
-        vocab = self.config.text.vocab_size
-        bad = next((t for t in ids if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise InputError(f"token id {bad} is outside the vocabulary (size {vocab})", "input_ids")
-        positions, delta = mrope_positions(ids, self.config.image_token_id, [im.grid_thw for im in images],
-                                           self.config.spatial_merge_size)
-        return ProcessedInput(ids, images, positions, delta, _image_starts(ids, images, self.config.image_token_id))
+        return build_processed(self.config, ids, images)
 
     def _image(self, index: int, item: Any) -> ImageInput:
         if isinstance(item, dict):
             return _precomputed(index, item, self.config)
         image = load_image(item, index=index, allow_any_local=True)
+        if not self.with_pixels:
+            grid = self.image_processor.grid_for(image)
+            return ImageInput(grid, grid[0] * grid[1] * grid[2] // self.config.spatial_merge_size**2,
+                              content_hash=image_content_hash(image), source=image)
         pre = self.image_processor.preprocess(image)
         return ImageInput(pre.grid_thw, pre.num_tokens, pixel_values=pre.pixel_values,
                           content_hash=image_content_hash(image))
@@ -95,6 +97,21 @@ class InputProcessor:
         for t in ids:
             out.extend([pad] * next(it).num_tokens if t == pad else [t])
         return out
+
+
+def build_processed(config: ModelConfig, ids: list[int], images: list[ImageInput]) -> ProcessedInput:
+    """Validate an expanded prompt against its images and compute M-RoPE positions."""
+    vocab = config.text.vocab_size
+    bad = next((t for t in ids if not 0 <= t < vocab), None)
+    if bad is not None:
+        raise InputError(f"token id {bad} is outside the vocabulary (size {vocab})", "input_ids")
+    runs = _runs(ids, config.image_token_id)
+    if runs != [im.num_tokens for im in images]:
+        raise InputError(f"image placeholder runs {runs} do not match the images' token counts "
+                         f"{[im.num_tokens for im in images]}", "input_ids")
+    positions, delta = mrope_positions(ids, config.image_token_id, [im.grid_thw for im in images],
+                                       config.spatial_merge_size)
+    return ProcessedInput(ids, images, positions, delta, _image_starts(ids, images, config.image_token_id))
 
 
 def _runs(ids: list[int], token: int) -> list[int]:

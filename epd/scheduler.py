@@ -123,6 +123,20 @@ class Scheduler:
         for c in chunks:
             c.req.num_computed = c.start + c.length
 
+    def detach(self, req: Request) -> list[int]:
+        """Take a running request out of the batch; its pages now belong to the caller (a
+        prefill node keeps them until the KV transfer is acknowledged, then frees them)."""
+        self.running.remove(req)
+        pages, req.pages = req.pages, []
+        req.status = Status.FINISHED
+        return pages
+
+    def admit_prefilled(self, req: Request) -> None:
+        """Put a request whose prompt KV is already in its pages straight into the batch."""
+        assert req.pages and req.num_computed == req.prompt_len, "KV must be in place"
+        req.status = Status.RUNNING
+        self.running.append(req)
+
     def finish(self, req: Request, reason: dict) -> None:
         req.status = Status.FINISHED
         req.finish_reason = reason
@@ -138,10 +152,11 @@ class Scheduler:
                     return req
         return None
 
-    def check_integrity(self) -> None:
-        """free + in use == total, and every in-use page belongs to exactly one live request."""
+    def check_integrity(self, held_elsewhere: list[int] = ()) -> None:
+        """free + in use == total, and every in-use page belongs to exactly one live request
+        (or to `held_elsewhere`: pages a node holds outside the batch, e.g. in transfer)."""
         self.pool.check_integrity()
-        owned = [p for r in self.running for p in r.pages]
+        owned = [p for r in self.running for p in r.pages] + list(held_elsewhere)
         if len(owned) != len(set(owned)):
             raise AssertionError("a KV page is owned by two requests")
         if len(owned) != self.pool.num_in_use:

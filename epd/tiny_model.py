@@ -172,8 +172,10 @@ def _save_processor(out_dir: str, preset: str) -> None:
 
 
 def write_tiny_model(arch: str, out_dir: str, preset: str = "tiny", seed: int = 0,
-                     device: str = "cpu") -> str:
-    """Write a random checkpoint of `arch` at `preset` size into `out_dir`; returns the path."""
+                     device: str = "cpu", overrides: dict | None = None) -> str:
+    """Write a random checkpoint of `arch` at `preset` size into `out_dir`; returns the path.
+
+    `overrides` replaces top-level config fields (e.g. {"num_key_value_heads": 4})."""
     if arch not in ARCHS:
         raise ValueError(f"unknown architecture {arch!r}; choose from {', '.join(ARCHS)}")
     if preset not in _TEXT:
@@ -183,6 +185,7 @@ def write_tiny_model(arch: str, out_dir: str, preset: str = "tiny", seed: int = 
     os.makedirs(out_dir, exist_ok=True)
     base_vocab = 1000 if preset == "tiny" else 151643
     config = build_config(arch, preset, base_vocab)
+    config.update(overrides or {})
     _write_json(os.path.join(out_dir, "config.json"), config)
     hf_config = AutoConfig.from_pretrained(out_dir)
     dtype = torch.float32 if preset == "tiny" else torch.bfloat16

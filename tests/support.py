@@ -31,10 +31,10 @@ def chat_prompt(*parts: str) -> str:
 
 
 @functools.lru_cache(maxsize=4)
-def hf_model(path: str):
+def hf_model(path: str, dtype: torch.dtype = torch.float32):
     from transformers import AutoModelForImageTextToText
 
-    return AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
+    return AutoModelForImageTextToText.from_pretrained(path, dtype=dtype).eval()
 
 
 @functools.lru_cache(maxsize=4)
@@ -44,18 +44,19 @@ def hf_image_processor(path: str):
     return Qwen2VLImageProcessorPil.from_pretrained(path)
 
 
-def hf_generate(path: str, input_ids: list[int], images: list[Image.Image], max_new_tokens: int) -> list[int]:
+def hf_generate(path: str, input_ids: list[int], images: list[Image.Image], max_new_tokens: int,
+                dtype: torch.dtype = torch.float32) -> list[int]:
     """Greedy tokens from transformers' own model and image processor on the same checkpoint.
 
     `input_ids` must already hold the expanded image placeholders; transformers checks that the
     count matches the image features, so a wrong expansion on our side fails here too.
     """
-    model = hf_model(path)
+    model = hf_model(path, dtype)
     ids = torch.tensor([input_ids])
     kwargs = {}
     if images:
         feats = hf_image_processor(path)(images=images, return_tensors="pt")
-        kwargs = dict(pixel_values=feats["pixel_values"], image_grid_thw=feats["image_grid_thw"],
+        kwargs = dict(pixel_values=feats["pixel_values"].to(dtype), image_grid_thw=feats["image_grid_thw"],
                       mm_token_type_ids=(ids == model.config.image_token_id).int())
     with torch.inference_mode():
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,

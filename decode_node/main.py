@@ -1,0 +1,24 @@
+"""`epd decode --model DIR --redis-url URL [--host H] [--port P] [--device cpu|cuda] [--kv-timeout S]`."""
+
+from __future__ import annotations
+
+from decode_node.service import DecodeService
+from epd.engine_core import EngineConfig, EngineCore
+from epd.node_runtime import NodeArgs, NodeRuntime, kv_layout_of, run_node, setup_logging
+from kv_transfer.rooms import RoomStore
+
+
+def main(argv: list[str] | None = None) -> int:
+    from transformers import AutoTokenizer
+
+    setup_logging()
+    args = NodeArgs.from_cli("decode", argv)
+    core = EngineCore(EngineConfig(model_path=args.model, load_vision=False, **args.engine_kwargs()),
+                      AutoTokenizer.from_pretrained(args.model))
+    layout = kv_layout_of(core)
+    service = DecodeService(core, layout, args.kv_timeout)
+    runtime = NodeRuntime(args, str(core.device), layout, capacity=core.kv.pool.capacity)
+    service.runtime = runtime
+    service.rooms = RoomStore(runtime.redis)
+    run_node(runtime, service)
+    return 0

@@ -1,0 +1,227 @@
+"""Decode node: reserve pages, receive the prompt's KV into them, then decode in the batch.
+
+Queues, in order:
+  awaiting_pages -> announced (DecodeRequest) but the pool cannot yet hold prompt + max tokens
+  awaiting_kv    -> pages reserved; KV groups `{rid}:kv:{g}` are scattered into them as they
+                    land (page sizes may differ from the prefill node's), then `{rid}:meta`
+                    (first token, M-RoPE delta, sampler state) completes the hand-over
+  running        -> in the continuous batch (EngineCore.step); tokens stream to the router
+Admission reserves every page the request can need, so decoding never preempts. A request
+waiting for KV fails (pages freed, error to the router) when the transfer fails, the room is
+marked failed, or `kv_timeout` passes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from collections import OrderedDict
+from typing import Any
+
+import torch
+
+from epd import protocol
+from epd.engine_core import EngineCore
+from epd.inputs import ProcessedInput
+from epd.node_runtime import pool_status
+from epd.request import Request, TokenEvent
+from epd.sampling import SamplingParams
+from kv_transfer.kv_codec import scatter_kv
+from kv_transfer.layout import KVLayout, LayoutMismatchError
+from kv_transfer.rooms import RoomState, RoomStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Incoming:
+    identity: bytes
+    msg: protocol.DecodeRequest
+    req: Request
+    arrived: float
+    next_group: int = 0
+    meta: dict | None = None
+    landed_at: float = 0.0
+
+
+class DecodeService:
+    def __init__(self, core: EngineCore, layout: KVLayout, kv_timeout: float) -> None:
+        self.core = core
+        self.layout = layout
+        self.kv_timeout = kv_timeout
+        self.awaiting_pages: OrderedDict[str, Incoming] = OrderedDict()
+        self.awaiting_kv: dict[str, Incoming] = {}
+        self.running: dict[str, Incoming] = {}
+        self.runtime: Any = None
+        self.rooms: RoomStore | None = None
+        self._last_room_check = 0.0
+
+    # ---- control messages ---------------------------------------------------------------
+    def handle(self, identity: bytes, msg: Any) -> None:
+        if isinstance(msg, protocol.DecodeRequest):
+            self._announce(identity, msg)
+        elif isinstance(msg, protocol.Abort):
+            self._drop(msg.rid)
+
+    def _announce(self, identity: bytes, msg: protocol.DecodeRequest) -> None:
+        mismatch = self._layout_problem(msg.prefill_layout_hash)
+        try:
+            if mismatch:
+                raise ValueError(mismatch)
+            params = SamplingParams.from_dict(msg.params)
+            inp = ProcessedInput(list(msg.input_ids), [], torch.empty(3, 0, dtype=torch.long), 0)
+            req = self.core.new_request(inp, params, rid=msg.rid)
+        except ValueError as e:
+            self.runtime.send(identity, protocol.TokenDelta(msg.rid, [], "", finished=True, error=str(e),
+                                                            stage="decode", node=self.runtime.node_id))
+            return
+        self.awaiting_pages[msg.rid] = Incoming(identity, msg, req, time.monotonic())
+
+    def _layout_problem(self, prefill_hash: str) -> str:
+        if prefill_hash == self.layout.layout_hash():
+            return ""
+        raw = self.runtime.redis.get(f"epd:layout:{prefill_hash}")
+        if raw is None:
+            return f"KV layout mismatch: prefill layout {prefill_hash} is unknown, ours is {self.layout.layout_hash()}"
+        try:
+            KVLayout.from_dict(json.loads(raw)).check_compatible(self.layout, ours="prefill", theirs="decode")
+        except LayoutMismatchError as e:
+            return str(e)
+        return ""
+
+    # ---- the loop ---------------------------------------------------------------------------
+    def tick(self) -> bool:
+        self._reserve()
+        self._receive()
+        self._watch()
+        events = self.core.step()
+        self._emit(events)
+        return bool(events) or bool(self.awaiting_kv)
+
+    def load(self) -> float:
+        return float(len(self.running) + len(self.awaiting_kv) + len(self.awaiting_pages))
+
+    def _reserve(self) -> None:
+        pool = self.core.kv.pool
+        while self.awaiting_pages:
+            inc = next(iter(self.awaiting_pages.values()))
+            need = pool.pages_for(inc.req.max_total_tokens)
+            if need > pool.capacity:
+                self._fail(self.awaiting_pages.pop(inc.msg.rid), "decode",
+                           f"request needs {inc.req.max_total_tokens} tokens of KV; the pool holds "
+                           f"{pool.capacity * pool.page_size}")
+                continue
+            if not pool.can_allocate(need):
+                return
+            del self.awaiting_pages[inc.msg.rid]
+            inc.req.pages = pool.allocate(need)
+            self.awaiting_kv[inc.msg.rid] = inc
+
+    def _receive(self) -> None:
+        transport = self.runtime.transport
+        for rid, inc in list(self.awaiting_kv.items()):
+            try:
+                while (msg := transport.poll(f"{rid}:kv:{inc.next_group}")) is not None:
+                    lo, hi = msg.meta["layers"]
+                    scatter_kv(msg.tensors[0].to(self.core.device), self.core.kv.layers[lo:hi], inc.req.pages)
+                    inc.next_group += 1
+                if inc.meta is None:
+                    meta_msg = transport.poll(f"{rid}:meta")
+                    if meta_msg is not None:
+                        inc.meta = dict(meta_msg.meta, generator_state=meta_msg.tensors[:1])
+            except Exception as e:  # noqa: BLE001 - a broken transfer fails this request only
+                self._fail(self.awaiting_kv.pop(rid), "transfer",
+                           f"KV transfer from prefill node {inc.msg.prefill_node} failed: {e}")
+                continue
+            if inc.meta is not None and inc.next_group == inc.meta["num_groups"]:
+                del self.awaiting_kv[rid]
+                self._admit(inc)
+
+    def _admit(self, inc: Incoming) -> None:
+        req, meta = inc.req, inc.meta
+        assert meta is not None
+        if meta["prompt_len"] != req.prompt_len:
+            self._fail(inc, "transfer", f"prefill sent {meta['prompt_len']} tokens of KV, expected {req.prompt_len}")
+            return
+        inc.landed_at = time.monotonic()
+        req.inp.mrope_delta = int(meta["mrope_delta"])
+        if req.generator is not None and meta["generator_state"]:
+            req.generator.set_state(meta["generator_state"][0].to(torch.uint8))
+        req.num_computed = req.prompt_len
+        self.core.scheduler.admit_prefilled(req)
+        self.running[req.rid] = inc
+        top = [tuple(x) for x in meta["top_logprobs"]] if meta.get("top_logprobs") else None
+        self._emit([self.core._append_token(req, int(meta["first_token"]), meta.get("logprob"), top)])
+
+    def _watch(self) -> None:
+        """Fail requests whose KV will not come: timeout, or a failure recorded in their room."""
+        now = time.monotonic()
+        check_rooms = self.rooms is not None and now - self._last_room_check > 0.5
+        if check_rooms:
+            self._last_room_check = now
+        for rid, inc in list(self.awaiting_kv.items()):
+            if now - inc.arrived > self.kv_timeout:
+                self._fail(self.awaiting_kv.pop(rid), "transfer",
+                           f"no KV from prefill node {inc.msg.prefill_node} within {self.kv_timeout:.0f}s")
+            elif check_rooms:
+                room = self.rooms.get(rid)
+                if room is not None and room.state is RoomState.FAILED:
+                    f = room.failure
+                    self._fail(self.awaiting_kv.pop(rid), f.stage, f"{f.reason} (node {f.node})")
+
+    # ---- output and teardown ------------------------------------------------------------
+    def _emit(self, events: list[TokenEvent]) -> None:
+        for ev in events:
+            inc = self.running.get(ev.rid)
+            if inc is None:
+                continue
+            req = inc.req
+            timings = {}
+            if ev.finished:
+                del self.running[ev.rid]
+                timings = {"transfer_ms": (inc.landed_at - inc.arrived) * 1e3,
+                           "decode_ms": (time.monotonic() - inc.landed_at) * 1e3}
+            self.runtime.send(inc.identity, protocol.TokenDelta(
+                ev.rid, [ev.token_id], ev.text,
+                logprobs=[ev.logprob] if ev.logprob is not None else None,
+                top_logprobs=[[list(x) for x in ev.top_logprobs]] if ev.top_logprobs else None,
+                finished=ev.finished, finish_reason=ev.finish_reason, prompt_tokens=req.prompt_len,
+                completion_tokens=len(req.output_ids), timings=timings))
+
+    def _fail(self, inc: Incoming, stage: str, error: str) -> None:
+        log.warning("request %s failed at %s: %s", inc.msg.rid, stage, error)
+        self._release(inc)
+        self.runtime.send(inc.identity, protocol.TokenDelta(inc.msg.rid, [], "", finished=True, error=error,
+                                                            stage=stage, node=self.runtime.node_id))
+
+    def _release(self, inc: Incoming) -> None:
+        rid = inc.msg.rid
+        num_layers = self.core.model_config.text.num_layers  # an upper bound on the group count
+        for key in (f"{rid}:meta", *(f"{rid}:kv:{g}" for g in range(inc.next_group, num_layers))):
+            self.runtime.transport.cancel(key)
+        if rid in self.running:
+            del self.running[rid]
+            self.core.abort(rid)
+        elif inc.req.pages:
+            self.core.kv.pool.free(inc.req.pages)
+            inc.req.pages = []
+
+    def _drop(self, rid: str) -> None:
+        """Abort: free whatever the request holds, wherever it is (no reply is owed)."""
+        inc = self.awaiting_pages.pop(rid, None) or self.awaiting_kv.pop(rid, None) or self.running.get(rid)
+        if inc is not None:
+            self._release(inc)
+
+    def check_integrity(self) -> None:
+        self.core.scheduler.check_integrity([pg for inc in self.awaiting_kv.values() for pg in inc.req.pages])
+
+    def status(self) -> dict[str, Any]:
+        queues = {"awaiting_pages": len(self.awaiting_pages), "awaiting_kv": len(self.awaiting_kv),
+                  "running": len(self.running)}
+        return pool_status(self.core.kv.pool, self.check_integrity, queues)
+
+    def shutdown(self) -> None:
+        for rid in list(self.awaiting_pages) + list(self.awaiting_kv) + list(self.running):
+            self._drop(rid)

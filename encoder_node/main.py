@@ -1,0 +1,21 @@
+"""`epd encoder --model DIR --redis-url URL [--host H] [--port P] [--device cpu|cuda]`."""
+
+from __future__ import annotations
+
+from encoder_node.service import EncoderService
+from epd.config import ModelConfig
+from epd.engine_core import EngineConfig
+from epd.node_runtime import NodeArgs, NodeRuntime, run_node, setup_logging
+
+
+def main(argv: list[str] | None = None) -> int:
+    setup_logging()
+    args = NodeArgs.from_cli("encoder", argv)
+    config = ModelConfig.from_pretrained(args.model)
+    engine_cfg = EngineConfig(model_path=args.model, device=args.device, dtype=args.dtype)
+    device = engine_cfg.resolved_device()
+    service = EncoderService(config, str(device), engine_cfg.resolved_dtype(config))
+    runtime = NodeRuntime(args, str(device), layout=None, capacity=service.max_batch_images)
+    service.runtime = runtime
+    run_node(runtime, service)
+    return 0

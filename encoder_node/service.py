@@ -1,0 +1,131 @@
+"""Encoder node: images in, vision embeddings out to the prefill node over UCX.
+
+Queues: pending (EncodeRequests received) -> one batched vision forward per tick over every
+pending image not in the embedding cache -> sent (one UCX message per request, key
+`{rid}:emb`, one tensor per image, grids in the metadata). The cache is keyed by image
+content hash, so a repeated image skips the vision tower. An Abort drops a pending request.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from typing import Any
+
+import torch
+from PIL import Image
+
+from epd import protocol
+from epd.config import ModelConfig
+from epd.image_processor import ImageProcessor
+from epd.models.vision import VisionTower
+
+log = logging.getLogger(__name__)
+
+
+class EmbeddingCache:
+    """LRU of content hash -> (embeddings, grid)."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._items: OrderedDict[str, tuple[torch.Tensor, tuple[int, int, int]]] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: str):
+        item = self._items.get(key)
+        if item is None:
+            self.misses += 1
+            return None
+        self._items.move_to_end(key)
+        self.hits += 1
+        return item
+
+    def put(self, key: str, value) -> None:
+        self._items[key] = value
+        self._items.move_to_end(key)
+        while len(self._items) > self.capacity:
+            self._items.popitem(last=False)
+
+
+class EncoderService:
+    def __init__(self, config: ModelConfig, device: str, dtype: torch.dtype, max_batch_images: int = 32,
+                 cache_entries: int = 256) -> None:
+        self.config = config
+        self.vision = VisionTower(config, device, dtype)
+        self.processor = ImageProcessor(config.model_path, config.spatial_merge_size)
+        self.cache = EmbeddingCache(cache_entries)
+        self.max_batch_images = max_batch_images
+        self.pending: OrderedDict[str, tuple[bytes, protocol.EncodeRequest, float]] = OrderedDict()
+        self.runtime: Any = None   # set by main: NodeRuntime (send, transport, node_id)
+
+    def handle(self, identity: bytes, msg: Any) -> None:
+        if isinstance(msg, protocol.EncodeRequest):
+            self.pending[msg.rid] = (identity, msg, time.monotonic())
+        elif isinstance(msg, protocol.Abort):
+            self.pending.pop(msg.rid, None)
+
+    def load(self) -> float:
+        return float(len(self.pending))
+
+    def tick(self) -> bool:
+        if not self.pending:
+            return False
+        batch, count = [], 0
+        for rid, item in list(self.pending.items()):
+            if batch and count + len(item[1].images) > self.max_batch_images:
+                break
+            batch.append(item)
+            count += len(item[1].images)
+            del self.pending[rid]
+        t0 = time.monotonic()
+        try:
+            results = self._encode(batch)
+        except Exception as e:  # noqa: BLE001 - a bad batch fails its requests, not the node
+            log.exception("encoding failed")
+            for identity, req, _ in batch:
+                self._report(identity, req, ok=False, error=f"encoder failed: {e}")
+            return True
+        encode_ms = (time.monotonic() - t0) * 1e3
+        for (identity, req, arrived), (embeds, grids) in zip(batch, results, strict=True):
+            meta = {"grids": [list(g) for g in grids]}
+            self.runtime.transport.send(req.prefill_ucx, f"{req.rid}:emb", embeds, meta=meta)
+            self._report(identity, req, ok=True, timings={"queue_ms": (t0 - arrived) * 1e3, "encode_ms": encode_ms})
+        return True
+
+    def _encode(self, batch) -> list[tuple[list[torch.Tensor], list[tuple[int, int, int]]]]:
+        """One vision forward for every image of the batch that is not cached."""
+        per_request, todo = [], []
+        for _, req, _ in batch:
+            slots = []
+            for payload in req.images:
+                cached = self.cache.get(payload["content_hash"])
+                if cached is None:
+                    img = Image.frombytes("RGB", (payload["width"], payload["height"]), payload["rgb"])
+                    pre = self.processor.preprocess(img)
+                    todo.append((payload["content_hash"], pre))
+                slots.append(payload["content_hash"])
+            per_request.append(slots)
+        if todo:
+            pixels = torch.cat([pre.pixel_values for _, pre in todo])
+            grids = torch.tensor([pre.grid_thw for _, pre in todo])
+            for (key, pre), emb in zip(todo, self.vision.encode(pixels, grids), strict=True):
+                self.cache.put(key, (emb, pre.grid_thw))
+        out = []
+        for slots in per_request:
+            items = [self.cache._items[k] for k in slots]
+            out.append(([e.contiguous() for e, _ in items], [g for _, g in items]))
+        return out
+
+    def _report(self, identity: bytes, req: protocol.EncodeRequest, ok: bool, error: str = "",
+                timings: dict | None = None) -> None:
+        self.runtime.send(identity, protocol.StageReport(req.rid, "encode", self.runtime.node_id, ok, error,
+                                                         timings or {}, {"cache_hits": self.cache.hits}))
+
+    def status(self) -> dict[str, Any]:
+        return {"queues": {"pending": len(self.pending), "cache_entries": len(self.cache._items),
+                           "cache_hits": self.cache.hits, "cache_misses": self.cache.misses}}
+
+    def shutdown(self) -> None:
+        self.pending.clear()

@@ -1,0 +1,197 @@
+"""What every node process shares: CLI args, control socket, data transport, Redis registration.
+
+Lifecycle of a node process (`run_node`):
+  1. parse args (`NodeArgs.from_cli`), build the role's service (loads the model);
+  2. `NodeRuntime` binds a ZMQ ROUTER socket, starts the UCX `KVTransport`, publishes the KV
+     layout and registers `epd:node:{role}:{id}` in Redis with a heartbeat;
+  3. loop: drain control messages -> `service.handle`, then `service.tick()` (poll transfers,
+     run one model step); the heartbeat carries `service.load()`;
+  4. on SIGTERM / SIGINT: deregister, `service.shutdown()`, close sockets.
+A role's service implements: handle(identity, msg), tick() -> bool (did work), load() -> float,
+shutdown().
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import socket
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import zmq
+
+from epd import protocol
+from kv_transfer.layout import KVLayout
+from kv_transfer.redis_util import connect
+from kv_transfer.registry import NodeInfo, NodeRegistry
+from kv_transfer.transport import KVTransport
+
+log = logging.getLogger(__name__)
+LAYOUT_KEY = "epd:layout:{}"
+
+
+@dataclass(frozen=True)
+class NodeArgs:
+    role: str
+    model: str
+    redis_url: str
+    host: str
+    port: int
+    device: str | None
+    node_id: str
+    heartbeat_ttl: float
+    page_size: int
+    max_running: int
+    max_step_tokens: int
+    kv_cache_tokens: int | None
+    mem_fraction: float
+    dtype: str | None
+    layer_group_size: int
+    kv_timeout: float
+
+    @classmethod
+    def from_cli(cls, role: str, argv: list[str] | None) -> NodeArgs:
+        ap = argparse.ArgumentParser(prog=f"epd {role}", description=f"run an EPD {role} node")
+        ap.add_argument("--model", required=True, help="HF checkpoint directory")
+        ap.add_argument("--redis-url", required=True)
+        ap.add_argument("--host", default="127.0.0.1", help="address peers use to reach this node")
+        ap.add_argument("--port", type=int, default=0, help="control (ZMQ) port; 0 = any free port")
+        ap.add_argument("--device", default=None, choices=["cpu", "cuda"])
+        ap.add_argument("--node-id", default=None)
+        ap.add_argument("--heartbeat-ttl", type=float, default=6.0, help="seconds until a silent node drops out")
+        ap.add_argument("--page-size", type=int, default=16)
+        ap.add_argument("--max-running-requests", type=int, default=64)
+        ap.add_argument("--max-step-tokens", type=int, default=2048)
+        ap.add_argument("--kv-cache-tokens", type=int, default=None)
+        ap.add_argument("--mem-fraction", type=float, default=0.85)
+        ap.add_argument("--dtype", default=None)
+        ap.add_argument("--layer-group-size", type=int, default=4, help="layers per KV transfer message")
+        ap.add_argument("--kv-timeout", type=float, default=60.0, help="seconds a request may wait for its KV")
+        a = ap.parse_args(argv)
+        node_id = a.node_id or f"{role}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:4]}"
+        return cls(role, a.model, a.redis_url, a.host, a.port, a.device, node_id, a.heartbeat_ttl, a.page_size,
+                   a.max_running_requests, a.max_step_tokens, a.kv_cache_tokens, a.mem_fraction, a.dtype,
+                   a.layer_group_size, a.kv_timeout)
+
+    def engine_kwargs(self) -> dict[str, Any]:
+        return dict(device=self.device, dtype=self.dtype, page_size=self.page_size,
+                    max_running_requests=self.max_running, max_step_tokens=self.max_step_tokens,
+                    kv_cache_tokens=self.kv_cache_tokens, mem_fraction=self.mem_fraction)
+
+
+class Service(Protocol):
+    def handle(self, identity: bytes, msg: Any) -> None: ...
+    def tick(self) -> bool: ...
+    def load(self) -> float: ...
+    def status(self) -> dict[str, Any]: ...   # NodeStatus fields other than node/role/nonce
+    def shutdown(self) -> None: ...
+
+
+def kv_layout_of(core: Any) -> KVLayout:
+    """The KV layout an EngineCore's pool has (what prefill and decode must agree on)."""
+    tc = core.model_config.text
+    return KVLayout(model_id=core.model_config.model_id, dtype=str(core.dtype).replace("torch.", ""),
+                    num_layers=tc.num_layers, num_kv_heads=tc.num_kv_heads, head_dim=tc.head_dim)
+
+
+def pool_status(pool: Any, check: Any, queues: dict[str, int]) -> dict[str, Any]:
+    """NodeStatus fields for a node with a KV pool; `check` is its integrity check."""
+    try:
+        check()
+        ok, error = True, ""
+    except AssertionError as e:
+        ok, error = False, str(e)
+    return dict(pages_total=pool.capacity, pages_free=pool.num_free, integrity_ok=ok, integrity_error=error,
+                queues=queues)
+
+
+class NodeRuntime:
+    def __init__(self, args: NodeArgs, device: str, layout: KVLayout | None, capacity: int) -> None:
+        self.args = args
+        self.redis = connect(args.redis_url)
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        if args.port:
+            self.sock.bind(f"tcp://{args.host}:{args.port}")
+            port = args.port
+        else:
+            port = self.sock.bind_to_random_port(f"tcp://{args.host}")
+        self.zmq_address = f"{args.host}:{port}"
+        self.transport = KVTransport(args.host, 0, device=device)
+        layout_hash = ""
+        if layout is not None:
+            layout_hash = layout.layout_hash()
+            self.redis.set(LAYOUT_KEY.format(layout_hash), json.dumps(layout.to_dict()), ex=7 * 86400)
+        info = NodeInfo(role=args.role, node_id=args.node_id, zmq=self.zmq_address, ucx=self.transport.address,
+                        model=os.path.basename(os.path.normpath(args.model)), layout_hash=layout_hash,
+                        capacity=capacity, started_at=time.time())
+        self.lease = NodeRegistry(self.redis).register(info, ttl_s=args.heartbeat_ttl)
+        self.node_id = args.node_id
+
+    def recv(self, timeout_ms: int) -> list[tuple[bytes, Any]]:
+        """Drain the control socket; waits up to timeout_ms for the first message."""
+        out = []
+        if not self.sock.poll(timeout_ms):
+            return out
+        while True:
+            try:
+                identity, frame = self.sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return out
+            try:
+                out.append((identity, protocol.decode(frame)))
+            except protocol.ProtocolError as e:
+                log.warning("dropping control message: %s", e)
+
+    def send(self, identity: bytes, msg: Any) -> None:
+        try:
+            self.sock.send_multipart([identity, protocol.encode(msg)], zmq.NOBLOCK)
+        except zmq.ZMQError as e:  # the router went away; nothing to deliver to
+            log.warning("could not send %s to the router: %s", type(msg).__name__, e)
+
+    def close(self) -> None:
+        for step in (self.lease.deregister, self.transport.close, self.sock.close, self.ctx.term):
+            try:
+                step()
+            except Exception as e:  # noqa: BLE001 - shutdown goes on regardless
+                log.debug("shutdown step failed: %s", e)
+
+
+def run_node(runtime: NodeRuntime, service: Service) -> None:
+    stop = {"flag": False}
+
+    def _stop(signum: int, _frame: Any) -> None:
+        stop["flag"] = True
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    print(f"EPD {runtime.args.role} node {runtime.node_id} ready: zmq {runtime.zmq_address} "
+          f"ucx {runtime.transport.address}", flush=True)
+    busy = False
+    last_load = 0.0
+    while not stop["flag"]:
+        for identity, msg in runtime.recv(0 if busy else 5):
+            if isinstance(msg, protocol.StatusRequest):
+                runtime.send(identity, protocol.NodeStatus(runtime.node_id, runtime.args.role, msg.nonce,
+                                                           **service.status()))
+            else:
+                service.handle(identity, msg)
+        busy = service.tick()
+        now = time.monotonic()
+        if now - last_load > 0.5:
+            runtime.lease.update_load(service.load())
+            last_load = now
+    service.shutdown()
+    runtime.close()
+
+
+def setup_logging() -> None:
+    level = os.environ.get("EPD_LOG_LEVEL", "INFO").upper()
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -1,0 +1,24 @@
+"""`epd prefill --model DIR --redis-url URL [--host H] [--port P] [--device cpu|cuda] [--layer-group-size N]`."""
+
+from __future__ import annotations
+
+from epd.engine_core import EngineConfig, EngineCore
+from epd.node_runtime import NodeArgs, NodeRuntime, kv_layout_of, run_node, setup_logging
+from kv_transfer.rooms import RoomStore
+from prefill_node.service import PrefillService
+
+
+def main(argv: list[str] | None = None) -> int:
+    from transformers import AutoTokenizer
+
+    setup_logging()
+    args = NodeArgs.from_cli("prefill", argv)
+    core = EngineCore(EngineConfig(model_path=args.model, load_vision=False, **args.engine_kwargs()),
+                      AutoTokenizer.from_pretrained(args.model))
+    layout = kv_layout_of(core)
+    service = PrefillService(core, layout, args.layer_group_size)
+    runtime = NodeRuntime(args, str(core.device), layout, capacity=core.kv.pool.capacity)
+    service.runtime = runtime
+    service.rooms = RoomStore(runtime.redis)
+    run_node(runtime, service)
+    return 0

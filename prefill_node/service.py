@@ -1,0 +1,212 @@
+"""Prefill node: prompt (+ image embeddings) in, KV streamed to the decode node over UCX.
+
+Queues, in order:
+  awaiting_embeddings -> the encoder's `{rid}:emb` message has not landed yet
+  scheduler (waiting -> running) -> chunked, batched prefill across requests
+  transferring -> the last chunk's forward streams the KV layer group by layer group as each
+                  group finishes (`{rid}:kv:{g}`, token-major wire layout), then the first token
+                  and the M-RoPE delta (`{rid}:meta`); pages are freed when every send is
+                  acknowledged, or at once on failure or abort.
+A send that fails (decode node dead) marks the room failed and reports the error to the router.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from typing import Any
+
+import torch
+
+from epd import protocol
+from epd.engine_core import EngineCore
+from epd.inputs import ImageInput, InputError, build_processed
+from epd.model_runner import attach_image_embeddings
+from epd.node_runtime import pool_status
+from epd.request import Request
+from epd.sampling import SamplingParams, SamplingRow, sample
+from epd.scheduler import Chunk
+from kv_transfer.kv_codec import gather_kv, layer_groups
+from kv_transfer.layout import KVLayout
+from kv_transfer.rooms import RoomStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Pending:
+    identity: bytes
+    msg: protocol.PrefillRequest
+    arrived: float
+    req: Request | None = None
+    started: float = 0.0
+    pages: list[int] = dataclasses.field(default_factory=list)
+    sends: list[Any] = dataclasses.field(default_factory=list)
+    sent_at: float = 0.0
+
+
+class PrefillService:
+    def __init__(self, core: EngineCore, layout: KVLayout, group_size: int) -> None:
+        self.core = core
+        self.layout = layout
+        self.groups = layer_groups(core.model_config.text.num_layers, group_size)
+        self.awaiting: dict[str, Pending] = {}
+        self.active: dict[str, Pending] = {}        # in the scheduler
+        self.transferring: dict[str, Pending] = {}
+        self.runtime: Any = None                    # NodeRuntime, set by main
+        self.rooms: RoomStore | None = None
+
+    # ---- control messages ---------------------------------------------------------------
+    def handle(self, identity: bytes, msg: Any) -> None:
+        if isinstance(msg, protocol.PrefillRequest):
+            p = Pending(identity, msg, time.monotonic())
+            if msg.grids:
+                self.awaiting[msg.rid] = p
+            else:
+                self._start(p, [])
+        elif isinstance(msg, protocol.Abort):
+            self._abort(msg.rid)
+
+    def _abort(self, rid: str) -> None:
+        self.awaiting.pop(rid, None)
+        self.runtime.transport.cancel(f"{rid}:emb")
+        p = self.active.pop(rid, None)
+        if p is not None:
+            self.core.abort(rid)
+        p = self.transferring.pop(rid, None)
+        if p is not None:
+            self.core.kv.pool.free(p.pages)
+
+    def _start(self, p: Pending, embeddings: list[torch.Tensor]) -> None:
+        msg = p.msg
+        try:
+            merge = self.core.model_config.spatial_merge_size
+            images = [ImageInput(tuple(g), g[0] * g[1] * g[2] // merge**2, embeddings=e)
+                      for g, e in zip(msg.grids, embeddings, strict=True)]
+            inp = build_processed(self.core.model_config, msg.input_ids, images)
+            params = dataclasses.replace(SamplingParams.from_dict(msg.params), max_new_tokens=1)
+            p.req = self.core.new_request(inp, params, rid=msg.rid)
+            self.core.add(p.req)
+        except (InputError, ValueError) as e:
+            self._report(p, "prefill", ok=False, error=str(e))
+            return
+        self.active[msg.rid] = p
+
+    # ---- the loop ---------------------------------------------------------------------------
+    def tick(self) -> bool:
+        self._poll_embeddings()
+        stepped = self._step()
+        self._poll_transfers()
+        return stepped or bool(self.transferring)
+
+    def load(self) -> float:
+        return float(len(self.awaiting) + len(self.active))
+
+    def _poll_embeddings(self) -> None:
+        for rid, p in list(self.awaiting.items()):
+            try:
+                msg = self.runtime.transport.poll(f"{rid}:emb")
+            except Exception as e:  # noqa: BLE001 - transfer failures fail the request
+                del self.awaiting[rid]
+                self._report(p, "encode", ok=False, error=f"embeddings from the encoder failed: {e}")
+                continue
+            if msg is not None:
+                del self.awaiting[rid]
+                if [list(g) for g in msg.meta.get("grids", [])] != [list(g) for g in p.msg.grids]:
+                    self._report(p, "encode", ok=False, error="encoder grids do not match the router's")
+                    continue
+                dtype, device = self.core.dtype, self.core.device
+                self._start(p, [t.to(device, dtype) for t in msg.tensors])
+
+    def _step(self) -> bool:
+        chunks = self.core.scheduler.schedule()
+        if not chunks:
+            return False
+        now = time.monotonic()
+        for c in chunks:
+            p = self.active[c.req.rid]
+            p.started = p.started or now
+            if c.req.image_embeds is None and c.req.inp.images:
+                attach_image_embeddings(c.req, self.core.dtype, self.core.device)
+        finishing = [self.active[c.req.rid] for c in chunks if c.samples]
+        logits = self.core.runner.run(chunks, after_layer=self._streamer(finishing))
+        self.core.scheduler.advance(chunks)
+        self._first_tokens([c for c in chunks if c.samples], logits, finishing)
+        return True
+
+    def _streamer(self, finishing: list[Pending]):
+        """after_layer hook: when a layer group completes, send it for every finishing request."""
+        last_layer = {g[-1]: gi for gi, g in enumerate(self.groups)}
+        layers = self.core.kv.layers
+
+        def after_layer(i: int) -> None:
+            gi = last_layer.get(i)
+            if gi is None or not finishing:
+                return
+            group = self.groups[gi]
+            for p in finishing:
+                req = p.req
+                wire = gather_kv([layers[j] for j in group], req.pages, req.prompt_len)
+                p.sends.append(self.runtime.transport.send(
+                    p.msg.decode_ucx, f"{req.rid}:kv:{gi}", [wire],
+                    meta={"group": gi, "layers": [group.start, group.stop]}))
+        return after_layer
+
+    def _first_tokens(self, chunks: list[Chunk], logits: torch.Tensor, finishing: list[Pending]) -> None:
+        rows = [SamplingRow(c.req.params, c.req.generator, c.req.inp.input_ids, [], ()) for c in chunks]
+        result = sample(logits, rows)
+        for i, p in enumerate(finishing):
+            req = p.req
+            meta = {"first_token": result.token_ids[i], "mrope_delta": req.inp.mrope_delta,
+                    "prompt_len": req.prompt_len, "num_groups": len(self.groups), "layout": self.layout.to_dict(),
+                    "logprob": result.logprobs[i] if result.logprobs else None,
+                    "top_logprobs": [list(x) for x in result.top_logprobs[i]] if result.top_logprobs else None}
+            tensors = []
+            if req.generator is not None:  # the decode node continues the same random stream
+                tensors.append(req.generator.get_state().to("cpu"))
+            p.sends.append(self.runtime.transport.send(p.msg.decode_ucx, f"{req.rid}:meta", tensors, meta=meta))
+            p.pages = self.core.scheduler.detach(req)
+            p.sent_at = time.monotonic()
+            del self.active[req.rid]
+            self.transferring[req.rid] = p
+
+    def _poll_transfers(self) -> None:
+        for rid, p in list(self.transferring.items()):
+            if not all(f.done() for f in p.sends):
+                continue
+            del self.transferring[rid]
+            self.core.kv.pool.free(p.pages)
+            errors = [f.exception() for f in p.sends if f.exception() is not None]
+            if errors:
+                error = f"KV transfer to decode node {p.msg.decode_node} failed: {errors[0]}"
+                if self.rooms is not None:
+                    self.rooms.mark_failed(rid, error, "transfer", self.runtime.node_id)
+                self._report(p, "transfer", ok=False, error=error)
+                continue
+            reports = [f.result() for f in p.sends]
+            nbytes = sum(r.nbytes for r in reports)
+            seconds = time.monotonic() - p.sent_at
+            log.info("KV of %s to %s: %d bytes in %.2f ms after the last layer (%.2f GB/s per message avg)",
+                     rid, p.msg.decode_node, nbytes, seconds * 1e3,
+                     sum(r.gbps for r in reports if r.seconds > 0) / max(1, len(reports)))
+            self._report(p, "prefill", ok=True, timings={
+                "queue_ms": (p.started - p.arrived) * 1e3, "prefill_ms": (p.sent_at - p.started) * 1e3,
+                "transfer_tail_ms": seconds * 1e3}, info={"kv_bytes": nbytes})
+
+    def _report(self, p: Pending, stage: str, ok: bool, error: str = "", timings: dict | None = None,
+                info: dict | None = None) -> None:
+        self.runtime.send(p.identity, protocol.StageReport(p.msg.rid, stage, self.runtime.node_id, ok, error,
+                                                           timings or {}, info or {}))
+
+    def check_integrity(self) -> None:
+        self.core.scheduler.check_integrity([pg for p in self.transferring.values() for pg in p.pages])
+
+    def status(self) -> dict[str, Any]:
+        queues = {"awaiting_embeddings": len(self.awaiting), "prefilling": len(self.active),
+                  "transferring": len(self.transferring)}
+        return pool_status(self.core.kv.pool, self.check_integrity, queues)
+
+    def shutdown(self) -> None:
+        for rid in list(self.active) + list(self.transferring) + list(self.awaiting):
+            self._abort(rid)

@@ -1,0 +1,253 @@
+"""DisaggBackend: one request split over the encoder, prefill and decode pools.
+
+For each request: process the prompt (tokenize, image grids from sizes, expand placeholders,
+M-RoPE checks) -> pick one node per pool (prefill and decode must share a KV layout) -> open the
+rendezvous room and the session in Redis -> send DecodeRequest (reserve pages), PrefillRequest,
+EncodeRequest -> relay TokenDeltas as BackendEvents. A watchdog runs every 0.5 s while waiting:
+a node whose registration expired before its stage finished, or a failure recorded in the
+room, fails the request with an error naming the stage and the node. However the request ends
+(finished, failed, cancelled by the client), every node still holding it gets an Abort.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from epd import protocol
+from epd.config import ModelConfig
+from epd.inputs import InputProcessor, ProcessedInput
+from kv_transfer.layout import KVLayout, LayoutMismatchError
+from kv_transfer.redis_util import connect
+from kv_transfer.rooms import RoomStore
+from kv_transfer.sessions import SessionStore, Stage
+from router.backend import BackendError, BackendEvent, BackendRequest, openai_finish_reason
+from router.node_client import NodeClients
+from router.pool import NoNodeError, PoolView
+
+log = logging.getLogger(__name__)
+STAGE_OF_ROLE = {"encoder": "encode", "prefill": "prefill", "decode": "decode"}
+
+
+@dataclasses.dataclass
+class Flight:
+    rid: str
+    nodes: dict[str, Any]                       # role -> NodeInfo
+    done: set[str] = dataclasses.field(default_factory=set)   # roles whose part is over
+    timings: dict[str, float] = dataclasses.field(default_factory=dict)
+    finished: bool = False
+
+
+class DisaggBackend:
+    def __init__(self, model_path: str, redis_url: str, policy: str = "least_load",
+                 refresh_s: float = 0.5, request_timeout_s: float = 600.0) -> None:
+        from transformers import AutoTokenizer
+
+        self.config = ModelConfig.from_pretrained(model_path)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self.model_name = os.path.basename(os.path.normpath(model_path))
+        self.max_context = self.config.text.max_position_embeddings
+        self.inputs = InputProcessor(self.config, self.tokenizer, self.max_context, with_pixels=False)
+        self.redis = connect(redis_url)
+        self.pool = PoolView(self.redis, policy)
+        self.rooms = RoomStore(self.redis)
+        self.sessions = SessionStore(self.redis)
+        self.clients = NodeClients()
+        self.refresh_s = refresh_s
+        self.request_timeout_s = request_timeout_s
+        self.inflight: dict[str, Flight] = {}
+        self._refresher: asyncio.Task | None = None
+
+    # ---- lifecycle --------------------------------------------------------------------------
+    async def start(self) -> None:
+        if self._refresher is None:
+            await asyncio.to_thread(self.pool.refresh)
+            self._refresher = asyncio.get_running_loop().create_task(self._refresh_forever())
+
+    async def _refresh_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.refresh_s)
+            try:
+                await asyncio.to_thread(self.pool.refresh)
+                live = {n.zmq for nodes in self.pool.nodes.values() for n in nodes.values()}
+                self.clients.forget(live | {n.zmq for f in self.inflight.values() for n in f.nodes.values()})
+            except Exception as e:  # noqa: BLE001 - Redis hiccups must not kill the router
+                log.warning("pool refresh failed: %s", e)
+
+    async def close(self) -> None:
+        if self._refresher is not None:
+            self._refresher.cancel()
+        await self.clients.close()
+
+    async def health(self) -> tuple[bool, dict[str, Any]]:
+        await self.start()
+        sizes = self.pool.sizes()
+        return all(sizes.values()), {"pools": sizes}
+
+    def stats(self) -> dict[str, float]:
+        out = {"num_requests_running": float(len(self.inflight)), "num_requests_waiting": 0.0}
+        out.update({f"pool_size_{role}": float(n) for role, n in self.pool.sizes().items()})
+        return out
+
+    async def node_status(self, role: str, node_id: str, timeout: float = 5.0) -> protocol.NodeStatus:
+        """Ask a node for its page pool / integrity status."""
+        node = self.pool.nodes[role][node_id]
+        nonce = uuid.uuid4().hex
+        queue = self.clients.subscribe(nonce)
+        try:
+            await self.clients.send(node.zmq, protocol.StatusRequest(nonce))
+            return await asyncio.wait_for(queue.get(), timeout)
+        finally:
+            self.clients.unsubscribe(nonce)
+
+    # ---- one request ------------------------------------------------------------------------
+    async def generate(self, req: BackendRequest) -> AsyncIterator[BackendEvent]:
+        await self.start()
+        try:
+            inp = await asyncio.to_thread(self.inputs.process, prompt=req.prompt, input_ids=req.input_ids,
+                                          image_data=req.images or None)
+        except ValueError as e:
+            raise BackendError(str(e), 400, getattr(e, "param", None)) from None
+        flight = await asyncio.to_thread(self._plan, req, inp)
+        queue = self.clients.subscribe(req.rid)
+        self.inflight[req.rid] = flight
+        try:
+            await self._dispatch(req, inp, flight)
+            async for event in self._relay(req, inp, flight, queue):
+                yield event
+        finally:
+            self.clients.unsubscribe(req.rid)
+            del self.inflight[req.rid]
+            for node in flight.nodes.values():
+                self.pool.end(node.node_id)
+            if not flight.finished:
+                self._abort(flight)
+            await asyncio.to_thread(self._close_room, flight)
+
+    def _plan(self, req: BackendRequest, inp: ProcessedInput) -> Flight:
+        try:
+            nodes = {"prefill": self.pool.pick("prefill")}
+            nodes["decode"] = self.pool.pick("decode", lambda d: d.layout_hash == nodes["prefill"].layout_hash)
+            if inp.images:
+                nodes["encoder"] = self.pool.pick("encoder")
+        except NoNodeError as e:
+            message = str(e)
+            if "fits" in message and "decode" in message:
+                message = self._layout_mismatch(nodes["prefill"])
+            raise BackendError(message, 503, code="no_capacity") from None
+        for node in nodes.values():
+            self.pool.begin(node.node_id)
+        self.rooms.open_room(req.rid, nodes["prefill"].node_id, nodes["decode"].node_id)
+        self.sessions.create(req.rid, {role: n.node_id for role, n in nodes.items()})
+        return Flight(req.rid, nodes)
+
+    def _layout_mismatch(self, prefill: Any) -> str:
+        """Name the fields in which the prefill node's KV layout differs from the decode pool's."""
+        ours = self.redis.get(f"epd:layout:{prefill.layout_hash}")
+        for decode in self.pool.nodes["decode"].values():
+            theirs = self.redis.get(f"epd:layout:{decode.layout_hash}")
+            if ours and theirs:
+                try:
+                    KVLayout.from_dict(json.loads(ours)).check_compatible(
+                        KVLayout.from_dict(json.loads(theirs)), ours="prefill", theirs="decode")
+                except LayoutMismatchError as e:
+                    return f"cannot pair prefill node {prefill.node_id} with decode node {decode.node_id}: {e}"
+        return "KV layout mismatch between the prefill and decode pools"
+
+    async def _dispatch(self, req: BackendRequest, inp: ProcessedInput, flight: Flight) -> None:
+        p, d = flight.nodes["prefill"], flight.nodes["decode"]
+        params = _params_dict(req)
+        await self.clients.send(d.zmq, protocol.DecodeRequest(req.rid, inp.input_ids, params, p.node_id,
+                                                              p.layout_hash))
+        await self.clients.send(p.zmq, protocol.PrefillRequest(
+            req.rid, inp.input_ids, [list(im.grid_thw) for im in inp.images], params, d.node_id, d.ucx,
+            flight.nodes["encoder"].node_id if inp.images else ""))
+        if inp.images:
+            images = [dataclasses.asdict(protocol.ImagePayload(im.source.width, im.source.height,
+                                                               im.source.tobytes(), im.content_hash or ""))
+                      for im in inp.images]
+            await self.clients.send(flight.nodes["encoder"].zmq, protocol.EncodeRequest(req.rid, images,
+                                                                                       p.node_id, p.ucx))
+        await asyncio.to_thread(self.sessions.advance, req.rid, Stage.ENCODING if inp.images else Stage.PREFILLING)
+
+    async def _relay(self, req: BackendRequest, inp: ProcessedInput, flight: Flight,
+                     queue: asyncio.Queue) -> AsyncIterator[BackendEvent]:
+        deadline = time.monotonic() + self.request_timeout_s
+        image_tokens = sum(im.num_tokens for im in inp.images)
+        while True:
+            try:
+                msg = await asyncio.wait_for(queue.get(), timeout=0.5)
+            except TimeoutError:
+                await self._watchdog(flight, deadline)
+                continue
+            if isinstance(msg, protocol.StageReport):
+                self._on_report(flight, msg)
+                continue
+            if msg.error:
+                raise BackendError(f"request failed at stage '{msg.stage}' on node {msg.node}: {msg.error}", 503)
+            flight.done.add("prefill")   # tokens flowing means the KV landed
+            for i, tok in enumerate(msg.token_ids):
+                last = msg.finished and i == len(msg.token_ids) - 1
+                if last:
+                    flight.finished = True
+                    flight.timings.update(msg.timings)
+                yield BackendEvent(
+                    token_id=tok, text=msg.text if i == len(msg.token_ids) - 1 else "",
+                    logprob=msg.logprobs[i] if msg.logprobs else None,
+                    top_logprobs=[tuple(x) for x in msg.top_logprobs[i]] if msg.top_logprobs else None,
+                    finished=last, finish_reason=openai_finish_reason(msg.finish_reason) if last else None,
+                    matched_stop=(msg.finish_reason or {}).get("matched") if last else None,
+                    prompt_tokens=msg.prompt_tokens, completion_tokens=msg.completion_tokens,
+                    image_tokens=image_tokens, timings=dict(flight.timings) if last else {})
+            if msg.finished:
+                return
+
+    def _on_report(self, flight: Flight, msg: protocol.StageReport) -> None:
+        if not msg.ok:
+            raise BackendError(f"request failed at stage '{msg.stage}' on node {msg.node}: {msg.error}", 503)
+        flight.timings.update(msg.timings)
+        flight.done.add({"encode": "encoder", "prefill": "prefill"}.get(msg.stage, msg.stage))
+
+    async def _watchdog(self, flight: Flight, deadline: float) -> None:
+        for role, node in flight.nodes.items():
+            if role not in flight.done and not self.pool.alive(role, node.node_id):
+                raise BackendError(f"request failed at stage '{STAGE_OF_ROLE[role]}': {role} node {node.node_id} "
+                                   f"stopped (its registration expired)", 503)
+        room = await asyncio.to_thread(self.rooms.get, flight.rid)
+        if room is not None and room.failure is not None:
+            f = room.failure
+            raise BackendError(f"request failed at stage '{f.stage}' on node {f.node}: {f.reason}", 503)
+        if time.monotonic() > deadline:
+            raise BackendError(f"request timed out after {self.request_timeout_s:.0f}s", 504)
+
+    def _abort(self, flight: Flight) -> None:
+        for node in flight.nodes.values():
+            try:
+                asyncio.ensure_future(self.clients.send(node.zmq, protocol.Abort(flight.rid)))
+            except RuntimeError:  # no running loop (interpreter shutdown)
+                pass
+
+    def _close_room(self, flight: Flight) -> None:
+        try:
+            self.rooms.close(flight.rid)
+            if flight.finished:
+                self.sessions.advance(flight.rid, Stage.FINISHED)
+            else:
+                self.sessions.fail(flight.rid, "aborted or failed")
+        except Exception as e:  # noqa: BLE001 - bookkeeping must not mask the request's outcome
+            log.warning("closing room %s: %s", flight.rid, e)
+
+
+def _params_dict(req: BackendRequest) -> dict:
+    d = dataclasses.asdict(req.params)
+    d.pop("extra", None)
+    d["stop"] = list(d["stop"])
+    d["stop_token_ids"] = list(d["stop_token_ids"])
+    return d

@@ -1,0 +1,61 @@
+"""The router's view of the node pools, refreshed from Redis, and the routing policies.
+
+`PoolView.refresh()` re-reads `epd:node:{role}:*` (a node that registers is picked within one
+refresh interval; one whose key expired is gone after the next refresh). `pick(role)` applies the
+policy: "round_robin" cycles through live nodes; "least_load" takes the node with the fewest
+requests, counting both its last heartbeat load and what this router sent it since.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import defaultdict
+from collections.abc import Callable
+
+import redis
+
+from kv_transfer.registry import NodeInfo, NodeRegistry
+
+ROLES = ("encoder", "prefill", "decode")
+POLICIES = ("round_robin", "least_load")
+
+
+class NoNodeError(RuntimeError):
+    pass
+
+
+class PoolView:
+    def __init__(self, client: redis.Redis, policy: str = "least_load") -> None:
+        if policy not in POLICIES:
+            raise ValueError(f"unknown routing policy {policy!r}; choose from {', '.join(POLICIES)}")
+        self.registry = NodeRegistry(client)
+        self.policy = policy
+        self.nodes: dict[str, dict[str, NodeInfo]] = {role: {} for role in ROLES}
+        self.inflight: dict[str, int] = defaultdict(int)
+        self._rr = {role: itertools.count() for role in ROLES}
+
+    def refresh(self) -> None:
+        for role in ROLES:
+            self.nodes[role] = {n.node_id: n for n in self.registry.list_nodes(role)}
+
+    def alive(self, role: str, node_id: str) -> bool:
+        return node_id in self.nodes[role]
+
+    def sizes(self) -> dict[str, int]:
+        return {role: len(nodes) for role, nodes in self.nodes.items()}
+
+    def pick(self, role: str, accept: Callable[[NodeInfo], bool] | None = None) -> NodeInfo:
+        live = sorted(self.nodes[role].values(), key=lambda n: n.node_id)
+        candidates = [n for n in live if accept is None or accept(n)]
+        if not candidates:
+            raise NoNodeError(f"no {role} node is available" if not live else
+                              f"no {role} node fits this request")
+        if self.policy == "round_robin":
+            return candidates[next(self._rr[role]) % len(candidates)]
+        return min(candidates, key=lambda n: (n.load + self.inflight[n.node_id], n.node_id))
+
+    def begin(self, node_id: str) -> None:
+        self.inflight[node_id] += 1
+
+    def end(self, node_id: str) -> None:
+        self.inflight[node_id] = max(0, self.inflight[node_id] - 1)
