@@ -33,6 +33,7 @@ class Harness:
         self.cluster = cluster
         self.loop = asyncio.new_event_loop()
         self.backend = DisaggBackend(cluster.model, redis_url, refresh_s=0.25)
+        self.run(self.backend.start())
         self._rid = 0
 
     def run(self, coro):

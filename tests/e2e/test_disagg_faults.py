@@ -1,0 +1,129 @@
+"""Faults in the disaggregated path: each ends with the request failed by a clear error naming the
+stage and the node, within a bounded time, and every surviving node's page pool intact.
+
+To hit the window deterministically, the node upstream of the victim is frozen with SIGSTOP
+while the request is dispatched, the victim is SIGKILLed, and the frozen node is resumed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+
+import pytest
+from disagg_support import disagg_cluster
+from support import IMAGE, chat_prompt, noise_image
+
+TTL = ["--heartbeat-ttl", "2", "--kv-timeout", "30"]
+PROMPT = chat_prompt(IMAGE, "Describe this picture.")
+BOUND_S = 15.0
+
+
+@pytest.fixture(scope="module")
+def harness(tiny_models, tmp_path_factory):
+    roles = {"encoder": [[]], "prefill": [[]], "decode": [[]]}
+    with disagg_cluster(tiny_models["qwen2_vl"], str(tmp_path_factory.mktemp("logs")), roles, TTL) as h:
+        yield h
+
+
+def _node(harness, role):
+    return next(n for n in harness.cluster.nodes if n.role == role and n.alive())
+
+
+def _signal(node, sig):
+    os.killpg(node.proc.pid, sig)
+
+
+async def _until_queued(harness, node, queue, timeout_s=20.0):
+    """Wait until `node` reports one request in `queue`."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        status = await harness.backend.node_status(node.role, node.node_id)
+        if status.queues.get(queue) == 1:
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"{node.node_id}: {queue} never reached 1")
+
+
+def _replace(harness, victim):
+    harness.wait_gone(victim)
+    fresh = harness.cluster.add(victim.role, TTL)
+    harness.cluster.wait_ready([fresh])
+    harness.run(asyncio.sleep(0.5))
+
+
+def _fault(harness, freeze, victim, wait_on, queue, images=True):
+    """Freeze `freeze`, start a request, wait until `wait_on` holds it in `queue`, SIGKILL `victim`,
+    resume `freeze`; returns the request's result."""
+    req = harness.request(PROMPT, [noise_image(120, 80)] if images else [], max_new_tokens=8)
+    _signal(freeze, signal.SIGSTOP)
+
+    async def scenario():
+        task = asyncio.ensure_future(harness.consume(req))
+        await _until_queued(harness, wait_on, queue)
+        _signal(victim, signal.SIGKILL)
+        killed_at = time.monotonic()
+        _signal(freeze, signal.SIGCONT)
+        result = await task
+        return result, time.monotonic() - killed_at
+
+    try:
+        return harness.run(scenario())
+    finally:
+        if freeze.alive():
+            _signal(freeze, signal.SIGCONT)
+
+
+def test_decode_killed_while_prefill_transfers(harness):
+    prefill, decode = _node(harness, "prefill"), _node(harness, "decode")
+    result, elapsed = _fault(harness, freeze=prefill, victim=decode, wait_on=decode, queue="awaiting_kv")
+    assert decode.node_id in result.error and ("transfer" in result.error or "decode" in result.error)
+    assert elapsed < BOUND_S
+    _replace(harness, decode)
+    harness.assert_pools_intact()
+    assert not harness.generate(PROMPT, [noise_image(120, 80)], max_new_tokens=4).error
+
+
+def test_prefill_killed_while_decode_waits_for_kv(harness):
+    prefill, decode = _node(harness, "prefill"), _node(harness, "decode")
+    result, elapsed = _fault(harness, freeze=prefill, victim=prefill, wait_on=decode, queue="awaiting_kv")
+    assert "stage 'prefill'" in result.error and prefill.node_id in result.error
+    assert elapsed < BOUND_S
+    _replace(harness, prefill)
+    harness.assert_pools_intact()
+    assert not harness.generate(PROMPT, [noise_image(120, 80)], max_new_tokens=4).error
+
+
+def test_encoder_killed_before_sending(harness):
+    encoder, prefill = _node(harness, "encoder"), _node(harness, "prefill")
+    result, elapsed = _fault(harness, freeze=encoder, victim=encoder, wait_on=prefill,
+                             queue="awaiting_embeddings")
+    assert "stage 'encode'" in result.error and encoder.node_id in result.error
+    assert elapsed < BOUND_S
+    _replace(harness, encoder)
+    harness.assert_pools_intact()
+    assert not harness.generate(PROMPT, [noise_image(120, 80)], max_new_tokens=4).error
+
+
+def test_router_cancel_mid_decode_frees_pages(harness):
+    req = harness.request(chat_prompt("Tell me a very long story."), max_new_tokens=3000, ignore_eos=True)
+    result = harness.run(harness.consume(req, stop_after=5))
+    assert len(result.token_ids) == 5 and not result.error
+    harness.assert_pools_intact()
+
+
+def test_layout_mismatch_is_refused_naming_the_field(harness, tmp_path):
+    from epd.tiny_model import write_tiny_model
+
+    other = write_tiny_model("qwen2_vl", str(tmp_path / "kv4"), overrides={"num_key_value_heads": 4})
+    decode = _node(harness, "decode")
+    harness.cluster.kill(decode)
+    harness.wait_gone(decode)
+    odd = harness.cluster.add("decode", TTL, model=other)
+    harness.cluster.wait_ready([odd])
+    harness.run(asyncio.sleep(0.6))
+    result = harness.generate(chat_prompt("hello"), max_new_tokens=4)
+    assert "num_kv_heads" in result.error and "prefill=2" in result.error and "decode=4" in result.error
+    harness.assert_pools_intact()
