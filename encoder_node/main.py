@@ -9,8 +9,8 @@ from epd.node_runtime import NodeArgs, NodeRuntime, run_node, setup_logging
 
 
 def main(argv: list[str] | None = None) -> int:
-    setup_logging()
     args = NodeArgs.from_cli("encoder", argv)
+    setup_logging(args.log_level)
     config = ModelConfig.from_pretrained(args.model)
     engine_cfg = EngineConfig(model_path=args.model, device=args.device, dtype=args.dtype)
     device = engine_cfg.resolved_device()

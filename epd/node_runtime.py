@@ -54,6 +54,7 @@ class NodeArgs:
     dtype: str | None
     layer_group_size: int
     kv_timeout: float
+    log_level: str = "INFO"
 
     @classmethod
     def from_cli(cls, role: str, argv: list[str] | None) -> NodeArgs:
@@ -73,11 +74,12 @@ class NodeArgs:
         ap.add_argument("--dtype", default=None)
         ap.add_argument("--layer-group-size", type=int, default=4, help="layers per KV transfer message")
         ap.add_argument("--kv-timeout", type=float, default=60.0, help="seconds a request may wait for its KV")
+        ap.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
         a = ap.parse_args(argv)
         node_id = a.node_id or f"{role}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:4]}"
         return cls(role, a.model, a.redis_url, a.host, a.port, a.device, node_id, a.heartbeat_ttl, a.page_size,
                    a.max_running_requests, a.max_step_tokens, a.kv_cache_tokens, a.mem_fraction, a.dtype,
-                   a.layer_group_size, a.kv_timeout)
+                   a.layer_group_size, a.kv_timeout, a.log_level)
 
     def engine_kwargs(self) -> dict[str, Any]:
         return dict(device=self.device, dtype=self.dtype, page_size=self.page_size,
@@ -192,6 +194,5 @@ def run_node(runtime: NodeRuntime, service: Service) -> None:
     runtime.close()
 
 
-def setup_logging() -> None:
-    level = os.environ.get("EPD_LOG_LEVEL", "INFO").upper()
+def setup_logging(level: str = "INFO") -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -11,8 +11,8 @@ from prefill_node.service import PrefillService
 def main(argv: list[str] | None = None) -> int:
     from transformers import AutoTokenizer
 
-    setup_logging()
     args = NodeArgs.from_cli("prefill", argv)
+    setup_logging(args.log_level)
     core = EngineCore(EngineConfig(model_path=args.model, load_vision=False, **args.engine_kwargs()),
                       AutoTokenizer.from_pretrained(args.model))
     layout = kv_layout_of(core)

@@ -1,0 +1,121 @@
+"""`epd serve`: the whole system on one machine with one command.
+
+    epd serve --model DIR|tiny-random [--encoders N --prefills N --decodes N] [--port 8000]
+              [--host 127.0.0.1] [--redis-url URL] [--device cpu|cuda] [router options...]
+
+Lifecycle: resolve the model (`tiny-random` builds a tiny Qwen2.5-VL checkpoint into
+~/.cache/epd once) -> start a private Redis unless --redis-url is given -> start the node
+processes and wait until each has registered -> start the router and wait for /health ->
+print the URL -> on Ctrl-C / SIGTERM stop the router, the nodes, then Redis (children also
+die with this process, so none are orphaned).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import httpx
+
+from deploy.procs import Cluster, die_with_parent
+from deploy.redis_proc import PrivateRedis, free_port
+
+TINY_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "epd", "tiny-random-qwen2_5_vl")
+
+
+def resolve_model(model: str) -> str:
+    if model != "tiny-random":
+        return model
+    if not os.path.isfile(os.path.join(TINY_CACHE, "model.safetensors")):
+        from epd.tiny_model import write_tiny_model
+
+        print(f"building a tiny random Qwen2.5-VL checkpoint in {TINY_CACHE}", flush=True)
+        write_tiny_model("qwen2_5_vl", TINY_CACHE)
+    return TINY_CACHE
+
+
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
+    ap = argparse.ArgumentParser(prog="epd serve", description="run router + encoder/prefill/decode pools locally")
+    ap.add_argument("--model", required=True, help="HF checkpoint directory, or tiny-random")
+    ap.add_argument("--encoders", type=int, default=1)
+    ap.add_argument("--prefills", type=int, default=1)
+    ap.add_argument("--decodes", type=int, default=1)
+    ap.add_argument("--port", type=int, default=8000)
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--redis-url", default=None, help="default: start a private redis-server")
+    ap.add_argument("--device", default=None, choices=["cpu", "cuda"])
+    ap.add_argument("--node-args", default="", help="extra arguments for every node, as one string")
+    ap.add_argument("--log-dir", default=None)
+    ap.add_argument("--ready-timeout", type=float, default=600.0)
+    return ap.parse_known_args(argv)   # unknown args go to the router
+
+
+def _wait_http(url: str, proc: subprocess.Popen, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"router exited with {proc.returncode}")
+        try:
+            if httpx.get(f"{url}/health", timeout=1.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"router not healthy after {timeout_s}s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, router_args = parse_args(argv)
+    t0 = time.monotonic()
+    model = resolve_model(args.model)
+    log_dir = args.log_dir or tempfile.mkdtemp(prefix="epd-logs-")
+    redis = None if args.redis_url else PrivateRedis().start()
+    redis_url = args.redis_url or redis.url
+    cluster = Cluster(model, redis_url, log_dir, device=args.device, common_args=args.node_args.split())
+    router: subprocess.Popen | None = None
+    stopping = {"flag": False}
+
+    def _stop(signum, _frame):
+        stopping["flag"] = True
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    try:
+        for role, count in (("encoder", args.encoders), ("prefill", args.prefills), ("decode", args.decodes)):
+            for _ in range(count):
+                cluster.add(role)
+        cluster.wait_ready(timeout_s=args.ready_timeout)
+        port = args.port or free_port()
+        cmd = [sys.executable, "-m", "epd.cli", "router", "--model", model, "--redis-url", redis_url,
+               "--backend", "disagg", "--host", args.host, "--port", str(port), *router_args]
+        router_log = open(os.path.join(log_dir, "router.log"), "wb")  # noqa: SIM115 - lives as long as the router
+        router = subprocess.Popen(cmd, stdout=router_log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
+        url = f"http://{args.host}:{port}"
+        _wait_http(url, router, args.ready_timeout)
+        print(f"EPD ready on {url}/v1 (model {os.path.basename(model)}; {args.encoders}E {args.prefills}P "
+              f"{args.decodes}D; started in {time.monotonic() - t0:.1f}s; logs in {log_dir})", flush=True)
+        while not stopping["flag"]:
+            if router.poll() is not None or any(not n.alive() for n in cluster.nodes):
+                print("a process exited; shutting down (see logs in " + log_dir + ")", file=sys.stderr)
+                return 1
+            time.sleep(0.2)
+        return 0
+    except (RuntimeError, TimeoutError, FileNotFoundError) as e:
+        print(f"epd serve: {e}", file=sys.stderr)
+        return 1
+    finally:
+        print("shutting down", flush=True)
+        if router is not None and router.poll() is None:
+            router.terminate()
+            try:
+                router.wait(10)
+            except subprocess.TimeoutExpired:
+                router.kill()
+        cluster.stop()
+        if redis is not None:
+            redis.stop()
