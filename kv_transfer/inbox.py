@@ -1,0 +1,254 @@
+"""Receive-side bookkeeping of the KV transport: one slot per message key.
+
+Shared between the transport's network thread and the caller's thread under one lock.
+A slot's lifecycle (a small state enum rather than flags)::
+
+    EXPECTED ──header──▶ RECEIVING ──all tensors landed──▶ DONE ──poll/wait──▶ (removed)
+        │                    │
+        └──peer lost─────────┴──peer lost / bad shapes──▶ FAILED ──poll/wait raises──▶ (removed)
+
+A slot starts EXPECTED when the caller registers destination buffers (`expect`) before the
+header arrives: the tensors are then received straight into those buffers. A header with no
+expectation starts a slot in RECEIVING with freshly allocated tensors; if the caller expects
+the key later, the data is copied into its buffers on completion (the slow path).
+`cancel` removes a slot at once and returns a future that resolves when nothing more will be
+written into the slot's buffers. Unclaimed DONE / FAILED slots are dropped by `sweep`.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from kv_transfer.errors import TransferError
+from kv_transfer.wire import Header, TensorSpec
+
+logger = logging.getLogger(__name__)
+
+
+class SlotState(enum.Enum):
+    EXPECTED = "expected"
+    RECEIVING = "receiving"
+    DONE = "done"
+    FAILED = "failed"
+
+
+@dataclass
+class Message:
+    """A complete received message."""
+
+    key: str
+    tensors: list[torch.Tensor]
+    meta: dict[str, Any]
+    peer: str  # the sender's advertised transport address
+    nbytes: int
+    seconds: float  # header arrival to last tensor landed
+
+
+@dataclass(eq=False)
+class Slot:
+    """State of one key; the network thread holds it as a handle while receiving."""
+
+    key: str
+    state: SlotState
+    expected: list[torch.Tensor] | None = None
+    peer: str | None = None
+    header: Header | None = None
+    buffers: list[torch.Tensor] = field(default_factory=list)
+    message: Message | None = None
+    error: BaseException | None = None
+    updated: float = field(default_factory=time.monotonic)
+    drained: Future[None] | None = None  # set by cancel() while RECEIVING
+
+
+def _spec_mismatch(specs: Sequence[TensorSpec], buffers: Sequence[torch.Tensor]) -> str | None:
+    if len(specs) != len(buffers):
+        return f"sender has {len(specs)} tensors, receiver registered {len(buffers)}"
+    for i, (spec, buf) in enumerate(zip(specs, buffers, strict=True)):
+        if not spec.matches(buf):
+            got = TensorSpec.of(buf)
+            return f"tensor {i}: sender {spec.dtype}{list(spec.shape)} receiver {got.dtype}{list(got.shape)}"
+        if not buf.is_contiguous():
+            return f"tensor {i}: receive buffer is not contiguous"
+    return None
+
+
+class Inbox:
+    """Thread-safe map key -> Slot with blocking waits."""
+
+    def __init__(self) -> None:
+        self._slots: dict[str, Slot] = {}
+        self._cond = threading.Condition()
+        self._closed: BaseException | None = None
+
+    # ---- caller side -------------------------------------------------------------------
+    def expect(self, key: str, buffers: Sequence[torch.Tensor] | None, peer: str | None) -> None:
+        """Register destination buffers (and/or the expected sender) for `key`."""
+        bufs = list(buffers) if buffers is not None else None
+        with self._cond:
+            slot = self._slots.get(key)
+            if slot is None:
+                self._slots[key] = Slot(key, SlotState.EXPECTED, expected=bufs, peer=peer)
+                return
+            if slot.header is not None and bufs is not None:
+                problem = _spec_mismatch(slot.header.specs, bufs)
+                if problem:
+                    raise ValueError(f"expect({key!r}): {problem}")
+            slot.expected = bufs if bufs is not None else slot.expected
+            slot.peer = slot.peer or peer
+            if slot.state is SlotState.DONE and bufs is not None and slot.message is not None:
+                _copy_into(slot.message, bufs)
+
+    def state(self, key: str) -> SlotState | None:
+        """Where `key` stands, without consuming it; None if unknown (or already taken)."""
+        with self._cond:
+            slot = self._slots.get(key)
+            return slot.state if slot is not None else None
+
+    def poll(self, key: str) -> Message | None:
+        """The finished message for `key` (removing it), None if not finished; raises on failure."""
+        with self._cond:
+            return self._take(key)
+
+    def wait(self, key: str, timeout: float | None) -> Message:
+        """Block until `key` finishes (returning it) or fails (raising); TimeoutError otherwise."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while True:
+                msg = self._take(key)
+                if msg is not None:
+                    return msg
+                if self._closed is not None:
+                    raise self._closed
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise TimeoutError(f"no complete message under {key!r} within {timeout}s")
+                self._cond.wait(remaining)
+
+    def cancel(self, key: str) -> Future[None]:
+        """Forget `key`; the future resolves once nothing more will land in its buffers."""
+        drained: Future[None] = Future()
+        with self._cond:
+            slot = self._slots.pop(key, None)
+            if slot is not None and slot.state is SlotState.RECEIVING:
+                slot.drained = drained
+                return drained
+        drained.set_result(None)
+        return drained
+
+    def _take(self, key: str) -> Message | None:
+        slot = self._slots.get(key)
+        if slot is None or slot.state in (SlotState.EXPECTED, SlotState.RECEIVING):
+            return None
+        del self._slots[key]
+        if slot.state is SlotState.FAILED:
+            assert slot.error is not None
+            raise slot.error
+        return slot.message
+
+    # ---- network side ------------------------------------------------------------------
+    def on_header(self, header: Header, peer: str, device: torch.device | str) -> Slot:
+        """Pick the buffers for an arriving message; the returned slot is the receive handle."""
+        with self._cond:
+            slot = self._slots.get(header.key)
+            if slot is not None and slot.state is not SlotState.EXPECTED:
+                # The same key twice while the first is unclaimed: keep the first, drain the second.
+                logger.error("duplicate message key %r from %s; dropping the new one", header.key, peer)
+                orphan = Slot(header.key, SlotState.RECEIVING, peer=peer, header=header)
+                orphan.buffers = [s.empty(device) for s in header.specs]
+                orphan.drained = Future()
+                return orphan
+            if slot is None:
+                slot = Slot(header.key, SlotState.RECEIVING)
+                self._slots[header.key] = slot
+            slot.state, slot.header, slot.peer = SlotState.RECEIVING, header, peer
+            slot.updated = time.monotonic()
+            problem = _spec_mismatch(header.specs, slot.expected) if slot.expected is not None else None
+            if slot.expected is not None and problem is None:
+                slot.buffers = slot.expected
+            else:
+                slot.buffers = [s.empty(device) for s in header.specs]
+                if problem:
+                    slot.error = TransferError(f"message {header.key!r} from {peer} does not fit: {problem}")
+            return slot
+
+    def on_complete(self, slot: Slot, seconds: float) -> None:
+        """All tensors of `slot` landed."""
+        with self._cond:
+            if self._finish_orphan(slot):
+                return
+            assert slot.header is not None
+            if slot.error is not None:
+                self._fail_locked(slot, slot.error)
+                return
+            msg = Message(slot.header.key, slot.buffers, slot.header.meta, slot.peer or "", slot.header.nbytes, seconds)
+            if slot.expected is not None and slot.buffers is not slot.expected:
+                _copy_into(msg, slot.expected)
+            slot.state, slot.message, slot.updated = SlotState.DONE, msg, time.monotonic()
+            slot.buffers = []
+            self._cond.notify_all()
+
+    def on_failed(self, slot: Slot, error: BaseException) -> None:
+        with self._cond:
+            if not self._finish_orphan(slot):
+                self._fail_locked(slot, error)
+
+    def on_peer_lost(self, peer: str, error: BaseException) -> None:
+        """Fail the slots still waiting for a header from `peer`.
+
+        Slots already RECEIVING fail through their own receive, which UCX cancels when the
+        endpoint dies: only then is it certain nothing more lands in their buffers.
+        """
+        with self._cond:
+            for slot in list(self._slots.values()):
+                if slot.peer == peer and slot.state is SlotState.EXPECTED:
+                    self._fail_locked(slot, error)
+
+    def close(self, error: BaseException) -> None:
+        """Fail all waiters now and forever (transport closed)."""
+        with self._cond:
+            self._closed = error
+            for slot in list(self._slots.values()):
+                if slot.state in (SlotState.EXPECTED, SlotState.RECEIVING):
+                    self._fail_locked(slot, error)
+            self._cond.notify_all()
+
+    def sweep(self, max_age_s: float) -> int:
+        """Drop DONE / FAILED slots nobody claimed for `max_age_s`; returns how many."""
+        now, dropped = time.monotonic(), 0
+        with self._cond:
+            for key, slot in list(self._slots.items()):
+                if slot.state in (SlotState.DONE, SlotState.FAILED) and now - slot.updated > max_age_s:
+                    del self._slots[key]
+                    dropped += 1
+                    logger.warning("dropping unclaimed message %r (%s)", key, slot.state.value)
+        return dropped
+
+    def _finish_orphan(self, slot: Slot) -> bool:
+        """A cancelled or duplicate slot: release it instead of publishing it."""
+        if slot.drained is None:
+            return False
+        slot.state, slot.buffers = SlotState.FAILED, []
+        if not slot.drained.done():
+            slot.drained.set_result(None)
+        return True
+
+    def _fail_locked(self, slot: Slot, error: BaseException) -> None:
+        slot.state, slot.error, slot.updated = SlotState.FAILED, error, time.monotonic()
+        slot.buffers = []
+        self._cond.notify_all()
+
+
+def _copy_into(msg: Message, buffers: list[torch.Tensor]) -> None:
+    """Slow path: data landed in fresh tensors before the caller registered its own."""
+    for dst, src in zip(buffers, msg.tensors, strict=True):
+        dst.copy_(src)
+    msg.tensors = buffers

@@ -1,0 +1,157 @@
+"""Node registry in Redis: which encoder / prefill / decode nodes are alive, and how to reach them.
+
+Key ``epd:node:{role}:{node_id}``, a hash with the fields of `NodeInfo`, always with a TTL.
+Lifecycle:
+
+1. A node process calls ``lease = NodeRegistry(client).register(info, ttl_s)`` once it
+   listens: the record is written and a daemon heartbeat thread rewrites it (with the latest
+   load, see `NodeLease.update_load`) every ``ttl_s / 3`` seconds, refreshing the TTL.
+2. Readers (the router, a node picking a peer) call `list_nodes(role)`: only keys that still
+   exist are returned, so a node that died, hung or lost Redis drops out once its TTL runs
+   out — no cleanup needed.
+3. On orderly shutdown the node calls `lease.deregister()` (stop heartbeating, delete the key).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+import redis
+
+from kv_transfer.redis_util import to_str_dict, write_hash
+
+logger = logging.getLogger(__name__)
+
+KEY_PREFIX = "epd:node"
+
+
+def node_key(role: str, node_id: str) -> str:
+    for name, part in (("role", role), ("node_id", node_id)):
+        if not part or ":" in part or "*" in part:
+            raise ValueError(f"{name} must be non-empty without ':' or '*', got {part!r}")
+    return f"{KEY_PREFIX}:{role}:{node_id}"
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    """What a node publishes about itself. Addresses are "host:port" strings ("" if none)."""
+
+    role: str  # "encoder" | "prefill" | "decode" (any name without ':')
+    node_id: str
+    zmq: str = ""
+    ucx: str = ""
+    http: str = ""
+    model: str = ""
+    layout_hash: str = ""
+    capacity: int = 0  # e.g. KV pages, or max batch; the role decides
+    load: float = 0.0  # e.g. running + waiting requests; refreshed by the heartbeat
+    started_at: float = 0.0  # unix time
+    heartbeat_at: float = 0.0  # unix time of the last write
+
+    def to_fields(self) -> dict[str, str]:
+        return {f.name: str(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_fields(cls, fields: dict[str, str]) -> NodeInfo:
+        """Parse a stored hash; unknown fields (from a newer node) are ignored."""
+        kwargs: dict[str, str | int | float] = {}
+        for f in dataclasses.fields(cls):
+            if f.name not in fields:
+                continue
+            raw = fields[f.name]
+            kwargs[f.name] = int(raw) if f.type == "int" else float(raw) if f.type == "float" else raw
+        return cls(**kwargs)  # type: ignore[arg-type]
+
+
+class NodeLease:
+    """A registered node's heartbeat. Created by `NodeRegistry.register`."""
+
+    def __init__(self, client: redis.Redis, info: NodeInfo, ttl_s: float, interval_s: float) -> None:
+        self._client = client
+        self._info = info
+        self._ttl_s = ttl_s
+        self._interval_s = interval_s
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self.key = node_key(info.role, info.node_id)
+        self._beat()  # the first write is synchronous: register() fails loudly if Redis is down
+        self._thread = threading.Thread(target=self._run, name=f"heartbeat-{self.key}", daemon=True)
+        self._thread.start()
+
+    @property
+    def info(self) -> NodeInfo:
+        with self._lock:
+            return self._info
+
+    def update_load(self, load: float) -> None:
+        """Record the current load; published at the next heartbeat (no Redis call here)."""
+        with self._lock:
+            self._info = dataclasses.replace(self._info, load=float(load))
+
+    def stop(self) -> None:
+        """Stop heartbeating; the key then expires by itself within the TTL."""
+        self._stop.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout=self._interval_s + 5.0)
+
+    def deregister(self) -> None:
+        """Stop heartbeating and remove the record now."""
+        self.stop()
+        try:
+            self._client.delete(self.key)
+        except redis.RedisError as exc:
+            logger.warning("could not delete %s (it will expire): %s", self.key, exc)
+
+    def _beat(self) -> None:
+        with self._lock:
+            self._info = dataclasses.replace(self._info, heartbeat_at=time.time())
+            fields = self._info.to_fields()
+        write_hash(self._client, self.key, fields, self._ttl_s)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval_s):
+            try:
+                self._beat()
+            except redis.RedisError as exc:
+                # Keep trying: the key expires if Redis stays unreachable, which is the point.
+                logger.warning("heartbeat for %s failed: %s", self.key, exc)
+
+
+class NodeRegistry:
+    """Reads and writes ``epd:node:*`` records."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self._client = client
+
+    def register(self, info: NodeInfo, ttl_s: float = 10.0, interval_s: float | None = None) -> NodeLease:
+        """Publish `info` and keep it alive with a heartbeat every `interval_s` (ttl_s / 3)."""
+        if ttl_s <= 0:
+            raise ValueError("ttl_s must be positive")
+        interval = interval_s if interval_s is not None else ttl_s / 3
+        if not 0 < interval < ttl_s:
+            raise ValueError(f"heartbeat interval {interval}s must be in (0, ttl {ttl_s}s)")
+        if not info.started_at:
+            info = dataclasses.replace(info, started_at=time.time())
+        return NodeLease(self._client, info, ttl_s, interval)
+
+    def get(self, role: str, node_id: str) -> NodeInfo | None:
+        raw = self._client.hgetall(node_key(role, node_id))
+        return NodeInfo.from_fields(to_str_dict(raw)) if raw else None
+
+    def list_nodes(self, role: str) -> list[NodeInfo]:
+        """Live nodes of `role`, sorted by node_id."""
+        node_key(role, "x")  # validates role
+        keys = list(self._client.scan_iter(match=f"{KEY_PREFIX}:{role}:*", count=500))
+        if not keys:
+            return []
+        with self._client.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.hgetall(key)
+            rows = pipe.execute()
+        # A key may expire between SCAN and HGETALL: it comes back empty and is skipped.
+        nodes = [NodeInfo.from_fields(to_str_dict(row)) for row in rows if row]
+        return sorted(nodes, key=lambda n: n.node_id)
