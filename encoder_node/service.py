@@ -59,10 +59,17 @@ class EncoderService:
         self.max_batch_images = max_batch_images
         self.pending: OrderedDict[str, tuple[bytes, protocol.EncodeRequest, float]] = OrderedDict()
         self.runtime: Any = None   # set by main: NodeRuntime (send, transport, node_id)
+        self._warm_up()
+
+    def _warm_up(self) -> None:
+        """Run one small image so the first request does not pay lazy initialisation."""
+        pre = self.processor.preprocess(Image.new("RGB", (56, 56)))
+        self.vision.encode(pre.pixel_values, torch.tensor([pre.grid_thw]))
 
     def handle(self, identity: bytes, msg: Any) -> None:
         if isinstance(msg, protocol.EncodeRequest):
             self.pending[msg.rid] = (identity, msg, time.monotonic())
+            self.runtime.transport.connect(msg.prefill_ucx)  # overlap connection setup with encoding
         elif isinstance(msg, protocol.Abort):
             self.pending.pop(msg.rid, None)
 

@@ -176,6 +176,15 @@ class KVTransport:
         inner.add_done_callback(_done)
         return outer
 
+    def connect(self, peer: str) -> Future[Any]:
+        """Open (or reuse) the endpoint to `peer` in the background, so the first `send` to it
+        does not pay connection setup (hundreds of ms over TCP). Failures surface on send."""
+        if self._closed:
+            raise TransportClosedError("transport closed")
+        fut = asyncio.run_coroutine_threadsafe(self._engine._connect(peer), self._loop)
+        fut.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieve, so nothing is logged
+        return fut
+
     # ---- receiving ---------------------------------------------------------------------
     def expect(self, key: str, buffers: Sequence[torch.Tensor] | None = None, *, peer: str | None = None) -> None:
         """Pre-register destination buffers for `key`, and/or the sender it must come from.

@@ -61,6 +61,7 @@ class PrefillService:
     def handle(self, identity: bytes, msg: Any) -> None:
         if isinstance(msg, protocol.PrefillRequest):
             p = Pending(identity, msg, time.monotonic())
+            self.runtime.transport.connect(msg.decode_ucx)  # overlap connection setup with the prefill
             if msg.grids:
                 self.awaiting[msg.rid] = p
             else:
