@@ -181,7 +181,8 @@ class DecodeService:
             timings = {}
             if ev.finished:
                 del self.running[ev.rid]
-                timings = {"transfer_ms": (inc.landed_at - inc.arrived) * 1e3,
+                timings = {**(inc.meta or {}).get("timings", {}),   # the prefill node's queue/prefill times
+                           "transfer_ms": (inc.landed_at - inc.arrived) * 1e3,
                            "decode_ms": (time.monotonic() - inc.landed_at) * 1e3}
             self.runtime.send(inc.identity, protocol.TokenDelta(
                 ev.rid, [ev.token_id], ev.text,

@@ -159,7 +159,9 @@ class PrefillService:
         result = sample(logits, rows)
         for i, p in enumerate(finishing):
             req = p.req
+            now = time.monotonic()
             meta = {"first_token": result.token_ids[i], "mrope_delta": req.inp.mrope_delta,
+                    "timings": {"queue_ms": (p.started - p.arrived) * 1e3, "prefill_ms": (now - p.started) * 1e3},
                     "prompt_len": req.prompt_len, "num_groups": len(self.groups), "layout": self.layout.to_dict(),
                     "logprob": result.logprobs[i] if result.logprobs else None,
                     "top_logprobs": [list(x) for x in result.top_logprobs[i]] if result.top_logprobs else None}
