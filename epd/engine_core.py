@@ -1,9 +1,12 @@
 """The engine core: one process's model, KV cache, scheduler and step loop (colocated E+P+D).
 
-Lifecycle: `EngineCore(config)` loads weights and sizes the KV pool; `add(req)` queues a
-processed request; each `step()` schedules a batch, encodes images of newly scheduled requests
-(batched across requests), runs the language model, samples, applies stop rules and frees the
-pages of finished requests; it returns one `TokenEvent` per request that produced a token.
+Lifecycle: `EngineCore(config)` loads weights, sizes the KV pool and picks the attention backend
+(flashinfer on CUDA in bf16/fp16, else torch); with flashinfer it also captures the CUDA graphs
+for decode batch buckets (capture time is logged). `add(req)` queues a processed request; each
+`step()` schedules a batch, encodes images of newly scheduled requests (batched across
+requests), runs the language model, samples (plain greedy rows: one argmax on the device),
+applies stop rules and frees the pages of finished requests; it returns one `TokenEvent` per
+request that produced a token.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+from epd.attention import flashinfer_backend
+from epd.attention.base import AttentionBackend
 from epd.attention.torch_backend import TorchAttentionBackend
 from epd.config import ModelConfig, parse_dtype
 from epd.detokenizer import IncrementalDetokenizer
@@ -21,7 +26,9 @@ from epd.inputs import InputError, InputProcessor, ProcessedInput
 from epd.kv_pool import KVCache, KVCacheSpec
 from epd.model_loader import default_device, load_language_model
 from epd.model_runner import ModelRunner, attach_image_embeddings
+from epd.models.fused_ops import fused_path
 from epd.models.vision import VisionTower
+from epd.models.vision_attention import enable_varlen_attention
 from epd.request import Request, TokenEvent
 from epd.sampling import SamplingParams, SamplingRow, sample
 from epd.scheduler import Chunk, Scheduler
@@ -41,6 +48,9 @@ class EngineConfig:
     mem_fraction: float = 0.85           # of free GPU memory after weights, for the KV pool
     max_model_len: int | None = None
     load_vision: bool = True
+    attention_backend: str = "auto"      # "torch" | "flashinfer" | "auto" (flashinfer on cuda where it can)
+    cuda_graph_max_bs: int = 128         # largest CUDA-graph decode bucket (capped by max_running_requests)
+    disable_cuda_graph: bool = False
 
     def resolved_device(self) -> torch.device:
         return torch.device(self.device or default_device())
@@ -60,7 +70,11 @@ class EngineCore:
         self.tokenizer = tokenizer
         t0 = time.perf_counter()
         self.model = load_language_model(self.model_config, self.device, self.dtype)
+        if fused_path(self.model.lm_head.weight):
+            self.model.fuse_projections()
         self.vision = VisionTower(self.model_config, self.device, self.dtype) if config.load_vision else None
+        if self.vision is not None:
+            enable_varlen_attention(self.vision.module, self.device, self.dtype)
         self.kv = self._make_kv_cache()
         log.info("loaded %s on %s (%s) in %.2fs; KV pool %d pages x %d tokens", self.model_config.model_id,
                  self.device, self.dtype, time.perf_counter() - t0, self.kv.pool.capacity, config.page_size)
@@ -68,7 +82,8 @@ class EngineCore:
                                config.max_model_len or 1 << 30,
                                self.kv.pool.capacity * config.page_size)
         self.scheduler = Scheduler(self.kv, config.max_running_requests, config.max_step_tokens)
-        self.runner = ModelRunner(self.model, self.kv, TorchAttentionBackend(), self.device)
+        self.runner = ModelRunner(self.model, self.kv, self._make_backend(), self.device)
+        self._capture_graphs()
         self.inputs = InputProcessor(self.model_config, tokenizer, self.max_context)
         self._rid = 0
 
@@ -78,11 +93,41 @@ class EngineCore:
         if self.config.kv_cache_tokens:
             pages = -(-self.config.kv_cache_tokens // spec.page_size) + 1
         elif self.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(self.device)
+            free, _ = torch.cuda.mem_get_info(self.device)  # shared with other processes on this GPU
+            free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)  # our cache
             pages = KVCache.pages_fitting(spec, int(free * self.config.mem_fraction))
         else:
             pages = KVCache.pages_fitting(spec, 1 << 30)  # 1 GiB of host memory by default
         return KVCache(spec, pages, self.device)
+
+    def _make_backend(self) -> AttentionBackend:
+        choice, tc = self.config.attention_backend, self.model_config.text
+        if choice not in ("auto", "torch", "flashinfer"):
+            raise ValueError(f"attention_backend={choice!r}; expected auto, torch or flashinfer")
+        reason = flashinfer_backend.supports(self.device, self.dtype, tc.head_dim)
+        if choice == "flashinfer" and reason is not None:
+            raise ValueError(f"attention_backend='flashinfer': {reason}")
+        if choice == "torch" or reason is not None:
+            if self.device.type == "cuda":
+                log.info("attention: torch backend (%s)", reason or "requested")
+            return TorchAttentionBackend()
+        log.info("attention: flashinfer backend")
+        return flashinfer_backend.FlashInferBackend(tc.num_heads, tc.num_kv_heads, tc.head_dim,
+                                                    self.config.page_size, self.dtype, self.device)
+
+    def _capture_graphs(self) -> None:
+        backend = self.runner.backend
+        if (self.config.disable_cuda_graph or self.device.type != "cuda"
+                or not isinstance(backend, flashinfer_backend.FlashInferBackend)):
+            return
+        max_bs = min(self.config.cuda_graph_max_bs, self.config.max_running_requests)
+        if max_bs < 1:
+            return
+        from epd.cuda_graph import CudaGraphDecodeRunner
+
+        graphs = CudaGraphDecodeRunner(self.model, self.kv, backend, max_bs)
+        graphs.capture()
+        self.runner.graphs = graphs
 
     def new_request(self, inp: ProcessedInput, params: SamplingParams, rid: str | None = None) -> Request:
         max_total = min(self.max_context, len(inp.input_ids) + params.max_new_tokens)
@@ -123,6 +168,10 @@ class EngineCore:
             attach_image_embeddings(r, self.dtype, self.device)
 
     def _commit(self, chunks: list[Chunk], logits: torch.Tensor) -> list[TokenEvent]:
+        if all(c.req.params.plain_greedy and not self._banned(c.req) for c in chunks):
+            # argmax where the logits are (the GPU), one copy of B token ids back
+            tokens = logits.argmax(dim=-1).tolist()
+            return [self._append_token(c.req, t, None, None) for c, t in zip(chunks, tokens, strict=True)]
         rows = [SamplingRow(c.req.params, c.req.generator, c.req.inp.input_ids + c.req.output_ids,
                             c.req.output_ids, self._banned(c.req)) for c in chunks]
         result = sample(logits, rows)

@@ -2,12 +2,15 @@
 
 `run(chunks)` gathers the step's token ids, embeds them (splicing image embeddings in at image
 placeholder positions), builds M-RoPE positions and the attention metadata once, runs the model
-and returns the logits of the chunks that end at their request's last token.
+and returns the logits of the chunks that end at their request's last token. When a CUDA-graph
+runner is attached (`graphs`, GPU + flashinfer) and the step is pure decode within its largest
+bucket, the step replays a captured graph instead.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -16,6 +19,9 @@ from epd.kv_pool import KVCache
 from epd.models.qwen2_vl_text import Qwen2VLLanguageModel
 from epd.request import Request
 from epd.scheduler import Chunk
+
+if TYPE_CHECKING:
+    from epd.cuda_graph import CudaGraphDecodeRunner
 
 
 def attach_image_embeddings(req: Request, dtype: torch.dtype, device: torch.device) -> None:
@@ -39,20 +45,25 @@ class ModelRunner:
         self.kv = kv
         self.backend = backend
         self.device = device
+        self.graphs: CudaGraphDecodeRunner | None = None  # attached by the engine on GPU
 
     def step_inputs(self, chunks: list[Chunk]) -> tuple[torch.Tensor, torch.Tensor, StepMetadata]:
-        ids, positions, slots = [], [], []
+        ids: list[int] = []
+        positions: list[torch.Tensor] = []
+        slots: list[int] = []
+        ps = self.kv.spec.page_size
         for c in chunks:
             req, end = c.req, c.start + c.length
-            ids.extend(req.token_at(c.start, end))
+            plen = req.prompt_len
+            ids.extend(req.output_ids[c.start - plen:end - plen] if c.start >= plen else req.token_at(c.start, end))
             positions.append(_positions(req, c.start, end))
-            slots.append(self.kv.slots(req.pages, c.start, end))
+            slots.extend(req.pages[i // ps] * ps + i % ps for i in range(c.start, end))
         meta = StepMetadata(
             qo_lens=[c.length for c in chunks],
             kv_lens=[c.start + c.length for c in chunks],
             page_tables=[c.req.pages for c in chunks],
-            page_size=self.kv.spec.page_size,
-            write_slots=torch.cat(slots).to(self.device),
+            page_size=ps,
+            write_slots=torch.tensor(slots, dtype=torch.long).to(self.device),
         )
         input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
         return input_ids, torch.cat(positions, dim=1).to(self.device), meta
@@ -74,18 +85,26 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, chunks: list[Chunk], after_layer: Callable[[int], None] | None = None) -> torch.Tensor:
         """Returns logits [num sampling chunks, vocab] (float32), in chunk order."""
+        if after_layer is None and self.graphs is not None and self.graphs.can_run(chunks):
+            logits = self.graphs.run(chunks)  # every decode chunk samples
+            return logits if all(c.samples for c in chunks) else logits[[c.samples for c in chunks]]
         input_ids, positions, meta = self.step_inputs(chunks)
         embeds = self.embed(chunks, input_ids)
         self.backend.plan(meta)
         hidden = self.model(embeds, positions, self.backend, self.kv.layers, after_layer)
-        ends = torch.tensor(meta.qo_lens).cumsum(0) - 1
-        rows = [int(ends[i]) for i, c in enumerate(chunks) if c.samples]
+        rows, end = [], -1
+        for c in chunks:
+            end += c.length
+            if c.samples:
+                rows.append(end)
         return self.model.logits(hidden[rows])
 
 
 def _positions(req: Request, start: int, end: int) -> torch.Tensor:
     """[3, end - start] M-RoPE positions; tokens past the prompt use index + delta."""
     plen = req.prompt_len
+    if start >= plen and end - start == 1:  # a decode token: skip the tensor ops below
+        return torch.tensor([[start + req.inp.mrope_delta]] * 3)
     parts = []
     if start < plen:
         parts.append(req.inp.positions[:, start:min(end, plen)])

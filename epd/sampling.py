@@ -4,7 +4,8 @@
 sampler takes the step's logits for the requests that produce a token and returns one token per
 row: greedy rows take the argmax; the rest go through penalties, temperature, top-k, top-p and
 min-p, then draw from a per-request `torch.Generator` when a seed is given, so a seeded request
-gives the same tokens whatever else is in the batch.
+gives the same tokens whatever else is in the batch. On GPU, unseeded sampled rows are drawn
+together (`_draw_batch`: same filters, one multinomial), so a step has no host sync per row.
 """
 
 from __future__ import annotations
@@ -45,6 +46,12 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0 or self.top_k == 1
+
+    @property
+    def plain_greedy(self) -> bool:
+        """Greedy with nothing that needs the full sampler: the token is the raw argmax."""
+        return (self.greedy and self.repetition_penalty == 1.0 and not self.frequency_penalty
+                and not self.presence_penalty and not self.logprobs)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | SamplingParams | None) -> SamplingParams:
@@ -110,9 +117,13 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> SampleResult:
         if row.banned_ids:
             logits[i, list(row.banned_ids)] = float("-inf")
     tokens = logits.argmax(dim=-1)
-    for i, row in enumerate(rows):
-        if not row.params.greedy:
-            tokens[i] = _draw(logits[i], row.params, row.generator)
+    drawn = [i for i, row in enumerate(rows) if not row.params.greedy]
+    batched = [i for i in drawn if rows[i].generator is None] if logits.is_cuda else []
+    if batched:  # one set of kernels for all unseeded rows, no host sync per row
+        tokens[batched] = _draw_batch(logits[batched], [rows[i].params for i in batched])
+    for i in drawn:
+        if i not in batched:
+            tokens[i] = _draw(logits[i], rows[i].params, rows[i].generator)
     result = SampleResult(tokens.tolist())
     if any(r.params.logprobs for r in rows):
         lp = torch.log_softmax(raw, dim=-1)
@@ -135,6 +146,27 @@ def _apply_penalties(row_logits: torch.Tensor, row: SamplingRow) -> None:
     if (p.frequency_penalty or p.presence_penalty) and row.output_ids:
         ids, counts = torch.tensor(row.output_ids, device=row_logits.device).unique(return_counts=True)
         row_logits[ids] -= p.frequency_penalty * counts.to(row_logits.dtype) + p.presence_penalty
+
+
+def _draw_batch(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """`_draw` for several rows at once (same filters, in the same order); logits: [n, V]."""
+    def col(values: list[float]) -> torch.Tensor:
+        return torch.tensor(values, dtype=logits.dtype).to(logits.device, non_blocking=True).unsqueeze(1)
+
+    probs = torch.softmax(logits / col([p.temperature for p in params]), dim=-1)
+    if any(p.top_k > 0 or p.top_p < 1.0 for p in params):
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        vocab = probs.shape[-1]
+        k = col([min(p.top_k, vocab) if p.top_k > 0 else vocab for p in params]).long()
+        kth = sorted_p.gather(1, k - 1)
+        sorted_p = torch.where(sorted_p >= kth, sorted_p, 0.0)   # ties with the k-th stay, as in _draw
+        drop = sorted_p.cumsum(-1) - sorted_p > col([p.top_p for p in params])
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(1, order, sorted_p)
+    if any(p.min_p > 0.0 for p in params):
+        floor = col([p.min_p for p in params]) * probs.max(dim=-1, keepdim=True).values
+        probs = torch.where(probs >= floor, probs, 0.0)
+    return torch.multinomial(probs / probs.sum(-1, keepdim=True), 1).squeeze(1)
 
 
 def _draw(row_logits: torch.Tensor, p: SamplingParams, gen: torch.Generator | None) -> int:

@@ -4,6 +4,10 @@ Free of serving concerns: it takes a flat batch of token embeddings with their M
 and returns hidden states; attention goes through an `AttentionBackend` that owns the KV pages.
 Parameter names match the checkpoint (`language_model.layers.N.self_attn.q_proj.weight`, ...).
 Numerics follow the reference implementation (RMSNorm in float32, rotary tables in float32).
+
+On GPU in 16-bit dtypes the loader calls `fuse_projections()` once: q/k/v and gate/up become one
+GEMM each, and norms (with the residual add), rotary and silu*mul run as fused kernels
+(`fused_ops`). Elsewhere the plain torch path runs, unchanged.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from torch import nn
 
 from epd.attention.base import AttentionBackend
 from epd.config import TextConfig
+from epd.models.fused_ops import add_rms_norm, apply_rotary_ref, rms_norm_ref, rotary_qk, silu_and_mul
 
 
 class RMSNorm(nn.Module):
@@ -23,10 +28,11 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
+        return rms_norm_ref(x, self.weight, self.eps)
+
+    def add_forward(self, x: torch.Tensor, delta: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x + delta, norm(x + delta)) in one kernel on GPU; delta None = no add."""
+        return add_rms_norm(x, delta, self.weight, self.eps)
 
 
 class MRotaryEmbedding(nn.Module):
@@ -47,15 +53,20 @@ class MRotaryEmbedding(nn.Module):
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x: [T, H, D], cos/sin: [T, D]."""
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    return x * cos + _rotate_half(x) * sin
+    return apply_rotary_ref(x, cos, sin)
+
+
+def _fuse_linears(parts: list[nn.Linear]) -> nn.Linear:
+    """One Linear whose output is the parts' outputs concatenated (one GEMM instead of several)."""
+    w = torch.cat([p.weight.data for p in parts])
+    bias = parts[0].bias is not None
+    fused = nn.Linear(w.shape[1], w.shape[0], bias=bias, device=w.device, dtype=w.dtype)
+    fused.weight.data = w
+    if bias:
+        fused.bias.data = torch.cat([p.bias.data for p in parts])
+    return fused
 
 
 class Attention(nn.Module):
@@ -66,14 +77,26 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=True)
         self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=True)
         self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
+        self.qkv_proj: nn.Linear | None = None  # set by fuse(); q/k/v_proj are then dropped
+
+    def fuse(self) -> None:
+        self.qkv_proj = _fuse_linears([self.q_proj, self.k_proj, self.v_proj])
+        del self.q_proj, self.k_proj, self.v_proj
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 backend: AttentionBackend, kv_cache: torch.Tensor) -> torch.Tensor:
         t = x.shape[0]
-        q = self.q_proj(x).view(t, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        hq, hk, d = self.num_heads, self.num_kv_heads, self.head_dim
+        if self.qkv_proj is not None:
+            qkv = self.qkv_proj(x)                       # [T, (hq + 2 hk) * D]
+            q = rotary_qk(qkv, cos, sin, hq, hk)         # k rotated in place
+            k = qkv[:, hq * d:(hq + hk) * d].view(t, hk, d)
+            v = qkv[:, (hq + hk) * d:].view(t, hk, d)
+        else:
+            q = self.q_proj(x).view(t, hq, d)
+            k = self.k_proj(x).view(t, hk, d)
+            v = self.v_proj(x).view(t, hk, d)
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         out = backend.attend(q, k, v, kv_cache)       # [T, Hq, D]
         return self.o_proj(out.reshape(t, -1))
 
@@ -84,8 +107,15 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_up_proj: nn.Linear | None = None  # set by fuse()
+
+    def fuse(self) -> None:
+        self.gate_up_proj = _fuse_linears([self.gate_proj, self.up_proj])
+        del self.gate_proj, self.up_proj
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_up_proj is not None:
+            return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -97,10 +127,14 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                backend: AttentionBackend, kv_cache: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, backend, kv_cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x: torch.Tensor, delta: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
+                backend: AttentionBackend, kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: the residual stream before the previous layer's MLP output `delta` (None for the first
+        layer) is added; returns (residual, this layer's MLP output). Deferring each add into the
+        next norm lets the GPU do add + norm in one kernel; the sums are the same as x + attn + mlp."""
+        x, h = self.input_layernorm.add_forward(x, delta)
+        x, h = self.post_attention_layernorm.add_forward(x, self.self_attn(h, cos, sin, backend, kv_cache))
+        return x, self.mlp(h)
 
 
 class TextModel(nn.Module):
@@ -123,6 +157,13 @@ class Qwen2VLLanguageModel(nn.Module):
             self.lm_head.weight = self.language_model.embed_tokens.weight
         self.rotary = MRotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.mrope_section)
 
+    def fuse_projections(self) -> None:
+        """Concatenate q/k/v and gate/up weights (fewer, larger GEMMs); done once after loading,
+        on GPU. The unfused modules are dropped, so weights stay in memory once."""
+        for layer in self.language_model.layers:
+            layer.self_attn.fuse()
+            layer.mlp.fuse()
+
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.language_model.embed_tokens(input_ids)
 
@@ -134,12 +175,12 @@ class Qwen2VLLanguageModel(nn.Module):
         to stream KV layer group by layer group while later layers still compute).
         """
         cos, sin = self.rotary(positions, embeds.dtype)
-        x = embeds
+        x, delta = embeds, None
         for i, layer in enumerate(self.language_model.layers):
-            x = layer(x, cos, sin, backend, kv_layers[i])
+            x, delta = layer(x, delta, cos, sin, backend, kv_layers[i])
             if after_layer is not None:
                 after_layer(i)
-        return self.language_model.norm(x)
+        return self.language_model.norm.add_forward(x, delta)[1]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Sampling runs in float32 at least (float64 stays float64)."""

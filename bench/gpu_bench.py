@@ -1,0 +1,169 @@
+"""GPU benchmark of the engine's fast path, all in one run so ratios share one machine state.
+
+    python3 -m bench.gpu_bench --out $OUT/gpu.json --model 3b=/tmp/m3b --model 7b=/tmp/m7b
+
+Sections, per model (JSON written after each, so a run cut short still reports what it did):
+  1. decode step with CUDA graphs and without, batch 1/8/32/128 at 1024-token contexts:
+     engine step wall time, forward device time, tokens/s, % of the HBM roofline
+     ((weight bytes + KV bytes read) / step time / device-to-device copy bandwidth of this run);
+  2. output tokens/s against transformers `generate` (static cache) on the same weights;
+  3. prefill tokens/s and MFU (against this run's measured bf16 matmul rate), 1x4096 and 8x1024;
+  5. vision-tower images/s against transformers' tower on the same weights (1280x720 image);
+  profile: torch.profiler device-time summary of one batch-1 decode (graph replay and eager).
+Sections 4 (KV transfer over UCX) and 5a (disaggregated TTFT) belong to the node processes;
+their keys ("kv_transfer", "disagg_ttft") are present and null so that a later run can fill them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import os
+import platform
+import sys
+import time
+
+import torch
+
+from bench import gpu_workloads as w
+
+SCHEMA = "epd.gpu_bench/1"
+DECODE_BATCHES = (1, 8, 32, 128)
+CONTEXT = 1024
+
+
+def _machine() -> dict:
+    import transformers
+
+    try:
+        import flashinfer
+        fi = flashinfer.__version__
+    except ImportError:
+        fi = None
+    return {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda,
+            "transformers": transformers.__version__, "flashinfer": fi, "python": platform.python_version(),
+            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
+
+
+class Report:
+    def __init__(self, path: str, argv: list[str]) -> None:
+        self.path = path
+        self.data: dict = {"schema": SCHEMA, "command": "python3 -m bench.gpu_bench " + " ".join(argv),
+                           "machine": _machine(), "ceilings": None, "models": {},
+                           "kv_transfer": None, "disagg_ttft": None, "errors": []}
+
+    def save(self) -> None:
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        with open(self.path, "w") as f:
+            json.dump(self.data, f, indent=2)
+
+    def section(self, model: str, key: str, fn) -> None:
+        """Run one section; a failure is recorded and the run goes on."""
+        t0 = time.perf_counter()
+        try:
+            value = fn()
+        except Exception as e:  # noqa: BLE001 - a benchmark reports failures, it does not stop at them
+            logging.exception("%s/%s failed", model, key)
+            self.data["errors"].append(f"{model}/{key}: {type(e).__name__}: {e}")
+            value = None
+        self.data["models"].setdefault(model, {})[key] = value
+        print(f"[{model}] {key}: {time.perf_counter() - t0:.1f}s", flush=True)
+        self.save()
+
+
+def _engine(path: str, vision: bool):
+    from transformers import AutoTokenizer
+
+    from epd.engine_core import EngineConfig, EngineCore
+
+    cfg = EngineConfig(model_path=path, max_running_requests=max(DECODE_BATCHES), max_step_tokens=8192,
+                       kv_cache_tokens=max(DECODE_BATCHES) * (CONTEXT + 64) + 4 * 8192, load_vision=vision)
+    t0 = time.perf_counter()
+    core = EngineCore(cfg, AutoTokenizer.from_pretrained(path))
+    for layer in core.kv.layers:  # decode reads KV that was never prefilled: make it real numbers
+        layer.normal_()
+    graphs = core.runner.graphs
+    return core, {"load_s": time.perf_counter() - t0, "backend": type(core.runner.backend).__name__,
+                  "graph_buckets": graphs.buckets if graphs else [],
+                  "graph_capture_s": graphs.capture_seconds if graphs else None}
+
+
+def _decode_all(core, facts: dict, bw: float) -> list[dict]:
+    rows = []
+    for graphs in (True, False):
+        for b in DECODE_BATCHES:
+            rows.append(w.decode(core, facts, bw, b, CONTEXT, graphs))
+            r = rows[-1]
+            print(f"  decode b={b:<3} graphs={graphs!s:<5} engine {r['engine_step_ms']:.2f} ms "
+                  f"forward {r['forward_ms']:.2f} ms  {r['tokens_per_s']:.0f} tok/s  "
+                  f"roofline fwd {r['roofline_pct_forward']:.0f}% engine {r['roofline_pct_engine']:.0f}%"
+                  f"  host {r['host_ms']}", flush=True)
+    return rows
+
+
+def _profile(core, out_dir: str, name: str) -> dict:
+    from bench.gpu_profile import profile_decode
+
+    return profile_decode(core, os.path.join(out_dir, f"profile_{name}.txt"))
+
+
+def _engine_sections(report: Report, name: str, core, args: argparse.Namespace) -> dict[int, float]:
+    """Sections 1, 3, 5 and the profile on one loaded engine; returns graph decode tokens/s by batch."""
+    ceil = report.data["ceilings"]
+    facts = w.model_facts(core)
+    report.data["models"][name]["facts"] = facts
+    report.section(name, "decode", lambda: _decode_all(core, facts, ceil["d2d_copy_GBps"]))
+    report.section(name, "profile", lambda: _profile(core, os.path.dirname(os.path.abspath(args.out)), name))
+    report.section(name, "prefill", lambda: [w.prefill(core, facts, ceil["bf16_matmul_TFLOPs"], 1, 4096),
+                                             w.prefill(core, facts, ceil["bf16_matmul_TFLOPs"], 8, 1024)])
+    if name in args.vision:
+        report.section(name, "vision", lambda: w.vision(core))
+    return {r["batch"]: r["tokens_per_s"] for r in report.data["models"][name].get("decode") or []
+            if r["cuda_graph"]}
+
+
+def _hf_rows(path: str, ours: dict[int, float]) -> list[dict]:
+    rows = []
+    for b in (1, 32):
+        row = w.hf_decode(path, b, CONTEXT)
+        row["ours_tokens_per_s"] = ours.get(b)
+        row["speedup"] = ours[b] / row["tokens_per_s"] if b in ours else None
+        rows.append(row)
+    return rows
+
+
+def bench_model(report: Report, name: str, path: str, args: argparse.Namespace) -> None:
+    core, startup = _engine(path, vision=name in args.vision)
+    report.data["models"][name] = {"path": path, "startup": startup}
+    ours = _engine_sections(report, name, core, args)
+    core = None  # the engine's memory goes back before transformers loads its copy
+    torch.cuda.empty_cache()
+    if not args.skip_hf:
+        report.section(name, "hf_generate", lambda: _hf_rows(path, ours))
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    ap = argparse.ArgumentParser(prog="python3 -m bench.gpu_bench", description=__doc__.split("\n")[0])
+    ap.add_argument("--out", required=True, help="JSON report path")
+    ap.add_argument("--model", action="append", default=[], help="NAME=CHECKPOINT_DIR (repeatable)")
+    ap.add_argument("--vision", action="append", default=["3b"], help="models whose vision tower is measured")
+    ap.add_argument("--skip-hf", action="store_true", help="leave out the transformers baseline")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    report = Report(args.out, argv)
+    report.data["ceilings"] = w.ceilings()
+    print("ceilings:", report.data["ceilings"], flush=True)
+    report.save()
+    for spec in args.model:
+        name, _, path = spec.partition("=")
+        bench_model(report, name, path, args)
+    report.save()
+    print(json.dumps(report.data["errors"] or "no errors"))
+    return 1 if report.data["errors"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,211 @@
+"""The measurements `bench.gpu_bench` runs on one GPU: ceilings, decode, prefill, baselines, vision.
+
+Each function takes what it measures (an `EngineCore`, a checkpoint path) and returns a plain
+dict for the JSON report. Device time comes from CUDA events; wall time from `perf_counter`
+after a synchronize. Inputs are random token ids (never zeros) and random KV contents.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from epd.engine_core import EngineCore
+from epd.request import Request
+from epd.sampling import SamplingParams
+from epd.scheduler import Chunk
+
+
+def _events_ms(fn, iters: int) -> float:
+    """Median-free mean of `iters` back-to-back calls, timed with device events."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / iters
+
+
+def _best_ms(op, shape: tuple[int, ...], iters: int) -> float:
+    """Best of three timed batches of `op(x, y)` on fresh random bf16 inputs (warm-up first)."""
+    x, y = (torch.randn(shape, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    for _ in range(3):
+        op(x, y)
+    return min(_events_ms(lambda: op(x, y), iters) for _ in range(3))
+
+
+def ceilings() -> dict:
+    """Device-to-device copy bandwidth (bytes read + written) and bf16 matmul rate, measured here."""
+    copy_ms = _best_ms(lambda src, dst: dst.copy_(src), (1 << 30,), 10)  # 2 GiB of bf16 each way
+    n = 8192
+    mm_ms = _best_ms(lambda a, b: a @ b, (n, n), 20)
+    return {"d2d_copy_GBps": 2 * (1 << 30) * 2 / copy_ms / 1e6, "bf16_matmul_TFLOPs": 2 * n**3 / mm_ms / 1e9}
+
+
+def model_facts(core: EngineCore) -> dict:
+    """Bytes a decode step must read for weights, KV bytes per token, matmul parameters per token."""
+    model, tc = core.model, core.model_config.text
+    params = list(model.parameters())  # tied weights appear once
+    total = sum(p.numel() * p.element_size() for p in params)
+    embed = model.language_model.embed_tokens.weight
+    lm_head = model.lm_head.weight
+    weight_bytes = total if lm_head is embed else total - embed.numel() * embed.element_size()
+    layer_params = sum(p.numel() for n, p in model.named_parameters()
+                       if ".layers." in n and n.endswith("weight") and "norm" not in n)
+    kv_token = tc.num_layers * 2 * tc.num_kv_heads * tc.head_dim * embed.element_size()
+    return {"decode_weight_bytes": weight_bytes, "kv_bytes_per_token": kv_token,
+            "layer_matmul_params": layer_params, "lm_head_params": lm_head.numel(),
+            "num_layers": tc.num_layers, "num_heads": tc.num_heads, "head_dim": tc.head_dim}
+
+
+def _decoding_requests(core: EngineCore, batch: int, context: int, gen: torch.Generator) -> list[Request]:
+    """`batch` requests whose `context`-token prompts count as prefilled (random KV), each with
+    one pending token: the state a decode node is in after the KV transfer."""
+    vocab = core.model_config.text.vocab_size - 1000
+    reqs = []
+    for _ in range(batch):
+        ids = torch.randint(0, vocab, (context,), generator=gen).tolist()
+        req = core.new_request(core.inputs.process(input_ids=ids),
+                               SamplingParams(temperature=0, max_new_tokens=4096, ignore_eos=True))
+        req.pages = core.kv.pool.allocate(core.kv.pool.pages_for(context + 1))  # + the pending token
+        req.num_computed = context
+        core.scheduler.admit_prefilled(req)
+        core._append_token(req, int(torch.randint(0, vocab, (1,), generator=gen)), None, None)
+        reqs.append(req)
+    return reqs
+
+
+def decode(core: EngineCore, facts: dict, bw: float, batch: int, context: int, graphs: bool,
+           steps: int = 32) -> dict:
+    """Engine steps (wall) and the forward alone (device events) at `batch` x `context`."""
+    saved = core.runner.graphs
+    core.runner.graphs = saved if graphs else None
+    reqs = _decoding_requests(core, batch, context, torch.Generator().manual_seed(batch))
+    try:
+        for _ in range(3):
+            core.step()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            core.step()
+        torch.cuda.synchronize()
+        engine_ms = (time.perf_counter() - t0) / steps * 1e3
+        chunks = [Chunk(r, r.num_computed, 1) for r in reqs]
+        host = None
+        if graphs and saved is not None:
+            bs = saved.bucket(batch)
+            host = _host_breakdown(saved, chunks, bs)
+            forward_ms = _events_ms(lambda: saved.replay(bs), 20)
+        else:
+            forward_ms = _events_ms(lambda: core.runner.run(chunks), 10)
+        ctx = reqs[0].num_computed
+    finally:
+        core.runner.graphs = saved
+        for r in reqs:
+            core.abort(r.rid)
+    step_bytes = facts["decode_weight_bytes"] + batch * ctx * facts["kv_bytes_per_token"]
+    return {"batch": batch, "context": context, "cuda_graph": graphs, "engine_step_ms": engine_ms,
+            "forward_ms": forward_ms, "tokens_per_s": batch / engine_ms * 1e3, "bytes_per_step": step_bytes,
+            "host_ms": host,
+            "roofline_pct_forward": 100 * step_bytes / (forward_ms / 1e3) / (bw * 1e9),
+            "roofline_pct_engine": 100 * step_bytes / (engine_ms / 1e3) / (bw * 1e9)}
+
+
+def _host_breakdown(graphs, chunks: list[Chunk], bs: int, iters: int = 10) -> dict:
+    """Where an engine step's time outside the forward goes: staging + flashinfer plan on the
+    host, the CPU cost of the graph launch call, and launch-to-finish (host clocks, GPU idle at start)."""
+    sums = [0.0, 0.0, 0.0]
+    for _ in range(iters):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        graphs.prepare(chunks, bs)
+        t1 = time.perf_counter()
+        graphs.replay(bs)
+        t2 = time.perf_counter()
+        torch.cuda.synchronize()
+        t3 = time.perf_counter()
+        for i, d in enumerate((t1 - t0, t2 - t1, t3 - t1)):
+            sums[i] += d * 1e3 / iters
+    return {"prepare_and_plan": sums[0], "graph_launch_call": sums[1], "launch_to_done": sums[2]}
+
+
+def prefill(core: EngineCore, facts: dict, peak_tflops: float, batch: int, length: int, repeats: int = 3) -> dict:
+    """One engine step that prefills `batch` prompts of `length` tokens (and samples their first token)."""
+    gen = torch.Generator().manual_seed(length)
+    vocab = core.model_config.text.vocab_size - 1000
+    times = []
+    for _ in range(repeats + 1):
+        reqs = [core.new_request(core.inputs.process(input_ids=torch.randint(0, vocab, (length,), generator=gen)
+                                                     .tolist()), SamplingParams(temperature=0, max_new_tokens=1))
+                for _ in range(batch)]
+        for r in reqs:
+            core.add(r)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        events = core.step()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+        done = {e.rid for e in events if e.finished}
+        assert all(r.rid in done for r in reqs), f"prefill must fit one step ({len(events)} events)"
+    sec = sorted(times[1:])[len(times[1:]) // 2]
+    tokens = batch * length
+    attn = 4 * facts["num_heads"] * facts["head_dim"] * facts["num_layers"] * batch * length * (length + 1) // 2
+    flops = 2 * facts["layer_matmul_params"] * tokens + 2 * facts["lm_head_params"] * batch + attn
+    return {"shape": f"{batch}x{length}", "ms": sec * 1e3, "tokens_per_s": tokens / sec, "flops": flops,
+            "mfu_pct": 100 * flops / sec / (peak_tflops * 1e12)}
+
+
+def hf_decode(path: str, batch: int, context: int, new_tokens: int = 33) -> dict:
+    """transformers `generate` with a static cache (compile off: see BENCHMARKS.md), bf16, SDPA.
+    Decode rate from two runs that differ only in the number of new tokens."""
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.bfloat16, device_map="cuda").eval()
+    vocab = model.config.text_config.vocab_size - 1000
+    ids = torch.randint(0, vocab, (batch, context), generator=torch.Generator().manual_seed(1)).cuda()
+    _hf_timed(model, ids, 2)
+    short, long = _hf_timed(model, ids, 1), _hf_timed(model, ids, new_tokens)
+    model = None
+    torch.cuda.empty_cache()
+    return {"batch": batch, "context": context, "tokens_per_s": batch * (new_tokens - 1) / (long - short),
+            "step_ms": (long - short) / (new_tokens - 1) * 1e3}
+
+
+def _hf_timed(model, ids: torch.Tensor, n: int) -> float:
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n,
+                       min_new_tokens=n, cache_implementation="static", disable_compile=True)
+    torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def vision(core: EngineCore, batches: tuple[int, ...] = (1, 4)) -> dict:
+    """Images/s of the engine's tower (varlen attention) and of transformers' own (SDPA), same weights."""
+    import numpy as np
+    from PIL import Image
+
+    from epd.models.vision import VisionTower
+
+    ref = VisionTower(core.model_config, core.device, core.dtype)
+    rng = np.random.RandomState(0)
+    img = Image.fromarray((rng.rand(720, 1280, 3) * 255).astype("uint8"))
+    pre = core.inputs.image_processor.preprocess(img)
+    out: dict = {"image": "1280x720", "grid_thw": list(pre.grid_thw), "tokens_per_image": pre.num_tokens,
+                 "attention": core.vision.module.config._attn_implementation, "rows": []}
+    for b in batches:
+        pixels = pre.pixel_values.repeat(b, 1).to(core.device)
+        grids = torch.tensor([pre.grid_thw] * b)
+        row = {"batch": b}
+        for name, tower in (("ours", core.vision), ("transformers", ref)):
+            tower.encode(pixels, grids)
+            ms = min(_events_ms(lambda t=tower, p=pixels, g=grids: t.encode(p, g), 3) for _ in range(2))
+            row[f"{name}_images_per_s"] = b / ms * 1e3
+        row["speedup"] = row["ours_images_per_s"] / row["transformers_images_per_s"]
+        out["rows"].append(row)
+    del ref
+    torch.cuda.empty_cache()
+    return out

@@ -1,0 +1,155 @@
+"""Paged attention on GPU through flashinfer (bf16/fp16 KV in the pool's NHD layout).
+
+Lifecycle: `FlashInferBackend(...)` allocates one shared float workspace and two eager wrappers.
+Per step, `plan(meta)` builds the page arrays once (indptr, page indices, last-page lengths) and
+plans either the decode wrapper (every request has one new token) or the prefill wrapper (any
+prefill chunk: ragged queries, causal within the chunk, seeing every earlier page of the
+request, so chunked prefill and mixed prefill+decode steps are one call per layer). Per layer,
+`attend` writes the new K/V into the cache (one fused kernel) and runs the planned wrapper.
+
+CUDA graphs: `graph_decode(bs, indices_buf)` gives a `GraphDecodeAttention` for one batch-size
+bucket, whose wrapper keeps fixed-size indptr/indices/last-page buffers (flashinfer's
+`use_cuda_graph=True`), so the captured kernels read whatever the latest `plan_padded` wrote.
+
+Decode uses the tensor-core kernel (the prefill kernel with one query row per request): it suits
+GQA groups of 7-8 (Qwen2.5-VL 7B/3B) and shares the JIT-compiled module with prefill, so a fresh
+machine compiles one module, not two. flashinfer has no float32 kernels: `supports()` says so,
+and the engine then uses the torch backend.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+
+import numpy as np
+import torch
+
+from epd.attention.base import AttentionBackend, StepMetadata
+from epd.models.fused_ops import store_kv
+
+try:
+    import flashinfer
+except ImportError:  # pragma: no cover - CPU-only hosts
+    flashinfer = None
+
+log = logging.getLogger(__name__)
+
+WORKSPACE_BYTES = 256 << 20
+SUPPORTED_DTYPES = (torch.bfloat16, torch.float16)
+SUPPORTED_HEAD_DIMS = (64, 128, 256)
+
+
+def supports(device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
+    """None when flashinfer can serve this model here, else the reason it cannot."""
+    if flashinfer is None:
+        return "flashinfer is not installed"
+    if device.type != "cuda":
+        return f"flashinfer needs a CUDA device, not {device.type}"
+    if dtype not in SUPPORTED_DTYPES:
+        return f"flashinfer has no {dtype} attention kernels (bf16/fp16 only)"
+    if head_dim not in SUPPORTED_HEAD_DIMS:
+        return f"head_dim {head_dim} is not one of flashinfer's {SUPPORTED_HEAD_DIMS}"
+    return None
+
+
+def page_arrays(kv_lens: list[int], page_tables: list[list[int]], page_size: int,
+                pad_rows: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Host int32 (indptr [B+1], indices [sum pages], last_page_len [B]) for flashinfer.
+
+    `pad_rows` extra rows each see one token on the dummy page 0 (CUDA-graph padding).
+    """
+    counts = [-(-n // page_size) for n in kv_lens] + [1] * pad_rows
+    total = sum(counts)
+    pages = itertools.chain.from_iterable(t[:c] for t, c in zip(page_tables, counts, strict=False))
+    indices = np.zeros(total, dtype=np.int32)  # padding rows keep page 0
+    real = total - pad_rows
+    indices[:real] = np.fromiter(pages, dtype=np.int32, count=real)
+    indptr = np.zeros(len(counts) + 1, dtype=np.int32)
+    np.cumsum(counts, out=indptr[1:])
+    last = np.fromiter((n - (c - 1) * page_size for n, c in zip(kv_lens, counts, strict=False)),
+                       dtype=np.int32, count=len(kv_lens))
+    last = np.concatenate([last, np.ones(pad_rows, dtype=np.int32)])
+    return torch.from_numpy(indptr), torch.from_numpy(indices), torch.from_numpy(last)
+
+
+class _Shape:
+    """Head counts, dims and dtype: what every plan call repeats."""
+
+    def __init__(self, num_qo_heads: int, num_kv_heads: int, head_dim: int, page_size: int,
+                 dtype: torch.dtype) -> None:
+        self.hq, self.hk, self.d, self.ps, self.dtype = num_qo_heads, num_kv_heads, head_dim, page_size, dtype
+
+    def plan_args(self) -> tuple[int, int, int, int]:
+        return self.hq, self.hk, self.d, self.ps
+
+
+class FlashInferBackend(AttentionBackend):
+    def __init__(self, num_qo_heads: int, num_kv_heads: int, head_dim: int, page_size: int,
+                 dtype: torch.dtype, device: torch.device) -> None:
+        reason = supports(device, dtype, head_dim)
+        if reason is not None:
+            raise RuntimeError(f"flashinfer backend unavailable: {reason}")
+        self.shape = _Shape(num_qo_heads, num_kv_heads, head_dim, page_size, dtype)
+        self.device = device
+        self.workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
+        self._decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+            self.workspace, "NHD", use_tensor_cores=True)
+        self._prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD", backend="fa2")
+        self._active = self._decode
+        self._slots: torch.Tensor | None = None
+
+    def plan(self, meta: StepMetadata) -> None:
+        s = self.shape
+        indptr, indices, last = page_arrays(meta.kv_lens, meta.page_tables, s.ps)
+        if all(n == 1 for n in meta.qo_lens):
+            self._decode.plan(indptr, indices, last, *s.plan_args(), q_data_type=s.dtype, kv_data_type=s.dtype)
+            self._active = self._decode
+        else:
+            qo = np.zeros(len(meta.qo_lens) + 1, dtype=np.int32)
+            np.cumsum(meta.qo_lens, out=qo[1:])
+            self._prefill.plan(torch.from_numpy(qo), indptr, indices, last, *s.plan_args(), causal=True,
+                               q_data_type=s.dtype, kv_data_type=s.dtype)
+            self._active = self._prefill
+        self._slots = meta.write_slots
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor) -> torch.Tensor:
+        assert self._slots is not None, "plan() must run before attend()"
+        store_kv(kv_cache, k, v, self._slots)
+        return self._active.run(q.contiguous(), kv_cache)
+
+    def graph_decode(self, batch_size: int, indices_buf: torch.Tensor) -> GraphDecodeAttention:
+        return GraphDecodeAttention(self, batch_size, indices_buf)
+
+
+class GraphDecodeAttention(AttentionBackend):
+    """Decode attention for one CUDA-graph bucket: fixed batch size, fixed device buffers.
+
+    `slots` is the static buffer the captured KV writes read; `plan_padded` refreshes the
+    wrapper's buffers (outside the graph) before each replay.
+    """
+
+    def __init__(self, parent: FlashInferBackend, batch_size: int, indices_buf: torch.Tensor) -> None:
+        dev = parent.device
+        self.shape = parent.shape
+        self.batch_size = batch_size
+        self._wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+            parent.workspace, "NHD", use_cuda_graph=True, use_tensor_cores=True,
+            paged_kv_indptr_buffer=torch.zeros(batch_size + 1, dtype=torch.int32, device=dev),
+            paged_kv_indices_buffer=indices_buf,
+            paged_kv_last_page_len_buffer=torch.ones(batch_size, dtype=torch.int32, device=dev))
+        self.slots: torch.Tensor | None = None
+
+    def plan_padded(self, kv_lens: list[int], page_tables: list[list[int]]) -> None:
+        s = self.shape
+        pad = self.batch_size - len(kv_lens)
+        indptr, indices, last = page_arrays(kv_lens, page_tables, s.ps, pad_rows=pad)
+        self._wrapper.plan(indptr, indices, last, *s.plan_args(), q_data_type=s.dtype, kv_data_type=s.dtype)
+
+    def plan(self, meta: StepMetadata) -> None:
+        self.plan_padded(meta.kv_lens, meta.page_tables)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor) -> torch.Tensor:
+        assert self.slots is not None, "the graph runner sets the static slot buffer"
+        store_kv(kv_cache, k, v, self.slots)
+        return self._wrapper.run(q, kv_cache)

@@ -1,0 +1,154 @@
+"""CUDA-graph decode: one captured forward per batch-size bucket, replayed for pure-decode steps.
+
+Lifecycle:
+  1. `CudaGraphDecodeRunner(model, kv, attention, max_bs)` allocates the static buffers, sized
+     for the largest bucket: token ids, M-RoPE positions, KV write slots (one int64 device
+     buffer, filled by one host->device copy per step from a pinned staging buffer) and the
+     float32 logits;
+  2. `capture()` (once, at start-up) captures, largest bucket first and sharing one memory
+     pool, embed -> decoder layers -> norm -> LM head for every bucket (1, 2, 4, 8, 16, 24, 32,
+     48, 64, 80, ... up to max_bs). Each bucket has its own flashinfer decode wrapper with
+     fixed-size buffers; all share one page-indices buffer (one replay runs at a time);
+  3. per step, `can_run(chunks)` says whether the step is pure decode and fits a bucket; `run`
+     pads the batch to the bucket (padding rows read and write slot 0 of the dummy page 0),
+     plans the bucket's wrapper on the host, replays and returns the logits view [n, vocab].
+Anything else (prefill chunks, a batch above the largest bucket, a layer callback) runs eagerly.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import time
+
+import numpy as np
+import torch
+
+from epd.attention.flashinfer_backend import FlashInferBackend, GraphDecodeAttention
+from epd.kv_pool import KVCache
+from epd.models.qwen2_vl_text import Qwen2VLLanguageModel
+from epd.scheduler import Chunk
+
+log = logging.getLogger(__name__)
+
+_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320, 384, 448, 512)
+
+
+def graph_buckets(max_bs: int) -> list[int]:
+    """Bucket sizes up to the first one that holds max_bs."""
+    out = []
+    for b in _BUCKETS:
+        out.append(b)
+        if b >= max_bs:
+            return out
+    return out
+
+
+class CudaGraphDecodeRunner:
+    def __init__(self, model: Qwen2VLLanguageModel, kv: KVCache, attention: FlashInferBackend,
+                 max_bs: int) -> None:
+        self.model = model
+        self.kv = kv
+        self.attention = attention
+        self.buckets = graph_buckets(max_bs)
+        self.max_bs = n = self.buckets[-1]
+        dev = attention.device
+        # [ids | positions row 0 | row 1 | row 2 | slots], each n long; zeros = token 0 at slot 0
+        self._host = torch.zeros(5 * n, dtype=torch.int64, pin_memory=True)
+        self._host_np = self._host.numpy()
+        self._dev = torch.zeros(5 * n, dtype=torch.int64, device=dev)
+        self._copied = torch.cuda.Event()
+        self.logits = torch.empty(n, model.cfg.vocab_size, dtype=torch.float32, device=dev)
+        self._indices = torch.zeros(kv.pool.num_pages + n, dtype=torch.int32, device=dev)
+        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._attn: dict[int, GraphDecodeAttention] = {}
+        self.replays = 0
+        self.capture_seconds = 0.0
+
+    # ---- start-up -------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def capture(self) -> None:
+        t0 = time.perf_counter()
+        pool = torch.cuda.graph_pool_handle()
+        stream = torch.cuda.Stream(device=self.attention.device)
+        for bs in reversed(self.buckets):
+            attn = self.attention.graph_decode(bs, self._indices)
+            attn.plan_padded([], [])  # every row padding: one token on the dummy page
+            self._attn[bs] = attn
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(2):  # warm-up: lazy inits and autotuning stay out of the graph
+                    self._forward(bs)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool, stream=stream):
+                self._forward(bs)
+            self._graphs[bs] = graph
+        torch.cuda.synchronize()
+        self.capture_seconds = time.perf_counter() - t0
+        log.info("captured %d CUDA graphs (batch %s) in %.2fs", len(self.buckets),
+                 ",".join(map(str, self.buckets)), self.capture_seconds)
+
+    def _forward(self, bs: int) -> None:
+        n = self.max_bs
+        ids = self._dev[:bs]
+        positions = self._dev[n:4 * n].view(3, n)[:, :bs]
+        attn = self._attn[bs]
+        attn.slots = self._dev[4 * n:4 * n + bs]
+        hidden = self.model(self.model.embed(ids), positions, attn, self.kv.layers)
+        self.logits[:bs].copy_(self.model.lm_head(hidden))
+
+    # ---- per step -------------------------------------------------------------------------------
+    def can_run(self, chunks: list[Chunk]) -> bool:
+        if not chunks or len(chunks) > self.max_bs:
+            return False
+        for c in chunks:
+            req = c.req
+            if c.length != 1 or (req.image_index is not None and c.start < req.prompt_len):
+                return False
+        return True
+
+    def bucket(self, n: int) -> int:
+        return self.buckets[bisect.bisect_left(self.buckets, n)]
+
+    @torch.inference_mode()
+    def run(self, chunks: list[Chunk]) -> torch.Tensor:
+        """Logits [len(chunks), vocab] (a view of the static buffer, valid until the next run)."""
+        n = len(chunks)
+        bs = self.bucket(n)
+        self.prepare(chunks, bs)
+        self.replay(bs)
+        return self.logits[:n]
+
+    @torch.inference_mode()
+    def prepare(self, chunks: list[Chunk], bs: int) -> None:
+        """Stage the step's inputs (one copy) and plan the bucket's attention; no device sync
+        unless the previous step's copy has not finished reading the staging buffer."""
+        ps, m = self.kv.spec.page_size, self.max_bs
+        ids, pos, slots, kv_lens, tables = [], [], [], [], []
+        for c in chunks:
+            req, i = c.req, c.start
+            if i >= req.prompt_len:
+                ids.append(req.output_ids[i - req.prompt_len])
+                p = i + req.inp.mrope_delta
+                pos.append((p, p, p))
+            else:
+                ids.append(req.inp.input_ids[i])
+                pos.append(tuple(int(x) for x in req.inp.positions[:, i]))
+            slots.append(req.pages[i // ps] * ps + i % ps)
+            kv_lens.append(i + 1)
+            tables.append(req.pages)
+        self._copied.synchronize()
+        host, n = self._host_np, len(chunks)
+        host[:] = 0
+        host[:n] = ids
+        host[m:4 * m].reshape(3, m)[:, :n] = np.asarray(pos, dtype=np.int64).T
+        host[4 * m:4 * m + n] = slots
+        self._dev.copy_(self._host, non_blocking=True)
+        self._copied.record()
+        self._attn[bs].plan_padded(kv_lens, tables)
+
+    @torch.inference_mode()
+    def replay(self, bs: int) -> None:
+        self._graphs[bs].replay()
+        self.replays += 1

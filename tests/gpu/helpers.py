@@ -1,0 +1,98 @@
+"""Helpers for the GPU tests: transformers on the GPU, a head_dim-128 small checkpoint, forced decoding.
+
+The tiny checkpoints have head_dim 16, which flashinfer has no kernels for, so the flashinfer
+tests use `small128_checkpoint`: the tiny architecture with 128-wide heads, in bf16.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+
+import torch
+from PIL import Image
+from support import hf_image_processor
+
+from epd.engine_core import EngineCore
+from epd.inputs import ProcessedInput
+
+
+@functools.lru_cache(maxsize=2)
+def hf_model_on(path: str, device: str, dtype: torch.dtype):
+    from transformers import AutoModelForImageTextToText
+
+    return AutoModelForImageTextToText.from_pretrained(path, dtype=dtype).to(device).eval()
+
+
+def hf_inputs(path: str, input_ids: list[int], images: list[Image.Image], model, device: str) -> dict:
+    ids = torch.tensor([input_ids], device=device)
+    kwargs: dict = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    if images:
+        feats = hf_image_processor(path)(images=images, return_tensors="pt")
+        kwargs.update(pixel_values=feats["pixel_values"].to(device, model.dtype),
+                      image_grid_thw=feats["image_grid_thw"].to(device),
+                      mm_token_type_ids=(ids == model.config.image_token_id).int())
+    return kwargs
+
+
+def hf_generate_on(path: str, input_ids: list[int], images: list[Image.Image], max_new_tokens: int,
+                   device: str = "cuda", dtype: torch.dtype = torch.float32) -> list[int]:
+    """Greedy tokens from transformers on `device` (as support.hf_generate does on the CPU)."""
+    model = hf_model_on(path, device, dtype)
+    with torch.inference_mode():
+        out = model.generate(**hf_inputs(path, input_ids, images, model, device), max_new_tokens=max_new_tokens,
+                             do_sample=False)
+    return out[0, len(input_ids):].tolist()
+
+
+def small128_checkpoint(root: str) -> str:
+    """The tiny qwen2_5_vl checkpoint with 2 query heads / 1 KV head of width 128, bf16."""
+    from transformers import AutoConfig
+
+    from epd.tiny_model import _save_weights, random_state_dict, write_tiny_model
+
+    path = write_tiny_model("qwen2_5_vl", root, "tiny", seed=1)
+    cfg_file = os.path.join(path, "config.json")
+    with open(cfg_file) as f:
+        cfg = json.load(f)
+    cfg.update(hidden_size=256, intermediate_size=512, num_attention_heads=2, num_key_value_heads=1,
+               torch_dtype="bfloat16", rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]})
+    cfg["vision_config"]["out_hidden_size"] = 256
+    with open(cfg_file, "w") as f:
+        json.dump(cfg, f, indent=2)
+    for name in os.listdir(path):
+        if name.endswith(".safetensors"):
+            os.remove(os.path.join(path, name))
+    _save_weights(random_state_dict(AutoConfig.from_pretrained(path), 1, "cpu", torch.bfloat16), path)
+    return path
+
+
+def forced_logits(core: EngineCore, inputs: list[ProcessedInput], forced: list[list[int]]) -> list[torch.Tensor]:
+    """Run the engine's scheduler and runner with the next tokens given (not sampled), so that two
+    engines see identical inputs at every step. Returns each step's logits (float32, CPU)."""
+    from epd.sampling import SamplingParams
+
+    reqs = []
+    for inp, toks in zip(inputs, forced, strict=True):
+        req = core.new_request(inp, SamplingParams(max_new_tokens=len(toks) + 1))
+        core.add(req)
+        reqs.append((req, list(toks)))
+    steps = []
+    while core.scheduler.has_work():
+        chunks = core.scheduler.schedule()
+        core._encode_images([c.req for c in chunks if c.req.image_embeds is None and c.req.inp.images])
+        logits = core.runner.run(chunks)
+        core.scheduler.advance(chunks)
+        steps.append(logits.float().cpu().clone())
+        for c in (c for c in chunks if c.samples):
+            todo = next(t for r, t in reqs if r is c.req)
+            if todo:
+                c.req.output_ids.append(todo.pop(0))
+            else:
+                core.scheduler.finish(c.req, {"type": "length"})
+    return steps
+
+
+def cosine_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=-1)

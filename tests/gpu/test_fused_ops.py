@@ -1,0 +1,55 @@
+"""The fused GPU kernels compute what the torch code they replace computes (bf16, fresh random inputs)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from epd.models import fused_ops as fo
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+BF16 = torch.bfloat16
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, ulps: float = 2.0) -> None:
+    # bf16 has 8 mantissa bits: allow a couple of units in the last place of each value
+    tol = ulps * 2.0 ** -7 * b.float().abs().clamp_min(1e-2)
+    assert ((a.float() - b.float()).abs() <= tol).all(), (a.float() - b.float()).abs().max()
+
+
+@pytest.mark.parametrize("tokens", [1, 7, 300])
+def test_add_rms_norm(tokens):
+    x, d = (torch.randn(tokens, 3584, device="cuda", dtype=BF16) for _ in range(2))
+    w = (1 + 0.1 * torch.randn(3584, device="cuda")).to(BF16)
+    res, out = fo.add_rms_norm(x, d, w, 1e-6)
+    assert torch.equal(res, x + d)
+    _close(out, fo.rms_norm_ref(x + d, w, 1e-6))
+    _, out0 = fo.add_rms_norm(x, None, w, 1e-6)
+    _close(out0, fo.rms_norm_ref(x, w, 1e-6))
+
+
+def test_rotary_qk_and_store_kv():
+    t, hq, hk, d = 37, 28, 4, 128
+    qkv = torch.randn(t, (hq + 2 * hk) * d, device="cuda", dtype=BF16)
+    ang = torch.rand(t, d // 2, device="cuda") * 100
+    cos, sin = (torch.cat([f(ang)] * 2, -1).to(BF16) for f in (torch.cos, torch.sin))
+    ref_q = fo.apply_rotary_ref(qkv[:, :hq * d].view(t, hq, d), cos, sin)
+    ref_k = fo.apply_rotary_ref(qkv[:, hq * d:(hq + hk) * d].view(t, hk, d), cos, sin)
+    v = qkv[:, (hq + hk) * d:].clone()
+    q = fo.rotary_qk(qkv, cos, sin, hq, hk)
+    k = qkv[:, hq * d:(hq + hk) * d].view(t, hk, d)
+    assert torch.allclose(q.float(), ref_q.float(), atol=0.05, rtol=0.02)
+    assert torch.allclose(k.float(), ref_k.float(), atol=0.05, rtol=0.02)
+    assert torch.equal(qkv[:, (hq + hk) * d:], v)
+    cache = torch.full((20, 2, 16, hk, d), float("nan"), device="cuda", dtype=BF16)
+    slots = torch.randperm(20 * 16, device="cuda")[:t]
+    fo.store_kv(cache, k, v.view(t, hk, d), slots)
+    assert torch.equal(cache[slots // 16, 0, slots % 16], k)
+    assert torch.equal(cache[slots // 16, 1, slots % 16], v.view(t, hk, d))
+    assert cache.isnan().sum() == cache.numel() - 2 * t * hk * d, "wrote outside the given slots"
+
+
+def test_silu_and_mul():
+    gu = torch.randn(9, 2 * 18944, device="cuda", dtype=BF16)
+    g, u = gu[:, :18944], gu[:, 18944:]
+    _close(fo.silu_and_mul(gu), torch.nn.functional.silu(g) * u)

@@ -1,0 +1,141 @@
+"""The engine on a GPU: float32 greedy equals transformers on the GPU (torch attention, since
+flashinfer has no float32 kernels); in bf16 the flashinfer backend, with and without CUDA graphs,
+gives the torch backend's logits at every step (forced tokens, chunked prefill, mixed steps,
+padded graph buckets); the 3B preset's prefill logits match transformers' bf16 forward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import cosine_rows, forced_logits, hf_generate_on, hf_inputs, hf_model_on
+from support import IMAGE, chat_prompt, noise_image
+
+from epd import Engine
+from epd.attention.flashinfer_backend import FlashInferBackend
+from epd.attention.torch_backend import TorchAttentionBackend
+from epd.engine_core import EngineConfig
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+GREEDY = {"temperature": 0, "max_new_tokens": 12}
+KV = 32768  # KV tokens per test engine, so that engines alive together do not each take 85% of the GPU
+CASES = {
+    "text_only": (chat_prompt("Hello, tell me a story about a red cat."), []),
+    "one_image": (chat_prompt(IMAGE, "Describe this picture."), [(120, 80)]),
+    "two_images": (chat_prompt("First:", IMAGE, " and second:", IMAGE, " which is bluer?"), [(90, 90), (140, 56)]),
+}
+
+
+def _images(sizes):
+    return [noise_image(w, h, seed=i) for i, (w, h) in enumerate(sizes)]
+
+
+def test_cuda_is_the_default_device(tiny_models):
+    assert EngineConfig(model_path=tiny_models["qwen2_vl"]).resolved_device().type == "cuda"
+
+
+@pytest.mark.parametrize("arch", ["qwen2_vl", "qwen2_5_vl"])
+def test_fp32_greedy_equals_transformers_on_gpu(tiny_models, arch):
+    path = tiny_models[arch]
+    with Engine(model_path=path, dtype="float32", page_size=4, max_step_tokens=48, kv_cache_tokens=KV) as llm:
+        assert llm.core.device.type == "cuda"
+        assert isinstance(llm.core.runner.backend, TorchAttentionBackend)  # no fp32 flashinfer kernels
+        prompts, images = zip(*[(p, _images(s)) for p, s in CASES.values()], strict=True)
+        for prompt, ims in zip(prompts, images, strict=True):
+            out = llm.generate(prompt=prompt, image_data=ims or None, sampling_params=GREEDY)
+            ids = llm.core.inputs.process(prompt=prompt, image_data=ims).input_ids
+            assert out["output_ids"] == hf_generate_on(path, ids, ims, GREEDY["max_new_tokens"])
+        batched = llm.generate(prompt=list(prompts), image_data=list(images), sampling_params=GREEDY)
+        for prompt, ims, out in zip(prompts, images, batched, strict=True):
+            ids = llm.core.inputs.process(prompt=prompt, image_data=ims).input_ids
+            assert out["output_ids"] == hf_generate_on(path, ids, ims, GREEDY["max_new_tokens"])
+        llm.check_integrity()
+
+
+def _forced_run(path: str, **engine_kwargs) -> tuple[list[torch.Tensor], Engine]:
+    llm = Engine(model_path=path, dtype="bfloat16", page_size=4, max_step_tokens=64, kv_cache_tokens=KV,
+                 **engine_kwargs)
+    gen = torch.Generator().manual_seed(0)
+    inputs = [llm.core.inputs.process(prompt=chat_prompt(f"Prompt {i}: " + "tell me more " * (3 * i + 1)))
+              for i in range(4)]
+    inputs.append(llm.core.inputs.process(prompt=chat_prompt(IMAGE, "Describe."), image_data=_images([(120, 80)])))
+    forced = [torch.randint(0, 1000, (6 + 3 * i,), generator=gen).tolist() for i in range(5)]
+    return forced_logits(llm.core, inputs, forced), llm
+
+
+def test_bf16_flashinfer_with_and_without_graphs_matches_torch_backend(small128):
+    ref, ref_llm = _forced_run(small128, attention_backend="torch")
+    ref_llm.shutdown()
+    for graphs in (True, False):
+        got, llm = _forced_run(small128, attention_backend="flashinfer", disable_cuda_graph=not graphs)
+        assert isinstance(llm.core.runner.backend, FlashInferBackend)
+        assert (llm.core.runner.graphs is not None) == graphs
+        if graphs:
+            assert llm.core.runner.graphs.replays > 5, "pure-decode steps should replay graphs"
+        assert len(got) == len(ref)
+        for step, (a, b) in enumerate(zip(got, ref, strict=True)):
+            cos = cosine_rows(a, b)
+            assert (cos > 0.999).all(), f"step {step}: cosine {cos.min():.5f} (graphs={graphs})"
+        llm.check_integrity()
+        assert llm.core.kv.pool.num_in_use == 0
+        llm.shutdown()
+
+
+def test_bf16_flashinfer_generate_is_deterministic_and_frees_pages(small128):
+    prompts = [chat_prompt(f"Story {i}: " + "and then " * i) for i in range(10)]
+    with Engine(model_path=small128, dtype="bfloat16", page_size=16, kv_cache_tokens=KV) as llm:
+        a = [o["output_ids"] for o in llm.generate(prompt=prompts, sampling_params=GREEDY)]
+        b = [o["output_ids"] for o in llm.generate(prompt=prompts, sampling_params=GREEDY)]
+        sampled = llm.generate(prompt=prompts, sampling_params={"temperature": 0.8, "top_p": 0.9,
+                                                                "max_new_tokens": 12})
+        assert a == b and all(len(x) == 12 for x in a)
+        assert all(len(o["output_ids"]) == 12 for o in sampled)
+        llm.check_integrity()
+        assert llm.core.kv.pool.num_in_use == 0
+
+
+@pytest.fixture(scope="module")
+def engine_3b(model_3b):
+    llm = Engine(model_path=model_3b, kv_cache_tokens=8192, max_step_tokens=4096)
+    yield llm
+    llm.shutdown()
+
+
+def test_3b_bf16_prefill_logits_match_transformers(engine_3b, model_3b):
+    core = engine_3b.core
+    assert core.dtype == torch.bfloat16 and isinstance(core.runner.backend, FlashInferBackend)
+    images = [noise_image(448, 336, seed=3)]
+    inp = core.inputs.process(prompt=chat_prompt(IMAGE, "What is in this image? Answer briefly."), image_data=images)
+    ids = inp.input_ids
+    from epd.sampling import SamplingParams
+
+    req = core.new_request(inp, SamplingParams(max_new_tokens=1))
+    core.add(req)
+    chunks = core.scheduler.schedule()
+    core._encode_images([req])
+    runner = core.runner
+    with torch.inference_mode():
+        input_ids, positions, meta = runner.step_inputs(chunks)
+        runner.backend.plan(meta)
+        hidden = runner.model(runner.embed(chunks, input_ids), positions, runner.backend, core.kv.layers)
+        ours = runner.model.logits(hidden)
+        hf = hf_model_on(model_3b, "cuda", torch.bfloat16)
+        theirs = hf(**hf_inputs(model_3b, ids, images, hf, "cuda")).logits[0].float()
+    core.abort(req.rid)
+    cos = cosine_rows(ours, theirs)
+    assert cos.numel() == len(ids) and (cos >= 0.999).all(), f"min cosine {cos.min():.5f} at {cos.argmin()}"
+
+
+def test_vision_varlen_matches_sdpa_tower(engine_3b):
+    from epd.models.vision import VisionTower
+
+    core = engine_3b.core
+    ref = VisionTower(core.model_config, core.device, core.dtype)  # transformers' own SDPA path
+    assert ref.module.config._attn_implementation == "sdpa"
+    assert all(b.attn.config._attn_implementation == "epd_flash_varlen" for b in core.vision.module.blocks)
+    pre = [core.inputs.image_processor.preprocess(noise_image(w, h, seed=i))
+           for i, (w, h) in enumerate([(1280, 720), (448, 448)])]
+    pixels = torch.cat([p.pixel_values for p in pre])
+    grids = torch.tensor([p.grid_thw for p in pre])
+    for a, b in zip(core.vision.encode(pixels, grids), ref.encode(pixels, grids), strict=True):
+        assert a.shape == b.shape
+        assert (cosine_rows(a.float(), b.float()) > 0.999).all()
