@@ -28,7 +28,6 @@ from epd.model_loader import default_device, load_language_model
 from epd.model_runner import ModelRunner, attach_image_embeddings
 from epd.models.fused_ops import fused_path
 from epd.models.vision import VisionTower
-from epd.models.vision_attention import enable_varlen_attention
 from epd.request import Request, TokenEvent
 from epd.sampling import SamplingParams, SamplingRow, sample
 from epd.scheduler import Chunk, Scheduler
@@ -73,8 +72,6 @@ class EngineCore:
         if fused_path(self.model.lm_head.weight):
             self.model.fuse_projections()
         self.vision = VisionTower(self.model_config, self.device, self.dtype) if config.load_vision else None
-        if self.vision is not None:
-            enable_varlen_attention(self.vision.module, self.device, self.dtype)
         self.kv = self._make_kv_cache()
         log.info("loaded %s on %s (%s) in %.2fs; KV pool %d pages x %d tokens", self.model_config.model_id,
                  self.device, self.dtype, time.perf_counter() - t0, self.kv.pool.capacity, config.page_size)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from epd.config import ModelConfig
+from epd.models.vision_attention import enable_varlen_attention
 from epd.weights import iter_weights, load_into
 
 
@@ -24,7 +25,10 @@ def _vision_class(arch: str):
 
 
 class VisionTower:
-    def __init__(self, config: ModelConfig, device: torch.device | str, dtype: torch.dtype) -> None:
+    def __init__(self, config: ModelConfig, device: torch.device | str, dtype: torch.dtype,
+                 attention: str = "auto") -> None:
+        """attention: "auto" = varlen flash attention where it runs (GPU, bf16/fp16), else SDPA;
+        "sdpa" = transformers' own path (the reference)."""
         cls = _vision_class(config.arch)
         vcfg = config.hf_config.vision_config
         vcfg._attn_implementation = "sdpa"
@@ -35,6 +39,8 @@ class VisionTower:
         load_into(module, iter_weights(config.model_path, "visual."), strip="visual.")
         self.module = module.eval()
         self.device = torch.device(device)
+        if attention == "auto":
+            enable_varlen_attention(self.module, self.device, dtype)
         self.dtype = dtype
         self.merge = config.spatial_merge_size
 

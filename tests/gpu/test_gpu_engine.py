@@ -129,7 +129,7 @@ def test_vision_varlen_matches_sdpa_tower(engine_3b):
     from epd.models.vision import VisionTower
 
     core = engine_3b.core
-    ref = VisionTower(core.model_config, core.device, core.dtype)  # transformers' own SDPA path
+    ref = VisionTower(core.model_config, core.device, core.dtype, attention="sdpa")  # transformers' own path
     assert ref.module.config._attn_implementation == "sdpa"
     assert all(b.attn.config._attn_implementation == "epd_flash_varlen" for b in core.vision.module.blocks)
     pre = [core.inputs.image_processor.preprocess(noise_image(w, h, seed=i))
