@@ -1,0 +1,242 @@
+"""The OpenAI-compatible HTTP API (FastAPI) in front of a `Backend`.
+
+Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models[/{id}], GET /health,
+GET /metrics. Lifecycle of a completion request:
+1. auth (`--api-key`, Bearer; /v1/* only) -> read the body under `max_body_bytes` (413) -> JSON
+   (400 when malformed) -> pydantic model (400 naming the field) -> model name (404
+   `model_not_found`) -> fields this server cannot honour (400) -> backend queue (429);
+2. `PromptBuilder` renders, fetches images, tokenizes and checks the context (400s);
+3. `serving.respond` runs it on the backend and answers JSON or SSE.
+Every error leaves as `{"error": {"message", "type", "param", "code"}}`, FastAPI's own 404 / 405
+included; its 422 validation errors become 400s naming the field, as in vLLM. The app owns the
+backend: its shutdown closes it.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from epd.sampling import SamplingParamError, SamplingParams
+from router.backend import Backend, BackendRequest
+from router.metrics import CONTENT_TYPE, RouterMetrics
+from router.openai_format import APIError, ChatFormat, TextFormat, TokenText
+from router.prompts import Prepared, PromptBuilder
+from router.schemas import ChatCompletionRequest, CompletionRequest
+from router.serving import respond
+from router.settings import RouterSettings
+
+log = logging.getLogger(__name__)
+M = TypeVar("M", bound=BaseModel)
+_OPENAI_PARAM = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens"}
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none", "null"}
+
+
+class Router:
+    """What the routes share: settings, backend, prompt builder, metrics."""
+
+    def __init__(self, backend: Backend, settings: RouterSettings, prompts: PromptBuilder | None = None) -> None:
+        self.backend = backend
+        self.settings = settings
+        self.prompts = prompts or PromptBuilder(settings.model_path, backend.max_context, settings.chat_template,
+                                                settings.allowed_local_media_path, settings.media_limits)
+        self.metrics = RouterMetrics(settings.served_model_name)
+        self.token_text = {as_ids: TokenText(self.prompts.tokenizer, as_ids) for as_ids in (False, True)}
+        self.started = int(time.time())
+
+    # ---- request checks -------------------------------------------------------------------------
+    def authorize(self, request: Request) -> None:
+        key = self.settings.api_key
+        if key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
+            raise APIError(401, "Incorrect API key provided; send it as 'Authorization: Bearer <key>'.", None,
+                           "invalid_api_key")
+
+    async def read_json(self, request: Request) -> Any:
+        limit = self.settings.max_body_bytes
+        too_big = APIError(413, f"The request body is larger than the {limit}-byte limit.", None, "request_too_large")
+        length = request.headers.get("content-length", "")
+        if length.isdigit() and int(length) > limit:
+            raise too_big
+        body = bytearray()
+        async for part in request.stream():
+            body += part
+            if len(body) > limit:
+                raise too_big
+        try:
+            return json.loads(body)
+        except ValueError as e:
+            raise APIError(400, f"The request body is not valid JSON: {e}", None, "invalid_json") from None
+
+    def parse(self, cls: type[M], obj: Any) -> M:
+        if not isinstance(obj, dict):
+            raise APIError(400, "The request body must be a JSON object.", None, "invalid_json")
+        try:
+            body = cls.model_validate(obj)
+        except ValidationError as e:
+            err = e.errors()[0]
+            param = _param(err["loc"])
+            raise APIError(400, f"{param}: {err['msg']}" if param else err["msg"], param or None) from None
+        self.check_model(getattr(body, "model", None))
+        problem = body.unsupported()  # type: ignore[attr-defined]
+        if problem is not None:
+            raise APIError(400, problem[1], problem[0], "unsupported_parameter")
+        return body
+
+    def admit(self) -> None:
+        """429 while the backend's queue is full (checked before any image is fetched)."""
+        waiting = self.backend.stats().get("num_requests_waiting", 0.0)
+        if waiting >= self.settings.max_waiting:
+            raise APIError(429, f"The server is busy ({int(waiting)} requests waiting); retry later.", None,
+                           "too_many_requests")
+
+    def check_model(self, name: str | None) -> None:
+        if name is not None and name != self.settings.served_model_name:
+            raise APIError(404, f"The model `{name}` does not exist.", "model", "model_not_found")
+
+    def sampling(self, body: ChatCompletionRequest | CompletionRequest, prepared: Prepared,
+                 where: str) -> SamplingParams:
+        requested, field = body.requested_max_tokens()
+        max_new = self.prompts.max_new_tokens(len(prepared.input_ids), requested, field, where)
+        self.prompts.check_token_ids(body.stop_token_ids, "stop_token_ids")
+        d = body.sampling_dict(max_new)
+        extra = [s for s in prepared.stop if s not in d.get("stop", [])]
+        if extra:
+            d["stop"] = [*d.get("stop", []), *extra]
+        try:
+            return SamplingParams.from_dict(d)
+        except SamplingParamError as e:
+            name = _OPENAI_PARAM.get(e.param or "", e.param)
+            if name == "max_tokens":
+                name = field
+            message = str(e)
+            if e.param and message.startswith(e.param):
+                message = f"{name}{message[len(e.param):]}"
+            raise APIError(400, message, name) from None
+
+    def backend_request(self, prepared: Prepared, params: SamplingParams, rid: str) -> BackendRequest:
+        return BackendRequest(rid, None, prepared.input_ids, prepared.images, params, time.time())
+
+
+def _param(loc: tuple[Any, ...]) -> str:
+    """pydantic's error location as a field path, without its union-branch tags."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", str(part)) and str(part).lower() not in _TYPE_TAGS:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def _error_response(e: APIError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status)
+
+
+def create_app(backend: Backend, settings: RouterSettings, prompts: PromptBuilder | None = None) -> FastAPI:
+    router = Router(backend, settings, prompts)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        await router.prompts.close()
+        await backend.close()
+
+    app = FastAPI(title="EPD router", lifespan=lifespan)
+    app.state.router = router
+    _install_error_handlers(app, router)
+    _add_completion_routes(app, router)
+    _add_info_routes(app, router)
+    return app
+
+
+def _install_error_handlers(app: FastAPI, router: Router) -> None:
+    @app.exception_handler(APIError)
+    async def api_error(_: Request, e: APIError) -> JSONResponse:
+        router.metrics.failure.inc((*router.metrics.model, ("reason", str(e.status))))
+        return _error_response(e)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, e: RequestValidationError) -> JSONResponse:
+        err = e.errors()[0] if e.errors() else {"loc": (), "msg": "invalid request"}
+        param = _param(tuple(err["loc"]))
+        return _error_response(APIError(400, f"{param}: {err['msg']}" if param else err["msg"], param or None))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse(APIError(e.status_code, str(e.detail)).body(), status_code=e.status_code,
+                            headers=getattr(e, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def internal_error(_: Request, e: Exception) -> JSONResponse:
+        log.exception("unhandled error")
+        return _error_response(APIError(500, f"Internal server error: {type(e).__name__}: {e}"))
+
+
+def _add_completion_routes(app: FastAPI, router: Router) -> None:
+    auth = [Depends(router.authorize)]
+
+    @app.post("/v1/chat/completions", dependencies=auth)
+    async def chat_completions(request: Request) -> Response:
+        timer = router.metrics.timer()
+        body = router.parse(ChatCompletionRequest, await router.read_json(request))
+        router.admit()
+        prepared = await router.prompts.chat(body.messages)
+        params = router.sampling(body, prepared, "messages")
+        rid = f"chatcmpl-{uuid.uuid4().hex}"
+        fmt = ChatFormat(rid, router.settings.served_model_name, router.token_text[body.return_tokens_as_token_ids],
+                         body.logprobs, len(prepared.input_ids))
+        return await respond(request, router.backend, router.backend_request(prepared, params, rid), fmt, timer,
+                             body.stream, body.include_usage)
+
+    @app.post("/v1/completions", dependencies=auth)
+    async def completions(request: Request) -> Response:
+        timer = router.metrics.timer()
+        body = router.parse(CompletionRequest, await router.read_json(request))
+        router.admit()
+        prepared = await router.prompts.completion(body.single_prompt())
+        params = router.sampling(body, prepared, "prompt")
+        rid = f"cmpl-{uuid.uuid4().hex}"
+        fmt = TextFormat(rid, router.settings.served_model_name, router.token_text[body.return_tokens_as_token_ids],
+                         body.logprobs is not None, len(prepared.input_ids))
+        return await respond(request, router.backend, router.backend_request(prepared, params, rid), fmt, timer,
+                             body.stream, body.include_usage)
+
+
+def _add_info_routes(app: FastAPI, router: Router) -> None:
+    def model_card() -> dict[str, Any]:
+        return {"id": router.settings.served_model_name, "object": "model", "created": router.started,
+                "owned_by": "epd", "root": router.settings.model_path, "max_model_len": router.backend.max_context}
+
+    @app.get("/v1/models", dependencies=[Depends(router.authorize)])
+    async def list_models() -> dict[str, Any]:
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model_id:path}", dependencies=[Depends(router.authorize)])
+    async def get_model(model_id: str) -> dict[str, Any]:
+        router.check_model(model_id)
+        return model_card()
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        ready, details = await router.backend.health()
+        return JSONResponse({"status": "ready" if ready else "not ready", **details}, status_code=200 if ready else 503)
+
+    @app.get("/metrics")
+    async def metrics() -> PlainTextResponse:
+        return PlainTextResponse(router.metrics.render(router.backend.stats()), media_type=CONTENT_TYPE)

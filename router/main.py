@@ -1,0 +1,106 @@
+"""`epd router`: the OpenAI-compatible HTTP server.
+
+    epd router --model DIR [--port 8000] [--host 127.0.0.1] [--served-model-name NAME]
+               [--chat-template NAME|FILE] [--api-key KEY] [--allowed-local-media-path DIR]
+               [--backend local|disagg] [--redis-url URL] [--device cpu|cuda] ...
+
+Lifecycle: parse the arguments -> check the chat template -> `make_backend(args)` (local: load
+the model in-process; disagg: the node pools found through Redis) -> build the app ->
+serve with uvicorn, printing `EPD router ready on http://HOST:PORT` once the socket listens
+(`--port 0` picks a free port and prints it) -> on SIGINT / SIGTERM uvicorn stops, and the app's
+shutdown closes the backend.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+
+import uvicorn
+
+from router.app import create_app
+from router.backend import Backend
+from router.prompts import PromptBuilder, check_chat_template
+from router.settings import RouterSettings
+
+log = logging.getLogger("epd.router")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="epd router", description="OpenAI-compatible router for EPD")
+    ap.add_argument("--model", required=True, help="Hugging Face checkpoint directory")
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=8000, help="0 picks a free port")
+    ap.add_argument("--served-model-name", default=None, help="the model id clients send (default: DIR's name)")
+    ap.add_argument("--chat-template", default=None, help="built-in name or .jinja/.json file (default: tokenizer's)")
+    ap.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
+    ap.add_argument("--allowed-local-media-path", default=None, help="serve local image files from this directory")
+    ap.add_argument("--max-waiting", type=int, default=1024, help="answer 429 while this many requests wait")
+    ap.add_argument("--max-body-bytes", type=int, default=64 << 20, help="answer 413 above this request size")
+    ap.add_argument("--media-fetch-timeout", type=float, default=10.0, help="seconds to fetch one image URL")
+    ap.add_argument("--backend", default="local", choices=["local", "disagg"])
+    ap.add_argument("--redis-url", default=None, help="disagg: the Redis holding the node pools")
+    ap.add_argument("--routing-policy", default="least_load", choices=["least_load", "round_robin"])
+    ap.add_argument("--device", default=None, help="local: cpu or cuda (default: cuda when present)")
+    ap.add_argument("--dtype", default=None, help="local: float32 / bfloat16 / float16")
+    ap.add_argument("--max-model-len", type=int, default=None, help="local: cap on prompt + output tokens")
+    ap.add_argument("--kv-cache-tokens", type=int, default=None, help="local: KV pool size in tokens")
+    ap.add_argument("--max-running-requests", type=int, default=64, help="local: batch size cap")
+    ap.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    return ap
+
+
+def make_backend(args: argparse.Namespace) -> Backend:
+    """The backend named by --backend; extend here for new kinds."""
+    if args.backend == "local":
+        from router.local_backend import LocalBackend
+
+        return LocalBackend(args.model, device=args.device, dtype=args.dtype, max_model_len=args.max_model_len,
+                            kv_cache_tokens=args.kv_cache_tokens, max_running_requests=args.max_running_requests)
+    if args.backend == "disagg":
+        if not args.redis_url:
+            raise ValueError("--backend disagg needs --redis-url (the Redis the nodes register in)")
+        from router.pipeline import DisaggBackend
+
+        return DisaggBackend(args.model, args.redis_url, policy=args.routing_policy)
+    raise ValueError(f"unknown backend {args.backend!r}")
+
+
+async def _serve(server: uvicorn.Server, host: str) -> None:
+    task = asyncio.create_task(server.serve())
+    while not server.started and not task.done():
+        await asyncio.sleep(0.05)
+    if server.started:
+        port = server.servers[0].sockets[0].getsockname()[1]
+        shown = f"[{host}]" if ":" in host else host
+        print(f"EPD router ready on http://{shown}:{port}", flush=True)
+    await task
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not os.path.isfile(os.path.join(args.model, "config.json")):
+        print(f"epd router: --model {args.model!r} is not a checkpoint directory (no config.json)", file=sys.stderr)
+        return 2
+    try:
+        settings = RouterSettings.from_cli(args)
+        check_chat_template(settings.model_path, settings.chat_template)
+        backend = make_backend(args)
+    except (ValueError, OSError) as e:   # ChatTemplateError is a ValueError
+        print(f"epd router: {e}", file=sys.stderr)
+        return 2
+    prompts = PromptBuilder(settings.model_path, backend.max_context, settings.chat_template,
+                            settings.allowed_local_media_path, settings.media_limits)
+    app = create_app(backend, settings, prompts)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, timeout_keep_alive=30,
+                            timeout_graceful_shutdown=5)
+    asyncio.run(_serve(uvicorn.Server(config), args.host))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

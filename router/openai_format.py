@@ -1,0 +1,209 @@
+"""OpenAI wire shapes: errors, usage, logprobs, and the responses / SSE chunks of both endpoints.
+
+`ChatFormat` (POST /v1/chat/completions) and `TextFormat` (POST /v1/completions) share one
+interface, so the serving code drives either the same way, per request:
+    first_chunk()            -> the opening chunk, or None (chat: delta.role = "assistant")
+    chunk(event)             -> one content chunk (finish_reason on the last one)
+    usage_chunk(final)       -> `choices: []` + usage, sent when stream_options.include_usage
+    response(outcome)        -> the whole non-streaming response
+The final response and the final chunk carry the non-standard `epd_timings` (ms per stage; null
+where the backend does not measure a stage), which the benchmark harness reads.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from router.backend import BackendEvent
+
+STAGES = ("queue_ms", "encode_ms", "prefill_ms", "transfer_ms", "decode_ms")
+_ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
+                413: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error",
+                500: "server_error", 503: "service_unavailable_error", 504: "timeout_error"}
+_MIN_LOGPROB = -9999.0    # JSON has no -inf
+
+
+class APIError(Exception):
+    """An error answered as `{"error": {"message", "type", "param", "code"}}` with `status`."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+    def body(self) -> dict[str, Any]:
+        kind = _ERROR_TYPES.get(self.status, "server_error" if self.status >= 500 else "invalid_request_error")
+        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
+
+
+def sse(payload: dict[str, Any] | str) -> str:
+    data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
+    return f"data: {data}\n\n"
+
+
+def epd_timings(timings: dict[str, float]) -> dict[str, float | None]:
+    out: dict[str, float | None] = {stage: None for stage in STAGES}
+    out.update({k: round(float(v), 3) for k, v in timings.items() if v is not None})
+    return out
+
+
+@dataclass
+class Outcome:
+    """What a non-streaming request accumulated."""
+
+    text: str = ""
+    events: list[BackendEvent] = field(default_factory=list)
+    final: BackendEvent | None = None
+
+
+def usage(final: BackendEvent | None, prompt_tokens: int) -> dict[str, Any]:
+    prompt = final.prompt_tokens if final is not None and final.prompt_tokens else prompt_tokens
+    completion = final.completion_tokens if final is not None else 0
+    images = final.image_tokens if final is not None else 0
+    details = {"cached_tokens": final.cached_tokens if final is not None else 0,
+               "image_tokens": images, "text_tokens": prompt - images}
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": details}
+
+
+@functools.cache
+def _byte_level_alphabet() -> dict[str, int]:
+    """Byte-level BPE writes byte b as one character: itself when printable, else chr(256 + k)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {chr(b): b for b in printable} | {chr(256 + k): b for k, b in enumerate(others)}
+
+
+def _is_byte_level(tokenizer: Any) -> bool:
+    try:
+        return json.loads(tokenizer.backend_tokenizer.to_str())["decoder"]["type"] == "ByteLevel"
+    except (AttributeError, KeyError, TypeError, ValueError):
+        return False
+
+
+class TokenText:
+    """Token id -> (text, UTF-8 bytes) shown in logprobs, cached per id. The text is the token
+    decoded alone (a partial UTF-8 sequence shows U+FFFD); the bytes are the token's exact bytes
+    for byte-level BPE vocabularies (Qwen), so clients can join partial characters."""
+
+    def __init__(self, tokenizer: Any, as_ids: bool = False) -> None:
+        self.tokenizer = tokenizer
+        self.as_ids = as_ids
+        self._alphabet = _byte_level_alphabet() if _is_byte_level(tokenizer) else None
+        self._lookup = functools.lru_cache(maxsize=65536)(self._decode)
+
+    def _decode(self, token_id: int) -> tuple[str, list[int]]:
+        text = self.tokenizer.decode([token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        if self.as_ids:
+            text = f"token_id:{token_id}"
+        piece = self.tokenizer.convert_ids_to_tokens(token_id) if self._alphabet else None
+        if isinstance(piece, str) and piece and all(c in self._alphabet for c in piece):  # type: ignore[operator]
+            return text, [self._alphabet[c] for c in piece]  # type: ignore[index]
+        return text, list(text.encode())
+
+    def __call__(self, token_id: int) -> tuple[str, list[int]]:
+        return self._lookup(token_id)
+
+
+def _lp(value: float | None) -> float:
+    return max(_MIN_LOGPROB, value) if value is not None else _MIN_LOGPROB
+
+
+class _Format:
+    object_name = ""
+    chunk_name = ""
+
+    def __init__(self, rid: str, model: str, tokens: TokenText, logprobs: bool, prompt_tokens: int,
+                 created: int | None = None) -> None:
+        self.rid, self.model, self.tokens, self.logprobs = rid, model, tokens, logprobs
+        self.prompt_tokens = prompt_tokens
+        self.created = created if created is not None else int(time.time())
+
+    def envelope(self, name: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
+        return {"id": self.rid, "object": name, "created": self.created, "model": self.model, "choices": choices}
+
+    def first_chunk(self) -> dict[str, Any] | None:
+        return None
+
+    def usage_chunk(self, final: BackendEvent | None) -> dict[str, Any]:
+        out = self.envelope(self.chunk_name, [])
+        out["usage"] = usage(final, self.prompt_tokens)
+        return out
+
+    def with_timings(self, payload: dict[str, Any], final: BackendEvent | None) -> dict[str, Any]:
+        payload["epd_timings"] = epd_timings(final.timings if final is not None else {})
+        return payload
+
+
+class ChatFormat(_Format):
+    object_name = "chat.completion"
+    chunk_name = "chat.completion.chunk"
+
+    def _logprobs(self, events: list[BackendEvent]) -> dict[str, Any] | None:
+        if not self.logprobs:
+            return None
+        content = []
+        for ev in events:
+            entry = self._entry(ev.token_id, ev.logprob)
+            entry["top_logprobs"] = [self._entry(tid, lp) for tid, lp in ev.top_logprobs or []]
+            content.append(entry)
+        return {"content": content, "refusal": None}
+
+    def _entry(self, token_id: int, logprob: float | None) -> dict[str, Any]:
+        text, raw = self.tokens(token_id)
+        return {"token": text, "logprob": _lp(logprob), "bytes": raw}
+
+    def first_chunk(self) -> dict[str, Any]:
+        delta = {"role": "assistant", "content": ""}
+        return self.envelope(self.chunk_name, [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}])
+
+    def chunk(self, ev: BackendEvent) -> dict[str, Any]:
+        choice = {"index": 0, "delta": {"content": ev.text}, "logprobs": self._logprobs([ev]),
+                  "finish_reason": ev.finish_reason}
+        return self.envelope(self.chunk_name, [choice])
+
+    def response(self, out: Outcome) -> dict[str, Any]:
+        message = {"role": "assistant", "content": out.text, "refusal": None, "tool_calls": []}
+        choice = {"index": 0, "message": message, "logprobs": self._logprobs(out.events),
+                  "finish_reason": out.final.finish_reason if out.final else None}
+        payload = self.envelope(self.object_name, [choice])
+        payload["usage"] = usage(out.final, self.prompt_tokens)
+        return self.with_timings(payload, out.final)
+
+
+class TextFormat(_Format):
+    object_name = "text_completion"
+    chunk_name = "text_completion"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.offset = 0      # characters of text sent so far, for logprobs.text_offset
+
+    def _logprobs(self, events: list[BackendEvent], start: int) -> dict[str, Any] | None:
+        if not self.logprobs:
+            return None
+        out: dict[str, list[Any]] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        offset = start
+        for ev in events:
+            out["tokens"].append(self.tokens(ev.token_id)[0])
+            out["token_logprobs"].append(_lp(ev.logprob))
+            out["top_logprobs"].append({self.tokens(t)[0]: _lp(lp) for t, lp in ev.top_logprobs or []})
+            out["text_offset"].append(offset)
+            offset += len(ev.text)
+        return out
+
+    def chunk(self, ev: BackendEvent) -> dict[str, Any]:
+        choice = {"index": 0, "text": ev.text, "logprobs": self._logprobs([ev], self.offset),
+                  "finish_reason": ev.finish_reason}
+        self.offset += len(ev.text)
+        return self.envelope(self.chunk_name, [choice])
+
+    def response(self, out: Outcome) -> dict[str, Any]:
+        choice = {"index": 0, "text": out.text, "logprobs": self._logprobs(out.events, 0),
+                  "finish_reason": out.final.finish_reason if out.final else None}
+        payload = self.envelope(self.object_name, [choice])
+        payload["usage"] = usage(out.final, self.prompt_tokens)
+        return self.with_timings(payload, out.final)

@@ -1,0 +1,147 @@
+"""From a validated OpenAI request to what the backend takes: token ids plus images.
+
+Lifecycle of a chat request in `PromptBuilder.chat`:
+1. render `messages` with the chat template (`--chat-template` NAME|FILE, else the tokenizer's);
+2. fetch every image concurrently with `aload_image` and the server-safe settings (no local files
+   unless under `--allowed-local-media-path`, link-local / metadata hosts refused); the first
+   failure cancels the other fetches and becomes a 400 naming the message part;
+3. tokenize and expand each image placeholder to the image's token count (the grid comes from
+   the image size alone; pixels are left to the backend), in a worker thread;
+4. check the context: a prompt that leaves no room, or prompt + max_tokens over the context, is
+   a 400 with vLLM's wording; an absent max_tokens becomes the remaining context.
+A text completion skips steps 1-2. The result carries expanded ids, which every backend accepts
+as they are (an expanded prompt is recognised by its placeholder runs).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+from PIL import Image
+
+from epd.config import ModelConfig
+from epd.conversation import ChatTemplateError, ImageRef, render_messages
+from epd.inputs import InputProcessor
+from epd.media import MediaError, MediaLimits, aload_image
+from router.openai_format import APIError
+
+_UNLIMITED = 1 << 62     # the context check is done here, with the client-facing wording
+
+
+def check_chat_template(model_path: str, template: str | None) -> None:
+    """Render a one-message chat, so a bad --chat-template fails at start-up (before the model
+    loads), not on every request. Raises ChatTemplateError."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    render_messages([{"role": "user", "content": "hi"}], tokenizer=tokenizer, template=template)
+
+
+@dataclass(frozen=True)
+class Prepared:
+    input_ids: list[int]
+    images: list[Image.Image]
+    image_tokens: int
+    stop: tuple[str, ...] = ()       # stop strings of a built-in chat template
+
+
+class PromptBuilder:
+    def __init__(self, model_path: str, max_context: int, chat_template: str | None = None,
+                 allowed_local_media_path: str | None = None, media_limits: MediaLimits | None = None) -> None:
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self.config = ModelConfig.from_pretrained(model_path)
+        self.max_context = max_context
+        self.chat_template = chat_template
+        self.allowed_dir = allowed_local_media_path
+        self.limits = media_limits or MediaLimits()
+        self.inputs = InputProcessor(self.config, self.tokenizer, _UNLIMITED, with_pixels=False)
+        self._lock = threading.Lock()      # one tokenizer, several worker threads
+        self._http: httpx.AsyncClient | None = None
+
+    async def close(self) -> None:
+        if self._http is not None:
+            await self._http.aclose()
+            self._http = None
+
+    # ---- the two kinds of request ---------------------------------------------------------------
+    async def chat(self, messages: list[Any]) -> Prepared:
+        try:
+            rendered = await asyncio.to_thread(self._render, messages)
+        except ChatTemplateError as e:
+            raise APIError(400, str(e), e.param) from None
+        images = await self._fetch(rendered.images)
+        ids, image_tokens = await asyncio.to_thread(self._tokens, rendered.text, None, images, "messages")
+        self._check_prompt(len(ids), "messages")
+        return Prepared(ids, images, image_tokens, rendered.stop)
+
+    async def completion(self, prompt: str | list[int]) -> Prepared:
+        text, given = (prompt, None) if isinstance(prompt, str) else (None, list(prompt))
+        ids, _ = await asyncio.to_thread(self._tokens, text, given, [], "prompt")
+        self._check_prompt(len(ids), "prompt")
+        return Prepared(ids, [], 0)
+
+    def max_new_tokens(self, prompt_tokens: int, requested: int | None, field: str, where: str) -> int:
+        """The request's token budget: as asked if it fits the context, else the remaining context."""
+        if requested is None:
+            return self.max_context - prompt_tokens
+        if prompt_tokens + requested > self.max_context:
+            raise APIError(400, f"This model's maximum context length is {self.max_context} tokens. However, you "
+                                f"requested {prompt_tokens + requested} tokens ({prompt_tokens} in the {where}, "
+                                f"{requested} in the completion). Please reduce the length of the {where} or "
+                                f"completion.", field, "context_length_exceeded")
+        return requested
+
+    def check_token_ids(self, ids: list[int] | None, field: str) -> None:
+        vocab = self.config.text.vocab_size
+        bad = next((t for t in ids or [] if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise APIError(400, f"{field}: token id {bad} is outside the vocabulary (size {vocab})", field)
+
+    # ---- steps ----------------------------------------------------------------------------------
+    def _render(self, messages: list[Any]) -> Any:
+        with self._lock:
+            return render_messages(messages, tokenizer=self.tokenizer, template=self.chat_template)
+
+    def _tokens(self, text: str | None, ids: list[int] | None, images: list[Image.Image],
+                where: str) -> tuple[list[int], int]:
+        try:
+            with self._lock:
+                inp = self.inputs.process(prompt=text, input_ids=ids, image_data=images or None)
+        except ValueError as e:    # InputError: empty prompt, placeholders vs images, bad token id
+            raise APIError(400, f"{where}: {e}", where) from None
+        return inp.input_ids, sum(im.num_tokens for im in inp.images)
+
+    def _check_prompt(self, prompt_tokens: int, where: str) -> None:
+        if prompt_tokens >= self.max_context:
+            raise APIError(400, f"This model's maximum context length is {self.max_context} tokens. However, your "
+                                f"request has {prompt_tokens} input tokens (text and images) and at least one "
+                                f"token must be left to generate. Please reduce the length of the {where}.",
+                           where, "context_length_exceeded")
+
+    async def _fetch(self, refs: list[ImageRef]) -> list[Image.Image]:
+        if not refs:
+            return []
+        if self._http is None:
+            self._http = httpx.AsyncClient()
+        try:
+            async with asyncio.TaskGroup() as group:
+                tasks = [group.create_task(self._load(ref, i)) for i, ref in enumerate(refs)]
+        except ExceptionGroup as eg:
+            bad = [e for e in eg.exceptions if isinstance(e, MediaError)]
+            if bad:
+                raise APIError(400, f"{bad[0]} (at {bad[0].param})", bad[0].param, "invalid_image") from None
+            raise
+        return [t.result() for t in tasks]
+
+    async def _load(self, ref: ImageRef, index: int) -> Image.Image:
+        if isinstance(ref.url, str):
+            return await aload_image(ref.url, allowed_local_dir=self.allowed_dir, allow_any_local=False,
+                                     limits=self.limits, index=index, param=ref.param, client=self._http)
+        raise MediaError(f"image {index + 1}: give an image as a URL, data URI or (where allowed) a file path",
+                         index=index, param=ref.param)

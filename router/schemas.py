@@ -1,0 +1,165 @@
+"""Pydantic models of the OpenAI requests the router accepts.
+
+Unknown fields are accepted and ignored (OpenAI clients send fields such as `user`, `store` or
+`metadata` that change nothing here). Fields that would change the result in a way this server
+cannot honour are refused with a 400 naming the field (`unsupported()`): n > 1, tools,
+response_format other than text, logit_bias, audio output, echo / suffix / best_of.
+
+Lifecycle: the app validates the JSON body into `ChatCompletionRequest` / `CompletionRequest`
+(a `ValidationError` becomes a 400 naming the field), calls `unsupported()`, then
+`sampling_dict(max_new_tokens)` for `SamplingParams.from_dict`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+_SEED_RANGE = dict(ge=-(1 << 63), le=(1 << 64) - 1)   # what torch.Generator.manual_seed takes
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    include_usage: bool = False
+
+
+class _SamplingFields(BaseModel):
+    """Fields shared by both endpoints (OpenAI's, then vLLM's extensions)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    n: int = Field(1, ge=1)
+    stop: str | list[str] | None = None
+    seed: int | None = Field(None, **_SEED_RANGE)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] | None = None
+    # extensions (vLLM / SGLang names)
+    top_k: int | None = None
+    min_p: float | None = Field(None, ge=0.0, le=1.0)
+    repetition_penalty: float | None = Field(None, gt=0.0)
+    ignore_eos: bool = False
+    min_tokens: int = Field(0, ge=0)
+    stop_token_ids: list[int] | None = None
+    skip_special_tokens: bool = True
+    return_tokens_as_token_ids: bool = False
+
+    def requested_max_tokens(self) -> tuple[int | None, str]:
+        """(max tokens asked for, the field that asked)."""
+        return self.max_tokens, "max_tokens"
+
+    def _common_unsupported(self) -> tuple[str, str] | None:
+        if self.n != 1:
+            return "n", f"n={self.n} is not supported; this server returns one choice per request (n=1)"
+        if self.logit_bias:
+            return "logit_bias", "logit_bias is not supported"
+        if self.stream_options is not None and not self.stream:
+            return "stream_options", "stream_options is only allowed when stream is true"
+        return None
+
+    def sampling_dict(self, max_new_tokens: int) -> dict[str, Any]:
+        out: dict[str, Any] = {"max_new_tokens": max_new_tokens, "min_new_tokens": self.min_tokens,
+                               "ignore_eos": self.ignore_eos, "skip_special_tokens": self.skip_special_tokens}
+        optional = {"temperature": self.temperature, "top_p": self.top_p, "min_p": self.min_p, "seed": self.seed,
+                    "repetition_penalty": self.repetition_penalty, "frequency_penalty": self.frequency_penalty,
+                    "presence_penalty": self.presence_penalty}
+        out.update({k: v for k, v in optional.items() if v is not None})
+        if self.top_k is not None:
+            out["top_k"] = -1 if self.top_k == 0 else self.top_k      # 0 and -1 both mean "off"
+        if self.stop:
+            out["stop"] = [self.stop] if isinstance(self.stop, str) else list(self.stop)
+        if self.stop_token_ids:
+            out["stop_token_ids"] = list(self.stop_token_ids)
+        return out
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+
+class ChatCompletionRequest(_SamplingFields):
+    messages: list[Any]
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    functions: list[Any] | None = None
+    response_format: dict[str, Any] | None = None
+    modalities: list[str] | None = None
+    audio: dict[str, Any] | None = None
+    chat_template: str | None = None
+
+    def requested_max_tokens(self) -> tuple[int | None, str]:
+        if self.max_completion_tokens is not None:
+            return self.max_completion_tokens, "max_completion_tokens"
+        return self.max_tokens, "max_tokens"
+
+    def unsupported(self) -> tuple[str, str] | None:
+        """(field, why) for the first field this server cannot honour, else None."""
+        common = self._common_unsupported()
+        if common:
+            return common
+        if self.tools and self.tool_choice != "none":
+            return "tools", "tool calling is not supported by this server"
+        if self.functions:
+            return "functions", "function calling is not supported by this server"
+        kind = (self.response_format or {}).get("type", "text")
+        if kind != "text":
+            return "response_format", f"response_format type {kind!r} is not supported (only 'text')"
+        if self.audio is not None or any(m != "text" for m in self.modalities or []):
+            return "modalities", "only text output is supported"
+        if self.top_logprobs and not self.logprobs:
+            return "top_logprobs", "top_logprobs requires logprobs to be true"
+        if self.chat_template is not None:
+            return "chat_template", "a per-request chat_template is not accepted; the operator sets --chat-template"
+        return None
+
+    def sampling_dict(self, max_new_tokens: int) -> dict[str, Any]:
+        out = super().sampling_dict(max_new_tokens)
+        if self.logprobs:
+            out.update(logprobs=True, top_logprobs=self.top_logprobs or 0)
+        return out
+
+
+class CompletionRequest(_SamplingFields):
+    prompt: str | list[int] | list[str] | list[list[int]]
+    logprobs: int | None = Field(None, ge=0, le=20)
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = None
+
+    def single_prompt(self) -> str | list[int]:
+        """The one prompt of this request (a batch of several is refused in `unsupported`)."""
+        p = self.prompt
+        if isinstance(p, list) and p and isinstance(p[0], str | list):
+            return p[0]  # type: ignore[return-value]
+        return p  # type: ignore[return-value]
+
+    def unsupported(self) -> tuple[str, str] | None:
+        common = self._common_unsupported()
+        if common:
+            return common
+        p = self.prompt
+        if isinstance(p, list) and p and isinstance(p[0], str | list) and len(p) != 1:
+            return "prompt", f"a batch of {len(p)} prompts is not supported; send one prompt per request"
+        if self.echo:
+            return "echo", "echo is not supported"
+        if self.suffix:
+            return "suffix", "suffix is not supported"
+        if self.best_of not in (None, 1):
+            return "best_of", "best_of > 1 is not supported"
+        return None
+
+    def sampling_dict(self, max_new_tokens: int) -> dict[str, Any]:
+        out = super().sampling_dict(max_new_tokens)
+        if self.logprobs is not None:
+            out.update(logprobs=True, top_logprobs=self.logprobs)
+        return out

@@ -1,0 +1,153 @@
+"""Driving one request through the backend to a JSON response or an SSE stream.
+
+Lifecycle of `respond(...)`:
+1. prime: wait for the backend's first event while polling `request.is_disconnected()`. A
+   `BackendError` here (input the backend refused, no capacity) is still answered with its HTTP
+   status, because nothing has been sent yet.
+2a. non-streaming: collect the remaining events, still polling for a disconnect, and answer one
+    JSON body.
+2b. streaming: answer 200 with SSE: the opening chunk (chat: `delta.role`), one chunk per event
+    that carries text (every event when logprobs are asked), `finish_reason` on the last content
+    chunk, the usage chunk when `include_usage`, then `data: [DONE]`. A `BackendError` after the
+    stream began is sent as `data: {"error": ...}` then `data: [DONE]`.
+However the request ends (finished, failed, client gone: Starlette cancels the SSE generator when
+the client disconnects), the backend's generator is closed, which aborts the request in the
+backend and frees its KV pages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any, TypeVar
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from router.backend import Backend, BackendError, BackendEvent, BackendRequest
+from router.metrics import RequestTimer
+from router.openai_format import APIError, ChatFormat, Outcome, TextFormat, sse
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+DISCONNECT_POLL_S = 0.2
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+class ClientGone(Exception):
+    """The client closed the connection before the answer was ready."""
+
+
+async def until_done_or_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Await `work`; if the client disconnects first, cancel it (which aborts the request)."""
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                raise ClientGone()
+    finally:
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+
+def _api_error(e: BackendError) -> APIError:
+    return APIError(e.status, str(e), e.param, e.code)
+
+
+async def _next(events: AsyncIterator[BackendEvent]) -> BackendEvent:
+    try:
+        return await anext(events)
+    except StopAsyncIteration:
+        raise BackendError("the backend ended the request without a final token", 500) from None
+
+
+async def respond(request: Request, backend: Backend, breq: BackendRequest, fmt: ChatFormat | TextFormat,
+                  timer: RequestTimer, stream: bool, include_usage: bool) -> Response:
+    events = backend.generate(breq)
+    try:
+        first = await until_done_or_disconnected(request, _next(events))
+    except BackendError as e:
+        await events.aclose()
+        raise _api_error(e) from None
+    except ClientGone:
+        await events.aclose()
+        timer.failed("client_disconnected")
+        return Response(status_code=499)
+    except BaseException:
+        await events.aclose()
+        raise
+    if stream:
+        return StreamingResponse(_sse(events, first, fmt, timer, include_usage), media_type="text/event-stream",
+                                 headers=SSE_HEADERS)
+    out = Outcome()
+    try:
+        await until_done_or_disconnected(request, _collect(events, first, out, timer, fmt.logprobs))
+    except BackendError as e:
+        timer.failed(str(e.status))
+        raise _api_error(e) from None
+    except ClientGone:
+        timer.failed("client_disconnected")
+        return Response(status_code=499)
+    finally:
+        await events.aclose()
+    timer.finished(out.final)   # type: ignore[arg-type]
+    return JSONResponse(fmt.response(out))
+
+
+async def _collect(events: AsyncIterator[BackendEvent], ev: BackendEvent, out: Outcome, timer: RequestTimer,
+                   keep_events: bool) -> None:
+    while True:
+        timer.token(ev)
+        out.text += ev.text
+        if keep_events:
+            out.events.append(ev)
+        if ev.finished:
+            out.final = ev
+            return
+        ev = await _next(events)
+
+
+async def _sse(events: AsyncIterator[BackendEvent], first: BackendEvent, fmt: ChatFormat | TextFormat,
+               timer: RequestTimer, include_usage: bool) -> AsyncIterator[str]:
+    def chunk(payload: dict[str, Any]) -> str:
+        if include_usage:
+            payload["usage"] = None       # as OpenAI: every chunk but the last has usage: null
+        return sse(payload)
+
+    ev, final = first, None
+    try:
+        opening = fmt.first_chunk()
+        if opening is not None:
+            yield chunk(opening)
+        while True:
+            timer.token(ev)
+            if ev.text or ev.finished or fmt.logprobs:
+                payload = fmt.chunk(ev)
+                if ev.finished and not include_usage:
+                    fmt.with_timings(payload, ev)
+                yield chunk(payload)
+            if ev.finished:
+                final = ev
+                break
+            ev = await _next(events)
+    except Exception as e:  # noqa: BLE001 - headers are sent: report in the stream, never cut it silently
+        if not isinstance(e, BackendError):
+            log.exception("request %s failed mid-stream", fmt.rid)
+            e = BackendError(f"Internal server error: {type(e).__name__}: {e}", 500)
+        timer.failed(str(e.status))
+        yield sse(_api_error(e).body())
+        yield sse("[DONE]")
+        return
+    finally:
+        await events.aclose()
+        if final is None:
+            timer.failed("client_disconnected")   # no-op when the error branch already counted
+    timer.finished(final)
+    if include_usage:
+        yield sse(fmt.with_timings(fmt.usage_chunk(final), final))
+    yield sse("[DONE]")

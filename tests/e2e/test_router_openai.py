@@ -1,0 +1,311 @@
+"""`epd router` as a user runs it: a real process on a free port, the real `openai` client, images
+served by a local http.server, greedy output checked token for token against `transformers`.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import http.server
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from support import hf_generate, noise_image, png_bytes
+
+from epd.config import ModelConfig
+from epd.inputs import InputProcessor
+from epd.media import load_image
+from router.metrics import parse_exposition
+
+REPO = Path(__file__).resolve().parents[2]
+KEY = "test-key"
+MODEL = "tiny-vl"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+@dataclass
+class Media:
+    base_url: str
+    allowed_dir: Path
+    images: dict[str, bytes]
+
+    def url(self, name: str) -> str:
+        return f"{self.base_url}/{name}"
+
+
+@dataclass
+class Server:
+    url: str
+    model_path: str
+    log: list[str]
+
+    def client(self) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=KEY, max_retries=0, timeout=60)
+
+    def metrics(self) -> dict:
+        samples = parse_exposition(httpx.get(f"{self.url}/metrics").text)
+        return {name: v for (name, labels), v in samples.items() if len(labels) == 1}   # model_name only
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory):
+    root = tmp_path_factory.mktemp("media")
+    images = {"a.png": png_bytes(noise_image(120, 80, seed=1)), "b.png": png_bytes(noise_image(64, 150, seed=2)),
+              "not-an-image.png": b"<html>this is a web page, not a picture</html>"}
+    for name, data in images.items():
+        (root / name).write_bytes(data)
+    allowed = root / "allowed"
+    allowed.mkdir()
+    (allowed / "c.png").write_bytes(png_bytes(noise_image(90, 90, seed=3)))
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    handler.log_message = lambda *a, **k: None   # type: ignore[attr-defined]
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield Media(f"http://127.0.0.1:{httpd.server_address[1]}", allowed, images)
+    httpd.shutdown()
+
+
+@pytest.fixture(scope="module")
+def server(tiny_models, media):
+    path = tiny_models["qwen2_vl"]
+    cmd = [sys.executable, "-m", "epd.cli", "router", "--model", path, "--port", "0", "--device", "cpu",
+           "--served-model-name", MODEL, "--api-key", KEY, "--allowed-local-media-path", str(media.allowed_dir),
+           "--log-level", "warning"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log: list[str] = []
+    ready = threading.Event()
+
+    def drain() -> None:
+        for line in proc.stdout:  # type: ignore[union-attr]
+            log.append(line)
+            if line.startswith("EPD router ready on "):
+                ready.set()
+
+    threading.Thread(target=drain, daemon=True).start()
+    if not ready.wait(120):
+        proc.kill()
+        pytest.fail("router did not start:\n" + "".join(log))
+    url = next(line for line in log if line.startswith("EPD router ready on ")).split()[-1]
+    yield Server(url, path, log)
+    proc.terminate()
+    assert proc.wait(20) in (0, -15), "".join(log[-30:])   # uvicorn re-raises SIGTERM once shut down
+
+
+def image_part(url: str) -> dict:
+    return {"type": "image_url", "image_url": {"url": url, "detail": "auto"}}
+
+
+def data_uri(data: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(data).decode()
+
+
+def reference(server: Server, content: list[dict], images: list[bytes], max_tokens: int) -> tuple[list[int], list[int]]:
+    """(prompt ids, greedy output ids) from the tokenizer's own chat template and transformers."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(server.model_path)
+    hf_content = [{"type": "image"} if p["type"] == "image_url" else p for p in content]
+    text = tok.apply_chat_template([{"role": "user", "content": hf_content}], tokenize=False,
+                                   add_generation_prompt=True)
+    pil = [load_image(b) for b in images]
+    inp = InputProcessor(ModelConfig.from_pretrained(server.model_path), tok, 4096).process(prompt=text,
+                                                                                         image_data=pil)
+    return inp.input_ids, hf_generate(server.model_path, inp.input_ids, pil, max_tokens)
+
+
+def chat(server: Server, content: list[dict] | str, max_tokens: int = 10, **kw):
+    return server.client().chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": content}], max_tokens=max_tokens, temperature=0, **kw)
+
+
+def token_ids(resp) -> list[int]:
+    return [int(entry.token.removeprefix("token_id:")) for entry in resp.choices[0].logprobs.content]
+
+
+def assert_matches(resp, prompt_ids: list[int], expected: list[int], max_tokens: int = 10) -> None:
+    assert token_ids(resp) == expected
+    assert resp.usage.prompt_tokens == len(prompt_ids)
+    assert resp.usage.completion_tokens == len(expected)
+    assert resp.usage.total_tokens == len(prompt_ids) + len(expected)
+    assert resp.choices[0].finish_reason == ("length" if len(expected) == max_tokens else "stop")
+
+
+IDS = {"logprobs": True, "extra_body": {"return_tokens_as_token_ids": True}}
+
+
+def test_image_by_http_url_equals_transformers(server, media):
+    content = [image_part(media.url("a.png")), {"type": "text", "text": "What is in this picture?"}]
+    resp = chat(server, content, **IDS)
+    prompt_ids, expected = reference(server, content, [media.images["a.png"]], 10)
+    assert_matches(resp, prompt_ids, expected)
+    assert resp.object == "chat.completion" and resp.model == MODEL
+    assert resp.usage.prompt_tokens_details.cached_tokens == 0
+    assert resp.model_extra["epd_timings"]["prefill_ms"] > 0
+    plain = chat(server, content)
+    assert plain.choices[0].message.content == resp.choices[0].message.content and plain.choices[0].logprobs is None
+
+
+def test_two_images_interleaved_stream_equals_non_stream(server, media):
+    content = [{"type": "text", "text": "First:"}, image_part(data_uri(media.images["b.png"])),
+               {"type": "text", "text": " and second:"}, image_part(media.url("a.png")),
+               {"type": "text", "text": " which one is bluer?"}]
+    whole = chat(server, content, **IDS)
+    prompt_ids, expected = reference(server, content, [media.images["b.png"], media.images["a.png"]], 10)
+    assert_matches(whole, prompt_ids, expected)
+    chunks = list(chat(server, content, stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    with_choices = [c for c in chunks if c.choices]
+    assert "".join(c.choices[0].delta.content or "" for c in with_choices) == whole.choices[0].message.content
+    reasons = [c.choices[0].finish_reason for c in with_choices]
+    assert reasons[-1] == whole.choices[0].finish_reason and not any(reasons[:-1])
+    last = chunks[-1]
+    assert last.choices == [] and last is not with_choices[-1]
+    assert (last.usage.prompt_tokens, last.usage.completion_tokens) == (len(prompt_ids), len(expected))
+    assert set(last.model_extra["epd_timings"]) >= {"queue_ms", "encode_ms", "prefill_ms", "transfer_ms",
+                                                    "decode_ms"}
+    assert all(c.usage is None for c in chunks[:-1])
+
+
+def test_local_file_only_under_the_allowed_dir(server, media):
+    inside = chat(server, [image_part(str(media.allowed_dir / "c.png")), {"type": "text", "text": "hi"}])
+    details = inside.usage.prompt_tokens_details
+    assert details.image_tokens > 0 and details.text_tokens + details.image_tokens == inside.usage.prompt_tokens
+    with pytest.raises(openai.BadRequestError) as err:
+        chat(server, [image_part(str(media.allowed_dir.parent / "a.png")), {"type": "text", "text": "hi"}])
+    assert "outside the allowed media directory" in err.value.message
+
+
+def test_text_completions_from_text_and_token_ids(server):
+    from transformers import AutoTokenizer
+
+    client = server.client()
+    prompt = "Once upon a time there was a little cat"
+    by_text = client.completions.create(model=MODEL, prompt=prompt, max_tokens=8, temperature=0)
+    ids = AutoTokenizer.from_pretrained(server.model_path).encode(prompt, add_special_tokens=False)
+    by_ids = client.completions.create(model=MODEL, prompt=ids, max_tokens=8, temperature=0)
+    assert by_text.choices[0].text == by_ids.choices[0].text
+    assert by_text.usage.prompt_tokens == len(ids) and by_text.usage.completion_tokens == 8
+    assert hf_generate(server.model_path, ids, [], 8)[:1] == [
+        int(t.removeprefix("token_id:")) for t in client.completions.create(
+            model=MODEL, prompt=ids, max_tokens=1, temperature=0, logprobs=0,
+            extra_body={"return_tokens_as_token_ids": True}).choices[0].logprobs.tokens]
+
+
+def test_models_health_and_metrics(server):
+    assert [m.id for m in server.client().models.list().data] == [MODEL]
+    health = httpx.get(f"{server.url}/health")
+    assert health.status_code == 200 and health.json()["status"] == "ready"
+    before = server.metrics()
+    chat(server, "Say something.", max_tokens=5, extra_body={"ignore_eos": True})
+    after = server.metrics()
+    assert after["epd:generation_tokens_total"] - before.get("epd:generation_tokens_total", 0) == 5
+    assert after["epd:e2e_request_latency_seconds_count"] == before.get("epd:e2e_request_latency_seconds_count",
+                                                                        0) + 1
+    assert after["epd:num_requests_running"] == 0 and after["epd:kv_cache_usage_perc"] == 0
+
+
+def raw_post(server: Server, body: bytes | dict, headers: dict | None = None) -> httpx.Response:
+    kw = {"content": body} if isinstance(body, bytes) else {"json": body}
+    return httpx.post(f"{server.url}/v1/chat/completions", headers=headers or AUTH, timeout=30, **kw)
+
+
+def hello(**extra) -> dict:
+    return {"model": MODEL, "messages": [{"role": "user", "content": "hello"}], "max_tokens": 2, **extra}
+
+
+def with_image(url: str) -> dict:
+    return hello(messages=[{"role": "user", "content": [image_part(url), {"type": "text", "text": "hi"}]}])
+
+
+ERRORS = {
+    "unknown_model": (lambda m: hello(model="gpt-4o"), 404, "model", "does not exist"),
+    "malformed_json": (lambda m: b'{"model": "tiny-vl", "messages": [', 400, None, "not valid JSON"),
+    "missing_messages": (lambda m: {"model": MODEL}, 400, "messages", "Field required"),
+    "unreachable_image_url": (lambda m: with_image("http://127.0.0.1:9/none.png"), 400,
+                              "messages[0].content[0].image_url.url", "image 1: URL fetch failed"),
+    "missing_image": (lambda m: with_image(m.url("gone.png")), 400, "messages[0].content[0].image_url.url",
+                      "HTTP 404"),
+    "non_image_bytes": (lambda m: with_image(m.url("not-an-image.png")), 400,
+                        "messages[0].content[0].image_url.url", "not a recognised image format"),
+    "bad_data_uri": (lambda m: with_image("data:image/png;base64,@@@"), 400,
+                     "messages[0].content[0].image_url.url", "not valid base64"),
+    "n_above_one": (lambda m: hello(n=3), 400, "n", "n=3"),
+}
+
+
+@pytest.mark.parametrize("case", list(ERRORS))
+def test_errors_are_openai_shaped_and_the_server_keeps_serving(server, media, case):
+    make, status, param, text = ERRORS[case]
+    resp = raw_post(server, make(media))
+    assert resp.status_code == status, resp.text
+    err = resp.json()["error"]
+    assert err["param"] == param and text in err["message"] and err["type"] == "invalid_request_error"
+    assert raw_post(server, hello()).status_code == 200
+
+
+def test_openai_client_sees_typed_errors(server):
+    with pytest.raises(openai.NotFoundError) as nf:
+        server.client().chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "x"}])
+    assert nf.value.code == "model_not_found"
+    wrong = openai.OpenAI(base_url=f"{server.url}/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        wrong.models.list()
+
+
+def wait_until_idle(server: Server, timeout: float = 5.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        m = server.metrics()
+        if m["epd:num_requests_running"] == 0 and m["epd:kv_cache_pages_in_use"] == 0:
+            return m
+        time.sleep(0.05)
+    raise AssertionError(f"request still holds pages {timeout}s after the client left: {server.metrics()}")
+
+
+LONG = hello(max_tokens=3000, ignore_eos=True, temperature=0)
+
+
+def disconnects(server: Server) -> float:
+    """How many requests the server saw abandoned by their client."""
+    key = ("epd:request_failure_total", (("model_name", MODEL), ("reason", "client_disconnected")))
+    return parse_exposition(httpx.get(f"{server.url}/metrics").text).get(key, 0.0)
+
+
+def test_client_disconnect_mid_stream_frees_pages(server):
+    before = disconnects(server)
+    with httpx.stream("POST", f"{server.url}/v1/chat/completions", json={**LONG, "stream": True}, headers=AUTH,
+                      timeout=30) as resp:
+        assert resp.status_code == 200, resp.read()
+        lines = resp.iter_lines()    # held open: dropping the iterator would already close the stream
+        chunks = 0
+        while chunks < 4:
+            chunks += '"content"' in next(lines)
+        during = server.metrics()
+    assert during["epd:num_requests_running"] == 1 and during["epd:kv_cache_pages_in_use"] > 0
+    wait_until_idle(server)
+    assert disconnects(server) == before + 1
+
+
+def test_client_disconnect_while_waiting_for_a_json_answer_frees_pages(server):
+    before = disconnects(server)
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server.url}/v1/chat/completions", json=LONG, headers=AUTH, timeout=1.0)
+    wait_until_idle(server)
+    assert disconnects(server) == before + 1
+
+
+def test_concurrent_requests_all_complete(server):
+    prompts = [f"Tell me about the number {i}." for i in range(6)]
+    with ThreadPoolExecutor(6) as pool:
+        results = list(pool.map(lambda p: chat(server, p, max_tokens=12, extra_body={"ignore_eos": True}), prompts))
+    assert [r.usage.completion_tokens for r in results] == [12] * 6
+    assert len({r.id for r in results}) == 6
+    wait_until_idle(server)
