@@ -98,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
         url = f"http://{args.host}:{port}"
         _wait_http(url, router, args.ready_timeout)
         print(f"EPD ready on {url}/v1 (model {os.path.basename(model)}; {args.encoders}E {args.prefills}P "
-              f"{args.decodes}D; started in {time.monotonic() - t0:.1f}s; logs in {log_dir})", flush=True)
+              f"{args.decodes}D; redis {redis_url}; started in {time.monotonic() - t0:.1f}s; logs in {log_dir})",
+              flush=True)
         while not stopping["flag"]:
             if router.poll() is not None or any(not n.alive() for n in cluster.nodes):
                 print("a process exited; shutting down (see logs in " + log_dir + ")", file=sys.stderr)

@@ -53,7 +53,7 @@ _PIXELS = {"tiny": (4 * 28 * 28, 64 * 28 * 28), "full": (4 * 28 * 28, 16384 * 28
 SHARD_BYTES = 4 << 30
 
 
-def _text_dims(arch: str, preset: str) -> dict:
+def text_dims(arch: str, preset: str) -> dict:
     if arch == "qwen2_vl" and preset == "3b":
         return dict(_TEXT_QWEN2_VL_3B)
     return dict(_TEXT[preset])
@@ -61,7 +61,7 @@ def _text_dims(arch: str, preset: str) -> dict:
 
 def build_config(arch: str, preset: str, base_vocab: int) -> dict[str, Any]:
     """The config.json content, in the Hub's layout for these models."""
-    text = _text_dims(arch, preset)
+    text = text_dims(arch, preset)
     kind = "tiny" if preset == "tiny" else "full"
     if arch == "qwen2_vl":
         vision = dict(_VISION_QWEN2[kind], hidden_size=text["hidden_size"], hidden_act="quick_gelu")

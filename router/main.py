@@ -2,7 +2,7 @@
 
     epd router --model DIR [--port 8000] [--host 127.0.0.1] [--served-model-name NAME]
                [--chat-template NAME|FILE] [--api-key KEY] [--allowed-local-media-path DIR]
-               [--backend local|disagg] [--redis-url URL] [--device cpu|cuda] ...
+               [--redis-url URL] [--backend local|disagg] [--device cpu|cuda] ...
 
 Lifecycle: parse the arguments -> check the chat template -> `make_backend(args)` (local: load
 the model in-process; disagg: the node pools found through Redis) -> build the app ->
@@ -41,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-waiting", type=int, default=1024, help="answer 429 while this many requests wait")
     ap.add_argument("--max-body-bytes", type=int, default=64 << 20, help="answer 413 above this request size")
     ap.add_argument("--media-fetch-timeout", type=float, default=10.0, help="seconds to fetch one image URL")
-    ap.add_argument("--backend", default="local", choices=["local", "disagg"])
+    ap.add_argument("--backend", default=None, choices=["local", "disagg"],
+                    help="disagg: the node pools in --redis-url (the default when it is given); local: in-process")
     ap.add_argument("--redis-url", default=None, help="disagg: the Redis holding the node pools")
     ap.add_argument("--routing-policy", default="least_load", choices=["least_load", "round_robin"])
     ap.add_argument("--device", default=None, help="local: cpu or cuda (default: cuda when present)")
@@ -54,19 +55,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def make_backend(args: argparse.Namespace) -> Backend:
-    """The backend named by --backend; extend here for new kinds."""
-    if args.backend == "local":
+    """The backend named by --backend (disagg when --redis-url is given, else local); extend here for new kinds."""
+    kind = args.backend or ("disagg" if args.redis_url else "local")
+    if kind == "local":
         from router.local_backend import LocalBackend
 
         return LocalBackend(args.model, device=args.device, dtype=args.dtype, max_model_len=args.max_model_len,
                             kv_cache_tokens=args.kv_cache_tokens, max_running_requests=args.max_running_requests)
-    if args.backend == "disagg":
+    if kind == "disagg":
         if not args.redis_url:
             raise ValueError("--backend disagg needs --redis-url (the Redis the nodes register in)")
         from router.pipeline import DisaggBackend
 
         return DisaggBackend(args.model, args.redis_url, policy=args.routing_policy)
-    raise ValueError(f"unknown backend {args.backend!r}")
+    raise ValueError(f"unknown backend {kind!r}")
 
 
 async def _serve(server: uvicorn.Server, host: str) -> None:

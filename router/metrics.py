@@ -92,11 +92,14 @@ class Histogram:
 
 
 def _gauge_lines(model: Labels, stats: dict[str, float]) -> list[str]:
-    """Backend gauges: `pool_size_<role>` keys become one `epd:pool_size{pool=...}` family."""
+    """Backend gauges: `name|<role>` (and `pool_size_<role>`) keys become one `epd:name{pool=...}` family."""
     families: dict[str, list[tuple[Labels, float]]] = defaultdict(list)
     for key, value in sorted(stats.items()):
         if key.startswith("pool_size_"):
-            families["pool_size"].append(((*model, ("pool", key[len("pool_size_"):])), value))
+            key = "pool_size|" + key[len("pool_size_"):]
+        if "|" in key:
+            name, pool = key.split("|", 1)
+            families[name].append(((*model, ("pool", pool)), value))
         else:
             families[re.sub(r"[^a-zA-Z0-9_:]", "_", key)].append((model, value))
     out: list[str] = []

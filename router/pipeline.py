@@ -30,6 +30,7 @@ from kv_transfer.rooms import RoomStore
 from kv_transfer.sessions import SessionStore, Stage
 from router.backend import BackendError, BackendEvent, BackendRequest, openai_finish_reason
 from router.node_client import NodeClients
+from router.node_stats import NodeReport, gauges
 from router.pool import NoNodeError, PoolView
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,7 @@ class DisaggBackend:
         self.refresh_s = refresh_s
         self.request_timeout_s = request_timeout_s
         self.inflight: dict[str, Flight] = {}
+        self.node_reports: dict[str, NodeReport] = {}
         self._refresher: asyncio.Task | None = None
 
     # ---- lifecycle --------------------------------------------------------------------------
@@ -78,8 +80,22 @@ class DisaggBackend:
                 await asyncio.to_thread(self.pool.refresh)
                 live = {n.zmq for nodes in self.pool.nodes.values() for n in nodes.values()}
                 self.clients.forget(live | {n.zmq for f in self.inflight.values() for n in f.nodes.values()})
+                await self._poll_status()
             except Exception as e:  # noqa: BLE001 - Redis hiccups must not kill the router
                 log.warning("pool refresh failed: %s", e)
+
+    async def _poll_status(self) -> None:
+        """Ask every live node for its status (for /metrics); a node that does not answer is marked so."""
+        targets = [(role, node_id) for role, nodes in self.pool.nodes.items() for node_id in nodes]
+
+        async def ask(role: str, node_id: str) -> NodeReport:
+            try:
+                return NodeReport(role, await self.node_status(role, node_id, timeout=max(self.refresh_s, 1.0)))
+            except (TimeoutError, KeyError):
+                return NodeReport(role, None)
+
+        answers = await asyncio.gather(*(ask(role, node_id) for role, node_id in targets))
+        self.node_reports = {node_id: report for (_, node_id), report in zip(targets, answers, strict=True)}
 
     async def close(self) -> None:
         if self._refresher is not None:
@@ -92,7 +108,8 @@ class DisaggBackend:
         return all(sizes.values()), {"pools": sizes}
 
     def stats(self) -> dict[str, float]:
-        out = {"num_requests_running": float(len(self.inflight)), "num_requests_waiting": 0.0}
+        out = {"num_requests_running": float(len(self.inflight))}
+        out.update(gauges(self.node_reports))
         out.update({f"pool_size_{role}": float(n) for role, n in self.pool.sizes().items()})
         return out
 

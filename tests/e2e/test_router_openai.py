@@ -4,9 +4,6 @@ served by a local http.server, greedy output checked token for token against `tr
 
 from __future__ import annotations
 
-import base64
-import functools
-import http.server
 import subprocess
 import sys
 import threading
@@ -18,27 +15,15 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from support import hf_generate, noise_image, png_bytes
+from openai_support import IDS, assert_matches, data_uri, image_part, reference, serve_media
+from support import hf_generate
 
-from epd.config import ModelConfig
-from epd.inputs import InputProcessor
-from epd.media import load_image
 from router.metrics import parse_exposition
 
 REPO = Path(__file__).resolve().parents[2]
 KEY = "test-key"
 MODEL = "tiny-vl"
 AUTH = {"Authorization": f"Bearer {KEY}"}
-
-
-@dataclass
-class Media:
-    base_url: str
-    allowed_dir: Path
-    images: dict[str, bytes]
-
-    def url(self, name: str) -> str:
-        return f"{self.base_url}/{name}"
 
 
 @dataclass
@@ -57,20 +42,8 @@ class Server:
 
 @pytest.fixture(scope="module")
 def media(tmp_path_factory):
-    root = tmp_path_factory.mktemp("media")
-    images = {"a.png": png_bytes(noise_image(120, 80, seed=1)), "b.png": png_bytes(noise_image(64, 150, seed=2)),
-              "not-an-image.png": b"<html>this is a web page, not a picture</html>"}
-    for name, data in images.items():
-        (root / name).write_bytes(data)
-    allowed = root / "allowed"
-    allowed.mkdir()
-    (allowed / "c.png").write_bytes(png_bytes(noise_image(90, 90, seed=3)))
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
-    handler.log_message = lambda *a, **k: None   # type: ignore[attr-defined]
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield Media(f"http://127.0.0.1:{httpd.server_address[1]}", allowed, images)
-    httpd.shutdown()
+    with serve_media(tmp_path_factory.mktemp("media")) as served:
+        yield served
 
 
 @pytest.fixture(scope="module")
@@ -99,52 +72,15 @@ def server(tiny_models, media):
     assert proc.wait(20) in (0, -15), "".join(log[-30:])   # uvicorn re-raises SIGTERM once shut down
 
 
-def image_part(url: str) -> dict:
-    return {"type": "image_url", "image_url": {"url": url, "detail": "auto"}}
-
-
-def data_uri(data: bytes) -> str:
-    return "data:image/png;base64," + base64.b64encode(data).decode()
-
-
-def reference(server: Server, content: list[dict], images: list[bytes], max_tokens: int) -> tuple[list[int], list[int]]:
-    """(prompt ids, greedy output ids) from the tokenizer's own chat template and transformers."""
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(server.model_path)
-    hf_content = [{"type": "image"} if p["type"] == "image_url" else p for p in content]
-    text = tok.apply_chat_template([{"role": "user", "content": hf_content}], tokenize=False,
-                                   add_generation_prompt=True)
-    pil = [load_image(b) for b in images]
-    inp = InputProcessor(ModelConfig.from_pretrained(server.model_path), tok, 4096).process(prompt=text,
-                                                                                         image_data=pil)
-    return inp.input_ids, hf_generate(server.model_path, inp.input_ids, pil, max_tokens)
-
-
 def chat(server: Server, content: list[dict] | str, max_tokens: int = 10, **kw):
     return server.client().chat.completions.create(
         model=MODEL, messages=[{"role": "user", "content": content}], max_tokens=max_tokens, temperature=0, **kw)
 
 
-def token_ids(resp) -> list[int]:
-    return [int(entry.token.removeprefix("token_id:")) for entry in resp.choices[0].logprobs.content]
-
-
-def assert_matches(resp, prompt_ids: list[int], expected: list[int], max_tokens: int = 10) -> None:
-    assert token_ids(resp) == expected
-    assert resp.usage.prompt_tokens == len(prompt_ids)
-    assert resp.usage.completion_tokens == len(expected)
-    assert resp.usage.total_tokens == len(prompt_ids) + len(expected)
-    assert resp.choices[0].finish_reason == ("length" if len(expected) == max_tokens else "stop")
-
-
-IDS = {"logprobs": True, "extra_body": {"return_tokens_as_token_ids": True}}
-
-
 def test_image_by_http_url_equals_transformers(server, media):
     content = [image_part(media.url("a.png")), {"type": "text", "text": "What is in this picture?"}]
     resp = chat(server, content, **IDS)
-    prompt_ids, expected = reference(server, content, [media.images["a.png"]], 10)
+    prompt_ids, expected = reference(server.model_path, content, [media.images["a.png"]], 10)
     assert_matches(resp, prompt_ids, expected)
     assert resp.object == "chat.completion" and resp.model == MODEL
     assert resp.usage.prompt_tokens_details.cached_tokens == 0
@@ -158,7 +94,7 @@ def test_two_images_interleaved_stream_equals_non_stream(server, media):
                {"type": "text", "text": " and second:"}, image_part(media.url("a.png")),
                {"type": "text", "text": " which one is bluer?"}]
     whole = chat(server, content, **IDS)
-    prompt_ids, expected = reference(server, content, [media.images["b.png"], media.images["a.png"]], 10)
+    prompt_ids, expected = reference(server.model_path, content, [media.images["b.png"], media.images["a.png"]], 10)
     assert_matches(whole, prompt_ids, expected)
     chunks = list(chat(server, content, stream=True, stream_options={"include_usage": True}))
     assert chunks[0].choices[0].delta.role == "assistant"

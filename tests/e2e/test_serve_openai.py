@@ -1,0 +1,198 @@
+"""`epd serve` as a user runs it: one command starts a private Redis, an encoder, a prefill and a
+decode process and the router; the real `openai` client talks to it. Greedy output is checked
+token for token against `transformers`, a dropped stream must free pages on every node, and
+Ctrl-C must leave no process behind.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from openai_support import IDS, assert_matches, data_uri, image_part, reference, serve_media
+
+from router.metrics import parse_exposition
+
+REPO = Path(__file__).resolve().parents[2]
+KEY = "serve-key"
+MODEL = "tiny-serve"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+@dataclass
+class Serve:
+    proc: subprocess.Popen
+    url: str
+    model_path: str
+    log: list[str]
+    ready_s: float
+
+    def client(self) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=KEY, max_retries=0, timeout=60)
+
+    def metrics(self) -> dict:
+        return parse_exposition(httpx.get(f"{self.url}/metrics").text)
+
+    def gauge(self, name: str, pool: str | None = None) -> float:
+        labels = (("model_name", MODEL),) + ((("pool", pool),) if pool else ())
+        return self.metrics()[(f"epd:{name}", labels)]
+
+
+def descendants(pid: int) -> set[int]:
+    """Every live process below `pid`, from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.add(child)
+            todo.append(child)
+    return out
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory):
+    with serve_media(tmp_path_factory.mktemp("serve-media")) as served:
+        yield served
+
+
+@pytest.fixture(scope="module")
+def serve(tiny_models, media, tmp_path_factory):
+    path = tiny_models["qwen2_5_vl"]
+    cmd = [sys.executable, "-m", "epd.cli", "serve", "--model", path, "--port", "0", "--device", "cpu",
+           "--log-dir", str(tmp_path_factory.mktemp("serve-logs")), "--served-model-name", MODEL,
+           "--api-key", KEY, "--log-level", "warning"]
+    t0 = time.monotonic()
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log: list[str] = []
+    ready = threading.Event()
+
+    def drain() -> None:
+        for line in proc.stdout:  # type: ignore[union-attr]
+            log.append(line)
+            if line.startswith("EPD ready on "):
+                ready.set()
+
+    threading.Thread(target=drain, daemon=True).start()
+    if not ready.wait(240):
+        proc.kill()
+        pytest.fail("epd serve did not become ready:\n" + "".join(log))
+    line = next(line for line in log if line.startswith("EPD ready on "))
+    server = Serve(proc, line.split()[3].removesuffix("/v1"), path, log, time.monotonic() - t0)
+    print(f"\nepd serve ready after {server.ready_s:.1f}s: {line.strip()}")
+    yield server
+    if proc.poll() is None:
+        proc.kill()
+
+
+def chat(serve: Serve, content, max_tokens: int = 10, **kw):
+    return serve.client().chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": content}], max_tokens=max_tokens, temperature=0, **kw)
+
+
+def test_image_url_and_data_uri_interleaved_equal_transformers(serve, media):
+    content = [{"type": "text", "text": "Compare"}, image_part(media.url("a.png")), {"type": "text", "text": "with"},
+               image_part(data_uri(media.images["b.png"])), {"type": "text", "text": "please."}]
+    whole = chat(serve, content, **IDS)
+    prompt_ids, expected = reference(serve.model_path, content, [media.images["a.png"], media.images["b.png"]], 10)
+    assert_matches(whole, prompt_ids, expected)
+    assert whole.usage.prompt_tokens_details.image_tokens > 0
+    chunks = list(chat(serve, content, stream=True, stream_options={"include_usage": True}))
+    with_choices = [c for c in chunks if c.choices]
+    assert with_choices[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in with_choices) == whole.choices[0].message.content
+    assert with_choices[-1].choices[0].finish_reason == whole.choices[0].finish_reason
+    usage = chunks[-1].usage
+    assert chunks[-1].choices == [] and (usage.prompt_tokens, usage.completion_tokens) == (len(prompt_ids), 10)
+    timings = chunks[-1].model_extra["epd_timings"]
+    assert timings["encode_ms"] > 0 and timings["prefill_ms"] > 0 and "transfer_ms" in timings
+
+
+def test_single_image_and_text_only_equal_transformers(serve, media):
+    one = [image_part(media.url("b.png")), {"type": "text", "text": "Describe it."}]
+    prompt_ids, expected = reference(serve.model_path, one, [media.images["b.png"]], 10)
+    assert_matches(chat(serve, one, **IDS), prompt_ids, expected)
+    text = [{"type": "text", "text": "Write a short poem about the sea."}]
+    prompt_ids, expected = reference(serve.model_path, text, [], 10)
+    assert_matches(chat(serve, text, **IDS), prompt_ids, expected)
+
+
+def test_models_health_and_metrics_show_every_pool(serve):
+    assert [m.id for m in serve.client().models.list().data] == [MODEL]
+    health = httpx.get(f"{serve.url}/health")
+    assert health.status_code == 200 and health.json()["status"] == "ready"
+    for pool in ("encoder", "prefill", "decode"):
+        assert serve.gauge("pool_size", pool) == 1
+        assert serve.gauge("node_integrity_failures", pool) == 0
+    assert serve.gauge("node_kv_pages_total", "decode") > 0 and serve.gauge("node_kv_pages_total", "prefill") > 0
+    before = serve.metrics().get(("epd:generation_tokens_total", (("model_name", MODEL),)), 0)
+    chat(serve, "Count to five.", max_tokens=5, extra_body={"ignore_eos": True})
+    assert serve.gauge("generation_tokens_total") == before + 5
+
+
+@pytest.mark.parametrize("body, status, text", [
+    ({"model": "gpt-4o", "messages": [{"role": "user", "content": "x"}]}, 404, "does not exist"),
+    ({"model": MODEL}, 400, "Field required"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": [image_part("http://127.0.0.1:9/x.png")]}]}, 400,
+     "URL fetch failed"),
+])
+def test_errors_are_openai_shaped_and_serving_goes_on(serve, body, status, text):
+    resp = httpx.post(f"{serve.url}/v1/chat/completions", json=body, headers=AUTH, timeout=30)
+    assert resp.status_code == status and text in resp.json()["error"]["message"]
+    assert chat(serve, "still there?", max_tokens=2).usage.completion_tokens == 2
+
+
+def wait_for_pages(serve: Serve, pool: str, busy: bool, timeout: float = 10.0) -> float:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        in_use = serve.gauge("node_kv_pages_in_use", pool)
+        if (in_use > 0) == busy:
+            return in_use
+        time.sleep(0.1)
+    raise AssertionError(f"{pool} pages in use still {in_use} after {timeout}s (wanted busy={busy})")
+
+
+def test_client_disconnect_mid_stream_frees_pages_on_every_node(serve, media):
+    body = {"model": MODEL, "stream": True, "max_tokens": 2000, "ignore_eos": True, "temperature": 0,
+            "messages": [{"role": "user", "content": [image_part(media.url("a.png")), {"type": "text", "text": "Go"}]}]}
+    with httpx.stream("POST", f"{serve.url}/v1/chat/completions", json=body, headers=AUTH, timeout=30) as resp:
+        assert resp.status_code == 200
+        lines = resp.iter_lines()
+        seen = 0
+        while seen < 5:
+            seen += '"content"' in next(lines)
+        assert wait_for_pages(serve, "decode", busy=True) > 0
+    for pool in ("prefill", "decode"):
+        wait_for_pages(serve, pool, busy=False)
+        assert serve.gauge("node_integrity_failures", pool) == 0
+    assert serve.gauge("num_requests_running") == 0
+    assert chat(serve, "and again", max_tokens=3).usage.completion_tokens == 3
+
+
+def test_ctrl_c_stops_every_process(serve):
+    """Last in this module: it ends the server."""
+    children = descendants(serve.proc.pid)
+    assert len(children) >= 5   # redis, encoder, prefill, decode, router
+    serve.proc.send_signal(signal.SIGINT)
+    assert serve.proc.wait(60) == 0, "".join(serve.log[-20:])
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(os.path.exists(f"/proc/{pid}") for pid in children):
+        time.sleep(0.1)
+    left = [pid for pid in children if os.path.exists(f"/proc/{pid}")]
+    assert not left, f"processes left behind after Ctrl-C: {left}"
