@@ -44,6 +44,7 @@ class Incoming:
     next_group: int = 0
     meta: dict | None = None
     landed_at: float = 0.0
+    first_kv_at: float = 0.0   # when the first layer group was taken from the transport
 
 
 class DecodeService:
@@ -98,7 +99,7 @@ class DecodeService:
         self._watch()
         events = self.core.step()
         self._emit(events)
-        return bool(events) or bool(self.awaiting_kv)
+        return bool(events)   # waiting for KV: the loop sleeps until the transport wakes it
 
     def load(self) -> float:
         return float(len(self.running) + len(self.awaiting_kv) + len(self.awaiting_pages))
@@ -124,6 +125,7 @@ class DecodeService:
         for rid, inc in list(self.awaiting_kv.items()):
             try:
                 while (msg := transport.poll(f"{rid}:kv:{inc.next_group}")) is not None:
+                    inc.first_kv_at = inc.first_kv_at or time.monotonic()
                     lo, hi = msg.meta["layers"]
                     scatter_kv(msg.tensors[0].to(self.core.device), self.core.kv.layers[lo:hi], inc.req.pages)
                     inc.next_group += 1
@@ -182,7 +184,8 @@ class DecodeService:
             if ev.finished:
                 del self.running[ev.rid]
                 timings = {**(inc.meta or {}).get("timings", {}),   # the prefill node's queue/prefill times
-                           "transfer_ms": (inc.landed_at - inc.arrived) * 1e3,
+                           "kv_wait_ms": (inc.landed_at - inc.arrived) * 1e3,
+                           "transfer_ms": (inc.landed_at - (inc.first_kv_at or inc.landed_at)) * 1e3,
                            "decode_ms": (time.monotonic() - inc.landed_at) * 1e3}
             self.runtime.send(inc.identity, protocol.TokenDelta(
                 ev.rid, [ev.token_id], ev.text,

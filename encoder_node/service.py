@@ -59,6 +59,7 @@ class EncoderService:
         self.max_batch_images = max_batch_images
         self.pending: OrderedDict[str, tuple[bytes, protocol.EncodeRequest, float]] = OrderedDict()
         self.runtime: Any = None   # set by main: NodeRuntime (send, transport, node_id)
+        self.preprocess_ms = 0.0   # of the last batch
         self._warm_up()
 
     def _warm_up(self) -> None:
@@ -98,12 +99,15 @@ class EncoderService:
         for (identity, req, arrived), (embeds, grids) in zip(batch, results, strict=True):
             meta = {"grids": [list(g) for g in grids]}
             self.runtime.transport.send(req.prefill_ucx, f"{req.rid}:emb", embeds, meta=meta)
-            self._report(identity, req, ok=True, timings={"queue_ms": (t0 - arrived) * 1e3, "encode_ms": encode_ms})
+            self._report(identity, req, ok=True, timings={
+                "encoder_queue_ms": (t0 - arrived) * 1e3, "encode_ms": encode_ms,
+                "preprocess_ms": self.preprocess_ms, "vision_ms": encode_ms - self.preprocess_ms})
         return True
 
     def _encode(self, batch) -> list[tuple[list[torch.Tensor], list[tuple[int, int, int]]]]:
         """One vision forward for every image of the batch that is not cached."""
         per_request, todo = [], []
+        t0 = time.monotonic()
         for _, req, _ in batch:
             slots = []
             for payload in req.images:
@@ -114,6 +118,7 @@ class EncoderService:
                     todo.append((payload["content_hash"], pre))
                 slots.append(payload["content_hash"])
             per_request.append(slots)
+        self.preprocess_ms = (time.monotonic() - t0) * 1e3
         if todo:
             pixels = torch.cat([pre.pixel_values for _, pre in todo])
             grids = torch.tensor([pre.grid_thw for _, pre in todo])

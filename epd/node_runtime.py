@@ -5,7 +5,9 @@ Lifecycle of a node process (`run_node`):
   2. `NodeRuntime` binds a ZMQ ROUTER socket, starts the UCX `KVTransport`, publishes the KV
      layout and registers `epd:node:{role}:{id}` in Redis with a heartbeat;
   3. loop: drain control messages -> `service.handle`, then `service.tick()` (poll transfers,
-     run one model step); the heartbeat carries `service.load()`;
+     run one model step); when a tick did no work the loop sleeps in poll() until a control
+     message arrives, the transport signals a landed message or finished send, or 5 ms pass;
+     the heartbeat carries `service.load()`;
   4. on SIGTERM / SIGINT: deregister, `service.shutdown()`, close sockets.
 A role's service implements: handle(identity, msg), tick() -> bool (did work), load() -> float,
 shutdown().
@@ -19,6 +21,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 import time
 import uuid
 from dataclasses import dataclass
@@ -72,7 +75,9 @@ class NodeArgs:
         ap.add_argument("--kv-cache-tokens", type=int, default=None)
         ap.add_argument("--mem-fraction", type=float, default=0.85)
         ap.add_argument("--dtype", default=None)
-        ap.add_argument("--layer-group-size", type=int, default=4, help="layers per KV transfer message")
+        ap.add_argument("--layer-group-size", type=int, default=0,
+                        help="layers per KV transfer message, streamed as prefill goes; 0 = all in one message "
+                             "after the last layer (fastest TTFT measured on one H100, see BENCHMARKS.md)")
         ap.add_argument("--kv-timeout", type=float, default=60.0, help="seconds a request may wait for its KV")
         ap.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
         a = ap.parse_args(argv)
@@ -127,6 +132,9 @@ class NodeRuntime:
             port = self.sock.bind_to_random_port(f"tcp://{args.host}")
         self.zmq_address = f"{args.host}:{port}"
         self.transport = KVTransport(args.host, 0, device=device)
+        self.poller = zmq.Poller()   # control messages, or a KV/embedding message landing
+        self.poller.register(self.sock, zmq.POLLIN)
+        self.poller.register(self.transport.wakeup_fd, zmq.POLLIN)
         layout_hash = ""
         if layout is not None:
             layout_hash = layout.layout_hash()
@@ -140,8 +148,12 @@ class NodeRuntime:
     def recv(self, timeout_ms: int) -> list[tuple[bytes, Any]]:
         """Drain the control socket; waits up to timeout_ms for the first message."""
         out = []
-        if not self.sock.poll(timeout_ms):
-            return out
+        if timeout_ms:
+            ready = dict(self.poller.poll(timeout_ms))
+            if self.transport.wakeup_fd in ready:
+                self.transport.drain_wakeups()
+            if self.sock not in ready:
+                return out
         while True:
             try:
                 identity, frame = self.sock.recv_multipart(zmq.NOBLOCK)
@@ -174,6 +186,9 @@ def run_node(runtime: NodeRuntime, service: Service) -> None:
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
+    # The transport's network thread needs the GIL for every UCX completion; while this loop is
+    # busy it would otherwise wait up to the default 5 ms switch interval each time.
+    sys.setswitchinterval(0.0005)
     print(f"EPD {runtime.args.role} node {runtime.node_id} ready: zmq {runtime.zmq_address} "
           f"ucx {runtime.transport.address}", flush=True)
     busy = False

@@ -21,7 +21,7 @@ import enum
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
@@ -84,7 +84,8 @@ def _spec_mismatch(specs: Sequence[TensorSpec], buffers: Sequence[torch.Tensor])
 class Inbox:
     """Thread-safe map key -> Slot with blocking waits."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_change: Callable[[], None] | None = None) -> None:
+        self._on_change = on_change or (lambda: None)   # called whenever a slot finishes or fails
         self._slots: dict[str, Slot] = {}
         self._cond = threading.Condition()
         self._closed: BaseException | None = None
@@ -195,6 +196,7 @@ class Inbox:
             slot.state, slot.message, slot.updated = SlotState.DONE, msg, time.monotonic()
             slot.buffers = []
             self._cond.notify_all()
+            self._on_change()
 
     def on_failed(self, slot: Slot, error: BaseException) -> None:
         with self._cond:
@@ -220,6 +222,7 @@ class Inbox:
                 if slot.state in (SlotState.EXPECTED, SlotState.RECEIVING):
                     self._fail_locked(slot, error)
             self._cond.notify_all()
+            self._on_change()
 
     def sweep(self, max_age_s: float) -> int:
         """Drop DONE / FAILED slots nobody claimed for `max_age_s`; returns how many."""
@@ -245,6 +248,7 @@ class Inbox:
         slot.state, slot.error, slot.updated = SlotState.FAILED, error, time.monotonic()
         slot.buffers = []
         self._cond.notify_all()
+        self._on_change()
 
 
 def _copy_into(msg: Message, buffers: list[torch.Tensor]) -> None:

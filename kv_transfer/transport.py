@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 from collections.abc import Sequence
 from concurrent.futures import Future
@@ -102,7 +103,13 @@ class KVTransport:
         connect_timeout_s: float = 5.0,
         unclaimed_ttl_s: float = 300.0,
     ) -> None:
-        self._inbox = Inbox()
+        # A byte lands on this pipe whenever a message finishes or fails and whenever a send
+        # completes, so a node's loop can sleep in poll() on it instead of spinning (a spinning
+        # thread holds the GIL that this transport's network thread needs).
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._inbox = Inbox(on_change=self._wake)
         self._unclaimed_ttl_s = unclaimed_ttl_s
         self._pending: set[Future[SendReport]] = set()
         self._pending_lock = threading.Lock()
@@ -172,6 +179,7 @@ class KVTransport:
             else:
                 nbytes, seconds = f.result()
                 outer.set_result(SendReport(key, peer, nbytes, seconds))
+            self._wake()
 
         inner.add_done_callback(_done)
         return outer
@@ -215,6 +223,25 @@ class KVTransport:
         """Forget `key`. The future is done once nothing more can be written to its buffers."""
         return self._inbox.cancel(key)
 
+    # ---- waking a caller's loop ---------------------------------------------------------
+    @property
+    def wakeup_fd(self) -> int:
+        """Readable after a message finished or failed or a send completed; see `drain_wakeups`."""
+        return self._wake_r
+
+    def drain_wakeups(self) -> None:
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except (BlockingIOError, OSError):
+            pass
+
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"\0")
+        except (BlockingIOError, OSError):   # full (a wake-up is pending anyway) or closed
+            pass
+
     # ---- lifecycle ---------------------------------------------------------------------
     def close(self) -> None:
         """Fail everything pending with TransportClosedError and stop the network thread."""
@@ -232,6 +259,8 @@ class KVTransport:
             stranded, self._pending = self._pending, set()
         for fut in stranded:  # sends whose coroutine never got to finish
             fut.set_exception(TransportClosedError("transport closed"))
+        for fd in (self._wake_r, self._wake_w):
+            os.close(fd)
 
     def __enter__(self) -> KVTransport:
         return self

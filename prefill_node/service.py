@@ -44,13 +44,20 @@ class Pending:
     pages: list[int] = dataclasses.field(default_factory=list)
     sends: list[Any] = dataclasses.field(default_factory=list)
     sent_at: float = 0.0
+    embeddings_at: float = 0.0   # when the encoder's embeddings landed (arrived, for text-only requests)
+
+    def waits(self) -> dict[str, float]:
+        """ms waiting for the encoder's embeddings, then for the scheduler."""
+        return {"embeddings_wait_ms": (self.embeddings_at - self.arrived) * 1e3,
+                "queue_ms": (self.started - self.embeddings_at) * 1e3}
 
 
 class PrefillService:
     def __init__(self, core: EngineCore, layout: KVLayout, group_size: int) -> None:
         self.core = core
         self.layout = layout
-        self.groups = layer_groups(core.model_config.text.num_layers, group_size)
+        num_layers = core.model_config.text.num_layers
+        self.groups = layer_groups(num_layers, group_size or num_layers)
         self.awaiting: dict[str, Pending] = {}
         self.active: dict[str, Pending] = {}        # in the scheduler
         self.transferring: dict[str, Pending] = {}
@@ -65,6 +72,7 @@ class PrefillService:
             if msg.grids:
                 self.awaiting[msg.rid] = p
             else:
+                p.embeddings_at = p.arrived
                 self._start(p, [])
         elif isinstance(msg, protocol.Abort):
             self._abort(msg.rid)
@@ -99,7 +107,7 @@ class PrefillService:
         self._poll_embeddings()
         stepped = self._step()
         self._poll_transfers()
-        return stepped or bool(self.transferring)
+        return stepped   # waiting for embeddings or sends: the loop sleeps until the transport wakes it
 
     def load(self) -> float:
         return float(len(self.awaiting) + len(self.active))
@@ -118,6 +126,7 @@ class PrefillService:
                     self._report(p, "encode", ok=False, error="encoder grids do not match the router's")
                     continue
                 dtype, device = self.core.dtype, self.core.device
+                p.embeddings_at = time.monotonic()
                 self._start(p, [t.to(device, dtype) for t in msg.tensors])
 
     def _step(self) -> bool:
@@ -161,7 +170,7 @@ class PrefillService:
             req = p.req
             now = time.monotonic()
             meta = {"first_token": result.token_ids[i], "mrope_delta": req.inp.mrope_delta,
-                    "timings": {"queue_ms": (p.started - p.arrived) * 1e3, "prefill_ms": (now - p.started) * 1e3},
+                    "timings": {**p.waits(), "prefill_ms": (now - p.started) * 1e3},
                     "prompt_len": req.prompt_len, "num_groups": len(self.groups), "layout": self.layout.to_dict(),
                     "logprob": result.logprobs[i] if result.logprobs else None,
                     "top_logprobs": [list(x) for x in result.top_logprobs[i]] if result.top_logprobs else None}
@@ -194,7 +203,7 @@ class PrefillService:
                      rid, p.msg.decode_node, nbytes, seconds * 1e3,
                      sum(r.gbps for r in reports if r.seconds > 0) / max(1, len(reports)))
             self._report(p, "prefill", ok=True, timings={
-                "queue_ms": (p.started - p.arrived) * 1e3, "prefill_ms": (p.sent_at - p.started) * 1e3,
+                **p.waits(), "prefill_ms": (p.sent_at - p.started) * 1e3,
                 "transfer_tail_ms": seconds * 1e3}, info={"kv_bytes": nbytes})
 
     def _report(self, p: Pending, stage: str, ok: bool, error: str = "", timings: dict | None = None,

@@ -51,6 +51,7 @@ class _Stream:
     inp: ProcessedInput
     params: SamplingParams
     submitted: float                       # time.monotonic() when posted to the engine thread
+    input_ms: float = 0.0                  # tokenizing, loading and preprocessing the images
     image_tokens: int = 0
     req: Request | None = None             # set by the engine thread once added to the core
     scheduled: float | None = None
@@ -104,9 +105,11 @@ class LocalBackend:
     async def generate(self, req: BackendRequest) -> AsyncIterator[BackendEvent]:
         if not self._thread.is_alive():
             raise BackendError("the engine thread has stopped", 503, code="engine_stopped")
+        received = time.monotonic()
         inp = await self._process(req)
         stream = _Stream(req.rid, asyncio.get_running_loop(), asyncio.Queue(), inp, req.params,
                          time.monotonic(), image_tokens=sum(im.num_tokens for im in inp.images))
+        stream.input_ms = (stream.submitted - received) * 1e3
         self._posted += 1
         self._commands.put(_Add(stream))
         finished = False
@@ -239,7 +242,8 @@ class LocalBackend:
         timings: dict[str, float] = {}
         if ev.finished:
             scheduled = s.scheduled or started
-            timings = {"queue_ms": (scheduled - s.submitted) * 1e3, "prefill_ms": (s.first_token - scheduled) * 1e3,
+            timings = {"input_ms": s.input_ms, "queue_ms": (scheduled - s.submitted) * 1e3,
+                       "prefill_ms": (s.first_token - scheduled) * 1e3,
                        "transfer_ms": 0.0, "decode_ms": (now - s.first_token) * 1e3}
         reason = ev.finish_reason or {}
         return BackendEvent(

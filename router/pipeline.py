@@ -127,12 +127,14 @@ class DisaggBackend:
     # ---- one request ------------------------------------------------------------------------
     async def generate(self, req: BackendRequest) -> AsyncIterator[BackendEvent]:
         await self.start()
+        received = time.monotonic()
         try:
             inp = await asyncio.to_thread(self.inputs.process, prompt=req.prompt, input_ids=req.input_ids,
                                           image_data=req.images or None)
         except ValueError as e:
             raise BackendError(str(e), 400, getattr(e, "param", None)) from None
         flight = await asyncio.to_thread(self._plan, req, inp)
+        flight.timings["input_ms"] = (time.monotonic() - received) * 1e3
         queue = self.clients.subscribe(req.rid)
         self.inflight[req.rid] = flight
         try:
@@ -181,17 +183,17 @@ class DisaggBackend:
     async def _dispatch(self, req: BackendRequest, inp: ProcessedInput, flight: Flight) -> None:
         p, d = flight.nodes["prefill"], flight.nodes["decode"]
         params = _params_dict(req)
-        await self.clients.send(d.zmq, protocol.DecodeRequest(req.rid, inp.input_ids, params, p.node_id,
-                                                              p.layout_hash))
-        await self.clients.send(p.zmq, protocol.PrefillRequest(
-            req.rid, inp.input_ids, [list(im.grid_thw) for im in inp.images], params, d.node_id, d.ucx,
-            flight.nodes["encoder"].node_id if inp.images else ""))
-        if inp.images:
+        if inp.images:   # first: the encoder is the head of the critical path
             images = [dataclasses.asdict(protocol.ImagePayload(im.source.width, im.source.height,
                                                                im.source.tobytes(), im.content_hash or ""))
                       for im in inp.images]
             await self.clients.send(flight.nodes["encoder"].zmq, protocol.EncodeRequest(req.rid, images,
                                                                                        p.node_id, p.ucx))
+        await self.clients.send(p.zmq, protocol.PrefillRequest(
+            req.rid, inp.input_ids, [list(im.grid_thw) for im in inp.images], params, d.node_id, d.ucx,
+            flight.nodes["encoder"].node_id if inp.images else ""))
+        await self.clients.send(d.zmq, protocol.DecodeRequest(req.rid, inp.input_ids, params, p.node_id,
+                                                              p.layout_hash))
         await asyncio.to_thread(self.sessions.advance, req.rid, Stage.ENCODING if inp.images else Stage.PREFILLING)
 
     async def _relay(self, req: BackendRequest, inp: ProcessedInput, flight: Flight,

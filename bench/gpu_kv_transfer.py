@@ -1,0 +1,220 @@
+"""KV transfer prefill -> decode over UCX between two processes on one GPU (BENCHMARKS.md item 4).
+
+    python -m bench.gpu_kv_transfer --preset 7b --tokens 1024,4096,16384 --out kv.json
+
+What one transfer is here, the same path the nodes take: the sender ("prefill") holds a
+request's KV scattered over a paged pool of the preset's layout; for each layer group it
+gathers the request's tokens into one wire tensor (`gather_kv`) and sends it (`KVTransport`);
+the receiver ("decode", a second process on the same GPU) takes each group as it lands and
+scatters it into its own pages (`scatter_kv`). Time = first gather started (sender) -> last
+scatter finished on the GPU (receiver), both read from CLOCK_MONOTONIC, which the two
+processes share. GB/s = the request's KV bytes / that time. The receiver checks that its
+pages hold exactly the sender's values. Rounds 0..warmup-1 pay for connecting and for CUDA IPC
+mapping and are not counted; the median of the rest is reported.
+
+Alongside, in the same processes: the gather and scatter kernels alone (CUDA events), and a
+device-to-device copy of the same bytes, which is the ceiling a transfer could reach.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any
+
+import torch
+
+from epd.tiny_model import text_dims
+from kv_transfer.kv_codec import gather_kv, layer_groups, scatter_kv
+from kv_transfer.transport import KVTransport
+
+PAGE_SIZE = 16
+
+
+class PagedKV:
+    """A preset's paged KV pool on one device, and one request's page table in it."""
+
+    def __init__(self, preset: str, max_tokens: int, device: str, seed: int) -> None:
+        dims = text_dims("qwen2_5_vl", preset)
+        self.num_layers = dims["num_hidden_layers"]
+        self.kv_heads = dims["num_key_value_heads"]
+        self.head_dim = dims["hidden_size"] // dims["num_attention_heads"]
+        num_pages = max_tokens // PAGE_SIZE * 5 // 4 + 1
+        gen = torch.Generator(device=device).manual_seed(seed)
+        self.layers = [torch.randn(num_pages, 2, PAGE_SIZE, self.kv_heads, self.head_dim, generator=gen,
+                                   device=device).to(torch.bfloat16) for _ in range(self.num_layers)]
+        self.order = torch.randperm(num_pages, generator=gen, device=device)   # scattered, like a busy pool
+
+    def pages(self, num_tokens: int) -> torch.Tensor:
+        return self.order[: -(-num_tokens // PAGE_SIZE)]
+
+    def bytes_per_token(self) -> int:
+        return self.num_layers * 2 * self.kv_heads * self.head_dim * 2
+
+    def checksum(self, num_tokens: int) -> float:
+        """Sum of the request's K and V values over every layer (float64), page order independent."""
+        pages = self.pages(num_tokens)
+        return sum(float(gather_kv([layer], pages, num_tokens).double().sum()) for layer in self.layers)
+
+
+def _key(tokens: int, round_: int, group: int) -> str:
+    return f"kv:{tokens}:{round_}:{group}"
+
+
+def receive(args: argparse.Namespace) -> None:
+    """Child ("decode"): land every transfer in its own pages and report when each finished."""
+    sizes = [int(x) for x in args.tokens.split(",")]
+    kv = PagedKV(args.preset, max(sizes), args.device, seed=1)
+    groups = layer_groups(kv.num_layers, args.group_size)
+    with KVTransport(args.host, device=args.device) as t:
+        print(json.dumps({"address": t.address}), flush=True)
+        for tokens in sizes:
+            for r in range(args.rounds):
+                pages = kv.pages(tokens)
+                for gi, group in enumerate(groups):
+                    msg = t.wait(_key(tokens, r, gi), timeout=120)
+                    scatter_kv(msg.tensors[0], kv.layers[group.start:group.stop], pages)
+                _sync()
+                landed = time.monotonic()
+                print(json.dumps({"tokens": tokens, "round": r, "landed": landed,
+                                  "checksum": kv.checksum(tokens)}), flush=True)
+        print(json.dumps({"scatter_ms": {n: _scatter_ms(kv, groups, n) for n in sizes}}), flush=True)
+
+
+def _scatter_ms(kv: PagedKV, groups: list[range], tokens: int) -> float:
+    """The receiver's scatter kernels alone, for one request of `tokens`."""
+    pages = kv.pages(tokens)
+    wires = [gather_kv(kv.layers[g.start:g.stop], pages, tokens) for g in groups]
+    pairs = list(zip(wires, groups, strict=True))
+    return _cuda_ms(lambda: [scatter_kv(w, kv.layers[g.start:g.stop], pages) for w, g in pairs])
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _cuda_ms(fn, repeats: int = 5) -> float:
+    """Median device time of `fn` (wall time on a machine without CUDA)."""
+    fn()
+    times = []
+    if not torch.cuda.is_available():
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start) * 1e3)
+        return statistics.median(times)
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def _read_json(child: subprocess.Popen[str]) -> dict[str, Any]:
+    assert child.stdout is not None
+    for line in child.stdout:
+        if line.startswith("{"):
+            return json.loads(line)
+        sys.stderr.write(line)
+    raise RuntimeError(f"receiver exited with {child.wait()}")
+
+
+def _send_one(t: KVTransport, address: str, kv: PagedKV, groups: list[range], tokens: int, round_: int) -> float:
+    """Gather and send every group of one request; returns the monotonic start time."""
+    _sync()
+    started = time.monotonic()
+    pages = kv.pages(tokens)
+    futures = []
+    for gi, group in enumerate(groups):
+        wire = gather_kv(kv.layers[group.start:group.stop], pages, tokens)
+        futures.append(t.send(address, _key(tokens, round_, gi), [wire], meta={"group": gi}))
+    for f in futures:
+        f.result(timeout=120)
+    return started
+
+
+def copy_ms(nbytes: int, device: str) -> float:
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    return _cuda_ms(lambda: dst.copy_(src), repeats=10)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    sizes = [int(x) for x in args.tokens.split(",")]
+    cmd = [sys.executable, "-m", "bench.gpu_kv_transfer", "--receive", "--preset", args.preset, "--tokens",
+           args.tokens, "--rounds", str(args.rounds), "--group-size", str(args.group_size), "--device", args.device]
+    child = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    kv = PagedKV(args.preset, max(sizes), args.device, seed=0)
+    groups = layer_groups(kv.num_layers, args.group_size)
+    rows = []
+    try:
+        address = _read_json(child)["address"]
+        with KVTransport(args.host, device=args.device) as t:
+            for tokens in sizes:
+                ms = []
+                for r in range(args.rounds):
+                    started = _send_one(t, address, kv, groups, tokens, r)
+                    landed = _read_json(child)
+                    if abs(landed["checksum"] - kv.checksum(tokens)) > 1e-6 * max(1.0, abs(landed["checksum"])):
+                        raise SystemExit(f"{tokens} tokens round {r}: the receiver's pages differ from the sender's")
+                    if r >= args.warmup:
+                        ms.append((landed["landed"] - started) * 1e3)
+                rows.append(_row(kv, groups, tokens, ms, args.device))
+        scatter = _read_json(child)["scatter_ms"]
+    finally:
+        try:
+            child.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            child.kill()
+    for row in rows:
+        row["scatter_ms"] = round(scatter[str(row["tokens"])], 3)
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    return {"preset": args.preset, "layer_group_size": args.group_size, "page_size": PAGE_SIZE,
+            "rounds_timed": args.rounds - args.warmup, "device": device, "rows": rows}
+
+
+def _row(kv: PagedKV, groups: list[range], tokens: int, ms: list[float], device: str) -> dict[str, Any]:
+    nbytes = kv.bytes_per_token() * tokens
+    pages = kv.pages(tokens)
+    gather = _cuda_ms(lambda: [gather_kv(kv.layers[g.start:g.stop], pages, tokens) for g in groups])
+    copy = copy_ms(nbytes, device)
+    median = statistics.median(ms)
+    return {"tokens": tokens, "kv_bytes": nbytes, "messages": len(groups), "transfer_ms": round(median, 3),
+            "transfer_ms_all": [round(x, 3) for x in ms], "gbps": round(nbytes / median / 1e6, 1),
+            "gather_ms": round(gather, 3), "copy_ms": round(copy, 3), "copy_gbps": round(nbytes / copy / 1e6, 1),
+            "fraction_of_copy": round(copy / median, 3)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--preset", default="7b", choices=["tiny", "3b", "7b"])
+    ap.add_argument("--tokens", default="1024,4096,16384", help="prompt lengths, comma-separated")
+    ap.add_argument("--group-size", type=int, default=4, help="layers per message (the nodes' default)")
+    ap.add_argument("--rounds", type=int, default=8)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--receive", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.receive:
+        receive(args)
+        return
+    report = run(args)
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text)
+
+
+if __name__ == "__main__":
+    main()
