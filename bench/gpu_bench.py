@@ -10,8 +10,8 @@ Sections, per model (JSON written after each, so a run cut short still reports w
   3. prefill tokens/s and MFU (against this run's measured bf16 matmul rate), 1x4096 and 8x1024;
   5. vision-tower images/s against transformers' tower on the same weights (1280x720 image);
   profile: torch.profiler device-time summary of one batch-1 decode (graph replay and eager).
-Sections 4 (KV transfer over UCX) and 5a (disaggregated TTFT) belong to the node processes;
-their keys ("kv_transfer", "disagg_ttft") are present and null so that a later run can fill them.
+Sections 4 (KV transfer over UCX) and 5a (disaggregated TTFT) need two or more processes:
+`python3 -m bench.gpu_kv_transfer` and `python3 -m bench.gpu_disagg_ttft` write their own JSON.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ class Report:
         self.path = path
         self.data: dict = {"schema": SCHEMA, "command": "python3 -m bench.gpu_bench " + " ".join(argv),
                            "machine": _machine(), "ceilings": None, "models": {},
-                           "kv_transfer": None, "disagg_ttft": None, "errors": []}
+                           "errors": []}
 
     def save(self) -> None:
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
