@@ -146,15 +146,24 @@ def test_models_health_and_metrics_show_every_pool(serve):
     assert serve.gauge("generation_tokens_total") == before + 5
 
 
-@pytest.mark.parametrize("body, status, text", [
-    ({"model": "gpt-4o", "messages": [{"role": "user", "content": "x"}]}, 404, "does not exist"),
-    ({"model": MODEL}, 400, "Field required"),
-    ({"model": MODEL, "messages": [{"role": "user", "content": [image_part("http://127.0.0.1:9/x.png")]}]}, 400,
-     "URL fetch failed"),
-])
-def test_errors_are_openai_shaped_and_serving_goes_on(serve, body, status, text):
-    resp = httpx.post(f"{serve.url}/v1/chat/completions", json=body, headers=AUTH, timeout=30)
-    assert resp.status_code == status and text in resp.json()["error"]["message"]
+def _with_image(url: str) -> dict:
+    return {"model": MODEL, "messages": [{"role": "user", "content": [image_part(url)]}]}
+
+
+@pytest.mark.parametrize("make_body, status, text", [
+    (lambda m: {"model": "gpt-4o", "messages": [{"role": "user", "content": "x"}]}, 404, "does not exist"),
+    (lambda m: b'{"model": "tiny-serve", "messages": [', 400, "not valid JSON"),
+    (lambda m: {"model": MODEL}, 400, "Field required"),
+    (lambda m: _with_image("http://127.0.0.1:9/x.png"), 400, "URL fetch failed"),
+    (lambda m: _with_image(m.url("not-an-image.png")), 400, "not a recognised image format"),
+], ids=["unknown_model", "malformed_json", "missing_messages", "unreachable_url", "non_image_bytes"])
+def test_errors_are_openai_shaped_and_serving_goes_on(serve, media, make_body, status, text):
+    body = make_body(media)
+    kw = {"content": body, "headers": {**AUTH, "Content-Type": "application/json"}} if isinstance(body, bytes) \
+        else {"json": body, "headers": AUTH}
+    resp = httpx.post(f"{serve.url}/v1/chat/completions", timeout=30, **kw)
+    assert resp.status_code == status and text in resp.json()["error"]["message"], resp.text
+    assert resp.json()["error"]["type"] == "invalid_request_error"
     assert chat(serve, "still there?", max_tokens=2).usage.completion_tokens == 2
 
 
