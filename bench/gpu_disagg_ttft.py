@@ -1,6 +1,6 @@
 """TTFT colocated vs disaggregated on one GPU (BENCHMARKS.md item 5a).
 
-    python -m bench.gpu_disagg_ttft --model DIR --out ttft.json [--requests 20] [--layer-group-sizes 4,12]
+    python -m bench.gpu_disagg_ttft --model DIR --out ttft.json [--requests 20] [--variant '--no-kv-ipc' ...]
 
 The same request stream goes first to a colocated server (`epd router --backend local`: one
 process runs the vision tower, prefill and decode in its engine steps), then to `epd serve`
@@ -139,7 +139,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-tokens", type=int, default=4)
     ap.add_argument("--kv-cache-tokens", type=int, default=32768, help="per process, so three fit on one GPU")
     ap.add_argument("--ready-timeout", type=float, default=600)
-    ap.add_argument("--layer-group-sizes", default="4", help="disaggregated runs, one per KV layer-group size")
+    ap.add_argument("--variant", action="append", default=None,
+                    help="extra node arguments of one disaggregated run, e.g. '--layer-group-size 4' or "
+                         "'--no-kv-ipc'; repeat for several runs (default: one run with the defaults)")
     ap.add_argument("--device", default="cuda", choices=["cpu", "cuda"])
     ap.add_argument("--log-dir", default="/tmp")
     ap.add_argument("--out", default=None)
@@ -153,12 +155,12 @@ def main(argv: list[str] | None = None) -> None:
                                            str(args.kv_cache_tokens), *common], url, args, text)
     report: dict[str, Any] = {"model": args.model, "text_tokens": args.text_tokens,
                               "image": "1280x720 JPEG, random pixels", "colocated": colocated}
-    for i, group_size in enumerate(args.layer_group_sizes.split(",")):
-        node_args = f"--kv-cache-tokens {args.kv_cache_tokens} --layer-group-size {group_size}"
-        disagg = measure(f"disaggregated-g{group_size}", py + ["serve", "--device", args.device, "--log-dir",
-                                                                args.log_dir, "--node-args", node_args, *common],
+    for i, variant in enumerate(args.variant or [""]):
+        node_args = f"--kv-cache-tokens {args.kv_cache_tokens} {variant}".strip()
+        disagg = measure(f"disaggregated-{i}", py + ["serve", "--device", args.device, "--log-dir",
+                                                      args.log_dir, "--node-args", node_args, *common],
                          url, args, text, image_seed=1000 * (i + 1))
-        disagg["layer_group_size"] = int(group_size)
+        disagg["node_args"] = variant
         report.setdefault("disaggregated", []).append(disagg)
         report.setdefault("ratio_median", []).append(round(disagg["median_ttft_ms"] / colocated["median_ttft_ms"], 3))
     out = json.dumps(report, indent=2)

@@ -1,6 +1,6 @@
 """KV transfer prefill -> decode over UCX between two processes on one GPU (BENCHMARKS.md item 4).
 
-    python -m bench.gpu_kv_transfer --preset 7b --tokens 1024,4096,16384 --out kv.json
+    python -m bench.gpu_kv_transfer --preset 7b --tokens 1024,4096,16384 [--ipc] --out kv.json
 
 What one transfer is here, the same path the nodes take: the sender ("prefill") holds a
 request's KV scattered over a paged pool of the preset's layout; for each layer group it
@@ -12,8 +12,14 @@ processes share. GB/s = the request's KV bytes / that time. The receiver checks 
 pages hold exactly the sender's values. Rounds 0..warmup-1 pay for connecting and for CUDA IPC
 mapping and are not counted; the median of the rest is reported.
 
-Alongside, in the same processes: the gather and scatter kernels alone (CUDA events), and a
-device-to-device copy of the same bytes, which is the ceiling a transfer could reach.
+With ``--ipc``, the same-host path instead (kv_transfer/cuda_ipc.py): the sender sends one small
+UCX message naming its pool (CUDA IPC handles, mapped once by the receiver) and the request's
+pages; the receiver copies those pages straight into its own with one kernel. Time = message
+posted (sender) -> copy finished on the GPU (receiver).
+
+Alongside, in the same processes: the gather and scatter kernels alone, or the page-copy kernel
+alone (CUDA events), and a device-to-device copy of the same bytes, which is the ceiling a
+transfer could reach.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from typing import Any
 import torch
 
 from epd.tiny_model import text_dims
+from kv_transfer.cuda_ipc import PoolImports, copy_pages, export_pool
 from kv_transfer.kv_codec import gather_kv, layer_groups, scatter_kv
 from kv_transfer.transport import KVTransport
 
@@ -61,7 +68,7 @@ class PagedKV:
         return sum(float(gather_kv([layer], pages, num_tokens).double().sum()) for layer in self.layers)
 
 
-def _key(tokens: int, round_: int, group: int) -> str:
+def _key(tokens: int, round_: int, group: int | str) -> str:
     return f"kv:{tokens}:{round_}:{group}"
 
 
@@ -70,19 +77,24 @@ def receive(args: argparse.Namespace) -> None:
     sizes = [int(x) for x in args.tokens.split(",")]
     kv = PagedKV(args.preset, max(sizes), args.device, seed=1)
     groups = layer_groups(kv.num_layers, args.group_size)
+    imports = PoolImports(args.device) if args.ipc else None
     with KVTransport(args.host, device=args.device) as t:
         print(json.dumps({"address": t.address}), flush=True)
         for tokens in sizes:
             for r in range(args.rounds):
                 pages = kv.pages(tokens)
-                for gi, group in enumerate(groups):
+                if args.ipc:   # the decode node's path: map the peer's pool (once), copy its pages into ours
+                    msg = t.wait(_key(tokens, r, "ipc"), timeout=120)
+                    copy_pages(imports.layers(msg.meta["pool"]), kv.layers, msg.meta["pages"], pages.tolist())
+                for gi, group in enumerate([] if args.ipc else groups):
                     msg = t.wait(_key(tokens, r, gi), timeout=120)
                     scatter_kv(msg.tensors[0], kv.layers[group.start:group.stop], pages)
                 _sync()
                 landed = time.monotonic()
                 print(json.dumps({"tokens": tokens, "round": r, "landed": landed,
                                   "checksum": kv.checksum(tokens)}), flush=True)
-        print(json.dumps({"scatter_ms": {n: _scatter_ms(kv, groups, n) for n in sizes}}), flush=True)
+        print(json.dumps({"scatter_ms": {n: 0.0 if args.ipc else _scatter_ms(kv, groups, n) for n in sizes}}),
+              flush=True)
 
 
 def _scatter_ms(kv: PagedKV, groups: list[range], tokens: int) -> float:
@@ -141,6 +153,15 @@ def _send_one(t: KVTransport, address: str, kv: PagedKV, groups: list[range], to
     return started
 
 
+def _send_one_ipc(t: KVTransport, address: str, kv: PagedKV, pool: dict, tokens: int, round_: int) -> float:
+    """The prefill node's CUDA IPC hand-over: one small message naming the pool and the pages."""
+    _sync()
+    started = time.monotonic()
+    t.send(address, _key(tokens, round_, "ipc"), [], meta={"pool": pool, "pages": kv.pages(tokens).tolist()}
+           ).result(timeout=120)
+    return started
+
+
 def copy_ms(nbytes: int, device: str) -> float:
     src = torch.empty(nbytes, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
@@ -150,10 +171,12 @@ def copy_ms(nbytes: int, device: str) -> float:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     sizes = [int(x) for x in args.tokens.split(",")]
     cmd = [sys.executable, "-m", "bench.gpu_kv_transfer", "--receive", "--preset", args.preset, "--tokens",
-           args.tokens, "--rounds", str(args.rounds), "--group-size", str(args.group_size), "--device", args.device]
+           args.tokens, "--rounds", str(args.rounds), "--group-size", str(args.group_size), "--device", args.device,
+           *(["--ipc"] if args.ipc else [])]
     child = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     kv = PagedKV(args.preset, max(sizes), args.device, seed=0)
     groups = layer_groups(kv.num_layers, args.group_size)
+    pool = export_pool(kv.layers) if args.ipc else {}
     rows = []
     try:
         address = _read_json(child)["address"]
@@ -161,13 +184,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for tokens in sizes:
                 ms = []
                 for r in range(args.rounds):
-                    started = _send_one(t, address, kv, groups, tokens, r)
+                    if args.ipc:
+                        started = _send_one_ipc(t, address, kv, pool, tokens, r)
+                    else:
+                        started = _send_one(t, address, kv, groups, tokens, r)
                     landed = _read_json(child)
                     if abs(landed["checksum"] - kv.checksum(tokens)) > 1e-6 * max(1.0, abs(landed["checksum"])):
                         raise SystemExit(f"{tokens} tokens round {r}: the receiver's pages differ from the sender's")
                     if r >= args.warmup:
                         ms.append((landed["landed"] - started) * 1e3)
-                rows.append(_row(kv, groups, tokens, ms, args.device))
+                rows.append(_row(kv, groups, tokens, ms, args.device, args.ipc))
         scatter = _read_json(child)["scatter_ms"]
     finally:
         try:
@@ -181,15 +207,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "rounds_timed": args.rounds - args.warmup, "device": device, "rows": rows}
 
 
-def _row(kv: PagedKV, groups: list[range], tokens: int, ms: list[float], device: str) -> dict[str, Any]:
+def _row(kv: PagedKV, groups: list[range], tokens: int, ms: list[float], device: str, ipc: bool) -> dict[str, Any]:
     nbytes = kv.bytes_per_token() * tokens
     pages = kv.pages(tokens)
-    gather = _cuda_ms(lambda: [gather_kv(kv.layers[g.start:g.stop], pages, tokens) for g in groups])
+    if ipc:   # "gather" = the page-copy kernel alone, into a second pool of the same shape
+        dst = [torch.empty_like(layer) for layer in kv.layers]
+        gather = _cuda_ms(lambda: copy_pages(kv.layers, dst, pages.tolist(), pages.tolist()))
+        del dst
+    else:
+        gather = _cuda_ms(lambda: [gather_kv(kv.layers[g.start:g.stop], pages, tokens) for g in groups])
     copy = copy_ms(nbytes, device)
     median = statistics.median(ms)
-    return {"tokens": tokens, "kv_bytes": nbytes, "messages": len(groups), "transfer_ms": round(median, 3),
+    return {"tokens": tokens, "kv_bytes": nbytes, "messages": 1 if ipc else len(groups),
+            "transfer_ms": round(median, 3),
             "transfer_ms_all": [round(x, 3) for x in ms], "gbps": round(nbytes / median / 1e6, 1),
-            "gather_ms": round(gather, 3), "copy_ms": round(copy, 3), "copy_gbps": round(nbytes / copy / 1e6, 1),
+            "page_copy_ms" if ipc else "gather_ms": round(gather, 3), "copy_ms": round(copy, 3),
+            "copy_gbps": round(nbytes / copy / 1e6, 1),
             "fraction_of_copy": round(copy / median, 3)}
 
 
@@ -203,6 +236,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--ipc", action="store_true",
+                    help="the same-host path: decode copies the pages out of prefill's pool through CUDA IPC")
     ap.add_argument("--receive", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.receive:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from decode_node.service import DecodeService
 from epd.engine_core import EngineConfig, EngineCore
 from epd.node_runtime import NodeArgs, NodeRuntime, kv_layout_of, run_node, setup_logging
+from kv_transfer.cuda_ipc import ipc_capability
 from kv_transfer.rooms import RoomStore
 
 
@@ -17,7 +18,8 @@ def main(argv: list[str] | None = None) -> int:
                       AutoTokenizer.from_pretrained(args.model))
     layout = kv_layout_of(core)
     service = DecodeService(core, layout, args.kv_timeout)
-    runtime = NodeRuntime(args, str(core.device), layout, capacity=core.kv.pool.capacity)
+    runtime = NodeRuntime(args, str(core.device), layout, capacity=core.kv.pool.capacity,
+                          kv_ipc=ipc_capability(core.device, core.kv.spec.page_size))
     service.runtime = runtime
     service.rooms = RoomStore(runtime.redis)
     run_node(runtime, service)

@@ -28,6 +28,7 @@ from epd.inputs import ProcessedInput
 from epd.node_runtime import pool_status
 from epd.request import Request, TokenEvent
 from epd.sampling import SamplingParams
+from kv_transfer.cuda_ipc import PoolImports, copy_pages
 from kv_transfer.kv_codec import scatter_kv
 from kv_transfer.layout import KVLayout, LayoutMismatchError
 from kv_transfer.rooms import RoomState, RoomStore
@@ -58,6 +59,7 @@ class DecodeService:
         self.runtime: Any = None
         self.rooms: RoomStore | None = None
         self._last_room_check = 0.0
+        self.ipc_pools = PoolImports(core.device) if core.device.type == "cuda" else None
 
     # ---- control messages ---------------------------------------------------------------
     def handle(self, identity: bytes, msg: Any) -> None:
@@ -133,6 +135,8 @@ class DecodeService:
                     meta_msg = transport.poll(f"{rid}:meta")
                     if meta_msg is not None:
                         inc.meta = dict(meta_msg.meta, generator_state=meta_msg.tensors[:1])
+                        if "ipc" in inc.meta:
+                            self._copy_through_ipc(inc)
             except Exception as e:  # noqa: BLE001 - a broken transfer fails this request only
                 self._fail(self.awaiting_kv.pop(rid), "transfer",
                            f"KV transfer from prefill node {inc.msg.prefill_node} failed: {e}")
@@ -140,6 +144,23 @@ class DecodeService:
             if inc.meta is not None and inc.next_group == inc.meta["num_groups"]:
                 del self.awaiting_kv[rid]
                 self._admit(inc)
+
+    def _copy_through_ipc(self, inc: Incoming) -> None:
+        """Copy the request's pages out of the prefill node's pool, then let it free them."""
+        ipc = inc.meta["ipc"]
+        inc.first_kv_at = time.monotonic()
+        ack = {"ok": True}
+        try:
+            if self.ipc_pools is None:
+                raise ValueError("this decode node is not on a GPU")
+            src = self.ipc_pools.layers(ipc["pool"])
+            copy_pages(src, self.core.kv.layers, ipc["pages"], inc.req.pages[:len(ipc["pages"])])
+            torch.cuda.current_stream(self.core.device).synchronize()
+        except Exception as e:
+            ack = {"ok": False, "error": f"CUDA IPC copy on decode node {self.runtime.node_id} failed: {e}"}
+            raise
+        finally:
+            self.runtime.transport.send(ipc["ack_to"], f"{inc.msg.rid}:kvack", [], meta=ack)
 
     def _admit(self, inc: Incoming) -> None:
         req, meta = inc.req, inc.meta

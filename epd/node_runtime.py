@@ -58,6 +58,7 @@ class NodeArgs:
     layer_group_size: int
     kv_timeout: float
     log_level: str = "INFO"
+    kv_ipc: bool = True
 
     @classmethod
     def from_cli(cls, role: str, argv: list[str] | None) -> NodeArgs:
@@ -79,12 +80,15 @@ class NodeArgs:
                         help="layers per KV transfer message, streamed as prefill goes; 0 = all in one message "
                              "after the last layer (fastest TTFT measured on one H100, see BENCHMARKS.md)")
         ap.add_argument("--kv-timeout", type=float, default=60.0, help="seconds a request may wait for its KV")
+        ap.add_argument("--no-kv-ipc", action="store_true",
+                        help="always send KV over UCX, even to a GPU node on this host (default: copy pages "
+                             "through CUDA IPC when both nodes are on one host with one page size)")
         ap.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
         a = ap.parse_args(argv)
         node_id = a.node_id or f"{role}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:4]}"
         return cls(role, a.model, a.redis_url, a.host, a.port, a.device, node_id, a.heartbeat_ttl, a.page_size,
                    a.max_running_requests, a.max_step_tokens, a.kv_cache_tokens, a.mem_fraction, a.dtype,
-                   a.layer_group_size, a.kv_timeout, a.log_level)
+                   a.layer_group_size, a.kv_timeout, a.log_level, not a.no_kv_ipc)
 
     def engine_kwargs(self) -> dict[str, Any]:
         return dict(device=self.device, dtype=self.dtype, page_size=self.page_size,
@@ -119,7 +123,8 @@ def pool_status(pool: Any, check: Any, queues: dict[str, int]) -> dict[str, Any]
 
 
 class NodeRuntime:
-    def __init__(self, args: NodeArgs, device: str, layout: KVLayout | None, capacity: int) -> None:
+    def __init__(self, args: NodeArgs, device: str, layout: KVLayout | None, capacity: int,
+                 kv_ipc: str = "") -> None:
         self.args = args
         self.redis = connect(args.redis_url)
         self.ctx = zmq.Context()
@@ -141,7 +146,7 @@ class NodeRuntime:
             self.redis.set(LAYOUT_KEY.format(layout_hash), json.dumps(layout.to_dict()), ex=7 * 86400)
         info = NodeInfo(role=args.role, node_id=args.node_id, zmq=self.zmq_address, ucx=self.transport.address,
                         model=os.path.basename(os.path.normpath(args.model)), layout_hash=layout_hash,
-                        capacity=capacity, started_at=time.time())
+                        capacity=capacity, started_at=time.time(), kv_ipc=kv_ipc if args.kv_ipc else "")
         self.lease = NodeRegistry(self.redis).register(info, ttl_s=args.heartbeat_ttl)
         self.node_id = args.node_id
 

@@ -55,6 +55,7 @@ class PrefillRequest:
     decode_node: str
     decode_ucx: str
     encoder_node: str = ""             # "" when the request has no images
+    kv_ipc: bool = False               # decode copies the pages through CUDA IPC (same host, same page size)
 
 
 @dataclass

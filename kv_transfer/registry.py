@@ -51,6 +51,7 @@ class NodeInfo:
     load: float = 0.0  # e.g. running + waiting requests; refreshed by the heartbeat
     started_at: float = 0.0  # unix time
     heartbeat_at: float = 0.0  # unix time of the last write
+    kv_ipc: str = ""  # "host-key/page-size" when KV pages can be copied through CUDA IPC, else ""
 
     def to_fields(self) -> dict[str, str]:
         return {f.name: str(getattr(self, f.name)) for f in dataclasses.fields(self)}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from epd.engine_core import EngineConfig, EngineCore
 from epd.node_runtime import NodeArgs, NodeRuntime, kv_layout_of, run_node, setup_logging
+from kv_transfer.cuda_ipc import ipc_capability
 from kv_transfer.rooms import RoomStore
 from prefill_node.service import PrefillService
 
@@ -16,8 +17,9 @@ def main(argv: list[str] | None = None) -> int:
     core = EngineCore(EngineConfig(model_path=args.model, load_vision=False, **args.engine_kwargs()),
                       AutoTokenizer.from_pretrained(args.model))
     layout = kv_layout_of(core)
-    service = PrefillService(core, layout, args.layer_group_size)
-    runtime = NodeRuntime(args, str(core.device), layout, capacity=core.kv.pool.capacity)
+    service = PrefillService(core, layout, args.layer_group_size, ack_timeout_s=args.kv_timeout)
+    runtime = NodeRuntime(args, str(core.device), layout, capacity=core.kv.pool.capacity,
+                          kv_ipc=ipc_capability(core.device, core.kv.spec.page_size))
     service.runtime = runtime
     service.rooms = RoomStore(runtime.redis)
     run_node(runtime, service)

@@ -27,6 +27,7 @@ from epd.node_runtime import pool_status
 from epd.request import Request
 from epd.sampling import SamplingParams, SamplingRow, sample
 from epd.scheduler import Chunk
+from kv_transfer.cuda_ipc import export_pool
 from kv_transfer.kv_codec import gather_kv, layer_groups
 from kv_transfer.layout import KVLayout
 from kv_transfer.rooms import RoomStore
@@ -53,9 +54,11 @@ class Pending:
 
 
 class PrefillService:
-    def __init__(self, core: EngineCore, layout: KVLayout, group_size: int) -> None:
+    def __init__(self, core: EngineCore, layout: KVLayout, group_size: int, ack_timeout_s: float = 60.0) -> None:
         self.core = core
         self.layout = layout
+        self.ack_timeout_s = ack_timeout_s            # CUDA IPC hand-over: how long decode may take to copy
+        self._pool_desc: dict | None = None           # this node's pool as CUDA IPC handles, made on first use
         num_layers = core.model_config.text.num_layers
         self.groups = layer_groups(num_layers, group_size or num_layers)
         self.awaiting: dict[str, Pending] = {}
@@ -156,6 +159,8 @@ class PrefillService:
                 return
             group = self.groups[gi]
             for p in finishing:
+                if p.msg.kv_ipc:
+                    continue   # decode copies the pages itself once the first token is out
                 req = p.req
                 wire = gather_kv([layers[j] for j in group], req.pages, req.prompt_len)
                 p.sends.append(self.runtime.transport.send(
@@ -174,6 +179,10 @@ class PrefillService:
                     "prompt_len": req.prompt_len, "num_groups": len(self.groups), "layout": self.layout.to_dict(),
                     "logprob": result.logprobs[i] if result.logprobs else None,
                     "top_logprobs": [list(x) for x in result.top_logprobs[i]] if result.top_logprobs else None}
+            if p.msg.kv_ipc:   # the KV is complete: the first token was read back after the last layer
+                meta["num_groups"] = 0
+                meta["ipc"] = {"pool": self._export_pool(), "ack_to": self.runtime.transport.address,
+                               "pages": list(req.pages[:-(-req.prompt_len // self.core.kv.spec.page_size)])}
             tensors = []
             if req.generator is not None:  # the decode node continues the same random stream
                 tensors.append(req.generator.get_state().to("cpu"))
@@ -183,13 +192,33 @@ class PrefillService:
             del self.active[req.rid]
             self.transferring[req.rid] = p
 
+    def _export_pool(self) -> dict:
+        if self._pool_desc is None:
+            self._pool_desc = export_pool(self.core.kv.layers)
+        return self._pool_desc
+
+    def _ipc_outcome(self, p: Pending) -> str | None:
+        """CUDA IPC hand-over: None while decode is copying, "" once it acknowledged, else the error."""
+        try:
+            ack = self.runtime.transport.poll(f"{p.msg.rid}:kvack")
+        except Exception as e:  # noqa: BLE001 - a lost decode node fails this request only
+            return str(e)
+        if ack is not None:
+            return "" if ack.meta.get("ok") else str(ack.meta.get("error", "decode could not copy the pages"))
+        if time.monotonic() - p.sent_at > self.ack_timeout_s:
+            return f"decode node did not copy the pages within {self.ack_timeout_s:.0f}s"
+        return None
+
     def _poll_transfers(self) -> None:
         for rid, p in list(self.transferring.items()):
             if not all(f.done() for f in p.sends):
                 continue
+            ipc_error = self._ipc_outcome(p) if p.msg.kv_ipc else ""
+            if ipc_error is None:
+                continue
             del self.transferring[rid]
             self.core.kv.pool.free(p.pages)
-            errors = [f.exception() for f in p.sends if f.exception() is not None]
+            errors = [f.exception() for f in p.sends if f.exception() is not None] + ([ipc_error] if ipc_error else [])
             if errors:
                 error = f"KV transfer to decode node {p.msg.decode_node} failed: {errors[0]}"
                 if self.rooms is not None:
@@ -199,9 +228,15 @@ class PrefillService:
             reports = [f.result() for f in p.sends]
             nbytes = sum(r.nbytes for r in reports)
             seconds = time.monotonic() - p.sent_at
-            log.info("KV of %s to %s: %d bytes in %.2f ms after the last layer (%.2f GB/s per message avg)",
-                     rid, p.msg.decode_node, nbytes, seconds * 1e3,
-                     sum(r.gbps for r in reports if r.seconds > 0) / max(1, len(reports)))
+            if p.msg.kv_ipc:
+                nbytes = len(p.pages) * self.core.kv.spec.bytes_per_page()
+                log.info("KV of %s to %s: %d pages (%d bytes) copied by the decode node through CUDA IPC, "
+                         "acknowledged %.2f ms after the first token", rid, p.msg.decode_node, len(p.pages),
+                         nbytes, seconds * 1e3)
+            else:
+                log.info("KV of %s to %s: %d bytes in %.2f ms after the last layer (%.2f GB/s per message avg)",
+                         rid, p.msg.decode_node, nbytes, seconds * 1e3,
+                         sum(r.gbps for r in reports if r.seconds > 0) / max(1, len(reports)))
             self._report(p, "prefill", ok=True, timings={
                 **p.waits(), "prefill_ms": (p.sent_at - p.started) * 1e3,
                 "transfer_tail_ms": seconds * 1e3}, info={"kv_bytes": nbytes})

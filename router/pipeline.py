@@ -191,7 +191,7 @@ class DisaggBackend:
                                                                                        p.node_id, p.ucx))
         await self.clients.send(p.zmq, protocol.PrefillRequest(
             req.rid, inp.input_ids, [list(im.grid_thw) for im in inp.images], params, d.node_id, d.ucx,
-            flight.nodes["encoder"].node_id if inp.images else ""))
+            flight.nodes["encoder"].node_id if inp.images else "", kv_ipc=bool(p.kv_ipc) and p.kv_ipc == d.kv_ipc))
         await self.clients.send(d.zmq, protocol.DecodeRequest(req.rid, inp.input_ids, params, p.node_id,
                                                               p.layout_hash))
         await asyncio.to_thread(self.sessions.advance, req.rid, Stage.ENCODING if inp.images else Stage.PREFILLING)

@@ -1,0 +1,150 @@
+"""Same-host GPU KV hand-over through CUDA IPC: the decode node copies a request's pages straight
+out of the prefill node's page pool, one read and one write per byte, in one kernel.
+
+The UCX path moves a request's KV three times (gather into a wire tensor, UCX copy, scatter into
+pages) and pays ~1 ms of fixed latency per message (BENCHMARKS.md section 4). When both nodes
+share a host and a page size, this path replaces it:
+
+1. `host_key()` names the machine (its boot id); two processes can map each other's CUDA memory
+   only when it matches. Nodes publish it with their page size in their registry record.
+2. Prefill: `export_pool(layers)` once at start-up -> a msgpack-able descriptor (CUDA IPC handles
+   of every layer tensor, plus dtype and shape). Each request's hand-over message carries it with
+   the request's page ids; the KV is complete by then (the first token was read back).
+3. Decode: `PoolImports.layers(desc)` maps a peer's pool once and caches it; `copy_pages` copies
+   the request's pages into the pages decode reserved; decode then acknowledges over UCX so the
+   prefill node frees its pages.
+
+Handles are plain bytes/ints/strings in msgpack; nothing is pickled.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from typing import Any
+
+import torch
+
+try:  # Triton ships with CUDA builds of torch; CPU-only installs may lack it.
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised on CPU-only hosts
+    triton = None
+    tl = None
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
+           "float64": torch.float64}
+
+
+def host_key() -> str:
+    """This machine's boot id (falls back to the host name)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return socket.gethostname()
+
+
+def ipc_capability(device: torch.device | str, page_size: int) -> str:
+    """What a node advertises: "" when it cannot take part (not CUDA), else host key + page size."""
+    return f"{host_key()}/{page_size}" if torch.device(device).type == "cuda" else ""
+
+
+def export_pool(layers: list[torch.Tensor]) -> dict[str, Any]:
+    """IPC descriptor of a pool's layer tensors (each must start its storage and be contiguous)."""
+    first = layers[0]
+    handles = []
+    for layer in layers:
+        if layer.storage_offset() != 0 or not layer.is_contiguous():
+            raise ValueError("pool layers must be whole, contiguous tensors")
+        fields = layer.untyped_storage()._share_cuda_()
+        handles.append([_plain(x) for x in fields])
+    return {"id": f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}", "host": host_key(),
+            "dtype": str(first.dtype).removeprefix("torch."), "shape": list(first.shape), "handles": handles}
+
+
+def _plain(x: Any) -> Any:
+    if isinstance(x, bool | int | bytes | str) or x is None:
+        return x
+    if isinstance(x, torch.device):
+        return x.index
+    raise TypeError(f"unexpected IPC field {type(x).__name__}")
+
+
+class PoolImports:
+    """Peer pools mapped into this process, by descriptor id (mapped once, kept until `drop`)."""
+
+    def __init__(self, device: torch.device | str) -> None:
+        self.device = torch.device(device)
+        self._pools: dict[str, list[torch.Tensor]] = {}
+
+    def layers(self, desc: dict[str, Any]) -> list[torch.Tensor]:
+        pool = self._pools.get(desc["id"])
+        if pool is None:
+            if desc["host"] != host_key():
+                raise ValueError(f"pool {desc['id']} is on another host")
+            dtype, shape = _DTYPES[desc["dtype"]], tuple(desc["shape"])
+            with torch.cuda.device(self.device):
+                pool = [_map(fields, dtype, shape, self.device) for fields in desc["handles"]]
+            self._pools[desc["id"]] = pool
+        return pool
+
+    def drop(self, pool_id: str) -> None:
+        self._pools.pop(pool_id, None)
+
+    def __len__(self) -> int:
+        return len(self._pools)
+
+
+def _map(fields: list[Any], dtype: torch.dtype, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    storage = torch.UntypedStorage._new_shared_cuda(*fields)
+    out = torch.empty(0, dtype=dtype, device=device)
+    out.set_(storage, 0, shape)
+    return out
+
+
+def copy_pages(src_layers: list[torch.Tensor], dst_layers: list[torch.Tensor], src_pages: list[int],
+               dst_pages: list[int]) -> None:
+    """dst_layers[l][dst_pages[i]] = src_layers[l][src_pages[i]] for every layer l, page i.
+
+    One Triton kernel over (layer, page, chunk) on CUDA; a per-layer index copy otherwise.
+    """
+    if len(src_pages) != len(dst_pages):
+        raise ValueError(f"{len(src_pages)} source pages for {len(dst_pages)} destination pages")
+    if len(src_layers) != len(dst_layers) or src_layers[0].shape[1:] != dst_layers[0].shape[1:] \
+            or src_layers[0].dtype != dst_layers[0].dtype:
+        raise ValueError("source and destination pools differ in layers, page shape or dtype")
+    if not src_pages:
+        return
+    device = dst_layers[0].device
+    src_idx = torch.tensor(src_pages, dtype=torch.int64, device=device)
+    dst_idx = torch.tensor(dst_pages, dtype=torch.int64, device=device)
+    page_bytes = src_layers[0][0].numel() * src_layers[0].element_size()
+    if triton is None or device.type != "cuda" or page_bytes % 4:
+        for src, dst in zip(src_layers, dst_layers, strict=True):
+            dst.index_copy_(0, dst_idx, src.index_select(0, src_idx.to(src.device)))
+        return
+    src_ptrs = torch.tensor([t.data_ptr() for t in src_layers], dtype=torch.int64, device=device)
+    dst_ptrs = torch.tensor([t.data_ptr() for t in dst_layers], dtype=torch.int64, device=device)
+    words = page_bytes // 4
+    block = min(4096, triton.next_power_of_2(words))
+    grid = (len(src_layers), len(src_pages), triton.cdiv(words, block))
+    _copy_pages_kernel[grid](src_ptrs, dst_ptrs, src_idx, dst_idx, PAGE_WORDS=words, BLOCK=block)
+
+
+if triton is not None:
+    @triton.jit
+    def _copy_pages_kernel(src_ptrs, dst_ptrs, src_pages, dst_pages, PAGE_WORDS: tl.constexpr,
+                           BLOCK: tl.constexpr):
+        layer = tl.program_id(0)
+        i = tl.program_id(1)
+        chunk = tl.program_id(2)
+        src = tl.load(src_ptrs + layer).to(tl.pointer_type(tl.int32))
+        dst = tl.load(dst_ptrs + layer).to(tl.pointer_type(tl.int32))
+        src_page = tl.load(src_pages + i)
+        dst_page = tl.load(dst_pages + i)
+        offs = chunk * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < PAGE_WORDS
+        words = tl.load(src + src_page * PAGE_WORDS + offs, mask=mask)
+        tl.store(dst + dst_page * PAGE_WORDS + offs, words, mask=mask)
