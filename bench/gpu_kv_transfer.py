@@ -78,7 +78,7 @@ def receive(args: argparse.Namespace) -> None:
     kv = PagedKV(args.preset, max(sizes), args.device, seed=1)
     groups = layer_groups(kv.num_layers, args.group_size)
     imports = PoolImports(args.device) if args.ipc else None
-    with KVTransport(args.host, device=args.device) as t:
+    with KVTransport(args.host, device=args.device, progress_mode=args.ucx_progress) as t:
         print(json.dumps({"address": t.address}), flush=True)
         for tokens in sizes:
             for r in range(args.rounds):
@@ -172,7 +172,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     sizes = [int(x) for x in args.tokens.split(",")]
     cmd = [sys.executable, "-m", "bench.gpu_kv_transfer", "--receive", "--preset", args.preset, "--tokens",
            args.tokens, "--rounds", str(args.rounds), "--group-size", str(args.group_size), "--device", args.device,
-           *(["--ipc"] if args.ipc else [])]
+           "--ucx-progress", args.ucx_progress, *(["--ipc"] if args.ipc else [])]
     child = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     kv = PagedKV(args.preset, max(sizes), args.device, seed=0)
     groups = layer_groups(kv.num_layers, args.group_size)
@@ -180,7 +180,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     rows = []
     try:
         address = _read_json(child)["address"]
-        with KVTransport(args.host, device=args.device) as t:
+        with KVTransport(args.host, device=args.device, progress_mode=args.ucx_progress) as t:
             for tokens in sizes:
                 ms = []
                 for r in range(args.rounds):
@@ -236,6 +236,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--ucx-progress", default="thread", choices=["thread", "thread-polling"],
+                    help="ucxx progress thread (the nodes' --ucx-progress)")
     ap.add_argument("--ipc", action="store_true",
                     help="the same-host path: decode copies the pages out of prefill's pool through CUDA IPC")
     ap.add_argument("--receive", action="store_true", help=argparse.SUPPRESS)

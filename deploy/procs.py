@@ -55,6 +55,9 @@ class Cluster:
     common_args: list[str] = field(default_factory=list)
     nodes: list[NodeProc] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        os.makedirs(self.log_dir, exist_ok=True)
+
     def add(self, role: str, extra: list[str] | None = None, node_id: str | None = None,
             model: str | None = None) -> NodeProc:
         index = sum(1 for n in self.nodes if n.role == role)

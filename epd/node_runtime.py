@@ -59,6 +59,7 @@ class NodeArgs:
     kv_timeout: float
     log_level: str = "INFO"
     kv_ipc: bool = True
+    ucx_progress: str = "thread"
 
     @classmethod
     def from_cli(cls, role: str, argv: list[str] | None) -> NodeArgs:
@@ -83,12 +84,15 @@ class NodeArgs:
         ap.add_argument("--no-kv-ipc", action="store_true",
                         help="always send KV over UCX, even to a GPU node on this host (default: copy pages "
                              "through CUDA IPC when both nodes are on one host with one page size)")
+        ap.add_argument("--ucx-progress", default="thread", choices=["thread", "thread-polling"],
+                        help="UCX progress thread; thread-polling spins a core (lower latency on an idle CPU "
+                             "host, slower TTFT measured on the H100 host, see BENCHMARKS.md)")
         ap.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
         a = ap.parse_args(argv)
         node_id = a.node_id or f"{role}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:4]}"
         return cls(role, a.model, a.redis_url, a.host, a.port, a.device, node_id, a.heartbeat_ttl, a.page_size,
                    a.max_running_requests, a.max_step_tokens, a.kv_cache_tokens, a.mem_fraction, a.dtype,
-                   a.layer_group_size, a.kv_timeout, a.log_level, not a.no_kv_ipc)
+                   a.layer_group_size, a.kv_timeout, a.log_level, not a.no_kv_ipc, a.ucx_progress)
 
     def engine_kwargs(self) -> dict[str, Any]:
         return dict(device=self.device, dtype=self.dtype, page_size=self.page_size,
@@ -136,7 +140,7 @@ class NodeRuntime:
         else:
             port = self.sock.bind_to_random_port(f"tcp://{args.host}")
         self.zmq_address = f"{args.host}:{port}"
-        self.transport = KVTransport(args.host, 0, device=device)
+        self.transport = KVTransport(args.host, 0, device=device, progress_mode=args.ucx_progress)
         self.poller = zmq.Poller()   # control messages, or a KV/embedding message landing
         self.poller.register(self.sock, zmq.POLLIN)
         self.poller.register(self.transport.wakeup_fd, zmq.POLLIN)

@@ -118,33 +118,40 @@ def copy_pages(src_layers: list[torch.Tensor], dst_layers: list[torch.Tensor], s
     if not src_pages:
         return
     device = dst_layers[0].device
-    src_idx = torch.tensor(src_pages, dtype=torch.int64, device=device)
-    dst_idx = torch.tensor(dst_pages, dtype=torch.int64, device=device)
     page_bytes = src_layers[0][0].numel() * src_layers[0].element_size()
-    if triton is None or device.type != "cuda" or page_bytes % 4:
+    aligned = all(t.data_ptr() % 16 == 0 for t in (*src_layers, *dst_layers))
+    if triton is None or device.type != "cuda" or page_bytes % 16 or not aligned:
+        src_idx = torch.tensor(src_pages, dtype=torch.int64, device=device)
+        dst_idx = torch.tensor(dst_pages, dtype=torch.int64, device=device)
         for src, dst in zip(src_layers, dst_layers, strict=True):
             dst.index_copy_(0, dst_idx, src.index_select(0, src_idx.to(src.device)))
         return
-    src_ptrs = torch.tensor([t.data_ptr() for t in src_layers], dtype=torch.int64, device=device)
-    dst_ptrs = torch.tensor([t.data_ptr() for t in dst_layers], dtype=torch.int64, device=device)
+    n, layers = len(src_pages), len(src_layers)
+    # Layers are addressed as word offsets from layer 0 (16-byte multiples), so the kernel takes
+    # plain tensors and its loads vectorise. One host-to-device copy for pages and offsets.
+    src0, dst0 = src_layers[0].data_ptr(), dst_layers[0].data_ptr()
+    table = torch.tensor([*src_pages, *dst_pages, *((t.data_ptr() - src0) // 4 for t in src_layers),
+                          *((t.data_ptr() - dst0) // 4 for t in dst_layers)], dtype=torch.int64).pin_memory()
+    table = table.to(device, non_blocking=True)
     words = page_bytes // 4
     block = min(4096, triton.next_power_of_2(words))
-    grid = (len(src_layers), len(src_pages), triton.cdiv(words, block))
-    _copy_pages_kernel[grid](src_ptrs, dst_ptrs, src_idx, dst_idx, PAGE_WORDS=words, BLOCK=block)
+    grid = (triton.cdiv(words, block), n, layers)
+    _copy_pages_kernel[grid](src_layers[0].view(-1).view(torch.int32), dst_layers[0].view(-1).view(torch.int32),
+                             table[2 * n:2 * n + layers], table[2 * n + layers:], table[:n], table[n:2 * n],
+                             PAGE_WORDS=words, BLOCK=block, num_warps=4)
 
 
 if triton is not None:
     @triton.jit
-    def _copy_pages_kernel(src_ptrs, dst_ptrs, src_pages, dst_pages, PAGE_WORDS: tl.constexpr,
-                           BLOCK: tl.constexpr):
-        layer = tl.program_id(0)
+    def _copy_pages_kernel(src0, dst0, src_layer_offs, dst_layer_offs, src_pages, dst_pages,
+                           PAGE_WORDS: tl.constexpr, BLOCK: tl.constexpr):
+        chunk = tl.program_id(0)
         i = tl.program_id(1)
-        chunk = tl.program_id(2)
-        src = tl.load(src_ptrs + layer).to(tl.pointer_type(tl.int32))
-        dst = tl.load(dst_ptrs + layer).to(tl.pointer_type(tl.int32))
-        src_page = tl.load(src_pages + i)
-        dst_page = tl.load(dst_pages + i)
+        layer = tl.program_id(2)
+        # layer offsets are multiples of 4 words (16 bytes, checked by the caller)
+        src_off = tl.multiple_of(tl.load(src_layer_offs + layer), 4) + tl.load(src_pages + i) * PAGE_WORDS
+        dst_off = tl.multiple_of(tl.load(dst_layer_offs + layer), 4) + tl.load(dst_pages + i) * PAGE_WORDS
         offs = chunk * BLOCK + tl.arange(0, BLOCK)
         mask = offs < PAGE_WORDS
-        words = tl.load(src + src_page * PAGE_WORDS + offs, mask=mask)
-        tl.store(dst + dst_page * PAGE_WORDS + offs, words, mask=mask)
+        words = tl.load(src0 + src_off + offs, mask=mask)
+        tl.store(dst0 + dst_off + offs, words, mask=mask)

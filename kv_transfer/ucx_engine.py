@@ -97,7 +97,9 @@ class UcxEngine:
         device: torch.device | str,
         ucx_options: dict[str, str] | None,
         connect_timeout_s: float,
+        progress_mode: str = "thread",
     ) -> None:
+        self._progress_mode = progress_mode
         self._inbox = inbox
         self._advertised = advertised  # our "host:port" as peers know it (port filled by start)
         self._device = device
@@ -119,7 +121,8 @@ class UcxEngine:
         from ucxx._lib_async import ApplicationContext, application_context
 
         self._ctx = ApplicationContext(
-            self._options, progress_mode="thread", enable_python_future=True, connect_timeout=self._connect_timeout_s
+            self._options, progress_mode=self._progress_mode, enable_python_future=True,
+            connect_timeout=self._connect_timeout_s,
         )
         # ucxx keeps progress tasks in a module dict that any context's finalizer clears;
         # hold our own reference so another transport closing cannot stop our progress thread.
