@@ -31,6 +31,7 @@ from epd.sampling import SamplingParams
 from kv_transfer.cuda_ipc import PoolImports, copy_pages
 from kv_transfer.kv_codec import scatter_kv
 from kv_transfer.layout import KVLayout, LayoutMismatchError
+from kv_transfer.registry import NodeRegistry
 from kv_transfer.rooms import RoomState, RoomStore
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,7 @@ class DecodeService:
         self.rooms: RoomStore | None = None
         self._last_room_check = 0.0
         self.ipc_pools = PoolImports(core.device) if core.device.type == "cuda" else None
+        self._last_pool_sweep = 0.0
 
     # ---- control messages ---------------------------------------------------------------
     def handle(self, identity: bytes, msg: Any) -> None:
@@ -99,6 +101,7 @@ class DecodeService:
         self._reserve()
         self._receive()
         self._watch()
+        self._unmap_dead_pools()
         events = self.core.step()
         self._emit(events)
         return bool(events)   # waiting for KV: the loop sleeps until the transport wakes it
@@ -144,6 +147,16 @@ class DecodeService:
             if inc.meta is not None and inc.next_group == inc.meta["num_groups"]:
                 del self.awaiting_kv[rid]
                 self._admit(inc)
+
+    def _unmap_dead_pools(self, every_s: float = 5.0) -> None:
+        """Every few seconds: unmap the pools of prefill nodes that left the registry."""
+        now = time.monotonic()
+        if not self.ipc_pools or now - self._last_pool_sweep < every_s:
+            return
+        self._last_pool_sweep = now
+        live = {n.node_id for n in NodeRegistry(self.runtime.redis).list_nodes("prefill")}
+        for pool_id in self.ipc_pools.drop_orphans(live):
+            log.info("unmapped the KV pool %s of a prefill node that is gone", pool_id)
 
     def _copy_through_ipc(self, inc: Incoming) -> None:
         """Copy the request's pages out of the prefill node's pool, then let it free them."""

@@ -51,8 +51,10 @@ def ipc_capability(device: torch.device | str, page_size: int) -> str:
     return f"{host_key()}/{page_size}" if torch.device(device).type == "cuda" else ""
 
 
-def export_pool(layers: list[torch.Tensor]) -> dict[str, Any]:
-    """IPC descriptor of a pool's layer tensors (each must start its storage and be contiguous)."""
+def export_pool(layers: list[torch.Tensor], owner: str = "") -> dict[str, Any]:
+    """IPC descriptor of a pool's layer tensors (each must start its storage and be contiguous).
+
+    owner: the exporting node's id, so importers can unmap the pool once that node is gone."""
     first = layers[0]
     handles = []
     for layer in layers:
@@ -60,7 +62,7 @@ def export_pool(layers: list[torch.Tensor]) -> dict[str, Any]:
             raise ValueError("pool layers must be whole, contiguous tensors")
         fields = layer.untyped_storage()._share_cuda_()
         handles.append([_plain(x) for x in fields])
-    return {"id": f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}", "host": host_key(),
+    return {"id": f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}", "owner": owner, "host": host_key(),
             "dtype": str(first.dtype).removeprefix("torch."), "shape": list(first.shape), "handles": handles}
 
 
@@ -78,6 +80,7 @@ class PoolImports:
     def __init__(self, device: torch.device | str) -> None:
         self.device = torch.device(device)
         self._pools: dict[str, list[torch.Tensor]] = {}
+        self._owners: dict[str, str] = {}
 
     def layers(self, desc: dict[str, Any]) -> list[torch.Tensor]:
         pool = self._pools.get(desc["id"])
@@ -88,10 +91,19 @@ class PoolImports:
             with torch.cuda.device(self.device):
                 pool = [_map(fields, dtype, shape, self.device) for fields in desc["handles"]]
             self._pools[desc["id"]] = pool
+            self._owners[desc["id"]] = desc.get("owner", "")
         return pool
 
     def drop(self, pool_id: str) -> None:
         self._pools.pop(pool_id, None)
+        self._owners.pop(pool_id, None)
+
+    def drop_orphans(self, live_owners: set[str]) -> list[str]:
+        """Unmap the pools of nodes that are gone (their GPU memory stays allocated while mapped)."""
+        gone = [pid for pid, owner in self._owners.items() if owner not in live_owners]
+        for pid in gone:
+            self.drop(pid)
+        return gone
 
     def __len__(self) -> int:
         return len(self._pools)

@@ -194,7 +194,7 @@ class PrefillService:
 
     def _export_pool(self) -> dict:
         if self._pool_desc is None:
-            self._pool_desc = export_pool(self.core.kv.layers)
+            self._pool_desc = export_pool(self.core.kv.layers, owner=self.runtime.node_id)
         return self._pool_desc
 
     def _ipc_outcome(self, p: Pending) -> str | None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import glob
 import os
 import sys
+import time
 
 import pytest
 import torch
@@ -49,6 +50,14 @@ def _run(model, tmp, extra):
             assert not got.error, got.error
             out.append(got.token_ids)
         h.assert_pools_intact()
+        if "--no-kv-ipc" not in extra:   # a prefill node that leaves must not keep its pool mapped in decode
+            prefill = next(n for n in h.cluster.nodes if n.role == "prefill")
+            decode = next(n for n in h.cluster.nodes if n.role == "decode")
+            prefill.proc.terminate()
+            deadline = time.monotonic() + 20
+            while "unmapped the KV pool" not in open(decode.log_path).read():
+                assert time.monotonic() < deadline, "decode kept the pool of a prefill node that is gone"
+                time.sleep(0.2)
     return out
 
 
