@@ -1,5 +1,6 @@
-"""Helpers for tests that talk to the HTTP API with the real `openai` client: a local http.server
-for image URLs, message parts, and the `transformers` reference for a chat message."""
+"""Helpers for tests that talk to the HTTP API with the real `openai` client: starting a server
+process, a local http.server for image URLs, message parts, and the `transformers` reference for a
+chat message."""
 
 from __future__ import annotations
 
@@ -7,11 +8,13 @@ import base64
 import contextlib
 import functools
 import http.server
+import subprocess
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
 from support import hf_generate, noise_image, png_bytes
 
 from epd.config import ModelConfig
@@ -19,6 +22,28 @@ from epd.inputs import InputProcessor
 from epd.media import load_image
 
 IDS = {"logprobs": True, "extra_body": {"return_tokens_as_token_ids": True}}   # answers carry token ids
+REPO = Path(__file__).resolve().parents[1]
+
+
+def start_until_line(cmd: list[str], marker: str, timeout_s: float,
+                     what: str) -> tuple[subprocess.Popen, list[str], str]:
+    """Start `cmd` in the repository root, collect its output lines, and return once one starts
+    with `marker`: (process, the output so far and to come, that line). Fails the test otherwise."""
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log: list[str] = []
+    ready = threading.Event()
+
+    def drain() -> None:
+        for line in proc.stdout:  # type: ignore[union-attr]
+            log.append(line)
+            if line.startswith(marker):
+                ready.set()
+
+    threading.Thread(target=drain, daemon=True).start()
+    if not ready.wait(timeout_s):
+        proc.kill()
+        pytest.fail(f"{what} did not become ready:\n" + "".join(log))
+    return proc, log, next(line for line in log if line.startswith(marker))
 
 
 @dataclass

@@ -4,23 +4,19 @@ served by a local http.server, greedy output checked token for token against `tr
 
 from __future__ import annotations
 
-import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 
 import httpx
 import openai
 import pytest
-from openai_support import IDS, assert_matches, data_uri, image_part, reference, serve_media
+from openai_support import IDS, assert_matches, data_uri, image_part, reference, serve_media, start_until_line
 from support import hf_generate
 
 from router.metrics import parse_exposition
 
-REPO = Path(__file__).resolve().parents[2]
 KEY = "test-key"
 MODEL = "tiny-vl"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -52,22 +48,8 @@ def server(tiny_models, media):
     cmd = [sys.executable, "-m", "epd.cli", "router", "--model", path, "--port", "0", "--device", "cpu",
            "--served-model-name", MODEL, "--api-key", KEY, "--allowed-local-media-path", str(media.allowed_dir),
            "--log-level", "warning"]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    log: list[str] = []
-    ready = threading.Event()
-
-    def drain() -> None:
-        for line in proc.stdout:  # type: ignore[union-attr]
-            log.append(line)
-            if line.startswith("EPD router ready on "):
-                ready.set()
-
-    threading.Thread(target=drain, daemon=True).start()
-    if not ready.wait(120):
-        proc.kill()
-        pytest.fail("router did not start:\n" + "".join(log))
-    url = next(line for line in log if line.startswith("EPD router ready on ")).split()[-1]
-    yield Server(url, path, log)
+    proc, log, line = start_until_line(cmd, "EPD router ready on ", 120, "the router")
+    yield Server(line.split()[-1], path, log)
     proc.terminate()
     assert proc.wait(20) in (0, -15), "".join(log[-30:])   # uvicorn re-raises SIGTERM once shut down
 

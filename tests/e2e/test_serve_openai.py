@@ -10,19 +10,16 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import httpx
 import openai
 import pytest
-from openai_support import IDS, assert_matches, data_uri, image_part, reference, serve_media
+from openai_support import IDS, assert_matches, data_uri, image_part, reference, serve_media, start_until_line
 
 from router.metrics import parse_exposition
 
-REPO = Path(__file__).resolve().parents[2]
 KEY = "serve-key"
 MODEL = "tiny-serve"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -79,21 +76,7 @@ def serve(tiny_models, media, tmp_path_factory):
            "--log-dir", str(tmp_path_factory.mktemp("serve-logs")), "--served-model-name", MODEL,
            "--api-key", KEY, "--log-level", "warning"]
     t0 = time.monotonic()
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    log: list[str] = []
-    ready = threading.Event()
-
-    def drain() -> None:
-        for line in proc.stdout:  # type: ignore[union-attr]
-            log.append(line)
-            if line.startswith("EPD ready on "):
-                ready.set()
-
-    threading.Thread(target=drain, daemon=True).start()
-    if not ready.wait(240):
-        proc.kill()
-        pytest.fail("epd serve did not become ready:\n" + "".join(log))
-    line = next(line for line in log if line.startswith("EPD ready on "))
+    proc, log, line = start_until_line(cmd, "EPD ready on ", 240, "epd serve")
     server = Serve(proc, line.split()[3].removesuffix("/v1"), path, log, time.monotonic() - t0)
     print(f"\nepd serve ready after {server.ready_s:.1f}s: {line.strip()}")
     yield server
