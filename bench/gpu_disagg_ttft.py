@@ -32,6 +32,7 @@ import numpy as np
 from PIL import Image
 from transformers import AutoTokenizer
 
+from bench.report import write_json
 from deploy.redis_proc import free_port
 
 MODEL_NAME = "bench"
@@ -163,11 +164,9 @@ def main(argv: list[str] | None = None) -> None:
         disagg["node_args"] = variant
         report.setdefault("disaggregated", []).append(disagg)
         report.setdefault("ratio_median", []).append(round(disagg["median_ttft_ms"] / colocated["median_ttft_ms"], 3))
-    out = json.dumps(report, indent=2)
-    print(out)
+    print(json.dumps(report, indent=2))
     if args.out:
-        with open(args.out, "w") as f:
-            f.write(out)
+        write_json(args.out, report)
 
 
 if __name__ == "__main__":

@@ -34,9 +34,11 @@ from typing import Any
 
 import torch
 
+from bench.report import write_json
 from epd.tiny_model import text_dims
 from kv_transfer.cuda_ipc import PoolImports, copy_pages, export_pool
 from kv_transfer.kv_codec import gather_kv, layer_groups, scatter_kv
+from kv_transfer.probe import read_json_line
 from kv_transfer.transport import KVTransport
 
 PAGE_SIZE = 16
@@ -130,15 +132,6 @@ def _cuda_ms(fn, repeats: int = 5) -> float:
     return statistics.median(times)
 
 
-def _read_json(child: subprocess.Popen[str]) -> dict[str, Any]:
-    assert child.stdout is not None
-    for line in child.stdout:
-        if line.startswith("{"):
-            return json.loads(line)
-        sys.stderr.write(line)
-    raise RuntimeError(f"receiver exited with {child.wait()}")
-
-
 def _send_one(t: KVTransport, address: str, kv: PagedKV, groups: list[range], tokens: int, round_: int) -> float:
     """Gather and send every group of one request; returns the monotonic start time."""
     _sync()
@@ -179,7 +172,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     pool = export_pool(kv.layers) if args.ipc else {}
     rows = []
     try:
-        address = _read_json(child)["address"]
+        address = read_json_line(child)["address"]
         with KVTransport(args.host, device=args.device, progress_mode=args.ucx_progress) as t:
             for tokens in sizes:
                 ms = []
@@ -188,13 +181,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         started = _send_one_ipc(t, address, kv, pool, tokens, r)
                     else:
                         started = _send_one(t, address, kv, groups, tokens, r)
-                    landed = _read_json(child)
+                    landed = read_json_line(child)
                     if abs(landed["checksum"] - kv.checksum(tokens)) > 1e-6 * max(1.0, abs(landed["checksum"])):
                         raise SystemExit(f"{tokens} tokens round {r}: the receiver's pages differ from the sender's")
                     if r >= args.warmup:
                         ms.append((landed["landed"] - started) * 1e3)
                 rows.append(_row(kv, groups, tokens, ms, args.device, args.ipc))
-        scatter = _read_json(child)["scatter_ms"]
+        scatter = read_json_line(child)["scatter_ms"]
     finally:
         try:
             child.wait(timeout=60)
@@ -246,11 +239,9 @@ def main(argv: list[str] | None = None) -> None:
         receive(args)
         return
     report = run(args)
-    text = json.dumps(report, indent=2)
-    print(text)
+    print(json.dumps(report, indent=2))
     if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
+        write_json(args.out, report)
 
 
 if __name__ == "__main__":

@@ -70,8 +70,8 @@ def _child_command(args: argparse.Namespace) -> list[str]:
     return cmd
 
 
-def _read_json(child: subprocess.Popen[str]) -> dict[str, Any]:
-    """Next JSON line of the child; other lines (UCX diagnostics) are passed to stderr."""
+def read_json_line(child: subprocess.Popen[str]) -> dict[str, Any]:
+    """Next JSON line of a child process; other lines (UCX diagnostics) are passed to stderr."""
     assert child.stdout is not None
     for line in child.stdout:
         if line.startswith("{"):
@@ -94,7 +94,7 @@ def probe(args: argparse.Namespace) -> dict[str, Any]:
     """Parent: start the receiver, send every round, time the last one."""
     child = subprocess.Popen(_child_command(args), stdout=subprocess.PIPE, text=True)
     try:
-        address = _read_json(child)["address"]
+        address = read_json_line(child)["address"]
         with KVTransport(args.host, device=args.device, ucx_options=_options(args.tls)) as t:
             data = [
                 [torch.empty(_shape(args.mib), dtype=torch.bfloat16, device=args.device) for _ in range(args.tensors)]
@@ -107,7 +107,7 @@ def probe(args: argparse.Namespace) -> dict[str, Any]:
             start = time.perf_counter()
             reports = _send_round(t, address, data, args.rounds - 1, args.concurrent)
             wall = time.perf_counter() - start
-            recv = _read_json(child)
+            recv = read_json_line(child)
         total = sum(r.nbytes for r in reports)
         return {
             "device": f"{args.device}->{args.recv_device}",
