@@ -59,7 +59,6 @@ class EncoderService:
         self.max_batch_images = max_batch_images
         self.pending: OrderedDict[str, tuple[bytes, protocol.EncodeRequest, float]] = OrderedDict()
         self.runtime: Any = None   # set by main: NodeRuntime (send, transport, node_id)
-        self.preprocess_ms = 0.0   # of the last batch
         self._warm_up()
 
     def _warm_up(self) -> None:
@@ -89,7 +88,7 @@ class EncoderService:
             del self.pending[rid]
         t0 = time.monotonic()
         try:
-            results = self._encode(batch)
+            results, preprocess_ms = self._encode(batch)
         except Exception as e:  # noqa: BLE001 - a bad batch fails its requests, not the node
             log.exception("encoding failed")
             for identity, req, _ in batch:
@@ -101,11 +100,12 @@ class EncoderService:
             self.runtime.transport.send(req.prefill_ucx, f"{req.rid}:emb", embeds, meta=meta)
             self._report(identity, req, ok=True, timings={
                 "encoder_queue_ms": (t0 - arrived) * 1e3, "encode_ms": encode_ms,
-                "preprocess_ms": self.preprocess_ms, "vision_ms": encode_ms - self.preprocess_ms})
+                "preprocess_ms": preprocess_ms, "vision_ms": encode_ms - preprocess_ms})
         return True
 
-    def _encode(self, batch) -> list[tuple[list[torch.Tensor], list[tuple[int, int, int]]]]:
-        """One vision forward for every image of the batch that is not cached."""
+    def _encode(self, batch) -> tuple[list[tuple[list[torch.Tensor], list[tuple[int, int, int]]]], float]:
+        """One vision forward for every image of the batch that is not cached; also returns the ms
+        spent preprocessing."""
         per_request, todo = [], []
         t0 = time.monotonic()
         for _, req, _ in batch:
@@ -118,7 +118,7 @@ class EncoderService:
                     todo.append((payload["content_hash"], pre))
                 slots.append(payload["content_hash"])
             per_request.append(slots)
-        self.preprocess_ms = (time.monotonic() - t0) * 1e3
+        preprocess_ms = (time.monotonic() - t0) * 1e3
         if todo:
             pixels = torch.cat([pre.pixel_values for _, pre in todo])
             grids = torch.tensor([pre.grid_thw for _, pre in todo])
@@ -128,7 +128,7 @@ class EncoderService:
         for slots in per_request:
             items = [self.cache._items[k] for k in slots]
             out.append(([e.contiguous() for e, _ in items], [g for _, g in items]))
-        return out
+        return out, preprocess_ms
 
     def _report(self, identity: bytes, req: protocol.EncodeRequest, ok: bool, error: str = "",
                 timings: dict | None = None) -> None:
