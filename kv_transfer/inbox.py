@@ -12,7 +12,8 @@ header arrives: the tensors are then received straight into those buffers. A hea
 expectation starts a slot in RECEIVING with freshly allocated tensors; if the caller expects
 the key later, the data is copied into its buffers on completion (the slow path).
 `cancel` removes a slot at once and returns a future that resolves when nothing more will be
-written into the slot's buffers. Unclaimed DONE / FAILED slots are dropped by `sweep`.
+written into the slot's buffers. Unclaimed DONE / FAILED slots are dropped by `sweep`. A slot
+expected of a peer whose connection already ended fails at once (until that peer reconnects).
 """
 
 from __future__ import annotations
@@ -89,6 +90,7 @@ class Inbox:
         self._slots: dict[str, Slot] = {}
         self._cond = threading.Condition()
         self._closed: BaseException | None = None
+        self._lost: dict[str, BaseException] = {}   # peers whose connection ended, until they reconnect
 
     # ---- caller side -------------------------------------------------------------------
     def expect(self, key: str, buffers: Sequence[torch.Tensor] | None, peer: str | None) -> None:
@@ -97,7 +99,9 @@ class Inbox:
         with self._cond:
             slot = self._slots.get(key)
             if slot is None:
-                self._slots[key] = Slot(key, SlotState.EXPECTED, expected=bufs, peer=peer)
+                slot = self._slots[key] = Slot(key, SlotState.EXPECTED, expected=bufs, peer=peer)
+                if peer in self._lost:   # it is already gone: nothing more will come from it
+                    self._fail_locked(slot, self._lost[peer])
                 return
             if slot.header is not None and bufs is not None:
                 problem = _spec_mismatch(slot.header.specs, bufs)
@@ -203,13 +207,19 @@ class Inbox:
             if not self._finish_orphan(slot):
                 self._fail_locked(slot, error)
 
+    def on_peer_connected(self, peer: str) -> None:
+        """`peer` (re)connected: expectations of it wait again."""
+        with self._cond:
+            self._lost.pop(peer, None)
+
     def on_peer_lost(self, peer: str, error: BaseException) -> None:
-        """Fail the slots still waiting for a header from `peer`.
+        """Fail the slots still waiting for a header from `peer`, and those expected of it later.
 
         Slots already RECEIVING fail through their own receive, which UCX cancels when the
         endpoint dies: only then is it certain nothing more lands in their buffers.
         """
         with self._cond:
+            self._lost[peer] = error
             for slot in list(self._slots.values()):
                 if slot.peer == peer and slot.state is SlotState.EXPECTED:
                     self._fail_locked(slot, error)

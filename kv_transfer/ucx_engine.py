@@ -233,6 +233,7 @@ class UcxEngine:
                 raise TransferError(f"expected Hello, got {type(first).__name__}")
             peer = first.address
             logger.info("accepted connection from %s", peer)
+            self._inbox.on_peer_connected(peer)
             while True:
                 await self._post(ep.recv, frame, CONTROL_TAG)
                 header = decode(frame.data)
