@@ -34,5 +34,13 @@ class AttentionBackend(ABC):
         """Prepare per-step metadata shared by all layers."""
 
     @abstractmethod
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor) -> torch.Tensor:
-        """q: [T, Hq, D], k/v: [T, Hkv, D], kv_cache: [P, 2, page_size, Hkv, D] -> out [T, Hq, D]."""
+    def attend(self, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None,
+               kv_cache: torch.Tensor) -> torch.Tensor:
+        """q: [T, Hq, D], k/v: [T, Hkv, D], kv_cache: [P, 2, page_size, Hkv, D] -> out [T, Hq, D].
+        k and v None: the caller already wrote them to `kv_write_slots()`."""
+
+    def kv_write_slots(self) -> torch.Tensor | None:
+        """[T] int64 flat cache slots of this step's new tokens, for a model that writes K/V
+        itself (fused with rotary) and then calls `attend` with k = v = None; None when this
+        backend wants K/V passed to `attend`."""
+        return None

@@ -4,8 +4,9 @@ Lifecycle: `FlashInferBackend(...)` allocates one shared float workspace and two
 Per step, `plan(meta)` builds the page arrays once (indptr, page indices, last-page lengths) and
 plans either the decode wrapper (every request has one new token) or the prefill wrapper (any
 prefill chunk: ragged queries, causal within the chunk, seeing every earlier page of the
-request, so chunked prefill and mixed prefill+decode steps are one call per layer). Per layer,
-`attend` writes the new K/V into the cache (one fused kernel) and runs the planned wrapper.
+request, so chunked prefill and mixed prefill+decode steps are one call per layer). Per layer, the
+model writes the new K/V into the cache fused with rotary (`kv_write_slots`; else `attend` writes
+them with one kernel) and `attend` runs the planned wrapper.
 
 CUDA graphs: `graph_decode(bs, indices_buf)` gives a `GraphDecodeAttention` for one batch-size
 bucket, whose wrapper keeps fixed-size indptr/indices/last-page buffers (flashinfer's
@@ -113,9 +114,14 @@ class FlashInferBackend(AttentionBackend):
             self._active = self._prefill
         self._slots = meta.write_slots
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor) -> torch.Tensor:
+    def kv_write_slots(self) -> torch.Tensor | None:
+        return self._slots
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None,
+               kv_cache: torch.Tensor) -> torch.Tensor:
         assert self._slots is not None, "plan() must run before attend()"
-        store_kv(kv_cache, k, v, self._slots)
+        if k is not None:
+            store_kv(kv_cache, k, v, self._slots)
         return self._active.run(q.contiguous(), kv_cache)
 
     def graph_decode(self, batch_size: int, indices_buf: torch.Tensor) -> GraphDecodeAttention:
@@ -149,7 +155,12 @@ class GraphDecodeAttention(AttentionBackend):
     def plan(self, meta: StepMetadata) -> None:
         self.plan_padded(meta.kv_lens, meta.page_tables)
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor) -> torch.Tensor:
+    def kv_write_slots(self) -> torch.Tensor | None:
+        return self.slots
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None,
+               kv_cache: torch.Tensor) -> torch.Tensor:
         assert self.slots is not None, "the graph runner sets the static slot buffer"
-        store_kv(kv_cache, k, v, self.slots)
+        if k is not None:
+            store_kv(kv_cache, k, v, self.slots)
         return self._wrapper.run(q, kv_cache)

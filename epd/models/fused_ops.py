@@ -6,6 +6,8 @@ and with ~28 layers that is milliseconds. These kernels fuse each group into one
 
 - `add_rms_norm(x, delta, weight, eps)`: x + delta (the residual add) then RMSNorm;
 - `rotary_qk(qkv, cos, sin, hq, hk)`: rotary on q (written out contiguous) and k (in place);
+- `rotary_qk_store_kv(qkv, cos, sin, hq, hk, cache, slots)`: rotary on q, and k rotated and v
+  written straight into the paged cache (one launch per layer fewer in a decode step);
 - `silu_and_mul(gate_up)`: silu(gate) * up;
 - `store_kv(cache, k, v, slots)`: write the step's K/V into the paged cache.
 
@@ -93,6 +95,24 @@ def rotary_qk(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, hq: int,
     return q
 
 
+def rotary_qk_store_kv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, hq: int, hk: int,
+                       cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """qkv: [T, (hq + 2 hk) * D] (contiguous), cos/sin: [T, D], cache: [P, 2, page_size, hk, D],
+    slots: [T] int64 -> q [T, hq, D] rotated; rotated k and v are written to the cache slots.
+    Same values as `rotary_qk` then `store_kv`; qkv is left untouched."""
+    t = qkv.shape[0]
+    d = cos.shape[-1]
+    if not fused_path(qkv) or cache.dtype != qkv.dtype:
+        q = rotary_qk(qkv, cos, sin, hq, hk)
+        store_kv(cache, qkv[:, hq * d:(hq + hk) * d].view(t, hk, d), qkv[:, (hq + hk) * d:].view(t, hk, d), slots)
+        return q
+    q = torch.empty(t, hq, d, dtype=qkv.dtype, device=qkv.device)
+    if t:
+        _rotary_qk_store_kv_kernel[(t, hq + 2 * hk)](qkv, cos, sin, q, cache, slots, qkv.stride(0), cos.stride(0),
+                                                     hq, hk, cache.shape[2], HALF=d // 2, num_warps=1)
+    return q
+
+
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """gate_up: [T, 2 I] -> silu(gate) * up: [T, I]."""
     inter = gate_up.shape[-1] // 2
@@ -163,6 +183,36 @@ if triton is not None:
             dst = q_ptr + (tok * hq + head) * (2 * HALF)
         else:
             dst = src
+        tl.store(dst + i, o1)
+        tl.store(dst + HALF + i, o2)
+
+    @triton.jit
+    def _rotary_qk_store_kv_kernel(qkv_ptr, cos_ptr, sin_ptr, q_ptr, cache_ptr, slot_ptr, row_stride, cs_stride,
+                                   hq, hk, page_size, HALF: tl.constexpr):
+        tok = tl.program_id(0).to(tl.int64)
+        head = tl.program_id(1)            # q heads, then k heads, then v heads
+        i = tl.arange(0, HALF)
+        src = qkv_ptr + tok * row_stride + head * (2 * HALF)
+        x1 = tl.load(src + i)
+        x2 = tl.load(src + HALF + i)
+        if head < hq + hk:                 # q and k rotate, rounding as `_rotary_qk_kernel` does
+            c1 = tl.load(cos_ptr + tok * cs_stride + i).to(tl.float32)
+            c2 = tl.load(cos_ptr + tok * cs_stride + HALF + i).to(tl.float32)
+            s1 = tl.load(sin_ptr + tok * cs_stride + i).to(tl.float32)
+            s2 = tl.load(sin_ptr + tok * cs_stride + HALF + i).to(tl.float32)
+            f1, f2 = x1.to(tl.float32), x2.to(tl.float32)
+            o1 = (f1 * c1 - f2 * s1).to(q_ptr.dtype.element_ty)
+            o2 = (f2 * c2 + f1 * s2).to(q_ptr.dtype.element_ty)
+        else:
+            o1, o2 = x1, x2
+        if head < hq:
+            dst = q_ptr + (tok * hq + head) * (2 * HALF)
+        else:
+            slot = tl.load(slot_ptr + tok)
+            kv = (head >= hq + hk).to(tl.int64)       # 0: K, 1: V
+            kv_head = head - hq - kv * hk
+            row = (slot // page_size * 2 + kv) * page_size + slot % page_size   # cache[page, kv, offset]
+            dst = cache_ptr + (row * hk + kv_head) * (2 * HALF)
         tl.store(dst + i, o1)
         tl.store(dst + HALF + i, o2)
 

@@ -18,7 +18,14 @@ from torch import nn
 
 from epd.attention.base import AttentionBackend
 from epd.config import TextConfig
-from epd.models.fused_ops import add_rms_norm, apply_rotary_ref, rms_norm_ref, rotary_qk, silu_and_mul
+from epd.models.fused_ops import (
+    add_rms_norm,
+    apply_rotary_ref,
+    rms_norm_ref,
+    rotary_qk,
+    rotary_qk_store_kv,
+    silu_and_mul,
+)
 
 
 class RMSNorm(nn.Module):
@@ -87,6 +94,11 @@ class Attention(nn.Module):
                 backend: AttentionBackend, kv_cache: torch.Tensor) -> torch.Tensor:
         t = x.shape[0]
         hq, hk, d = self.num_heads, self.num_kv_heads, self.head_dim
+        slots = backend.kv_write_slots()
+        if self.qkv_proj is not None and slots is not None:   # k and v go straight to the cache
+            qkv = self.qkv_proj(x)                       # [T, (hq + 2 hk) * D]
+            q = rotary_qk_store_kv(qkv, cos, sin, hq, hk, kv_cache, slots)
+            return self.o_proj(backend.attend(q, None, None, kv_cache).reshape(t, -1))
         if self.qkv_proj is not None:
             qkv = self.qkv_proj(x)                       # [T, (hq + 2 hk) * D]
             q = rotary_qk(qkv, cos, sin, hq, hk)         # k rotated in place

@@ -49,6 +49,25 @@ def test_rotary_qk_and_store_kv():
     assert cache.isnan().sum() == cache.numel() - 2 * t * hk * d, "wrote outside the given slots"
 
 
+@pytest.mark.parametrize("tokens", [1, 37])
+def test_rotary_qk_store_kv_equals_rotary_then_store(tokens):
+    hq, hk, d, ps = 16, 2, 128, 16
+    qkv = torch.randn(tokens, (hq + 2 * hk) * d, device="cuda", dtype=BF16)
+    ang = torch.rand(tokens, d // 2, device="cuda") * 100
+    cos, sin = (torch.cat([f(ang)] * 2, -1).to(BF16) for f in (torch.cos, torch.sin))
+    slots = torch.randperm(20 * ps, device="cuda")[:tokens]
+    fused = torch.full((20, 2, ps, hk, d), float("nan"), device="cuda", dtype=BF16)
+    untouched = qkv.clone()
+    q = fo.rotary_qk_store_kv(qkv, cos, sin, hq, hk, fused, slots)
+    assert torch.equal(qkv, untouched), "qkv must be left as it was"
+    ref = fused.clone()
+    ref_q = fo.rotary_qk(qkv, cos, sin, hq, hk)      # rotates k inside qkv
+    fo.store_kv(ref, qkv[:, hq * d:(hq + hk) * d].view(tokens, hk, d), qkv[:, (hq + hk) * d:].view(tokens, hk, d),
+                slots)
+    assert torch.equal(q, ref_q)
+    assert torch.equal(fused.nan_to_num(7.0), ref.nan_to_num(7.0)), "K/V or untouched slots differ"
+
+
 def test_silu_and_mul():
     gu = torch.randn(9, 2 * 18944, device="cuda", dtype=BF16)
     g, u = gu[:, :18944], gu[:, 18944:]
