@@ -12,10 +12,12 @@ processes share. GB/s = the request's KV bytes / that time. The receiver checks 
 pages hold exactly the sender's values. Rounds 0..warmup-1 pay for connecting and for CUDA IPC
 mapping and are not counted; the median of the rest is reported.
 
-With ``--ipc``, the same-host path instead (kv_transfer/cuda_ipc.py): the sender sends one small
-UCX message naming its pool (CUDA IPC handles, mapped once by the receiver) and the request's
-pages; the receiver copies those pages straight into its own with one kernel. Time = message
-posted (sender) -> copy finished on the GPU (receiver).
+With ``--ipc``, the same-host path instead (kv_transfer/cuda_ipc.py), as the nodes run it: the
+receiver ("decode") reserves pages and sends their ids with its pool's CUDA IPC handles (mapped
+once by the sender); the sender ("prefill") writes the request's pages straight into the
+receiver's with one kernel, waits for it, then sends the small message that completes the
+hand-over. Time = write started -> the write finished on the GPU (`transfer_ms`: the bytes are in
+the receiver's pages), and -> that message taken by the receiver (`notified_ms`).
 
 Alongside, in the same processes: the gather and scatter kernels alone, or the page-copy kernel
 alone (CUDA events), and a device-to-device copy of the same bytes, which is the ceiling a
@@ -36,7 +38,7 @@ import torch
 
 from bench.report import write_json
 from epd.tiny_model import text_dims
-from kv_transfer.cuda_ipc import PoolImports, copy_pages, export_pool
+from kv_transfer.cuda_ipc import PageWriter, PoolImports, export_pool
 from kv_transfer.kv_codec import gather_kv, layer_groups, scatter_kv
 from kv_transfer.probe import read_json_line
 from kv_transfer.transport import KVTransport
@@ -79,15 +81,16 @@ def receive(args: argparse.Namespace) -> None:
     sizes = [int(x) for x in args.tokens.split(",")]
     kv = PagedKV(args.preset, max(sizes), args.device, seed=1)
     groups = layer_groups(kv.num_layers, args.group_size)
-    imports = PoolImports(args.device) if args.ipc else None
+    pool = export_pool(kv.layers) if args.ipc else {}
     with KVTransport(args.host, device=args.device, progress_mode=args.ucx_progress) as t:
         print(json.dumps({"address": t.address}), flush=True)
         for tokens in sizes:
             for r in range(args.rounds):
                 pages = kv.pages(tokens)
-                if args.ipc:   # the decode node's path: map the peer's pool (once), copy its pages into ours
-                    msg = t.wait(_key(tokens, r, "ipc"), timeout=120)
-                    copy_pages(imports.layers(msg.meta["pool"]), kv.layers, msg.meta["pages"], pages.tolist())
+                if args.ipc:   # the decode node's path: offer our pages, wait until prefill wrote them
+                    want = t.wait(_key(tokens, r, "want"), timeout=120)
+                    t.send(want.peer, _key(tokens, r, "dst"), [], meta={"pool": pool, "pages": pages.tolist()})
+                    t.wait(_key(tokens, r, "meta"), timeout=120)
                 for gi, group in enumerate([] if args.ipc else groups):
                     msg = t.wait(_key(tokens, r, gi), timeout=120)
                     scatter_kv(msg.tensors[0], kv.layers[group.start:group.stop], pages)
@@ -146,13 +149,20 @@ def _send_one(t: KVTransport, address: str, kv: PagedKV, groups: list[range], to
     return started
 
 
-def _send_one_ipc(t: KVTransport, address: str, kv: PagedKV, pool: dict, tokens: int, round_: int) -> float:
-    """The prefill node's CUDA IPC hand-over: one small message naming the pool and the pages."""
+def _send_one_ipc(t: KVTransport, address: str, kv: PagedKV, imports: PoolImports, tokens: int,
+                  round_: int) -> tuple[float, float]:
+    """The prefill node's CUDA IPC hand-over: write into the pages decode offered, then tell it.
+    Returns the monotonic times the write started and finished."""
+    t.send(address, _key(tokens, round_, "want"), []).result(timeout=120)
+    dst = t.wait(_key(tokens, round_, "dst"), timeout=120)
+    writer = imports.writer(dst.meta["pool"], kv.layers)   # maps the pool on first use
+    src_pages = kv.pages(tokens).tolist()
     _sync()
     started = time.monotonic()
-    t.send(address, _key(tokens, round_, "ipc"), [], meta={"pool": pool, "pages": kv.pages(tokens).tolist()}
-           ).result(timeout=120)
-    return started
+    writer.write(src_pages, dst.meta["pages"])
+    written = time.monotonic()
+    t.send(address, _key(tokens, round_, "meta"), [], meta={"first_token": 0}).result(timeout=120)
+    return started, written
 
 
 def copy_ms(nbytes: int, device: str) -> float:
@@ -169,24 +179,27 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     child = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     kv = PagedKV(args.preset, max(sizes), args.device, seed=0)
     groups = layer_groups(kv.num_layers, args.group_size)
-    pool = export_pool(kv.layers) if args.ipc else {}
+    imports = PoolImports(args.device) if args.ipc else None
     rows = []
     try:
         address = read_json_line(child)["address"]
         with KVTransport(args.host, device=args.device, progress_mode=args.ucx_progress) as t:
             for tokens in sizes:
-                ms = []
+                ms, notified = [], []
                 for r in range(args.rounds):
                     if args.ipc:
-                        started = _send_one_ipc(t, address, kv, pool, tokens, r)
+                        started, written = _send_one_ipc(t, address, kv, imports, tokens, r)
                     else:
-                        started = _send_one(t, address, kv, groups, tokens, r)
+                        started, written = _send_one(t, address, kv, groups, tokens, r), None
                     landed = read_json_line(child)
                     if abs(landed["checksum"] - kv.checksum(tokens)) > 1e-6 * max(1.0, abs(landed["checksum"])):
                         raise SystemExit(f"{tokens} tokens round {r}: the receiver's pages differ from the sender's")
                     if r >= args.warmup:
-                        ms.append((landed["landed"] - started) * 1e3)
+                        ms.append(((written or landed["landed"]) - started) * 1e3)
+                        notified.append((landed["landed"] - started) * 1e3)
                 rows.append(_row(kv, groups, tokens, ms, args.device, args.ipc))
+                if args.ipc:
+                    rows[-1]["notified_ms"] = round(statistics.median(notified), 3)
         scatter = read_json_line(child)["scatter_ms"]
     finally:
         try:
@@ -203,10 +216,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def _row(kv: PagedKV, groups: list[range], tokens: int, ms: list[float], device: str, ipc: bool) -> dict[str, Any]:
     nbytes = kv.bytes_per_token() * tokens
     pages = kv.pages(tokens)
+    split = {}
     if ipc:   # "gather" = the page-copy kernel alone, into a second pool of the same shape
-        dst = [torch.empty_like(layer) for layer in kv.layers]
-        gather = _cuda_ms(lambda: copy_pages(kv.layers, dst, pages.tolist(), pages.tolist()))
-        del dst
+        writer = PageWriter(kv.layers, [torch.empty_like(layer) for layer in kv.layers])
+        page_list = pages.tolist()
+        gather = _cuda_ms(lambda: writer.copy(page_list, page_list))
+        split = _write_split(writer, page_list)
+        del writer
     else:
         gather = _cuda_ms(lambda: [gather_kv(kv.layers[g.start:g.stop], pages, tokens) for g in groups])
     copy = copy_ms(nbytes, device)
@@ -216,7 +232,33 @@ def _row(kv: PagedKV, groups: list[range], tokens: int, ms: list[float], device:
             "transfer_ms_all": [round(x, 3) for x in ms], "gbps": round(nbytes / median / 1e6, 1),
             "page_copy_ms" if ipc else "gather_ms": round(gather, 3), "copy_ms": round(copy, 3),
             "copy_gbps": round(nbytes / copy / 1e6, 1),
-            "fraction_of_copy": round(copy / median, 3)}
+            "fraction_of_copy": round(copy / median, 3), **split}
+
+
+def _write_split(writer: PageWriter, pages: list[int], repeats: int = 7) -> dict[str, float]:
+    """Where a CUDA IPC write's time goes: the host's part (staging the page ids and launching,
+    perf_counter), the device's part (the ids' copy and the kernel, CUDA events with the GPU kept
+    busy beforehand so host time is hidden) and the whole `write` (launch, run, wait)."""
+    host, device, whole = [], [], []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        writer.copy(pages, pages)
+        host.append((time.perf_counter() - t0) * 1e3)
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda._sleep(2_000_000)   # ~1 ms of GPU work: the launch below is queued behind it
+        start.record()
+        writer.copy(pages, pages)
+        end.record()
+        end.synchronize()
+        device.append(start.elapsed_time(end))
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        writer.write(pages, pages)
+        whole.append((time.perf_counter() - t0) * 1e3)
+    return {"write_host_ms": round(statistics.median(host), 3), "write_device_ms": round(statistics.median(device), 3),
+            "write_ms": round(statistics.median(whole), 3)}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -232,7 +274,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--ucx-progress", default="thread", choices=["thread", "thread-polling"],
                     help="ucxx progress thread (the nodes' --ucx-progress)")
     ap.add_argument("--ipc", action="store_true",
-                    help="the same-host path: decode copies the pages out of prefill's pool through CUDA IPC")
+                    help="the same-host path: prefill writes the pages into decode's pool through CUDA IPC")
     ap.add_argument("--receive", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.receive:

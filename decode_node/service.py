@@ -2,10 +2,16 @@
 
 Queues, in order:
   awaiting_pages -> announced (DecodeRequest) but the pool cannot yet hold prompt + max tokens
-  awaiting_kv    -> pages reserved; KV groups `{rid}:kv:{g}` are scattered into them as they
-                    land (page sizes may differ from the prefill node's), then `{rid}:meta`
+  awaiting_kv    -> pages reserved; over UCX, KV groups `{rid}:kv:{g}` are scattered into them
+                    as they land (page sizes may differ from the prefill node's); through CUDA
+                    IPC (same host), the prompt's page ids go to the prefill node
+                    (`{rid}:kvdst`), which writes the KV into them itself; then `{rid}:meta`
                     (first token, M-RoPE delta, sampler state) completes the hand-over
   running        -> in the continuous batch (EngineCore.step); tokens stream to the router
+  fenced         -> (CUDA IPC only) pages of a request dropped after the prefill node was told to
+                    write them: held until it says it wrote them (`{rid}:meta`) or never will
+                    (`{rid}:kvrelease`), or `kv_timeout` passes, so no late write lands in
+                    pages that another request now owns
 Admission reserves every page the request can need, so decoding never preempts. A request
 waiting for KV fails (pages freed, error to the router) when the transfer fails, the room is
 marked failed, or `kv_timeout` passes.
@@ -28,10 +34,9 @@ from epd.inputs import ProcessedInput
 from epd.node_runtime import pool_status
 from epd.request import Request, TokenEvent
 from epd.sampling import SamplingParams
-from kv_transfer.cuda_ipc import PoolImports, copy_pages
+from kv_transfer.cuda_ipc import export_pool
 from kv_transfer.kv_codec import scatter_kv
 from kv_transfer.layout import KVLayout, LayoutMismatchError
-from kv_transfer.registry import NodeRegistry
 from kv_transfer.rooms import RoomState, RoomStore
 
 log = logging.getLogger(__name__)
@@ -47,6 +52,7 @@ class Incoming:
     meta: dict | None = None
     landed_at: float = 0.0
     first_kv_at: float = 0.0   # when the first layer group was taken from the transport
+    pages_offered: bool = False   # CUDA IPC: the prefill node may be writing into our pages
 
 
 class DecodeService:
@@ -60,8 +66,8 @@ class DecodeService:
         self.runtime: Any = None
         self.rooms: RoomStore | None = None
         self._last_room_check = 0.0
-        self.ipc_pools = PoolImports(core.device) if core.device.type == "cuda" else None
-        self._last_pool_sweep = 0.0
+        self.fenced: dict[str, tuple[list[int], float]] = {}   # rid -> (pages, since)
+        self._pool_desc: dict | None = None   # our pool as CUDA IPC handles, made on first use
 
     # ---- control messages ---------------------------------------------------------------
     def handle(self, identity: bytes, msg: Any) -> None:
@@ -75,6 +81,8 @@ class DecodeService:
         try:
             if mismatch:
                 raise ValueError(mismatch)
+            if msg.kv_ipc and self.core.device.type != "cuda":
+                raise ValueError("CUDA IPC hand-over asked of a decode node that is not on a GPU")
             params = SamplingParams.from_dict(msg.params)
             inp = ProcessedInput(list(msg.input_ids), [], torch.empty(3, 0, dtype=torch.long), 0)
             req = self.core.new_request(inp, params, rid=msg.rid)
@@ -101,7 +109,7 @@ class DecodeService:
         self._reserve()
         self._receive()
         self._watch()
-        self._unmap_dead_pools()
+        self._clear_fences()
         events = self.core.step()
         self._emit(events)
         return bool(events)   # waiting for KV: the loop sleeps until the transport wakes it
@@ -124,6 +132,17 @@ class DecodeService:
             del self.awaiting_pages[inc.msg.rid]
             inc.req.pages = pool.allocate(need)
             self.awaiting_kv[inc.msg.rid] = inc
+            if inc.msg.kv_ipc:
+                self._offer_pages(inc)
+
+    def _offer_pages(self, inc: Incoming) -> None:
+        """CUDA IPC: tell the prefill node which of our pages to write the prompt's KV into."""
+        if self._pool_desc is None:
+            self._pool_desc = export_pool(self.core.kv.layers, owner=self.runtime.node_id)
+        pages = inc.req.pages[:-(-inc.req.prompt_len // self.core.kv.spec.page_size)]
+        self.runtime.transport.send(inc.msg.prefill_ucx, f"{inc.msg.rid}:kvdst", [],
+                                    meta={"pool": self._pool_desc, "pages": pages})
+        inc.pages_offered = True
 
     def _receive(self) -> None:
         transport = self.runtime.transport
@@ -138,8 +157,10 @@ class DecodeService:
                     meta_msg = transport.poll(f"{rid}:meta")
                     if meta_msg is not None:
                         inc.meta = dict(meta_msg.meta, generator_state=meta_msg.tensors[:1])
-                        if "ipc" in inc.meta:
-                            self._copy_through_ipc(inc)
+                        if "error" in inc.meta:
+                            raise RuntimeError(inc.meta["error"])
+                        if inc.meta.get("ipc_written"):   # prefill wrote the KV into our pages
+                            inc.first_kv_at = time.monotonic()
             except Exception as e:  # noqa: BLE001 - a broken transfer fails this request only
                 self._fail(self.awaiting_kv.pop(rid), "transfer",
                            f"KV transfer from prefill node {inc.msg.prefill_node} failed: {e}")
@@ -148,32 +169,19 @@ class DecodeService:
                 del self.awaiting_kv[rid]
                 self._admit(inc)
 
-    def _unmap_dead_pools(self, every_s: float = 5.0) -> None:
-        """Every few seconds: unmap the pools of prefill nodes that left the registry."""
-        now = time.monotonic()
-        if not self.ipc_pools or now - self._last_pool_sweep < every_s:
-            return
-        self._last_pool_sweep = now
-        live = {n.node_id for n in NodeRegistry(self.runtime.redis).list_nodes("prefill")}
-        for pool_id in self.ipc_pools.drop_orphans(live):
-            log.info("unmapped the KV pool %s of a prefill node that is gone", pool_id)
-
-    def _copy_through_ipc(self, inc: Incoming) -> None:
-        """Copy the request's pages out of the prefill node's pool, then let it free them."""
-        ipc = inc.meta["ipc"]
-        inc.first_kv_at = time.monotonic()
-        ack = {"ok": True}
-        try:
-            if self.ipc_pools is None:
-                raise ValueError("this decode node is not on a GPU")
-            src = self.ipc_pools.layers(ipc["pool"])
-            copy_pages(src, self.core.kv.layers, ipc["pages"], inc.req.pages[:len(ipc["pages"])])
-            torch.cuda.current_stream(self.core.device).synchronize()
-        except Exception as e:
-            ack = {"ok": False, "error": f"CUDA IPC copy on decode node {self.runtime.node_id} failed: {e}"}
-            raise
-        finally:
-            self.runtime.transport.send(ipc["ack_to"], f"{inc.msg.rid}:kvack", [], meta=ack)
+    def _clear_fences(self) -> None:
+        """Free fenced pages once the prefill node wrote them, released them, or kv_timeout passed."""
+        transport, now = self.runtime.transport, time.monotonic()
+        for rid, (pages, since) in list(self.fenced.items()):
+            try:
+                done = any([transport.poll(f"{rid}:meta"), transport.poll(f"{rid}:kvrelease")])
+            except Exception:  # noqa: BLE001 - the connection to prefill failed: it writes no more
+                done = True
+            if done or now - since > self.kv_timeout:
+                for key in (f"{rid}:meta", f"{rid}:kvrelease"):
+                    transport.cancel(key)
+                self.core.kv.pool.free(pages)
+                del self.fenced[rid]
 
     def _admit(self, inc: Incoming) -> None:
         req, meta = inc.req, inc.meta
@@ -218,6 +226,8 @@ class DecodeService:
             if ev.finished:
                 del self.running[ev.rid]
                 timings = {**(inc.meta or {}).get("timings", {}),   # the prefill node's queue/prefill times
+                           "decode_received_at": protocol.wall_time(inc.arrived),
+                           "kv_landed_at": protocol.wall_time(inc.landed_at),
                            "kv_wait_ms": (inc.landed_at - inc.arrived) * 1e3,
                            "transfer_ms": (inc.landed_at - (inc.first_kv_at or inc.landed_at)) * 1e3,
                            "decode_ms": (time.monotonic() - inc.landed_at) * 1e3}
@@ -237,11 +247,15 @@ class DecodeService:
     def _release(self, inc: Incoming) -> None:
         rid = inc.msg.rid
         num_layers = self.core.model_config.text.num_layers  # an upper bound on the group count
-        for key in (f"{rid}:meta", *(f"{rid}:kv:{g}" for g in range(inc.next_group, num_layers))):
+        fencing = rid not in self.running and inc.pages_offered and inc.meta is None
+        for key in ([] if fencing else [f"{rid}:meta"]) + [f"{rid}:kv:{g}" for g in range(inc.next_group, num_layers)]:
             self.runtime.transport.cancel(key)
         if rid in self.running:
             del self.running[rid]
             self.core.abort(rid)
+        elif inc.req.pages and inc.pages_offered and inc.meta is None:
+            self.fenced[rid] = (inc.req.pages, time.monotonic())
+            inc.req.pages = []
         elif inc.req.pages:
             self.core.kv.pool.free(inc.req.pages)
             inc.req.pages = []
@@ -253,11 +267,12 @@ class DecodeService:
             self._release(inc)
 
     def check_integrity(self) -> None:
-        self.core.scheduler.check_integrity([pg for inc in self.awaiting_kv.values() for pg in inc.req.pages])
+        held = [pg for inc in self.awaiting_kv.values() for pg in inc.req.pages]
+        self.core.scheduler.check_integrity(held + [pg for pages, _ in self.fenced.values() for pg in pages])
 
     def status(self) -> dict[str, Any]:
         queues = {"awaiting_pages": len(self.awaiting_pages), "awaiting_kv": len(self.awaiting_kv),
-                  "running": len(self.running)}
+                  "running": len(self.running), "fenced": len(self.fenced)}
         return pool_status(self.core.kv.pool, self.check_integrity, queues)
 
     def shutdown(self) -> None:

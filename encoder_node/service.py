@@ -100,7 +100,9 @@ class EncoderService:
             self.runtime.transport.send(req.prefill_ucx, f"{req.rid}:emb", embeds, meta=meta)
             self._report(identity, req, ok=True, timings={
                 "encoder_queue_ms": (t0 - arrived) * 1e3, "encode_ms": encode_ms,
-                "preprocess_ms": preprocess_ms, "vision_ms": encode_ms - preprocess_ms})
+                "preprocess_ms": preprocess_ms, "vision_ms": encode_ms - preprocess_ms,
+                "encoder_received_at": protocol.wall_time(arrived),
+                "encoded_at": protocol.wall_time(t0) + encode_ms / 1e3})
         return True
 
     def _encode(self, batch) -> tuple[list[tuple[list[torch.Tensor], list[tuple[int, int, int]]]], float]:

@@ -5,28 +5,39 @@ Every message is a dataclass listed in `MESSAGE_TYPES` under a fixed tag. On the
 rejects unknown fields, so drift between router and nodes fails loudly.
 
 A request's messages, in order:
-  router -> decode   DecodeRequest   (reserve pages, wait for KV, then stream tokens back)
-  router -> prefill  PrefillRequest  (wait for embeddings if any, prefill, stream KV to decode)
+  router -> decode   DecodeRequest   (reserve pages, wait for KV, then stream tokens back; with
+                                      kv_ipc, tell prefill over UCX which pages to write)
+  router -> prefill  PrefillRequest  (wait for embeddings if any, prefill, hand the KV to decode)
   router -> encoder  EncodeRequest   (images -> embeddings, sent to the prefill node over UCX)
   node   -> router   StageReport     (a stage finished or failed, with timings)
   decode -> router   TokenDelta      (new tokens; the last one has finished=True)
   router -> any      Abort           (free everything held for the request)
   anyone -> node     StatusRequest -> NodeStatus (page pool and integrity, for operators and tests)
+
+Timings in StageReport / TokenDelta are ms per stage, except keys ending in `_at`: wall-clock
+instants (time.time() seconds, see `wall_time`), which the router turns into `<key>_ms`, ms
+after it received the request: the request's timeline across processes and hosts.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 
 class ProtocolError(ValueError):
     pass
+
+
+def wall_time(monotonic_s: float) -> float:
+    """The wall-clock instant (time.time()) of a time.monotonic() reading taken in this process."""
+    return time.time() - (time.monotonic() - monotonic_s)
 
 
 @dataclass
@@ -55,7 +66,7 @@ class PrefillRequest:
     decode_node: str
     decode_ucx: str
     encoder_node: str = ""             # "" when the request has no images
-    kv_ipc: bool = False               # decode copies the pages through CUDA IPC (same host, same page size)
+    kv_ipc: bool = False               # write the KV into decode's pages through CUDA IPC (same host and page size)
 
 
 @dataclass
@@ -65,6 +76,8 @@ class DecodeRequest:
     params: dict
     prefill_node: str
     prefill_layout_hash: str
+    prefill_ucx: str = ""              # where to send the reserved pages (kv_ipc only)
+    kv_ipc: bool = False               # prefill writes the KV into our pages through CUDA IPC
 
 
 @dataclass

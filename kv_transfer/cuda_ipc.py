@@ -1,18 +1,20 @@
-"""Same-host GPU KV hand-over through CUDA IPC: the decode node copies a request's pages straight
-out of the prefill node's page pool, one read and one write per byte, in one kernel.
+"""Same-host GPU KV hand-over through CUDA IPC: the prefill node writes a request's KV straight
+into the pages the decode node reserved for it, one read and one write per byte, in one kernel.
 
 The UCX path moves a request's KV three times (gather into a wire tensor, UCX copy, scatter into
 pages) and pays ~1 ms of fixed latency per message (BENCHMARKS.md section 4). When both nodes
-share a host and a page size, this path replaces it:
+share a host and a page size, this path replaces it (decode pre-allocates, prefill writes, as
+in SGLang's and Mooncake's disaggregation):
 
 1. `host_key()` names the machine (its boot id); two processes can map each other's CUDA memory
    only when it matches. Nodes publish it with their page size in their registry record.
-2. Prefill: `export_pool(layers)` once at start-up -> a msgpack-able descriptor (CUDA IPC handles
-   of every layer tensor, plus dtype and shape). Each request's hand-over message carries it with
-   the request's page ids; the KV is complete by then (the first token was read back).
-3. Decode: `PoolImports.layers(desc)` maps a peer's pool once and caches it; `copy_pages` copies
-   the request's pages into the pages decode reserved; decode then acknowledges over UCX so the
-   prefill node frees its pages.
+2. Decode: `export_pool(layers)` once -> a msgpack-able descriptor (CUDA IPC handles of every
+   layer tensor, plus dtype and shape). When it reserves a request's pages it sends the
+   descriptor and the page ids to the prefill node, long before prefill finishes.
+3. Prefill: `PoolImports.writer(desc, layers)` maps the peer's pool once and caches a
+   `PageWriter` (the layer-offset table is built once per pool pair); after the last layer,
+   `PageWriter.write` copies the request's pages into decode's and waits for the copy, then
+   prefill frees its own pages and tells decode the KV is in place.
 
 Handles are plain bytes/ints/strings in msgpack; nothing is pickled.
 """
@@ -81,6 +83,7 @@ class PoolImports:
         self.device = torch.device(device)
         self._pools: dict[str, list[torch.Tensor]] = {}
         self._owners: dict[str, str] = {}
+        self._writers: dict[str, PageWriter] = {}
 
     def layers(self, desc: dict[str, Any]) -> list[torch.Tensor]:
         pool = self._pools.get(desc["id"])
@@ -94,7 +97,15 @@ class PoolImports:
             self._owners[desc["id"]] = desc.get("owner", "")
         return pool
 
+    def writer(self, desc: dict[str, Any], local_layers: list[torch.Tensor]) -> PageWriter:
+        """A writer from our `local_layers` into the peer pool `desc` (mapped on first use)."""
+        writer = self._writers.get(desc["id"])
+        if writer is None:
+            writer = self._writers[desc["id"]] = PageWriter(local_layers, self.layers(desc))
+        return writer
+
     def drop(self, pool_id: str) -> None:
+        self._writers.pop(pool_id, None)
         self._pools.pop(pool_id, None)
         self._owners.pop(pool_id, None)
 
@@ -116,41 +127,75 @@ def _map(fields: list[Any], dtype: torch.dtype, shape: tuple[int, ...], device: 
     return out
 
 
+class PageWriter:
+    """Copies pages of one pool into another: dst_layers[l][dst_pages[i]] = src_layers[l][src_pages[i]].
+
+    Built once per pool pair (checks, the device table of layer offsets, a pinned staging
+    buffer for page ids); each `copy` then costs one small asynchronous host-to-device copy of the
+    page ids and one Triton kernel over (chunk, page, layer) on CUDA, or a per-layer index copy
+    elsewhere.
+    """
+
+    def __init__(self, src_layers: list[torch.Tensor], dst_layers: list[torch.Tensor]) -> None:
+        if len(src_layers) != len(dst_layers) or src_layers[0].shape[1:] != dst_layers[0].shape[1:] \
+                or src_layers[0].dtype != dst_layers[0].dtype:
+            raise ValueError("source and destination pools differ in layers, page shape or dtype")
+        self.src, self.dst = src_layers, dst_layers
+        self.device = dst_layers[0].device
+        page_bytes = src_layers[0][0].numel() * src_layers[0].element_size()
+        aligned = all(t.data_ptr() % 16 == 0 for t in (*src_layers, *dst_layers))
+        self.fast = triton is not None and self.device.type == "cuda" and page_bytes % 16 == 0 and aligned
+        self.words = page_bytes // 4
+        if self.fast:
+            # Layers as word offsets from layer 0 (16-byte multiples), so the kernel takes plain
+            # tensors and its loads vectorise.
+            src0, dst0 = src_layers[0].data_ptr(), dst_layers[0].data_ptr()
+            offsets = [(t.data_ptr() - src0) // 4 for t in src_layers]
+            offsets += [(t.data_ptr() - dst0) // 4 for t in dst_layers]
+            self.layer_offsets = torch.tensor(offsets, dtype=torch.int64, device=self.device)
+            self.src_words = src_layers[0].view(-1).view(torch.int32)
+            self.dst_words = dst_layers[0].view(-1).view(torch.int32)
+            pages = 2 * max(src_layers[0].shape[0], dst_layers[0].shape[0])   # src ids, then dst ids
+            self._staging = torch.empty(pages, dtype=torch.int64).pin_memory()
+            self._pages = torch.empty(pages, dtype=torch.int64, device=self.device)
+            self._staged = torch.cuda.Event()   # the staging buffer may be refilled once this passed
+
+    def copy(self, src_pages: list[int], dst_pages: list[int]) -> None:
+        """Queue the copy on the current stream (call `torch.cuda.synchronize` or `write` to wait)."""
+        if len(src_pages) != len(dst_pages):
+            raise ValueError(f"{len(src_pages)} source pages for {len(dst_pages)} destination pages")
+        if not src_pages:
+            return
+        n, layers = len(src_pages), len(self.src)
+        if not self.fast:
+            src_idx = torch.tensor(src_pages, dtype=torch.int64, device=self.src[0].device)
+            dst_idx = torch.tensor(dst_pages, dtype=torch.int64, device=self.device)
+            for src, dst in zip(self.src, self.dst, strict=True):
+                dst.index_copy_(0, dst_idx, src.index_select(0, src_idx).to(self.device))
+            return
+        self._staged.synchronize()
+        staging = self._staging.numpy()
+        staging[:n], staging[n:2 * n] = src_pages, dst_pages
+        pages = self._pages[:2 * n]
+        pages.copy_(self._staging[:2 * n], non_blocking=True)
+        self._staged.record()
+        block = min(4096, triton.next_power_of_2(self.words))
+        grid = (triton.cdiv(self.words, block), n, layers)
+        _copy_pages_kernel[grid](self.src_words, self.dst_words, self.layer_offsets[:layers],
+                                 self.layer_offsets[layers:], pages[:n], pages[n:],
+                                 PAGE_WORDS=self.words, BLOCK=block, num_warps=4)
+
+    def write(self, src_pages: list[int], dst_pages: list[int]) -> None:
+        """Copy and wait until the pages are in place (the peer may read them once this returns)."""
+        self.copy(src_pages, dst_pages)
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
+
+
 def copy_pages(src_layers: list[torch.Tensor], dst_layers: list[torch.Tensor], src_pages: list[int],
                dst_pages: list[int]) -> None:
-    """dst_layers[l][dst_pages[i]] = src_layers[l][src_pages[i]] for every layer l, page i.
-
-    One Triton kernel over (layer, page, chunk) on CUDA; a per-layer index copy otherwise.
-    """
-    if len(src_pages) != len(dst_pages):
-        raise ValueError(f"{len(src_pages)} source pages for {len(dst_pages)} destination pages")
-    if len(src_layers) != len(dst_layers) or src_layers[0].shape[1:] != dst_layers[0].shape[1:] \
-            or src_layers[0].dtype != dst_layers[0].dtype:
-        raise ValueError("source and destination pools differ in layers, page shape or dtype")
-    if not src_pages:
-        return
-    device = dst_layers[0].device
-    page_bytes = src_layers[0][0].numel() * src_layers[0].element_size()
-    aligned = all(t.data_ptr() % 16 == 0 for t in (*src_layers, *dst_layers))
-    if triton is None or device.type != "cuda" or page_bytes % 16 or not aligned:
-        src_idx = torch.tensor(src_pages, dtype=torch.int64, device=device)
-        dst_idx = torch.tensor(dst_pages, dtype=torch.int64, device=device)
-        for src, dst in zip(src_layers, dst_layers, strict=True):
-            dst.index_copy_(0, dst_idx, src.index_select(0, src_idx.to(src.device)))
-        return
-    n, layers = len(src_pages), len(src_layers)
-    # Layers are addressed as word offsets from layer 0 (16-byte multiples), so the kernel takes
-    # plain tensors and its loads vectorise. One host-to-device copy for pages and offsets.
-    src0, dst0 = src_layers[0].data_ptr(), dst_layers[0].data_ptr()
-    table = torch.tensor([*src_pages, *dst_pages, *((t.data_ptr() - src0) // 4 for t in src_layers),
-                          *((t.data_ptr() - dst0) // 4 for t in dst_layers)], dtype=torch.int64).pin_memory()
-    table = table.to(device, non_blocking=True)
-    words = page_bytes // 4
-    block = min(4096, triton.next_power_of_2(words))
-    grid = (triton.cdiv(words, block), n, layers)
-    _copy_pages_kernel[grid](src_layers[0].view(-1).view(torch.int32), dst_layers[0].view(-1).view(torch.int32),
-                             table[2 * n:2 * n + layers], table[2 * n + layers:], table[:n], table[n:2 * n],
-                             PAGE_WORDS=words, BLOCK=block, num_warps=4)
+    """dst_layers[l][dst_pages[i]] = src_layers[l][src_pages[i]] for every layer l, page i (queued)."""
+    PageWriter(src_layers, dst_layers).copy(src_pages, dst_pages)
 
 
 if triton is not None:

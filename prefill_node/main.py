@@ -17,7 +17,7 @@ def main(argv: list[str] | None = None) -> int:
     core = EngineCore(EngineConfig(model_path=args.model, load_vision=False, **args.engine_kwargs()),
                       AutoTokenizer.from_pretrained(args.model))
     layout = kv_layout_of(core)
-    service = PrefillService(core, layout, args.layer_group_size, ack_timeout_s=args.kv_timeout)
+    service = PrefillService(core, layout, args.layer_group_size, kv_timeout_s=args.kv_timeout)
     runtime = NodeRuntime(args, str(core.device), layout, capacity=core.kv.pool.capacity,
                           kv_ipc=ipc_capability(core.device, core.kv.spec.page_size))
     service.runtime = runtime

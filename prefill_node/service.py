@@ -1,12 +1,16 @@
-"""Prefill node: prompt (+ image embeddings) in, KV streamed to the decode node over UCX.
+"""Prefill node: prompt (+ image embeddings) in, KV handed to the decode node.
 
 Queues, in order:
   awaiting_embeddings -> the encoder's `{rid}:emb` message has not landed yet
   scheduler (waiting -> running) -> chunked, batched prefill across requests
-  transferring -> the last chunk's forward streams the KV layer group by layer group as each
-                  group finishes (`{rid}:kv:{g}`, token-major wire layout), then the first token
-                  and the M-RoPE delta (`{rid}:meta`); pages are freed when every send is
-                  acknowledged, or at once on failure or abort.
+  transferring -> over UCX: the last chunk's forward sends the KV layer group by layer group
+                  (`{rid}:kv:{g}`, token-major wire layout), then the first token and the M-RoPE
+                  delta (`{rid}:meta`); pages are freed when every send is acknowledged.
+                  Through CUDA IPC (same host): once the decode node's page list (`{rid}:kvdst`)
+                  is in, the KV is written straight into its pages, our pages are freed, and
+                  `{rid}:meta` says the KV is in place.
+Pages are freed at once on failure or abort. An abort before the KV was written sends
+`{rid}:kvrelease`, so the decode node knows nothing more will be written into its pages.
 A send that fails (decode node dead) marks the room failed and reports the error to the router.
 """
 
@@ -27,9 +31,10 @@ from epd.node_runtime import pool_status
 from epd.request import Request
 from epd.sampling import SamplingParams, SamplingRow, sample
 from epd.scheduler import Chunk
-from kv_transfer.cuda_ipc import export_pool
+from kv_transfer.cuda_ipc import PoolImports
 from kv_transfer.kv_codec import gather_kv, layer_groups
 from kv_transfer.layout import KVLayout
+from kv_transfer.registry import NodeRegistry
 from kv_transfer.rooms import RoomStore
 
 log = logging.getLogger(__name__)
@@ -46,19 +51,24 @@ class Pending:
     sends: list[Any] = dataclasses.field(default_factory=list)
     sent_at: float = 0.0
     embeddings_at: float = 0.0   # when the encoder's embeddings landed (arrived, for text-only requests)
+    handover: tuple[dict, list] | None = None   # CUDA IPC: (meta, tensors) held until the KV is written
 
     def waits(self) -> dict[str, float]:
-        """ms waiting for the encoder's embeddings, then for the scheduler."""
+        """ms waiting for the encoder's embeddings, then for the scheduler; when each began."""
         return {"embeddings_wait_ms": (self.embeddings_at - self.arrived) * 1e3,
-                "queue_ms": (self.started - self.embeddings_at) * 1e3}
+                "queue_ms": (self.started - self.embeddings_at) * 1e3,
+                "prefill_received_at": protocol.wall_time(self.arrived),
+                "embeddings_landed_at": protocol.wall_time(self.embeddings_at),
+                "prefill_started_at": protocol.wall_time(self.started)}
 
 
 class PrefillService:
-    def __init__(self, core: EngineCore, layout: KVLayout, group_size: int, ack_timeout_s: float = 60.0) -> None:
+    def __init__(self, core: EngineCore, layout: KVLayout, group_size: int, kv_timeout_s: float = 60.0) -> None:
         self.core = core
         self.layout = layout
-        self.ack_timeout_s = ack_timeout_s            # CUDA IPC hand-over: how long decode may take to copy
-        self._pool_desc: dict | None = None           # this node's pool as CUDA IPC handles, made on first use
+        self.kv_timeout_s = kv_timeout_s              # CUDA IPC: how long to wait for decode's page list
+        self.ipc_pools = PoolImports(core.device) if core.device.type == "cuda" else None
+        self._last_pool_sweep = 0.0
         num_layers = core.model_config.text.num_layers
         self.groups = layer_groups(num_layers, group_size or num_layers)
         self.awaiting: dict[str, Pending] = {}
@@ -81,14 +91,24 @@ class PrefillService:
             self._abort(msg.rid)
 
     def _abort(self, rid: str) -> None:
-        self.awaiting.pop(rid, None)
-        self.runtime.transport.cancel(f"{rid}:emb")
+        transport = self.runtime.transport
+        for key in (f"{rid}:emb", f"{rid}:kvdst"):
+            transport.cancel(key)
+        held = self.awaiting.pop(rid, None)
         p = self.active.pop(rid, None)
         if p is not None:
             self.core.abort(rid)
-        p = self.transferring.pop(rid, None)
-        if p is not None:
-            self.core.kv.pool.free(p.pages)
+        sending = self.transferring.pop(rid, None)
+        if sending is not None:
+            self.core.kv.pool.free(sending.pages)
+        p = p or held or sending
+        if p is not None and (sending is None or sending.handover is not None):
+            self._release_decode_pages(p)
+
+    def _release_decode_pages(self, p: Pending) -> None:
+        """CUDA IPC: nothing was written into decode's pages, and nothing will be: it may free them."""
+        if p.msg.kv_ipc:
+            self.runtime.transport.send(p.msg.decode_ucx, f"{p.msg.rid}:kvrelease", [])
 
     def _start(self, p: Pending, embeddings: list[torch.Tensor]) -> None:
         msg = p.msg
@@ -110,6 +130,7 @@ class PrefillService:
         self._poll_embeddings()
         stepped = self._step()
         self._poll_transfers()
+        self._unmap_dead_pools()
         return stepped   # waiting for embeddings or sends: the loop sleeps until the transport wakes it
 
     def load(self) -> float:
@@ -175,46 +196,77 @@ class PrefillService:
             req = p.req
             now = time.monotonic()
             meta = {"first_token": result.token_ids[i], "mrope_delta": req.inp.mrope_delta,
-                    "timings": {**p.waits(), "prefill_ms": (now - p.started) * 1e3},
+                    "timings": {**p.waits(), "prefill_ms": (now - p.started) * 1e3,
+                                "first_token_sampled_at": protocol.wall_time(now)},
                     "prompt_len": req.prompt_len, "num_groups": len(self.groups), "layout": self.layout.to_dict(),
                     "logprob": result.logprobs[i] if result.logprobs else None,
                     "top_logprobs": [list(x) for x in result.top_logprobs[i]] if result.top_logprobs else None}
-            if p.msg.kv_ipc:   # the KV is complete: the first token was read back after the last layer
-                meta["num_groups"] = 0
-                meta["ipc"] = {"pool": self._export_pool(), "ack_to": self.runtime.transport.address,
-                               "pages": list(req.pages[:-(-req.prompt_len // self.core.kv.spec.page_size)])}
             tensors = []
             if req.generator is not None:  # the decode node continues the same random stream
                 tensors.append(req.generator.get_state().to("cpu"))
-            p.sends.append(self.runtime.transport.send(p.msg.decode_ucx, f"{req.rid}:meta", tensors, meta=meta))
+            if p.msg.kv_ipc:   # written into decode's pages once its page list is in (_poll_transfers)
+                p.handover = (dict(meta, num_groups=0), tensors)
+            else:
+                p.sends.append(self.runtime.transport.send(p.msg.decode_ucx, f"{req.rid}:meta", tensors, meta=meta))
             p.pages = self.core.scheduler.detach(req)
             p.sent_at = time.monotonic()
             del self.active[req.rid]
             self.transferring[req.rid] = p
 
-    def _export_pool(self) -> dict:
-        if self._pool_desc is None:
-            self._pool_desc = export_pool(self.core.kv.layers, owner=self.runtime.node_id)
-        return self._pool_desc
+    def _write_kv(self, p: Pending) -> str | None:
+        """CUDA IPC: write the KV into decode's pages once it said which, then send the meta.
 
-    def _ipc_outcome(self, p: Pending) -> str | None:
-        """CUDA IPC hand-over: None while decode is copying, "" once it acknowledged, else the error."""
+        None while decode's page list is not in; "" once written; else the error."""
+        rid = p.msg.rid
         try:
-            ack = self.runtime.transport.poll(f"{p.msg.rid}:kvack")
+            dst = self.runtime.transport.poll(f"{rid}:kvdst")
         except Exception as e:  # noqa: BLE001 - a lost decode node fails this request only
             return str(e)
-        if ack is not None:
-            return "" if ack.meta.get("ok") else str(ack.meta.get("error", "decode could not copy the pages"))
-        if time.monotonic() - p.sent_at > self.ack_timeout_s:
-            return f"decode node did not copy the pages within {self.ack_timeout_s:.0f}s"
-        return None
+        if dst is None:
+            waited = time.monotonic() - p.sent_at
+            return None if waited < self.kv_timeout_s else f"no page list within {self.kv_timeout_s:.0f}s"
+        assert p.handover is not None
+        meta, tensors = p.handover
+        p.handover = None
+        n = self._prompt_pages(p)
+        started = time.monotonic()
+        try:
+            if self.ipc_pools is None:
+                raise ValueError("this prefill node is not on a GPU")
+            if len(dst.meta["pages"]) != n:
+                raise ValueError(f"decode reserved {len(dst.meta['pages'])} pages for a {n}-page prompt")
+            self.ipc_pools.writer(dst.meta["pool"], self.core.kv.layers).write(p.pages[:n], dst.meta["pages"])
+        except Exception as e:  # noqa: BLE001 - decode must hear of it, then the request fails
+            error = f"CUDA IPC write on prefill node {self.runtime.node_id} failed: {e}"
+            self.runtime.transport.send(p.msg.decode_ucx, f"{rid}:meta", [], meta={"error": error})
+            return error
+        write_ms = (time.monotonic() - started) * 1e3
+        self.core.kv.pool.free(p.pages)
+        log.info("KV of %s: %d pages (%d bytes) written into decode node %s through CUDA IPC in %.2f ms", rid, n,
+                 n * self.core.kv.spec.bytes_per_page(), p.msg.decode_node, write_ms)
+        p.pages = []
+        meta["timings"].update(kv_write_ms=write_ms, kv_written_at=time.time())
+        p.sends.append(self.runtime.transport.send(p.msg.decode_ucx, f"{rid}:meta", tensors,
+                                                   meta=dict(meta, ipc_written=True)))
+        return ""
+
+    def _prompt_pages(self, p: Pending) -> int:
+        return -(-p.req.prompt_len // self.core.kv.spec.page_size)
+
+    def _unmap_dead_pools(self, every_s: float = 5.0) -> None:
+        """Every few seconds: unmap the pools of decode nodes that left the registry."""
+        now = time.monotonic()
+        if not self.ipc_pools or now - self._last_pool_sweep < every_s:
+            return
+        self._last_pool_sweep = now
+        live = {n.node_id for n in NodeRegistry(self.runtime.redis).list_nodes("decode")}
+        for pool_id in self.ipc_pools.drop_orphans(live):
+            log.info("unmapped the KV pool %s of a decode node that is gone", pool_id)
 
     def _poll_transfers(self) -> None:
         for rid, p in list(self.transferring.items()):
-            if not all(f.done() for f in p.sends):
-                continue
-            ipc_error = self._ipc_outcome(p) if p.msg.kv_ipc else ""
-            if ipc_error is None:
+            ipc_error = self._write_kv(p) if p.handover is not None else ""
+            if ipc_error is None or not all(f.done() for f in p.sends):
                 continue
             del self.transferring[rid]
             self.core.kv.pool.free(p.pages)
@@ -229,10 +281,7 @@ class PrefillService:
             nbytes = sum(r.nbytes for r in reports)
             seconds = time.monotonic() - p.sent_at
             if p.msg.kv_ipc:
-                nbytes = len(p.pages) * self.core.kv.spec.bytes_per_page()
-                log.info("KV of %s to %s: %d pages (%d bytes) copied by the decode node through CUDA IPC, "
-                         "acknowledged %.2f ms after the first token", rid, p.msg.decode_node, len(p.pages),
-                         nbytes, seconds * 1e3)
+                nbytes = self._prompt_pages(p) * self.core.kv.spec.bytes_per_page()
             else:
                 log.info("KV of %s to %s: %d bytes in %.2f ms after the last layer (%.2f GB/s per message avg)",
                          rid, p.msg.decode_node, nbytes, seconds * 1e3,
@@ -243,6 +292,8 @@ class PrefillService:
 
     def _report(self, p: Pending, stage: str, ok: bool, error: str = "", timings: dict | None = None,
                 info: dict | None = None) -> None:
+        if not ok and stage != "transfer":   # failed before any KV was written
+            self._release_decode_pages(p)
         self.runtime.send(p.identity, protocol.StageReport(p.msg.rid, stage, self.runtime.node_id, ok, error,
                                                            timings or {}, info or {}))
 

@@ -162,7 +162,7 @@ class RequestTimer:
         m.generation_tokens.inc(m.model, event.completion_tokens)
         m.success.inc((*m.model, ("finished_reason", event.finish_reason or "unknown")))
         for key, ms in event.timings.items():
-            if key.endswith("_ms") and ms is not None:
+            if key.endswith("_ms") and not key.endswith("_at_ms") and ms is not None:
                 m.stage.observe((*m.model, ("stage", key[:-3])), ms / 1e3)
 
     def failed(self, reason: str) -> None:

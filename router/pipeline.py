@@ -44,6 +44,14 @@ class Flight:
     done: set[str] = dataclasses.field(default_factory=set)   # roles whose part is over
     timings: dict[str, float] = dataclasses.field(default_factory=dict)
     finished: bool = False
+    received_at: float = 0.0                    # wall clock; nodes' `*_at` instants become ms after it
+
+    def add_timings(self, timings: dict[str, float]) -> None:
+        for key, value in timings.items():
+            if key.endswith("_at"):
+                self.timings[f"{key}_ms"] = (value - self.received_at) * 1e3
+            else:
+                self.timings[key] = value
 
 
 class DisaggBackend:
@@ -134,11 +142,13 @@ class DisaggBackend:
         except ValueError as e:
             raise BackendError(str(e), 400, getattr(e, "param", None)) from None
         flight = await asyncio.to_thread(self._plan, req, inp)
+        flight.received_at = protocol.wall_time(received)
         flight.timings["input_ms"] = (time.monotonic() - received) * 1e3
         queue = self.clients.subscribe(req.rid)
         self.inflight[req.rid] = flight
         try:
             await self._dispatch(req, inp, flight)
+            flight.add_timings({"dispatched_at": time.time()})
             async for event in self._relay(req, inp, flight, queue):
                 yield event
         finally:
@@ -183,6 +193,7 @@ class DisaggBackend:
     async def _dispatch(self, req: BackendRequest, inp: ProcessedInput, flight: Flight) -> None:
         p, d = flight.nodes["prefill"], flight.nodes["decode"]
         params = _params_dict(req)
+        kv_ipc = bool(p.kv_ipc) and p.kv_ipc == d.kv_ipc
         if inp.images:   # first: the encoder is the head of the critical path
             images = [dataclasses.asdict(protocol.ImagePayload(im.source.width, im.source.height,
                                                                im.source.tobytes(), im.content_hash or ""))
@@ -191,9 +202,9 @@ class DisaggBackend:
                                                                                        p.node_id, p.ucx))
         await self.clients.send(p.zmq, protocol.PrefillRequest(
             req.rid, inp.input_ids, [list(im.grid_thw) for im in inp.images], params, d.node_id, d.ucx,
-            flight.nodes["encoder"].node_id if inp.images else "", kv_ipc=bool(p.kv_ipc) and p.kv_ipc == d.kv_ipc))
+            flight.nodes["encoder"].node_id if inp.images else "", kv_ipc=kv_ipc))
         await self.clients.send(d.zmq, protocol.DecodeRequest(req.rid, inp.input_ids, params, p.node_id,
-                                                              p.layout_hash))
+                                                              p.layout_hash, p.ucx, kv_ipc))
         await asyncio.to_thread(self.sessions.advance, req.rid, Stage.ENCODING if inp.images else Stage.PREFILLING)
 
     async def _relay(self, req: BackendRequest, inp: ProcessedInput, flight: Flight,
@@ -211,12 +222,14 @@ class DisaggBackend:
                 continue
             if msg.error:
                 raise BackendError(f"request failed at stage '{msg.stage}' on node {msg.node}: {msg.error}", 503)
+            if "first_token_at_ms" not in flight.timings:
+                flight.add_timings({"first_token_at": time.time()})
             flight.done.add("prefill")   # tokens flowing means the KV landed
             for i, tok in enumerate(msg.token_ids):
                 last = msg.finished and i == len(msg.token_ids) - 1
                 if last:
                     flight.finished = True
-                    flight.timings.update(msg.timings)
+                    flight.add_timings(msg.timings)
                 yield BackendEvent(
                     token_id=tok, text=msg.text if i == len(msg.token_ids) - 1 else "",
                     logprob=msg.logprobs[i] if msg.logprobs else None,
@@ -231,7 +244,7 @@ class DisaggBackend:
     def _on_report(self, flight: Flight, msg: protocol.StageReport) -> None:
         if not msg.ok:
             raise BackendError(f"request failed at stage '{msg.stage}' on node {msg.node}: {msg.error}", 503)
-        flight.timings.update(msg.timings)
+        flight.add_timings(msg.timings)
         flight.done.add({"encode": "encoder", "prefill": "prefill"}.get(msg.stage, msg.stage))
 
     async def _watchdog(self, flight: Flight, deadline: float) -> None:

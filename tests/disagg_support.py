@@ -86,6 +86,20 @@ class Harness:
             time.sleep(0.2)
         assert not bad, f"page pools not intact: {bad}"
 
+    def node(self, role: str) -> NodeProc:
+        """The first live node of `role`."""
+        return next(n for n in self.cluster.nodes if n.role == role and n.alive())
+
+    async def until_queued(self, node: NodeProc, queue: str, timeout_s: float = 20.0) -> None:
+        """Wait until `node` reports one request in `queue`."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            status = await self.backend.node_status(node.role, node.node_id)
+            if status.queues.get(queue) == 1:
+                return
+            await asyncio.sleep(0.1)
+        raise AssertionError(f"{node.node_id}: {queue} never reached 1")
+
     def wait_gone(self, node: NodeProc, timeout_s: float = 15.0) -> None:
         deadline = time.monotonic() + timeout_s
         while self.cluster.nodes and time.monotonic() < deadline:

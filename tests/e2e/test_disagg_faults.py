@@ -28,23 +28,8 @@ def harness(tiny_models, tmp_path_factory):
         yield h
 
 
-def _node(harness, role):
-    return next(n for n in harness.cluster.nodes if n.role == role and n.alive())
-
-
 def _signal(node, sig):
     os.killpg(node.proc.pid, sig)
-
-
-async def _until_queued(harness, node, queue, timeout_s=20.0):
-    """Wait until `node` reports one request in `queue`."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        status = await harness.backend.node_status(node.role, node.node_id)
-        if status.queues.get(queue) == 1:
-            return
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"{node.node_id}: {queue} never reached 1")
 
 
 def _replace(harness, victim):
@@ -62,7 +47,7 @@ def _fault(harness, freeze, victim, wait_on, queue, images=True):
 
     async def scenario():
         task = asyncio.ensure_future(harness.consume(req))
-        await _until_queued(harness, wait_on, queue)
+        await harness.until_queued(wait_on, queue)
         _signal(victim, signal.SIGKILL)
         killed_at = time.monotonic()
         _signal(freeze, signal.SIGCONT)
@@ -77,7 +62,7 @@ def _fault(harness, freeze, victim, wait_on, queue, images=True):
 
 
 def test_decode_killed_while_prefill_transfers(harness):
-    prefill, decode = _node(harness, "prefill"), _node(harness, "decode")
+    prefill, decode = harness.node("prefill"), harness.node("decode")
     result, elapsed = _fault(harness, freeze=prefill, victim=decode, wait_on=decode, queue="awaiting_kv")
     assert decode.node_id in result.error and ("transfer" in result.error or "decode" in result.error)
     assert elapsed < BOUND_S
@@ -87,7 +72,7 @@ def test_decode_killed_while_prefill_transfers(harness):
 
 
 def test_prefill_killed_while_decode_waits_for_kv(harness):
-    prefill, decode = _node(harness, "prefill"), _node(harness, "decode")
+    prefill, decode = harness.node("prefill"), harness.node("decode")
     result, elapsed = _fault(harness, freeze=prefill, victim=prefill, wait_on=decode, queue="awaiting_kv")
     assert "stage 'prefill'" in result.error and prefill.node_id in result.error
     assert elapsed < BOUND_S
@@ -97,7 +82,7 @@ def test_prefill_killed_while_decode_waits_for_kv(harness):
 
 
 def test_encoder_killed_before_sending(harness):
-    encoder, prefill = _node(harness, "encoder"), _node(harness, "prefill")
+    encoder, prefill = harness.node("encoder"), harness.node("prefill")
     result, elapsed = _fault(harness, freeze=encoder, victim=encoder, wait_on=prefill,
                              queue="awaiting_embeddings")
     assert "stage 'encode'" in result.error and encoder.node_id in result.error
@@ -118,7 +103,7 @@ def test_layout_mismatch_is_refused_naming_the_field(harness, tmp_path):
     from epd.tiny_model import write_tiny_model
 
     other = write_tiny_model("qwen2_vl", str(tmp_path / "kv4"), overrides={"num_key_value_heads": 4})
-    decode = _node(harness, "decode")
+    decode = harness.node("decode")
     harness.cluster.kill(decode)
     harness.wait_gone(decode)
     odd = harness.cluster.add("decode", TTL, model=other)

@@ -1,10 +1,14 @@
-"""Same-host KV hand-over through CUDA IPC: the page-copy kernel, and real prefill/decode node
-processes on one GPU whose greedy tokens equal the colocated engine's and the UCX path's."""
+"""Same-host KV hand-over through CUDA IPC: the page-copy kernel, real prefill/decode node
+processes on one GPU whose greedy tokens equal the colocated engine's and the UCX path's, and
+an abort while prefill may still write into decode's pages."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import glob
 import os
+import signal
 import sys
 import time
 
@@ -17,7 +21,7 @@ from disagg_support import disagg_cluster  # noqa: E402
 from support import IMAGE, chat_prompt, noise_image  # noqa: E402
 
 from epd import Engine  # noqa: E402
-from kv_transfer.cuda_ipc import copy_pages  # noqa: E402
+from kv_transfer.cuda_ipc import PageWriter, copy_pages  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
@@ -29,34 +33,42 @@ def test_copy_pages_moves_exactly_the_listed_pages(dtype):
     dst = [torch.zeros(50, 2, 16, 4, 128, device="cuda", dtype=dtype) for _ in range(3)]
     src_pages, dst_pages = [3, 17, 5, 39], [49, 0, 21, 8]
     copy_pages(src, dst, src_pages, dst_pages)
+    torch.cuda.synchronize()
     for s, d in zip(src, dst, strict=True):
         assert torch.equal(d[dst_pages], s[src_pages])
         untouched = [i for i in range(50) if i not in dst_pages]
         assert not d[untouched].any()
+    writer = PageWriter(src, dst)   # reused across requests, as the prefill node does
+    writer.write([0, 1], [30, 31])
+    writer.write([2], [32])
+    for s, d in zip(src, dst, strict=True):
+        assert torch.equal(d[[30, 31, 32]], s[[0, 1, 2]])
 
 
 PROMPTS = [(chat_prompt(IMAGE, "Describe this picture."), [(120, 80)]),
            (chat_prompt("Hello, tell me a story about a red cat."), [])]
 
 
+ROLES = {"encoder": [[]], "prefill": [[]], "decode": [[]]}
+SMALL_POOLS = ["--kv-cache-tokens", "16384"]   # node pools of a few MB, whatever this process holds
+
+
 def _run(model, tmp, extra):
-    roles = {"encoder": [[]], "prefill": [[]], "decode": [[]]}
-    common = ["--dtype", "float32", "--heartbeat-ttl", "2", *extra]
+    common = ["--dtype", "float32", "--heartbeat-ttl", "2", *SMALL_POOLS, *extra]
     out = []
-    with disagg_cluster(model, tmp, roles, common, device="cuda") as h:
+    with disagg_cluster(model, tmp, ROLES, common, device="cuda") as h:
         for prompt, sizes in PROMPTS:
             images = [noise_image(w, hh, seed=i) for i, (w, hh) in enumerate(sizes)]
             got = h.generate(prompt, images, max_new_tokens=12)
             assert not got.error, got.error
             out.append(got.token_ids)
         h.assert_pools_intact()
-        if "--no-kv-ipc" not in extra:   # a prefill node that leaves must not keep its pool mapped in decode
-            prefill = next(n for n in h.cluster.nodes if n.role == "prefill")
-            decode = next(n for n in h.cluster.nodes if n.role == "decode")
-            prefill.proc.terminate()
+        if "--no-kv-ipc" not in extra:   # a decode node that leaves must not keep its pool mapped in prefill
+            prefill, decode = h.node("prefill"), h.node("decode")
+            decode.proc.terminate()
             deadline = time.monotonic() + 20
-            while "unmapped the KV pool" not in open(decode.log_path).read():
-                assert time.monotonic() < deadline, "decode kept the pool of a prefill node that is gone"
+            while "unmapped the KV pool" not in open(prefill.log_path).read():
+                assert time.monotonic() < deadline, "prefill kept the pool of a decode node that is gone"
                 time.sleep(0.2)
     return out
 
@@ -73,4 +85,31 @@ def test_disaggregated_over_cuda_ipc_equals_ucx_and_colocated(tiny_models, tmp_p
         colocated = [llm.generate(prompt=p, image_data=[noise_image(w, h, seed=i) for i, (w, h) in enumerate(s)]
                                   or None, sampling_params={"temperature": 0, "max_new_tokens": 12})["output_ids"]
                      for p, s in PROMPTS]
+    torch.cuda.empty_cache()   # the engine's pool goes back to the GPU, not to this process's cache
     assert ipc == ucx == colocated
+
+
+def test_abort_before_prefill_wrote_keeps_decode_pages_fenced_until_released(tiny_models, tmp_path):
+    """Decode has told prefill where to write, the client goes away, prefill is still busy: decode
+    must not reuse those pages until prefill says it will not write them."""
+    common = ["--dtype", "float32", "--heartbeat-ttl", "30", *SMALL_POOLS]
+    with disagg_cluster(tiny_models["qwen2_5_vl"], str(tmp_path), ROLES, common, device="cuda") as h:
+        prefill, decode = h.node("prefill"), h.node("decode")
+        os.killpg(prefill.proc.pid, signal.SIGSTOP)   # prefill cannot write, nor release, while stopped
+        try:
+            async def abort_while_prefill_is_stopped():
+                task = asyncio.ensure_future(h.consume(h.request(PROMPTS[1][0], max_new_tokens=8)))
+                await h.until_queued(decode, "awaiting_kv")
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+                await asyncio.sleep(1.0)
+                return await h.backend.node_status("decode", decode.node_id)
+
+            status = h.run(abort_while_prefill_is_stopped())
+        finally:
+            os.killpg(prefill.proc.pid, signal.SIGCONT)
+        assert status.queues["fenced"] == 1 and status.queues["awaiting_kv"] == 0
+        assert status.pages_free < status.pages_total, "decode freed pages prefill may still write"
+        h.assert_pools_intact()   # prefill takes the abort, releases the pages, decode frees them
+        assert h.generate(*PROMPTS[1][:1], max_new_tokens=4).token_ids, "serving goes on"
