@@ -114,11 +114,15 @@ def _engine_sections(report: Report, name: str, core, args: argparse.Namespace) 
     ceil = report.data["ceilings"]
     facts = w.model_facts(core)
     report.data["models"][name]["facts"] = facts
-    report.section(name, "decode", lambda: _decode_all(core, facts, ceil["d2d_copy_GBps"]))
-    report.section(name, "profile", lambda: _profile(core, os.path.dirname(os.path.abspath(args.out)), name))
-    report.section(name, "prefill", lambda: [w.prefill(core, facts, ceil["bf16_matmul_TFLOPs"], 1, 4096),
-                                             w.prefill(core, facts, ceil["bf16_matmul_TFLOPs"], 8, 1024)])
-    if name in args.vision:
+    wanted = set(args.sections.split(","))
+    if "decode" in wanted:
+        report.section(name, "decode", lambda: _decode_all(core, facts, ceil["d2d_copy_GBps"]))
+    if "profile" in wanted:
+        report.section(name, "profile", lambda: _profile(core, os.path.dirname(os.path.abspath(args.out)), name))
+    if "prefill" in wanted:
+        report.section(name, "prefill", lambda: [w.prefill(core, facts, ceil["bf16_matmul_TFLOPs"], 1, 4096),
+                                                 w.prefill(core, facts, ceil["bf16_matmul_TFLOPs"], 8, 1024)])
+    if name in args.vision and "vision" in wanted:
         report.section(name, "vision", lambda: w.vision(core))
     return {r["batch"]: r["tokens_per_s"] for r in report.data["models"][name].get("decode") or []
             if r["cuda_graph"]}
@@ -140,7 +144,7 @@ def bench_model(report: Report, name: str, path: str, args: argparse.Namespace) 
     ours = _engine_sections(report, name, core, args)
     core = None  # the engine's memory goes back before transformers loads its copy
     torch.cuda.empty_cache()
-    if not args.skip_hf:
+    if not args.skip_hf and "hf" in args.sections.split(","):
         report.section(name, "hf_generate", lambda: _hf_rows(path, ours))
 
 
@@ -151,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", action="append", default=[], help="NAME=CHECKPOINT_DIR (repeatable)")
     ap.add_argument("--vision", action="append", default=["3b"], help="models whose vision tower is measured")
     ap.add_argument("--skip-hf", action="store_true", help="leave out the transformers baseline")
+    ap.add_argument("--sections", default="decode,profile,prefill,vision,hf",
+                    help="comma-separated subset of decode,profile,prefill,vision,hf")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     report = Report(args.out, argv)

@@ -100,6 +100,7 @@ def _stop(proc: subprocess.Popen) -> None:
 
 def measure(name: str, cmd: list[str], url: str, args: argparse.Namespace, text: str,
             image_seed: int = 0) -> dict[str, Any]:
+    os.makedirs(args.log_dir, exist_ok=True)
     log_path = os.path.join(args.log_dir, f"{name}.log")
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)

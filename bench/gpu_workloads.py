@@ -190,7 +190,7 @@ def vision(core: EngineCore, batches: tuple[int, ...] = (1, 4)) -> dict:
 
     from epd.models.vision import VisionTower
 
-    ref = VisionTower(core.model_config, core.device, core.dtype)
+    ref = VisionTower(core.model_config, core.device, core.dtype, attention="sdpa")   # transformers' own path
     rng = np.random.RandomState(0)
     img = Image.fromarray((rng.rand(720, 1280, 3) * 255).astype("uint8"))
     pre = core.inputs.image_processor.preprocess(img)

@@ -1,0 +1,110 @@
+"""Paged decode attention alone: flashinfer's tensor-core kernel (what the engine uses) against its
+CUDA-core kernel, in CUDA graphs, for the 3b and 7b head layouts.
+
+    python3 -m bench.gpu_attention --out attn.json
+
+Each case: `batch` requests of `context` tokens on randomly ordered pages of 16 tokens, one layer,
+bf16, head_dim 128; a CUDA graph of `layers` back-to-back attention calls (as in one decode step) is
+replayed and timed with CUDA events; reported per call in microseconds, with the KV bytes read per
+second. This says whether attention's ~11 us per layer at batch 1 (BENCHMARKS.md section 1) is the
+kernel choice or the latency floor of a split-KV launch pair.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+
+import torch
+
+from bench.report import write_json
+
+LAYOUTS = {"3b": (16, 2), "7b": (28, 4)}   # (query heads, KV heads)
+HEAD_DIM, PAGE = 128, 16
+
+
+def _time_graph(fn, calls: int, repeats: int = 20) -> float:
+    """Median microseconds per call of `fn` captured `calls` times in one CUDA graph."""
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        for _ in range(calls):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / calls)
+    return statistics.median(times)
+
+
+def case(layout: str, batch: int, context: int, tensor_cores: bool, calls: int = 28) -> dict:
+    import flashinfer
+
+    hq, hk = LAYOUTS[layout]
+    pages_per = -(-context // PAGE)
+    num_pages = batch * pages_per + 1
+    cache = torch.randn(num_pages, 2, PAGE, hk, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+    order = torch.randperm(num_pages - 1, device="cuda").int() + 1
+    indptr = torch.arange(0, batch + 1, dtype=torch.int32, device="cuda") * pages_per
+    last = torch.full((batch,), context - (pages_per - 1) * PAGE, dtype=torch.int32, device="cuda")
+    q = torch.randn(batch, hq, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+    workspace = torch.zeros(256 << 20, dtype=torch.uint8, device="cuda")
+    wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+        workspace, "NHD", use_cuda_graph=True, use_tensor_cores=tensor_cores,
+        paged_kv_indptr_buffer=indptr.clone(), paged_kv_indices_buffer=order.clone(),
+        paged_kv_last_page_len_buffer=last.clone())
+    wrapper.plan(indptr, order, last, hq, hk, HEAD_DIM, PAGE, q_data_type=torch.bfloat16,
+                 kv_data_type=torch.bfloat16)
+    out = wrapper.run(q, cache)
+    ref = _reference(q, cache, order, batch, pages_per, context, hq, hk)
+    err = float((out.float() - ref).norm() / ref.norm())
+    us = _time_graph(lambda: wrapper.run(q, cache), calls)
+    kv_bytes = batch * context * 2 * hk * HEAD_DIM * 2
+    return {"layout": layout, "batch": batch, "context": context, "tensor_cores": tensor_cores,
+            "us_per_call": round(us, 2), "kv_GBps": round(kv_bytes / us / 1e3, 1), "rel_error": err}
+
+
+def _reference(q, cache, order, batch, pages_per, context, hq, hk) -> torch.Tensor:
+    outs = []
+    for b in range(batch):
+        pages = order[b * pages_per:(b + 1) * pages_per].long()
+        kv = cache[pages].float()                                   # [pages, 2, PAGE, hk, D]
+        k = kv[:, 0].reshape(-1, hk, HEAD_DIM)[:context].repeat_interleave(hq // hk, dim=1)
+        v = kv[:, 1].reshape(-1, hk, HEAD_DIM)[:context].repeat_interleave(hq // hk, dim=1)
+        scores = torch.einsum("hd,thd->ht", q[b].float(), k) / HEAD_DIM ** 0.5
+        outs.append(torch.einsum("ht,thd->hd", scores.softmax(-1), v))
+    return torch.stack(outs)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--batches", default="1,8,32")
+    ap.add_argument("--context", type=int, default=1024)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    rows = []
+    for layout in LAYOUTS:
+        for batch in (int(x) for x in args.batches.split(",")):
+            for tc in (True, False):
+                try:
+                    rows.append(case(layout, batch, args.context, tc))
+                except RuntimeError as e:   # e.g. the CUDA-core kernel has no GQA group of 7 (7b)
+                    rows.append({"layout": layout, "batch": batch, "tensor_cores": tc, "error": str(e)[-80:]})
+                print(json.dumps(rows[-1]), flush=True)
+    report = {"device": torch.cuda.get_device_name(), "rows": rows}
+    if args.out:
+        write_json(args.out, report)
+
+
+if __name__ == "__main__":
+    main()
