@@ -7,7 +7,9 @@ Queues, in order:
                   (`{rid}:kv:{g}`, token-major wire layout), then the first token and the M-RoPE
                   delta (`{rid}:meta`); pages are freed when every send is acknowledged.
                   Through CUDA IPC (same host): once the decode node's page list (`{rid}:kvdst`)
-                  is in, the KV is written straight into its pages, our pages are freed, and
+                  is in, the KV is written straight into its pages (queued on the GPU right behind
+                  the last layer when the list came before the forward, so it is done when the
+                  first token is read back; else written then), our pages are freed, and
                   `{rid}:meta` says the KV is in place.
 Pages are freed at once on failure or abort. An abort before the KV was written sends
 `{rid}:kvrelease`, so the decode node knows nothing more will be written into its pages.
@@ -32,6 +34,7 @@ from epd.request import Request
 from epd.sampling import SamplingParams, SamplingRow, sample
 from epd.scheduler import Chunk
 from kv_transfer.cuda_ipc import PoolImports
+from kv_transfer.inbox import SlotState
 from kv_transfer.kv_codec import gather_kv, layer_groups
 from kv_transfer.layout import KVLayout
 from kv_transfer.registry import NodeRegistry
@@ -52,6 +55,8 @@ class Pending:
     sent_at: float = 0.0
     embeddings_at: float = 0.0   # when the encoder's embeddings landed (arrived, for text-only requests)
     handover: tuple[dict, list] | None = None   # CUDA IPC: (meta, tensors) held until the KV is written
+    page_list: Any = None        # CUDA IPC: decode's `{rid}:kvdst` message, once taken
+    write_queued: bool = False   # CUDA IPC: the write was queued behind the last layer
 
     def waits(self) -> dict[str, float]:
         """ms waiting for the encoder's embeddings, then for the scheduler; when each began."""
@@ -164,13 +169,18 @@ class PrefillService:
             if c.req.image_embeds is None and c.req.inp.images:
                 attach_image_embeddings(c.req, self.core.dtype, self.core.device)
         finishing = [self.active[c.req.rid] for c in chunks if c.samples]
+        for p in finishing:
+            key = f"{p.msg.rid}:kvdst"
+            if p.msg.kv_ipc and self.runtime.transport.status(key) is SlotState.DONE:
+                p.page_list = self.runtime.transport.poll(key)
         logits = self.core.runner.run(chunks, after_layer=self._streamer(finishing))
         self.core.scheduler.advance(chunks)
         self._first_tokens([c for c in chunks if c.samples], logits, finishing)
         return True
 
     def _streamer(self, finishing: list[Pending]):
-        """after_layer hook: when a layer group completes, send it for every finishing request."""
+        """after_layer hook: when a layer group completes, send it for every finishing request (UCX);
+        after the last layer, queue the CUDA IPC write of requests whose page list is in."""
         last_layer = {g[-1]: gi for gi, g in enumerate(self.groups)}
         layers = self.core.kv.layers
 
@@ -181,7 +191,9 @@ class PrefillService:
             group = self.groups[gi]
             for p in finishing:
                 if p.msg.kv_ipc:
-                    continue   # decode copies the pages itself once the first token is out
+                    if i == len(layers) - 1 and p.page_list is not None:
+                        p.write_queued = self._queue_write(p)
+                    continue
                 req = p.req
                 wire = gather_kv([layers[j] for j in group], req.pages, req.prompt_len)
                 p.sends.append(self.runtime.transport.send(
@@ -213,13 +225,29 @@ class PrefillService:
             del self.active[req.rid]
             self.transferring[req.rid] = p
 
+    def _queue_write(self, p: Pending) -> bool:
+        """CUDA IPC: queue the write of the request's pages into decode's behind the forward, so it
+        is done once the first token is read back. False (and `_write_kv` writes, or reports why
+        it cannot) when it could not be queued."""
+        n, dst = self._prompt_pages(p), p.page_list.meta
+        if self.ipc_pools is None or len(dst["pages"]) != n:
+            return False
+        try:
+            self.ipc_pools.writer(dst["pool"], self.core.kv.layers).copy(p.req.pages[:n], dst["pages"])
+        except Exception:  # noqa: BLE001 - retried, and reported, by _write_kv
+            log.exception("could not queue the CUDA IPC write of %s", p.msg.rid)
+            return False
+        return True
+
     def _write_kv(self, p: Pending) -> str | None:
-        """CUDA IPC: write the KV into decode's pages once it said which, then send the meta.
+        """CUDA IPC: the KV into decode's pages once it said which (unless queued behind the last
+        layer, and so already there), then free ours and send the meta.
 
         None while decode's page list is not in; "" once written; else the error."""
         rid = p.msg.rid
+        dst = p.page_list
         try:
-            dst = self.runtime.transport.poll(f"{rid}:kvdst")
+            dst = dst or self.runtime.transport.poll(f"{rid}:kvdst")
         except Exception as e:  # noqa: BLE001 - a lost decode node fails this request only
             return str(e)
         if dst is None:
@@ -235,15 +263,17 @@ class PrefillService:
                 raise ValueError("this prefill node is not on a GPU")
             if len(dst.meta["pages"]) != n:
                 raise ValueError(f"decode reserved {len(dst.meta['pages'])} pages for a {n}-page prompt")
-            self.ipc_pools.writer(dst.meta["pool"], self.core.kv.layers).write(p.pages[:n], dst.meta["pages"])
+            if not p.write_queued:   # a queued write finished before the first token was read back
+                self.ipc_pools.writer(dst.meta["pool"], self.core.kv.layers).write(p.pages[:n], dst.meta["pages"])
         except Exception as e:  # noqa: BLE001 - decode must hear of it, then the request fails
             error = f"CUDA IPC write on prefill node {self.runtime.node_id} failed: {e}"
             self.runtime.transport.send(p.msg.decode_ucx, f"{rid}:meta", [], meta={"error": error})
             return error
         write_ms = (time.monotonic() - started) * 1e3
         self.core.kv.pool.free(p.pages)
-        log.info("KV of %s: %d pages (%d bytes) written into decode node %s through CUDA IPC in %.2f ms", rid, n,
-                 n * self.core.kv.spec.bytes_per_page(), p.msg.decode_node, write_ms)
+        log.info("KV of %s: %d pages (%d bytes) written into decode node %s through CUDA IPC %s", rid, n,
+                 n * self.core.kv.spec.bytes_per_page(), p.msg.decode_node,
+                 "behind the last layer" if p.write_queued else f"in {write_ms:.2f} ms")
         p.pages = []
         meta["timings"].update(kv_write_ms=write_ms, kv_written_at=time.time())
         p.sends.append(self.runtime.transport.send(p.msg.decode_ucx, f"{rid}:meta", tensors,
