@@ -56,11 +56,13 @@ class Scheduler:
     def schedule(self) -> list[Chunk]:
         chunks: list[Chunk] = []
         budget = self.max_step_tokens
+        scheduled: set[str] = set()   # decodes already in this step: never preempted for another
         for req in [r for r in self.running if r.pending_tokens == 1]:
             if req.status is not Status.RUNNING or budget == 0:
                 continue
-            if self._grow(req, req.total_len, protected={c.req.rid for c in chunks}):
+            if self._grow(req, req.total_len, protected=scheduled):
                 chunks.append(Chunk(req, req.num_computed, 1))
+                scheduled.add(req.rid)
                 budget -= 1
         for req in [r for r in self.running if r.pending_tokens > 1]:
             if budget == 0:
