@@ -139,7 +139,7 @@ class DecodeService:
         """CUDA IPC: tell the prefill node which of our pages to write the prompt's KV into."""
         if self._pool_desc is None:
             self._pool_desc = export_pool(self.core.kv.layers, owner=self.runtime.node_id)
-        pages = inc.req.pages[:-(-inc.req.prompt_len // self.core.kv.spec.page_size)]
+        pages = inc.req.pages[:self.core.kv.pool.pages_for(inc.req.prompt_len)]
         self.runtime.transport.send(inc.msg.prefill_ucx, f"{inc.msg.rid}:kvdst", [],
                                     meta={"pool": self._pool_desc, "pages": pages})
         inc.pages_offered = True

@@ -12,9 +12,10 @@ in SGLang's and Mooncake's disaggregation):
    layer tensor, plus dtype and shape). When it reserves a request's pages it sends the
    descriptor and the page ids to the prefill node, long before prefill finishes.
 3. Prefill: `PoolImports.writer(desc, layers)` maps the peer's pool once and caches a
-   `PageWriter` (the layer-offset table is built once per pool pair); after the last layer,
-   `PageWriter.write` copies the request's pages into decode's and waits for the copy, then
-   prefill frees its own pages and tells decode the KV is in place.
+   `PageWriter` (the layer-offset table is built once per pool pair); `PageWriter.copy` queues
+   the copy of the request's pages into decode's right behind the last layer on the GPU
+   (`write` also waits for it), then prefill frees its own pages and tells decode the KV is in
+   place.
 
 Handles are plain bytes/ints/strings in msgpack; nothing is pickled.
 """

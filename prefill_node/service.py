@@ -281,7 +281,7 @@ class PrefillService:
         return ""
 
     def _prompt_pages(self, p: Pending) -> int:
-        return -(-p.req.prompt_len // self.core.kv.spec.page_size)
+        return self.core.kv.pool.pages_for(p.req.prompt_len)
 
     def _unmap_dead_pools(self, every_s: float = 5.0) -> None:
         """Every few seconds: unmap the pools of decode nodes that left the registry."""
