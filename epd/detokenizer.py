@@ -11,6 +11,23 @@ from __future__ import annotations
 from typing import Any
 
 
+def _raw_decoder(tokenizer: Any):
+    """The Rust `tokenizers.Tokenizer.decode` when `tokenizer.decode(ids, skip_special_tokens=s,
+    clean_up_tokenization_spaces=False)` is exactly that call (transformers' TokenizersBackend,
+    `_decode` not overridden), else None. It skips the wrapper's per-call argument conversion,
+    which is half the cost of a decode step's detokenization at large batch."""
+    try:
+        from tokenizers import Tokenizer
+        from transformers.tokenization_utils_tokenizers import TokenizersBackend
+    except ImportError:
+        return None
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if isinstance(tokenizer, TokenizersBackend) and type(tokenizer)._decode is TokenizersBackend._decode \
+            and isinstance(backend, Tokenizer):
+        return backend.decode
+    return None
+
+
 class IncrementalDetokenizer:
     def __init__(self, tokenizer: Any, stop: tuple[str, ...] = (), skip_special_tokens: bool = True) -> None:
         self.tokenizer = tokenizer
@@ -23,8 +40,11 @@ class IncrementalDetokenizer:
         self._emitted = 0       # chars of self.text already returned
         self.stopped: str | None = None
         self._hold = max((len(s) for s in stop), default=1) - 1
+        self._raw = _raw_decoder(tokenizer)
 
     def _decode(self, ids: list[int]) -> str:
+        if self._raw is not None:
+            return self._raw(ids, skip_special_tokens=self.skip_special_tokens)
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens,
                                      clean_up_tokenization_spaces=False)
 

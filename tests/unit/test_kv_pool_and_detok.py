@@ -52,6 +52,24 @@ def test_detokenizer_streams_the_same_text_and_holds_back_stop_prefixes(tiny_mod
     assert not any("sat" in p for p in pieces)
 
 
+@pytest.mark.parametrize("skip_special", [True, False])
+def test_detokenizer_fast_path_streams_what_the_tokenizer_decodes(tiny_models, skip_special):
+    """The detokenizer calls the Rust decoder directly; the text must be what transformers'
+    `decode` gives, with special tokens and multi-byte characters split across tokens."""
+    import random
+
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_models["qwen2_5_vl"])
+    ids = tok.encode("<|im_start|>Ünïcödé ✓ 猫が座った<|im_end|> done<|vision_start|>", add_special_tokens=False)
+    rng = random.Random(0)
+    ids += [rng.randrange(len(tok)) for _ in range(60)]
+    detok = IncrementalDetokenizer(tok, skip_special_tokens=skip_special)
+    assert detok._raw is not None, "the fast path is not taken for the checkpoint's tokenizer"
+    streamed = "".join(detok.push(i) for i in ids) + detok.finish()
+    assert streamed == tok.decode(ids, skip_special_tokens=skip_special, clean_up_tokenization_spaces=False)
+
+
 def test_tiny_model_cli_writes_a_complete_checkpoint(tmp_path):
     out = tmp_path / "ckpt"
     subprocess.run([sys.executable, "-m", "epd.cli", "tiny-model", "qwen2_5_vl", str(out), "--seed", "3"],
