@@ -80,6 +80,7 @@ class DisaggBackend:
         if self._refresher is None:
             await asyncio.to_thread(self.pool.refresh)
             self._refresher = asyncio.get_running_loop().create_task(self._refresh_forever())
+            await self._poll_status()   # /metrics shows the nodes' pages from the first scrape on
 
     async def _refresh_forever(self) -> None:
         while True:
