@@ -1,13 +1,12 @@
-"""Paged decode attention alone: flashinfer's tensor-core kernel (what the engine uses) against its
-CUDA-core kernel, in CUDA graphs, for the 3b and 7b head layouts.
+"""Paged decode attention alone: our split-KV Triton kernels (what CUDA graphs capture) against
+flashinfer's tensor-core and CUDA-core decode kernels, in CUDA graphs, for the 3b and 7b layouts.
 
     python3 -m bench.gpu_attention --out attn.json
 
 Each case: `batch` requests of `context` tokens on randomly ordered pages of 16 tokens, one layer,
 bf16, head_dim 128; a CUDA graph of `layers` back-to-back attention calls (as in one decode step) is
 replayed and timed with CUDA events; reported per call in microseconds, with the KV bytes read per
-second. This says whether attention's ~11 us per layer at batch 1 (BENCHMARKS.md section 1) is the
-kernel choice or the latency floor of a split-KV launch pair.
+second, and the error against a float32 reference.
 """
 
 from __future__ import annotations
@@ -47,9 +46,30 @@ def _time_graph(fn, calls: int, repeats: int = 20) -> float:
     return statistics.median(times)
 
 
-def case(layout: str, batch: int, context: int, tensor_cores: bool, calls: int = 28) -> dict:
+def _flashinfer(tensor_cores: bool, q, cache, order, indptr, last, hq, hk):
     import flashinfer
 
+    workspace = torch.zeros(256 << 20, dtype=torch.uint8, device="cuda")
+    wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+        workspace, "NHD", use_cuda_graph=True, use_tensor_cores=tensor_cores,
+        paged_kv_indptr_buffer=indptr.clone(), paged_kv_indices_buffer=order.clone(),
+        paged_kv_last_page_len_buffer=last.clone())
+    wrapper.plan(indptr, order, last, hq, hk, HEAD_DIM, PAGE, q_data_type=torch.bfloat16,
+                 kv_data_type=torch.bfloat16)
+    return lambda: wrapper.run(q, cache)
+
+
+def _split_kv(q, cache, order, indptr, batch, context, hk):
+    from epd.attention.split_kv_decode import split_kv_decode, splits_for
+
+    rows = torch.cat([indptr, torch.full((batch,), context, dtype=torch.int32, device="cuda")])
+    splits = splits_for(batch, hk, torch.cuda.get_device_properties(0).multi_processor_count)
+    return lambda: split_kv_decode(q, cache, order, rows, splits)
+
+
+def case(layout: str, batch: int, context: int, kernel: str, calls: int = 28) -> dict:
+    """kernel: flashinfer_tc (flashinfer's tensor-core decode), flashinfer_cc (its CUDA-core
+    kernel) or split_kv (ours, what CUDA graphs capture by default)."""
     hq, hk = LAYOUTS[layout]
     pages_per = -(-context // PAGE)
     num_pages = batch * pages_per + 1
@@ -58,19 +78,15 @@ def case(layout: str, batch: int, context: int, tensor_cores: bool, calls: int =
     indptr = torch.arange(0, batch + 1, dtype=torch.int32, device="cuda") * pages_per
     last = torch.full((batch,), context - (pages_per - 1) * PAGE, dtype=torch.int32, device="cuda")
     q = torch.randn(batch, hq, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
-    workspace = torch.zeros(256 << 20, dtype=torch.uint8, device="cuda")
-    wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
-        workspace, "NHD", use_cuda_graph=True, use_tensor_cores=tensor_cores,
-        paged_kv_indptr_buffer=indptr.clone(), paged_kv_indices_buffer=order.clone(),
-        paged_kv_last_page_len_buffer=last.clone())
-    wrapper.plan(indptr, order, last, hq, hk, HEAD_DIM, PAGE, q_data_type=torch.bfloat16,
-                 kv_data_type=torch.bfloat16)
-    out = wrapper.run(q, cache)
+    if kernel == "split_kv":
+        run = _split_kv(q, cache, order, indptr, batch, context, hk)
+    else:
+        run = _flashinfer(kernel == "flashinfer_tc", q, cache, order, indptr, last, hq, hk)
     ref = _reference(q, cache, order, batch, pages_per, context, hq, hk)
-    err = float((out.float() - ref).norm() / ref.norm())
-    us = _time_graph(lambda: wrapper.run(q, cache), calls)
+    err = float((run().float() - ref).norm() / ref.norm())
+    us = _time_graph(run, calls)
     kv_bytes = batch * context * 2 * hk * HEAD_DIM * 2
-    return {"layout": layout, "batch": batch, "context": context, "tensor_cores": tensor_cores,
+    return {"layout": layout, "batch": batch, "context": context, "kernel": kernel,
             "us_per_call": round(us, 2), "kv_GBps": round(kv_bytes / us / 1e3, 1), "rel_error": err}
 
 
@@ -88,18 +104,18 @@ def _reference(q, cache, order, batch, pages_per, context, hq, hk) -> torch.Tens
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--batches", default="1,8,32")
+    ap.add_argument("--batches", default="1,8,32,128")
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     rows = []
     for layout in LAYOUTS:
         for batch in (int(x) for x in args.batches.split(",")):
-            for tc in (True, False):
+            for kernel in ("split_kv", "flashinfer_tc", "flashinfer_cc"):
                 try:
-                    rows.append(case(layout, batch, args.context, tc))
+                    rows.append(case(layout, batch, args.context, kernel))
                 except RuntimeError as e:   # e.g. the CUDA-core kernel has no GQA group of 7 (7b)
-                    rows.append({"layout": layout, "batch": batch, "tensor_cores": tc, "error": str(e)[-80:]})
+                    rows.append({"layout": layout, "batch": batch, "kernel": kernel, "error": str(e)[-80:]})
                 print(json.dumps(rows[-1]), flush=True)
     report = {"device": torch.cuda.get_device_name(), "rows": rows}
     if args.out:

@@ -6,6 +6,8 @@ Sections, per model (JSON written after each, so a run cut short still reports w
   1. decode step with CUDA graphs and without, batch 1/8/32/128 at 1024-token contexts:
      engine step wall time, forward device time, tokens/s, % of the HBM roofline
      ((weight bytes + KV bytes read) / step time / device-to-device copy bandwidth of this run);
+     and with graphs but without the decode GEMV kernels (`decode_without_gemv`, batch 1/8) or
+     with flashinfer's decode attention instead of the split-KV kernels (`decode_flashinfer_attention`);
   2. output tokens/s against transformers `generate` (static cache) on the same weights;
   3. prefill tokens/s and MFU (against this run's measured bf16 matmul rate), 1x4096 and 8x1024;
   5. vision-tower images/s against transformers' tower on the same weights (1280x720 image);
@@ -103,6 +105,23 @@ def _decode_all(core, facts: dict, bw: float) -> list[dict]:
     return rows
 
 
+def _decode_variant(core, facts: dict, bw: float, module, attr: str, value, batches) -> list[dict]:
+    """Graph decode with `module.attr = value` (graphs captured again), then back as it was: what a
+    fast-path piece buys, measured in the same run."""
+    graphs, saved = core.runner.graphs, getattr(module, attr)
+    setattr(module, attr, value)
+    try:
+        graphs.capture()
+        rows = [w.decode(core, facts, bw, b, CONTEXT, True) for b in batches]
+    finally:
+        setattr(module, attr, saved)
+        graphs.capture()
+    for r in rows:
+        print(f"  decode b={r['batch']:<3} {attr}={value}: forward {r['forward_ms']:.2f} ms "
+              f"roofline fwd {r['roofline_pct_forward']:.0f}%", flush=True)
+    return rows
+
+
 def _profile(core, out_dir: str, name: str) -> dict:
     from bench.gpu_profile import profile_decode
 
@@ -117,6 +136,15 @@ def _engine_sections(report: Report, name: str, core, args: argparse.Namespace) 
     wanted = set(args.sections.split(","))
     if "decode" in wanted:
         report.section(name, "decode", lambda: _decode_all(core, facts, ceil["d2d_copy_GBps"]))
+        from epd.attention import flashinfer_backend
+        from epd.models import decode_gemv
+
+        bw = ceil["d2d_copy_GBps"]
+        report.section(name, "decode_without_gemv",     # cuBLAS o_proj / down_proj
+                       lambda: _decode_variant(core, facts, bw, decode_gemv, "MAX_ROWS", 0, (1, 8)))
+        report.section(name, "decode_flashinfer_attention",   # flashinfer's decode wrapper in the graphs
+                       lambda: _decode_variant(core, facts, bw, flashinfer_backend, "GRAPH_DECODE", "flashinfer",
+                                               DECODE_BATCHES))
     if "profile" in wanted:
         report.section(name, "profile", lambda: _profile(core, os.path.dirname(os.path.abspath(args.out)), name))
     if "prefill" in wanted:

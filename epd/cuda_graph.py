@@ -24,7 +24,8 @@ import time
 import numpy as np
 import torch
 
-from epd.attention.flashinfer_backend import FlashInferBackend, GraphDecodeAttention
+from epd.attention.base import GraphDecodeBucket
+from epd.attention.flashinfer_backend import FlashInferBackend
 from epd.kv_pool import KVCache
 from epd.models.qwen2_vl_text import Qwen2VLLanguageModel
 from epd.scheduler import Chunk
@@ -61,7 +62,7 @@ class CudaGraphDecodeRunner:
         self.logits = torch.empty(n, model.cfg.vocab_size, dtype=torch.float32, device=dev)
         self._indices = torch.zeros(kv.pool.num_pages + n, dtype=torch.int32, device=dev)
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self._attn: dict[int, GraphDecodeAttention] = {}
+        self._attn: dict[int, GraphDecodeBucket] = {}
         self.replays = 0
         self.capture_seconds = 0.0
 

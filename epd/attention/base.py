@@ -44,3 +44,35 @@ class AttentionBackend(ABC):
         itself (fused with rotary) and then calls `attend` with k = v = None; None when this
         backend wants K/V passed to `attend`."""
         return None
+
+
+class GraphDecodeBucket(AttentionBackend):
+    """Decode attention for one CUDA-graph bucket (fixed batch size, fixed device buffers).
+
+    The graph runner sets `slots` (the static buffer the captured KV writes read) and calls
+    `plan_padded` before each replay to refresh the page buffers the captured kernels read."""
+
+    slots: torch.Tensor | None = None
+
+    @abstractmethod
+    def plan_padded(self, kv_lens: list[int], page_tables: list[list[int]]) -> None:
+        """Page lists of the step's requests; rows past them are padding (one dummy token)."""
+
+    @abstractmethod
+    def decode(self, q: torch.Tensor, kv_cache: torch.Tensor) -> torch.Tensor:
+        """q [bucket, Hq, D] -> out [bucket, Hq, D] over the planned pages."""
+
+    def plan(self, meta: StepMetadata) -> None:
+        self.plan_padded(meta.kv_lens, meta.page_tables)
+
+    def kv_write_slots(self) -> torch.Tensor | None:
+        return self.slots
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None,
+               kv_cache: torch.Tensor) -> torch.Tensor:
+        assert self.slots is not None, "the graph runner sets the static slot buffer"
+        if k is not None:
+            from epd.models.fused_ops import store_kv
+
+            store_kv(kv_cache, k, v, self.slots)
+        return self.decode(q, kv_cache)

@@ -7,7 +7,8 @@ Numerics follow the reference implementation (RMSNorm in float32, rotary tables 
 
 On GPU in 16-bit dtypes the loader calls `fuse_projections()` once: q/k/v and gate/up become one
 GEMM each, and norms (with the residual add), rotary and silu*mul run as fused kernels
-(`fused_ops`). Elsewhere the plain torch path runs, unchanged.
+(`fused_ops`); in steps of a few rows (decode) o_proj and down_proj run as GEMV kernels
+(`decode_gemv`). Elsewhere the plain torch path runs, unchanged.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from torch import nn
 
 from epd.attention.base import AttentionBackend
 from epd.config import TextConfig
+from epd.models.decode_gemv import linear
 from epd.models.fused_ops import (
     add_rms_norm,
     apply_rotary_ref,
@@ -92,25 +94,28 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 backend: AttentionBackend, kv_cache: torch.Tensor) -> torch.Tensor:
-        t = x.shape[0]
-        hq, hk, d = self.num_heads, self.num_kv_heads, self.head_dim
-        slots = backend.kv_write_slots()
-        if self.qkv_proj is not None and slots is not None:   # k and v go straight to the cache
-            qkv = self.qkv_proj(x)                       # [T, (hq + 2 hk) * D]
-            q = rotary_qk_store_kv(qkv, cos, sin, hq, hk, kv_cache, slots)
-            return self.o_proj(backend.attend(q, None, None, kv_cache).reshape(t, -1))
         if self.qkv_proj is not None:
-            qkv = self.qkv_proj(x)                       # [T, (hq + 2 hk) * D]
-            q = rotary_qk(qkv, cos, sin, hq, hk)         # k rotated in place
-            k = qkv[:, hq * d:(hq + hk) * d].view(t, hk, d)
-            v = qkv[:, (hq + hk) * d:].view(t, hk, d)
-        else:
-            q = self.q_proj(x).view(t, hq, d)
-            k = self.k_proj(x).view(t, hk, d)
-            v = self.v_proj(x).view(t, hk, d)
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        out = backend.attend(q, k, v, kv_cache)       # [T, Hq, D]
-        return self.o_proj(out.reshape(t, -1))
+            return linear(self.attend_qkv(self.qkv_proj(x), cos, sin, backend, kv_cache), self.o_proj.weight)
+        t, hq, hk, d = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
+        q = self.q_proj(x).view(t, hq, d)
+        k = self.k_proj(x).view(t, hk, d)
+        v = self.v_proj(x).view(t, hk, d)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        return self.o_proj(backend.attend(q, k, v, kv_cache).reshape(t, -1))
+
+    def attend_qkv(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                   backend: AttentionBackend, kv_cache: torch.Tensor) -> torch.Tensor:
+        """qkv: the fused projection's output [T, (hq + 2 hk) * D] -> attention output [T, hq * D]
+        (before o_proj); rotary on q and k, the step's K/V into the cache."""
+        t, hq, hk, d = qkv.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
+        slots = backend.kv_write_slots()
+        if slots is not None:                            # k and v go straight to the cache
+            q = rotary_qk_store_kv(qkv, cos, sin, hq, hk, kv_cache, slots)
+            return backend.attend(q, None, None, kv_cache).reshape(t, -1)
+        q = rotary_qk(qkv, cos, sin, hq, hk)             # k rotated in place
+        k = qkv[:, hq * d:(hq + hk) * d].view(t, hk, d)
+        v = qkv[:, (hq + hk) * d:].view(t, hk, d)
+        return backend.attend(q, k, v, kv_cache).reshape(t, -1)
 
 
 class MLP(nn.Module):
@@ -127,7 +132,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up_proj is not None:
-            return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+            return linear(silu_and_mul(self.gate_up_proj(x)), self.down_proj.weight)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 

@@ -125,6 +125,25 @@ def test_3b_bf16_prefill_logits_match_transformers(engine_3b, model_3b):
     assert cos.numel() == len(ids) and (cos >= 0.999).all(), f"min cosine {cos.min():.5f} at {cos.argmin()}"
 
 
+def test_3b_bf16_decode_steps_match_transformers(engine_3b, model_3b):
+    """Graph-replayed batch-1 decode steps (the decode GEMV kernels) against transformers' bf16 forward
+    over the same tokens, at the prompt's last position and at every forced token."""
+    core = engine_3b.core
+    images = [noise_image(448, 336, seed=5)]
+    inp = core.inputs.process(prompt=chat_prompt(IMAGE, "Describe it."), image_data=images)
+    forced = torch.randint(0, 1000, (12,), generator=torch.Generator().manual_seed(1)).tolist()
+    replays = core.runner.graphs.replays
+    steps = forced_logits(core, [inp], [forced])
+    assert core.runner.graphs.replays - replays == len(forced), "every decode step should replay a graph"
+    ours = torch.cat([s[-1:] for s in steps])
+    seq = list(inp.input_ids) + forced
+    with torch.inference_mode():
+        hf = hf_model_on(model_3b, "cuda", torch.bfloat16)
+        theirs = hf(**hf_inputs(model_3b, seq, images, hf, "cuda")).logits[0, len(inp.input_ids) - 1:].float().cpu()
+    cos = cosine_rows(ours, theirs)
+    assert cos.numel() == len(forced) + 1 and (cos >= 0.999).all(), f"cosine by step {cos.tolist()}"
+
+
 def test_vision_varlen_matches_sdpa_tower(engine_3b):
     from epd.models.vision import VisionTower
 

@@ -1,0 +1,100 @@
+"""Decode projections alone: the `decode_gemv` kernel against cuBLAS, per layer shape.
+
+    python3 -m bench.gpu_gemv --out $OUT/gemv.json [--sweep]
+
+For o_proj and down_proj of the 3b and 7b presets and 1, 4 and 8 rows: the time of one call as
+part of a CUDA graph that calls it once per layer on that many distinct weight copies (as a
+decode step does, so the L2 cache does not hold the weights), for
+- `cublas`: F.linear (what the model runs without the GEMV path);
+- `gemv`: `decode_gemv.linear` with its chosen block config, and with `--sweep` every config in SWEEP.
+Bandwidth = weight bytes / time; `pct_copy` against this run's device-to-device copy bandwidth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+
+import torch
+import torch.nn.functional as F
+import triton
+
+from bench import gpu_workloads as w
+from bench.report import write_json
+from epd.models import decode_gemv as g
+
+PRESETS = {"3b": dict(hidden=2048, inter=11008, heads=16, kv_heads=2, layers=36),
+           "7b": dict(hidden=3584, inter=18944, heads=28, kv_heads=4, layers=28)}
+SWEEP = [dict(block_n=n, block_k=k, warps=wp, stages=s)
+         for n, k, wp, s in itertools.product((16, 32), (256, 512), (4,), (3, 4))]
+BF16 = torch.bfloat16
+
+
+def _shapes(p: dict) -> dict[str, tuple[int, int]]:
+    """projection -> (weight rows N, K)."""
+    return {"o_proj": (p["hidden"], p["heads"] * 128), "down": (p["hidden"], p["inter"])}
+
+
+def _graph_us(fn, layers: int) -> float:
+    """Time of one `fn(i)` inside a graph of `layers` calls, replayed back to back."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for i in range(layers):
+            fn(i)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(layers):
+            fn(i)
+    graph.replay()
+    ms = min(w._events_ms(graph.replay, 20) for _ in range(3))
+    return ms * 1e3 / layers
+
+
+def _case(rows: int, n: int, k: int, layers: int, configs: list[dict | None]) -> dict:
+    weights = [torch.randn(n, k, device="cuda", dtype=BF16) * k ** -0.5 for _ in range(layers)]
+    x = torch.randn(rows, k, device="cuda", dtype=BF16)
+    ref = F.linear(x, weights[0]).double()
+    out = {"rows": rows, "weight_MB": n * k * 2 / 1e6,
+           "cublas_us": _graph_us(lambda i: F.linear(x, weights[i]), layers), "gemv": []}
+    for cfg in configs:
+        try:
+            got = g.linear(x, weights[0], cfg).double()
+        except triton.runtime.errors.OutOfResources:   # the config's tiles do not fit shared memory
+            continue
+        err = ((got - ref).norm() / ref.norm()).item()
+        out["gemv"].append({"config": cfg or "default", "us": _graph_us(lambda i, c=cfg: g.linear(x, weights[i], c),
+                                                                         layers), "rel_err": err})
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python3 -m bench.gpu_gemv", description=__doc__.split("\n")[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--sweep", action="store_true", help="also time every block config in SWEEP")
+    args = ap.parse_args(argv)
+    bw = w.ceilings()["d2d_copy_GBps"]
+    report = {"schema": "epd.gpu_gemv/1", "d2d_copy_GBps": bw, "cases": []}
+    configs = [None] + (SWEEP if args.sweep else [])
+    for name, p in PRESETS.items():
+        for proj, (n, k) in _shapes(p).items():
+            for rows in (1, 4, 8):
+                case = _case(rows, n, k, p["layers"], configs)
+                case.update(model=name, proj=proj)
+                gbps = case["weight_MB"] * 1e3 / case["cublas_us"]
+                best = min(case["gemv"], key=lambda c: c["us"])
+                print(f"{name} {proj:<7} rows={rows} cuBLAS {case['cublas_us']:6.1f} us ({gbps / bw:4.0%}) | "
+                      f"gemv default {case['gemv'][0]['us']:6.1f} us "
+                      f"({case['weight_MB'] * 1e3 / case['gemv'][0]['us'] / bw:4.0%}) "
+                      f"best {best['us']:6.1f} us {best['config']} err {best['rel_err']:.1e}", flush=True)
+                report["cases"].append(case)
+                write_json(args.out, report)
+    print(json.dumps({"cases": len(report["cases"])}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
