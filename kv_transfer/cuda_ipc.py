@@ -161,6 +161,7 @@ class PageWriter:
             self._pages = torch.empty(pages, dtype=torch.int64, device=self.device)
             self._staged = torch.cuda.Event()   # the staging buffer may be refilled once this passed
 
+    @torch.inference_mode()   # its buffers may have been made inside a forward (inference tensors)
     def copy(self, src_pages: list[int], dst_pages: list[int]) -> None:
         """Queue the copy on the current stream (call `torch.cuda.synchronize` or `write` to wait)."""
         if len(src_pages) != len(dst_pages):

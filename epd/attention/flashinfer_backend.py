@@ -10,8 +10,8 @@ them with one kernel) and `attend` runs the planned wrapper.
 
 CUDA graphs: `graph_decode(bs, indices_buf)` gives the decode attention of one batch-size bucket,
 with fixed-size page buffers that the captured kernels read and `plan_padded` refreshes before
-each replay: by default the split-KV Triton kernels (`split_kv_decode`: ~2x faster than
-flashinfer's decode at small batch, where latency dominates), else `GraphDecodeAttention`,
+each replay: for small buckets the split-KV Triton kernels (`split_kv_decode`: faster than
+flashinfer's decode at batch 1-8, where latency dominates), else `GraphDecodeAttention`,
 flashinfer's wrapper with `use_cuda_graph=True`.
 
 Decode uses the tensor-core kernel (the prefill kernel with one query row per request): it suits
@@ -28,6 +28,7 @@ import logging
 import numpy as np
 import torch
 
+from epd.attention import split_kv_decode
 from epd.attention.base import AttentionBackend, GraphDecodeBucket, StepMetadata
 from epd.attention.split_kv_decode import SplitKVGraphDecode
 from epd.models.fused_ops import store_kv, triton
@@ -129,9 +130,10 @@ class FlashInferBackend(AttentionBackend):
         return self._active.run(q.contiguous(), kv_cache)
 
     def graph_decode(self, batch_size: int, indices_buf: torch.Tensor) -> GraphDecodeBucket:
-        """The decode attention captured in one CUDA-graph bucket: the split-KV Triton kernels
-        (`GRAPH_DECODE = "split_kv"`, the default) or flashinfer's graph wrapper ("flashinfer")."""
-        if GRAPH_DECODE == "split_kv" and triton is not None:
+        """The decode attention captured in one CUDA-graph bucket: up to `split_kv_decode.MAX_BATCH`
+        rows the split-KV Triton kernels (`GRAPH_DECODE = "split_kv"`, the default), else
+        flashinfer's graph wrapper."""
+        if GRAPH_DECODE == "split_kv" and triton is not None and batch_size <= split_kv_decode.MAX_BATCH:
             s = self.shape
             return SplitKVGraphDecode(s.hq, s.hk, s.d, s.ps, batch_size, indices_buf)
         return GraphDecodeAttention(self, batch_size, indices_buf)

@@ -12,7 +12,12 @@ for it on an H200, ~15% of a 3B decode step. Here:
    normalized output and log-sum-exp (fp32). The split count is fixed per bucket (the grid is
    part of the graph) so that batch x KV heads x splits fills the GPU; each request's slices are
    sized from its current length, so one captured graph serves any context length.
-2. `_merge_kernel`, grid (batch, query heads): weights the slices by their softmax mass.
+2. `_merge_kernel`, grid (batch x query heads, head_dim / 32): weights the slices by their
+   softmax mass.
+
+Measured on an H200 (bench/gpu_attention.py, 1024-token contexts): faster than flashinfer's
+tensor-core decode at batch 1 and 8, slower from 32 on, where flashinfer's kernel streams the
+KV at 2.2-3.4 TB/s; so graphs use it for buckets up to `MAX_BATCH` only.
 
 `SplitKVGraphDecode` is a drop-in for the flashinfer graph wrapper (`plan_padded`, `slots`,
 `attend`): its page indptr / indices / lengths live in fixed device buffers that `plan_padded`
@@ -31,6 +36,7 @@ from epd.models.fused_ops import tl, triton
 
 BLOCK_T = 16          # tokens per inner step
 MAX_SPLITS = 64
+MAX_BATCH = 8         # CUDA-graph buckets up to this size capture these kernels
 
 
 def splits_for(batch: int, kv_heads: int, sm_count: int) -> int:
@@ -84,7 +90,9 @@ def split_kv_decode(q: torch.Tensor, kv_cache: torch.Tensor, indices: torch.Tens
         q, kv_cache, indices, rows, part, lse, 1.0 / math.sqrt(d) * 1.4426950408889634, b, splits,
         HQ=hq, HK=hk, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), D=d, PS=ps,
         BLOCK_T=BLOCK_T, num_warps=4, num_stages=2)
-    _merge_kernel[(b, hq)](part, lse, out, splits, D=d, SPLITS_PAD=triton.next_power_of_2(splits), num_warps=4)
+    block_d = min(d, 32)
+    _merge_kernel[(b * hq, d // block_d)](part, lse, out, splits, D=d, BLOCK_D=block_d,
+                                          SPLITS_PAD=triton.next_power_of_2(splits), num_warps=1)
     return out
 
 
@@ -130,13 +138,14 @@ if triton is not None:
         tl.store(lse_ptr + base, tl.where(mass > 0, m + tl.log2(tl.maximum(mass, 1e-30)), float("-inf")), mask=live)
 
     @triton.jit
-    def _merge_kernel(part_ptr, lse_ptr, out_ptr, SPLITS, D: tl.constexpr, SPLITS_PAD: tl.constexpr):
-        row = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)      # (request, head)
+    def _merge_kernel(part_ptr, lse_ptr, out_ptr, SPLITS, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                      SPLITS_PAD: tl.constexpr):
+        row = tl.program_id(0)                  # (request, head); axis 1: a slice of head_dim
         s = tl.arange(0, SPLITS_PAD)
         smask = s < SPLITS
         lse = tl.load(lse_ptr + row * SPLITS + s, mask=smask, other=float("-inf"))
         w = tl.exp2(lse - tl.max(lse, axis=0))
         w = w / tl.sum(w, axis=0)
-        d = tl.arange(0, D)
+        d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
         part = tl.load(part_ptr + (row * SPLITS + s)[:, None] * D + d[None, :], mask=smask[:, None], other=0.0)
         tl.store(out_ptr + row * D + d, tl.sum(part * w[:, None], axis=0).to(out_ptr.dtype.element_ty))
