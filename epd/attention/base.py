@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from epd.models.fused_ops import store_kv
+
 
 @dataclass
 class StepMetadata:
@@ -72,7 +74,5 @@ class GraphDecodeBucket(AttentionBackend):
                kv_cache: torch.Tensor) -> torch.Tensor:
         assert self.slots is not None, "the graph runner sets the static slot buffer"
         if k is not None:
-            from epd.models.fused_ops import store_kv
-
             store_kv(kv_cache, k, v, self.slots)
         return self.decode(q, kv_cache)
