@@ -16,10 +16,9 @@ is 1 px because Qwen2-VL's processor scales small images up itself.
 Local files: ``allowed_local_dir=None, allow_any_local=True`` (offline Engine) reads any path.
 The HTTP router passes ``allow_any_local=False`` and, to serve files at all, ``allowed_local_dir``;
 paths (relative ones taken from it) must stay inside it once ``..`` and symlinks are resolved.
-Network: ``block_link_local`` (default on) refuses hosts resolving to link-local / cloud-metadata
-addresses (169.254.169.254); loopback stays allowed. ``block_private_networks`` refuses every
-non-global address. Hosts are resolved before httpx connects (DNS rebinding in between is not
-caught); an environment proxy is trusted.
+Network (``epd.media_fetch``): ``block_link_local`` (default on) refuses hosts resolving to
+link-local / cloud-metadata addresses (169.254.169.254); loopback stays allowed.
+``block_private_networks`` refuses every non-global address. An environment proxy is trusted.
 
 Failures raise ``MediaError`` (a ``ValueError``): the message starts "image N:" (1-based);
 ``index`` (0-based) and ``param`` let the HTTP layer answer with an OpenAI-style 400.
@@ -30,16 +29,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import functools
 import hashlib
 import io
-import ipaddress
 import os
 import re
-import socket
-import ssl
 import stat
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
@@ -48,14 +42,13 @@ import httpx
 import numpy as np
 from PIL import Image, ImageOps
 
+from epd.media_fetch import fetch, fetch_blocking, short
+
 ImageItem = Image.Image | bytes | bytearray | memoryview | str | os.PathLike
 
 DEFAULT_FORMATS = frozenset({"PNG", "JPEG", "WEBP", "GIF", "BMP"})
 _DECODABLE = DEFAULT_FORMATS | {"TIFF"}
-_HEADERS = {"User-Agent": "epd-media/0.1", "Accept": "image/*"}
 _SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]+):")  # 2+ chars so "C:\x.png" stays a path
-# Link-local covers 169.254.0.0/16 (AWS, GCP, Azure metadata); these are the other well-known ones.
-_METADATA_NETS = (ipaddress.ip_network("100.100.100.200/32"), ipaddress.ip_network("fd00:ec2::254/128"))
 _MAGIC: tuple[tuple[bytes, str], ...] = (
     (b"\x89PNG\r\n\x1a\n", "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"GIF87a", "GIF"), (b"GIF89a", "GIF"),
     (b"BM", "BMP"), (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"), (b"%PDF", "PDF"),
@@ -118,7 +111,7 @@ def load_image(
     source = _read_source(item, allowed_local_dir, allow_any_local, limits, where)
     if isinstance(source, bytes):
         return _decode(source, limits, where)
-    data, content_type = _fetch_blocking(source, limits, where)
+    data, content_type = fetch_blocking(source, limits, where)
     return _decode(data, limits, where, content_type)
 
 
@@ -135,7 +128,7 @@ async def aload_image(
     source = await asyncio.to_thread(_read_source, item, allowed_local_dir, allow_any_local, limits, where)
     if isinstance(source, bytes):
         return await asyncio.to_thread(_decode, source, limits, where)
-    data, content_type = await _fetch(source, limits, where, client)
+    data, content_type = await fetch(source, limits, where, client)
     return await asyncio.to_thread(_decode, data, limits, where, content_type)
 
 
@@ -144,10 +137,6 @@ def image_content_hash(img: Image.Image) -> str:
     digest = hashlib.sha256(f"{img.mode}:{img.width}x{img.height}:".encode())
     digest.update(img.tobytes())
     return digest.hexdigest()
-
-
-def _short(text: str, limit: int = 120) -> str:
-    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _read_source(item: object, allowed_dir: str | None, allow_any: bool, limits: MediaLimits,
@@ -171,11 +160,11 @@ def _read_source(item: object, allowed_dir: str | None, allow_any: bool, limits:
     if scheme == "file":
         parts = urlsplit(text)
         if parts.netloc not in ("", "localhost"):
-            raise where.error(f"file URL must name no host or localhost: {_short(text)!r}")
+            raise where.error(f"file URL must name no host or localhost: {short(text)!r}")
         text = unquote(parts.path)
     elif scheme:
         hint = "use http(s)://, data:image/...;base64, or a file path"
-        raise where.error(f"unsupported URL scheme '{scheme}:' in {_short(text, 60)!r}; {hint}")
+        raise where.error(f"unsupported URL scheme '{scheme}:' in {short(text, 60)!r}; {hint}")
     return _read_local(Path(text), allowed_dir, allow_any, limits, where)
 
 
@@ -199,7 +188,7 @@ def _decode_data_uri(uri: str, limits: MediaLimits, where: _Where) -> bytes:
 
 def _read_local(path: Path, allowed_dir: str | None, allow_any: bool, limits: MediaLimits,
                 where: _Where) -> bytes:
-    shown = _short(str(path))
+    shown = short(str(path))
     if allowed_dir is not None:
         root = os.path.realpath(allowed_dir)
         real = os.path.realpath(os.path.join(root, path))  # an absolute path replaces root here
@@ -224,96 +213,6 @@ def _read_local(path: Path, allowed_dir: str | None, allow_any: bool, limits: Me
         raise where.error(f"local path {shown!r} {problem}")
     with os.fdopen(fd, "rb") as f:
         return f.read(limits.max_bytes + 1)
-
-
-def _check_url(url: str, where: _Where) -> httpx.URL:
-    try:
-        parsed = httpx.URL(url)
-    except (httpx.InvalidURL, ValueError) as exc:
-        raise where.error(f"invalid URL {_short(url)!r}") from exc
-    if parsed.scheme not in ("http", "https") or not parsed.host:
-        raise where.error(f"not an http(s) URL with a host: {_short(url)!r}")
-    return parsed
-
-
-def _shown(url: httpx.URL) -> str:
-    return _short(str(url.copy_with(userinfo=b"")))  # never echo credentials
-
-
-async def _check_host(url: httpx.URL, limits: MediaLimits, where: _Where) -> None:
-    if not (limits.block_link_local or limits.block_private_networks):
-        return
-    try:
-        infos = await asyncio.get_running_loop().getaddrinfo(url.host, url.port, type=socket.SOCK_STREAM)
-    except socket.gaierror as exc:
-        raise where.error(f"URL fetch failed: could not resolve host {url.host!r}") from exc
-    for *_, sockaddr in infos:
-        ip = ipaddress.ip_address(str(sockaddr[0]).split("%")[0])
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped
-        if limits.block_link_local and (ip.is_link_local or any(ip in n for n in _METADATA_NETS)):
-            raise where.error(f"URL host resolves to a link-local / metadata address: {_shown(url)}")
-        if limits.block_private_networks and not ip.is_global:
-            raise where.error(f"URL host resolves to a private-network address: {_shown(url)}")
-
-
-def _next_hop(resp: httpx.Response, url: httpx.URL, limits: MediaLimits, where: _Where) -> str | None:
-    """The redirect target, or None when ``resp`` is the image response (then checked)."""
-    if resp.is_redirect:
-        return str(url.join(resp.headers["location"]))
-    if resp.status_code != 200:
-        raise where.error(f"URL fetch failed: HTTP {resp.status_code} from {_shown(url)}")
-    length = resp.headers.get("content-length", "")
-    if length.isdigit() and int(length) > limits.max_bytes:
-        raise _too_large(url, limits, where)
-    return None
-
-
-def _too_large(url: httpx.URL, limits: MediaLimits, where: _Where) -> MediaError:
-    return where.error(f"URL fetch failed: {_shown(url)} is over the {limits.max_bytes}-byte limit")
-
-
-async def _fetch(url: str, limits: MediaLimits, where: _Where,
-                 client: httpx.AsyncClient | None) -> tuple[bytes, str | None]:
-    """GET ``url`` with redirects followed by hand, so every hop gets the scheme and host checks."""
-    http = httpx.AsyncClient(verify=_tls_context()) if client is None else client
-    try:
-        async with asyncio.timeout(limits.fetch_timeout_s):
-            for _ in range(limits.max_redirects + 1):
-                target = _check_url(url, where)
-                await _check_host(target, limits, where)
-                request = http.stream("GET", target, headers=_HEADERS, follow_redirects=False,
-                                      timeout=limits.fetch_timeout_s)
-                async with request as resp:
-                    next_url = _next_hop(resp, target, limits, where)
-                    if next_url is None:
-                        body = bytearray()
-                        async for chunk in resp.aiter_bytes():
-                            body.extend(chunk)
-                            if len(body) > limits.max_bytes:
-                                raise _too_large(target, limits, where)
-                        return bytes(body), resp.headers.get("content-type")
-                url = next_url
-    except (TimeoutError, httpx.TimeoutException) as exc:
-        waited = f"timed out after {limits.fetch_timeout_s:g} s"
-        raise where.error(f"URL fetch failed: {waited} fetching {_short(url)}") from exc
-    except httpx.HTTPError as exc:
-        raise where.error(f"URL fetch failed: {type(exc).__name__} from {_short(url)}") from exc
-    finally:
-        if client is None:
-            await http.aclose()
-    raise where.error(f"URL fetch failed: more than {limits.max_redirects} redirects, last to {_short(url)}")
-
-
-@functools.cache
-def _tls_context() -> ssl.SSLContext:
-    return httpx.create_ssl_context()  # building one costs ~50 ms, so once per process
-
-
-def _fetch_blocking(url: str, limits: MediaLimits, where: _Where) -> tuple[bytes, str | None]:
-    """``_fetch`` for sync callers, on its own thread so a caller's running loop is never in the way."""
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        return pool.submit(asyncio.run, _fetch(url, limits, where, None)).result()
 
 
 def _sniff_format(data: bytes) -> str | None:

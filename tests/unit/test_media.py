@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from epd import media_fetch
 from epd.media import MediaError, MediaLimits, aload_image, image_content_hash, load_image
 
 
@@ -233,7 +234,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         "/big": (200, {}, b"\x89PNG\r\n\x1a\n" + b"\0" * 200_000),  # no Content-Length: streamed
     }
 
+    hosts: list[str] = []    # the Host header of every request, in order
+
     def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+        self.hosts.append(self.headers.get("Host", ""))
         if self.path == "/slow":
             self.send_response(200)
             self.end_headers()
@@ -291,6 +295,25 @@ def test_http_limits_on_size_time_and_private_hosts(server: str) -> None:
     assert "timed out after 0.3 s" in str(err) and time.perf_counter() - start < 0.9
     closed = MediaLimits(block_private_networks=True)
     assert "private-network address" in str(load_error(f"{server}/cat.png", limits=closed))
+
+
+def test_http_goes_to_the_checked_address_with_the_name_in_host(server: str, monkeypatch) -> None:
+    port = server.rsplit(":", 1)[1]
+    assert load_image(f"http://localhost:{port}/cat.png").size == (6, 4)
+    assert _Handler.hosts[-1] == f"localhost:{port}"    # the server sees the name, not the address
+    # DNS rebinding: the answer the check sees (127.0.0.2, nothing listening there) is not the one a
+    # second lookup at connect time would give (localhost -> 127.0.0.1, our server). The request
+    # must go where the check looked, so it fails instead of reaching the server.
+    real_resolve = media_fetch._resolve
+
+    async def first_answer(host: str, port: int | None) -> list[tuple]:
+        return await real_resolve("127.0.0.2", port)
+
+    monkeypatch.setattr(media_fetch, "_resolve", first_answer)
+    seen = len(_Handler.hosts)
+    err = load_error(f"http://localhost:{port}/cat.png")
+    assert "URL fetch failed: ConnectError" in str(err)
+    assert len(_Handler.hosts) == seen, "the request reached the address of the second lookup"
 
 
 def test_metadata_address_is_refused_without_connecting() -> None:
