@@ -177,11 +177,14 @@ def _decode_data_uri(uri: str, limits: MediaLimits, where: _Where) -> bytes:
         raise where.error(f"data URI MIME type '{mime or '(none)'}' is not an image type")
     if "base64" not in params:
         raise where.error("data URI must be base64-encoded ('data:image/png;base64,...')")
-    payload = "".join(payload.split())  # some clients wrap base64 lines
     if len(payload) // 4 * 3 > limits.max_bytes:
         raise where.error(f"data URI holds more than the {limits.max_bytes}-byte limit")
     try:
         return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        pass
+    try:  # some clients wrap base64 lines (stripping first would copy every payload)
+        return base64.b64decode("".join(payload.split()), validate=True)
     except (binascii.Error, ValueError) as exc:
         raise where.error("data URI is not valid base64") from exc
 
@@ -261,7 +264,7 @@ def _decode(data: bytes, limits: MediaLimits, where: _Where, content_type: str |
         raise where.error(f"over Pillow's pixel limit (decompression bomb?): {exc}") from exc
     except Exception as exc:  # Pillow raises many types on hostile input
         raise where.error(f"could not decode {fmt} image bytes (truncated or corrupt?)") from exc
-    return _to_rgb(img, where)
+    return _to_rgb(img, where, owned=True)
 
 
 def _from_pil(img: Image.Image, limits: MediaLimits, where: _Where) -> Image.Image:
@@ -270,11 +273,16 @@ def _from_pil(img: Image.Image, limits: MediaLimits, where: _Where) -> Image.Ima
         img.load()
     except Exception as exc:
         raise where.error("could not decode image (truncated or corrupt?)") from exc
-    return _to_rgb(img, where)
+    return _to_rgb(img, where, owned=False)
 
 
-def _to_rgb(img: Image.Image, where: _Where) -> Image.Image:
-    img = ImageOps.exif_transpose(img)  # always a new image, so the caller's is never changed
+def _to_rgb(img: Image.Image, where: _Where, owned: bool) -> Image.Image:
+    """RGB, EXIF orientation applied. An image we decoded ourselves (`owned`) is turned in place;
+    a caller's image never changes (exif_transpose then returns a new one: ~5 ms for 720p)."""
+    if owned:
+        ImageOps.exif_transpose(img, in_place=True)
+    else:
+        img = ImageOps.exif_transpose(img)
     if img.mode == "RGB":
         return img
     if img.mode.startswith("I") or img.mode == "F":
