@@ -178,8 +178,8 @@ class DecodeService:
             except Exception:  # noqa: BLE001 - the connection to prefill failed: it writes no more
                 done = True
             if done or now - since > self.kv_timeout:
-                for key in (f"{rid}:meta", f"{rid}:kvrelease"):
-                    transport.cancel(key)
+                for key in (f"{rid}:meta", f"{rid}:kvrelease"):   # the other one may still come
+                    transport.ignore(key)
                 self.core.kv.pool.free(pages)
                 del self.fenced[rid]
 
@@ -248,8 +248,9 @@ class DecodeService:
         rid = inc.msg.rid
         num_layers = self.core.model_config.text.num_layers  # an upper bound on the group count
         fencing = rid not in self.running and inc.pages_offered and inc.meta is None
-        for key in ([] if fencing else [f"{rid}:meta"]) + [f"{rid}:kv:{g}" for g in range(inc.next_group, num_layers)]:
-            self.runtime.transport.cancel(key)
+        late = [] if fencing else [f"{rid}:meta"] + ([f"{rid}:kvrelease"] if inc.msg.kv_ipc else [])
+        for key in late + [f"{rid}:kv:{g}" for g in range(inc.next_group, num_layers)]:
+            self.runtime.transport.ignore(key)   # what prefill may still send is freed as it lands
         if rid in self.running:
             del self.running[rid]
             self.core.abort(rid)

@@ -12,7 +12,10 @@ header arrives: the tensors are then received straight into those buffers. A hea
 expectation starts a slot in RECEIVING with freshly allocated tensors; if the caller expects
 the key later, the data is copied into its buffers on completion (the slow path).
 `cancel` removes a slot at once and returns a future that resolves when nothing more will be
-written into the slot's buffers. Unclaimed DONE / FAILED slots are dropped by `sweep`. A slot
+written into the slot's buffers. `ignore` cancels and also marks the key: if its message arrives
+later (a peer still sending for a request this node dropped), it is received into scratch
+buffers and freed at once instead of waiting, unclaimed, for `sweep`, which drops unclaimed
+DONE / FAILED slots and marks older than its age limit. A slot
 expected of a peer whose connection already ended fails at once (until that peer reconnects).
 """
 
@@ -70,6 +73,14 @@ class Slot:
     drained: Future[None] | None = None  # set by cancel() while RECEIVING
 
 
+def _orphan(header: Header, peer: str, device: torch.device | str) -> Slot:
+    """A receive handle whose data is drained into scratch buffers and then dropped."""
+    slot = Slot(header.key, SlotState.RECEIVING, peer=peer, header=header)
+    slot.buffers = [s.empty(device) for s in header.specs]
+    slot.drained = Future()
+    return slot
+
+
 def _spec_mismatch(specs: Sequence[TensorSpec], buffers: Sequence[torch.Tensor]) -> str | None:
     if len(specs) != len(buffers):
         return f"sender has {len(specs)} tensors, receiver registered {len(buffers)}"
@@ -91,6 +102,7 @@ class Inbox:
         self._cond = threading.Condition()
         self._closed: BaseException | None = None
         self._lost: dict[str, BaseException] = {}   # peers whose connection ended, until they reconnect
+        self._ignored: dict[str, float] = {}         # key -> when `ignore` marked it
 
     # ---- caller side -------------------------------------------------------------------
     def expect(self, key: str, buffers: Sequence[torch.Tensor] | None, peer: str | None) -> None:
@@ -149,6 +161,12 @@ class Inbox:
         drained.set_result(None)
         return drained
 
+    def ignore(self, key: str) -> Future[None]:
+        """`cancel(key)`, and drop its message unread if it arrives later."""
+        with self._cond:
+            self._ignored[key] = time.monotonic()
+        return self.cancel(key)
+
     def _take(self, key: str) -> Message | None:
         slot = self._slots.get(key)
         if slot is None or slot.state in (SlotState.EXPECTED, SlotState.RECEIVING):
@@ -164,13 +182,12 @@ class Inbox:
         """Pick the buffers for an arriving message; the returned slot is the receive handle."""
         with self._cond:
             slot = self._slots.get(header.key)
+            if slot is None and self._ignored.pop(header.key, None) is not None:
+                return _orphan(header, peer, device)
             if slot is not None and slot.state is not SlotState.EXPECTED:
                 # The same key twice while the first is unclaimed: keep the first, drain the second.
                 logger.error("duplicate message key %r from %s; dropping the new one", header.key, peer)
-                orphan = Slot(header.key, SlotState.RECEIVING, peer=peer, header=header)
-                orphan.buffers = [s.empty(device) for s in header.specs]
-                orphan.drained = Future()
-                return orphan
+                return _orphan(header, peer, device)
             if slot is None:
                 slot = Slot(header.key, SlotState.RECEIVING)
                 self._slots[header.key] = slot
@@ -235,9 +252,11 @@ class Inbox:
             self._on_change()
 
     def sweep(self, max_age_s: float) -> int:
-        """Drop DONE / FAILED slots nobody claimed for `max_age_s`; returns how many."""
+        """Drop DONE / FAILED slots nobody claimed for `max_age_s` (returns how many), and `ignore`
+        marks as old."""
         now, dropped = time.monotonic(), 0
         with self._cond:
+            self._ignored = {key: at for key, at in self._ignored.items() if now - at <= max_age_s}
             for key, slot in list(self._slots.items()):
                 if slot.state in (SlotState.DONE, SlotState.FAILED) and now - slot.updated > max_age_s:
                     del self._slots[key]

@@ -227,6 +227,11 @@ class KVTransport:
         """Forget `key`. The future is done once nothing more can be written to its buffers."""
         return self._inbox.cancel(key)
 
+    def ignore(self, key: str) -> Future[None]:
+        """`cancel(key)`, and free its message as soon as it lands if it comes later (a peer still
+        sending for a request this node dropped) instead of keeping it until the unclaimed sweep."""
+        return self._inbox.ignore(key)
+
     # ---- waking a caller's loop ---------------------------------------------------------
     @property
     def wakeup_fd(self) -> int:

@@ -97,8 +97,8 @@ class PrefillService:
 
     def _abort(self, rid: str) -> None:
         transport = self.runtime.transport
-        for key in (f"{rid}:emb", f"{rid}:kvdst"):
-            transport.cancel(key)
+        for key in (f"{rid}:emb", f"{rid}:kvdst"):   # may still come: freed as they land
+            transport.ignore(key)
         held = self.awaiting.pop(rid, None)
         p = self.active.pop(rid, None)
         if p is not None:

@@ -266,6 +266,17 @@ def test_cancelled_key_leaves_its_buffers_alone(pair: tuple[KVTransport, KVTrans
     assert mine.view(torch.int16).count_nonzero() == 0
 
 
+def test_ignored_key_is_dropped_as_it_lands(pair: tuple[KVTransport, KVTransport]) -> None:
+    """A request dropped on the receiver while its sender still sends: the late message is freed
+    on arrival, not kept (with its tensors) until the unclaimed sweep."""
+    a, b = pair
+    b.ignore("req8:kv:0")
+    a.send(b.address, "req8:kv:0", [group_tensor(3, 0, 0)]).result(timeout=30)
+    a.send(b.address, "req8:after", [group_tensor(3, 1, 0)]).result(timeout=30)
+    b.wait("req8:after", timeout=10)                   # sent later on the same endpoint
+    assert b.status("req8:kv:0") is None and b.poll("req8:kv:0") is None
+
+
 def test_close_fails_pending_waits_and_refuses_new_sends() -> None:
     t = KVTransport(ucx_options=UCX)
     t.expect("never")
