@@ -1,0 +1,36 @@
+"""epd's image preprocessing gives transformers' slow Qwen2-VL processor output bit for bit (the
+vision tower sees exactly what it would under transformers), whatever the size or mode."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+from epd.image_processor import ImageProcessor
+
+SIZES = [(1280, 720), (640, 480), (37, 91), (4, 4), (3, 200), (28, 28), (1001, 77), (56, 3000), (2000, 2000)]
+
+
+@pytest.fixture(scope="module", params=[(3136, 12845056), (3136, 50176)], ids=["qwen_default", "small_max"])
+def processors(request, tmp_path_factory) -> tuple[ImageProcessor, Qwen2VLImageProcessorPil]:
+    path = tmp_path_factory.mktemp("proc")
+    min_px, max_px = request.param
+    Qwen2VLImageProcessorPil(size={"shortest_edge": min_px, "longest_edge": max_px}, patch_size=14,
+                             merge_size=2, temporal_patch_size=2).save_pretrained(path)
+    return ImageProcessor(str(path), 2), Qwen2VLImageProcessorPil.from_pretrained(path)
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "RGBA"])
+def test_preprocess_equals_transformers(processors, mode) -> None:
+    ours, theirs = processors
+    rng = np.random.default_rng(len(mode))
+    for w, h in SIZES:
+        img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).convert(mode)
+        got = ours.preprocess(img)
+        ref = theirs(images=[img], return_tensors="pt")
+        assert torch.equal(got.pixel_values, ref["pixel_values"]), (w, h, mode)
+        assert list(got.grid_thw) == ref["image_grid_thw"][0].tolist() and got.grid_thw == ours.grid_for(img)
+        assert got.num_tokens == got.pixel_values.shape[0] // 4
