@@ -108,18 +108,15 @@ class EncoderService:
     def _encode(self, batch) -> tuple[list[tuple[list[torch.Tensor], list[tuple[int, int, int]]]], float]:
         """One vision forward for every image of the batch that is not cached; also returns the ms
         spent preprocessing."""
-        per_request, todo = [], []
+        per_request, uncached = [], {}
         t0 = time.monotonic()
         for _, req, _ in batch:
-            slots = []
             for payload in req.images:
-                cached = self.cache.get(payload["content_hash"])
-                if cached is None:
-                    img = Image.frombytes("RGB", (payload["width"], payload["height"]), payload["rgb"])
-                    pre = self.processor.preprocess(img)
-                    todo.append((payload["content_hash"], pre))
-                slots.append(payload["content_hash"])
-            per_request.append(slots)
+                if payload["content_hash"] not in uncached and self.cache.get(payload["content_hash"]) is None:
+                    uncached[payload["content_hash"]] = payload
+            per_request.append([payload["content_hash"] for payload in req.images])
+        images = [Image.frombytes("RGB", (p["width"], p["height"]), p["rgb"]) for p in uncached.values()]
+        todo = list(zip(uncached, self.processor.preprocess_many(images), strict=True))
         preprocess_ms = (time.monotonic() - t0) * 1e3
         if todo:
             pixels = torch.cat([pre.pixel_values for _, pre in todo])

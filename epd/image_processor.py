@@ -15,6 +15,8 @@ or normalize) takes transformers' path.
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,6 +38,7 @@ class ImageProcessor:
         self._proc = Qwen2VLImageProcessorPil.from_pretrained(model_path)
         self.merge = merge_size
         self._table = _value_table(self._proc)
+        self._pool: ThreadPoolExecutor | None = None
 
     def resized_size(self, image: Image.Image) -> tuple[int, int]:
         """(height, width) the processor resizes `image` to."""
@@ -49,6 +52,16 @@ class ImageProcessor:
         """The (t, h, w) patch grid `preprocess` would produce, from the size alone (cheap)."""
         h, w = self.resized_size(image)
         return 1, h // self._proc.patch_size, w // self._proc.patch_size
+
+    def preprocess_many(self, images: list[Image.Image]) -> list[PreprocessedImage]:
+        """`preprocess` of each image, in order; several images run on a few threads (the PIL
+        resize and the numpy copies release the GIL: 4 x 720p 167 -> 108 ms on 2 cores)."""
+        if len(images) < 2:
+            return [self.preprocess(im) for im in images]
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1),
+                                            thread_name_prefix="epd-preprocess")
+        return list(self._pool.map(self.preprocess, images))
 
     def preprocess(self, image: Image.Image) -> PreprocessedImage:
         if self._table is not None and image.mode == "RGB" and min(image.size) >= 4:

@@ -12,9 +12,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from PIL import Image
 
 from epd.config import ModelConfig
-from epd.image_processor import ImageProcessor
+from epd.image_processor import ImageProcessor, PreprocessedImage
 from epd.media import image_content_hash, load_image
 from epd.mrope import mrope_positions
 
@@ -63,22 +64,25 @@ class InputProcessor:
         ids = list(input_ids) if input_ids is not None else self.tokenizer.encode(prompt, add_special_tokens=False)
         if not ids:
             raise InputError("the prompt is empty", "prompt")
-        images = [self._image(i, item) for i, item in enumerate(image_data or [])]
+        items = list(image_data or [])
+        loaded = {i: load_image(item, index=i, allow_any_local=True)
+                  for i, item in enumerate(items) if not isinstance(item, dict)}
+        pre: dict[int, PreprocessedImage] = {}
+        if self.with_pixels:   # several images are preprocessed on a few threads
+            pre = dict(zip(loaded, self.image_processor.preprocess_many(list(loaded.values())), strict=True))
+        images = [_precomputed(i, item, self.config) if isinstance(item, dict) else self._image(loaded[i], pre.get(i))
+                  for i, item in enumerate(items)]
         ids = self._expand(ids, images)
         if len(ids) >= self.max_context:
             raise InputError(f"prompt is {len(ids)} tokens (text + images); the context is {self.max_context} "
                              f"tokens and at least one must be left to generate", "prompt")
         return build_processed(self.config, ids, images)
 
-    def _image(self, index: int, item: Any) -> ImageInput:
-        if isinstance(item, dict):
-            return _precomputed(index, item, self.config)
-        image = load_image(item, index=index, allow_any_local=True)
-        if not self.with_pixels:
+    def _image(self, image: Image.Image, pre: PreprocessedImage | None) -> ImageInput:
+        if pre is None:   # the router: the grid from the size; an encoder node preprocesses the pixels
             grid = self.image_processor.grid_for(image)
             return ImageInput(grid, grid[0] * grid[1] * grid[2] // self.config.spatial_merge_size**2,
                               content_hash=image_content_hash(image), source=image)
-        pre = self.image_processor.preprocess(image)
         return ImageInput(pre.grid_thw, pre.num_tokens, pixel_values=pre.pixel_values,
                           content_hash=image_content_hash(image))
 

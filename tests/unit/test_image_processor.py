@@ -34,3 +34,14 @@ def test_preprocess_equals_transformers(processors, mode) -> None:
         assert torch.equal(got.pixel_values, ref["pixel_values"]), (w, h, mode)
         assert list(got.grid_thw) == ref["image_grid_thw"][0].tolist() and got.grid_thw == ours.grid_for(img)
         assert got.num_tokens == got.pixel_values.shape[0] // 4
+
+
+def test_preprocess_many_keeps_order_and_values(processors) -> None:
+    ours, _ = processors
+    rng = np.random.default_rng(7)
+    images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in SIZES[:5]]
+    many = ours.preprocess_many(images)
+    assert len(many) == len(images)
+    for img, got in zip(images, many, strict=True):
+        one = ours.preprocess(img)
+        assert torch.equal(got.pixel_values, one.pixel_values) and got.grid_thw == one.grid_thw
