@@ -9,9 +9,11 @@ this same interface.
 
 from __future__ import annotations
 
+import itertools
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from epd.models.fused_ops import store_kv
@@ -46,6 +48,26 @@ class AttentionBackend(ABC):
         itself (fused with rotary) and then calls `attend` with k = v = None; None when this
         backend wants K/V passed to `attend`."""
         return None
+
+
+def page_arrays(kv_lens: list[int], page_tables: list[list[int]], page_size: int,
+                pad_rows: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Host int32 (indptr [B+1], indices [sum pages], last_page_len [B]) for flashinfer.
+
+    `pad_rows` extra rows each see one token on the dummy page 0 (CUDA-graph padding).
+    """
+    counts = [-(-n // page_size) for n in kv_lens] + [1] * pad_rows
+    total = sum(counts)
+    pages = itertools.chain.from_iterable(t[:c] for t, c in zip(page_tables, counts, strict=False))
+    indices = np.zeros(total, dtype=np.int32)  # padding rows keep page 0
+    real = total - pad_rows
+    indices[:real] = np.fromiter(pages, dtype=np.int32, count=real)
+    indptr = np.zeros(len(counts) + 1, dtype=np.int32)
+    np.cumsum(counts, out=indptr[1:])
+    last = np.fromiter((n - (c - 1) * page_size for n, c in zip(kv_lens, counts, strict=False)),
+                       dtype=np.int32, count=len(kv_lens))
+    last = np.concatenate([last, np.ones(pad_rows, dtype=np.int32)])
+    return torch.from_numpy(indptr), torch.from_numpy(indices), torch.from_numpy(last)
 
 
 class GraphDecodeBucket(AttentionBackend):

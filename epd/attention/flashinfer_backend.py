@@ -22,14 +22,13 @@ and the engine then uses the torch backend.
 
 from __future__ import annotations
 
-import itertools
 import logging
 
 import numpy as np
 import torch
 
 from epd.attention import split_kv_decode
-from epd.attention.base import AttentionBackend, GraphDecodeBucket, StepMetadata
+from epd.attention.base import AttentionBackend, GraphDecodeBucket, StepMetadata, page_arrays
 from epd.attention.split_kv_decode import SplitKVGraphDecode
 from epd.models.fused_ops import store_kv, triton
 
@@ -57,26 +56,6 @@ def supports(device: torch.device, dtype: torch.dtype, head_dim: int) -> str | N
     if head_dim not in SUPPORTED_HEAD_DIMS:
         return f"head_dim {head_dim} is not one of flashinfer's {SUPPORTED_HEAD_DIMS}"
     return None
-
-
-def page_arrays(kv_lens: list[int], page_tables: list[list[int]], page_size: int,
-                pad_rows: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Host int32 (indptr [B+1], indices [sum pages], last_page_len [B]) for flashinfer.
-
-    `pad_rows` extra rows each see one token on the dummy page 0 (CUDA-graph padding).
-    """
-    counts = [-(-n // page_size) for n in kv_lens] + [1] * pad_rows
-    total = sum(counts)
-    pages = itertools.chain.from_iterable(t[:c] for t, c in zip(page_tables, counts, strict=False))
-    indices = np.zeros(total, dtype=np.int32)  # padding rows keep page 0
-    real = total - pad_rows
-    indices[:real] = np.fromiter(pages, dtype=np.int32, count=real)
-    indptr = np.zeros(len(counts) + 1, dtype=np.int32)
-    np.cumsum(counts, out=indptr[1:])
-    last = np.fromiter((n - (c - 1) * page_size for n, c in zip(kv_lens, counts, strict=False)),
-                       dtype=np.int32, count=len(kv_lens))
-    last = np.concatenate([last, np.ones(pad_rows, dtype=np.int32)])
-    return torch.from_numpy(indptr), torch.from_numpy(indices), torch.from_numpy(last)
 
 
 class _Shape:
@@ -135,7 +114,7 @@ class FlashInferBackend(AttentionBackend):
         flashinfer's graph wrapper."""
         if GRAPH_DECODE == "split_kv" and triton is not None and batch_size <= split_kv_decode.MAX_BATCH:
             s = self.shape
-            return SplitKVGraphDecode(s.hq, s.hk, s.d, s.ps, batch_size, indices_buf)
+            return SplitKVGraphDecode(s.hk, s.ps, batch_size, indices_buf)
         return GraphDecodeAttention(self, batch_size, indices_buf)
 
 

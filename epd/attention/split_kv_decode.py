@@ -28,10 +28,9 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 
-from epd.attention.base import GraphDecodeBucket
+from epd.attention.base import GraphDecodeBucket, page_arrays
 from epd.models.fused_ops import tl, triton
 
 BLOCK_T = 16          # tokens per inner step
@@ -47,30 +46,20 @@ def splits_for(batch: int, kv_heads: int, sm_count: int) -> int:
 class SplitKVGraphDecode(GraphDecodeBucket):
     """Decode attention for one CUDA-graph bucket (fixed batch size and device buffers)."""
 
-    def __init__(self, num_qo_heads: int, num_kv_heads: int, head_dim: int, page_size: int,
-                 batch_size: int, indices_buf: torch.Tensor) -> None:
+    def __init__(self, num_kv_heads: int, page_size: int, batch_size: int, indices_buf: torch.Tensor) -> None:
         dev = indices_buf.device
-        self.hq, self.hk, self.d, self.ps = num_qo_heads, num_kv_heads, head_dim, page_size
-        self.batch_size = batch_size
+        self.ps, self.batch_size = page_size, batch_size
         self.splits = splits_for(batch_size, num_kv_heads, torch.cuda.get_device_properties(dev).multi_processor_count)
         self._indices = indices_buf
         self._rows = torch.zeros(2 * batch_size + 1, dtype=torch.int32, device=dev)  # [indptr | kv_lens]
         self._rows[batch_size + 1:] = 1
 
     def plan_padded(self, kv_lens: list[int], page_tables: list[list[int]]) -> None:
-        n, bs, ps = len(kv_lens), self.batch_size, self.ps
-        counts = np.ones(bs, dtype=np.int64)            # padding rows: one token on page 0
-        counts[:n] = [-(-k // ps) for k in kv_lens]
-        rows = np.ones(2 * bs + 1, dtype=np.int32)
-        rows[0] = 0
-        np.cumsum(counts, out=rows[1:bs + 1])
-        rows[bs + 1:bs + 1 + n] = kv_lens
-        pages = np.zeros(int(rows[bs]), dtype=np.int32)
-        if n:
-            pages[:rows[n]] = np.concatenate([np.asarray(t[:c], dtype=np.int32)
-                                              for t, c in zip(page_tables, counts[:n], strict=True)])
-        self._rows.copy_(torch.from_numpy(rows), non_blocking=True)
-        self._indices[:len(pages)].copy_(torch.from_numpy(pages), non_blocking=True)
+        pad = self.batch_size - len(kv_lens)   # padding rows: one token on page 0
+        indptr, pages, _ = page_arrays(kv_lens, page_tables, self.ps, pad_rows=pad)
+        lens = torch.tensor(list(kv_lens) + [1] * pad, dtype=torch.int32)
+        self._rows.copy_(torch.cat([indptr, lens]), non_blocking=True)
+        self._indices[:len(pages)].copy_(pages, non_blocking=True)
 
     def decode(self, q: torch.Tensor, kv_cache: torch.Tensor) -> torch.Tensor:
         return split_kv_decode(q.contiguous(), kv_cache, self._indices, self._rows, self.splits)

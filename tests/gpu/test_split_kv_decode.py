@@ -38,8 +38,7 @@ def test_split_kv_decode_matches_reference_in_a_graph(hq, hk, ps, lens, bucket):
     for n in lens:
         tables.append(order[used:used + -(-n // ps)])
         used += len(tables[-1])
-    attn = SplitKVGraphDecode(hq, hk, 128, ps, bucket, torch.zeros(cache.shape[0] + bucket, dtype=torch.int32,
-                                                                    device="cuda"))
+    attn = SplitKVGraphDecode(hk, ps, bucket, torch.zeros(cache.shape[0] + bucket, dtype=torch.int32, device="cuda"))
     attn.slots = torch.zeros(bucket, dtype=torch.int64, device="cuda")
     q = torch.randn(bucket, hq, 128, device="cuda", dtype=torch.bfloat16, generator=gen)
     attn.plan_padded([], [])
