@@ -13,37 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 
 import torch
 
+from bench import gpu_workloads as w
 from bench.report import write_json
 
 LAYOUTS = {"3b": (16, 2), "7b": (28, 4)}   # (query heads, KV heads)
 HEAD_DIM, PAGE = 128, 16
-
-
-def _time_graph(fn, calls: int, repeats: int = 20) -> float:
-    """Median microseconds per call of `fn` captured `calls` times in one CUDA graph."""
-    stream = torch.cuda.Stream()
-    with torch.cuda.stream(stream):
-        fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=stream):
-        for _ in range(calls):
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / calls)
-    return statistics.median(times)
 
 
 def _flashinfer(tensor_cores: bool, q, cache, order, indptr, last, hq, hk):
@@ -84,7 +61,7 @@ def case(layout: str, batch: int, context: int, kernel: str, calls: int = 28) ->
         run = _flashinfer(kernel == "flashinfer_tc", q, cache, order, indptr, last, hq, hk)
     ref = _reference(q, cache, order, batch, pages_per, context, hq, hk)
     err = float((run().float() - ref).norm() / ref.norm())
-    us = _time_graph(run, calls)
+    us = w.graph_us_per_call(run, calls)
     kv_bytes = batch * context * 2 * hk * HEAD_DIM * 2
     return {"layout": layout, "batch": batch, "context": context, "kernel": kernel,
             "us_per_call": round(us, 2), "kv_GBps": round(kv_bytes / us / 1e3, 1), "rel_error": err}

@@ -38,20 +38,8 @@ def _shapes(p: dict) -> dict[str, tuple[int, int]]:
 
 
 def _graph_us(fn, layers: int) -> float:
-    """Time of one `fn(i)` inside a graph of `layers` calls, replayed back to back."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for i in range(layers):
-            fn(i)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(layers):
-            fn(i)
-    graph.replay()
-    ms = min(w._events_ms(graph.replay, 20) for _ in range(3))
-    return ms * 1e3 / layers
+    """Time of one `fn(i)` inside a graph that calls it for i in range(layers), as one decode step."""
+    return w.graph_us_per_call(lambda: [fn(i) for i in range(layers)], 1) / layers
 
 
 def _case(rows: int, n: int, k: int, layers: int, configs: list[dict | None]) -> dict:

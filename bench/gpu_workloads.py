@@ -7,6 +7,7 @@ after a synchronize. Inputs are random token ids (never zeros) and random KV con
 
 from __future__ import annotations
 
+import statistics
 import time
 
 import torch
@@ -26,6 +27,29 @@ def _events_ms(fn, iters: int) -> float:
     end.record()
     end.synchronize()
     return start.elapsed_time(end) / iters
+
+
+def graph_us_per_call(fn, calls: int, repeats: int = 20) -> float:
+    """Median microseconds per call of `fn` captured `calls` times in one CUDA graph."""
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        for _ in range(calls):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / calls)
+    return statistics.median(times)
 
 
 def _best_ms(op, shape: tuple[int, ...], iters: int) -> float:
