@@ -31,6 +31,7 @@ import asyncio
 import logging
 import os
 import threading
+import time
 from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -161,7 +162,7 @@ class KVTransport:
         meta = dict(meta or {})
         msgpack.packb(meta, use_bin_type=True)  # fail fast on what the wire cannot carry
         ready = _ready_event(tensors)
-        coro = self._engine.send(peer, key, tensors, meta, ready, timeout)
+        coro = self._engine.send(peer, key, tensors, meta, ready, timeout, queued_at=time.monotonic())
         inner = asyncio.run_coroutine_threadsafe(coro, self._loop)
         outer: Future[SendReport] = Future()
         # Running from the start, so `outer.cancel()` is refused: UCX may be reading the

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import time
 from collections.abc import Sequence
@@ -109,6 +110,7 @@ class UcxEngine:
         self._listener: Any = None
         self._progress: Any = None
         self._out: dict[str, asyncio.Task[_OutPeer]] = {}
+        self._lost_at: dict[str, float] = {}   # peer -> when a send to it last failed (monotonic)
         self._incoming: set[Any] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closing = False
@@ -142,21 +144,29 @@ class UcxEngine:
         meta: dict[str, Any],
         ready: Any,
         timeout: float | None,
+        queued_at: float = -math.inf,
     ) -> tuple[int, float]:
-        """Send one message; returns (bytes, seconds). Raises PeerLostError / TransferError."""
+        """Send one message; returns (bytes, seconds). Raises PeerLostError / TransferError.
+
+        A send queued (`queued_at`, monotonic) before a send to the same peer failed fails at
+        once: reconnecting to a dead peer would only wait out the connect timeout. Sends queued
+        after the failure connect again (the peer may be back)."""
         if self._closing:
             raise TransportClosedError("transport closed")
         self._track(asyncio.current_task())
         try:
-            return await asyncio.wait_for(self._send(peer, key, tensors, meta, ready), timeout)
+            return await asyncio.wait_for(self._send(peer, key, tensors, meta, ready, queued_at), timeout)
         except TimeoutError:
             # Posted UCX requests still reference the buffers: abort the endpoint to cancel them.
             self._drop_peer(peer, None, abort=True)
             raise TransferError(f"sending {key!r} to {peer} timed out after {timeout}s") from None
 
     async def _send(
-        self, peer: str, key: str, tensors: Sequence[torch.Tensor], meta: dict[str, Any], ready: Any
+        self, peer: str, key: str, tensors: Sequence[torch.Tensor], meta: dict[str, Any], ready: Any,
+        queued_at: float,
     ) -> tuple[int, float]:
+        if self._lost_at.get(peer, -math.inf) >= queued_at:   # no await from here to the cache lookup
+            raise PeerLostError(f"sending {key!r} to {peer} failed: the connection was lost after it was queued")
         out = await self._connect(peer)
         header = Header(key, out.next_seq(), tuple(TensorSpec.of(t) for t in tensors), meta)
         if ready is not None:
@@ -175,6 +185,7 @@ class UcxEngine:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
+            self._lost_at[peer] = time.monotonic()
             self._drop_peer(peer, out, abort=False)
             if self._closing:
                 raise TransportClosedError("transport closed during send") from exc
