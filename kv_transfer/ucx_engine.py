@@ -148,9 +148,10 @@ class UcxEngine:
     ) -> tuple[int, float]:
         """Send one message; returns (bytes, seconds). Raises PeerLostError / TransferError.
 
-        A send queued (`queued_at`, monotonic) before a send to the same peer failed fails at
-        once: reconnecting to a dead peer would only wait out the connect timeout. Sends queued
-        after the failure connect again (the peer may be back)."""
+        A send queued (`queued_at`, monotonic) before the connection to its peer was seen lost (a
+        send to it failed, or UCX closed the endpoint) fails at once: reconnecting to a dead peer
+        would only wait out the connect timeout. Sends queued later connect again (the peer may be
+        back)."""
         if self._closing:
             raise TransportClosedError("transport closed")
         self._track(asyncio.current_task())
@@ -165,6 +166,10 @@ class UcxEngine:
         self, peer: str, key: str, tensors: Sequence[torch.Tensor], meta: dict[str, Any], ready: Any,
         queued_at: float,
     ) -> tuple[int, float]:
+        cached = self._out.get(peer)   # UCX may have closed its endpoint before any send failed
+        if cached is not None and cached.done() and not cached.cancelled() and cached.exception() is None \
+                and cached.result().ep.closed:
+            self._lost_at[peer] = time.monotonic()
         if self._lost_at.get(peer, -math.inf) >= queued_at:   # no await from here to the cache lookup
             raise PeerLostError(f"sending {key!r} to {peer} failed: the connection was lost after it was queued")
         out = await self._connect(peer)
