@@ -8,10 +8,6 @@ decode step does, so the L2 cache does not hold the weights), for
 - `cublas`: F.linear (what the model runs without the GEMV path);
 - `gemv`: `decode_gemv.linear` with its chosen block config, and with `--sweep` every config in SWEEP.
 Bandwidth = weight bytes / time; `pct_copy` against this run's device-to-device copy bandwidth.
-
-Then (`layer` cases) the same timing for each projection of a decode layer as the model runs it
-with `decode_gemv.FUSED_LAYER` (norm_linear, linear_add, norm_gate_up) against the kernels it
-replaces (add+RMSNorm, cuBLAS with bias, GEMV, silu*mul), rows 1 and 8.
 """
 
 from __future__ import annotations
@@ -28,15 +24,11 @@ import triton
 from bench import gpu_workloads as w
 from bench.report import write_json
 from epd.models import decode_gemv as g
-from epd.models import fused_ops as fo
 
 PRESETS = {"3b": dict(hidden=2048, inter=11008, heads=16, kv_heads=2, layers=36),
            "7b": dict(hidden=3584, inter=18944, heads=28, kv_heads=4, layers=28)}
 SWEEP = [dict(block_n=n, block_k=k, warps=wp, stages=s)
          for n, k, wp, s in itertools.product((16, 32), (256, 512), (4,), (3, 4))]
-NORM_SWEEP = [dict(block_n=16, block_k=k, warps=wp, stages=s, norm_in_loop=loop) for k, wp, s, loop in
-              ((512, 4, 4, True), (256, 4, 4, False), (512, 4, 3, False), (512, 8, 4, False), (256, 4, 6, False),
-               (1024, 4, 2, False), (128, 4, 8, False))]
 BF16 = torch.bfloat16
 
 
@@ -67,60 +59,6 @@ def _case(rows: int, n: int, k: int, layers: int, configs: list[dict | None]) ->
     return out
 
 
-def _layer_case(p: dict, rows: int) -> dict:
-    """One decode layer's projections (no attention), unfused and fused, per projection."""
-    hidden, inter, layers, attn_width = p["hidden"], p["inter"], p["layers"], p["heads"] * 128
-    qkv_n, eps = attn_width + 2 * p["kv_heads"] * 128, 1e-6
-
-    def weights(n: int, k: int) -> list[torch.Tensor]:
-        return [torch.randn(n, k, device="cuda", dtype=BF16) * k ** -0.5 for _ in range(layers)]
-
-    qkv, o, gate_up, down = weights(qkv_n, hidden), weights(hidden, attn_width), weights(2 * inter, hidden), \
-        weights(hidden, inter)
-    bias, gain = torch.randn(qkv_n, device="cuda", dtype=BF16), torch.ones(hidden, device="cuda", dtype=BF16)
-    x, delta, attn, act = (torch.randn(rows, n, device="cuda", dtype=BF16) for n in (hidden, hidden, attn_width, inter))
-    pairs = {   # projection -> (weight MB, unfused, fused)
-        "qkv": (qkv_n * hidden, lambda i: F.linear(fo.add_rms_norm(x, delta, gain, eps)[1], qkv[i], bias),
-                lambda i: g.norm_linear(x, eps, qkv[i], bias)),
-        "o_proj": (hidden * attn_width, lambda i: g.linear(attn, o[i]), lambda i: g.linear_add(attn, o[i], x)),
-        "gate_up": (2 * inter * hidden,
-                    lambda i: fo.silu_and_mul(F.linear(fo.add_rms_norm(x, delta, gain, eps)[1], gate_up[i])),
-                    lambda i: g.norm_gate_up(x, eps, gate_up[i])),
-        "down": (hidden * inter, lambda i: g.linear(act, down[i]), lambda i: g.linear_add(act, down[i], x)),
-    }
-    out = {"rows": rows, "ops": {}}
-    for name, (elems, unfused, fused) in pairs.items():
-        out["ops"][name] = {"weight_MB": elems * 2 / 1e6, "unfused_us": _graph_us(unfused, layers),
-                            "fused_us": _graph_us(fused, layers)}
-    configs = {"qkv": lambda i, c: g.norm_linear(x, eps, qkv[i], bias, c),
-               "gate_up": lambda i, c: g.norm_gate_up(x, eps, gate_up[i], c)}
-    for name, fn in configs.items():   # the norm forms' block configs (default above)
-        out["ops"][name]["sweep"] = []
-        for c in NORM_SWEEP:
-            try:
-                out["ops"][name]["sweep"].append({"config": c, "us": _graph_us(lambda i, c=c, f=fn: f(i, c), layers)})
-            except triton.runtime.errors.OutOfResources:
-                continue
-    out["ops"]["gate_up"]["plain_linear_us"] = _graph_us(lambda i: g.linear(x, gate_up[i]), layers)  # no norm, no silu
-    return out
-
-
-def _layer_cases(report: dict, bw: float, out_path: str) -> None:
-    for name, p in PRESETS.items():
-        for rows in (1, 8):
-            case = _layer_case(p, rows)
-            case["model"] = name
-            for op, r in case["ops"].items():
-                best = min(r.get("sweep", []), key=lambda c: c["us"], default=None)
-                print(f"{name} layer rows={rows} {op:<7} unfused {r['unfused_us']:6.1f} us  fused "
-                      f"{r['fused_us']:6.1f} us ({r['weight_MB'] * 1e3 / r['fused_us'] / bw:4.0%} of copy)"
-                      + (f"  best of sweep {best['us']:.1f} us {best['config']}" if best else "")
-                      + (f"  plain GEMV {r['plain_linear_us']:.1f} us" if "plain_linear_us" in r else ""), flush=True)
-            report.setdefault("layer", []).append(case)
-            write_json(out_path, report)
-            torch.cuda.empty_cache()
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python3 -m bench.gpu_gemv", description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True)
@@ -142,8 +80,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"best {best['us']:6.1f} us {best['config']} err {best['rel_err']:.1e}", flush=True)
                 report["cases"].append(case)
                 write_json(args.out, report)
-    _layer_cases(report, bw, args.out)
-    print(json.dumps({"cases": len(report["cases"]), "layer_cases": len(report["layer"])}))
+    print(json.dumps({"cases": len(report["cases"])}))
     return 0
 
 

@@ -7,9 +7,8 @@ Numerics follow the reference implementation (RMSNorm in float32, rotary tables 
 
 On GPU in 16-bit dtypes the loader calls `fuse_projections()` once: q/k/v and gate/up become one
 GEMM each, and norms (with the residual add), rotary and silu*mul run as fused kernels
-(`fused_ops`); a step of a few rows (decode) runs each layer as seven kernels: GEMVs with the
-norms, residual adds and silu*mul folded in (`decode_gemv`), rotary + KV store, and attention.
-Elsewhere the plain torch path runs, unchanged.
+(`fused_ops`); in steps of a few rows (decode) o_proj and down_proj run as GEMV kernels
+(`decode_gemv`). Elsewhere the plain torch path runs, unchanged.
 """
 
 from __future__ import annotations
@@ -20,14 +19,7 @@ from torch import nn
 
 from epd.attention.base import AttentionBackend
 from epd.config import TextConfig
-from epd.models.decode_gemv import (
-    fold_norm_gain,
-    fused_layer_path,
-    linear,
-    linear_add,
-    norm_gate_up,
-    norm_linear,
-)
+from epd.models.decode_gemv import linear
 from epd.models.fused_ops import (
     add_rms_norm,
     apply_rotary_ref,
@@ -157,30 +149,9 @@ class DecoderLayer(nn.Module):
         """x: the residual stream before the previous layer's MLP output `delta` (None for the first
         layer) is added; returns (residual, this layer's MLP output). Deferring each add into the
         next norm lets the GPU do add + norm in one kernel; the sums are the same as x + attn + mlp."""
-        if self.mlp.gate_up_proj is not None and fused_layer_path(x, self.mlp.gate_up_proj.weight):  # gains folded
-            return self.decode_forward(x if delta is None else x + delta, cos, sin, backend, kv_cache), None
         x, h = self.input_layernorm.add_forward(x, delta)
         x, h = self.post_attention_layernorm.add_forward(x, self.self_attn(h, cos, sin, backend, kv_cache))
         return x, self.mlp(h)
-
-
-    def decode_forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backend: AttentionBackend,
-                       kv_cache: torch.Tensor) -> torch.Tensor:
-        """A step of a few rows on GPU (fused projections): norms, residual adds and silu*mul ride
-        in the projection kernels (`decode_gemv`); returns the residual stream after the layer."""
-        attn, mlp = self.self_attn, self.mlp
-        qkv = norm_linear(x, self.input_layernorm.eps, attn.qkv_proj.weight, attn.qkv_proj.bias)
-        x = linear_add(attn.attend_qkv(qkv, cos, sin, backend, kv_cache), attn.o_proj.weight, x)
-        h = norm_gate_up(x, self.post_attention_layernorm.eps, mlp.gate_up_proj.weight)
-        return linear_add(h, mlp.down_proj.weight, x)
-
-    def fuse(self) -> None:
-        """q/k/v and gate/up as one projection each, the norms' gains folded into them (the norms
-        then have unit gain; `decode_forward` needs that)."""
-        self.self_attn.fuse()
-        self.mlp.fuse()
-        fold_norm_gain(self.input_layernorm.weight.data, self.self_attn.qkv_proj.weight.data)
-        fold_norm_gain(self.post_attention_layernorm.weight.data, self.mlp.gate_up_proj.weight.data)
 
 
 class TextModel(nn.Module):
@@ -204,11 +175,11 @@ class Qwen2VLLanguageModel(nn.Module):
         self.rotary = MRotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.mrope_section)
 
     def fuse_projections(self) -> None:
-        """Concatenate q/k/v and gate/up weights (fewer, larger GEMMs) and fold the norm gains into
-        them; done once after loading, on GPU. The unfused modules are dropped, so weights stay in
-        memory once."""
+        """Concatenate q/k/v and gate/up weights (fewer, larger GEMMs); done once after loading,
+        on GPU. The unfused modules are dropped, so weights stay in memory once."""
         for layer in self.language_model.layers:
-            layer.fuse()
+            layer.self_attn.fuse()
+            layer.mlp.fuse()
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.language_model.embed_tokens(input_ids)
