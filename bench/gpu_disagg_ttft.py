@@ -2,14 +2,17 @@
 
     python -m bench.gpu_disagg_ttft --model DIR --out ttft.json [--requests 20] [--variant '--no-kv-ipc' ...]
 
-The same request stream goes first to a colocated server (`epd router --backend local`: one
-process runs the vision tower, prefill and decode in its engine steps), then to `epd serve`
-with 1 encoder + 1 prefill + 1 decode process on the same GPU behind the router (encoder ->
-embeddings over UCX -> prefill -> KV over UCX -> decode). Each request is one 1280x720 JPEG
-(a different random image each time, so the encoder's embedding cache never hits) as a data
-URI plus `--text-tokens` tokens of text, `stream: true`, sent one at a time. TTFT = request
-sent -> first chunk carrying content, on the client; the server's per-stage timings
-(`epd_timings` in the final chunk) are kept beside it. Warm-up requests (flashinfer JIT,
+Both setups run at once on the same GPU: a colocated server (`epd router --backend local`: one
+process runs the vision tower, prefill and decode in its engine steps) and `epd serve` with
+1 encoder + 1 prefill + 1 decode process behind its router (encoder -> embeddings over UCX ->
+prefill -> KV over UCX -> decode), one more `epd serve` per `--variant`. Requests go one at a
+time, interleaved: round i sends the same image to each setup in turn (the order rotating), so
+drift of the host (its image preprocessing varied 33-47 ms between runs on one H200 host) falls
+on both alike and each round is a paired comparison (`ratio_paired_median`, beside the ratio of
+the medians). Each request is one 1280x720 JPEG (a different random image each round, so no
+embedding cache hits) as a data URI plus `--text-tokens` tokens of text, `stream: true`.
+TTFT = request sent -> first chunk carrying content, on the client; the server's per-stage
+timings (`epd_timings` in the final chunk) are kept beside it. Warm-up rounds (flashinfer JIT,
 CUDA graphs, UCX connections) are not counted.
 """
 
@@ -98,26 +101,39 @@ def _stop(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
-def measure(name: str, cmd: list[str], url: str, args: argparse.Namespace, text: str,
-            image_seed: int = 0) -> dict[str, Any]:
-    os.makedirs(args.log_dir, exist_ok=True)
-    log_path = os.path.join(args.log_dir, f"{name}.log")
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            ready_s = _wait_ready(url, proc, args.ready_timeout)
-            print(f"[{name}] ready after {ready_s:.1f}s", flush=True)
-            results = []
-            for i in range(args.warmup + args.requests):
-                t0 = time.perf_counter()
-                r = one_request(url, text, image_data_uri(image_seed + i), args.max_tokens)
-                print(f"[{name}] request {i}: ttft {r['ttft_ms']:.1f} ms (wall {time.perf_counter() - t0:.1f}s) "
-                      f"server {r['server']}", flush=True)
-                if i >= args.warmup:
-                    results.append(r)
-        finally:
-            _stop(proc)
-    return summarize(results, ready_s)
+class Server:
+    """One server setup (a colocated router, or `epd serve` with its node processes) on its own port."""
+
+    def __init__(self, name: str, cmd: list[str], port: int, log_dir: str) -> None:
+        self.name, self.url, self.results = name, f"http://127.0.0.1:{port}", []
+        os.makedirs(log_dir, exist_ok=True)
+        self._log = open(os.path.join(log_dir, f"{name}.log"), "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT)
+        self.ready_s = 0.0
+
+    def wait_ready(self, timeout_s: float) -> None:
+        self.ready_s = _wait_ready(self.url, self.proc, timeout_s)
+        print(f"[{self.name}] ready after {self.ready_s:.1f}s", flush=True)
+
+    def stop(self) -> None:
+        _stop(self.proc)
+        self._log.close()
+
+
+def measure_interleaved(servers: list[Server], args: argparse.Namespace, text: str) -> None:
+    """Round i sends the same image (seed i) to every setup, one request at a time, the setups' order
+    rotating each round: host drift (CPU clocks, page cache, neighbours) falls on all of them alike,
+    and each round gives a paired comparison."""
+    for i in range(args.warmup + args.requests):
+        image = image_data_uri(i)
+        order = servers[i % len(servers):] + servers[:i % len(servers)]
+        for server in order:
+            t0 = time.perf_counter()
+            r = one_request(server.url, text, image, args.max_tokens)
+            print(f"[{server.name}] request {i}: ttft {r['ttft_ms']:.1f} ms (wall {time.perf_counter() - t0:.1f}s) "
+                  f"server {r['server']}", flush=True)
+            if i >= args.warmup:
+                server.results.append(r)
 
 
 def summarize(results: list[dict[str, Any]], ready_s: float) -> dict[str, Any]:
@@ -130,6 +146,20 @@ def summarize(results: list[dict[str, Any]], ready_s: float) -> dict[str, Any]:
             "ttft_ms_all": [round(x, 2) for x in ttfts],
             "median_server_ms": {k: round(statistics.median([r["server"].get(k) or 0.0 for r in results]), 2)
                                  for k in stages}}
+
+
+def _report(args: argparse.Namespace, servers: list[Server]) -> dict[str, Any]:
+    colocated = summarize(servers[0].results, servers[0].ready_s)
+    report: dict[str, Any] = {"model": args.model, "text_tokens": args.text_tokens,
+                              "image": "1280x720 JPEG, random pixels", "interleaved": True, "colocated": colocated}
+    for variant, server in zip(args.variant or [""], servers[1:], strict=True):
+        disagg = summarize(server.results, server.ready_s)
+        disagg["node_args"] = variant
+        paired = [d["ttft_ms"] / c["ttft_ms"] for d, c in zip(server.results, servers[0].results, strict=True)]
+        report.setdefault("disaggregated", []).append(disagg)
+        report.setdefault("ratio_median", []).append(round(disagg["median_ttft_ms"] / colocated["median_ttft_ms"], 3))
+        report.setdefault("ratio_paired_median", []).append(round(statistics.median(paired), 3))
+    return report
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -149,22 +179,38 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     text = text_of_tokens(args.model, args.text_tokens)
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
     py = [sys.executable, "-m", "epd.cli"]
-    common = ["--model", args.model, "--port", str(port), "--served-model-name", MODEL_NAME]
-    colocated = measure("colocated", py + ["router", "--backend", "local", "--device", args.device, "--kv-cache-tokens",
-                                           str(args.kv_cache_tokens), *common], url, args, text)
-    report: dict[str, Any] = {"model": args.model, "text_tokens": args.text_tokens,
-                              "image": "1280x720 JPEG, random pixels", "colocated": colocated}
+
+    def common(port: int) -> list[str]:
+        return ["--model", args.model, "--port", str(port), "--served-model-name", MODEL_NAME]
+
+    ports: list[int] = []
+
+    def new_port() -> int:   # distinct even though none is bound yet
+        while (port := free_port()) in ports:
+            pass
+        ports.append(port)
+        return port
+
+    port = new_port()
+    servers = [Server("colocated", py + ["router", "--backend", "local", "--device", args.device,
+                                         "--kv-cache-tokens", str(args.kv_cache_tokens), *common(port)],
+                      port, args.log_dir)]
     for i, variant in enumerate(args.variant or [""]):
+        port = new_port()
         node_args = f"--kv-cache-tokens {args.kv_cache_tokens} {variant}".strip()
-        disagg = measure(f"disaggregated-{i}", py + ["serve", "--device", args.device, "--log-dir",
-                                                      args.log_dir, "--node-args", node_args, *common],
-                         url, args, text, image_seed=1000 * (i + 1))
-        disagg["node_args"] = variant
-        report.setdefault("disaggregated", []).append(disagg)
-        report.setdefault("ratio_median", []).append(round(disagg["median_ttft_ms"] / colocated["median_ttft_ms"], 3))
+        servers.append(Server(f"disaggregated-{i}", py + ["serve", "--device", args.device, "--log-dir",
+                                                          os.path.join(args.log_dir, f"disaggregated-{i}"),
+                                                          "--node-args", node_args, *common(port)],
+                              port, args.log_dir))
+    try:
+        for server in servers:
+            server.wait_ready(args.ready_timeout)
+        measure_interleaved(servers, args, text)
+    finally:
+        for server in servers:
+            server.stop()
+    report = _report(args, servers)
     print(json.dumps(report, indent=2))
     if args.out:
         write_json(args.out, report)
