@@ -18,7 +18,7 @@ from PIL import Image
 
 from epd import protocol
 from epd.config import ModelConfig
-from epd.image_processor import ImageProcessor
+from epd.image_processor import ImageProcessor, pixel_values
 from epd.models.vision import VisionTower
 
 log = logging.getLogger(__name__)
@@ -64,7 +64,7 @@ class EncoderService:
     def _warm_up(self) -> None:
         """Run one small image so the first request does not pay lazy initialisation."""
         pre = self.processor.preprocess(Image.new("RGB", (56, 56)))
-        self.vision.encode(pre.pixel_values, torch.tensor([pre.grid_thw]))
+        self.vision.encode(pixel_values([pre], self.vision.device), torch.tensor([pre.grid_thw]))
 
     def handle(self, identity: bytes, msg: Any) -> None:
         if isinstance(msg, protocol.EncodeRequest):
@@ -119,7 +119,7 @@ class EncoderService:
         todo = list(zip(uncached, self.processor.preprocess_many(images), strict=True))
         preprocess_ms = (time.monotonic() - t0) * 1e3
         if todo:
-            pixels = torch.cat([pre.pixel_values for _, pre in todo])
+            pixels = pixel_values([pre for _, pre in todo], self.vision.device)
             grids = torch.tensor([pre.grid_thw for _, pre in todo])
             for (key, pre), emb in zip(todo, self.vision.encode(pixels, grids), strict=True):
                 self.cache.put(key, (emb, pre.grid_thw))

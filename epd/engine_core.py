@@ -22,6 +22,7 @@ from epd.attention.base import AttentionBackend
 from epd.attention.torch_backend import TorchAttentionBackend
 from epd.config import ModelConfig, parse_dtype
 from epd.detokenizer import IncrementalDetokenizer
+from epd.image_processor import pixel_values
 from epd.inputs import InputError, InputProcessor, ProcessedInput
 from epd.kv_pool import KVCache, KVCacheSpec
 from epd.model_loader import default_device, load_language_model
@@ -157,10 +158,10 @@ class EngineCore:
         todo = [im for r in reqs for im in r.inp.images if im.embeddings is None]
         if todo:
             assert self.vision is not None, "this engine was built without a vision tower"
-            pixels = torch.cat([im.pixel_values for im in todo])  # type: ignore[misc]
+            pixels = pixel_values([im.pixels for im in todo], self.device)  # type: ignore[misc]
             grids = torch.tensor([im.grid_thw for im in todo])
             for im, emb in zip(todo, self.vision.encode(pixels, grids), strict=True):
-                im.embeddings, im.pixel_values = emb, None
+                im.embeddings, im.pixels = emb, None
         for r in reqs:
             attach_image_embeddings(r, self.dtype, self.device)
 

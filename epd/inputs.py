@@ -32,7 +32,7 @@ class InputError(ValueError):
 class ImageInput:
     grid_thw: tuple[int, int, int]
     num_tokens: int
-    pixel_values: torch.Tensor | None = None   # [patches, C*T*P*P], when the encoder must run
+    pixels: PreprocessedImage | None = None    # when the vision tower must run (here)
     embeddings: torch.Tensor | None = None     # [num_tokens, hidden], once encoded
     content_hash: str | None = None
     source: Any = None                         # the PIL image, when pixels are left to the encoder
@@ -83,8 +83,7 @@ class InputProcessor:
             grid = self.image_processor.grid_for(image)
             return ImageInput(grid, grid[0] * grid[1] * grid[2] // self.config.spatial_merge_size**2,
                               content_hash=image_content_hash(image), source=image)
-        return ImageInput(pre.grid_thw, pre.num_tokens, pixel_values=pre.pixel_values,
-                          content_hash=image_content_hash(image))
+        return ImageInput(pre.grid_thw, pre.num_tokens, pixels=pre, content_hash=image_content_hash(image))
 
     def _expand(self, ids: list[int], images: list[ImageInput]) -> list[int]:
         """One placeholder per image is expanded; an already expanded prompt is accepted as is."""

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-from epd.image_processor import ImageProcessor
+from epd.image_processor import ImageProcessor, pixel_values
 
 SIZES = [(1280, 720), (640, 480), (37, 91), (4, 4), (3, 200), (28, 28), (1001, 77), (56, 3000), (2000, 2000)]
 
@@ -45,3 +45,18 @@ def test_preprocess_many_keeps_order_and_values(processors) -> None:
     for img, got in zip(images, many, strict=True):
         one = ours.preprocess(img)
         assert torch.equal(got.pixel_values, one.pixel_values) and got.grid_thw == one.grid_thw
+
+
+def test_pixel_values_of_a_batch_are_each_images_values_in_order(processors) -> None:
+    """What the vision tower receives for several images (8-bit patches looked up in one go, and a
+    non-RGB image that took transformers' path) is transformers' pixel values, concatenated."""
+    ours, theirs = processors
+    rng = np.random.default_rng(11)
+    images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in SIZES[:3]]
+    images.insert(1, images[0].convert("L"))
+    pre = ours.preprocess_many(images)
+    assert pre[0].patches.dtype == torch.uint8 and pre[1].table is None   # both paths are in the batch
+    ref = torch.cat([theirs(images=[im], return_tensors="pt")["pixel_values"] for im in images])
+    assert torch.equal(pixel_values(pre, "cpu"), ref)
+    assert torch.equal(pixel_values([pre[0], pre[2]], "cpu"), torch.cat([ref[:pre[0].patches.shape[0]],
+                                                                         pre[2].pixel_values]))
