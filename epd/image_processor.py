@@ -47,8 +47,8 @@ def pixel_values(images: list[PreprocessedImage], device: torch.device | str) ->
     there and the table lookup runs there (exact: each value is a table entry)."""
     table = images[0].table if images else None
     if table is None or any(im.table is not table or im.temporal != images[0].temporal for im in images):
-        return torch.cat([im.patches if im.table is None else pixel_values([im], device) for im in images]
-                         ).to(device)
+        return torch.cat([im.patches.to(device) if im.table is None else pixel_values([im], device)
+                          for im in images])
     patches = torch.cat([im.patches for im in images]) if len(images) > 1 else images[0].patches
     return _lookup(patches.to(device, non_blocking=True), table, images[0].temporal)
 
