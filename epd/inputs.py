@@ -36,6 +36,7 @@ class ImageInput:
     embeddings: torch.Tensor | None = None     # [num_tokens, hidden], once encoded
     content_hash: str | None = None
     source: Any = None                         # the PIL image, when pixels are left to the encoder
+    source_rgb: bytes | None = None            # and its raw RGB bytes (what the encoder is sent)
 
 
 @dataclass
@@ -81,8 +82,9 @@ class InputProcessor:
     def _image(self, image: Image.Image, pre: PreprocessedImage | None) -> ImageInput:
         if pre is None:   # the router: the grid from the size; an encoder node preprocesses the pixels
             grid = self.image_processor.grid_for(image)
+            rgb = image.tobytes()
             return ImageInput(grid, grid[0] * grid[1] * grid[2] // self.config.spatial_merge_size**2,
-                              content_hash=image_content_hash(image), source=image)
+                              content_hash=image_content_hash(image, rgb), source=image, source_rgb=rgb)
         return ImageInput(pre.grid_thw, pre.num_tokens, pixels=pre, content_hash=image_content_hash(image))
 
     def _expand(self, ids: list[int], images: list[ImageInput]) -> list[int]:
