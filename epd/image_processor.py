@@ -1,20 +1,20 @@
 """Image preprocessing for the Qwen2-VL family, equal to transformers' slow (PIL/numpy) processor.
 
 `ImageProcessor.preprocess(img)` resizes to multiples of patch*merge within the checkpoint's
-min/max pixel bounds and returns the flattened patches plus the (t, h, w) patch grid; the number
-of LM tokens the image becomes is t*h*w / merge**2.
+min/max pixel bounds and returns the image with its (t, h, w) patch grid; the number of LM tokens
+the image becomes is t*h*w / merge**2. `pixel_values(images, device)` turns preprocessed images
+into the vision tower's input, built on that device.
 
-The output is transformers' `Qwen2VLImageProcessorPil` output, bit for bit, computed faster for
+The values are transformers' `Qwen2VLImageProcessorPil` output, bit for bit, computed faster for
 RGB images: the same PIL resize, then transformers' patch order applied to the 8-bit pixels, and
 rescale + normalize as a table lookup (each output value depends only on the 8-bit input value and
 its channel, so the table is built once by running transformers' own rescale and normalize over
-the 256 values of each channel). The lookup is left until the pixels are needed:
-`PreprocessedImage` holds the 8-bit patches (an eighth of the float bytes) and `pixel_values(images,
-device)` looks the values up on the device that runs the vision tower, so the GPU does it and the
-copy to it is 2.8 instead of 22.5 MB for a 720p image. A 1280x720 image: ~60 -> ~15 ms on a 2-core
-CPU (about 12 of them the resize). Anything else (other modes, degenerate sizes, a processor
-configured without rescale or normalize) takes transformers' path and holds float values.
-"""
+the 256 values of each channel). Only the resize runs at preprocessing: the patch cutting and
+the lookup run in `pixel_values`, on the GPU when the vision tower is there (the copy to it is
+then the 8-bit image, 2.8 instead of 22.5 MB for 720p). A 1280x720 image on a 2-core CPU: ~60 ms
+(transformers) -> ~13 ms preprocessing (the resize) + ~10 ms for the values when they are built
+on the CPU. Anything else (other modes, degenerate sizes, a processor configured without rescale
+or normalize) takes transformers' path and holds float values."""
 
 from __future__ import annotations
 
@@ -27,14 +27,22 @@ import torch
 from PIL import Image
 
 
+@dataclass(frozen=True, eq=False)
+class PatchSpec:
+    """How 8-bit resized pixels become transformers' pixel values (one per processor)."""
+    table: torch.Tensor       # float32 [C*256]: the value of 8-bit v in channel c at c*256 + v
+    patch: int
+    merge: int
+    temporal: int             # copies of each patch along time (a still image)
+
+
 @dataclass
 class PreprocessedImage:
-    patches: torch.Tensor               # uint8 [t*h*w, C, patch*patch], or with table None the float
-                                        # pixel values [t*h*w, C*temporal*patch*patch]
+    data: torch.Tensor                  # uint8 [h*patch, w*patch, C]: the resized image; with spec
+                                        # None the float pixel values [t*h*w, C*temporal*patch*patch]
     grid_thw: tuple[int, int, int]
     num_tokens: int
-    table: torch.Tensor | None = None   # float32 [C*256]: the value of 8-bit v in channel c at c*256 + v
-    temporal: int = 1                   # copies of each patch along time (a still image)
+    spec: PatchSpec | None = None
 
     @property
     def pixel_values(self) -> torch.Tensor:
@@ -43,31 +51,39 @@ class PreprocessedImage:
 
 
 def pixel_values(images: list[PreprocessedImage], device: torch.device | str) -> torch.Tensor:
-    """The images' pixel values, concatenated, built on `device`: the 8-bit patches are copied
-    there and the table lookup runs there (exact: each value is a table entry)."""
-    table = images[0].table if images else None
-    if table is None or any(im.table is not table or im.temporal != images[0].temporal for im in images):
-        return torch.cat([im.patches.to(device) if im.table is None else pixel_values([im], device)
-                          for im in images])
-    patches = torch.cat([im.patches for im in images]) if len(images) > 1 else images[0].patches
-    return _lookup(patches.to(device, non_blocking=True), table, images[0].temporal)
+    """The images' pixel values, concatenated, built on `device`: the 8-bit resized images are
+    copied there, cut into patches and looked up in the table there (exact: data movement and
+    table entries)."""
+    spec = images[0].spec if images else None
+    if spec is None or any(im.spec is not spec for im in images):
+        return torch.cat([im.data.to(device) if im.spec is None else pixel_values([im], device) for im in images])
+    patches = [_patchify(im.data.to(device, non_blocking=True), im.grid_thw, spec) for im in images]
+    return _lookup(torch.cat(patches) if len(patches) > 1 else patches[0], spec)
 
 
-def _lookup(patches: torch.Tensor, table: torch.Tensor, temporal: int) -> torch.Tensor:
+def _patchify(image: torch.Tensor, grid: tuple[int, int, int], spec: PatchSpec) -> torch.Tensor:
+    """uint8 [H, W, C] -> [gh*gw, C, patch*patch] in transformers' patch order (gh/m, gw/m, m, m)."""
+    _, gh, gw = grid
+    ps, m, channels = spec.patch, spec.merge, image.shape[2]
+    blocks = image.reshape(gh // m, m, ps, gw // m, m, ps, channels).permute(0, 3, 1, 4, 6, 2, 5)
+    return blocks.reshape(gh * gw, channels, ps * ps)
+
+
+def _lookup(patches: torch.Tensor, spec: PatchSpec) -> torch.Tensor:
     """uint8 [N, C, A] -> float32 [N, C * temporal * A]: table[c * 256 + v], each patch repeated
     `temporal` times after its channel (transformers' layout)."""
     n, channels, area = patches.shape
     if patches.device.type == "cpu":   # numpy's take per channel: ~2x torch's index_select here
-        out = np.empty((n, channels, temporal, area), dtype=np.float32)
-        values, lut = patches.numpy(), table.numpy()
+        out = np.empty((n, channels, spec.temporal, area), dtype=np.float32)
+        values, lut = patches.numpy(), spec.table.numpy()
         for c in range(channels):
             out[:, c, 0] = lut[c * 256:(c + 1) * 256][values[:, c]]
             out[:, c, 1:] = out[:, c, :1]
         return torch.from_numpy(out.reshape(n, -1))
     index = patches.to(torch.int32) + torch.arange(0, channels * 256, 256, dtype=torch.int32,
                                                    device=patches.device)[:, None]
-    values = table.to(patches.device).index_select(0, index.view(-1)).view(n, channels, 1, area)
-    return values.expand(n, channels, temporal, area).reshape(n, -1)
+    values = spec.table.to(patches.device).index_select(0, index.view(-1)).view(n, channels, 1, area)
+    return values.expand(n, channels, spec.temporal, area).reshape(n, -1)
 
 
 class ImageProcessor:
@@ -76,8 +92,9 @@ class ImageProcessor:
 
         self._proc = Qwen2VLImageProcessorPil.from_pretrained(model_path)
         self.merge = merge_size
-        table = _value_table(self._proc)
-        self._table = None if table is None else torch.from_numpy(table)
+        table, p = _value_table(self._proc), self._proc
+        self._spec = None if table is None else PatchSpec(torch.from_numpy(table), p.patch_size, p.merge_size,
+                                                          p.temporal_patch_size)
         self._pool: ThreadPoolExecutor | None = None
 
     def resized_size(self, image: Image.Image) -> tuple[int, int]:
@@ -104,25 +121,16 @@ class ImageProcessor:
         return list(self._pool.map(self.preprocess, images))
 
     def preprocess(self, image: Image.Image) -> PreprocessedImage:
-        if self._table is not None and image.mode == "RGB" and min(image.size) >= 4:
-            patches, (t, h, w) = self._fast(image)
-            return PreprocessedImage(patches, (t, h, w), t * h * w // self.merge**2, self._table,
-                                     self._proc.temporal_patch_size)
+        if self._spec is not None and image.mode == "RGB" and min(image.size) >= 4:
+            height, width = self.resized_size(image)
+            if (width, height) != image.size:
+                image = image.resize((width, height), resample=self._proc.resample)
+            t, h, w = 1, height // self._spec.patch, width // self._spec.patch
+            return PreprocessedImage(torch.from_numpy(np.array(image)), (t, h, w),
+                                     t * h * w // self.merge**2, self._spec)
         out = self._proc(images=[image], return_tensors="pt")
         t, h, w = (int(x) for x in out["image_grid_thw"][0].tolist())
         return PreprocessedImage(out["pixel_values"], (t, h, w), t * h * w // self.merge**2)
-
-    def _fast(self, image: Image.Image) -> tuple[torch.Tensor, tuple[int, int, int]]:
-        p = self._proc
-        height, width = self.resized_size(image)
-        if (width, height) != image.size:
-            image = image.resize((width, height), resample=p.resample)
-        ps, m = p.patch_size, p.merge_size
-        gh, gw = height // ps, width // ps
-        # transformers' patch order, on the 8-bit pixels: (gh/m, gw/m, m, m, channel, ps, ps); the
-        # temporal copies (after the channel) are made with the lookup, in `pixel_values`
-        patches = np.asarray(image).reshape(gh // m, m, ps, gw // m, m, ps, 3).transpose(0, 3, 1, 4, 6, 2, 5)
-        return torch.from_numpy(np.ascontiguousarray(patches).reshape(gh * gw, 3, ps * ps)), (1, gh, gw)
 
 
 def _value_table(proc) -> np.ndarray | None:

@@ -55,8 +55,8 @@ def test_pixel_values_of_a_batch_are_each_images_values_in_order(processors) -> 
     images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in SIZES[:3]]
     images.insert(1, images[0].convert("L"))
     pre = ours.preprocess_many(images)
-    assert pre[0].patches.dtype == torch.uint8 and pre[1].table is None   # both paths are in the batch
+    assert pre[0].data.dtype == torch.uint8 and pre[1].spec is None   # both paths are in the batch
     ref = torch.cat([theirs(images=[im], return_tensors="pt")["pixel_values"] for im in images])
     assert torch.equal(pixel_values(pre, "cpu"), ref)
-    assert torch.equal(pixel_values([pre[0], pre[2]], "cpu"), torch.cat([ref[:pre[0].patches.shape[0]],
+    assert torch.equal(pixel_values([pre[0], pre[2]], "cpu"), torch.cat([ref[:pre[0].pixel_values.shape[0]],
                                                                          pre[2].pixel_values]))
