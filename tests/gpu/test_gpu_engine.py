@@ -158,3 +158,16 @@ def test_vision_varlen_matches_sdpa_tower(engine_3b):
     for a, b in zip(core.vision.encode(pixels, grids), ref.encode(pixels, grids), strict=True):
         assert a.shape == b.shape
         assert (cosine_rows(a.float(), b.float()) > 0.999).all()
+
+
+def test_pixel_values_built_on_the_gpu_equal_the_cpu_ones(small128):
+    """The vision tower's input made on the GPU (8-bit images copied, cut into patches and looked up
+    there) is the CPU's, bit for bit, for a batch with an RGB and a grayscale image."""
+    from epd.image_processor import ImageProcessor, pixel_values
+
+    proc = ImageProcessor(small128, 2)
+    pre = proc.preprocess_many([noise_image(640, 480, seed=1), noise_image(300, 200, seed=2).convert("L"),
+                                noise_image(1280, 720, seed=3)])
+    assert pre[0].spec is not None and pre[1].spec is None
+    got = pixel_values(pre, "cuda")
+    assert got.is_cuda and torch.equal(got.cpu(), pixel_values(pre, "cpu"))
