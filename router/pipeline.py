@@ -196,8 +196,7 @@ class DisaggBackend:
         params = _params_dict(req)
         kv_ipc = bool(p.kv_ipc) and p.kv_ipc == d.kv_ipc
         if inp.images:   # first: the encoder is the head of the critical path
-            images = [dataclasses.asdict(protocol.ImagePayload(im.source.width, im.source.height,
-                                                               im.source_rgb or im.source.tobytes(),
+            images = [dataclasses.asdict(protocol.ImagePayload(im.source.width, im.source.height, im.source_rgb,
                                                                im.content_hash or ""))
                       for im in inp.images]
             await self.clients.send(flight.nodes["encoder"].zmq, protocol.EncodeRequest(req.rid, images,
