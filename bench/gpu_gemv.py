@@ -6,7 +6,9 @@ For o_proj and down_proj of the 3b and 7b presets and 1, 4 and 8 rows: the time 
 part of a CUDA graph that calls it once per layer on that many distinct weight copies (as a
 decode step does, so the L2 cache does not hold the weights), for
 - `cublas`: F.linear (what the model runs without the GEMV path);
-- `gemv`: `decode_gemv.linear` with its chosen block config, and with `--sweep` every config in SWEEP.
+- `gemv`: `decode_gemv.project` with its chosen block config, and with `--sweep` every config in
+  SWEEP. Its split-K partial sums are left for the next add + norm kernel to add up, as in the
+  model.
 Bandwidth = weight bytes / time; `pct_copy` against this run's device-to-device copy bandwidth.
 """
 
@@ -27,8 +29,8 @@ from epd.models import decode_gemv as g
 
 PRESETS = {"3b": dict(hidden=2048, inter=11008, heads=16, kv_heads=2, layers=36),
            "7b": dict(hidden=3584, inter=18944, heads=28, kv_heads=4, layers=28)}
-SWEEP = [dict(block_n=n, block_k=k, warps=wp, stages=s)
-         for n, k, wp, s in itertools.product((16, 32), (256, 512), (4,), (3, 4))]
+SWEEP = [dict(block_n=n, block_k=k, warps=4, stages=s, split=sp)
+         for n, k, s, sp in itertools.product((16, 32), (256, 512), (3, 4), (1, 2, 3, 4))]
 BF16 = torch.bfloat16
 
 
@@ -54,8 +56,8 @@ def _case(rows: int, n: int, k: int, layers: int, configs: list[dict | None]) ->
         except triton.runtime.errors.OutOfResources:   # the config's tiles do not fit shared memory
             continue
         err = ((got - ref).norm() / ref.norm()).item()
-        out["gemv"].append({"config": cfg or "default", "us": _graph_us(lambda i, c=cfg: g.linear(x, weights[i], c),
-                                                                         layers), "rel_err": err})
+        us = _graph_us(lambda i, c=cfg: g.project(x, weights[i], c), layers)
+        out["gemv"].append({"config": cfg or g.block_config(n, k), "us": us, "rel_err": err})
     return out
 
 

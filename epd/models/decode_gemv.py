@@ -3,14 +3,21 @@
 At batch 1 a decode step reads every weight once, so a projection's time is its weight bytes
 over the memory bandwidth plus what the kernel adds on top. For the matrices whose output is the
 hidden size (o_proj, down_proj: N = 2048 or 3584 outputs) cuBLAS picks a kernel with few output
-tiles and splits K, which costs a second reduce kernel; here each program owns 16 or 32 output
-columns over the whole K, with rows padded to one 16-row tensor-core tile for `tl.dot` (free in
-a memory-bound kernel) and Triton's pipeliner keeping several weight tiles in flight.
-`bench/gpu_gemv.py` measures both on the model shapes (BENCHMARKS.md, section 1).
+tiles and splits K, which costs a second reduce kernel. Here each program owns 16 or 32 output
+columns over one slice of K, with rows padded to one 16-row tensor-core tile for `tl.dot` (free
+in a memory-bound kernel) and Triton's pipeliner keeping several weight tiles in flight.
 
-The kernel only reorders the fp32 sums of a dot product (as two GEMM kernels do); the output is
-rounded once, like cuBLAS's. `gemv_path(x, w)` says when it applies: Triton importable, CUDA
-16-bit tensors, 1..MAX_ROWS rows; otherwise `linear` is F.linear.
+K may be split into slices, each its own program, so that more programs stream the weight; the
+slices' fp32 partial sums [S, M, N] are not reduced here but by the next
+`fused_ops.add_rms_norm` (the residual add that follows o_proj and down_proj), so the split costs
+no reduce kernel. (Forming down_proj's silu(gate) * up inside the weight loop, to drop the
+silu*mul kernel, was measured 3-14x slower: the padded 16-row tile makes every program evaluate
+16 x K exponentials; BENCHMARKS.md.)
+
+The kernel only reorders the fp32 sums of a dot product (as two GEMM kernels do); the sum is
+rounded once, like cuBLAS's. `bench/gpu_gemv.py` measures both on the model shapes (BENCHMARKS.md,
+section 1). `gemv_path(x, w)` says when it applies: Triton importable, CUDA 16-bit tensors,
+1..MAX_ROWS rows; otherwise the torch ops run.
 """
 
 from __future__ import annotations
@@ -29,44 +36,61 @@ def gemv_path(x: torch.Tensor, weight: torch.Tensor) -> bool:
             and weight.is_contiguous() and x.is_contiguous())
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, config: dict | None = None) -> torch.Tensor:
-    """x [M, K] @ weight[N, K].T -> [M, N]. `config` (block_n, block_k, warps, stages) overrides
-    `block_config` (the bench's sweep)."""
+def project(x: torch.Tensor, weight: torch.Tensor, config: dict | None = None) -> torch.Tensor:
+    """x [M, K] @ weight[N, K].T. On the GEMV path: the fp32 partial sums [S, M, N] of S slices of
+    K (what `add_rms_norm` takes as its delta); elsewhere the product [M, N] in x's dtype.
+    `config` (block_n, block_k, warps, stages, split) overrides `block_config` (the bench's sweep)."""
     if not gemv_path(x, weight):
         return F.linear(x, weight)
-    m, k = x.shape
-    n = weight.shape[0]
-    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    block_n, block_k, warps, stages = (block_config(n, k) if config is None else
-                                       (config["block_n"], config["block_k"], config["warps"], config["stages"]))
-    _gemv_kernel[(triton.cdiv(n, block_n),)](x, weight, y, m, n, k, BLOCK_M=_ROW_TILE, BLOCK_N=block_n,
-                                             BLOCK_K=block_k, num_warps=warps, num_stages=stages)
-    return y
+    m = x.shape[0]
+    n, k = weight.shape
+    cfg = block_config(n, k) if config is None else config
+    k_blocks = triton.cdiv(k, cfg["block_k"])
+    split = min(cfg["split"], k_blocks)
+    per_split = triton.cdiv(k_blocks, split) * cfg["block_k"]
+    split = triton.cdiv(k, per_split)                 # no empty slice
+    parts = torch.empty(split, m, n, dtype=torch.float32, device=x.device)
+    _gemv_kernel[(triton.cdiv(n, cfg["block_n"]), split)](
+        x, weight, parts, m, n, k, per_split, BLOCK_M=_ROW_TILE,
+        BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"], num_warps=cfg["warps"], num_stages=cfg["stages"])
+    return parts
 
 
-def block_config(n: int, k: int) -> tuple[int, int, int, int]:
-    """(BLOCK_N, BLOCK_K, num_warps, num_stages) for an [n x k] weight: the best of the sweep in
-    bench/gpu_gemv.py on an H200 (2026-11-29): 16 columns a program below ~3k outputs (3b: 128
-    programs), 32 above (7b: 112)."""
-    return (32 if n >= 3072 else 16), 512, 4, 4
+def linear(x: torch.Tensor, weight: torch.Tensor, config: dict | None = None) -> torch.Tensor:
+    """`project` with its partial sums added and rounded: [M, N] in x's dtype (tests, benches)."""
+    out = project(x, weight, config)
+    return out.sum(0).to(x.dtype) if out.dim() == 3 else out
+
+
+def block_config(n: int, k: int) -> dict:
+    """Block config for an [n x k] weight, the best of the sweep in bench/gpu_gemv.py on an H200
+    (2026-11-29, the same for 1 and 8 rows): 32 columns and 256-wide K steps a program, K split
+    in 4 below ~3k outputs (3b: 64 x 4 programs), in 3 above (7b: 112 x 3)."""
+    small = n < 3072
+    return {"block_n": 32, "block_k": 256, "warps": 4, "stages": 4 if small else 3, "split": 4 if small else 3}
 
 
 if triton is not None:
 
     @triton.jit
-    def _gemv_kernel(x_ptr, w_ptr, y_ptr, M, N, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_K: tl.constexpr):
+    def _gemv_kernel(x_ptr, w_ptr, parts_ptr, M, N, K, K_PER_SPLIT,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         rows = tl.arange(0, BLOCK_M)
         rmask = rows < M
         cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         cmask = cols < N
+        split = tl.program_id(1)
+        k_start = split * K_PER_SPLIT
+        k_end = tl.minimum(K, k_start + K_PER_SPLIT)
         w_cols = w_ptr + cols[None, :].to(tl.int64) * K           # [1, BLOCK_N]: columns of w.T
+        x_rows = x_ptr + rows[:, None] * K
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
+        for k0 in range(k_start, k_end, BLOCK_K):
             kk = k0 + tl.arange(0, BLOCK_K)
-            kmask = kk < K
-            h = tl.load(x_ptr + rows[:, None] * K + kk[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+            kmask = kk < K   # slices are whole blocks, so only K's end cuts one; and a mask on K
+            # (which Triton specializes on when it divides by 16) keeps the loads vectorized
+            h = tl.load(x_rows + kk[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
             w = tl.load(w_cols + kk[:, None], mask=kmask[:, None] & cmask[None, :], other=0.0)
             acc = tl.dot(h, w, acc)
-        tl.store(y_ptr + rows[:, None] * N + cols[None, :], acc.to(y_ptr.dtype.element_ty),
+        tl.store(parts_ptr + (split * M + rows[:, None]) * N + cols[None, :], acc,
                  mask=rmask[:, None] & cmask[None, :])

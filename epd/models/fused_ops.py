@@ -4,7 +4,8 @@ A decode step of a 7B model is ~14 GB of weight reads; at batch 1 every extra sm
 (an RMSNorm written as eight torch ops, a rotary as ten) costs a few microseconds of its own,
 and with ~28 layers that is milliseconds. These kernels fuse each group into one launch:
 
-- `add_rms_norm(x, delta, weight, eps)`: x + delta (the residual add) then RMSNorm;
+- `add_rms_norm(x, delta, weight, eps)`: x + delta (the residual add) then RMSNorm; delta may be
+  the fp32 partial sums of a split-K projection (`decode_gemv.project`), added up here;
 - `rotary_qk(qkv, cos, sin, hq, hk)`: rotary on q (written out contiguous) and k (in place);
 - `rotary_qk_store_kv(qkv, cos, sin, hq, hk, cache, slots)`: rotary on q, and k rotated and v
   written straight into the paged cache (one launch per layer fewer in a decode step);
@@ -60,18 +61,21 @@ def apply_rotary_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
 
 def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor,
                  eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns (x + delta, rms_norm(x + delta)); delta None means no add. x, delta: [T, H]."""
+    """Returns (x + delta, rms_norm(x + delta)); delta None means no add. x: [T, H]; delta: [T, H],
+    or [S, T, H] float32 partial sums whose total, rounded to x's dtype, is the delta."""
+    parts = delta is not None and delta.dim() == 3
     if not fused_path(x):
         if delta is not None:
-            x = x + delta
+            x = x + (delta.sum(0).to(x.dtype) if parts else delta)
         return x, rms_norm_ref(x, weight, eps)
     x = x.contiguous()
     t, n = x.shape
     out = torch.empty_like(x)
     res = torch.empty_like(x) if delta is not None else x
     if t:
-        _add_rms_norm_kernel[(t,)](x, delta.contiguous() if delta is not None else x, weight, out, res, n, eps,
-                                   HAS_DELTA=delta is not None, BLOCK=triton.next_power_of_2(n), num_warps=8)
+        _add_rms_norm_kernel[(t,)](x, delta.contiguous() if delta is not None else x, weight, out, res, t, n, eps,
+                                   HAS_DELTA=delta is not None, PARTS=delta.shape[0] if parts else 0,
+                                   BLOCK=triton.next_power_of_2(n), num_warps=8)
     return res, out
 
 
@@ -147,14 +151,20 @@ def store_kv(cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch
 if triton is not None:
 
     @triton.jit
-    def _add_rms_norm_kernel(x_ptr, d_ptr, w_ptr, out_ptr, res_ptr, n, eps,
-                             HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr):
+    def _add_rms_norm_kernel(x_ptr, d_ptr, w_ptr, out_ptr, res_ptr, t, n, eps,
+                             HAS_DELTA: tl.constexpr, PARTS: tl.constexpr, BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         mask = cols < n
         x = tl.load(x_ptr + row * n + cols, mask=mask, other=0.0)
         if HAS_DELTA:
-            d = tl.load(d_ptr + row * n + cols, mask=mask, other=0.0)
+            if PARTS > 0:   # fp32 partial sums [PARTS, t, n]: their total, rounded once
+                d = tl.zeros([BLOCK], dtype=tl.float32)
+                for part in tl.static_range(PARTS):
+                    d += tl.load(d_ptr + (part * t + row) * n + cols, mask=mask, other=0.0)
+                d = d.to(x_ptr.dtype.element_ty)
+            else:
+                d = tl.load(d_ptr + row * n + cols, mask=mask, other=0.0)
             x = (x.to(tl.float32) + d.to(tl.float32)).to(x_ptr.dtype.element_ty)  # torch rounds the add
             tl.store(res_ptr + row * n + cols, x, mask=mask)
         xf = x.to(tl.float32)

@@ -8,7 +8,8 @@ Numerics follow the reference implementation (RMSNorm in float32, rotary tables 
 On GPU in 16-bit dtypes the loader calls `fuse_projections()` once: q/k/v and gate/up become one
 GEMM each, and norms (with the residual add), rotary and silu*mul run as fused kernels
 (`fused_ops`); in steps of a few rows (decode) o_proj and down_proj run as GEMV kernels
-(`decode_gemv`). Elsewhere the plain torch path runs, unchanged.
+(`decode_gemv`, leaving split-K partial sums that the next add + norm kernel adds up).
+Elsewhere the plain torch path runs, unchanged.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from torch import nn
 
 from epd.attention.base import AttentionBackend
 from epd.config import TextConfig
-from epd.models.decode_gemv import linear
+from epd.models.decode_gemv import project
 from epd.models.fused_ops import (
     add_rms_norm,
     apply_rotary_ref,
@@ -95,7 +96,7 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 backend: AttentionBackend, kv_cache: torch.Tensor) -> torch.Tensor:
         if self.qkv_proj is not None:
-            return linear(self.attend_qkv(self.qkv_proj(x), cos, sin, backend, kv_cache), self.o_proj.weight)
+            return project(self.attend_qkv(self.qkv_proj(x), cos, sin, backend, kv_cache), self.o_proj.weight)
         t, hq, hk, d = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
         q = self.q_proj(x).view(t, hq, d)
         k = self.k_proj(x).view(t, hk, d)
@@ -132,7 +133,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up_proj is not None:
-            return linear(silu_and_mul(self.gate_up_proj(x)), self.down_proj.weight)
+            return project(silu_and_mul(self.gate_up_proj(x)), self.down_proj.weight)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 

@@ -1,4 +1,5 @@
-"""The decode GEMV kernel computes what F.linear computes (bf16, the o_proj / down_proj shapes)."""
+"""The decode GEMV kernel computes what F.linear computes (bf16, the o_proj / down_proj shapes),
+however K is split into slices."""
 
 from __future__ import annotations
 
@@ -19,18 +20,30 @@ def _inputs(rows: int, k: int, n: int, seed: int) -> tuple[torch.Tensor, torch.T
     return x, w
 
 
-@pytest.mark.parametrize("rows", [1, 5, 8])
-@pytest.mark.parametrize("k,n", [(2048, 2048), (11008, 2048), (3584, 3584), (18944, 3584), (1000, 72)])
-def test_linear_is_as_accurate_as_f_linear(rows, k, n):
+def _as_accurate(got: torch.Tensor, ref: torch.Tensor, exact: torch.Tensor) -> None:
     """No further from the float64 product than cuBLAS is (both round the fp32 sum once; they add
     the K products in a different order)."""
-    x, w = _inputs(rows, k, n, seed=rows + k)
-    got, ref = g.linear(x, w), F.linear(x, w)
-    exact = F.linear(x.double(), w.double())
     assert got.shape == ref.shape and got.dtype == ref.dtype
     err_got, err_ref = (got.double() - exact).abs(), (ref.double() - exact).abs()
     assert err_got.max() <= 2 * err_ref.max(), (err_got.max().item(), err_ref.max().item())
     assert err_got.mean() <= 1.5 * err_ref.mean(), (err_got.mean().item(), err_ref.mean().item())
+
+
+@pytest.mark.parametrize("rows", [1, 5, 8])
+@pytest.mark.parametrize("k,n", [(2048, 2048), (11008, 2048), (3584, 3584), (18944, 3584), (1000, 72)])
+def test_linear_is_as_accurate_as_f_linear(rows, k, n):
+    x, w = _inputs(rows, k, n, seed=rows + k)
+    _as_accurate(g.linear(x, w), F.linear(x, w), F.linear(x.double(), w.double()))
+
+
+@pytest.mark.parametrize("split", [1, 2, 3, 7])
+def test_every_k_split_gives_the_product(split):
+    """However K is sliced (uneven last slice, more slices than blocks), the partials add up to it."""
+    x, w = _inputs(4, 3000, 96, seed=split)
+    cfg = dict(block_n=16, block_k=256, warps=4, stages=3, split=split)
+    parts = g.project(x, w, config=cfg)
+    assert parts.dtype == torch.float32 and parts.shape[1:] == (4, 96) and 1 <= parts.shape[0] <= split
+    _as_accurate(parts.sum(0).to(BF16), F.linear(x, w), F.linear(x.double(), w.double()))
 
 
 def test_more_rows_than_the_gemv_path_takes_use_cublas():

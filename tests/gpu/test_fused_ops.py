@@ -28,6 +28,20 @@ def test_add_rms_norm(tokens):
     _close(out0, fo.rms_norm_ref(x, w, 1e-6))
 
 
+@pytest.mark.parametrize("parts", [1, 3])
+def test_add_rms_norm_adds_up_split_k_partial_sums(parts):
+    """A split-K projection's fp32 partials as the delta: the same as their total rounded to bf16."""
+    x = torch.randn(5, 2048, device="cuda", dtype=BF16)
+    partials = torch.randn(parts, 5, 2048, device="cuda")
+    w = (1 + 0.1 * torch.randn(2048, device="cuda")).to(BF16)
+    delta = partials[0].clone()
+    for p in partials[1:]:
+        delta += p
+    res, out = fo.add_rms_norm(x, partials, w, 1e-6)
+    ref_res, ref_out = fo.add_rms_norm(x, delta.to(BF16), w, 1e-6)
+    assert torch.equal(res, ref_res) and torch.equal(out, ref_out)
+
+
 def test_rotary_qk_and_store_kv():
     t, hq, hk, d = 37, 28, 4, 128
     qkv = torch.randn(t, (hq + 2 * hk) * d, device="cuda", dtype=BF16)
