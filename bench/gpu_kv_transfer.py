@@ -16,8 +16,15 @@ With ``--ipc``, the same-host path instead (kv_transfer/cuda_ipc.py), as the nod
 receiver ("decode") reserves pages and sends their ids with its pool's CUDA IPC handles (mapped
 once by the sender); the sender ("prefill") writes the request's pages straight into the
 receiver's with one kernel, waits for it, then sends the small message that completes the
-hand-over. Time = write started -> the write finished on the GPU (`transfer_ms`: the bytes are in
-the receiver's pages), and -> that message taken by the receiver (`notified_ms`).
+hand-over. Rounds alternate between two ways of starting the write:
+- alone: the GPU idle, the host stages the page ids and launches the kernel, then waits. Time =
+  write started -> the write finished on the GPU (`transfer_ms`: the bytes are in the receiver's
+  pages), and -> that message taken by the receiver (`notified_ms`);
+- queued, as the prefill node runs it (`_queue_write`, behind the last layer): the GPU is still
+  busy with work standing in for the prefill's last layers (~0.5 ms) when the host queues the
+  write, so staging and launch happen meanwhile. Time = the KV ready on the GPU (an event after
+  that work) -> the write finished (an event after it): `queued_ms`, the time the hand-over adds
+  to the request; `queued_notified_ms` = the KV ready -> the message taken by the receiver.
 
 Alongside, in the same processes: the gather and scatter kernels alone, or the page-copy kernel
 alone (CUDA events), and a device-to-device copy of the same bytes, which is the ceiling a
@@ -150,17 +157,27 @@ def _send_one(t: KVTransport, address: str, kv: PagedKV, groups: list[range], to
 
 
 def _send_one_ipc(t: KVTransport, address: str, kv: PagedKV, imports: PoolImports, tokens: int,
-                  round_: int) -> tuple[float, float]:
+                  round_: int, queued: bool) -> tuple[float, float]:
     """The prefill node's CUDA IPC hand-over: write into the pages decode offered, then tell it.
-    Returns the monotonic times the write started and finished."""
+    Returns the monotonic times the KV was ready (alone: the write started) and written."""
     t.send(address, _key(tokens, round_, "want"), []).result(timeout=120)
     dst = t.wait(_key(tokens, round_, "dst"), timeout=120)
     writer = imports.writer(dst.meta["pool"], kv.layers)   # maps the pool on first use
     src_pages = kv.pages(tokens).tolist()
     _sync()
-    started = time.monotonic()
-    writer.write(src_pages, dst.meta["pages"])
-    written = time.monotonic()
+    if queued:
+        torch.cuda._sleep(1_000_000)   # ~0.5 ms: the prefill's last layers, still on the GPU
+        ready, done = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        ready.record()
+        writer.copy(src_pages, dst.meta["pages"])
+        done.record()
+        done.synchronize()
+        written = time.monotonic()
+        started = written - ready.elapsed_time(done) / 1e3
+    else:
+        started = time.monotonic()
+        writer.write(src_pages, dst.meta["pages"])
+        written = time.monotonic()
     t.send(address, _key(tokens, round_, "meta"), [], meta={"first_token": 0}).result(timeout=120)
     return started, written
 
@@ -185,21 +202,27 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         address = read_json_line(child)["address"]
         with KVTransport(args.host, device=args.device, progress_mode=args.ucx_progress) as t:
             for tokens in sizes:
-                ms, notified = [], []
+                ms, notified = {False: [], True: []}, {False: [], True: []}
                 for r in range(args.rounds):
+                    queued = args.ipc and r % 2 == 1
                     if args.ipc:
-                        started, written = _send_one_ipc(t, address, kv, imports, tokens, r)
+                        started, written = _send_one_ipc(t, address, kv, imports, tokens, r, queued)
                     else:
                         started, written = _send_one(t, address, kv, groups, tokens, r), None
                     landed = read_json_line(child)
                     if abs(landed["checksum"] - kv.checksum(tokens)) > 1e-6 * max(1.0, abs(landed["checksum"])):
                         raise SystemExit(f"{tokens} tokens round {r}: the receiver's pages differ from the sender's")
                     if r >= args.warmup:
-                        ms.append(((written or landed["landed"]) - started) * 1e3)
-                        notified.append((landed["landed"] - started) * 1e3)
-                rows.append(_row(kv, groups, tokens, ms, args.device, args.ipc))
+                        ms[queued].append(((written or landed["landed"]) - started) * 1e3)
+                        notified[queued].append((landed["landed"] - started) * 1e3)
+                rows.append(_row(kv, groups, tokens, ms[False], args.device, args.ipc))
                 if args.ipc:
-                    rows[-1]["notified_ms"] = round(statistics.median(notified), 3)
+                    queued_ms = statistics.median(ms[True])
+                    rows[-1].update(notified_ms=round(statistics.median(notified[False]), 3),
+                                    queued_ms=round(queued_ms, 3),
+                                    queued_ms_all=[round(x, 3) for x in ms[True]],
+                                    queued_fraction_of_copy=round(rows[-1]["copy_ms"] / queued_ms, 3),
+                                    queued_notified_ms=round(statistics.median(notified[True]), 3))
         scatter = read_json_line(child)["scatter_ms"]
     finally:
         try:
@@ -210,7 +233,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         row["scatter_ms"] = round(scatter[str(row["tokens"])], 3)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     return {"preset": args.preset, "layer_group_size": args.group_size, "page_size": PAGE_SIZE,
-            "rounds_timed": args.rounds - args.warmup, "device": device, "rows": rows}
+            "rounds_timed": args.rounds - args.warmup, "ipc": args.ipc, "device": device, "rows": rows}
 
 
 def _row(kv: PagedKV, groups: list[range], tokens: int, ms: list[float], device: str, ipc: bool) -> dict[str, Any]:
@@ -266,7 +289,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--preset", default="7b", choices=["tiny", "3b", "7b"])
     ap.add_argument("--tokens", default="1024,4096,16384", help="prompt lengths, comma-separated")
     ap.add_argument("--group-size", type=int, default=4, help="layers per message (the nodes' default)")
-    ap.add_argument("--rounds", type=int, default=8)
+    ap.add_argument("--rounds", type=int, default=14, help="with --ipc, alternately alone and queued")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--host", default="127.0.0.1")
