@@ -87,8 +87,9 @@ if triton is not None:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for k0 in range(k_start, k_end, BLOCK_K):
             kk = k0 + tl.arange(0, BLOCK_K)
-            kmask = kk < K   # slices are whole blocks, so only K's end cuts one; and a mask on K
-            # (which Triton specializes on when it divides by 16) keeps the loads vectorized
+            kmask = kk < K   # slices are whole blocks, so only K's end cuts one. Masking on the slice
+            # end instead measured 1.3x slower (BENCHMARKS.md), presumably as Triton's divisible-by-16
+            # specialization covers K but not the slice end, so the masked loads lose their width
             h = tl.load(x_rows + kk[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
             w = tl.load(w_cols + kk[:, None], mask=kmask[:, None] & cmask[None, :], other=0.0)
             acc = tl.dot(h, w, acc)

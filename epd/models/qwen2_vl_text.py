@@ -148,8 +148,9 @@ class DecoderLayer(nn.Module):
     def forward(self, x: torch.Tensor, delta: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
                 backend: AttentionBackend, kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x: the residual stream before the previous layer's MLP output `delta` (None for the first
-        layer) is added; returns (residual, this layer's MLP output). Deferring each add into the
-        next norm lets the GPU do add + norm in one kernel; the sums are the same as x + attn + mlp."""
+        layer; on the GEMV path its split-K partial sums) is added; returns (residual, this layer's
+        MLP output). Deferring each add into the next norm lets the GPU do add + norm in one kernel;
+        the sums are the same as x + attn + mlp."""
         x, h = self.input_layernorm.add_forward(x, delta)
         x, h = self.post_attention_layernorm.add_forward(x, self.self_attn(h, cos, sin, backend, kv_cache))
         return x, self.mlp(h)
