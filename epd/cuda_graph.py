@@ -138,7 +138,7 @@ class CudaGraphDecodeRunner:
                 pos.append(tuple(int(x) for x in req.inp.positions[:, i]))
             slots.append(req.pages[i // ps] * ps + i % ps)
             kv_lens.append(i + 1)
-            tables.append(req.pages)
+            tables.append(req.page_array())
         self._copied.synchronize()
         host, n = self._host_np, len(chunks)
         host[:] = 0

@@ -61,7 +61,7 @@ class ModelRunner:
         meta = StepMetadata(
             qo_lens=[c.length for c in chunks],
             kv_lens=[c.start + c.length for c in chunks],
-            page_tables=[c.req.pages for c in chunks],
+            page_tables=[c.req.page_array() for c in chunks],
             page_size=ps,
             write_slots=torch.tensor(slots, dtype=torch.long).to(self.device),
         )

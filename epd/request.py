@@ -12,6 +12,7 @@ import enum
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from epd.detokenizer import IncrementalDetokenizer
@@ -56,6 +57,10 @@ class Request:
     output_logprobs: list[float] = field(default_factory=list)
     created: float = field(default_factory=time.monotonic)
     first_token_time: float | None = None
+    # `pages` as int32 numpy (page_array), and the list object and length it was copied from
+    _pages_np: np.ndarray | None = field(default=None, init=False, repr=False, compare=False)
+    _pages_src: list[int] | None = field(default=None, init=False, repr=False, compare=False)
+    _pages_len: int = field(default=0, init=False, repr=False, compare=False)
 
     @property
     def prompt_len(self) -> int:
@@ -72,6 +77,23 @@ class Request:
     @property
     def in_prefill(self) -> bool:
         return self.num_computed < self.prompt_len
+
+    def page_array(self) -> np.ndarray:
+        """`pages` as an int32 array. A step's attention metadata joins these instead of converting
+        every page of every request from Python ints each step. In place, `pages` only ever grows
+        (the scheduler extends it), so only pages appended since the last call are copied; a list
+        put in its place starts a fresh copy."""
+        pages, n, done = self.pages, len(self.pages), self._pages_len
+        if pages is self._pages_src and n == done:
+            return self._pages_np[:n]
+        mirror = self._pages_np
+        if mirror is None or pages is not self._pages_src or done > n:
+            mirror, done, self._pages_src = np.empty(max(16, n), dtype=np.int32), 0, pages
+        if n > len(mirror):
+            mirror = np.concatenate([mirror[:done], np.empty(max(n, 2 * len(mirror)) - done, dtype=np.int32)])
+        mirror[done:n] = pages[done:n]
+        self._pages_np, self._pages_len = mirror, n
+        return mirror[:n]
 
     def token_at(self, start: int, end: int) -> list[int]:
         ids = self.inp.input_ids

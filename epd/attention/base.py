@@ -9,8 +9,8 @@ this same interface.
 
 from __future__ import annotations
 
-import itertools
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,7 +23,7 @@ from epd.models.fused_ops import store_kv
 class StepMetadata:
     qo_lens: list[int]          # new tokens per request in this step
     kv_lens: list[int]          # context length per request after this step (includes new tokens)
-    page_tables: list[list[int]]
+    page_tables: list[Sequence[int]]   # per request: its pages (a list, or `Request.page_array()`)
     page_size: int
     write_slots: torch.Tensor   # [num_tokens] flat slot (page * page_size + offset) of each new token
 
@@ -50,23 +50,24 @@ class AttentionBackend(ABC):
         return None
 
 
-def page_arrays(kv_lens: list[int], page_tables: list[list[int]], page_size: int,
+def page_arrays(kv_lens: list[int], page_tables: list[Sequence[int]], page_size: int,
                 pad_rows: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Host int32 (indptr [B+1], indices [sum pages], last_page_len [B]) for flashinfer.
 
-    `pad_rows` extra rows each see one token on the dummy page 0 (CUDA-graph padding).
+    `pad_rows` extra rows each see one token on the dummy page 0 (CUDA-graph padding). Tables
+    given as int32 arrays (`Request.page_array()`) are joined without a pass over Python ints.
     """
-    counts = [-(-n // page_size) for n in kv_lens] + [1] * pad_rows
-    total = sum(counts)
-    pages = itertools.chain.from_iterable(t[:c] for t, c in zip(page_tables, counts, strict=False))
-    indices = np.zeros(total, dtype=np.int32)  # padding rows keep page 0
-    real = total - pad_rows
-    indices[:real] = np.fromiter(pages, dtype=np.int32, count=real)
+    lens = np.ones(len(kv_lens) + pad_rows, dtype=np.int32)   # padding rows: one token
+    lens[:len(kv_lens)] = kv_lens
+    counts = (lens + page_size - 1) // page_size
     indptr = np.zeros(len(counts) + 1, dtype=np.int32)
     np.cumsum(counts, out=indptr[1:])
-    last = np.fromiter((n - (c - 1) * page_size for n, c in zip(kv_lens, counts, strict=False)),
-                       dtype=np.int32, count=len(kv_lens))
-    last = np.concatenate([last, np.ones(pad_rows, dtype=np.int32)])
+    indices = np.zeros(indptr[-1], dtype=np.int32)           # padding rows keep page 0
+    real = int(indptr[len(kv_lens)])
+    if real:
+        np.concatenate([t[:c] for t, c in zip(page_tables, counts.tolist(), strict=False)], out=indices[:real],
+                       casting="same_kind")
+    last = lens - (counts - 1) * page_size
     return torch.from_numpy(indptr), torch.from_numpy(indices), torch.from_numpy(last)
 
 
@@ -79,7 +80,7 @@ class GraphDecodeBucket(AttentionBackend):
     slots: torch.Tensor | None = None
 
     @abstractmethod
-    def plan_padded(self, kv_lens: list[int], page_tables: list[list[int]]) -> None:
+    def plan_padded(self, kv_lens: list[int], page_tables: list[Sequence[int]]) -> None:
         """Page lists of the step's requests; rows past them are padding (one dummy token)."""
 
     @abstractmethod

@@ -23,6 +23,7 @@ and the engine then uses the torch backend.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -132,7 +133,7 @@ class GraphDecodeAttention(GraphDecodeBucket):
             paged_kv_indices_buffer=indices_buf,
             paged_kv_last_page_len_buffer=torch.ones(batch_size, dtype=torch.int32, device=dev))
 
-    def plan_padded(self, kv_lens: list[int], page_tables: list[list[int]]) -> None:
+    def plan_padded(self, kv_lens: list[int], page_tables: list[Sequence[int]]) -> None:
         s = self.shape
         pad = self.batch_size - len(kv_lens)
         indptr, indices, last = page_arrays(kv_lens, page_tables, s.ps, pad_rows=pad)

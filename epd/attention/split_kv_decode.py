@@ -27,6 +27,7 @@ refreshes before each replay. Padding rows read one token of the dummy page 0.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 
@@ -54,7 +55,7 @@ class SplitKVGraphDecode(GraphDecodeBucket):
         self._rows = torch.zeros(2 * batch_size + 1, dtype=torch.int32, device=dev)  # [indptr | kv_lens]
         self._rows[batch_size + 1:] = 1
 
-    def plan_padded(self, kv_lens: list[int], page_tables: list[list[int]]) -> None:
+    def plan_padded(self, kv_lens: list[int], page_tables: list[Sequence[int]]) -> None:
         pad = self.batch_size - len(kv_lens)   # padding rows: one token on page 0
         indptr, pages, _ = page_arrays(kv_lens, page_tables, self.ps, pad_rows=pad)
         lens = torch.tensor(list(kv_lens) + [1] * pad, dtype=torch.int32)
