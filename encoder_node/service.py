@@ -54,7 +54,8 @@ class EncoderService:
                  cache_entries: int = 256) -> None:
         self.config = config
         self.vision = VisionTower(config, device, dtype)
-        self.processor = ImageProcessor(config.model_path, config.spatial_merge_size)
+        self.processor = ImageProcessor(config.model_path, config.spatial_merge_size,
+                                        resize_on_device=self.vision.device.type == "cuda")
         self.cache = EmbeddingCache(cache_entries)
         self.max_batch_images = max_batch_images
         self.pending: OrderedDict[str, tuple[bytes, protocol.EncodeRequest, float]] = OrderedDict()

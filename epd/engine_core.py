@@ -82,7 +82,8 @@ class EngineCore:
         self.scheduler = Scheduler(self.kv, config.max_running_requests, config.max_step_tokens)
         self.runner = ModelRunner(self.model, self.kv, self._make_backend(), self.device)
         self._capture_graphs()
-        self.inputs = InputProcessor(self.model_config, tokenizer, self.max_context)
+        self.inputs = InputProcessor(self.model_config, tokenizer, self.max_context,
+                                     resize_on_device=self.device.type == "cuda")
         self._rid = 0
 
     def _make_kv_cache(self) -> KVCache:

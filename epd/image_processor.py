@@ -11,10 +11,12 @@ rescale + normalize as a table lookup (each output value depends only on the 8-b
 its channel, so the table is built once by running transformers' own rescale and normalize over
 the 256 values of each channel). Only the resize runs at preprocessing: the patch cutting and
 the lookup run in `pixel_values`, on the GPU when the vision tower is there (the copy to it is
-then the 8-bit image, 2.8 instead of 22.5 MB for 720p). A 1280x720 image on a 2-core CPU: ~60 ms
-(transformers) -> ~13 ms preprocessing (the resize) + ~10 ms for the values when they are built
-on the CPU. Anything else (other modes, degenerate sizes, a processor configured without rescale
-or normalize) takes transformers' path and holds float values."""
+then the 8-bit image, 2.8 instead of 22.5 MB for 720p). With `resize_on_device` (set where the
+vision tower is on a GPU) the resize moves there too: `epd.pil_resize` gives Pillow's bicubic
+bytes exactly, and preprocessing is then only the copy of the decoded image. A 1280x720 image on a
+2-core CPU: ~60 ms (transformers) -> ~13-30 ms preprocessing (the PIL resize) + ~10 ms for the
+values when they are built on the CPU. Anything else (other modes, degenerate sizes, a processor
+configured without rescale or normalize) takes transformers' path and holds float values."""
 
 from __future__ import annotations
 
@@ -26,6 +28,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from epd.pil_resize import bicubic_resize, matches_pillow
+
+_BICUBIC = 3   # PIL's (and transformers') value for bicubic resampling
 
 @dataclass(frozen=True, eq=False)
 class PatchSpec:
@@ -38,11 +43,13 @@ class PatchSpec:
 
 @dataclass
 class PreprocessedImage:
-    data: torch.Tensor                  # uint8 [h*patch, w*patch, C]: the resized image; with spec
-                                        # None the float pixel values [t*h*w, C*temporal*patch*patch]
+    data: torch.Tensor                  # uint8 [h*patch, w*patch, C]: the resized image (or the
+                                        # image before its resize to `resize_to`); with spec None
+                                        # the float pixel values [t*h*w, C*temporal*patch*patch]
     grid_thw: tuple[int, int, int]
     num_tokens: int
     spec: PatchSpec | None = None
+    resize_to: tuple[int, int] | None = None   # (height, width) it is resized to in pixel_values
 
     @property
     def pixel_values(self) -> torch.Tensor:
@@ -51,14 +58,19 @@ class PreprocessedImage:
 
 
 def pixel_values(images: list[PreprocessedImage], device: torch.device | str) -> torch.Tensor:
-    """The images' pixel values, concatenated, built on `device`: the 8-bit resized images are
-    copied there, cut into patches and looked up in the table there (exact: data movement and
-    table entries)."""
+    """The images' pixel values, concatenated, built on `device`: the 8-bit images are copied
+    there, resized there if their resize was left for here, cut into patches and looked up in the
+    table there (exact: integer resize, data movement and table entries)."""
     spec = images[0].spec if images else None
     if spec is None or any(im.spec is not spec for im in images):
         return torch.cat([im.data.to(device) if im.spec is None else pixel_values([im], device) for im in images])
-    patches = [_patchify(im.data.to(device, non_blocking=True), im.grid_thw, spec) for im in images]
+    patches = [_patchify(_resized(im.data.to(device, non_blocking=True), im.resize_to), im.grid_thw, spec)
+               for im in images]
     return _lookup(torch.cat(patches) if len(patches) > 1 else patches[0], spec)
+
+
+def _resized(image: torch.Tensor, size: tuple[int, int] | None) -> torch.Tensor:
+    return image if size is None else bicubic_resize(image, *size)
 
 
 def _patchify(image: torch.Tensor, grid: tuple[int, int, int], spec: PatchSpec) -> torch.Tensor:
@@ -87,7 +99,9 @@ def _lookup(patches: torch.Tensor, spec: PatchSpec) -> torch.Tensor:
 
 
 class ImageProcessor:
-    def __init__(self, model_path: str, merge_size: int) -> None:
+    def __init__(self, model_path: str, merge_size: int, resize_on_device: bool = False) -> None:
+        """resize_on_device: leave the resize of RGB images to `pixel_values` (where the vision
+        tower is, a GPU), when `epd.pil_resize` reproduces the installed Pillow's bicubic."""
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
         self._proc = Qwen2VLImageProcessorPil.from_pretrained(model_path)
@@ -96,6 +110,7 @@ class ImageProcessor:
         self._spec = None if table is None else PatchSpec(torch.from_numpy(table), p.patch_size, p.merge_size,
                                                           p.temporal_patch_size)
         self._pool: ThreadPoolExecutor | None = None
+        self.resize_on_device = resize_on_device and int(self._proc.resample) == _BICUBIC and matches_pillow()
 
     def resized_size(self, image: Image.Image) -> tuple[int, int]:
         """(height, width) the processor resizes `image` to."""
@@ -123,11 +138,12 @@ class ImageProcessor:
     def preprocess(self, image: Image.Image) -> PreprocessedImage:
         if self._spec is not None and image.mode == "RGB" and min(image.size) >= 4:
             height, width = self.resized_size(image)
-            if (width, height) != image.size:
+            later = (width, height) != image.size and self.resize_on_device
+            if (width, height) != image.size and not later:
                 image = image.resize((width, height), resample=self._proc.resample)
             t, h, w = 1, height // self._spec.patch, width // self._spec.patch
-            return PreprocessedImage(torch.from_numpy(np.array(image)), (t, h, w),
-                                     t * h * w // self.merge**2, self._spec)
+            return PreprocessedImage(torch.from_numpy(np.array(image)), (t, h, w), t * h * w // self.merge**2,
+                                     self._spec, (height, width) if later else None)
         out = self._proc(images=[image], return_tensors="pt")
         t, h, w = (int(x) for x in out["image_grid_thw"][0].tolist())
         return PreprocessedImage(out["pixel_values"], (t, h, w), t * h * w // self.merge**2)

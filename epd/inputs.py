@@ -49,14 +49,15 @@ class ProcessedInput:
 
 
 class InputProcessor:
-    def __init__(self, config: ModelConfig, tokenizer: Any, max_context: int, with_pixels: bool = True) -> None:
+    def __init__(self, config: ModelConfig, tokenizer: Any, max_context: int, with_pixels: bool = True,
+                 resize_on_device: bool = False) -> None:
         """with_pixels=False (the router): images get their grid from their size only; the
-        encoder node preprocesses the pixels."""
+        encoder node preprocesses the pixels. resize_on_device: see `ImageProcessor`."""
         self.with_pixels = with_pixels
         self.config = config
         self.tokenizer = tokenizer
         self.max_context = max_context
-        self.image_processor = ImageProcessor(config.model_path, config.spatial_merge_size)
+        self.image_processor = ImageProcessor(config.model_path, config.spatial_merge_size, resize_on_device)
 
     def process(self, prompt: str | None = None, input_ids: list[int] | None = None,
                 image_data: list | None = None) -> ProcessedInput:

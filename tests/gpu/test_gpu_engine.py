@@ -161,13 +161,17 @@ def test_vision_varlen_matches_sdpa_tower(engine_3b):
 
 
 def test_pixel_values_built_on_the_gpu_equal_the_cpu_ones(small128):
-    """The vision tower's input made on the GPU (8-bit images copied, cut into patches and looked up
-    there) is the CPU's, bit for bit, for a batch with an RGB and a grayscale image."""
+    """The vision tower's input made on the GPU (8-bit images copied, resized with Pillow's bicubic
+    arithmetic, cut into patches and looked up there) is the CPU's (Pillow's resize), bit for bit,
+    for a batch with an RGB and a grayscale image."""
     from epd.image_processor import ImageProcessor, pixel_values
 
-    proc = ImageProcessor(small128, 2)
-    pre = proc.preprocess_many([noise_image(640, 480, seed=1), noise_image(300, 200, seed=2).convert("L"),
-                                noise_image(1280, 720, seed=3)])
+    images = [noise_image(640, 480, seed=1), noise_image(300, 200, seed=2).convert("L"), noise_image(1280, 720, seed=3)]
+    pre = ImageProcessor(small128, 2).preprocess_many(images)
     assert pre[0].spec is not None and pre[1].spec is None
+    on_cpu = pixel_values(pre, "cpu")
     got = pixel_values(pre, "cuda")
-    assert got.is_cuda and torch.equal(got.cpu(), pixel_values(pre, "cpu"))
+    assert got.is_cuda and torch.equal(got.cpu(), on_cpu)
+    later = ImageProcessor(small128, 2, resize_on_device=True).preprocess_many(images)
+    assert later[0].resize_to is not None and later[2].resize_to is not None
+    assert torch.equal(pixel_values(later, "cuda").cpu(), on_cpu)
