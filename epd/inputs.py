@@ -34,7 +34,7 @@ class ImageInput:
     num_tokens: int
     pixels: PreprocessedImage | None = None    # when the vision tower must run (here)
     embeddings: torch.Tensor | None = None     # [num_tokens, hidden], once encoded
-    content_hash: str | None = None
+    content_hash: str | None = None            # the router's: the encoder node's embedding-cache key
     source: Any = None                         # the PIL image, when pixels are left to the encoder
     source_rgb: bytes | None = None            # and its raw RGB bytes (what the encoder is sent)
 
@@ -86,7 +86,7 @@ class InputProcessor:
             rgb = image.tobytes()
             return ImageInput(grid, grid[0] * grid[1] * grid[2] // self.config.spatial_merge_size**2,
                               content_hash=image_content_hash(image, rgb), source=image, source_rgb=rgb)
-        return ImageInput(pre.grid_thw, pre.num_tokens, pixels=pre, content_hash=image_content_hash(image))
+        return ImageInput(pre.grid_thw, pre.num_tokens, pixels=pre)   # encoded here: no cache key needed
 
     def _expand(self, ids: list[int], images: list[ImageInput]) -> list[int]:
         """One placeholder per image is expanded; an already expanded prompt is accepted as is."""
