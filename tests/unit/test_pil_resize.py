@@ -31,6 +31,7 @@ def test_bicubic_resize_equals_pillow(src, dst, channels):
 
 
 def test_random_sizes_all_equal_pillow():
+    assert matches_pillow()
     rng = np.random.default_rng(1)
     for _ in range(60):
         w, h, out_w, out_h = (int(x) for x in rng.integers(1, 120, 4))
