@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from epd.attention.base import AttentionBackend, StepMetadata
@@ -49,24 +50,23 @@ class ModelRunner:
 
     def step_inputs(self, chunks: list[Chunk]) -> tuple[torch.Tensor, torch.Tensor, StepMetadata]:
         ids: list[int] = []
-        positions: list[torch.Tensor] = []
-        slots: list[int] = []
+        positions: list[np.ndarray] = []
         ps = self.kv.spec.page_size
         for c in chunks:
             req, end = c.req, c.start + c.length
             plen = req.prompt_len
             ids.extend(req.output_ids[c.start - plen:end - plen] if c.start >= plen else req.token_at(c.start, end))
             positions.append(_positions(req, c.start, end))
-            slots.extend(req.pages[i // ps] * ps + i % ps for i in range(c.start, end))
+        tables = [c.req.page_array() for c in chunks]
         meta = StepMetadata(
             qo_lens=[c.length for c in chunks],
             kv_lens=[c.start + c.length for c in chunks],
-            page_tables=[c.req.page_array() for c in chunks],
+            page_tables=tables,
             page_size=ps,
-            write_slots=torch.tensor(slots, dtype=torch.long).to(self.device),
+            write_slots=torch.from_numpy(write_slots(chunks, tables, ps)).to(self.device),
         )
         input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
-        return input_ids, torch.cat(positions, dim=1).to(self.device), meta
+        return input_ids, torch.from_numpy(np.concatenate(positions, axis=1)).to(self.device), meta
 
     def embed(self, chunks: list[Chunk], input_ids: torch.Tensor) -> torch.Tensor:
         embeds = self.model.embed(input_ids)
@@ -100,15 +100,28 @@ class ModelRunner:
         return self.model.logits(hidden[rows])
 
 
-def _positions(req: Request, start: int, end: int) -> torch.Tensor:
-    """[3, end - start] M-RoPE positions; tokens past the prompt use index + delta."""
+def write_slots(chunks: list[Chunk], tables: list[np.ndarray], page_size: int) -> np.ndarray:
+    """int64 flat cache slot (page * page_size + offset) of every token the chunks compute, in
+    order, from their requests' page arrays: a few array ops for the whole step."""
+    lengths = np.fromiter((c.length for c in chunks), dtype=np.int64, count=len(chunks))
+    starts = np.fromiter((c.start for c in chunks), dtype=np.int64, count=len(chunks))
+    first_page = np.zeros(len(chunks), dtype=np.int64)
+    np.cumsum([len(t) for t in tables[:-1]], out=first_page[1:])
+    token_chunk_start = np.repeat(np.cumsum(lengths) - lengths, lengths)
+    index = np.arange(int(lengths.sum())) - token_chunk_start + np.repeat(starts, lengths)   # position in its request
+    pages = np.concatenate(tables).astype(np.int64) if tables else np.zeros(0, dtype=np.int64)
+    return pages[np.repeat(first_page, lengths) + index // page_size] * page_size + index % page_size
+
+
+def _positions(req: Request, start: int, end: int) -> np.ndarray:
+    """int64 [3, end - start] M-RoPE positions; tokens past the prompt use index + delta."""
     plen = req.prompt_len
-    if start >= plen and end - start == 1:  # a decode token: skip the tensor ops below
-        return torch.tensor([[start + req.inp.mrope_delta]] * 3)
+    if start >= plen and end - start == 1:  # a decode token
+        return np.full((3, 1), start + req.inp.mrope_delta, dtype=np.int64)
     parts = []
     if start < plen:
-        parts.append(req.inp.positions[:, start:min(end, plen)])
+        parts.append(req.inp.positions[:, start:min(end, plen)].numpy())
     if end > plen:
-        gen = torch.arange(max(start, plen), end) + req.inp.mrope_delta
-        parts.append(gen.unsqueeze(0).expand(3, -1))
-    return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+        gen = np.arange(max(start, plen), end, dtype=np.int64) + req.inp.mrope_delta
+        parts.append(np.broadcast_to(gen, (3, len(gen))))
+    return np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]

@@ -8,7 +8,9 @@ import numpy as np
 import torch
 
 from epd.attention.base import page_arrays
+from epd.model_runner import write_slots
 from epd.request import Request
+from epd.scheduler import Chunk
 
 
 def _request(pages: list[int]) -> Request:
@@ -46,3 +48,15 @@ def test_a_requests_page_array_follows_its_pages_as_they_grow_and_are_replaced()
     assert req.page_array().tolist() == []
     req.pages.extend([9, 10, 11])
     assert req.page_array().tolist() == [9, 10, 11]
+
+
+def test_write_slots_are_each_new_tokens_page_and_offset_in_step_order():
+    """A step mixing a prefill from the start, a prefill chunk mid-prompt and decode tokens: every
+    token's K/V goes to page_table[pos // page_size] * page_size + pos % page_size."""
+    ps = 16
+    rng = np.random.default_rng(2)
+    reqs = [_request([int(p) for p in rng.choice(np.arange(1, 500), size=40, replace=False)]) for _ in range(4)]
+    chunks = [Chunk(reqs[0], 0, 37), Chunk(reqs[1], 300, 1), Chunk(reqs[2], 16, 200), Chunk(reqs[3], 639, 1)]
+    got = write_slots(chunks, [r.page_array() for r in reqs], ps)
+    want = [c.req.pages[i // ps] * ps + i % ps for c in chunks for i in range(c.start, c.start + c.length)]
+    assert got.dtype == np.int64 and got.tolist() == want
