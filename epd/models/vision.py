@@ -3,9 +3,19 @@
 `VisionTower.encode(pixel_values, grid_thw)` runs a batch of images (patches of all images
 concatenated, as the Qwen2-VL family expects) and returns one embedding tensor per image,
 `[tokens_i, text_hidden]`, where tokens_i = t * h * w / merge**2.
+
+The tower's per-forward metadata (rotary position ids, attention segment boundaries and their
+maximum length, and Qwen2.5-VL's window order) depends on the image grids only. transformers
+computes it from `grid_thw` inside the forward, on the tower's device, with host syncs (`tolist`,
+`item`) and index tensors built on the CPU; here it is computed once per set of grids by
+transformers' own helpers on the CPU, kept on the device, and handed in as the keyword arguments
+those helpers take precomputed, so a forward on the GPU queues its kernels without waiting.
 """
 
 from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any
 
 import torch
 
@@ -43,12 +53,40 @@ class VisionTower:
             enable_varlen_attention(self.module, self.device, dtype)
         self.dtype = dtype
         self.merge = config.spatial_merge_size
+        self.windowed = config.arch != "qwen2_vl"      # Qwen2.5-VL's window attention
+        self._metadata: OrderedDict[tuple, dict[str, Any]] = OrderedDict()
 
     @torch.inference_mode()
     def encode(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> list[torch.Tensor]:
         """pixel_values: [num_patches, C*T*P*P], grid_thw: [num_images, 3] -> per-image embeddings."""
-        out = self.module(pixel_values.to(self.device, self.dtype), grid_thw=grid_thw.to(self.device))
+        out = self.module(pixel_values.to(self.device, self.dtype), grid_thw=grid_thw.to(self.device),
+                          **self.metadata(grid_thw))
         merged = out.pooler_output  # [sum tokens_i, text_hidden]
         sizes = (grid_thw.prod(-1) // self.merge**2).tolist()
         return list(torch.split(merged, sizes))
 
+
+    def metadata(self, grid_thw: torch.Tensor, keep: int = 64) -> dict[str, Any]:
+        """Keyword arguments with the forward's grid-derived metadata, on the tower's device
+        (the last `keep` grid sets are cached)."""
+        from transformers.vision_utils import get_vision_cu_seqlens, get_vision_position_ids, get_vision_window_index
+
+        key = tuple(tuple(g) for g in grid_thw.tolist())
+        meta = self._metadata.get(key)
+        if meta is None:
+            grid = grid_thw.cpu()
+            cu = get_vision_cu_seqlens(grid)
+            meta = {"position_ids": get_vision_position_ids(grid, self.merge), "cu_seqlens": cu,
+                    "max_seqlen": int((cu[1:] - cu[:-1]).max())}
+            if self.windowed:
+                cfg = self.module.config
+                index, cu_win = get_vision_window_index(grid, spatial_merge_size=self.merge,
+                                                        window_size=cfg.window_size, patch_size=cfg.patch_size)
+                meta.update(window_index=index, cu_window_seqlens=cu_win,
+                            max_window_seqlen=int((cu_win[1:] - cu_win[:-1]).max()))
+            meta = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in meta.items()}
+            self._metadata[key] = meta
+            if len(self._metadata) > keep:
+                self._metadata.popitem(last=False)
+        self._metadata.move_to_end(key)
+        return dict(meta)   # the forward pops them
