@@ -50,12 +50,13 @@ _ORDER = {"by_shrink": True}     # the pass order rule of the installed Pillow (
 @functools.cache
 def matches_pillow() -> bool:
     """Whether `bicubic_resize` gives the installed Pillow's bytes: probed once on a small random
-    image, for a resize where the two pass orders differ and for plain up- and downscales."""
+    image, for resizes where the two pass orders differ, plain up- and downscales, a downscale by
+    more than 2 (wider taps) and a large upscale."""
     from PIL import Image
 
     rng = np.random.default_rng(0)
     probe = rng.integers(0, 256, (48, 40, 3), dtype=np.uint8)
-    cases = [(30, 44), (61, 53), (21, 17)]     # (height, width): height shrinks, width grows; up; down
+    cases = [(30, 44), (40, 20), (61, 53), (21, 17), (9, 13), (48, 7), (200, 150), (47, 41)]   # (height, width)
 
     def same(height: int, width: int) -> bool:
         ref = np.asarray(Image.fromarray(probe).resize((width, height), resample=Image.BICUBIC))
