@@ -27,6 +27,7 @@ import torch
 from epd.attention.base import GraphDecodeBucket
 from epd.attention.flashinfer_backend import FlashInferBackend
 from epd.kv_pool import KVCache
+from epd.model_runner import token_positions, write_slots
 from epd.models.qwen2_vl_text import Qwen2VLLanguageModel
 from epd.scheduler import Chunk
 
@@ -126,28 +127,20 @@ class CudaGraphDecodeRunner:
         """Stage the step's inputs (one copy) and plan the bucket's attention; no device sync
         unless the previous step's copy has not finished reading the staging buffer."""
         ps, m = self.kv.spec.page_size, self.max_bs
-        ids, pos, slots, kv_lens, tables = [], [], [], [], []
-        for c in chunks:
-            req, i = c.req, c.start
-            if i >= req.prompt_len:
-                ids.append(req.output_ids[i - req.prompt_len])
-                p = i + req.inp.mrope_delta
-                pos.append((p, p, p))
-            else:
-                ids.append(req.inp.input_ids[i])
-                pos.append(tuple(int(x) for x in req.inp.positions[:, i]))
-            slots.append(req.pages[i // ps] * ps + i % ps)
-            kv_lens.append(i + 1)
-            tables.append(req.page_array())
+        ids = [c.req.output_ids[c.start - c.req.prompt_len] if c.start >= c.req.prompt_len
+               else c.req.inp.input_ids[c.start] for c in chunks]
+        pos = np.concatenate([token_positions(c.req, c.start, c.start + 1) for c in chunks], axis=1)
+        tables = [c.req.page_array() for c in chunks]
+        slots = write_slots(chunks, tables, ps)
         self._copied.synchronize()
         host, n = self._host_np, len(chunks)
         host[:] = 0
         host[:n] = ids
-        host[m:4 * m].reshape(3, m)[:, :n] = np.asarray(pos, dtype=np.int64).T
+        host[m:4 * m].reshape(3, m)[:, :n] = pos
         host[4 * m:4 * m + n] = slots
         self._dev.copy_(self._host, non_blocking=True)
         self._copied.record()
-        self._attn[bs].plan_padded(kv_lens, tables)
+        self._attn[bs].plan_padded([c.start + 1 for c in chunks], tables)
 
     @torch.inference_mode()
     def replay(self, bs: int) -> None:

@@ -56,7 +56,7 @@ class ModelRunner:
             req, end = c.req, c.start + c.length
             plen = req.prompt_len
             ids.extend(req.output_ids[c.start - plen:end - plen] if c.start >= plen else req.token_at(c.start, end))
-            positions.append(_positions(req, c.start, end))
+            positions.append(token_positions(req, c.start, end))
         tables = [c.req.page_array() for c in chunks]
         meta = StepMetadata(
             qo_lens=[c.length for c in chunks],
@@ -113,7 +113,7 @@ def write_slots(chunks: list[Chunk], tables: list[np.ndarray], page_size: int) -
     return pages[np.repeat(first_page, lengths) + index // page_size] * page_size + index % page_size
 
 
-def _positions(req: Request, start: int, end: int) -> np.ndarray:
+def token_positions(req: Request, start: int, end: int) -> np.ndarray:
     """int64 [3, end - start] M-RoPE positions; tokens past the prompt use index + delta."""
     plen = req.prompt_len
     if start >= plen and end - start == 1:  # a decode token
