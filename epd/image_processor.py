@@ -138,12 +138,15 @@ class ImageProcessor:
     def preprocess(self, image: Image.Image) -> PreprocessedImage:
         if self._spec is not None and image.mode == "RGB" and min(image.size) >= 4:
             height, width = self.resized_size(image)
-            later = (width, height) != image.size and self.resize_on_device
-            if (width, height) != image.size and not later:
-                image = image.resize((width, height), resample=self._proc.resample)
+            resize_to = None
+            if (width, height) != image.size:
+                if self.resize_on_device:
+                    resize_to = (height, width)
+                else:
+                    image = image.resize((width, height), resample=self._proc.resample)
             t, h, w = 1, height // self._spec.patch, width // self._spec.patch
             return PreprocessedImage(torch.from_numpy(np.array(image)), (t, h, w), t * h * w // self.merge**2,
-                                     self._spec, (height, width) if later else None)
+                                     self._spec, resize_to)
         out = self._proc(images=[image], return_tensors="pt")
         t, h, w = (int(x) for x in out["image_grid_thw"][0].tolist())
         return PreprocessedImage(out["pixel_values"], (t, h, w), t * h * w // self.merge**2)

@@ -65,7 +65,6 @@ class VisionTower:
         sizes = (grid_thw.prod(-1) // self.merge**2).tolist()
         return list(torch.split(merged, sizes))
 
-
     def metadata(self, grid_thw: torch.Tensor, keep: int = 64) -> dict[str, Any]:
         """Keyword arguments with the forward's grid-derived metadata, on the tower's device
         (the last `keep` grid sets are cached)."""
