@@ -6,7 +6,8 @@ Sections, per model (JSON written after each, so a run cut short still reports w
   1. decode step with CUDA graphs and without, batch 1/8/32/128 at 1024-token contexts:
      engine step wall time, forward device time, tokens/s, % of the HBM roofline
      ((weight bytes + KV bytes read) / step time / device-to-device copy bandwidth of this run);
-     and with graphs but without the decode GEMV kernels (`decode_without_gemv`, batch 1/8) or
+     and with graphs but without the decode GEMV kernels (`decode_without_gemv`, batch 1/8), without
+     programmatic dependent launch (`decode_without_pdl`, batch 1/8) or
      with flashinfer's decode attention instead of the split-KV kernels (`decode_flashinfer_attention`);
   2. output tokens/s against transformers `generate` (static cache) on the same weights;
   3. prefill tokens/s and MFU (against this run's measured bf16 matmul rate), 1x4096 and 8x1024;
@@ -137,11 +138,13 @@ def _engine_sections(report: Report, name: str, core, args: argparse.Namespace) 
     if "decode" in wanted:
         report.section(name, "decode", lambda: _decode_all(core, facts, ceil["d2d_copy_GBps"]))
         from epd.attention import flashinfer_backend
-        from epd.models import decode_gemv
+        from epd.models import decode_gemv, fused_ops
 
         bw = ceil["d2d_copy_GBps"]
-        report.section(name, "decode_without_gemv",     # cuBLAS o_proj / down_proj
+        report.section(name, "decode_without_gemv",     # cuBLAS q/k/v, o_proj, down_proj
                        lambda: _decode_variant(core, facts, bw, decode_gemv, "MAX_ROWS", 0, (1, 8)))
+        report.section(name, "decode_without_pdl",      # kernels not launched to overlap the one before
+                       lambda: _decode_variant(core, facts, bw, fused_ops, "PDL", False, (1, 8)))
         report.section(name, "decode_flashinfer_attention",   # flashinfer's decode wrapper in the graphs
                        lambda: _decode_variant(core, facts, bw, flashinfer_backend, "GRAPH_DECODE", "flashinfer",
                                                DECODE_BATCHES))

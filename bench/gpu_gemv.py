@@ -2,13 +2,14 @@
 
     python3 -m bench.gpu_gemv --out $OUT/gemv.json [--sweep]
 
-For o_proj and down_proj of the 3b and 7b presets and 1, 4 and 8 rows: the time of one call as
-part of a CUDA graph that calls it once per layer on that many distinct weight copies (as a
-decode step does, so the L2 cache does not hold the weights), for
-- `cublas`: F.linear (what the model runs without the GEMV path);
+For q/k/v (fused, with its bias), o_proj and down_proj of the 3b and 7b presets and 1, 4 and 8 rows:
+the time of one call as part of a CUDA graph that calls it once per layer on that many distinct
+weight copies (as a decode step does, so the L2 cache does not hold the weights), for
+- `cublas`: F.linear, with the bias for q/k/v (what the model runs without the GEMV path);
 - `gemv`: `decode_gemv.project` with its chosen block config, and with `--sweep` every config in
-  SWEEP. Its split-K partial sums are left for the next add + norm kernel to add up, as in the
-  model.
+  SWEEP. Its split-K partial sums (and q/k/v's bias) are left for the next kernel to add up, as
+  in the model. Also the default config launched without programmatic dependent launch
+  (`gemv_without_pdl_us`): in this chain of GEMVs alone PDL costs time, in the model it saves it.
 Bandwidth = weight bytes / time; `pct_copy` against this run's device-to-device copy bandwidth.
 """
 
@@ -26,6 +27,7 @@ import triton
 from bench import gpu_workloads as w
 from bench.report import write_json
 from epd.models import decode_gemv as g
+from epd.models import fused_ops as fo
 
 PRESETS = {"3b": dict(hidden=2048, inter=11008, heads=16, kv_heads=2, layers=36),
            "7b": dict(hidden=3584, inter=18944, heads=28, kv_heads=4, layers=28)}
@@ -36,7 +38,8 @@ BF16 = torch.bfloat16
 
 def _shapes(p: dict) -> dict[str, tuple[int, int]]:
     """projection -> (weight rows N, K)."""
-    return {"o_proj": (p["hidden"], p["heads"] * 128), "down": (p["hidden"], p["inter"])}
+    return {"qkv": ((p["heads"] + 2 * p["kv_heads"]) * 128, p["hidden"]), "o_proj": (p["hidden"], p["heads"] * 128),
+            "down": (p["hidden"], p["inter"])}
 
 
 def _graph_us(fn, layers: int) -> float:
@@ -44,12 +47,13 @@ def _graph_us(fn, layers: int) -> float:
     return w.graph_us_per_call(lambda: [fn(i) for i in range(layers)], 1) / layers
 
 
-def _case(rows: int, n: int, k: int, layers: int, configs: list[dict | None]) -> dict:
+def _case(rows: int, n: int, k: int, layers: int, configs: list[dict | None], bias: bool) -> dict:
     weights = [torch.randn(n, k, device="cuda", dtype=BF16) * k ** -0.5 for _ in range(layers)]
+    biases = [torch.randn(n, device="cuda", dtype=BF16) if bias else None for _ in range(layers)]
     x = torch.randn(rows, k, device="cuda", dtype=BF16)
     ref = F.linear(x, weights[0]).double()
     out = {"rows": rows, "weight_MB": n * k * 2 / 1e6,
-           "cublas_us": _graph_us(lambda i: F.linear(x, weights[i]), layers), "gemv": []}
+           "cublas_us": _graph_us(lambda i: F.linear(x, weights[i], biases[i]), layers), "gemv": []}
     for cfg in configs:
         try:
             got = g.linear(x, weights[0], cfg).double()
@@ -58,6 +62,11 @@ def _case(rows: int, n: int, k: int, layers: int, configs: list[dict | None]) ->
         err = ((got - ref).norm() / ref.norm()).item()
         us = _graph_us(lambda i, c=cfg: g.project(x, weights[i], c), layers)
         out["gemv"].append({"config": cfg or g.block_config(n, k), "us": us, "rel_err": err})
+    fo.PDL = False        # the default config launched without programmatic dependent launch
+    try:
+        out["gemv_without_pdl_us"] = _graph_us(lambda i: g.project(x, weights[i]), layers)
+    finally:
+        fo.PDL = True
     return out
 
 
@@ -72,14 +81,15 @@ def main(argv: list[str] | None = None) -> int:
     for name, p in PRESETS.items():
         for proj, (n, k) in _shapes(p).items():
             for rows in (1, 4, 8):
-                case = _case(rows, n, k, p["layers"], configs)
+                case = _case(rows, n, k, p["layers"], configs, bias=proj == "qkv")
                 case.update(model=name, proj=proj)
                 gbps = case["weight_MB"] * 1e3 / case["cublas_us"]
                 best = min(case["gemv"], key=lambda c: c["us"])
                 print(f"{name} {proj:<7} rows={rows} cuBLAS {case['cublas_us']:6.1f} us ({gbps / bw:4.0%}) | "
                       f"gemv default {case['gemv'][0]['us']:6.1f} us "
                       f"({case['weight_MB'] * 1e3 / case['gemv'][0]['us'] / bw:4.0%}) "
-                      f"best {best['us']:6.1f} us {best['config']} err {best['rel_err']:.1e}", flush=True)
+                      f"best {best['us']:6.1f} us {best['config']} err {best['rel_err']:.1e} | without PDL "
+                      f"{case['gemv_without_pdl_us']:6.1f} us", flush=True)
                 report["cases"].append(case)
                 write_json(args.out, report)
     print(json.dumps({"cases": len(report["cases"])}))

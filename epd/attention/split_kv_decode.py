@@ -32,7 +32,7 @@ from collections.abc import Sequence
 import torch
 
 from epd.attention.base import GraphDecodeBucket, page_arrays
-from epd.models.fused_ops import tl, triton
+from epd.models.fused_ops import gdc_enter, launch_options, tl, triton
 
 BLOCK_T = 16          # tokens per inner step
 MAX_SPLITS = 64
@@ -79,10 +79,10 @@ def split_kv_decode(q: torch.Tensor, kv_cache: torch.Tensor, indices: torch.Tens
     _split_kv_kernel[(b, hk, splits)](
         q, kv_cache, indices, rows, part, lse, 1.0 / math.sqrt(d) * 1.4426950408889634, b, splits,
         HQ=hq, HK=hk, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), D=d, PS=ps,
-        BLOCK_T=BLOCK_T, num_warps=4, num_stages=2)
+        BLOCK_T=BLOCK_T, num_warps=4, num_stages=2, **launch_options(q))
     block_d = min(d, 32)
     _merge_kernel[(b * hq, d // block_d)](part, lse, out, splits, D=d, BLOCK_D=block_d,
-                                          SPLITS_PAD=triton.next_power_of_2(splits), num_warps=1)
+                                          SPLITS_PAD=triton.next_power_of_2(splits), num_warps=1, **launch_options(q))
     return out
 
 
@@ -91,7 +91,8 @@ if triton is not None:
     @triton.jit
     def _split_kv_kernel(q_ptr, cache_ptr, indices_ptr, rows_ptr, part_ptr, lse_ptr, scale_log2, B, SPLITS,
                          HQ: tl.constexpr, HK: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
-                         D: tl.constexpr, PS: tl.constexpr, BLOCK_T: tl.constexpr):
+                         D: tl.constexpr, PS: tl.constexpr, BLOCK_T: tl.constexpr, USE_GDC: tl.constexpr):
+        gdc_enter(USE_GDC)
         req = tl.program_id(0)
         kvh = tl.program_id(1)
         split = tl.program_id(2)
@@ -129,7 +130,8 @@ if triton is not None:
 
     @triton.jit
     def _merge_kernel(part_ptr, lse_ptr, out_ptr, SPLITS, D: tl.constexpr, BLOCK_D: tl.constexpr,
-                      SPLITS_PAD: tl.constexpr):
+                      SPLITS_PAD: tl.constexpr, USE_GDC: tl.constexpr):
+        gdc_enter(USE_GDC)
         row = tl.program_id(0)                  # (request, head); axis 1: a slice of head_dim
         s = tl.arange(0, SPLITS_PAD)
         smask = s < SPLITS

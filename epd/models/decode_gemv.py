@@ -1,4 +1,4 @@
-"""Small-batch decode projections (o_proj, down_proj) as one Triton GEMV each.
+"""Small-batch decode projections (q/k/v, o_proj, down_proj) as one Triton GEMV each.
 
 At batch 1 a decode step reads every weight once, so a projection's time is its weight bytes
 over the memory bandwidth plus what the kernel adds on top. For the matrices whose output is the
@@ -8,11 +8,12 @@ columns over one slice of K, with rows padded to one 16-row tensor-core tile for
 in a memory-bound kernel) and Triton's pipeliner keeping several weight tiles in flight.
 
 K may be split into slices, each its own program, so that more programs stream the weight; the
-slices' fp32 partial sums [S, M, N] are not reduced here but by the next
-`fused_ops.add_rms_norm` (the residual add that follows o_proj and down_proj), so the split costs
-no reduce kernel. (Forming down_proj's silu(gate) * up inside the weight loop, to drop the
-silu*mul kernel, was measured 3-14x slower: the padded 16-row tile makes every program evaluate
-16 x K exponentials; BENCHMARKS.md.)
+slices' fp32 partial sums [S, M, N] are not reduced here but by the kernel that reads the
+product next: `fused_ops.add_rms_norm` (the residual add that follows o_proj and down_proj) or
+`fused_ops.rotary_qk_store_kv` (q/k/v, with its bias), so the split costs no reduce kernel.
+(Forming down_proj's silu(gate) * up inside the weight loop, to drop the silu*mul kernel, was
+measured 3-14x slower: the padded 16-row tile makes every program evaluate 16 x K exponentials;
+BENCHMARKS.md.)
 
 The kernel only reorders the fp32 sums of a dot product (as two GEMM kernels do); the sum is
 rounded once, like cuBLAS's. `bench/gpu_gemv.py` measures both on the model shapes (BENCHMARKS.md,
@@ -25,7 +26,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from epd.models.fused_ops import fused_path, tl, triton
+from epd.models.fused_ops import fused_path, gdc_enter, launch_options, tl, triton
 
 MAX_ROWS = 8          # decode batches up to this many rows take the GEMV kernel
 _ROW_TILE = 16        # rows padded to one tensor-core tile
@@ -52,7 +53,8 @@ def project(x: torch.Tensor, weight: torch.Tensor, config: dict | None = None) -
     parts = torch.empty(split, m, n, dtype=torch.float32, device=x.device)
     _gemv_kernel[(triton.cdiv(n, cfg["block_n"]), split)](
         x, weight, parts, m, n, k, per_split, BLOCK_M=_ROW_TILE,
-        BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"], num_warps=cfg["warps"], num_stages=cfg["stages"])
+        BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"], num_warps=cfg["warps"], num_stages=cfg["stages"],
+        **launch_options(x))
     return parts
 
 
@@ -74,7 +76,7 @@ if triton is not None:
 
     @triton.jit
     def _gemv_kernel(x_ptr, w_ptr, parts_ptr, M, N, K, K_PER_SPLIT,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_GDC: tl.constexpr):
         rows = tl.arange(0, BLOCK_M)
         rmask = rows < M
         cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -82,6 +84,7 @@ if triton is not None:
         split = tl.program_id(1)
         k_start = split * K_PER_SPLIT
         k_end = tl.minimum(K, k_start + K_PER_SPLIT)
+        gdc_enter(USE_GDC)
         w_cols = w_ptr + cols[None, :].to(tl.int64) * K           # [1, BLOCK_N]: columns of w.T
         x_rows = x_ptr + rows[:, None] * K
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)

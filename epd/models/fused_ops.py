@@ -12,6 +12,12 @@ and with ~28 layers that is milliseconds. These kernels fuse each group into one
 - `silu_and_mul(gate_up)`: silu(gate) * up;
 - `store_kv(cache, k, v, slots)`: write the step's K/V into the paged cache.
 
+On sm90+ GPUs the kernels (these, `decode_gemv`'s and the split-KV attention's) are launched with
+programmatic dependent launch (`pdl(x)`): each may be scheduled while the kernel before it in the
+stream (or CUDA graph) is still finishing, and waits for it (`griddepcontrol.wait`) before its
+first memory access, so what overlaps is the launch and block scheduling, never a read or write.
+A decode step is ~300 kernels of a few microseconds each, so that gap is a visible share of it.
+
 Each follows the rounding of the torch code it replaces (a bf16 result rounded where torch
 rounds), so the fused and unfused paths agree to bf16 precision. `fused_path(x)` says whether
 the Triton path applies: CUDA tensors of 16-bit dtypes, Triton importable. Anything else (the
@@ -31,10 +37,28 @@ except ImportError:  # pragma: no cover - exercised on CPU-only hosts
     tl = None
 
 _FUSED_DTYPES = (torch.bfloat16, torch.float16)
+PDL = True                     # programmatic dependent launch where the GPU has it (the bench turns it off)
+_PDL_CAPABLE: dict[int, bool] = {}
 
 
 def fused_path(x: torch.Tensor) -> bool:
     return triton is not None and x.is_cuda and x.dtype in _FUSED_DTYPES
+
+
+def pdl(x: torch.Tensor) -> bool:
+    """Whether kernels on x's device are launched with programmatic dependent launch (sm90+)."""
+    if not (PDL and x.is_cuda):
+        return False
+    index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    if index not in _PDL_CAPABLE:
+        _PDL_CAPABLE[index] = torch.cuda.get_device_capability(index)[0] >= 9
+    return _PDL_CAPABLE[index]
+
+
+def launch_options(x: torch.Tensor) -> dict:
+    """The kernel arguments that switch programmatic dependent launch on or off for x's device."""
+    on = pdl(x)
+    return {"USE_GDC": on, "launch_pdl": on}
 
 
 # ---- torch references (the CPU path, and what the kernels must match) ----------------------------
@@ -75,7 +99,7 @@ def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tens
     if t:
         _add_rms_norm_kernel[(t,)](x, delta.contiguous() if delta is not None else x, weight, out, res, t, n, eps,
                                    HAS_DELTA=delta is not None, PARTS=delta.shape[0] if parts else 0,
-                                   BLOCK=triton.next_power_of_2(n), num_warps=8)
+                                   BLOCK=triton.next_power_of_2(n), num_warps=8, **launch_options(x))
     return res, out
 
 
@@ -95,25 +119,36 @@ def rotary_qk(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, hq: int,
     q = torch.empty(t, hq, d, dtype=qkv.dtype, device=qkv.device)
     if t:
         _rotary_qk_kernel[(t, hq + hk)](qkv, cos, sin, q, qkv.stride(0), cos.stride(0), hq,
-                                         HALF=d // 2, num_warps=1)
+                                         HALF=d // 2, num_warps=1, **launch_options(qkv))
     return q
 
 
 def rotary_qk_store_kv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, hq: int, hk: int,
-                       cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+                       cache: torch.Tensor, slots: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """qkv: [T, (hq + 2 hk) * D] (contiguous), cos/sin: [T, D], cache: [P, 2, page_size, hk, D],
     slots: [T] int64 -> q [T, hq, D] rotated; rotated k and v are written to the cache slots.
-    Same values as `rotary_qk` then `store_kv`; qkv is left untouched."""
-    t = qkv.shape[0]
+    Same values as `rotary_qk` then `store_kv`; qkv is left untouched.
+
+    qkv may instead be the fp32 partial sums [S, T, N] of a split-K projection
+    (`decode_gemv.project`) that has `bias` still to add: the qkv is then their total plus the bias,
+    rounded once to the cache's dtype (as a cuBLAS GEMM with a bias epilogue rounds)."""
+    parts = qkv.dim() == 3
+    t = qkv.shape[-2]
     d = cos.shape[-1]
-    if not fused_path(qkv) or cache.dtype != qkv.dtype:
+    if not fused_path(cache) or (not parts and cache.dtype != qkv.dtype):
+        if parts:
+            total = qkv.sum(0) + (bias.float() if bias is not None else 0.0)
+            qkv = total.to(cache.dtype)
         q = rotary_qk(qkv, cos, sin, hq, hk)
         store_kv(cache, qkv[:, hq * d:(hq + hk) * d].view(t, hk, d), qkv[:, (hq + hk) * d:].view(t, hk, d), slots)
         return q
-    q = torch.empty(t, hq, d, dtype=qkv.dtype, device=qkv.device)
+    qkv = qkv.contiguous()
+    q = torch.empty(t, hq, d, dtype=cache.dtype, device=qkv.device)
     if t:
-        _rotary_qk_store_kv_kernel[(t, hq + 2 * hk)](qkv, cos, sin, q, cache, slots, qkv.stride(0), cos.stride(0),
-                                                     hq, hk, cache.shape[2], HALF=d // 2, num_warps=1)
+        _rotary_qk_store_kv_kernel[(t, hq + 2 * hk)](
+            qkv, bias if bias is not None else qkv, cos, sin, q, cache, slots, qkv.stride(-2), cos.stride(0),
+            hq, hk, cache.shape[2], t, HALF=d // 2, PARTS=qkv.shape[0] if parts else 0,
+            HAS_BIAS=parts and bias is not None, num_warps=1, **launch_options(cache))
     return q
 
 
@@ -127,7 +162,7 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     block = 1024
     if t:
         _silu_mul_kernel[(t, triton.cdiv(inter, block))](gate_up, out, inter, gate_up.stride(0), BLOCK=block,
-                                                          num_warps=4)
+                                                          num_warps=4, **launch_options(gate_up))
     return out
 
 
@@ -143,16 +178,28 @@ def store_kv(cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch
     if t:
         width = hk * d
         _store_kv_kernel[(t,)](cache, k, v, slots, k.stride(0), v.stride(0), ps, width,
-                               BLOCK=triton.next_power_of_2(width), num_warps=4)
+                               BLOCK=triton.next_power_of_2(width), num_warps=4, **launch_options(cache))
 
 
 # ---- kernels -------------------------------------------------------------------------------------
 
+gdc_enter = None   # the Triton helper below, where Triton is importable
+
 if triton is not None:
 
     @triton.jit
+    def gdc_enter(USE_GDC: tl.constexpr):
+        """First thing in a kernel launched with programmatic dependent launch: wait until the kernel
+        before it has finished and its writes are visible, then let the next one be scheduled."""
+        if USE_GDC:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+
+    @triton.jit
     def _add_rms_norm_kernel(x_ptr, d_ptr, w_ptr, out_ptr, res_ptr, t, n, eps,
-                             HAS_DELTA: tl.constexpr, PARTS: tl.constexpr, BLOCK: tl.constexpr):
+                             HAS_DELTA: tl.constexpr, PARTS: tl.constexpr, BLOCK: tl.constexpr,
+                             USE_GDC: tl.constexpr):
+        gdc_enter(USE_GDC)
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         mask = cols < n
@@ -176,7 +223,8 @@ if triton is not None:
 
     @triton.jit
     def _rotary_qk_kernel(qkv_ptr, cos_ptr, sin_ptr, q_ptr, row_stride, cs_stride, hq,
-                          HALF: tl.constexpr):
+                          HALF: tl.constexpr, USE_GDC: tl.constexpr):
+        gdc_enter(USE_GDC)
         tok = tl.program_id(0).to(tl.int64)
         head = tl.program_id(1)
         i = tl.arange(0, HALF)
@@ -197,14 +245,29 @@ if triton is not None:
         tl.store(dst + HALF + i, o2)
 
     @triton.jit
-    def _rotary_qk_store_kv_kernel(qkv_ptr, cos_ptr, sin_ptr, q_ptr, cache_ptr, slot_ptr, row_stride, cs_stride,
-                                   hq, hk, page_size, HALF: tl.constexpr):
+    def _rotary_qk_store_kv_kernel(qkv_ptr, bias_ptr, cos_ptr, sin_ptr, q_ptr, cache_ptr, slot_ptr, row_stride,
+                                   cs_stride, hq, hk, page_size, T, HALF: tl.constexpr, PARTS: tl.constexpr,
+                                   HAS_BIAS: tl.constexpr, USE_GDC: tl.constexpr):
+        gdc_enter(USE_GDC)
         tok = tl.program_id(0).to(tl.int64)
         head = tl.program_id(1)            # q heads, then k heads, then v heads
         i = tl.arange(0, HALF)
-        src = qkv_ptr + tok * row_stride + head * (2 * HALF)
-        x1 = tl.load(src + i)
-        x2 = tl.load(src + HALF + i)
+        if PARTS > 0:                      # fp32 partial sums [PARTS, T, N]: total + bias, rounded once
+            f1 = tl.zeros([HALF], dtype=tl.float32)
+            f2 = tl.zeros([HALF], dtype=tl.float32)
+            for part in tl.static_range(PARTS):
+                src = qkv_ptr + (part * T + tok) * row_stride + head * (2 * HALF)
+                f1 += tl.load(src + i)
+                f2 += tl.load(src + HALF + i)
+            if HAS_BIAS:
+                f1 += tl.load(bias_ptr + head * (2 * HALF) + i).to(tl.float32)
+                f2 += tl.load(bias_ptr + head * (2 * HALF) + HALF + i).to(tl.float32)
+            x1 = f1.to(q_ptr.dtype.element_ty)
+            x2 = f2.to(q_ptr.dtype.element_ty)
+        else:
+            src = qkv_ptr + tok * row_stride + head * (2 * HALF)
+            x1 = tl.load(src + i)
+            x2 = tl.load(src + HALF + i)
         if head < hq + hk:                 # q and k rotate, rounding as `_rotary_qk_kernel` does
             c1 = tl.load(cos_ptr + tok * cs_stride + i).to(tl.float32)
             c2 = tl.load(cos_ptr + tok * cs_stride + HALF + i).to(tl.float32)
@@ -227,7 +290,8 @@ if triton is not None:
         tl.store(dst + HALF + i, o2)
 
     @triton.jit
-    def _silu_mul_kernel(gu_ptr, out_ptr, inter, row_stride, BLOCK: tl.constexpr):
+    def _silu_mul_kernel(gu_ptr, out_ptr, inter, row_stride, BLOCK: tl.constexpr, USE_GDC: tl.constexpr):
+        gdc_enter(USE_GDC)
         row = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = cols < inter
@@ -238,7 +302,8 @@ if triton is not None:
 
     @triton.jit
     def _store_kv_kernel(cache_ptr, k_ptr, v_ptr, slot_ptr, k_stride, v_stride, page_size, width,
-                         BLOCK: tl.constexpr):
+                         BLOCK: tl.constexpr, USE_GDC: tl.constexpr):
+        gdc_enter(USE_GDC)
         tok = tl.program_id(0).to(tl.int64)
         slot = tl.load(slot_ptr + tok)
         page = slot // page_size

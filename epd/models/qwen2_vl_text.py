@@ -7,8 +7,9 @@ Numerics follow the reference implementation (RMSNorm in float32, rotary tables 
 
 On GPU in 16-bit dtypes the loader calls `fuse_projections()` once: q/k/v and gate/up become one
 GEMM each, and norms (with the residual add), rotary and silu*mul run as fused kernels
-(`fused_ops`); in steps of a few rows (decode) o_proj and down_proj run as GEMV kernels
-(`decode_gemv`, leaving split-K partial sums that the next add + norm kernel adds up).
+(`fused_ops`); in steps of a few rows (decode) q/k/v, o_proj and down_proj run as GEMV kernels
+(`decode_gemv`, leaving split-K partial sums: the rotary kernel adds up q/k/v's with its bias, the
+next add + norm kernel o_proj's and down_proj's).
 Elsewhere the plain torch path runs, unchanged.
 """
 
@@ -20,7 +21,7 @@ from torch import nn
 
 from epd.attention.base import AttentionBackend
 from epd.config import TextConfig
-from epd.models.decode_gemv import project
+from epd.models.decode_gemv import gemv_path, project
 from epd.models.fused_ops import (
     add_rms_norm,
     apply_rotary_ref,
@@ -96,7 +97,7 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 backend: AttentionBackend, kv_cache: torch.Tensor) -> torch.Tensor:
         if self.qkv_proj is not None:
-            return project(self.attend_qkv(self.qkv_proj(x), cos, sin, backend, kv_cache), self.o_proj.weight)
+            return project(self.attend_qkv(x, cos, sin, backend, kv_cache), self.o_proj.weight)
         t, hq, hk, d = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
         q = self.q_proj(x).view(t, hq, d)
         k = self.k_proj(x).view(t, hk, d)
@@ -104,15 +105,21 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         return self.o_proj(backend.attend(q, k, v, kv_cache).reshape(t, -1))
 
-    def attend_qkv(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+    def attend_qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                    backend: AttentionBackend, kv_cache: torch.Tensor) -> torch.Tensor:
-        """qkv: the fused projection's output [T, (hq + 2 hk) * D] -> attention output [T, hq * D]
-        (before o_proj); rotary on q and k, the step's K/V into the cache."""
-        t, hq, hk, d = qkv.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
+        """x [T, H] -> attention output [T, hq * D] (before o_proj): the fused q/k/v projection, rotary
+        on q and k, the step's K/V into the cache."""
+        t, hq, hk, d = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
+        proj = self.qkv_proj
         slots = backend.kv_write_slots()
         if slots is not None:                            # k and v go straight to the cache
-            q = rotary_qk_store_kv(qkv, cos, sin, hq, hk, kv_cache, slots)
+            if gemv_path(x, proj.weight) and kv_cache.dtype == x.dtype:
+                # decode GEMV: split-K partials, added up with the bias by the rotary kernel
+                q = rotary_qk_store_kv(project(x, proj.weight), cos, sin, hq, hk, kv_cache, slots, bias=proj.bias)
+            else:
+                q = rotary_qk_store_kv(proj(x), cos, sin, hq, hk, kv_cache, slots)
             return backend.attend(q, None, None, kv_cache).reshape(t, -1)
+        qkv = proj(x)
         q = rotary_qk(qkv, cos, sin, hq, hk)             # k rotated in place
         k = qkv[:, hq * d:(hq + hk) * d].view(t, hk, d)
         v = qkv[:, (hq + hk) * d:].view(t, hk, d)

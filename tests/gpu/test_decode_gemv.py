@@ -1,4 +1,4 @@
-"""The decode GEMV kernel computes what F.linear computes (bf16, the o_proj / down_proj shapes),
+"""The decode GEMV kernel computes what F.linear computes (bf16, the q/k/v, o_proj and down_proj shapes),
 however K is split into slices."""
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ def _as_accurate(got: torch.Tensor, ref: torch.Tensor, exact: torch.Tensor) -> N
 
 
 @pytest.mark.parametrize("rows", [1, 5, 8])
-@pytest.mark.parametrize("k,n", [(2048, 2048), (11008, 2048), (3584, 3584), (18944, 3584), (1000, 72)])
+@pytest.mark.parametrize("k,n", [(2048, 2048), (11008, 2048), (3584, 3584), (18944, 3584), (2048, 2560),
+                                 (3584, 4608), (1000, 72)])
 def test_linear_is_as_accurate_as_f_linear(rows, k, n):
     x, w = _inputs(rows, k, n, seed=rows + k)
     _as_accurate(g.linear(x, w), F.linear(x, w), F.linear(x.double(), w.double()))

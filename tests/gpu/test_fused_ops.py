@@ -82,6 +82,26 @@ def test_rotary_qk_store_kv_equals_rotary_then_store(tokens):
     assert torch.equal(fused.nan_to_num(7.0), ref.nan_to_num(7.0)), "K/V or untouched slots differ"
 
 
+@pytest.mark.parametrize("parts", [1, 4])
+def test_rotary_qk_store_kv_adds_up_split_k_partials_and_bias(parts):
+    """q/k/v from a split-K GEMV's fp32 partials plus the projection's bias: the same q and cache as
+    from their total rounded once to bf16."""
+    tokens, hq, hk, d, ps = 3, 16, 2, 128, 16
+    partials = torch.randn(parts, tokens, (hq + 2 * hk) * d, device="cuda")
+    bias = torch.randn((hq + 2 * hk) * d, device="cuda").to(BF16)
+    ang = torch.rand(tokens, d // 2, device="cuda") * 100
+    cos, sin = (torch.cat([f(ang)] * 2, -1).to(BF16) for f in (torch.cos, torch.sin))
+    slots = torch.randperm(20 * ps, device="cuda")[:tokens]
+    got, ref = (torch.full((20, 2, ps, hk, d), float("nan"), device="cuda", dtype=BF16) for _ in range(2))
+    total = partials[0].clone()
+    for p in partials[1:]:
+        total += p
+    q = fo.rotary_qk_store_kv(partials, cos, sin, hq, hk, got, slots, bias=bias)
+    ref_q = fo.rotary_qk_store_kv((total + bias.float()).to(BF16), cos, sin, hq, hk, ref, slots)
+    assert torch.equal(q, ref_q)
+    assert torch.equal(got.nan_to_num(7.0), ref.nan_to_num(7.0))
+
+
 def test_silu_and_mul():
     gu = torch.randn(9, 2 * 18944, device="cuda", dtype=BF16)
     g, u = gu[:, :18944], gu[:, 18944:]

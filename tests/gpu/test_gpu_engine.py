@@ -144,6 +144,26 @@ def test_3b_bf16_decode_steps_match_transformers(engine_3b, model_3b):
     assert cos.numel() == len(forced) + 1 and (cos >= 0.999).all(), f"cosine by step {cos.tolist()}"
 
 
+def test_3b_graph_decode_is_the_same_with_and_without_programmatic_dependent_launch(engine_3b):
+    """Kernels launched to overlap their predecessor's tail wait for it before touching memory: the
+    graph-replayed decode logits are bit-identical with the overlap (the default on sm90+) and without."""
+    from epd.models import fused_ops
+
+    core = engine_3b.core
+    inp = core.inputs.process(prompt=chat_prompt("Count to ten, slowly."), image_data=[])
+    forced = torch.randint(0, 1000, (8,), generator=torch.Generator().manual_seed(2)).tolist()
+    runs = {}
+    for on in (True, False):
+        fused_ops.PDL = on
+        try:
+            core.runner.graphs.capture()
+            runs[on] = torch.cat([s[-1:] for s in forced_logits(core, [inp], [forced])])
+        finally:
+            fused_ops.PDL = True
+    core.runner.graphs.capture()
+    assert torch.equal(runs[True], runs[False])
+
+
 def test_vision_varlen_matches_sdpa_tower(engine_3b):
     from epd.models.vision import VisionTower
 
