@@ -12,7 +12,8 @@ Sections, per model (JSON written after each, so a run cut short still reports w
   2. output tokens/s against transformers `generate` (static cache) on the same weights;
   3. prefill tokens/s and MFU (against this run's measured bf16 matmul rate), 1x4096 and 8x1024;
   5. vision-tower images/s against transformers' tower on the same weights (1280x720 image);
-  profile: torch.profiler device-time summary of one batch-1 decode (graph replay and eager).
+  profile: torch.profiler device-time summary of one batch-1 decode (graph replay and eager), and
+  of the vision tower on one 1280x720 image (`vision_profile`, with section 5).
 Sections 4 (KV transfer over UCX) and 5a (disaggregated TTFT) need two or more processes:
 `python3 -m bench.gpu_kv_transfer` and `python3 -m bench.gpu_disagg_ttft` write their own JSON.
 """
@@ -129,6 +130,12 @@ def _profile(core, out_dir: str, name: str) -> dict:
     return profile_decode(core, os.path.join(out_dir, f"profile_{name}.txt"))
 
 
+def _profile_vision(core, out_dir: str) -> dict:
+    from bench.gpu_profile import profile_vision
+
+    return profile_vision(core, os.path.join(out_dir, "profile_vision.txt"))
+
+
 def _engine_sections(report: Report, name: str, core, args: argparse.Namespace) -> dict[int, float]:
     """Sections 1, 3, 5 and the profile on one loaded engine; returns graph decode tokens/s by batch."""
     ceil = report.data["ceilings"]
@@ -155,6 +162,8 @@ def _engine_sections(report: Report, name: str, core, args: argparse.Namespace) 
                                                  w.prefill(core, facts, ceil["bf16_matmul_TFLOPs"], 8, 1024)])
     if name in args.vision and "vision" in wanted:
         report.section(name, "vision", lambda: w.vision(core))
+        out_dir = os.path.dirname(os.path.abspath(args.out))
+        report.section(name, "vision_profile", lambda: _profile_vision(core, out_dir))
     return {r["batch"]: r["tokens_per_s"] for r in report.data["models"][name].get("decode") or []
             if r["cuda_graph"]}
 

@@ -1,8 +1,10 @@
-"""Where a batch-1 decode step spends device time: torch.profiler over graph replays and eager steps.
+"""Where device time goes: torch.profiler over a batch-1 decode step (graph replays and eager
+steps) and over the vision tower's forward for one 1280x720 image.
 
 `profile_decode(core, path)` writes the profiler's kernel tables to `path` and returns, per mode,
 the device time per step split into GEMM, attention, fused Triton kernels and the rest, plus the
 ten most expensive kernels: the evidence for what limits a step against the roofline.
+`profile_vision(core, path)` does the same for one image through the engine's vision tower.
 """
 
 from __future__ import annotations
@@ -73,3 +75,23 @@ def profile_decode(core: EngineCore, path: str, steps: int = 5) -> dict:
     with open(path, "w") as f:
         f.write("\n\n".join(tables))
     return out
+
+
+def profile_vision(core: EngineCore, path: str, runs: int = 3) -> dict:
+    """Device time of the engine's vision tower on one 1280x720 image (preprocessed as served)."""
+    import numpy as np
+    from PIL import Image
+
+    img = Image.fromarray((np.random.RandomState(0).rand(720, 1280, 3) * 255).astype("uint8"))
+    pre = core.inputs.image_processor.preprocess(img)
+    pixels, grids = pre.pixel_values.to(core.device), torch.tensor([pre.grid_thw])
+    core.vision.encode(pixels, grids)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(runs):
+            core.vision.encode(pixels, grids)
+        torch.cuda.synchronize()
+    with open(path, "w") as f:
+        f.write(f"== vision tower, one 1280x720 image (grid {list(pre.grid_thw)}), {runs} runs ==\n"
+                + prof.key_averages().table(sort_by="device_time_total", row_limit=30))
+    return _summary(prof, runs)

@@ -208,7 +208,7 @@ def _hf_timed(model, ids: torch.Tensor, n: int) -> float:
 
 
 def vision(core: EngineCore, batches: tuple[int, ...] = (1, 4)) -> dict:
-    """Images/s of the engine's tower (varlen attention) and of transformers' own (SDPA), same weights."""
+    """Images/s of the engine's tower (`vision_blocks`) and of transformers' own (SDPA), same weights."""
     import numpy as np
     from PIL import Image
 
@@ -219,7 +219,7 @@ def vision(core: EngineCore, batches: tuple[int, ...] = (1, 4)) -> dict:
     img = Image.fromarray((rng.rand(720, 1280, 3) * 255).astype("uint8"))
     pre = core.inputs.image_processor.preprocess(img)
     out: dict = {"image": "1280x720", "grid_thw": list(pre.grid_thw), "tokens_per_image": pre.num_tokens,
-                 "attention": core.vision.module.config._attn_implementation, "rows": []}
+                 "blocks": "epd fast blocks" if core.vision.fast_blocks else "transformers", "rows": []}
     for b in batches:
         pixels = pre.pixel_values.repeat(b, 1).to(core.device)
         grids = torch.tensor([pre.grid_thw] * b)

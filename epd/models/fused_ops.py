@@ -9,6 +9,7 @@ and with ~28 layers that is milliseconds. These kernels fuse each group into one
 - `rotary_qk(qkv, cos, sin, hq, hk)`: rotary on q (written out contiguous) and k (in place);
 - `rotary_qk_store_kv(qkv, cos, sin, hq, hk, cache, slots)`: rotary on q, and k rotated and v
   written straight into the paged cache (one launch per layer fewer in a decode step);
+- `rotary_qkv_split(qkv, cos, sin, heads)`: a vision block's rotary, q/k/v split out for attention;
 - `silu_and_mul(gate_up)`: silu(gate) * up;
 - `store_kv(cache, k, v, slots)`: write the step's K/V into the paged cache.
 
@@ -152,6 +153,26 @@ def rotary_qk_store_kv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, 
     return q
 
 
+def rotary_qkv_split(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                     heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A vision block's fused projection qkv: [S, 3 * heads * D], cos/sin: [S, D] (float32) -> q, k, v,
+    each [S, heads, D] contiguous (what varlen attention takes); q and k rotated in float32 and
+    rounded once, as transformers' vision rotary does, v copied."""
+    s = qkv.shape[0]
+    d = cos.shape[-1]
+    if not fused_path(qkv):
+        q, k, v = qkv.view(s, 3, heads, d).unbind(1)
+        c, sn = cos[:, None, :].float(), sin[:, None, :].float()
+        q, k = ((x.float() * c + rotate_half(x.float()) * sn).to(qkv.dtype) for x in (q, k))
+        return q, k, v.contiguous()
+    out = torch.empty(3, s, heads, d, dtype=qkv.dtype, device=qkv.device)
+    if s:
+        _rotary_qkv_split_kernel[(s,)](qkv, cos, sin, out, qkv.stride(0), cos.stride(0), s, heads, HALF=d // 2,
+                                       BLOCK=triton.next_power_of_2(d // 2), ROWS=triton.next_power_of_2(3 * heads),
+                                       num_warps=4, **launch_options(qkv))
+    return out[0], out[1], out[2]
+
+
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """gate_up: [T, 2 I] -> silu(gate) * up: [T, I]."""
     inter = gate_up.shape[-1] // 2
@@ -288,6 +309,29 @@ if triton is not None:
             dst = cache_ptr + (row * hk + kv_head) * (2 * HALF)
         tl.store(dst + i, o1)
         tl.store(dst + HALF + i, o2)
+
+    @triton.jit
+    def _rotary_qkv_split_kernel(qkv_ptr, cos_ptr, sin_ptr, out_ptr, row_stride, cs_stride, S, heads,
+                                 HALF: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr, USE_GDC: tl.constexpr):
+        gdc_enter(USE_GDC)
+        tok = tl.program_id(0).to(tl.int64)
+        r = tl.arange(0, ROWS)[:, None]                # (q | k | v) * heads + head
+        i = tl.arange(0, BLOCK)[None, :]
+        m = (r < 3 * heads) & (i < HALF)
+        src = qkv_ptr + tok * row_stride + r * (2 * HALF) + i
+        f1 = tl.load(src, mask=m, other=0.0).to(tl.float32)
+        f2 = tl.load(src + HALF, mask=m, other=0.0).to(tl.float32)
+        cm = i < HALF
+        c1 = tl.load(cos_ptr + tok * cs_stride + i, mask=cm, other=0.0).to(tl.float32)
+        c2 = tl.load(cos_ptr + tok * cs_stride + HALF + i, mask=cm, other=0.0).to(tl.float32)
+        s1 = tl.load(sin_ptr + tok * cs_stride + i, mask=cm, other=0.0).to(tl.float32)
+        s2 = tl.load(sin_ptr + tok * cs_stride + HALF + i, mask=cm, other=0.0).to(tl.float32)
+        rotate = r < 2 * heads                         # q and k; v passes through (exactly)
+        o1 = tl.where(rotate, f1 * c1 - f2 * s1, f1).to(out_ptr.dtype.element_ty)
+        o2 = tl.where(rotate, f2 * c2 + f1 * s2, f2).to(out_ptr.dtype.element_ty)
+        dst = out_ptr + (((r // heads) * S + tok) * heads + r % heads) * (2 * HALF) + i
+        tl.store(dst, o1, mask=m)
+        tl.store(dst + HALF, o2, mask=m)
 
     @triton.jit
     def _silu_mul_kernel(gu_ptr, out_ptr, inter, row_stride, BLOCK: tl.constexpr, USE_GDC: tl.constexpr):

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from epd.config import ModelConfig
-from epd.models.vision_attention import enable_varlen_attention
+from epd.models.vision_blocks import fast_blocks_available, install_fast_blocks
 from epd.weights import iter_weights, load_into
 
 
@@ -37,8 +37,9 @@ def _vision_class(arch: str):
 class VisionTower:
     def __init__(self, config: ModelConfig, device: torch.device | str, dtype: torch.dtype,
                  attention: str = "auto") -> None:
-        """attention: "auto" = varlen flash attention where it runs (GPU, bf16/fp16), else SDPA;
-        "sdpa" = transformers' own path (the reference)."""
+        """attention: "auto" = our GPU blocks (`vision_blocks`: fused kernels, varlen flash
+        attention) where they run (GPU, bf16/fp16), else transformers' blocks with SDPA;
+        "sdpa" = transformers' own blocks (the reference)."""
         cls = _vision_class(config.arch)
         vcfg = config.hf_config.vision_config
         vcfg._attn_implementation = "sdpa"
@@ -49,8 +50,9 @@ class VisionTower:
         load_into(module, iter_weights(config.model_path, "visual."), strip="visual.")
         self.module = module.eval()
         self.device = torch.device(device)
-        if attention == "auto":
-            enable_varlen_attention(self.module, self.device, dtype)
+        self.fast_blocks = attention == "auto" and fast_blocks_available(self.device, dtype)
+        if self.fast_blocks:
+            install_fast_blocks(self.module)
         self.dtype = dtype
         self.merge = config.spatial_merge_size
         self.windowed = config.arch != "qwen2_vl"      # Qwen2.5-VL's window attention

@@ -164,13 +164,15 @@ def test_3b_graph_decode_is_the_same_with_and_without_programmatic_dependent_lau
     assert torch.equal(runs[True], runs[False])
 
 
-def test_vision_varlen_matches_sdpa_tower(engine_3b):
+def test_vision_fast_blocks_match_transformers_tower(engine_3b):
     from epd.models.vision import VisionTower
 
     core = engine_3b.core
     ref = VisionTower(core.model_config, core.device, core.dtype, attention="sdpa")  # transformers' own path
-    assert ref.module.config._attn_implementation == "sdpa"
-    assert all(b.attn.config._attn_implementation == "epd_flash_varlen" for b in core.vision.module.blocks)
+    from epd.models.vision_blocks import FastVisionBlock
+
+    assert ref.module.config._attn_implementation == "sdpa" and not ref.fast_blocks
+    assert core.vision.fast_blocks and all(isinstance(b, FastVisionBlock) for b in core.vision.module.blocks)
     pre = [core.inputs.image_processor.preprocess(noise_image(w, h, seed=i))
            for i, (w, h) in enumerate([(1280, 720), (448, 448)])]
     pixels = torch.cat([p.pixel_values for p in pre])
