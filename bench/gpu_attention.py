@@ -1,12 +1,13 @@
 """Paged decode attention alone: our split-KV Triton kernels (what CUDA graphs capture) against
 flashinfer's tensor-core and CUDA-core decode kernels, in CUDA graphs, for the 3b and 7b layouts.
 
-    python3 -m bench.gpu_attention --out attn.json
+    python3 -m bench.gpu_attention --out attn.json [--splits 8,16,32,64]
 
 Each case: `batch` requests of `context` tokens on randomly ordered pages of 16 tokens, one layer,
 bf16, head_dim 128; a CUDA graph of `layers` back-to-back attention calls (as in one decode step) is
 replayed and timed with CUDA events; reported per call in microseconds, with the KV bytes read per
-second, and the error against a float32 reference.
+second, and the error against a float32 reference. `--splits` also times the split-KV kernels with
+each given split count instead of `splits_for`'s choice (kernel "split_kv/N").
 """
 
 from __future__ import annotations
@@ -36,17 +37,18 @@ def _flashinfer(tensor_cores: bool, q, cache, order, indptr, last, hq, hk):
     return lambda: wrapper.run(q, cache)
 
 
-def _split_kv(q, cache, order, indptr, batch, context, hk):
+def _split_kv(q, cache, order, indptr, batch, context, hk, splits: int | None):
     from epd.attention.split_kv_decode import split_kv_decode, splits_for
 
     rows = torch.cat([indptr, torch.full((batch,), context, dtype=torch.int32, device="cuda")])
-    splits = splits_for(batch, hk, torch.cuda.get_device_properties(0).multi_processor_count)
+    if splits is None:
+        splits = splits_for(batch, hk, torch.cuda.get_device_properties(0).multi_processor_count)
     return lambda: split_kv_decode(q, cache, order, rows, splits)
 
 
 def case(layout: str, batch: int, context: int, kernel: str, calls: int = 28) -> dict:
     """kernel: flashinfer_tc (flashinfer's tensor-core decode), flashinfer_cc (its CUDA-core
-    kernel) or split_kv (ours, what CUDA graphs capture by default)."""
+    kernel), split_kv (ours, what CUDA graphs capture by default) or split_kv/N (ours, N splits)."""
     hq, hk = LAYOUTS[layout]
     pages_per = -(-context // PAGE)
     num_pages = batch * pages_per + 1
@@ -55,8 +57,9 @@ def case(layout: str, batch: int, context: int, kernel: str, calls: int = 28) ->
     indptr = torch.arange(0, batch + 1, dtype=torch.int32, device="cuda") * pages_per
     last = torch.full((batch,), context - (pages_per - 1) * PAGE, dtype=torch.int32, device="cuda")
     q = torch.randn(batch, hq, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
-    if kernel == "split_kv":
-        run = _split_kv(q, cache, order, indptr, batch, context, hk)
+    if kernel.startswith("split_kv"):
+        splits = int(kernel.split("/")[1]) if "/" in kernel else None
+        run = _split_kv(q, cache, order, indptr, batch, context, hk, splits)
     else:
         run = _flashinfer(kernel == "flashinfer_tc", q, cache, order, indptr, last, hq, hk)
     ref = _reference(q, cache, order, batch, pages_per, context, hq, hk)
@@ -84,11 +87,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batches", default="1,8,32,128")
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--splits", default="", help="comma-separated split counts to time as well")
     args = ap.parse_args(argv)
+    kernels = ["split_kv", "flashinfer_tc", "flashinfer_cc"] + [f"split_kv/{n}" for n in args.splits.split(",") if n]
     rows = []
     for layout in LAYOUTS:
         for batch in (int(x) for x in args.batches.split(",")):
-            for kernel in ("split_kv", "flashinfer_tc", "flashinfer_cc"):
+            for kernel in kernels:
                 try:
                     rows.append(case(layout, batch, args.context, kernel))
                 except RuntimeError as e:   # e.g. the CUDA-core kernel has no GQA group of 7 (7b)

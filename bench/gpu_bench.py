@@ -7,7 +7,8 @@ Sections, per model (JSON written after each, so a run cut short still reports w
      engine step wall time, forward device time, tokens/s, % of the HBM roofline
      ((weight bytes + KV bytes read) / step time / device-to-device copy bandwidth of this run);
      and with graphs but without the decode GEMV kernels (`decode_without_gemv`, batch 1/8), without
-     programmatic dependent launch (`decode_without_pdl`, batch 1/8) or
+     programmatic dependent launch (`decode_without_pdl`, batch 1/8), with the split-KV attention
+     capped at 16 or 32 splits a request (`decode_max_splits_N`, batch 1/8; the default cap is 64) or
      with flashinfer's decode attention instead of the split-KV kernels (`decode_flashinfer_attention`);
   2. output tokens/s against transformers `generate` (static cache) on the same weights;
   3. prefill tokens/s and MFU (against this run's measured bf16 matmul rate), 1x4096 and 8x1024;
@@ -136,6 +137,24 @@ def _profile_vision(core, out_dir: str) -> dict:
     return profile_vision(core, os.path.join(out_dir, "profile_vision.txt"))
 
 
+def _decode_sections(report: Report, name: str, core, facts: dict, bw: float) -> None:
+    """Section 1 and its variants: graphs captured again without (or with another) fast-path piece."""
+    from epd.attention import flashinfer_backend, split_kv_decode
+    from epd.models import decode_gemv, fused_ops
+
+    report.section(name, "decode", lambda: _decode_all(core, facts, bw))
+    report.section(name, "decode_without_gemv",     # cuBLAS q/k/v, o_proj, down_proj
+                   lambda: _decode_variant(core, facts, bw, decode_gemv, "MAX_ROWS", 0, (1, 8)))
+    report.section(name, "decode_without_pdl",      # kernels not launched to overlap the one before
+                   lambda: _decode_variant(core, facts, bw, fused_ops, "PDL", False, (1, 8)))
+    for cap in (16, 32):   # fewer KV splits a request: less partial-output traffic and merge work
+        report.section(name, f"decode_max_splits_{cap}",
+                       lambda c=cap: _decode_variant(core, facts, bw, split_kv_decode, "MAX_SPLITS", c, (1, 8)))
+    report.section(name, "decode_flashinfer_attention",   # flashinfer's decode wrapper in the graphs
+                   lambda: _decode_variant(core, facts, bw, flashinfer_backend, "GRAPH_DECODE", "flashinfer",
+                                           DECODE_BATCHES))
+
+
 def _engine_sections(report: Report, name: str, core, args: argparse.Namespace) -> dict[int, float]:
     """Sections 1, 3, 5 and the profile on one loaded engine; returns graph decode tokens/s by batch."""
     ceil = report.data["ceilings"]
@@ -143,18 +162,7 @@ def _engine_sections(report: Report, name: str, core, args: argparse.Namespace) 
     report.data["models"][name]["facts"] = facts
     wanted = set(args.sections.split(","))
     if "decode" in wanted:
-        report.section(name, "decode", lambda: _decode_all(core, facts, ceil["d2d_copy_GBps"]))
-        from epd.attention import flashinfer_backend
-        from epd.models import decode_gemv, fused_ops
-
-        bw = ceil["d2d_copy_GBps"]
-        report.section(name, "decode_without_gemv",     # cuBLAS q/k/v, o_proj, down_proj
-                       lambda: _decode_variant(core, facts, bw, decode_gemv, "MAX_ROWS", 0, (1, 8)))
-        report.section(name, "decode_without_pdl",      # kernels not launched to overlap the one before
-                       lambda: _decode_variant(core, facts, bw, fused_ops, "PDL", False, (1, 8)))
-        report.section(name, "decode_flashinfer_attention",   # flashinfer's decode wrapper in the graphs
-                       lambda: _decode_variant(core, facts, bw, flashinfer_backend, "GRAPH_DECODE", "flashinfer",
-                                               DECODE_BATCHES))
+        _decode_sections(report, name, core, facts, ceil["d2d_copy_GBps"])
     if "profile" in wanted:
         report.section(name, "profile", lambda: _profile(core, os.path.dirname(os.path.abspath(args.out)), name))
     if "prefill" in wanted:
