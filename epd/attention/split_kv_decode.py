@@ -79,10 +79,11 @@ def split_kv_decode(q: torch.Tensor, kv_cache: torch.Tensor, indices: torch.Tens
     _split_kv_kernel[(b, hk, splits)](
         q, kv_cache, indices, rows, part, lse, 1.0 / math.sqrt(d) * 1.4426950408889634, b, splits,
         HQ=hq, HK=hk, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), D=d, PS=ps,
-        BLOCK_T=BLOCK_T, num_warps=4, num_stages=2, **launch_options(q))
+        BLOCK_T=BLOCK_T, num_warps=4, num_stages=2, **launch_options(q, b))
     block_d = min(d, 32)
     _merge_kernel[(b * hq, d // block_d)](part, lse, out, splits, D=d, BLOCK_D=block_d,
-                                          SPLITS_PAD=triton.next_power_of_2(splits), num_warps=1, **launch_options(q))
+                                          SPLITS_PAD=triton.next_power_of_2(splits), num_warps=1,
+                                          **launch_options(q, b))
     return out
 
 

@@ -54,7 +54,7 @@ def project(x: torch.Tensor, weight: torch.Tensor, config: dict | None = None) -
     _gemv_kernel[(triton.cdiv(n, cfg["block_n"]), split)](
         x, weight, parts, m, n, k, per_split, BLOCK_M=_ROW_TILE,
         BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"], num_warps=cfg["warps"], num_stages=cfg["stages"],
-        **launch_options(x))
+        **launch_options(x, m))
     return parts
 
 

@@ -13,10 +13,11 @@ and with ~28 layers that is milliseconds. These kernels fuse each group into one
 - `silu_and_mul(gate_up)`: silu(gate) * up;
 - `store_kv(cache, k, v, slots)`: write the step's K/V into the paged cache.
 
-On sm90+ GPUs the kernels (these, `decode_gemv`'s and the split-KV attention's) are launched with
-programmatic dependent launch (`pdl(x)`): each may be scheduled while the kernel before it in the
-stream (or CUDA graph) is still finishing, and waits for it (`griddepcontrol.wait`) before its
-first memory access, so what overlaps is the launch and block scheduling, never a read or write.
+On sm90+ GPUs the kernels (these, `decode_gemv`'s and the split-KV attention's) are launched, in
+steps of at most `PDL_MAX_ROWS` tokens, with programmatic dependent launch (`launch_options`):
+each may be scheduled while the kernel before it in the stream (or CUDA graph) is still
+finishing, and waits for it (`griddepcontrol.wait`) before its first memory access, so what
+overlaps is the launch and block scheduling, never a read or write.
 A decode step is ~300 kernels of a few microseconds each, so that gap is a visible share of it.
 
 Each follows the rounding of the torch code it replaces (a bf16 result rounded where torch
@@ -39,6 +40,8 @@ except ImportError:  # pragma: no cover - exercised on CPU-only hosts
 
 _FUSED_DTYPES = (torch.bfloat16, torch.float16)
 PDL = True                     # programmatic dependent launch where the GPU has it (the bench turns it off)
+PDL_MAX_ROWS = 8               # only for launches over at most this many tokens (decode steps of the GEMV
+                               # path); prefill measured 2-5% lower MFU with it on every launch (BENCHMARKS.md)
 _PDL_CAPABLE: dict[int, bool] = {}
 
 
@@ -56,9 +59,10 @@ def pdl(x: torch.Tensor) -> bool:
     return _PDL_CAPABLE[index]
 
 
-def launch_options(x: torch.Tensor) -> dict:
-    """The kernel arguments that switch programmatic dependent launch on or off for x's device."""
-    on = pdl(x)
+def launch_options(x: torch.Tensor, rows: int) -> dict:
+    """The kernel arguments that switch programmatic dependent launch on or off for a launch over
+    `rows` tokens on x's device."""
+    on = rows <= PDL_MAX_ROWS and pdl(x)
     return {"USE_GDC": on, "launch_pdl": on}
 
 
@@ -100,7 +104,7 @@ def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tens
     if t:
         _add_rms_norm_kernel[(t,)](x, delta.contiguous() if delta is not None else x, weight, out, res, t, n, eps,
                                    HAS_DELTA=delta is not None, PARTS=delta.shape[0] if parts else 0,
-                                   BLOCK=triton.next_power_of_2(n), num_warps=8, **launch_options(x))
+                                   BLOCK=triton.next_power_of_2(n), num_warps=8, **launch_options(x, t))
     return res, out
 
 
@@ -120,7 +124,7 @@ def rotary_qk(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, hq: int,
     q = torch.empty(t, hq, d, dtype=qkv.dtype, device=qkv.device)
     if t:
         _rotary_qk_kernel[(t, hq + hk)](qkv, cos, sin, q, qkv.stride(0), cos.stride(0), hq,
-                                         HALF=d // 2, num_warps=1, **launch_options(qkv))
+                                         HALF=d // 2, num_warps=1, **launch_options(qkv, t))
     return q
 
 
@@ -149,7 +153,7 @@ def rotary_qk_store_kv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, 
         _rotary_qk_store_kv_kernel[(t, hq + 2 * hk)](
             qkv, bias if bias is not None else qkv, cos, sin, q, cache, slots, qkv.stride(-2), cos.stride(0),
             hq, hk, cache.shape[2], t, HALF=d // 2, PARTS=qkv.shape[0] if parts else 0,
-            HAS_BIAS=parts and bias is not None, num_warps=1, **launch_options(cache))
+            HAS_BIAS=parts and bias is not None, num_warps=1, **launch_options(cache, t))
     return q
 
 
@@ -169,7 +173,7 @@ def rotary_qkv_split(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     if s:
         _rotary_qkv_split_kernel[(s,)](qkv, cos, sin, out, qkv.stride(0), cos.stride(0), s, heads, HALF=d // 2,
                                        BLOCK=triton.next_power_of_2(d // 2), ROWS=triton.next_power_of_2(3 * heads),
-                                       num_warps=4, **launch_options(qkv))
+                                       num_warps=4, **launch_options(qkv, s))
     return out[0], out[1], out[2]
 
 
@@ -183,7 +187,7 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     block = 1024
     if t:
         _silu_mul_kernel[(t, triton.cdiv(inter, block))](gate_up, out, inter, gate_up.stride(0), BLOCK=block,
-                                                          num_warps=4, **launch_options(gate_up))
+                                                          num_warps=4, **launch_options(gate_up, t))
     return out
 
 
@@ -199,7 +203,7 @@ def store_kv(cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch
     if t:
         width = hk * d
         _store_kv_kernel[(t,)](cache, k, v, slots, k.stride(0), v.stride(0), ps, width,
-                               BLOCK=triton.next_power_of_2(width), num_warps=4, **launch_options(cache))
+                               BLOCK=triton.next_power_of_2(width), num_warps=4, **launch_options(cache, t))
 
 
 # ---- kernels -------------------------------------------------------------------------------------
