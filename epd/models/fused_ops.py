@@ -170,6 +170,7 @@ def rotary_qkv_split(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
         q, k = ((x.float() * c + rotate_half(x.float()) * sn).to(qkv.dtype) for x in (q, k))
         return q, k, v.contiguous()
     out = torch.empty(3, s, heads, d, dtype=qkv.dtype, device=qkv.device)
+    qkv, cos, sin = qkv.contiguous(), cos.contiguous(), sin.contiguous()
     if s:
         _rotary_qkv_split_kernel[(s,)](qkv, cos, sin, out, qkv.stride(0), cos.stride(0), s, heads, HALF=d // 2,
                                        BLOCK=triton.next_power_of_2(d // 2), ROWS=triton.next_power_of_2(3 * heads),
