@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from epd.config import ModelConfig
-from epd.models.vision_blocks import fast_blocks_available, install_fast_blocks
+from epd.models.vision_blocks import fast_blocks_available, install_fast_blocks, longest_segment
 from epd.weights import iter_weights, load_into
 
 
@@ -78,13 +78,13 @@ class VisionTower:
             grid = grid_thw.cpu()
             cu = get_vision_cu_seqlens(grid)
             meta = {"position_ids": get_vision_position_ids(grid, self.merge), "cu_seqlens": cu,
-                    "max_seqlen": int((cu[1:] - cu[:-1]).max())}
+                    "max_seqlen": longest_segment(cu)}
             if self.windowed:
                 cfg = self.module.config
                 index, cu_win = get_vision_window_index(grid, spatial_merge_size=self.merge,
                                                         window_size=cfg.window_size, patch_size=cfg.patch_size)
                 meta.update(window_index=index, cu_window_seqlens=cu_win,
-                            max_window_seqlen=int((cu_win[1:] - cu_win[:-1]).max()))
+                            max_window_seqlen=longest_segment(cu_win))
             meta = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in meta.items()}
             self._metadata[key] = meta
             if len(self._metadata) > keep:

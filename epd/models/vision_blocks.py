@@ -48,6 +48,11 @@ def fast_blocks_available(device: torch.device, dtype: torch.dtype) -> bool:
     return True
 
 
+def longest_segment(cu_seqlens: torch.Tensor) -> int:
+    """The longest segment (image or window) of a packed sequence, from its boundaries."""
+    return int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+
+
 def _padded(n: int) -> int:
     return -(-n // PAD_MULTIPLE) * PAD_MULTIPLE
 
@@ -91,7 +96,7 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch
 
         cu = cu_seqlens.to(torch.int32)
         if max_seqlen is None:
-            max_seqlen = int((cu[1:] - cu[:-1]).max())
+            max_seqlen = longest_segment(cu)
         return varlen_attn(q, k, v, cu, cu, int(max_seqlen), int(max_seqlen))
     out = torch.empty_like(q)
     bounds = cu_seqlens.tolist()
