@@ -6,8 +6,9 @@
 # STEPS (comma-separated, default all): tests, gemv, bench, attention, kv, ttft. All of them take
 # about eleven minutes, over one device call's ten: run them as two calls, e.g.
 # "tests,gemv,bench" then "attention,kv,ttft". Writes to OUT_DIR: pass.log, tests.log, gemv.json,
-# gpu.json, profile_3b.txt, profile_7b.txt, attn.json, kv_ipc.json, ttft.json. Each step has its
-# own time limit and a failing step does not stop the others; pass.log says which failed.
+# gpu.json, profile_3b.txt, profile_7b.txt, profile_vision.txt, attn.json, kv_ipc.json, ttft.json.
+# Each step has its own time limit and a failing step does not stop the others; pass.log says
+# which failed.
 set -uo pipefail
 out=${1:?usage: bench/gpu_pass.sh OUT_DIR [STEPS]}
 steps=",${2:-tests,gemv,bench,attention,kv,ttft},"
