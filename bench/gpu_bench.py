@@ -7,9 +7,9 @@ Sections, per model (JSON written after each, so a run cut short still reports w
      engine step wall time, forward device time, tokens/s, % of the HBM roofline
      ((weight bytes + KV bytes read) / step time / device-to-device copy bandwidth of this run);
      and with graphs but without the decode GEMV kernels (`decode_without_gemv`, batch 1/8), without
-     programmatic dependent launch (`decode_without_pdl`, batch 1/8), with the split-KV attention
-     capped at 16 or 32 splits a request (`decode_max_splits_N`, batch 1/8; the default cap is 64) or
-     with flashinfer's decode attention instead of the split-KV kernels (`decode_flashinfer_attention`);
+     programmatic dependent launch (`decode_without_pdl`, batch 1/8), with cuBLAS's gate/up GEMM and
+     the silu*mul kernel instead of the fused gate/up kernel (`decode_without_fused_gate_up`, batch
+     1/8) or with flashinfer's decode attention instead of the split-KV kernels (`decode_flashinfer_attention`);
   2. output tokens/s against transformers `generate` (static cache) on the same weights;
   3. prefill tokens/s and MFU (against this run's measured bf16 matmul rate), 1x4096 and 8x1024;
   5. vision-tower images/s against transformers' tower on the same weights (1280x720 image);
@@ -139,7 +139,7 @@ def _profile_vision(core, out_dir: str) -> dict:
 
 def _decode_sections(report: Report, name: str, core, facts: dict, bw: float) -> None:
     """Section 1 and its variants: graphs captured again without (or with another) fast-path piece."""
-    from epd.attention import flashinfer_backend, split_kv_decode
+    from epd.attention import flashinfer_backend
     from epd.models import decode_gemv, fused_ops
 
     report.section(name, "decode", lambda: _decode_all(core, facts, bw))
@@ -147,9 +147,8 @@ def _decode_sections(report: Report, name: str, core, facts: dict, bw: float) ->
                    lambda: _decode_variant(core, facts, bw, decode_gemv, "MAX_ROWS", 0, (1, 8)))
     report.section(name, "decode_without_pdl",      # kernels not launched to overlap the one before
                    lambda: _decode_variant(core, facts, bw, fused_ops, "PDL", False, (1, 8)))
-    for cap in (16, 32):   # fewer KV splits a request: less partial-output traffic and merge work
-        report.section(name, f"decode_max_splits_{cap}",
-                       lambda c=cap: _decode_variant(core, facts, bw, split_kv_decode, "MAX_SPLITS", c, (1, 8)))
+    report.section(name, "decode_without_fused_gate_up",   # cuBLAS gate/up GEMM + the silu*mul kernel
+                   lambda: _decode_variant(core, facts, bw, decode_gemv, "FUSED_GATE_UP", False, (1, 8)))
     report.section(name, "decode_flashinfer_attention",   # flashinfer's decode wrapper in the graphs
                    lambda: _decode_variant(core, facts, bw, flashinfer_backend, "GRAPH_DECODE", "flashinfer",
                                            DECODE_BATCHES))

@@ -2,7 +2,7 @@
 
     python3 -m bench.gpu_gemv --out $OUT/gemv.json [--sweep]
 
-For q/k/v (fused, with its bias), o_proj and down_proj of the 3b and 7b presets and 1, 4 and 8 rows:
+For q/k/v (fused, with its bias), o_proj, down_proj and gate/up of the 3b and 7b presets and 1, 4 and 8 rows:
 the time of one call as part of a CUDA graph that calls it once per layer on that many distinct
 weight copies (as a decode step does, so the L2 cache does not hold the weights), for
 - `cublas`: F.linear, with the bias for q/k/v (what the model runs without the GEMV path);
@@ -10,6 +10,9 @@ weight copies (as a decode step does, so the L2 cache does not hold the weights)
   SWEEP. Its split-K partial sums (and q/k/v's bias) are left for the next kernel to add up, as
   in the model. Also the default config launched without programmatic dependent launch
   (`gemv_without_pdl_us`): in this chain of GEMVs alone PDL costs time, in the model it saves it.
+And the MLP's gate/up with silu*mul (`act` cases): cuBLAS's gate/up GEMM then the silu*mul kernel
+(`cublas_us`, the two together), against `decode_gemv.silu_mul_project` (one kernel; with `--sweep`
+every config in ACT_SWEEP too).
 Bandwidth = weight bytes / time; `pct_copy` against this run's device-to-device copy bandwidth.
 """
 
@@ -33,6 +36,8 @@ PRESETS = {"3b": dict(hidden=2048, inter=11008, heads=16, kv_heads=2, layers=36)
            "7b": dict(hidden=3584, inter=18944, heads=28, kv_heads=4, layers=28)}
 SWEEP = [dict(block_n=n, block_k=k, warps=4, stages=s, split=sp)
          for n, k, s, sp in itertools.product((16, 32), (256, 512), (3, 4), (1, 2, 3, 4))]
+ACT_SWEEP = [dict(block_n=n, block_k=k, warps=wp, stages=s)
+             for n, k, wp, s in itertools.product((32, 64), (64, 128, 256), (4,), (3, 4))]
 BF16 = torch.bfloat16
 
 
@@ -70,26 +75,55 @@ def _case(rows: int, n: int, k: int, layers: int, configs: list[dict | None], bi
     return out
 
 
+def _act_case(rows: int, inter: int, k: int, layers: int, configs: list[dict | None]) -> dict:
+    weights = [torch.randn(2 * inter, k, device="cuda", dtype=BF16) * k ** -0.5 for _ in range(layers)]
+    x = torch.randn(rows, k, device="cuda", dtype=BF16)
+    ref = fo.silu_and_mul(F.linear(x, weights[0])).double()
+    out = {"rows": rows, "weight_MB": 2 * inter * k * 2 / 1e6,
+           "cublas_us": _graph_us(lambda i: fo.silu_and_mul(F.linear(x, weights[i])), layers), "gemv": []}
+    for cfg in configs:
+        try:
+            got = g.silu_mul_project(x, weights[0], cfg).double()
+        except triton.runtime.errors.OutOfResources:
+            continue
+        err = ((got - ref).norm() / ref.norm()).item()
+        us = _graph_us(lambda i, c=cfg: g.silu_mul_project(x, weights[i], c), layers)
+        out["gemv"].append({"config": cfg or g.act_config(inter, k), "us": us, "rel_err": err})
+    return out
+
+
+def _print(name: str, proj: str, case: dict, bw: float) -> None:
+    gbps = case["weight_MB"] * 1e3 / case["cublas_us"]
+    best = min(case["gemv"], key=lambda c: c["us"])
+    no_pdl = f"{case['gemv_without_pdl_us']:6.1f} us" if "gemv_without_pdl_us" in case else "-"
+    print(f"{name} {proj:<7} rows={case['rows']} cuBLAS {case['cublas_us']:6.1f} us ({gbps / bw:4.0%}) | "
+          f"gemv default {case['gemv'][0]['us']:6.1f} us "
+          f"({case['weight_MB'] * 1e3 / case['gemv'][0]['us'] / bw:4.0%}) "
+          f"best {best['us']:6.1f} us {best['config']} err {best['rel_err']:.1e} | without PDL {no_pdl}",
+          flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python3 -m bench.gpu_gemv", description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True)
-    ap.add_argument("--sweep", action="store_true", help="also time every block config in SWEEP")
+    ap.add_argument("--sweep", action="store_true", help="also time every block config in SWEEP and ACT_SWEEP")
+    ap.add_argument("--only", default="", help="comma-separated projections to time (qkv,o_proj,down,act)")
     args = ap.parse_args(argv)
     bw = w.ceilings()["d2d_copy_GBps"]
     report = {"schema": "epd.gpu_gemv/1", "d2d_copy_GBps": bw, "cases": []}
     configs = [None] + (SWEEP if args.sweep else [])
+    act_configs = [None] + (ACT_SWEEP if args.sweep else [])
     for name, p in PRESETS.items():
-        for proj, (n, k) in _shapes(p).items():
+        for proj, (n, k) in [*_shapes(p).items(), ("act", (p["inter"], p["hidden"]))]:
+            if args.only and proj not in args.only.split(","):
+                continue
             for rows in (1, 4, 8):
-                case = _case(rows, n, k, p["layers"], configs, bias=proj == "qkv")
+                if proj == "act":
+                    case = _act_case(rows, n, k, p["layers"], act_configs)
+                else:
+                    case = _case(rows, n, k, p["layers"], configs, bias=proj == "qkv")
                 case.update(model=name, proj=proj)
-                gbps = case["weight_MB"] * 1e3 / case["cublas_us"]
-                best = min(case["gemv"], key=lambda c: c["us"])
-                print(f"{name} {proj:<7} rows={rows} cuBLAS {case['cublas_us']:6.1f} us ({gbps / bw:4.0%}) | "
-                      f"gemv default {case['gemv'][0]['us']:6.1f} us "
-                      f"({case['weight_MB'] * 1e3 / case['gemv'][0]['us'] / bw:4.0%}) "
-                      f"best {best['us']:6.1f} us {best['config']} err {best['rel_err']:.1e} | without PDL "
-                      f"{case['gemv_without_pdl_us']:6.1f} us", flush=True)
+                _print(name, proj, case, bw)
                 report["cases"].append(case)
                 write_json(args.out, report)
     print(json.dumps({"cases": len(report["cases"])}))

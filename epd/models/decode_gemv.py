@@ -1,4 +1,4 @@
-"""Small-batch decode projections (q/k/v, o_proj, down_proj) as one Triton GEMV each.
+"""Small-batch decode projections (q/k/v, o_proj, gate/up, down_proj) as one Triton GEMV each.
 
 At batch 1 a decode step reads every weight once, so a projection's time is its weight bytes
 over the memory bandwidth plus what the kernel adds on top. For the matrices whose output is the
@@ -15,6 +15,10 @@ product next: `fused_ops.add_rms_norm` (the residual add that follows o_proj and
 measured 3-14x slower: the padded 16-row tile makes every program evaluate 16 x K exponentials;
 BENCHMARKS.md.)
 
+The MLP's gate and up projections (`silu_mul_project`) go the other way: K is the hidden size and
+not split, and each program owns the same block of columns of gate and of up, so its epilogue has
+both and writes silu(gate) * up itself: one kernel instead of cuBLAS's GEMM and the silu*mul one.
+
 The kernel only reorders the fp32 sums of a dot product (as two GEMM kernels do); the sum is
 rounded once, like cuBLAS's. `bench/gpu_gemv.py` measures both on the model shapes (BENCHMARKS.md,
 section 1). `gemv_path(x, w)` says when it applies: Triton importable, CUDA 16-bit tensors,
@@ -26,9 +30,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from epd.models.fused_ops import fused_path, gdc_enter, launch_options, tl, triton
+from epd.models.fused_ops import fused_path, gdc_enter, launch_options, silu_and_mul, tl, triton
 
 MAX_ROWS = 8          # decode batches up to this many rows take the GEMV kernel
+FUSED_GATE_UP = True  # gate/up + silu*mul as one kernel on the GEMV path (the bench turns it off)
 _ROW_TILE = 16        # rows padded to one tensor-core tile
 
 
@@ -64,6 +69,29 @@ def linear(x: torch.Tensor, weight: torch.Tensor, config: dict | None = None) ->
     return out.sum(0).to(x.dtype) if out.dim() == 3 else out
 
 
+def silu_mul_project(x: torch.Tensor, gate_up: torch.Tensor, config: dict | None = None) -> torch.Tensor:
+    """silu(x @ gate.T) * (x @ up.T): [M, I] in x's dtype, for gate_up [2 I, K] (gate's rows, then
+    up's). Rounded where torch rounds the unfused ops: gate and up to x's dtype, then silu, then the
+    product. `config` (block_n, block_k, warps, stages) overrides `act_config` (the bench's sweep)."""
+    if not (FUSED_GATE_UP and gemv_path(x, gate_up)):
+        return silu_and_mul(F.linear(x, gate_up))
+    m, k = x.shape
+    inter = gate_up.shape[0] // 2
+    cfg = act_config(inter, k) if config is None else config
+    out = torch.empty(m, inter, dtype=x.dtype, device=x.device)
+    _silu_mul_gemv_kernel[(triton.cdiv(inter, cfg["block_n"]),)](
+        x, gate_up, out, m, inter, k, BLOCK_M=_ROW_TILE, BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"],
+        num_warps=cfg["warps"], num_stages=cfg["stages"], **launch_options(x, m))
+    return out
+
+
+def act_config(inter: int, k: int) -> dict:
+    """Block config for `silu_mul_project`, the best of the sweep in bench/gpu_gemv.py on an H200
+    (2026-11-29, the same for 1, 4 and 8 rows and both presets): 32 columns of gate and of up a
+    program (3b: 344 programs, 7b: 592), 128-wide K steps, 4 stages."""
+    return {"block_n": 32, "block_k": 128, "warps": 4, "stages": 4}
+
+
 def block_config(n: int, k: int) -> dict:
     """Block config for an [n x k] weight, the best of the sweep in bench/gpu_gemv.py on an H200
     (2026-11-29, the same for 1 and 8 rows): 32 columns and 256-wide K steps a program, K split
@@ -97,4 +125,32 @@ if triton is not None:
             w = tl.load(w_cols + kk[:, None], mask=kmask[:, None] & cmask[None, :], other=0.0)
             acc = tl.dot(h, w, acc)
         tl.store(parts_ptr + (split * M + rows[:, None]) * N + cols[None, :], acc,
+                 mask=rmask[:, None] & cmask[None, :])
+
+    @triton.jit
+    def _silu_mul_gemv_kernel(x_ptr, w_ptr, out_ptr, M, INTER, K,
+                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                              USE_GDC: tl.constexpr):
+        rows = tl.arange(0, BLOCK_M)
+        rmask = rows < M
+        cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        cmask = cols < INTER
+        gdc_enter(USE_GDC)
+        gate_cols = w_ptr + cols[None, :].to(tl.int64) * K                 # rows `cols` of gate_up
+        up_cols = w_ptr + (cols[None, :] + INTER).to(tl.int64) * K          # rows INTER + `cols`
+        x_rows = x_ptr + rows[:, None] * K
+        acc_gate = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            kk = k0 + tl.arange(0, BLOCK_K)
+            kmask = kk < K
+            wmask = kmask[:, None] & cmask[None, :]
+            h = tl.load(x_rows + kk[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+            acc_gate = tl.dot(h, tl.load(gate_cols + kk[:, None], mask=wmask, other=0.0), acc_gate)
+            acc_up = tl.dot(h, tl.load(up_cols + kk[:, None], mask=wmask, other=0.0), acc_up)
+        dtype = out_ptr.dtype.element_ty
+        gate = acc_gate.to(dtype).to(tl.float32)
+        up = acc_up.to(dtype).to(tl.float32)
+        silu = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
+        tl.store(out_ptr + rows[:, None] * INTER + cols[None, :], (silu * up).to(dtype),
                  mask=rmask[:, None] & cmask[None, :])

@@ -9,7 +9,7 @@ On GPU in 16-bit dtypes the loader calls `fuse_projections()` once: q/k/v and ga
 GEMM each, and norms (with the residual add), rotary and silu*mul run as fused kernels
 (`fused_ops`); in steps of a few rows (decode) q/k/v, o_proj and down_proj run as GEMV kernels
 (`decode_gemv`, leaving split-K partial sums: the rotary kernel adds up q/k/v's with its bias, the
-next add + norm kernel o_proj's and down_proj's).
+next add + norm kernel o_proj's and down_proj's), and gate/up with silu*mul as one more.
 Elsewhere the plain torch path runs, unchanged.
 """
 
@@ -21,14 +21,13 @@ from torch import nn
 
 from epd.attention.base import AttentionBackend
 from epd.config import TextConfig
-from epd.models.decode_gemv import gemv_path, project
+from epd.models.decode_gemv import gemv_path, project, silu_mul_project
 from epd.models.fused_ops import (
     add_rms_norm,
     apply_rotary_ref,
     rms_norm_ref,
     rotary_qk,
     rotary_qk_store_kv,
-    silu_and_mul,
 )
 
 
@@ -140,7 +139,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up_proj is not None:
-            return project(silu_and_mul(self.gate_up_proj(x)), self.down_proj.weight)
+            return project(silu_mul_project(x, self.gate_up_proj.weight), self.down_proj.weight)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 

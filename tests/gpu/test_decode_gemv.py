@@ -1,5 +1,5 @@
-"""The decode GEMV kernel computes what F.linear computes (bf16, the q/k/v, o_proj and down_proj shapes),
-however K is split into slices."""
+"""The decode GEMV kernels compute what F.linear computes (bf16, the q/k/v, o_proj and down_proj shapes),
+however K is split into slices, and gate/up with silu*mul what the unfused ops compute."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from epd.models import decode_gemv as g
+from epd.models.fused_ops import silu_and_mul
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 BF16 = torch.bfloat16
@@ -51,3 +52,15 @@ def test_more_rows_than_the_gemv_path_takes_use_cublas():
     x, w = _inputs(g.MAX_ROWS + 1, 256, 64, seed=30)
     assert not g.gemv_path(x, w) and g.gemv_path(x[:g.MAX_ROWS], w)
     assert torch.equal(g.linear(x, w), F.linear(x, w))
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8])
+@pytest.mark.parametrize("k,inter", [(2048, 11008), (3584, 18944), (1000, 72)])
+def test_silu_mul_project_is_as_accurate_as_the_unfused_ops(rows, k, inter):
+    """One kernel for gate/up + silu*mul: no further from the float64 MLP activation than cuBLAS's
+    gate/up GEMM followed by the silu*mul kernel."""
+    x, w = _inputs(rows, k, 2 * inter, seed=rows + inter)
+    assert g.gemv_path(x, w)
+    exact_gate_up = F.linear(x.double(), w.double())
+    exact = F.silu(exact_gate_up[:, :inter]) * exact_gate_up[:, inter:]
+    _as_accurate(g.silu_mul_project(x, w), silu_and_mul(F.linear(x, w)), exact)
