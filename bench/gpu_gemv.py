@@ -37,7 +37,7 @@ PRESETS = {"3b": dict(hidden=2048, inter=11008, heads=16, kv_heads=2, layers=36)
 SWEEP = [dict(block_n=n, block_k=k, warps=4, stages=s, split=sp)
          for n, k, s, sp in itertools.product((16, 32), (256, 512), (3, 4), (1, 2, 3, 4))]
 ACT_SWEEP = [dict(block_n=n, block_k=k, warps=wp, stages=s)
-             for n, k, wp, s in itertools.product((32, 64), (64, 128, 256), (4,), (3, 4))]
+             for n, k, wp, s in itertools.product((16, 32, 64), (32, 64, 128), (4,), (3, 4, 5))]
 BF16 = torch.bfloat16
 
 

@@ -87,9 +87,10 @@ def silu_mul_project(x: torch.Tensor, gate_up: torch.Tensor, config: dict | None
 
 def act_config(inter: int, k: int) -> dict:
     """Block config for `silu_mul_project`, the best of the sweep in bench/gpu_gemv.py on an H200
-    (2026-11-29, the same for 1, 4 and 8 rows and both presets): 32 columns of gate and of up a
-    program (3b: 344 programs, 7b: 592), 128-wide K steps, 4 stages."""
-    return {"block_n": 32, "block_k": 128, "warps": 4, "stages": 4}
+    (2026-11-29, the same for 1, 4 and 8 rows): 32 columns of gate and of up a program (3b: 344
+    programs, 7b: 592), 64-wide K steps; 4 stages for K = 2048 (3b), 3 for K = 3584 (7b), where 4
+    measured 1.4x slower."""
+    return {"block_n": 32, "block_k": 64, "warps": 4, "stages": 4 if k < 3072 else 3}
 
 
 def block_config(n: int, k: int) -> dict:
