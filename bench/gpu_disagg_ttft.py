@@ -11,7 +11,9 @@ drift of the host (its image preprocessing varied 33-47 ms between runs on one H
 on both alike and each round is a paired comparison (`ratio_paired_median`, beside the ratio of
 the medians). Each request is one 1280x720 JPEG (a different random image each round, so no
 embedding cache hits) as a data URI plus `--text-tokens` tokens of text, `stream: true`.
-TTFT = request sent -> first chunk carrying content, on the client; the server's per-stage
+TTFT = request sent -> first chunk carrying content, on the client, over one kept-alive HTTP
+client per setup (as an API user holds; until 2026-11-29 each request built a new httpx client,
+whose start-up, 20-50 ms, was counted in both setups' TTFT); the server's per-stage
 timings (`epd_timings` in the final chunk) are kept beside it. Warm-up rounds (flashinfer JIT,
 CUDA graphs, UCX connections) are not counted.
 """
@@ -55,14 +57,16 @@ def text_of_tokens(model: str, n: int) -> str:
     return tok.decode(tok(words, add_special_tokens=False)["input_ids"][:n])
 
 
-def one_request(url: str, text: str, image: str, max_tokens: int) -> dict[str, Any]:
+def one_request(client: httpx.Client, url: str, text: str, image: str, max_tokens: int) -> dict[str, Any]:
+    """One streamed request on `client`, a kept-alive client as an API user holds (a new httpx client
+    each request adds its own start-up, ~20-50 ms of loading CA certificates, to the TTFT)."""
     body = {"model": MODEL_NAME, "stream": True, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
             "stream_options": {"include_usage": True},
             "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image}},
                                                        {"type": "text", "text": text}]}]}
     sent = time.perf_counter()
     ttft, last = None, {}
-    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=900) as resp:
+    with client.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=900) as resp:
         if resp.status_code != 200:
             raise RuntimeError(f"HTTP {resp.status_code}: {resp.read()[:500]!r}")
         for line in resp.iter_lines():
@@ -123,13 +127,22 @@ class Server:
 def measure_interleaved(servers: list[Server], args: argparse.Namespace, text: str) -> None:
     """Round i sends the same image (seed i) to every setup, one request at a time, the setups' order
     rotating each round: host drift (CPU clocks, page cache, neighbours) falls on all of them alike,
-    and each round gives a paired comparison."""
+    and each round gives a paired comparison. Each setup has its own kept-alive HTTP client."""
+    clients = {server.name: httpx.Client(trust_env=False) for server in servers}
+    try:
+        _rounds(servers, clients, args, text)
+    finally:
+        for client in clients.values():
+            client.close()
+
+
+def _rounds(servers: list[Server], clients: dict[str, httpx.Client], args: argparse.Namespace, text: str) -> None:
     for i in range(args.warmup + args.requests):
         image = image_data_uri(i)
         order = servers[i % len(servers):] + servers[:i % len(servers)]
         for server in order:
             t0 = time.perf_counter()
-            r = one_request(server.url, text, image, args.max_tokens)
+            r = one_request(clients[server.name], server.url, text, image, args.max_tokens)
             print(f"[{server.name}] request {i}: ttft {r['ttft_ms']:.1f} ms (wall {time.perf_counter() - t0:.1f}s) "
                   f"server {r['server']}", flush=True)
             if i >= args.warmup:
