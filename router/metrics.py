@@ -143,6 +143,10 @@ class RequestTimer:
         self.last_token: float | None = None
         self.done = False
 
+    def elapsed_ms(self) -> float:
+        """Milliseconds since the request arrived."""
+        return (time.monotonic() - self.arrival) * 1e3
+
     def token(self, event: BackendEvent) -> None:
         now = time.monotonic()
         m = self.metrics

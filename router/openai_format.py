@@ -7,7 +7,9 @@ interface, so the serving code drives either the same way, per request:
     usage_chunk(final)       -> `choices: []` + usage, sent when stream_options.include_usage
     response(outcome)        -> the whole non-streaming response
 The final response and the final chunk carry the non-standard `epd_timings` (ms per stage; null
-where the backend does not measure a stage), which the benchmark harness reads.
+where the backend does not measure a stage), which the benchmark harness reads; `router_ms` is the
+router's own share, from the request's arrival to its hand-over to the backend (reading the body,
+the chat template, fetching and decoding images, tokenizing).
 """
 
 from __future__ import annotations
@@ -121,6 +123,7 @@ class _Format:
         self.rid, self.model, self.tokens, self.logprobs = rid, model, tokens, logprobs
         self.prompt_tokens = prompt_tokens
         self.created = created if created is not None else int(time.time())
+        self.router_ms: float | None = None   # arrival -> hand-over to the backend (set by the serving code)
 
     def envelope(self, name: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
         return {"id": self.rid, "object": name, "created": self.created, "model": self.model, "choices": choices}
@@ -134,7 +137,9 @@ class _Format:
         return out
 
     def with_timings(self, payload: dict[str, Any], final: BackendEvent | None) -> dict[str, Any]:
-        payload["epd_timings"] = epd_timings(final.timings if final is not None else {})
+        timings = dict(final.timings) if final is not None else {}
+        timings["router_ms"] = self.router_ms
+        payload["epd_timings"] = epd_timings(timings)
         return payload
 
 

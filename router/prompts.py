@@ -60,7 +60,7 @@ class PromptBuilder:
         self.chat_template = chat_template
         self.allowed_dir = allowed_local_media_path
         self.limits = media_limits or MediaLimits()
-        self.inputs = InputProcessor(self.config, self.tokenizer, _UNLIMITED, with_pixels=False)
+        self.inputs = InputProcessor(self.config, self.tokenizer, _UNLIMITED, with_pixels=False, image_keys=False)
         self._lock = threading.Lock()      # one tokenizer, several worker threads
         self._http: httpx.AsyncClient | None = None
 

@@ -68,6 +68,7 @@ async def _next(events: AsyncIterator[BackendEvent]) -> BackendEvent:
 
 async def respond(request: Request, backend: Backend, breq: BackendRequest, fmt: ChatFormat | TextFormat,
                   timer: RequestTimer, stream: bool, include_usage: bool) -> Response:
+    fmt.router_ms = timer.elapsed_ms()     # the router's own work so far (epd_timings.router_ms)
     events = backend.generate(breq)
     try:
         first = await until_done_or_disconnected(request, _next(events))

@@ -66,7 +66,8 @@ def test_image_by_http_url_equals_transformers(server, media):
     assert_matches(resp, prompt_ids, expected)
     assert resp.object == "chat.completion" and resp.model == MODEL
     assert resp.usage.prompt_tokens_details.cached_tokens == 0
-    assert resp.model_extra["epd_timings"]["prefill_ms"] > 0
+    timings = resp.model_extra["epd_timings"]
+    assert timings["prefill_ms"] > 0 and timings["router_ms"] > 0    # router_ms: the HTTP fetch of the image
     plain = chat(server, content)
     assert plain.choices[0].message.content == resp.choices[0].message.content and plain.choices[0].logprobs is None
 
