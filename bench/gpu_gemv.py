@@ -52,21 +52,30 @@ def _graph_us(fn, layers: int) -> float:
     return w.graph_us_per_call(lambda: [fn(i) for i in range(layers)], 1) / layers
 
 
+def _configs(configs: list[dict | None], default: dict, layers: int, ref: torch.Tensor,
+             check, timed) -> list[dict]:
+    """Each config (None: the default) timed as `timed(i, config)` on layer i's weights, with the
+    error of `check(config)` (the rounded result on layer 0's) against `ref`."""
+    out = []
+    for cfg in configs:
+        try:
+            got = check(cfg).double()
+        except triton.runtime.errors.OutOfResources:   # the config's tiles do not fit shared memory
+            continue
+        err = ((got - ref).norm() / ref.norm()).item()
+        us = _graph_us(lambda i, c=cfg: timed(i, c), layers)
+        out.append({"config": cfg or default, "us": us, "rel_err": err})
+    return out
+
+
 def _case(rows: int, n: int, k: int, layers: int, configs: list[dict | None], bias: bool) -> dict:
     weights = [torch.randn(n, k, device="cuda", dtype=BF16) * k ** -0.5 for _ in range(layers)]
     biases = [torch.randn(n, device="cuda", dtype=BF16) if bias else None for _ in range(layers)]
     x = torch.randn(rows, k, device="cuda", dtype=BF16)
-    ref = F.linear(x, weights[0]).double()
     out = {"rows": rows, "weight_MB": n * k * 2 / 1e6,
-           "cublas_us": _graph_us(lambda i: F.linear(x, weights[i], biases[i]), layers), "gemv": []}
-    for cfg in configs:
-        try:
-            got = g.linear(x, weights[0], cfg).double()
-        except triton.runtime.errors.OutOfResources:   # the config's tiles do not fit shared memory
-            continue
-        err = ((got - ref).norm() / ref.norm()).item()
-        us = _graph_us(lambda i, c=cfg: g.project(x, weights[i], c), layers)
-        out["gemv"].append({"config": cfg or g.block_config(n, k), "us": us, "rel_err": err})
+           "cublas_us": _graph_us(lambda i: F.linear(x, weights[i], biases[i]), layers),
+           "gemv": _configs(configs, g.block_config(n, k), layers, F.linear(x, weights[0]).double(),
+                            lambda c: g.linear(x, weights[0], c), lambda i, c: g.project(x, weights[i], c))}
     fo.PDL = False        # the default config launched without programmatic dependent launch
     try:
         out["gemv_without_pdl_us"] = _graph_us(lambda i: g.project(x, weights[i]), layers)
@@ -78,18 +87,12 @@ def _case(rows: int, n: int, k: int, layers: int, configs: list[dict | None], bi
 def _act_case(rows: int, inter: int, k: int, layers: int, configs: list[dict | None]) -> dict:
     weights = [torch.randn(2 * inter, k, device="cuda", dtype=BF16) * k ** -0.5 for _ in range(layers)]
     x = torch.randn(rows, k, device="cuda", dtype=BF16)
-    ref = fo.silu_and_mul(F.linear(x, weights[0])).double()
-    out = {"rows": rows, "weight_MB": 2 * inter * k * 2 / 1e6,
-           "cublas_us": _graph_us(lambda i: fo.silu_and_mul(F.linear(x, weights[i])), layers), "gemv": []}
-    for cfg in configs:
-        try:
-            got = g.silu_mul_project(x, weights[0], cfg).double()
-        except triton.runtime.errors.OutOfResources:
-            continue
-        err = ((got - ref).norm() / ref.norm()).item()
-        us = _graph_us(lambda i, c=cfg: g.silu_mul_project(x, weights[i], c), layers)
-        out["gemv"].append({"config": cfg or g.act_config(inter, k), "us": us, "rel_err": err})
-    return out
+    return {"rows": rows, "weight_MB": 2 * inter * k * 2 / 1e6,
+            "cublas_us": _graph_us(lambda i: fo.silu_and_mul(F.linear(x, weights[i])), layers),
+            "gemv": _configs(configs, g.act_config(inter, k), layers,
+                             fo.silu_and_mul(F.linear(x, weights[0])).double(),
+                             lambda c: g.silu_mul_project(x, weights[0], c),
+                             lambda i, c: g.silu_mul_project(x, weights[i], c))}
 
 
 def _print(name: str, proj: str, case: dict, bw: float) -> None:
