@@ -4,9 +4,10 @@
 
 Sections, per model (JSON written after each, so a run cut short still reports what it did):
   1. decode step with CUDA graphs and without, batch 1/8/32/128 at 1024-token contexts:
-     engine step wall time, forward device time, tokens/s, % of the HBM roofline
-     ((weight bytes + KV bytes read) / step time / device-to-device copy bandwidth of this run);
-     and with graphs but without the decode GEMV kernels (`decode_without_gemv`, batch 1/8), without
+     engine step wall time (overlap schedule on), forward device time, tokens/s, % of the HBM
+     roofline ((weight bytes + KV bytes read) / step time / device-to-device copy bandwidth of
+     this run); with graphs but each step's tokens read before the next is scheduled
+     (`decode_without_overlap`, batch 1/8/32/128); and with graphs but without the decode GEMV kernels (`decode_without_gemv`, batch 1/8), without
      programmatic dependent launch (`decode_without_pdl`, batch 1/8), with cuBLAS's gate/up GEMM and
      the silu*mul kernel instead of the fused gate/up kernel (`decode_without_fused_gate_up`, batch
      1/8) or with flashinfer's decode attention instead of the split-KV kernels (`decode_flashinfer_attention`);
@@ -125,6 +126,20 @@ def _decode_variant(core, facts: dict, bw: float, module, attr: str, value, batc
     return rows
 
 
+def _decode_without_overlap(core, facts: dict, bw: float) -> list[dict]:
+    """Graph decode with each step's tokens read before the next step is scheduled: what the
+    overlap schedule buys (engine step against the same forward)."""
+    core.overlap = False
+    try:
+        rows = [w.decode(core, facts, bw, b, CONTEXT, True) for b in DECODE_BATCHES]
+    finally:
+        core.overlap = True
+    for r in rows:
+        print(f"  decode b={r['batch']:<3} overlap=False: engine {r['engine_step_ms']:.2f} ms "
+              f"forward {r['forward_ms']:.2f} ms roofline engine {r['roofline_pct_engine']:.0f}%", flush=True)
+    return rows
+
+
 def _profile(core, out_dir: str, name: str) -> dict:
     from bench.gpu_profile import profile_decode
 
@@ -143,6 +158,7 @@ def _decode_sections(report: Report, name: str, core, facts: dict, bw: float) ->
     from epd.models import decode_gemv, fused_ops
 
     report.section(name, "decode", lambda: _decode_all(core, facts, bw))
+    report.section(name, "decode_without_overlap", lambda: _decode_without_overlap(core, facts, bw))
     report.section(name, "decode_without_gemv",     # cuBLAS q/k/v, o_proj, down_proj
                    lambda: _decode_variant(core, facts, bw, decode_gemv, "MAX_ROWS", 0, (1, 8)))
     report.section(name, "decode_without_pdl",      # kernels not launched to overlap the one before

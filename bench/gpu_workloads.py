@@ -103,7 +103,8 @@ def _decoding_requests(core: EngineCore, batch: int, context: int, gen: torch.Ge
 
 def decode(core: EngineCore, facts: dict, bw: float, batch: int, context: int, graphs: bool,
            steps: int = 32) -> dict:
-    """Engine steps (wall) and the forward alone (device events) at `batch` x `context`."""
+    """Engine steps (wall; with the overlap schedule when `core.overlap`) and the forward alone
+    (device events) at `batch` x `context`."""
     saved = core.runner.graphs
     core.runner.graphs = saved if graphs else None
     reqs = _decoding_requests(core, batch, context, torch.Generator().manual_seed(batch))
@@ -116,6 +117,7 @@ def decode(core: EngineCore, facts: dict, bw: float, batch: int, context: int, g
             core.step()
         torch.cuda.synchronize()
         engine_ms = (time.perf_counter() - t0) / steps * 1e3
+        core.flush()   # overlap schedule: the last step's tokens, so the requests hold real ids again
         chunks = [Chunk(r, r.num_computed, 1) for r in reqs]
         host = None
         if graphs and saved is not None:
@@ -130,7 +132,8 @@ def decode(core: EngineCore, facts: dict, bw: float, batch: int, context: int, g
         for r in reqs:
             core.abort(r.rid)
     step_bytes = facts["decode_weight_bytes"] + batch * ctx * facts["kv_bytes_per_token"]
-    return {"batch": batch, "context": context, "cuda_graph": graphs, "engine_step_ms": engine_ms,
+    return {"batch": batch, "context": context, "cuda_graph": graphs, "overlap": core.overlap,
+            "engine_step_ms": engine_ms,
             "forward_ms": forward_ms, "tokens_per_s": batch / engine_ms * 1e3, "bytes_per_step": step_bytes,
             "host_ms": host,
             "roofline_pct_forward": 100 * step_bytes / (forward_ms / 1e3) / (bw * 1e9),
@@ -168,7 +171,7 @@ def prefill(core: EngineCore, facts: dict, peak_tflops: float, batch: int, lengt
             core.add(r)
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        events = core.step()
+        events = core.step() + core.flush()   # flush: the overlap schedule leaves greedy tokens in flight
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
         done = {e.rid for e in events if e.finished}

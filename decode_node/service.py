@@ -112,7 +112,7 @@ class DecodeService:
         self._clear_fences()
         events = self.core.step()
         self._emit(events)
-        return bool(events)   # waiting for KV: the loop sleeps until the transport wakes it
+        return bool(events) or self.core.busy   # waiting for KV: the loop sleeps until the transport wakes it
 
     def load(self) -> float:
         return float(len(self.running) + len(self.awaiting_kv) + len(self.awaiting_pages))
@@ -236,7 +236,7 @@ class DecodeService:
                 logprobs=[ev.logprob] if ev.logprob is not None else None,
                 top_logprobs=[[list(x) for x in ev.top_logprobs]] if ev.top_logprobs else None,
                 finished=ev.finished, finish_reason=ev.finish_reason, prompt_tokens=req.prompt_len,
-                completion_tokens=len(req.output_ids), timings=timings))
+                completion_tokens=ev.completion_tokens, timings=timings))
 
     def _fail(self, inc: Incoming, stage: str, error: str) -> None:
         log.warning("request %s failed at %s: %s", inc.msg.rid, stage, error)

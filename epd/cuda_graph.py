@@ -1,10 +1,11 @@
 """CUDA-graph decode: one captured forward per batch-size bucket, replayed for pure-decode steps.
 
 Lifecycle:
-  1. `CudaGraphDecodeRunner(model, kv, attention, max_bs)` allocates the static buffers, sized
-     for the largest bucket: token ids, M-RoPE positions, KV write slots (one int64 device
+  1. `CudaGraphDecodeRunner(model, kv, attention, max_bs, future)` allocates the static buffers,
+     sized for the largest bucket: token ids, M-RoPE positions, KV write slots (one int64 device
      buffer, filled by one host->device copy per step from a pinned staging buffer) and the
-     float32 logits;
+     float32 logits. A token id may be a placeholder (-1 - row): the graph reads it from
+     `future[row]`, where the step before left its greedy tokens (overlap schedule);
   2. `capture()` (once, at start-up) captures, largest bucket first and sharing one memory
      pool, embed -> decoder layers -> norm -> LM head for every bucket (1, 2, 4, 8, 16, 24, 32,
      48, 64, 80, ... up to max_bs). Each bucket has its own flashinfer decode wrapper with
@@ -27,7 +28,7 @@ import torch
 from epd.attention.base import GraphDecodeBucket
 from epd.attention.flashinfer_backend import FlashInferBackend
 from epd.kv_pool import KVCache
-from epd.model_runner import token_positions, write_slots
+from epd.model_runner import resolve_placeholders, token_positions, write_slots
 from epd.models.qwen2_vl_text import Qwen2VLLanguageModel
 from epd.scheduler import Chunk
 
@@ -48,8 +49,9 @@ def graph_buckets(max_bs: int) -> list[int]:
 
 class CudaGraphDecodeRunner:
     def __init__(self, model: Qwen2VLLanguageModel, kv: KVCache, attention: FlashInferBackend,
-                 max_bs: int) -> None:
+                 max_bs: int, future: torch.Tensor) -> None:
         self.model = model
+        self.future = future   # the step before's greedy tokens, which placeholder ids read
         self.kv = kv
         self.attention = attention
         self.buckets = graph_buckets(max_bs)
@@ -93,7 +95,7 @@ class CudaGraphDecodeRunner:
 
     def _forward(self, bs: int) -> None:
         n = self.max_bs
-        ids = self._dev[:bs]
+        ids = resolve_placeholders(self._dev[:bs], self.future)
         positions = self._dev[n:4 * n].view(3, n)[:, :bs]
         attn = self._attn[bs]
         attn.slots = self._dev[4 * n:4 * n + bs]
@@ -125,7 +127,8 @@ class CudaGraphDecodeRunner:
     @torch.inference_mode()
     def prepare(self, chunks: list[Chunk], bs: int) -> None:
         """Stage the step's inputs (one copy) and plan the bucket's attention; no device sync
-        unless the previous step's copy has not finished reading the staging buffer."""
+        unless the previous step's copies have not finished reading their host buffers (with
+        the overlap schedule the step before is still running: its copies ran before it)."""
         ps, m = self.kv.spec.page_size, self.max_bs
         ids = [c.req.output_ids[c.start - c.req.prompt_len] if c.start >= c.req.prompt_len
                else c.req.inp.input_ids[c.start] for c in chunks]
@@ -139,8 +142,8 @@ class CudaGraphDecodeRunner:
         host[m:4 * m].reshape(3, m)[:, :n] = pos
         host[4 * m:4 * m + n] = slots
         self._dev.copy_(self._host, non_blocking=True)
-        self._copied.record()
         self._attn[bs].plan_padded([c.start + 1 for c in chunks], tables)
+        self._copied.record()   # after the plan's copies too: its host buffers are free once this completes
 
     @torch.inference_mode()
     def replay(self, bs: int) -> None:

@@ -67,6 +67,7 @@ class Engine:
         self.core.check_integrity()
 
     def shutdown(self) -> None:
+        self.core.flush()
         for req in list(self.core.scheduler.running) + list(self.core.scheduler.waiting):
             self.core.abort(req.rid)
         self.core.check_integrity()
@@ -92,6 +93,7 @@ class Engine:
                 for ev in self.core.step():
                     if ev.finished:
                         pending.discard(ev.rid)
+            self.core.flush()   # a step launched before the last token was seen computed nothing kept
         except BaseException:
             for rid in pending:
                 self.core.abort(rid)
@@ -110,6 +112,7 @@ class Engine:
         finally:
             if not finished:
                 self.core.abort(req.rid)
+            self.core.flush()
 
 
 def _meta(req: Request) -> dict:
@@ -129,4 +132,5 @@ def _output(req: Request) -> dict:
 
 
 def _chunk(req: Request, ev: TokenEvent) -> dict:
-    return {"text": ev.text, "token_id": ev.token_id, "finished": ev.finished, "meta_info": _meta(req)}
+    return {"text": ev.text, "token_id": ev.token_id, "finished": ev.finished,
+            "meta_info": {**_meta(req), "completion_tokens": ev.completion_tokens}}

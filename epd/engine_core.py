@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -29,7 +29,7 @@ from epd.model_loader import default_device, load_language_model
 from epd.model_runner import ModelRunner, attach_image_embeddings
 from epd.models.fused_ops import fused_path
 from epd.models.vision import VisionTower
-from epd.request import Request, TokenEvent
+from epd.request import Request, Status, TokenEvent
 from epd.sampling import SamplingParams, SamplingRow, sample
 from epd.scheduler import Chunk, Scheduler
 
@@ -51,6 +51,7 @@ class EngineConfig:
     attention_backend: str = "auto"      # "torch" | "flashinfer" | "auto" (flashinfer on cuda where it can)
     cuda_graph_max_bs: int = 128         # largest CUDA-graph decode bucket (capped by max_running_requests)
     disable_cuda_graph: bool = False
+    disable_overlap_schedule: bool = False   # else greedy steps launch before the last one's tokens are read
 
     def resolved_device(self) -> torch.device:
         return torch.device(self.device or default_device())
@@ -59,6 +60,20 @@ class EngineConfig:
         if self.dtype:
             return parse_dtype(self.dtype)
         return torch.float32 if self.resolved_device().type == "cpu" else model.dtype
+
+
+@dataclass
+class LaunchedStep:
+    """One launched forward: its sampling chunks (row order) and logits; when `deferred`, its
+    greedy tokens are on their way to the host (`tokens`, complete once `done` has), and
+    output_ids[slot] of each chunk's request holds a placeholder until they are settled."""
+    sampling: list[Chunk]
+    logits: torch.Tensor | None   # kept only where the host samples from them (not deferred)
+    deferred: bool
+    tokens: torch.Tensor | None = None
+    done: torch.cuda.Event | None = None
+    slots: list[int] = field(default_factory=list)
+    fence: list[int] = field(default_factory=list)   # pages released while it runs
 
 
 class EngineCore:
@@ -80,11 +95,14 @@ class EngineCore:
                                config.max_model_len or 1 << 30,
                                self.kv.pool.capacity * config.page_size)
         self.scheduler = Scheduler(self.kv, config.max_running_requests, config.max_step_tokens)
-        self.runner = ModelRunner(self.model, self.kv, self._make_backend(), self.device)
+        self.runner = ModelRunner(self.model, self.kv, self._make_backend(), self.device,
+                                  max_rows=config.max_running_requests)
         self._capture_graphs()
         self.inputs = InputProcessor(self.model_config, tokenizer, self.max_context,
                                      resize_on_device=self.device.type == "cuda")
         self._rid = 0
+        self.overlap = not config.disable_overlap_schedule
+        self._in_flight: LaunchedStep | None = None
 
     def _make_kv_cache(self) -> KVCache:
         tc = self.model_config.text
@@ -124,7 +142,7 @@ class EngineCore:
             return
         from epd.cuda_graph import CudaGraphDecodeRunner
 
-        graphs = CudaGraphDecodeRunner(self.model, self.kv, backend, max_bs)
+        graphs = CudaGraphDecodeRunner(self.model, self.kv, backend, max_bs, self.runner.future)
         graphs.capture()
         self.runner.graphs = graphs
 
@@ -146,14 +164,80 @@ class EngineCore:
             raise InputError(str(e), "max_new_tokens") from None
 
     def step(self) -> list[TokenEvent]:
+        """Schedule and launch one step, then settle the tokens of the step before it (overlap
+        schedule) and, when this step needs the host to sample, this step's too. Each returned
+        event is one token of a request, in order per request."""
         chunks = self.scheduler.schedule()
-        if not chunks:
-            return []
+        current = self._launch(chunks) if chunks else None
+        previous, self._in_flight = self._in_flight, None
+        self.scheduler.fence = current.fence if current is not None else None
+        try:
+            events = self._settle_step(previous) if previous is not None else []
+            if current is not None and current.deferred:
+                self._in_flight = current
+            elif current is not None:
+                events += self._settle_step(current)
+        except BaseException:
+            self._abandon(current)
+            raise
+        return events
+
+    @property
+    def busy(self) -> bool:
+        """A launched step's tokens are not settled yet: `step()` must run again."""
+        return self._in_flight is not None
+
+    def has_work(self) -> bool:
+        return self.busy or self.scheduler.has_work()
+
+    def flush(self) -> list[TokenEvent]:
+        """Settle the step in flight, if any (nothing new is scheduled)."""
+        previous, self._in_flight = self._in_flight, None
+        return self._settle_step(previous) if previous is not None else []
+
+    def _launch(self, chunks: list[Chunk]) -> LaunchedStep:
         self._encode_images([c.req for c in chunks if c.req.image_embeds is None and c.req.inp.images])
         logits = self.runner.run(chunks)
         self.scheduler.advance(chunks)
         sampling = [c for c in chunks if c.samples]
-        return self._commit(sampling, logits)
+        deferred = self.overlap and all(c.req.params.plain_greedy and not self._banned(c.req) for c in sampling)
+        step = LaunchedStep(sampling, None if deferred else logits, deferred)
+        if deferred:
+            step.tokens = self.runner.sample_greedy_ahead(logits)
+            for row, c in enumerate(sampling):
+                step.slots.append(len(c.req.output_ids))
+                c.req.output_ids.append(-1 - row)
+        step.done = self.runner.record_done()
+        return step
+
+    def _settle_step(self, step: LaunchedStep) -> list[TokenEvent]:
+        try:
+            if step.done is not None:
+                step.done.synchronize()
+            if step.logits is not None:
+                return self._commit(step.sampling, step.logits)
+            events = []
+            tokens = step.tokens.tolist() if step.tokens is not None else []
+            for c, slot, tok in zip(step.sampling, step.slots, tokens, strict=True):
+                if c.req.status is not Status.FINISHED:   # else it ended before this step's token
+                    c.req.output_ids[slot] = tok
+                    events.append(self._settle_token(c.req, slot, tok, None, None))
+            return events
+        finally:
+            self.kv.pool.free(step.fence)
+            step.fence.clear()
+            if self.scheduler.fence is step.fence:
+                self.scheduler.fence = None
+
+    def _abandon(self, current: LaunchedStep | None) -> None:
+        """A step failed: wait for the device, then give back every fenced page."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        for step in (current, self._in_flight):
+            if step is not None:
+                self.kv.pool.free(step.fence)
+                step.fence.clear()
+        self._in_flight, self.scheduler.fence = None, None
 
     def _encode_images(self, reqs: list[Request]) -> None:
         todo = [im for r in reqs for im in r.inp.images if im.embeddings is None]
@@ -167,6 +251,11 @@ class EngineCore:
             attach_image_embeddings(r, self.dtype, self.device)
 
     def _commit(self, chunks: list[Chunk], logits: torch.Tensor) -> list[TokenEvent]:
+        live = [i for i, c in enumerate(chunks) if c.req.status is not Status.FINISHED]
+        if len(live) < len(chunks):   # some ended on the step before's tokens (overlap schedule)
+            chunks, logits = [chunks[i] for i in live], logits[live]
+        if not chunks:
+            return []
         if all(c.req.params.plain_greedy and not self._banned(c.req) for c in chunks):
             # argmax where the logits are (the GPU), one copy of B token ids back
             tokens = logits.argmax(dim=-1).tolist()
@@ -192,6 +281,11 @@ class EngineCore:
 
     def _append_token(self, req: Request, tok: int, lp: float | None, top) -> TokenEvent:
         req.output_ids.append(tok)
+        return self._settle_token(req, len(req.output_ids) - 1, tok, lp, top)
+
+    def _settle_token(self, req: Request, slot: int, tok: int, lp: float | None, top) -> TokenEvent:
+        """Stop rules and detokenizing for output token `slot` (now real); placeholders after it
+        are dropped if the request ends here."""
         if lp is not None:
             req.output_logprobs.append(lp)
         if req.first_token_time is None:
@@ -203,16 +297,20 @@ class EngineCore:
             text = req.detok.push(tok)
             if req.detok.stopped is not None:
                 reason = {"type": "stop", "matched": req.detok.stopped}
-        if reason is None and (len(req.output_ids) >= req.params.max_new_tokens
-                               or req.total_len >= req.max_total_tokens):
-            reason = {"type": "length", "length": len(req.output_ids)}
+        count = slot + 1
+        if reason is None and (count >= req.params.max_new_tokens or req.prompt_len + count >= req.max_total_tokens):
+            reason = {"type": "length", "length": count}
         if reason is not None:
             text += req.detok.finish()
+            del req.output_ids[count:]
             self.scheduler.finish(req, reason)
-        return TokenEvent(req.rid, tok, text, lp, top, reason is not None, reason)
+        return TokenEvent(req.rid, tok, text, lp, top, reason is not None, reason, count)
 
     def abort(self, rid: str) -> bool:
-        return self.scheduler.abort(rid) is not None
+        req = self.scheduler.abort(rid)
+        if req is not None:
+            req.drop_placeholders()
+        return req is not None
 
     def check_integrity(self) -> None:
         self.scheduler.check_integrity()

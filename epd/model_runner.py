@@ -41,12 +41,35 @@ def attach_image_embeddings(req: Request, dtype: torch.dtype, device: torch.devi
 
 class ModelRunner:
     def __init__(self, model: Qwen2VLLanguageModel, kv: KVCache, backend: AttentionBackend,
-                 device: torch.device) -> None:
+                 device: torch.device, max_rows: int = 1) -> None:
         self.model = model
         self.kv = kv
         self.backend = backend
         self.device = device
         self.graphs: CudaGraphDecodeRunner | None = None  # attached by the engine on GPU
+        # the last deferred step's greedy tokens, by sampling row: what placeholders resolve to
+        self.future = torch.zeros(max(1, max_rows), dtype=torch.long, device=device)
+
+    def sample_greedy_ahead(self, logits: torch.Tensor) -> torch.Tensor:
+        """Argmax of each row into `future` (the next step's inputs read it there) and, without
+        waiting, a host copy of it: valid once `record_done()`'s event has completed."""
+        n = logits.shape[0]
+        if n == 0:
+            return torch.empty(0, dtype=torch.long)
+        torch.argmax(logits, dim=-1, out=self.future[:n])
+        if self.device.type != "cuda":
+            return self.future[:n].clone()
+        host = torch.empty(n, dtype=torch.long, pin_memory=True)
+        host.copy_(self.future[:n], non_blocking=True)
+        return host
+
+    def record_done(self) -> torch.cuda.Event | None:
+        """An event after everything launched so far (None on the CPU, where ops finish in order)."""
+        if self.device.type != "cuda":
+            return None
+        done = torch.cuda.Event()
+        done.record()
+        return done
 
     def step_inputs(self, chunks: list[Chunk]) -> tuple[torch.Tensor, torch.Tensor, StepMetadata]:
         ids: list[int] = []
@@ -66,6 +89,8 @@ class ModelRunner:
             write_slots=torch.from_numpy(write_slots(chunks, tables, ps)).to(self.device),
         )
         input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
+        if ids and min(ids) < 0:
+            input_ids = resolve_placeholders(input_ids, self.future)
         return input_ids, torch.from_numpy(np.concatenate(positions, axis=1)).to(self.device), meta
 
     def embed(self, chunks: list[Chunk], input_ids: torch.Tensor) -> torch.Tensor:
@@ -98,6 +123,11 @@ class ModelRunner:
             if c.samples:
                 rows.append(end)
         return self.model.logits(hidden[rows])
+
+
+def resolve_placeholders(ids: torch.Tensor, future: torch.Tensor) -> torch.Tensor:
+    """Token ids with each placeholder (-1 - row) replaced by future[row], on the ids' device."""
+    return torch.where(ids >= 0, ids, future[(-1 - ids).clamp_(min=0)])
 
 
 def write_slots(chunks: list[Chunk], tables: list[np.ndarray], page_size: int) -> np.ndarray:

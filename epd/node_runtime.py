@@ -60,6 +60,7 @@ class NodeArgs:
     log_level: str = "INFO"
     kv_ipc: bool = True
     ucx_progress: str = "thread"
+    overlap_schedule: bool = True
 
     @classmethod
     def from_cli(cls, role: str, argv: list[str] | None) -> NodeArgs:
@@ -87,17 +88,22 @@ class NodeArgs:
         ap.add_argument("--ucx-progress", default="thread", choices=["thread", "thread-polling"],
                         help="UCX progress thread; thread-polling spins a core (lower latency on an idle CPU "
                              "host, slower TTFT measured on the H100 host, see BENCHMARKS.md)")
+        ap.add_argument("--disable-overlap-schedule", action="store_true",
+                        help="read each step's tokens before scheduling the next (default: greedy decode steps "
+                             "are launched while the step before still runs, see README)")
         ap.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
         a = ap.parse_args(argv)
         node_id = a.node_id or f"{role}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:4]}"
         return cls(role, a.model, a.redis_url, a.host, a.port, a.device, node_id, a.heartbeat_ttl, a.page_size,
                    a.max_running_requests, a.max_step_tokens, a.kv_cache_tokens, a.mem_fraction, a.dtype,
-                   a.layer_group_size, a.kv_timeout, a.log_level, not a.no_kv_ipc, a.ucx_progress)
+                   a.layer_group_size, a.kv_timeout, a.log_level, not a.no_kv_ipc, a.ucx_progress,
+                   not a.disable_overlap_schedule)
 
     def engine_kwargs(self) -> dict[str, Any]:
         return dict(device=self.device, dtype=self.dtype, page_size=self.page_size,
                     max_running_requests=self.max_running, max_step_tokens=self.max_step_tokens,
-                    kv_cache_tokens=self.kv_cache_tokens, mem_fraction=self.mem_fraction)
+                    kv_cache_tokens=self.kv_cache_tokens, mem_fraction=self.mem_fraction,
+                    disable_overlap_schedule=not self.overlap_schedule)
 
 
 class Service(Protocol):

@@ -36,6 +36,7 @@ class TokenEvent:
     top_logprobs: list[tuple[int, float]] | None = None
     finished: bool = False
     finish_reason: dict | None = None
+    completion_tokens: int = 0       # output tokens up to and including this one
 
 
 @dataclass
@@ -77,6 +78,29 @@ class Request:
     @property
     def in_prefill(self) -> bool:
         return self.num_computed < self.prompt_len
+
+    # With the overlap schedule a step's greedy tokens stay on the device until the next step is
+    # launched: `output_ids` then ends in placeholders, -1 - row (the row of the step's sampled
+    # tokens), which the next step's inputs read on the device and the engine replaces once the
+    # step's tokens reach the host.
+    @property
+    def awaiting_token(self) -> bool:
+        """The last output token is still a placeholder."""
+        return bool(self.output_ids) and self.output_ids[-1] < 0
+
+    @property
+    def capped(self) -> bool:
+        """No token may follow the ones it has (max_new_tokens, or the context is full): with a
+        placeholder last, the request ends once that token lands, so it is not scheduled again."""
+        return len(self.output_ids) >= self.params.max_new_tokens or self.total_len >= self.max_total_tokens
+
+    def drop_placeholders(self) -> None:
+        """Cut `output_ids` at its first placeholder (a finished request keeps real tokens only)."""
+        for i in range(len(self.output_ids) - 1, -1, -1):
+            if self.output_ids[i] >= 0:
+                del self.output_ids[i + 1:]
+                return
+        self.output_ids.clear()
 
     def page_array(self) -> np.ndarray:
         """`pages` as an int32 array. A step's attention metadata joins these instead of converting

@@ -10,6 +10,11 @@ Pages are allocated as tokens are scheduled. When a decode needs a page and none
 most recently admitted other request is preempted: its pages are freed and it returns to the
 front of the waiting queue, to be recomputed later (prompt + output so far), so nothing is lost.
 Every request's pages are freed exactly once, when it finishes, aborts or is preempted.
+While the engine has a step in flight (overlap schedule) it sets `fence` to a list: pages of
+requests that finish or abort go there instead of back to the pool, and the engine frees them
+once that step has run, so no step still running writes into pages another owner now holds
+(a decode node hands free pages to a prefill node's CUDA IPC writes). Preempted pages go back
+at once: only later steps on the same stream can use them.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
+        self.fence: list[int] | None = None   # set by the engine while a step is in flight
 
     def add(self, req: Request) -> None:
         need = self.pool.pages_for(req.max_total_tokens)
@@ -57,7 +63,7 @@ class Scheduler:
         chunks: list[Chunk] = []
         budget = self.max_step_tokens
         scheduled: set[str] = set()   # decodes already in this step: never preempted for another
-        for req in [r for r in self.running if r.pending_tokens == 1]:
+        for req in [r for r in self.running if r.pending_tokens == 1 and not r.capped]:
             if req.status is not Status.RUNNING or budget == 0:
                 continue
             if self._grow(req, req.total_len, protected=scheduled):
@@ -82,7 +88,7 @@ class Scheduler:
             self._grow(req, req.num_computed + n)
             chunks.append(Chunk(req, req.num_computed, n))
             budget -= n
-        if not chunks and len(self.running) > 1:
+        if not chunks and len(self.running) > 1 and not any(r.awaiting_token for r in self.running):
             self._preempt(self.running[-1])  # prefills starved of pages: give the oldest room
             return self.schedule()
         return chunks
@@ -107,17 +113,20 @@ class Scheduler:
         return True
 
     def _preempt(self, req: Request) -> None:
-        self._release(req)
+        self._release(req, fenced=False)
         req.num_computed = 0
         req.status = Status.WAITING
         self.waiting.appendleft(req)
         self.num_preemptions += 1
 
-    def _release(self, req: Request) -> None:
+    def _release(self, req: Request, fenced: bool = True) -> None:
         if req in self.running:
             self.running.remove(req)
         if req.pages:
-            self.pool.free(req.pages)
+            if fenced and self.fence is not None:
+                self.fence.extend(req.pages)
+            else:
+                self.pool.free(req.pages)
             req.pages = []
 
     def advance(self, chunks: list[Chunk]) -> None:
@@ -140,6 +149,8 @@ class Scheduler:
         self.running.append(req)
 
     def finish(self, req: Request, reason: dict) -> None:
+        if req.status is Status.WAITING and req in self.waiting:   # preempted while its token was in flight
+            self.waiting.remove(req)
         req.status = Status.FINISHED
         req.finish_reason = reason
         self._release(req)
@@ -158,7 +169,7 @@ class Scheduler:
         """free + in use == total, and every in-use page belongs to exactly one live request
         (or to `held_elsewhere`: pages a node holds outside the batch, e.g. in transfer)."""
         self.pool.check_integrity()
-        owned = [p for r in self.running for p in r.pages] + list(held_elsewhere)
+        owned = [p for r in self.running for p in r.pages] + list(held_elsewhere) + (self.fence or [])
         if len(owned) != len(set(owned)):
             raise AssertionError("a KV page is owned by two requests")
         if len(owned) != self.pool.num_in_use:

@@ -156,14 +156,14 @@ class LocalBackend:
     def _run(self) -> None:
         was_busy = False
         while True:
-            busy = self.core.scheduler.has_work()
+            busy = self.core.has_work()
             stop = self._drain(block=not busy)
             if stop is not None:
                 self._fail_all(BackendError("the server is shutting down", 503, code="shutting_down"))
                 self._publish_stats()
                 stop.done.set()
                 return
-            if self.core.scheduler.has_work():
+            if self.core.has_work():
                 self._step()
                 was_busy = True
             elif was_busy:
@@ -250,7 +250,7 @@ class LocalBackend:
             token_id=ev.token_id, text=ev.text, logprob=ev.logprob, top_logprobs=ev.top_logprobs,
             finished=ev.finished, finish_reason=openai_finish_reason(ev.finish_reason),
             matched_stop=reason.get("matched") if reason.get("type") == "stop" else None,
-            prompt_tokens=req.prompt_len, completion_tokens=len(req.output_ids), cached_tokens=req.cached_tokens,
+            prompt_tokens=req.prompt_len, completion_tokens=ev.completion_tokens, cached_tokens=req.cached_tokens,
             image_tokens=s.image_tokens, timings=timings)
 
     def _fail_all(self, error: BackendError) -> None:

@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-model-len", type=int, default=None, help="local: cap on prompt + output tokens")
     ap.add_argument("--kv-cache-tokens", type=int, default=None, help="local: KV pool size in tokens")
     ap.add_argument("--max-running-requests", type=int, default=64, help="local: batch size cap")
+    ap.add_argument("--disable-overlap-schedule", action="store_true",
+                    help="local: read each step's tokens before scheduling the next (default: greedy steps "
+                         "are launched while the step before still runs)")
     ap.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return ap
 
@@ -61,7 +64,8 @@ def make_backend(args: argparse.Namespace) -> Backend:
         from router.local_backend import LocalBackend
 
         return LocalBackend(args.model, device=args.device, dtype=args.dtype, max_model_len=args.max_model_len,
-                            kv_cache_tokens=args.kv_cache_tokens, max_running_requests=args.max_running_requests)
+                            kv_cache_tokens=args.kv_cache_tokens, max_running_requests=args.max_running_requests,
+                            disable_overlap_schedule=args.disable_overlap_schedule)
     if kind == "disagg":
         if not args.redis_url:
             raise ValueError("--backend disagg needs --redis-url (the Redis the nodes register in)")

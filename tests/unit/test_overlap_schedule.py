@@ -1,0 +1,145 @@
+"""The overlap schedule: a greedy step is launched before the step before it has handed its tokens
+to the host. What a user sees must not change: the same tokens, finish reasons and counts as the
+synchronous engine, no forward past max_new_tokens, and no KV page handed back while a step that
+was launched before the request ended can still write into it."""
+
+from __future__ import annotations
+
+import pytest
+from support import chat_prompt
+
+from epd import Engine
+from epd.engine_core import EngineCore
+from epd.sampling import SamplingParams
+
+PROMPTS = [chat_prompt(f"Request {i}: tell me about the {c} dog.") for i, c in enumerate(["red", "blue", "green", "tan"])]
+
+
+@pytest.fixture(scope="module")
+def engines(tiny_models):
+    """float64 (see test_engine_correctness): one engine with the overlap schedule, one without."""
+    path = tiny_models["qwen2_5_vl"]
+    overlap = Engine(model_path=path, device="cpu", dtype="float64", page_size=4)
+    sync = Engine(model_path=path, device="cpu", dtype="float64", page_size=4, disable_overlap_schedule=True)
+    yield overlap, sync
+    for llm in (overlap, sync):
+        llm.check_integrity()
+        assert llm.core.kv.pool.num_in_use == 0
+        llm.shutdown()
+
+
+def _forwards(engine: Engine) -> list[int]:
+    """Count the model forwards the engine runs from now on (one entry per forward: its batch size)."""
+    calls: list[int] = []
+    run = engine.core.runner.run
+
+    def counted(chunks, *a, **k):
+        calls.append(len(chunks))
+        return run(chunks, *a, **k)
+
+    engine.core.runner.run = counted
+    return calls
+
+
+def _request(core: EngineCore, prompt: str, **params):
+    inp = core.inputs.process(prompt=prompt)
+    req = core.new_request(inp, SamplingParams.from_dict({"temperature": 0, **params}))
+    core.add(req)
+    return req
+
+
+def test_a_mixed_batch_equals_the_synchronous_engine(engines):
+    overlap, sync = engines
+    solo = sync.generate(prompt=PROMPTS[0], sampling_params={"temperature": 0, "max_new_tokens": 12})["output_ids"]
+    params = [
+        {"temperature": 0, "max_new_tokens": 12},
+        {"temperature": 0, "max_new_tokens": 12, "stop_token_ids": [solo[3]]},   # stops early, mid-batch
+        {"temperature": 0.8, "seed": 3, "max_new_tokens": 9},                   # sampled on the host
+        {"temperature": 0, "max_new_tokens": 5, "logprobs": True, "top_logprobs": 2},
+    ]
+    prompts = [PROMPTS[0], PROMPTS[0], PROMPTS[2], PROMPTS[3]]
+    want = sync.generate(prompt=prompts, sampling_params=params)
+    got = overlap.generate(prompt=prompts, sampling_params=params)
+    for g, w in zip(got, want, strict=True):
+        assert g["output_ids"] == w["output_ids"]
+        assert g["text"] == w["text"]
+        assert g["meta_info"]["finish_reason"] == w["meta_info"]["finish_reason"]
+        assert g["meta_info"]["completion_tokens"] == len(w["output_ids"])
+        assert g["meta_info"]["output_token_logprobs"] == pytest.approx(w["meta_info"]["output_token_logprobs"])
+    assert got[0]["output_ids"] == solo
+    assert got[1]["output_ids"] == solo[:4]
+
+
+def test_greedy_steps_are_launched_before_the_last_tokens_are_read(engines):
+    overlap, _ = engines
+    core = overlap.core
+    req = _request(core, PROMPTS[1], max_new_tokens=6)
+    seen = []
+    while not (events := core.step()) or not events[-1].finished:
+        seen += events
+        assert core.busy, "every greedy step leaves its tokens in flight"
+        assert req.output_ids[-1] < 0, "the next step reads the last token on the device"
+    seen += events
+    assert [e.completion_tokens for e in seen] == [1, 2, 3, 4, 5, 6]
+    assert req.output_ids == [e.token_id for e in seen] and min(req.output_ids) >= 0
+    core.flush()
+
+
+@pytest.mark.parametrize("max_new_tokens", [1, 2, 7])
+def test_no_forward_runs_past_max_new_tokens(engines, max_new_tokens):
+    overlap, sync = engines
+    counts = []
+    for llm in (overlap, sync):
+        calls = _forwards(llm)
+        try:
+            out = llm.generate(prompt=PROMPTS[2], sampling_params={"temperature": 0, "max_new_tokens": max_new_tokens})
+        finally:
+            del llm.core.runner.run
+        assert len(out["output_ids"]) == max_new_tokens
+        counts.append(len(calls))
+    assert counts == [max_new_tokens, max_new_tokens]   # the prefill, then one decode per further token
+
+
+def test_pages_of_a_stopped_request_wait_for_the_step_in_flight(engines):
+    """A request that stops on a token the host reads only after the next step was launched: that
+    step still writes into its pages, so they stay out of the pool until it has run."""
+    overlap, sync = engines
+    ids = sync.generate(prompt=PROMPTS[3], sampling_params={"temperature": 0, "max_new_tokens": 8})["output_ids"]
+    core = overlap.core
+    req = _request(core, PROMPTS[3], max_new_tokens=8, stop_token_ids=[ids[2]])
+    pages = None
+    while True:
+        pages = list(req.pages) or pages
+        events = core.step()
+        if events and events[-1].finished:
+            break
+    assert req.output_ids == ids[:3]
+    fenced = core.scheduler.fence
+    assert core.busy and not req.pages and set(pages) <= set(fenced)   # and the page the last step grew
+    assert core.kv.pool.num_in_use == len(fenced)
+    core.check_integrity()
+    assert core.step() == []   # the step launched before the stop was seen: nothing of it is kept
+    assert not core.busy and core.kv.pool.num_in_use == 0
+
+
+def test_abort_with_a_step_in_flight_keeps_real_tokens_and_frees_pages(engines):
+    overlap, sync = engines
+    want = sync.generate(prompt=PROMPTS[0], sampling_params={"temperature": 0, "max_new_tokens": 10})["output_ids"]
+    core = overlap.core
+    keep = _request(core, PROMPTS[0], max_new_tokens=10)
+    drop = _request(core, PROMPTS[1], max_new_tokens=10)
+    tokens = {keep.rid: [], drop.rid: []}
+    for _ in range(4):
+        for ev in core.step():
+            tokens[ev.rid].append(ev.token_id)
+    assert core.busy
+    assert core.abort(drop.rid)
+    assert drop.output_ids == tokens[drop.rid], "no placeholder is left in an aborted request"
+    core.check_integrity()
+    while keep.status.value != "finished":
+        for ev in core.step():
+            assert ev.rid == keep.rid
+            tokens[keep.rid].append(ev.token_id)
+    core.flush()
+    assert tokens[keep.rid] == want
+    assert core.kv.pool.num_in_use == 0
