@@ -34,7 +34,7 @@ if [[ $steps == *",tests,"* ]]; then
     echo "== tests: exit $? ($(tail -1 "$out/tests.log"))" | tee -a "$log"
 fi
 step gemv 90 python3 -m bench.gpu_gemv --out "$out/gemv.json"
-step bench 200 python3 -m bench.gpu_bench --out "$out/gpu.json" --model 3b=/tmp/m3b --model 7b=/tmp/m7b
+step bench 280 python3 -m bench.gpu_bench --out "$out/gpu.json" --model 3b=/tmp/m3b --model 7b=/tmp/m7b
 step attention 50 python3 -m bench.gpu_attention --out "$out/attn.json"
 step kv 60 python3 -m bench.gpu_kv_transfer --preset 7b --ipc --out "$out/kv_ipc.json"
 step ttft 120 python3 -m bench.gpu_disagg_ttft --model /tmp/m3b --out "$out/ttft.json"
