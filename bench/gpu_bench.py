@@ -6,11 +6,14 @@ Sections, per model (JSON written after each, so a run cut short still reports w
   1. decode step with CUDA graphs and without, batch 1/8/32/128 at 1024-token contexts:
      engine step wall time (overlap schedule on), forward device time, tokens/s, % of the HBM
      roofline ((weight bytes + KV bytes read) / step time / device-to-device copy bandwidth of
-     this run); with graphs but each step's tokens read before the next is scheduled
-     (`decode_without_overlap`, batch 1/8/32/128); and with graphs but without the decode GEMV kernels (`decode_without_gemv`, batch 1/8), without
-     programmatic dependent launch (`decode_without_pdl`, batch 1/8), with cuBLAS's gate/up GEMM and
-     the silu*mul kernel instead of the fused gate/up kernel (`decode_without_fused_gate_up`, batch
-     1/8) or with flashinfer's decode attention instead of the split-KV kernels (`decode_flashinfer_attention`);
+     this run). Variants with graphs, each against the same code with one piece taken out:
+     each step's tokens read before the next is scheduled (`decode_without_overlap`, batch
+     1/8/32/128); cuBLAS instead of the decode GEMV kernels (`decode_without_gemv`, batch 1/8);
+     no programmatic dependent launch (`decode_without_pdl`, batch 1/8); the GEMVs' first weight
+     tile loaded after the PDL wait (`decode_without_weight_prefetch`, batch 1/8); cuBLAS's gate/up
+     GEMM and the silu*mul kernel instead of the fused gate/up kernel
+     (`decode_without_fused_gate_up`, batch 1/8); flashinfer's decode attention instead of the
+     split-KV kernels (`decode_flashinfer_attention`);
   2. output tokens/s against transformers `generate` (static cache) on the same weights;
   3. prefill tokens/s and MFU (against this run's measured bf16 matmul rate), 1x4096 and 8x1024;
   5. vision-tower images/s against transformers' tower on the same weights (1280x720 image);
@@ -163,6 +166,8 @@ def _decode_sections(report: Report, name: str, core, facts: dict, bw: float) ->
                    lambda: _decode_variant(core, facts, bw, decode_gemv, "MAX_ROWS", 0, (1, 8)))
     report.section(name, "decode_without_pdl",      # kernels not launched to overlap the one before
                    lambda: _decode_variant(core, facts, bw, fused_ops, "PDL", False, (1, 8)))
+    report.section(name, "decode_without_weight_prefetch",   # GEMVs load their first weight tile after the PDL wait
+                   lambda: _decode_variant(core, facts, bw, decode_gemv, "PREFETCH_WEIGHTS", False, (1, 8)))
     report.section(name, "decode_without_fused_gate_up",   # cuBLAS gate/up GEMM + the silu*mul kernel
                    lambda: _decode_variant(core, facts, bw, decode_gemv, "FUSED_GATE_UP", False, (1, 8)))
     report.section(name, "decode_flashinfer_attention",   # flashinfer's decode wrapper in the graphs

@@ -9,7 +9,9 @@ weight copies (as a decode step does, so the L2 cache does not hold the weights)
 - `gemv`: `decode_gemv.project` with its chosen block config, and with `--sweep` every config in
   SWEEP. Its split-K partial sums (and q/k/v's bias) are left for the next kernel to add up, as
   in the model. Also the default config launched without programmatic dependent launch
-  (`gemv_without_pdl_us`): in this chain of GEMVs alone PDL costs time, in the model it saves it.
+  (`gemv_without_pdl_us`): in this chain of GEMVs alone PDL costs time, in the model it saves it;
+  and with PDL but the first weight tile loaded after the PDL wait (`gemv_without_prefetch_us`,
+  also for gate/up).
 And the MLP's gate/up with silu*mul (`act` cases): cuBLAS's gate/up GEMM then the silu*mul kernel
 (`cublas_us`, the two together), against `decode_gemv.silu_mul_project` (one kernel; with `--sweep`
 every config in ACT_SWEEP too).
@@ -76,12 +78,21 @@ def _case(rows: int, n: int, k: int, layers: int, configs: list[dict | None], bi
            "cublas_us": _graph_us(lambda i: F.linear(x, weights[i], biases[i]), layers),
            "gemv": _configs(configs, g.block_config(n, k), layers, F.linear(x, weights[0]).double(),
                             lambda c: g.linear(x, weights[0], c), lambda i, c: g.project(x, weights[i], c))}
-    fo.PDL = False        # the default config launched without programmatic dependent launch
-    try:
-        out["gemv_without_pdl_us"] = _graph_us(lambda i: g.project(x, weights[i]), layers)
-    finally:
-        fo.PDL = True
+    # the default config launched without programmatic dependent launch, and with PDL but the first
+    # weight tile loaded after the wait
+    out["gemv_without_pdl_us"] = _without(fo, "PDL", lambda: _graph_us(lambda i: g.project(x, weights[i]), layers))
+    out["gemv_without_prefetch_us"] = _without(g, "PREFETCH_WEIGHTS",
+                                               lambda: _graph_us(lambda i: g.project(x, weights[i]), layers))
     return out
+
+
+def _without(module, flag: str, measure) -> float:
+    """`measure()` with `module.flag` off, then on again."""
+    setattr(module, flag, False)
+    try:
+        return measure()
+    finally:
+        setattr(module, flag, True)
 
 
 def _act_case(rows: int, inter: int, k: int, layers: int, configs: list[dict | None]) -> dict:
@@ -92,17 +103,21 @@ def _act_case(rows: int, inter: int, k: int, layers: int, configs: list[dict | N
             "gemv": _configs(configs, g.act_config(inter, k), layers,
                              fo.silu_and_mul(F.linear(x, weights[0])).double(),
                              lambda c: g.silu_mul_project(x, weights[0], c),
-                             lambda i, c: g.silu_mul_project(x, weights[i], c))}
+                             lambda i, c: g.silu_mul_project(x, weights[i], c)),
+            "gemv_without_prefetch_us": _without(
+                g, "PREFETCH_WEIGHTS", lambda: _graph_us(lambda i: g.silu_mul_project(x, weights[i]), layers))}
 
 
 def _print(name: str, proj: str, case: dict, bw: float) -> None:
     gbps = case["weight_MB"] * 1e3 / case["cublas_us"]
     best = min(case["gemv"], key=lambda c: c["us"])
     no_pdl = f"{case['gemv_without_pdl_us']:6.1f} us" if "gemv_without_pdl_us" in case else "-"
+    no_prefetch = f"{case['gemv_without_prefetch_us']:6.1f} us"
     print(f"{name} {proj:<7} rows={case['rows']} cuBLAS {case['cublas_us']:6.1f} us ({gbps / bw:4.0%}) | "
           f"gemv default {case['gemv'][0]['us']:6.1f} us "
           f"({case['weight_MB'] * 1e3 / case['gemv'][0]['us'] / bw:4.0%}) "
-          f"best {best['us']:6.1f} us {best['config']} err {best['rel_err']:.1e} | without PDL {no_pdl}",
+          f"best {best['us']:6.1f} us {best['config']} err {best['rel_err']:.1e} | without PDL {no_pdl}"
+          f" | without prefetch {no_prefetch}",
           flush=True)
 
 

@@ -19,6 +19,12 @@ The MLP's gate and up projections (`silu_mul_project`) go the other way: K is th
 not split, and each program owns the same block of columns of gate and of up, so its epilogue has
 both and writes silu(gate) * up itself: one kernel instead of cuBLAS's GEMM and the silu*mul one.
 
+Under programmatic dependent launch (`fused_ops.PDL`) a kernel's programs are resident before the
+kernel ahead of them has finished, waiting for it at `gdc_enter`. Only x depends on that kernel,
+not the weights, so each program loads its first weight tile before the wait (`PREFETCH_WEIGHTS`):
+at 3b's projections (two 256-wide K steps a program) that is half of a program's weight bytes
+already on their way when the wait ends.
+
 The kernel only reorders the fp32 sums of a dot product (as two GEMM kernels do); the sum is
 rounded once, like cuBLAS's. `bench/gpu_gemv.py` measures both on the model shapes (BENCHMARKS.md,
 section 1). `gemv_path(x, w)` says when it applies: Triton importable, CUDA 16-bit tensors,
@@ -34,6 +40,7 @@ from epd.models.fused_ops import fused_path, gdc_enter, launch_options, silu_and
 
 MAX_ROWS = 8          # decode batches up to this many rows take the GEMV kernel
 FUSED_GATE_UP = True  # gate/up + silu*mul as one kernel on the GEMV path (the bench turns it off)
+PREFETCH_WEIGHTS = True   # load each program's first weight tile before the PDL wait (the bench turns it off)
 _ROW_TILE = 16        # rows padded to one tensor-core tile
 
 
@@ -58,8 +65,8 @@ def project(x: torch.Tensor, weight: torch.Tensor, config: dict | None = None) -
     parts = torch.empty(split, m, n, dtype=torch.float32, device=x.device)
     _gemv_kernel[(triton.cdiv(n, cfg["block_n"]), split)](
         x, weight, parts, m, n, k, per_split, BLOCK_M=_ROW_TILE,
-        BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"], num_warps=cfg["warps"], num_stages=cfg["stages"],
-        **launch_options(x, m))
+        BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"], PREFETCH=PREFETCH_WEIGHTS, num_warps=cfg["warps"],
+        num_stages=cfg["stages"], **launch_options(x, m))
     return parts
 
 
@@ -81,7 +88,7 @@ def silu_mul_project(x: torch.Tensor, gate_up: torch.Tensor, config: dict | None
     out = torch.empty(m, inter, dtype=x.dtype, device=x.device)
     _silu_mul_gemv_kernel[(triton.cdiv(inter, cfg["block_n"]),)](
         x, gate_up, out, m, inter, k, BLOCK_M=_ROW_TILE, BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"],
-        num_warps=cfg["warps"], num_stages=cfg["stages"], **launch_options(x, m))
+        PREFETCH=PREFETCH_WEIGHTS, num_warps=cfg["warps"], num_stages=cfg["stages"], **launch_options(x, m))
     return out
 
 
@@ -105,7 +112,8 @@ if triton is not None:
 
     @triton.jit
     def _gemv_kernel(x_ptr, w_ptr, parts_ptr, M, N, K, K_PER_SPLIT,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_GDC: tl.constexpr):
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr,
+                     USE_GDC: tl.constexpr):
         rows = tl.arange(0, BLOCK_M)
         rmask = rows < M
         cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -113,11 +121,21 @@ if triton is not None:
         split = tl.program_id(1)
         k_start = split * K_PER_SPLIT
         k_end = tl.minimum(K, k_start + K_PER_SPLIT)
-        gdc_enter(USE_GDC)
         w_cols = w_ptr + cols[None, :].to(tl.int64) * K           # [1, BLOCK_N]: columns of w.T
         x_rows = x_ptr + rows[:, None] * K
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for k0 in range(k_start, k_end, BLOCK_K):
+        # the slice's first weight tile (no slice is empty), loaded before waiting for the kernel
+        # before (PDL) when PREFETCH: weights do not depend on it, only x does
+        kk = k_start + tl.arange(0, BLOCK_K)
+        kmask = kk < K
+        if PREFETCH:
+            w = tl.load(w_cols + kk[:, None], mask=kmask[:, None] & cmask[None, :], other=0.0)
+            gdc_enter(USE_GDC)
+        else:
+            gdc_enter(USE_GDC)
+            w = tl.load(w_cols + kk[:, None], mask=kmask[:, None] & cmask[None, :], other=0.0)
+        h = tl.load(x_rows + kk[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+        acc = tl.dot(h, w, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32))
+        for k0 in range(k_start + BLOCK_K, k_end, BLOCK_K):
             kk = k0 + tl.arange(0, BLOCK_K)
             kmask = kk < K   # slices are whole blocks, so only K's end cuts one. Masking on the slice
             # end instead measured 1.3x slower (BENCHMARKS.md), presumably as Triton's divisible-by-16
@@ -131,18 +149,29 @@ if triton is not None:
     @triton.jit
     def _silu_mul_gemv_kernel(x_ptr, w_ptr, out_ptr, M, INTER, K,
                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                              USE_GDC: tl.constexpr):
+                              PREFETCH: tl.constexpr, USE_GDC: tl.constexpr):
         rows = tl.arange(0, BLOCK_M)
         rmask = rows < M
         cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         cmask = cols < INTER
-        gdc_enter(USE_GDC)
         gate_cols = w_ptr + cols[None, :].to(tl.int64) * K                 # rows `cols` of gate_up
         up_cols = w_ptr + (cols[None, :] + INTER).to(tl.int64) * K          # rows INTER + `cols`
         x_rows = x_ptr + rows[:, None] * K
-        acc_gate = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
+        kk = tl.arange(0, BLOCK_K)   # the first K step: its weight tiles before the PDL wait (as above)
+        kmask = kk < K
+        wmask = kmask[:, None] & cmask[None, :]
+        if PREFETCH:
+            gate_w = tl.load(gate_cols + kk[:, None], mask=wmask, other=0.0)
+            up_w = tl.load(up_cols + kk[:, None], mask=wmask, other=0.0)
+            gdc_enter(USE_GDC)
+        else:
+            gdc_enter(USE_GDC)
+            gate_w = tl.load(gate_cols + kk[:, None], mask=wmask, other=0.0)
+            up_w = tl.load(up_cols + kk[:, None], mask=wmask, other=0.0)
+        h = tl.load(x_rows + kk[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+        acc_gate = tl.dot(h, gate_w, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32))
+        acc_up = tl.dot(h, up_w, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32))
+        for k0 in range(BLOCK_K, K, BLOCK_K):
             kk = k0 + tl.arange(0, BLOCK_K)
             kmask = kk < K
             wmask = kmask[:, None] & cmask[None, :]

@@ -197,3 +197,29 @@ def test_pixel_values_built_on_the_gpu_equal_the_cpu_ones(small128):
     later = ImageProcessor(small128, 2, resize_on_device=True).preprocess_many(images)
     assert later[0].resize_to is not None and later[2].resize_to is not None
     assert torch.equal(pixel_values(later, "cuda").cpu(), on_cpu)
+
+
+def test_overlap_schedule_on_graphs_equals_synchronous(small128):
+    """Greedy decode with the overlap schedule (next step's input ids read inside the CUDA graph from
+    the step before's argmax) gives the synchronous engine's tokens, with a batch and with a stop
+    token that the host sees one step late."""
+    params = {"temperature": 0, "max_new_tokens": 12, "ignore_eos": True}
+    prompts = [chat_prompt(f"Story {i}: " + "and then " * i) for i in range(4)]
+    with Engine(model_path=small128, dtype="bfloat16", page_size=16, kv_cache_tokens=KV) as llm:
+        core = llm.core
+        assert core.runner.graphs is not None and core.overlap
+        runs = {}
+        for overlap in (True, False):
+            core.overlap = overlap
+            replays = core.runner.graphs.replays
+            batch = [o["output_ids"] for o in llm.generate(prompt=prompts, sampling_params=params)]
+            assert core.runner.graphs.replays - replays >= 10, "decode steps should replay graphs"
+            stop = batch[0][5]
+            alone = llm.generate(prompt=prompts[0], sampling_params={**params, "stop_token_ids": [stop]})
+            runs[overlap] = (batch, alone["output_ids"], stop)
+        core.overlap = True
+        batch, alone, stop = runs[True]
+        assert runs[True] == runs[False]
+        assert alone == batch[0][:batch[0].index(stop) + 1]
+        llm.check_integrity()
+        assert core.kv.pool.num_in_use == 0
