@@ -10,8 +10,7 @@ weight copies (as a decode step does, so the L2 cache does not hold the weights)
   SWEEP. Its split-K partial sums (and q/k/v's bias) are left for the next kernel to add up, as
   in the model. Also the default config launched without programmatic dependent launch
   (`gemv_without_pdl_us`): in this chain of GEMVs alone PDL costs time, in the model it saves it;
-  and with PDL but the first weight tile loaded after the PDL wait (`gemv_without_prefetch_us`,
-  also for gate/up).
+  and with PDL but the first weight tile loaded after the PDL wait (`gemv_without_prefetch_us`).
 And the MLP's gate/up with silu*mul (`act` cases): cuBLAS's gate/up GEMM then the silu*mul kernel
 (`cublas_us`, the two together), against `decode_gemv.silu_mul_project` (one kernel; with `--sweep`
 every config in ACT_SWEEP too).
@@ -103,16 +102,14 @@ def _act_case(rows: int, inter: int, k: int, layers: int, configs: list[dict | N
             "gemv": _configs(configs, g.act_config(inter, k), layers,
                              fo.silu_and_mul(F.linear(x, weights[0])).double(),
                              lambda c: g.silu_mul_project(x, weights[0], c),
-                             lambda i, c: g.silu_mul_project(x, weights[i], c)),
-            "gemv_without_prefetch_us": _without(
-                g, "PREFETCH_WEIGHTS", lambda: _graph_us(lambda i: g.silu_mul_project(x, weights[i]), layers))}
+                             lambda i, c: g.silu_mul_project(x, weights[i], c))}
 
 
 def _print(name: str, proj: str, case: dict, bw: float) -> None:
     gbps = case["weight_MB"] * 1e3 / case["cublas_us"]
     best = min(case["gemv"], key=lambda c: c["us"])
     no_pdl = f"{case['gemv_without_pdl_us']:6.1f} us" if "gemv_without_pdl_us" in case else "-"
-    no_prefetch = f"{case['gemv_without_prefetch_us']:6.1f} us"
+    no_prefetch = f"{case['gemv_without_prefetch_us']:6.1f} us" if "gemv_without_prefetch_us" in case else "-"
     print(f"{name} {proj:<7} rows={case['rows']} cuBLAS {case['cublas_us']:6.1f} us ({gbps / bw:4.0%}) | "
           f"gemv default {case['gemv'][0]['us']:6.1f} us "
           f"({case['weight_MB'] * 1e3 / case['gemv'][0]['us'] / bw:4.0%}) "

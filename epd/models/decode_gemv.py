@@ -21,9 +21,11 @@ both and writes silu(gate) * up itself: one kernel instead of cuBLAS's GEMM and 
 
 Under programmatic dependent launch (`fused_ops.PDL`) a kernel's programs are resident before the
 kernel ahead of them has finished, waiting for it at `gdc_enter`. Only x depends on that kernel,
-not the weights, so each program loads its first weight tile before the wait (`PREFETCH_WEIGHTS`):
-at 3b's projections (two 256-wide K steps a program) that is half of a program's weight bytes
-already on their way when the wait ends.
+not the weights, so each projection program loads its first weight tile before the wait
+(`PREFETCH_WEIGHTS`): at 3b's projections (two 256-wide K steps a program) that is half of a
+program's weight bytes already on their way when the wait ends. (The gate/up kernel, 32 K steps a
+program, measured no gain from it, and its loop with the first step peeled off measured slower at
+7b: BENCHMARKS.md; it keeps its plain loop.)
 
 The kernel only reorders the fp32 sums of a dot product (as two GEMM kernels do); the sum is
 rounded once, like cuBLAS's. `bench/gpu_gemv.py` measures both on the model shapes (BENCHMARKS.md,
@@ -40,7 +42,7 @@ from epd.models.fused_ops import fused_path, gdc_enter, launch_options, silu_and
 
 MAX_ROWS = 8          # decode batches up to this many rows take the GEMV kernel
 FUSED_GATE_UP = True  # gate/up + silu*mul as one kernel on the GEMV path (the bench turns it off)
-PREFETCH_WEIGHTS = True   # load each program's first weight tile before the PDL wait (the bench turns it off)
+PREFETCH_WEIGHTS = True   # projections load their first weight tile before the PDL wait (the bench turns it off)
 _ROW_TILE = 16        # rows padded to one tensor-core tile
 
 
@@ -88,7 +90,7 @@ def silu_mul_project(x: torch.Tensor, gate_up: torch.Tensor, config: dict | None
     out = torch.empty(m, inter, dtype=x.dtype, device=x.device)
     _silu_mul_gemv_kernel[(triton.cdiv(inter, cfg["block_n"]),)](
         x, gate_up, out, m, inter, k, BLOCK_M=_ROW_TILE, BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"],
-        PREFETCH=PREFETCH_WEIGHTS, num_warps=cfg["warps"], num_stages=cfg["stages"], **launch_options(x, m))
+        num_warps=cfg["warps"], num_stages=cfg["stages"], **launch_options(x, m))
     return out
 
 
@@ -149,29 +151,18 @@ if triton is not None:
     @triton.jit
     def _silu_mul_gemv_kernel(x_ptr, w_ptr, out_ptr, M, INTER, K,
                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                              PREFETCH: tl.constexpr, USE_GDC: tl.constexpr):
+                              USE_GDC: tl.constexpr):
         rows = tl.arange(0, BLOCK_M)
         rmask = rows < M
         cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         cmask = cols < INTER
+        gdc_enter(USE_GDC)
         gate_cols = w_ptr + cols[None, :].to(tl.int64) * K                 # rows `cols` of gate_up
         up_cols = w_ptr + (cols[None, :] + INTER).to(tl.int64) * K          # rows INTER + `cols`
         x_rows = x_ptr + rows[:, None] * K
-        kk = tl.arange(0, BLOCK_K)   # the first K step: its weight tiles before the PDL wait (as above)
-        kmask = kk < K
-        wmask = kmask[:, None] & cmask[None, :]
-        if PREFETCH:
-            gate_w = tl.load(gate_cols + kk[:, None], mask=wmask, other=0.0)
-            up_w = tl.load(up_cols + kk[:, None], mask=wmask, other=0.0)
-            gdc_enter(USE_GDC)
-        else:
-            gdc_enter(USE_GDC)
-            gate_w = tl.load(gate_cols + kk[:, None], mask=wmask, other=0.0)
-            up_w = tl.load(up_cols + kk[:, None], mask=wmask, other=0.0)
-        h = tl.load(x_rows + kk[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
-        acc_gate = tl.dot(h, gate_w, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32))
-        acc_up = tl.dot(h, up_w, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32))
-        for k0 in range(BLOCK_K, K, BLOCK_K):
+        acc_gate = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
             kk = k0 + tl.arange(0, BLOCK_K)
             kmask = kk < K
             wmask = kmask[:, None] & cmask[None, :]
