@@ -28,7 +28,7 @@ import torch
 from epd.attention.base import GraphDecodeBucket
 from epd.attention.flashinfer_backend import FlashInferBackend
 from epd.kv_pool import KVCache
-from epd.model_runner import resolve_placeholders, token_positions, write_slots
+from epd.model_runner import decode_positions, resolve_placeholders, token_positions, write_slots
 from epd.models.qwen2_vl_text import Qwen2VLLanguageModel
 from epd.scheduler import Chunk
 
@@ -132,7 +132,9 @@ class CudaGraphDecodeRunner:
         ps, m = self.kv.spec.page_size, self.max_bs
         ids = [c.req.output_ids[c.start - c.req.prompt_len] if c.start >= c.req.prompt_len
                else c.req.inp.input_ids[c.start] for c in chunks]
-        pos = np.concatenate([token_positions(c.req, c.start, c.start + 1) for c in chunks], axis=1)
+        pos = decode_positions(chunks)   # [n], or [3, n] below for a last prompt token
+        if pos is None:
+            pos = np.concatenate([token_positions(c.req, c.start, c.start + 1) for c in chunks], axis=1)
         tables = [c.req.page_array() for c in chunks]
         slots = write_slots(chunks, tables, ps)
         self._copied.synchronize()

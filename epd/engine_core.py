@@ -270,11 +270,13 @@ class EngineCore:
             events.append(self._append_token(c.req, result.token_ids[i], lp, top))
         return events
 
-    def _stop_ids(self, req: Request) -> set[int]:
-        ids = set(req.params.stop_token_ids)
-        if not req.params.ignore_eos:
-            ids.update(self.model_config.eos_token_ids)
-        return ids
+    def _stop_ids(self, req: Request) -> frozenset[int]:
+        if req.stop_ids is None:   # once per request: this is asked for every token
+            ids = set(req.params.stop_token_ids)
+            if not req.params.ignore_eos:
+                ids.update(self.model_config.eos_token_ids)
+            req.stop_ids = frozenset(ids)
+        return req.stop_ids
 
     def _banned(self, req: Request) -> tuple[int, ...]:
         return tuple(self._stop_ids(req)) if len(req.output_ids) < req.params.min_new_tokens else ()

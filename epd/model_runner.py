@@ -75,11 +75,15 @@ class ModelRunner:
         ids: list[int] = []
         positions: list[np.ndarray] = []
         ps = self.kv.spec.page_size
+        decode_row = decode_positions(chunks)
         for c in chunks:
             req, end = c.req, c.start + c.length
             plen = req.prompt_len
             ids.extend(req.output_ids[c.start - plen:end - plen] if c.start >= plen else req.token_at(c.start, end))
-            positions.append(token_positions(req, c.start, end))
+            if decode_row is None:
+                positions.append(token_positions(req, c.start, end))
+        if decode_row is not None:
+            positions = [np.broadcast_to(decode_row, (3, len(chunks)))]
         tables = [c.req.page_array() for c in chunks]
         meta = StepMetadata(
             qo_lens=[c.length for c in chunks],
@@ -141,6 +145,17 @@ def write_slots(chunks: list[Chunk], tables: list[np.ndarray], page_size: int) -
     index = np.arange(int(lengths.sum())) - token_chunk_start + np.repeat(starts, lengths)   # position in its request
     pages = np.concatenate(tables).astype(np.int64) if tables else np.zeros(0, dtype=np.int64)
     return pages[np.repeat(first_page, lengths) + index // page_size] * page_size + index % page_size
+
+
+def decode_positions(chunks: list[Chunk]) -> np.ndarray | None:
+    """int64 [n]: each chunk's M-RoPE position (the same in all three rows) when every chunk is
+    one token past its prompt (a decode step), else None. One pass instead of an array a chunk."""
+    row = []
+    for c in chunks:
+        if c.length != 1 or c.start < c.req.prompt_len:
+            return None
+        row.append(c.start + c.req.inp.mrope_delta)
+    return np.array(row, dtype=np.int64)
 
 
 def token_positions(req: Request, start: int, end: int) -> np.ndarray:

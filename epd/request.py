@@ -58,14 +58,16 @@ class Request:
     output_logprobs: list[float] = field(default_factory=list)
     created: float = field(default_factory=time.monotonic)
     first_token_time: float | None = None
+    stop_ids: frozenset[int] | None = None     # token ids that end it (the engine fills this in once)
+    prompt_len: int = field(default=0, init=False)
     # `pages` as int32 numpy (page_array), and the list object and length it was copied from
     _pages_np: np.ndarray | None = field(default=None, init=False, repr=False, compare=False)
     _pages_src: list[int] | None = field(default=None, init=False, repr=False, compare=False)
     _pages_len: int = field(default=0, init=False, repr=False, compare=False)
 
-    @property
-    def prompt_len(self) -> int:
-        return len(self.inp.input_ids)
+    def __post_init__(self) -> None:
+        # read several times per request per step: a plain attribute (the prompt never changes)
+        self.prompt_len = len(self.inp.input_ids) if self.inp is not None else 0
 
     @property
     def total_len(self) -> int:

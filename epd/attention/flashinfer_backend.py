@@ -22,6 +22,7 @@ and the engine then uses the torch backend.
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Sequence
 
@@ -41,6 +42,9 @@ except ImportError:  # pragma: no cover - CPU-only hosts
 log = logging.getLogger(__name__)
 
 WORKSPACE_BYTES = 256 << 20
+# plan(..., non_blocking=True) where this flashinfer's decode wrapper takes it
+_NON_BLOCKING = ({"non_blocking": True} if flashinfer is not None and "non_blocking" in inspect.signature(
+    flashinfer.BatchDecodeWithPagedKVCacheWrapper.plan).parameters else {})
 GRAPH_DECODE = "split_kv"     # or "flashinfer": which decode attention CUDA graphs capture
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16)
 SUPPORTED_HEAD_DIMS = (64, 128, 256)
@@ -134,10 +138,14 @@ class GraphDecodeAttention(GraphDecodeBucket):
             paged_kv_last_page_len_buffer=torch.ones(batch_size, dtype=torch.int32, device=dev))
 
     def plan_padded(self, kv_lens: list[int], page_tables: list[Sequence[int]]) -> None:
+        """Refresh the bucket's page buffers without waiting for the device: a blocking copy
+        (flashinfer's default in some versions) would wait for the step still running and undo
+        the overlap schedule. The copies queue behind that step, before this bucket's replay."""
         s = self.shape
         pad = self.batch_size - len(kv_lens)
         indptr, indices, last = page_arrays(kv_lens, page_tables, s.ps, pad_rows=pad)
-        self._wrapper.plan(indptr, indices, last, *s.plan_args(), q_data_type=s.dtype, kv_data_type=s.dtype)
+        self._wrapper.plan(indptr, indices, last, *s.plan_args(), q_data_type=s.dtype, kv_data_type=s.dtype,
+                           **_NON_BLOCKING)
 
     def decode(self, q: torch.Tensor, kv_cache: torch.Tensor) -> torch.Tensor:
         return self._wrapper.run(q, kv_cache)
