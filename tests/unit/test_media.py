@@ -336,3 +336,20 @@ def test_async_loader_shares_the_checks(server: str) -> None:
     assert fetched.size == (6, 4) and inline.size == (2, 2)
     assert str(err).startswith("image 4: URL fetch failed: HTTP 404")
     assert err.param == "messages[0].content[1].image_url.url"
+
+
+def test_content_hash_of_a_large_image_sees_every_slice() -> None:
+    """720p is several hash slices: equal pixels from PNG and PIL give one key; one changed pixel in
+    the last slice, or two slices swapped, give another."""
+    pixels = np.random.default_rng(3).integers(0, 256, (720, 1280, 3), dtype=np.uint8)
+    img = Image.fromarray(pixels)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    key = image_content_hash(img)
+    assert image_content_hash(load_image(buf.getvalue())) == key == image_content_hash(img, img.tobytes())
+    changed = pixels.copy()
+    changed[-1, -1, 2] ^= 1
+    assert image_content_hash(Image.fromarray(changed)) != key
+    rows = 720 * 1280 * 3 // 8 // (1280 * 3)   # rows in an eighth of the image: whole slices apart
+    swapped = np.concatenate([pixels[rows:2 * rows], pixels[:rows], pixels[2 * rows:]])
+    assert image_content_hash(Image.fromarray(swapped)) != key
