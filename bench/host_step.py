@@ -64,7 +64,7 @@ def measure(path: str, batch: int, device: str, rounds: int = 5, steps: int = 50
 
     core.scheduler.schedule = timed("schedule", core.scheduler.schedule)
     core.runner.run = timed("stage_inputs", stub_forward)
-    core.runner.sample_greedy_ahead = timed("argmax_and_copy", core.runner.sample_greedy_ahead)
+    core.runner.sample_ahead = timed("argmax_and_copy", core.runner.sample_ahead)
     core._settle_step = timed("settle_tokens", core._settle_step)
     for _ in range(5):
         core.step()

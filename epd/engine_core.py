@@ -4,9 +4,16 @@ Lifecycle: `EngineCore(config)` loads weights, sizes the KV pool and picks the a
 (flashinfer on CUDA in bf16/fp16, else torch); with flashinfer it also captures the CUDA graphs
 for decode batch buckets (capture time is logged). `add(req)` queues a processed request; each
 `step()` schedules a batch, encodes images of newly scheduled requests (batched across
-requests), runs the language model, samples (plain greedy rows: one argmax on the device),
-applies stop rules and frees the pages of finished requests; it returns one `TokenEvent` per
-request that produced a token.
+requests), launches the language model and samples; it returns one `TokenEvent` per token that
+reached the host in this call, after stop rules (pages of finished requests go back to the pool).
+
+Overlap schedule (unless `disable_overlap_schedule`): when every row that samples is `on_device`
+(greedy or an unseeded draw, no penalties or logprobs), the step's tokens stay on the device
+(`ModelRunner.future`; the requests' `output_ids` hold placeholders) and `step()` returns before
+reading them; the next `step()` schedules and launches the following step first, then settles
+these tokens while the GPU runs it. So a request's token arrives one `step()` call later, and
+`flush()` settles the last step when nothing more is scheduled. Other steps are settled in the
+call that launched them.
 """
 
 from __future__ import annotations
@@ -200,10 +207,10 @@ class EngineCore:
         logits = self.runner.run(chunks)
         self.scheduler.advance(chunks)
         sampling = [c for c in chunks if c.samples]
-        deferred = self.overlap and all(c.req.params.plain_greedy and not self._banned(c.req) for c in sampling)
+        deferred = self.overlap and all(c.req.params.on_device and not self._banned(c.req) for c in sampling)
         step = LaunchedStep(sampling, None if deferred else logits, deferred)
         if deferred:
-            step.tokens = self.runner.sample_greedy_ahead(logits)
+            step.tokens = self.runner.sample_ahead(logits, [c.req.params for c in sampling])
             for row, c in enumerate(sampling):
                 step.slots.append(len(c.req.output_ids))
                 c.req.output_ids.append(-1 - row)

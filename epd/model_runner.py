@@ -19,6 +19,7 @@ from epd.attention.base import AttentionBackend, StepMetadata
 from epd.kv_pool import KVCache
 from epd.models.qwen2_vl_text import Qwen2VLLanguageModel
 from epd.request import Request
+from epd.sampling import SamplingParams, sample_tokens
 from epd.scheduler import Chunk
 
 if TYPE_CHECKING:
@@ -50,13 +51,17 @@ class ModelRunner:
         # the last deferred step's greedy tokens, by sampling row: what placeholders resolve to
         self.future = torch.zeros(max(1, max_rows), dtype=torch.long, device=device)
 
-    def sample_greedy_ahead(self, logits: torch.Tensor) -> torch.Tensor:
-        """Argmax of each row into `future` (the next step's inputs read it there) and, without
-        waiting, a host copy of it: valid once `record_done()`'s event has completed."""
+    def sample_ahead(self, logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+        """Each row's token (`sampling.sample_tokens`: rows whose params are `on_device`) into
+        `future` (the next step's inputs read it there) and, without waiting, a host copy of it:
+        valid once `record_done()`'s event has completed."""
         n = logits.shape[0]
         if n == 0:
             return torch.empty(0, dtype=torch.long)
-        torch.argmax(logits, dim=-1, out=self.future[:n])
+        if all(p.greedy for p in params):
+            torch.argmax(logits, dim=-1, out=self.future[:n])
+        else:
+            self.future[:n].copy_(sample_tokens(logits, params))
         if self.device.type != "cuda":
             return self.future[:n].clone()
         host = torch.empty(n, dtype=torch.long, pin_memory=True)

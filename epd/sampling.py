@@ -53,6 +53,14 @@ class SamplingParams:
         return (self.greedy and self.repetition_penalty == 1.0 and not self.frequency_penalty
                 and not self.presence_penalty and not self.logprobs)
 
+    @property
+    def on_device(self) -> bool:
+        """The token needs nothing from the host: greedy, or an unseeded draw (the seeded draw
+        reads its request's generator row by row), without penalties (they read the request's
+        past tokens) or logprobs. The overlap schedule samples such rows ahead (`sample_tokens`)."""
+        return (self.repetition_penalty == 1.0 and not self.frequency_penalty and not self.presence_penalty
+                and not self.logprobs and (self.greedy or self.seed is None))
+
     @classmethod
     def from_dict(cls, d: dict[str, Any] | SamplingParams | None) -> SamplingParams:
         if isinstance(d, SamplingParams):
@@ -135,6 +143,17 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> SampleResult:
                                             vals[i, :r.params.top_logprobs].tolist(), strict=True))
                                    for i, r in enumerate(rows)]
     return result
+
+
+def sample_tokens(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """One token per row, left on the logits' device with no host sync, for rows whose params are
+    `on_device`: the argmax for greedy rows, one batched draw (`_draw_batch`) for the others."""
+    tokens = logits.argmax(dim=-1)
+    drawn = [i for i, p in enumerate(params) if not p.greedy]
+    if drawn:
+        rows = torch.tensor(drawn).to(logits.device, non_blocking=True)
+        tokens.index_copy_(0, rows, _draw_batch(logits.index_select(0, rows), [params[i] for i in drawn]))
+    return tokens
 
 
 def _apply_penalties(row_logits: torch.Tensor, row: SamplingRow) -> None:

@@ -143,3 +143,30 @@ def test_abort_with_a_step_in_flight_keeps_real_tokens_and_frees_pages(engines):
     core.flush()
     assert tokens[keep.rid] == want
     assert core.kv.pool.num_in_use == 0
+
+
+@pytest.mark.parametrize("params", [{"temperature": 5.0, "top_p": 1e-6}, {"temperature": 5.0, "min_p": 1.0}])
+def test_unseeded_draws_are_sampled_ahead_on_the_device(engines, params):
+    """Filters that leave one token make an unseeded draw deterministic: it must equal greedy, and
+    run through the overlap schedule (sampled on the device, read a step later)."""
+    overlap, sync = engines
+    greedy = sync.generate(prompt=PROMPTS[1], sampling_params={"temperature": 0, "max_new_tokens": 8})["output_ids"]
+    core = overlap.core
+    req = _request(core, PROMPTS[1], max_new_tokens=8, **params)
+    assert not req.params.greedy and req.params.on_device
+    tokens = []
+    while req.status.value != "finished":
+        tokens += [ev.token_id for ev in core.step()]
+        assert core.busy or req.status.value == "finished"
+    core.flush()
+    assert tokens == greedy
+
+
+def test_seeded_and_penalised_rows_are_read_before_the_next_step(engines):
+    overlap, _ = engines
+    core = overlap.core
+    for params in ({"temperature": 0.7, "seed": 5}, {"temperature": 0, "repetition_penalty": 1.3}):
+        req = _request(core, PROMPTS[2], max_new_tokens=3, **params)
+        while req.status.value != "finished":
+            core.step()
+            assert not core.busy and min(req.output_ids, default=0) >= 0
