@@ -8,7 +8,7 @@ requests), launches the language model and samples; it returns one `TokenEvent` 
 reached the host in this call, after stop rules (pages of finished requests go back to the pool).
 
 Overlap schedule (unless `disable_overlap_schedule`): when every row that samples is `on_device`
-(greedy or an unseeded draw, no penalties or logprobs), the step's tokens stay on the device
+(no penalties or logprobs: greedy or a draw, seeded or not), the step's tokens stay on the device
 (`ModelRunner.future`; the requests' `output_ids` hold placeholders) and `step()` returns before
 reading them; the next `step()` schedules and launches the following step first, then settles
 these tokens while the GPU runs it. So a request's token arrives one `step()` call later, and
@@ -210,7 +210,8 @@ class EngineCore:
         deferred = self.overlap and all(c.req.params.on_device and not self._banned(c.req) for c in sampling)
         step = LaunchedStep(sampling, None if deferred else logits, deferred)
         if deferred:
-            step.tokens = self.runner.sample_ahead(logits, [c.req.params for c in sampling])
+            step.tokens = self.runner.sample_ahead(logits, [c.req.params for c in sampling],
+                                                   [c.req.generator for c in sampling])
             for row, c in enumerate(sampling):
                 step.slots.append(len(c.req.output_ids))
                 c.req.output_ids.append(-1 - row)

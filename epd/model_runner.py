@@ -51,7 +51,8 @@ class ModelRunner:
         # the last deferred step's greedy tokens, by sampling row: what placeholders resolve to
         self.future = torch.zeros(max(1, max_rows), dtype=torch.long, device=device)
 
-    def sample_ahead(self, logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    def sample_ahead(self, logits: torch.Tensor, params: list[SamplingParams],
+                     generators: list[torch.Generator | None]) -> torch.Tensor:
         """Each row's token (`sampling.sample_tokens`: rows whose params are `on_device`) into
         `future` (the next step's inputs read it there) and, without waiting, a host copy of it:
         valid once `record_done()`'s event has completed."""
@@ -61,7 +62,7 @@ class ModelRunner:
         if all(p.greedy for p in params):
             torch.argmax(logits, dim=-1, out=self.future[:n])
         else:
-            self.future[:n].copy_(sample_tokens(logits, params))
+            self.future[:n].copy_(sample_tokens(logits, params, generators))
         if self.device.type != "cuda":
             return self.future[:n].clone()
         host = torch.empty(n, dtype=torch.long, pin_memory=True)

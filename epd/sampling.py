@@ -55,11 +55,10 @@ class SamplingParams:
 
     @property
     def on_device(self) -> bool:
-        """The token needs nothing from the host: greedy, or an unseeded draw (the seeded draw
-        reads its request's generator row by row), without penalties (they read the request's
-        past tokens) or logprobs. The overlap schedule samples such rows ahead (`sample_tokens`)."""
+        """The token needs nothing from the host: no penalties (they read the request's past
+        tokens) and no logprobs. The overlap schedule samples such rows ahead (`sample_tokens`)."""
         return (self.repetition_penalty == 1.0 and not self.frequency_penalty and not self.presence_penalty
-                and not self.logprobs and (self.greedy or self.seed is None))
+                and not self.logprobs)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | SamplingParams | None) -> SamplingParams:
@@ -131,7 +130,7 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> SampleResult:
         tokens[batched] = _draw_batch(logits[batched], [rows[i].params for i in batched])
     for i in drawn:
         if i not in batched:
-            tokens[i] = _draw(logits[i], rows[i].params, rows[i].generator)
+            tokens[i:i + 1] = _draw(logits[i], rows[i].params, rows[i].generator)
     result = SampleResult(tokens.tolist())
     if any(r.params.logprobs for r in rows):
         lp = torch.log_softmax(raw, dim=-1)
@@ -145,14 +144,19 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> SampleResult:
     return result
 
 
-def sample_tokens(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+def sample_tokens(logits: torch.Tensor, params: list[SamplingParams],
+                  generators: list[torch.Generator | None]) -> torch.Tensor:
     """One token per row, left on the logits' device with no host sync, for rows whose params are
-    `on_device`: the argmax for greedy rows, one batched draw (`_draw_batch`) for the others."""
+    `on_device`: the argmax for greedy rows, one batched draw (`_draw_batch`) for unseeded ones,
+    and each seeded row from its own generator, as `sample` draws them."""
     tokens = logits.argmax(dim=-1)
-    drawn = [i for i, p in enumerate(params) if not p.greedy]
+    drawn = [i for i, p in enumerate(params) if not p.greedy and generators[i] is None]
     if drawn:
         rows = torch.tensor(drawn).to(logits.device, non_blocking=True)
         tokens.index_copy_(0, rows, _draw_batch(logits.index_select(0, rows), [params[i] for i in drawn]))
+    for i, (p, gen) in enumerate(zip(params, generators, strict=True)):
+        if not p.greedy and gen is not None:
+            tokens[i:i + 1] = _draw(logits[i], p, gen)
     return tokens
 
 
@@ -188,7 +192,8 @@ def _draw_batch(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Ten
     return torch.multinomial(probs / probs.sum(-1, keepdim=True), 1).squeeze(1)
 
 
-def _draw(row_logits: torch.Tensor, p: SamplingParams, gen: torch.Generator | None) -> int:
+def _draw(row_logits: torch.Tensor, p: SamplingParams, gen: torch.Generator | None) -> torch.Tensor:
+    """One row's token as a 1-element tensor on the logits' device (no host sync)."""
     probs = torch.softmax(row_logits / p.temperature, dim=-1)
     if p.top_k > 0:
         kth = probs.topk(min(p.top_k, probs.numel())).values[-1]
@@ -196,8 +201,7 @@ def _draw(row_logits: torch.Tensor, p: SamplingParams, gen: torch.Generator | No
     if p.top_p < 1.0:
         sorted_p, order = probs.sort(descending=True)
         drop = sorted_p.cumsum(0) - sorted_p > p.top_p   # keep the smallest prefix reaching top_p
-        sorted_p[drop] = 0.0
-        probs = torch.zeros_like(probs).scatter(0, order, sorted_p)
+        probs = torch.zeros_like(probs).scatter(0, order, sorted_p.masked_fill(drop, 0.0))
     if p.min_p > 0.0:
         probs = torch.where(probs >= p.min_p * probs.max(), probs, 0.0)
-    return int(torch.multinomial(probs / probs.sum(), 1, generator=gen).item())
+    return torch.multinomial(probs / probs.sum(), 1, generator=gen)

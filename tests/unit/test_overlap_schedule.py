@@ -162,10 +162,26 @@ def test_unseeded_draws_are_sampled_ahead_on_the_device(engines, params):
     assert tokens == greedy
 
 
-def test_seeded_and_penalised_rows_are_read_before_the_next_step(engines):
+def test_seeded_draws_go_through_the_schedule_and_equal_the_synchronous_engine(engines):
+    overlap, sync = engines
+    params = {"temperature": 0.9, "top_p": 0.95, "seed": 11, "max_new_tokens": 10}
+    want = sync.generate(prompt=PROMPTS[0], sampling_params=params)["output_ids"]
+    core = overlap.core
+    req = _request(core, PROMPTS[0], **params)
+    tokens = []
+    while req.status.value != "finished":
+        tokens += [ev.token_id for ev in core.step()]
+        assert core.busy or req.status.value == "finished", "seeded draws are sampled ahead too"
+    core.flush()
+    assert tokens == want
+    assert want != sync.generate(prompt=PROMPTS[0], sampling_params={**params, "seed": 12})["output_ids"]
+
+
+def test_penalised_and_logprob_rows_are_read_before_the_next_step(engines):
     overlap, _ = engines
     core = overlap.core
-    for params in ({"temperature": 0.7, "seed": 5}, {"temperature": 0, "repetition_penalty": 1.3}):
+    for params in ({"temperature": 0.7, "presence_penalty": 0.5}, {"temperature": 0, "repetition_penalty": 1.3},
+                   {"temperature": 0, "logprobs": True}):
         req = _request(core, PROMPTS[2], max_new_tokens=3, **params)
         while req.status.value != "finished":
             core.step()
