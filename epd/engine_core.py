@@ -8,7 +8,7 @@ requests), launches the language model and samples; it returns one `TokenEvent` 
 reached the host in this call, after stop rules (pages of finished requests go back to the pool).
 
 Overlap schedule (unless `disable_overlap_schedule`): when every row that samples is `on_device`
-(no penalties or logprobs: greedy or a draw, seeded or not), the step's tokens stay on the device
+(no penalties: greedy or a draw, seeded or not, logprobs too), the step's tokens stay on the device
 (`ModelRunner.future`; the requests' `output_ids` hold placeholders) and `step()` returns before
 reading them; the next `step()` schedules and launches the following step first, then settles
 these tokens while the GPU runs it. So a request's token arrives one `step()` call later, and
@@ -33,7 +33,7 @@ from epd.image_processor import pixel_values
 from epd.inputs import InputError, InputProcessor, ProcessedInput
 from epd.kv_pool import KVCache, KVCacheSpec
 from epd.model_loader import default_device, load_language_model
-from epd.model_runner import ModelRunner, attach_image_embeddings
+from epd.model_runner import ModelRunner, SampledAhead, attach_image_embeddings
 from epd.models.fused_ops import fused_path
 from epd.models.vision import VisionTower
 from epd.request import Request, Status, TokenEvent
@@ -72,12 +72,12 @@ class EngineConfig:
 @dataclass
 class LaunchedStep:
     """One launched forward: its sampling chunks (row order) and logits; when `deferred`, its
-    greedy tokens are on their way to the host (`tokens`, complete once `done` has), and
+    sampled tokens are on their way to the host (`ahead`, complete once `done` has), and
     output_ids[slot] of each chunk's request holds a placeholder until they are settled."""
     sampling: list[Chunk]
     logits: torch.Tensor | None   # kept only where the host samples from them (not deferred)
     deferred: bool
-    tokens: torch.Tensor | None = None
+    ahead: SampledAhead | None = None
     done: torch.cuda.Event | None = None
     slots: list[int] = field(default_factory=list)
     fence: list[int] = field(default_factory=list)   # pages released while it runs
@@ -210,8 +210,8 @@ class EngineCore:
         deferred = self.overlap and all(c.req.params.on_device and not self._banned(c.req) for c in sampling)
         step = LaunchedStep(sampling, None if deferred else logits, deferred)
         if deferred:
-            step.tokens = self.runner.sample_ahead(logits, [c.req.params for c in sampling],
-                                                   [c.req.generator for c in sampling])
+            step.ahead = self.runner.sample_ahead(logits, [c.req.params for c in sampling],
+                                                  [c.req.generator for c in sampling])
             for row, c in enumerate(sampling):
                 step.slots.append(len(c.req.output_ids))
                 c.req.output_ids.append(-1 - row)
@@ -225,11 +225,11 @@ class EngineCore:
             if step.logits is not None:
                 return self._commit(step.sampling, step.logits)
             events = []
-            tokens = step.tokens.tolist() if step.tokens is not None else []
-            for c, slot, tok in zip(step.sampling, step.slots, tokens, strict=True):
+            rows = step.ahead.rows([c.req.params for c in step.sampling]) if step.ahead is not None else []
+            for c, slot, (tok, lp, top) in zip(step.sampling, step.slots, rows, strict=True):
                 if c.req.status is not Status.FINISHED:   # else it ended before this step's token
                     c.req.output_ids[slot] = tok
-                    events.append(self._settle_token(c.req, slot, tok, None, None))
+                    events.append(self._settle_token(c.req, slot, tok, lp, top))
             return events
         finally:
             self.kv.pool.free(step.fence)

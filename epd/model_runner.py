@@ -10,6 +10,7 @@ bucket, the step replays a captured graph instead.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -52,21 +53,33 @@ class ModelRunner:
         self.future = torch.zeros(max(1, max_rows), dtype=torch.long, device=device)
 
     def sample_ahead(self, logits: torch.Tensor, params: list[SamplingParams],
-                     generators: list[torch.Generator | None]) -> torch.Tensor:
+                     generators: list[torch.Generator | None]) -> SampledAhead:
         """Each row's token (`sampling.sample_tokens`: rows whose params are `on_device`) into
-        `future` (the next step's inputs read it there) and, without waiting, a host copy of it:
-        valid once `record_done()`'s event has completed."""
+        `future` (the next step's inputs read it there) and, without waiting, host copies of it
+        and of the logprobs asked for: valid once `record_done()`'s event has completed."""
         n = logits.shape[0]
         if n == 0:
-            return torch.empty(0, dtype=torch.long)
+            return SampledAhead(torch.empty(0, dtype=torch.long))
+        tokens = self.future[:n]
         if all(p.greedy for p in params):
-            torch.argmax(logits, dim=-1, out=self.future[:n])
+            torch.argmax(logits, dim=-1, out=tokens)
         else:
-            self.future[:n].copy_(sample_tokens(logits, params, generators))
+            tokens.copy_(sample_tokens(logits, params, generators))
+        ahead = SampledAhead(self._to_host(tokens))
+        if any(p.logprobs for p in params):   # as `sampling.sample` gives them: every row, when one asks
+            lp = torch.log_softmax(logits, dim=-1)
+            ahead.logprobs = self._to_host(lp.gather(1, tokens.unsqueeze(1)).squeeze(1))
+            k = max(p.top_logprobs for p in params)
+            if k:
+                vals, ids = lp.topk(k, dim=-1)
+                ahead.top_ids, ahead.top_vals = self._to_host(ids), self._to_host(vals)
+        return ahead
+
+    def _to_host(self, t: torch.Tensor) -> torch.Tensor:
         if self.device.type != "cuda":
-            return self.future[:n].clone()
-        host = torch.empty(n, dtype=torch.long, pin_memory=True)
-        host.copy_(self.future[:n], non_blocking=True)
+            return t.clone()
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        host.copy_(t, non_blocking=True)
         return host
 
     def record_done(self) -> torch.cuda.Event | None:
@@ -133,6 +146,25 @@ class ModelRunner:
             if c.samples:
                 rows.append(end)
         return self.model.logits(hidden[rows])
+
+
+@dataclass
+class SampledAhead:
+    """A deferred step's sampled rows in host memory (complete once the step's event has)."""
+    tokens: torch.Tensor                   # [n] int64
+    logprobs: torch.Tensor | None = None   # [n] float32, when a row asked for logprobs
+    top_ids: torch.Tensor | None = None    # [n, k], k the most top_logprobs a row asked for
+    top_vals: torch.Tensor | None = None
+
+    def rows(self, params: list[SamplingParams]) -> list[tuple[int, float | None, list | None]]:
+        """(token, logprob, top logprobs) per row, each row's top list cut to its own count."""
+        tokens = self.tokens.tolist()
+        lps = self.logprobs.tolist() if self.logprobs is not None else [None] * len(tokens)
+        if self.top_ids is None:
+            return [(t, lp, None) for t, lp in zip(tokens, lps, strict=True)]
+        ids, vals = self.top_ids.tolist(), self.top_vals.tolist()
+        return [(t, lp, list(zip(ids[i][:p.top_logprobs], vals[i][:p.top_logprobs], strict=True)))
+                for i, (t, lp, p) in enumerate(zip(tokens, lps, params, strict=True))]
 
 
 def resolve_placeholders(ids: torch.Tensor, future: torch.Tensor) -> torch.Tensor:

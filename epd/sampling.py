@@ -56,9 +56,8 @@ class SamplingParams:
     @property
     def on_device(self) -> bool:
         """The token needs nothing from the host: no penalties (they read the request's past
-        tokens) and no logprobs. The overlap schedule samples such rows ahead (`sample_tokens`)."""
-        return (self.repetition_penalty == 1.0 and not self.frequency_penalty and not self.presence_penalty
-                and not self.logprobs)
+        tokens). The overlap schedule samples such rows ahead (`sample_tokens`, logprobs too)."""
+        return self.repetition_penalty == 1.0 and not self.frequency_penalty and not self.presence_penalty
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | SamplingParams | None) -> SamplingParams:

@@ -177,11 +177,28 @@ def test_seeded_draws_go_through_the_schedule_and_equal_the_synchronous_engine(e
     assert want != sync.generate(prompt=PROMPTS[0], sampling_params={**params, "seed": 12})["output_ids"]
 
 
-def test_penalised_and_logprob_rows_are_read_before_the_next_step(engines):
+def test_logprobs_come_through_the_schedule_as_the_synchronous_engine_gives_them(engines):
+    params = {"temperature": 0, "max_new_tokens": 6, "logprobs": True, "top_logprobs": 3}
+    got = {}
+    for name, llm in zip(("overlap", "sync"), engines, strict=True):
+        core = llm.core
+        req = _request(core, PROMPTS[3], **params)
+        events, deferred = [], False
+        while req.status.value != "finished":
+            events += core.step()
+            deferred |= core.busy
+        core.flush()
+        got[name] = ([(e.token_id, e.logprob, e.top_logprobs) for e in events], deferred, list(req.output_logprobs))
+    (rows, deferred, lps), (want_rows, _, want_lps) = got["overlap"], got["sync"]
+    assert deferred and rows == want_rows and lps == want_lps
+    assert all(len(top) == 3 and top[0][0] == tok for tok, _, top in rows)   # greedy: the top-1 is the token
+
+
+def test_penalised_rows_are_read_before_the_next_step(engines):
     overlap, _ = engines
     core = overlap.core
     for params in ({"temperature": 0.7, "presence_penalty": 0.5}, {"temperature": 0, "repetition_penalty": 1.3},
-                   {"temperature": 0, "logprobs": True}):
+                   {"temperature": 0, "frequency_penalty": 0.4}):
         req = _request(core, PROMPTS[2], max_new_tokens=3, **params)
         while req.status.value != "finished":
             core.step()
