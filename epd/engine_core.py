@@ -7,13 +7,12 @@ for decode batch buckets (capture time is logged). `add(req)` queues a processed
 requests), launches the language model and samples; it returns one `TokenEvent` per token that
 reached the host in this call, after stop rules (pages of finished requests go back to the pool).
 
-Overlap schedule (unless `disable_overlap_schedule`): when every row that samples is `on_device`
-(no penalties: greedy or a draw, seeded or not, logprobs too), the step's tokens stay on the device
-(`ModelRunner.future`; the requests' `output_ids` hold placeholders) and `step()` returns before
-reading them; the next `step()` schedules and launches the following step first, then settles
-these tokens while the GPU runs it. So a request's token arrives one `step()` call later, and
-`flush()` settles the last step when nothing more is scheduled. Other steps are settled in the
-call that launched them.
+Overlap schedule (unless `disable_overlap_schedule`): each step's tokens (and logprobs) are
+sampled on the device (`sampling.sample_on_device`, no host sync) and stay there
+(`ModelRunner.future`; the requests' `output_ids` hold placeholders) while `step()` returns; the
+next `step()` schedules and launches the following step first, then settles these tokens while
+the GPU runs it. So a request's token arrives one `step()` call later, and `flush()` settles the
+last step when nothing more is scheduled. Without it, each step is settled in its own call.
 """
 
 from __future__ import annotations
@@ -207,11 +206,11 @@ class EngineCore:
         logits = self.runner.run(chunks)
         self.scheduler.advance(chunks)
         sampling = [c for c in chunks if c.samples]
-        deferred = self.overlap and all(c.req.params.on_device and not self._banned(c.req) for c in sampling)
+        deferred = self.overlap
         step = LaunchedStep(sampling, None if deferred else logits, deferred)
         if deferred:
-            step.ahead = self.runner.sample_ahead(logits, [c.req.params for c in sampling],
-                                                  [c.req.generator for c in sampling])
+            plain = all(c.req.params.plain_greedy and not self._banned(c.req) for c in sampling)
+            step.ahead = self.runner.sample_ahead(logits, None if plain else [self._sampling_row(c.req) for c in sampling])
             for row, c in enumerate(sampling):
                 step.slots.append(len(c.req.output_ids))
                 c.req.output_ids.append(-1 - row)
@@ -268,15 +267,25 @@ class EngineCore:
             # argmax where the logits are (the GPU), one copy of B token ids back
             tokens = logits.argmax(dim=-1).tolist()
             return [self._append_token(c.req, t, None, None) for c, t in zip(chunks, tokens, strict=True)]
-        rows = [SamplingRow(c.req.params, c.req.generator, c.req.inp.input_ids + c.req.output_ids,
-                            c.req.output_ids, self._banned(c.req)) for c in chunks]
-        result = sample(logits, rows)
+        result = sample(logits, [self._sampling_row(c.req) for c in chunks])
         events = []
         for i, c in enumerate(chunks):
             lp = result.logprobs[i] if result.logprobs else None
             top = result.top_logprobs[i] if result.top_logprobs else None
             events.append(self._append_token(c.req, result.token_ids[i], lp, top))
         return events
+
+    def _sampling_row(self, req: Request) -> SamplingRow:
+        """The sampler's view of a request; an output token still on the device (the step
+        before's, overlap schedule) goes as `pending`, read from `runner.future` on the device."""
+        p, out, pending = req.params, req.output_ids, None
+        if not (p.repetition_penalty != 1.0 or p.frequency_penalty or p.presence_penalty):
+            return SamplingRow(p, req.generator, [], [], self._banned(req))   # the sampler reads no history
+        rows = [-1 - t for t in out if t < 0]
+        if rows:
+            out = [t for t in out if t >= 0]
+            pending = self.runner.future.index_select(0, torch.tensor(rows).to(self.device, non_blocking=True))
+        return SamplingRow(p, req.generator, req.inp.input_ids + out, out, self._banned(req), pending)
 
     def _stop_ids(self, req: Request) -> frozenset[int]:
         if req.stop_ids is None:   # once per request: this is asked for every token

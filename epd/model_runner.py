@@ -20,7 +20,7 @@ from epd.attention.base import AttentionBackend, StepMetadata
 from epd.kv_pool import KVCache
 from epd.models.qwen2_vl_text import Qwen2VLLanguageModel
 from epd.request import Request
-from epd.sampling import SamplingParams, sample_tokens
+from epd.sampling import SamplingParams, SamplingRow, sample_on_device
 from epd.scheduler import Chunk
 
 if TYPE_CHECKING:
@@ -52,27 +52,25 @@ class ModelRunner:
         # the last deferred step's greedy tokens, by sampling row: what placeholders resolve to
         self.future = torch.zeros(max(1, max_rows), dtype=torch.long, device=device)
 
-    def sample_ahead(self, logits: torch.Tensor, params: list[SamplingParams],
-                     generators: list[torch.Generator | None]) -> SampledAhead:
-        """Each row's token (`sampling.sample_tokens`: rows whose params are `on_device`) into
-        `future` (the next step's inputs read it there) and, without waiting, host copies of it
-        and of the logprobs asked for: valid once `record_done()`'s event has completed."""
+    def sample_ahead(self, logits: torch.Tensor, rows: list[SamplingRow] | None) -> SampledAhead:
+        """Sample every row on the device (`sampling.sample_on_device`; rows None: every row is
+        plain greedy, the argmax) into `future`, where the next step's inputs read the tokens, and
+        start host copies of them and of the logprobs asked for without waiting: valid once
+        `record_done()`'s event has completed."""
         n = logits.shape[0]
         if n == 0:
             return SampledAhead(torch.empty(0, dtype=torch.long))
         tokens = self.future[:n]
-        if all(p.greedy for p in params):
+        if rows is None:
             torch.argmax(logits, dim=-1, out=tokens)
-        else:
-            tokens.copy_(sample_tokens(logits, params, generators))
+            return SampledAhead(self._to_host(tokens))
+        drawn = sample_on_device(logits, rows)
+        tokens.copy_(drawn.tokens)
         ahead = SampledAhead(self._to_host(tokens))
-        if any(p.logprobs for p in params):   # as `sampling.sample` gives them: every row, when one asks
-            lp = torch.log_softmax(logits, dim=-1)
-            ahead.logprobs = self._to_host(lp.gather(1, tokens.unsqueeze(1)).squeeze(1))
-            k = max(p.top_logprobs for p in params)
-            if k:
-                vals, ids = lp.topk(k, dim=-1)
-                ahead.top_ids, ahead.top_vals = self._to_host(ids), self._to_host(vals)
+        if drawn.logprobs is not None:
+            ahead.logprobs = self._to_host(drawn.logprobs)
+        if drawn.top_ids is not None:
+            ahead.top_ids, ahead.top_vals = self._to_host(drawn.top_ids), self._to_host(drawn.top_vals)
         return ahead
 
     def _to_host(self, t: torch.Tensor) -> torch.Tensor:

@@ -53,12 +53,6 @@ class SamplingParams:
         return (self.greedy and self.repetition_penalty == 1.0 and not self.frequency_penalty
                 and not self.presence_penalty and not self.logprobs)
 
-    @property
-    def on_device(self) -> bool:
-        """The token needs nothing from the host: no penalties (they read the request's past
-        tokens). The overlap schedule samples such rows ahead (`sample_tokens`, logprobs too)."""
-        return self.repetition_penalty == 1.0 and not self.frequency_penalty and not self.presence_penalty
-
     @classmethod
     def from_dict(cls, d: dict[str, Any] | SamplingParams | None) -> SamplingParams:
         if isinstance(d, SamplingParams):
@@ -109,65 +103,89 @@ class SamplingRow:
     """What the sampler needs to know about one request producing a token this step."""
     params: SamplingParams
     generator: torch.Generator | None
-    seen_ids: list[int]          # prompt + output, for the repetition penalty
-    output_ids: list[int]
+    seen_ids: list[int]          # prompt + output known on the host, for the repetition penalty
+    output_ids: list[int]        # output known on the host, for frequency / presence penalties
     banned_ids: tuple[int, ...]  # EOS/stop ids while min_new_tokens is not reached
+    pending: torch.Tensor | None = None   # output tokens still on the device (overlap schedule)
+
+
+@dataclass
+class DeviceSample:
+    """One token per row, and the logprobs asked for, on the logits' device."""
+    tokens: torch.Tensor                  # [B] int64
+    logprobs: torch.Tensor | None = None  # [B] float32, every row's, when one row asks
+    top_ids: torch.Tensor | None = None   # [B, k], k the most top_logprobs a row asks for
+    top_vals: torch.Tensor | None = None
 
 
 def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> SampleResult:
-    """logits: [B, V] float32 -> one token per row."""
-    raw = logits
-    logits = logits.clone()
-    for i, row in enumerate(rows):
-        _apply_penalties(logits[i], row)
-        if row.banned_ids:
-            logits[i, list(row.banned_ids)] = float("-inf")
-    tokens = logits.argmax(dim=-1)
-    drawn = [i for i, row in enumerate(rows) if not row.params.greedy]
-    batched = [i for i in drawn if rows[i].generator is None] if logits.is_cuda else []
-    if batched:  # one set of kernels for all unseeded rows, no host sync per row
-        tokens[batched] = _draw_batch(logits[batched], [rows[i].params for i in batched])
-    for i in drawn:
-        if i not in batched:
-            tokens[i:i + 1] = _draw(logits[i], rows[i].params, rows[i].generator)
-    result = SampleResult(tokens.tolist())
-    if any(r.params.logprobs for r in rows):
-        lp = torch.log_softmax(raw, dim=-1)
-        result.logprobs = lp.gather(1, tokens.unsqueeze(1)).squeeze(1).tolist()
-        k = max(r.params.top_logprobs for r in rows)
-        if k:
-            vals, idx = lp.topk(k, dim=-1)
-            result.top_logprobs = [list(zip(idx[i, :r.params.top_logprobs].tolist(),
-                                            vals[i, :r.params.top_logprobs].tolist(), strict=True))
-                                   for i, r in enumerate(rows)]
+    """logits: [B, V] float32 -> one token per row, on the host."""
+    d = sample_on_device(logits, rows)
+    result = SampleResult(d.tokens.tolist())
+    if d.logprobs is not None:
+        result.logprobs = d.logprobs.tolist()
+    if d.top_ids is not None:
+        ids, vals = d.top_ids.tolist(), d.top_vals.tolist()
+        result.top_logprobs = [list(zip(ids[i][:r.params.top_logprobs], vals[i][:r.params.top_logprobs],
+                                        strict=True)) for i, r in enumerate(rows)]
     return result
 
 
-def sample_tokens(logits: torch.Tensor, params: list[SamplingParams],
-                  generators: list[torch.Generator | None]) -> torch.Tensor:
-    """One token per row, left on the logits' device with no host sync, for rows whose params are
-    `on_device`: the argmax for greedy rows, one batched draw (`_draw_batch`) for unseeded ones,
-    and each seeded row from its own generator, as `sample` draws them."""
+def sample_on_device(logits: torch.Tensor, rows: list[SamplingRow]) -> DeviceSample:
+    """The sampler without a host sync: penalties and bans from index tensors the host copies
+    without waiting (plus `pending`, tokens only the device knows yet), greedy rows' argmax,
+    unseeded draws batched on GPU, seeded ones from their own generator."""
+    raw = logits
+    if any(r.banned_ids or _penalised(r.params) for r in rows):
+        logits = logits.clone()
+        for i, row in enumerate(rows):
+            _apply_penalties(logits[i], row)
+            if row.banned_ids:
+                logits[i].index_fill_(0, _ids(list(row.banned_ids), None, logits.device), float("-inf"))
     tokens = logits.argmax(dim=-1)
-    drawn = [i for i, p in enumerate(params) if not p.greedy and generators[i] is None]
-    if drawn:
-        rows = torch.tensor(drawn).to(logits.device, non_blocking=True)
-        tokens.index_copy_(0, rows, _draw_batch(logits.index_select(0, rows), [params[i] for i in drawn]))
-    for i, (p, gen) in enumerate(zip(params, generators, strict=True)):
-        if not p.greedy and gen is not None:
-            tokens[i:i + 1] = _draw(logits[i], p, gen)
-    return tokens
+    drawn = [i for i, row in enumerate(rows) if not row.params.greedy]
+    batched = [i for i in drawn if rows[i].generator is None] if logits.is_cuda else []
+    if batched:  # one set of kernels for all unseeded rows
+        index = _ids(batched, None, logits.device)
+        tokens.index_copy_(0, index, _draw_batch(logits.index_select(0, index), [rows[i].params for i in batched]))
+    for i in drawn:
+        if i not in batched:
+            tokens[i:i + 1] = _draw(logits[i], rows[i].params, rows[i].generator)
+    out = DeviceSample(tokens)
+    if any(r.params.logprobs for r in rows):
+        lp = torch.log_softmax(raw, dim=-1)
+        out.logprobs = lp.gather(1, tokens.unsqueeze(1)).squeeze(1)
+        k = max(r.params.top_logprobs for r in rows)
+        if k:
+            out.top_vals, out.top_ids = lp.topk(k, dim=-1)
+    return out
+
+
+def _penalised(p: SamplingParams) -> bool:
+    return p.repetition_penalty != 1.0 or bool(p.frequency_penalty) or bool(p.presence_penalty)
+
+
+def _ids(host: list[int], pending: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+    """int64 ids on `device` from a host list (copied without waiting for the device) and the
+    device-side `pending` ids."""
+    ids = torch.tensor(host, dtype=torch.long, pin_memory=device.type == "cuda").to(device, non_blocking=True)
+    return ids if pending is None else torch.cat([ids, pending.to(torch.long)])
 
 
 def _apply_penalties(row_logits: torch.Tensor, row: SamplingRow) -> None:
-    p = row.params
-    if p.repetition_penalty != 1.0 and row.seen_ids:
-        ids = torch.tensor(sorted(set(row.seen_ids)), device=row_logits.device)
-        vals = row_logits[ids]
-        row_logits[ids] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
-    if (p.frequency_penalty or p.presence_penalty) and row.output_ids:
-        ids, counts = torch.tensor(row.output_ids, device=row_logits.device).unique(return_counts=True)
-        row_logits[ids] -= p.frequency_penalty * counts.to(row_logits.dtype) + p.presence_penalty
+    """Dense over the vocabulary, so that no op's size depends on the device's data (no sync)."""
+    p, pending = row.params, row.pending
+    n_pending = 0 if pending is None else pending.numel()
+    if p.repetition_penalty != 1.0 and len(row.seen_ids) + n_pending:
+        seen = torch.zeros_like(row_logits, dtype=torch.bool)
+        seen.index_fill_(0, _ids(row.seen_ids, pending, row_logits.device), True)
+        rp = p.repetition_penalty
+        row_logits.copy_(torch.where(seen, torch.where(row_logits > 0, row_logits / rp, row_logits * rp), row_logits))
+    if (p.frequency_penalty or p.presence_penalty) and len(row.output_ids) + n_pending:
+        out = _ids(row.output_ids, pending, row_logits.device)
+        counts = torch.zeros_like(row_logits).index_add_(0, out, torch.ones(out.shape, dtype=row_logits.dtype,
+                                                                           device=row_logits.device))
+        row_logits -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row_logits.dtype)
 
 
 def _draw_batch(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:

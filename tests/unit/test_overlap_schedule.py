@@ -6,11 +6,12 @@ was launched before the request ended can still write into it."""
 from __future__ import annotations
 
 import pytest
+import torch
 from support import chat_prompt
 
 from epd import Engine
 from epd.engine_core import EngineCore
-from epd.sampling import SamplingParams
+from epd.sampling import SamplingParams, SamplingRow, sample, sample_on_device
 
 PROMPTS = [chat_prompt(f"Request {i}: tell me about the {c} dog.") for i, c in enumerate(["red", "blue", "green", "tan"])]
 
@@ -153,7 +154,7 @@ def test_unseeded_draws_are_sampled_ahead_on_the_device(engines, params):
     greedy = sync.generate(prompt=PROMPTS[1], sampling_params={"temperature": 0, "max_new_tokens": 8})["output_ids"]
     core = overlap.core
     req = _request(core, PROMPTS[1], max_new_tokens=8, **params)
-    assert not req.params.greedy and req.params.on_device
+    assert not req.params.greedy
     tokens = []
     while req.status.value != "finished":
         tokens += [ev.token_id for ev in core.step()]
@@ -194,12 +195,51 @@ def test_logprobs_come_through_the_schedule_as_the_synchronous_engine_gives_them
     assert all(len(top) == 3 and top[0][0] == tok for tok, _, top in rows)   # greedy: the top-1 is the token
 
 
-def test_penalised_rows_are_read_before_the_next_step(engines):
+@pytest.mark.parametrize("params", [{"repetition_penalty": 1.3}, {"frequency_penalty": 0.8},
+                                    {"presence_penalty": 2.0, "repetition_penalty": 1.5, "temperature": 0.8, "seed": 2}])
+def test_penalties_read_the_token_still_on_the_device(engines, params):
+    """A penalty counts every earlier token, including the one the host has not read yet (the
+    step before's, `pending`): the schedule must give the synchronous engine's tokens."""
+    overlap, sync = engines
+    params = {"temperature": 0, "max_new_tokens": 24, **params}
+    want = sync.generate(prompt=PROMPTS[2], sampling_params=params)["output_ids"]
+    plain = sync.generate(prompt=PROMPTS[2], sampling_params={**params, "repetition_penalty": 1.0,
+                                                             "frequency_penalty": 0.0, "presence_penalty": 0.0})
+    assert want != plain["output_ids"], "the penalty must change something for this test to see it"
+    core = overlap.core
+    req = _request(core, PROMPTS[2], **params)
+    tokens = []
+    while req.status.value != "finished":
+        tokens += [ev.token_id for ev in core.step()]
+        assert core.busy or req.status.value == "finished"
+    core.flush()
+    assert tokens == want
+
+
+def test_min_new_tokens_bans_stop_ids_through_the_schedule(engines):
+    overlap, sync = engines
+    ids = sync.generate(prompt=PROMPTS[0], sampling_params={"temperature": 0, "max_new_tokens": 10})["output_ids"]
+    params = {"temperature": 0, "max_new_tokens": 10, "stop_token_ids": [ids[1]], "min_new_tokens": 5}
+    want = sync.generate(prompt=PROMPTS[0], sampling_params=params)
+    got = overlap.generate(prompt=PROMPTS[0], sampling_params=params)
+    assert got["output_ids"] == want["output_ids"] and ids[1] not in got["output_ids"][:5]
+    assert got["meta_info"]["finish_reason"] == want["meta_info"]["finish_reason"]
+
+
+def test_a_penalised_row_sees_the_token_still_on_the_device(engines):
+    """The sampler's row for a request whose last token is a placeholder carries that token as
+    `pending` (read on the device), and the sampler counts it exactly as a token the host knows."""
     overlap, _ = engines
     core = overlap.core
-    for params in ({"temperature": 0.7, "presence_penalty": 0.5}, {"temperature": 0, "repetition_penalty": 1.3},
-                   {"temperature": 0, "frequency_penalty": 0.4}):
-        req = _request(core, PROMPTS[2], max_new_tokens=3, **params)
-        while req.status.value != "finished":
-            core.step()
-            assert not core.busy and min(req.output_ids, default=0) >= 0
+    req = _request(core, PROMPTS[1], max_new_tokens=4, frequency_penalty=2.0)
+    core.step()                                   # the prefill: its token stays on the device
+    assert req.output_ids[-1] < 0
+    row = core._sampling_row(req)
+    core.flush()
+    assert row.output_ids == [] and row.pending.tolist() == req.output_ids[-1:]
+    logits = torch.zeros(1, core.model_config.text.vocab_size, dtype=torch.float64)
+    logits[0, req.output_ids[-1]] = 1.0           # the argmax, unless the penalty counts it
+    on_device = sample_on_device(logits, [row]).tokens.item()
+    on_host = sample(logits, [SamplingRow(row.params, None, [], req.output_ids[-1:], ())]).token_ids[0]
+    assert on_device == on_host != req.output_ids[-1]
+    core.abort(req.rid)
