@@ -49,6 +49,16 @@ def _request(core: EngineCore, prompt: str, **params):
     return req
 
 
+def _through_schedule(core: EngineCore, req) -> list[int]:
+    """Step until `req` ends, checking that every step left its tokens on the device; its tokens."""
+    tokens = []
+    while req.status.value != "finished":
+        tokens += [ev.token_id for ev in core.step() if ev.rid == req.rid]
+        assert core.busy or req.status.value == "finished", "the step's tokens should stay on the device"
+    core.flush()
+    return tokens
+
+
 def test_a_mixed_batch_equals_the_synchronous_engine(engines):
     overlap, sync = engines
     solo = sync.generate(prompt=PROMPTS[0], sampling_params={"temperature": 0, "max_new_tokens": 12})["output_ids"]
@@ -155,12 +165,7 @@ def test_unseeded_draws_are_sampled_ahead_on_the_device(engines, params):
     core = overlap.core
     req = _request(core, PROMPTS[1], max_new_tokens=8, **params)
     assert not req.params.greedy
-    tokens = []
-    while req.status.value != "finished":
-        tokens += [ev.token_id for ev in core.step()]
-        assert core.busy or req.status.value == "finished"
-    core.flush()
-    assert tokens == greedy
+    assert _through_schedule(core, req) == greedy
 
 
 def test_seeded_draws_go_through_the_schedule_and_equal_the_synchronous_engine(engines):
@@ -169,12 +174,7 @@ def test_seeded_draws_go_through_the_schedule_and_equal_the_synchronous_engine(e
     want = sync.generate(prompt=PROMPTS[0], sampling_params=params)["output_ids"]
     core = overlap.core
     req = _request(core, PROMPTS[0], **params)
-    tokens = []
-    while req.status.value != "finished":
-        tokens += [ev.token_id for ev in core.step()]
-        assert core.busy or req.status.value == "finished", "seeded draws are sampled ahead too"
-    core.flush()
-    assert tokens == want
+    assert _through_schedule(core, req) == want
     assert want != sync.generate(prompt=PROMPTS[0], sampling_params={**params, "seed": 12})["output_ids"]
 
 
@@ -208,12 +208,7 @@ def test_penalties_read_the_token_still_on_the_device(engines, params):
     assert want != plain["output_ids"], "the penalty must change something for this test to see it"
     core = overlap.core
     req = _request(core, PROMPTS[2], **params)
-    tokens = []
-    while req.status.value != "finished":
-        tokens += [ev.token_id for ev in core.step()]
-        assert core.busy or req.status.value == "finished"
-    core.flush()
-    assert tokens == want
+    assert _through_schedule(core, req) == want
 
 
 def test_min_new_tokens_bans_stop_ids_through_the_schedule(engines):
