@@ -49,7 +49,7 @@ class ModelRunner:
         self.backend = backend
         self.device = device
         self.graphs: CudaGraphDecodeRunner | None = None  # attached by the engine on GPU
-        # the last deferred step's greedy tokens, by sampling row: what placeholders resolve to
+        # the last deferred step's sampled tokens, by sampling row: what placeholders resolve to
         self.future = torch.zeros(max(1, max_rows), dtype=torch.long, device=device)
 
     def sample_ahead(self, logits: torch.Tensor, rows: list[SamplingRow] | None) -> SampledAhead:

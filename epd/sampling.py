@@ -1,11 +1,13 @@
 """Sampling parameters and the sampler.
 
 `SamplingParams.from_dict` validates user input (unknown keys are an error, not ignored). The
-sampler takes the step's logits for the requests that produce a token and returns one token per
+sampler takes the step's logits for the requests that produce a token and gives one token per
 row: greedy rows take the argmax; the rest go through penalties, temperature, top-k, top-p and
 min-p, then draw from a per-request `torch.Generator` when a seed is given, so a seeded request
 gives the same tokens whatever else is in the batch. On GPU, unseeded sampled rows are drawn
-together (`_draw_batch`: same filters, one multinomial), so a step has no host sync per row.
+together (`_draw_batch`: same filters, one multinomial). `sample_on_device` does all of it, and
+the logprobs, without a host sync (penalties are dense over the vocabulary, index lists are copied
+without waiting), which the engine's overlap schedule needs; `sample` is that plus one copy back.
 """
 
 from __future__ import annotations
