@@ -9,9 +9,9 @@ Sections, per model (JSON written after each, so a run cut short still reports w
      this run). Variants with graphs, each against the same code with one piece taken out:
      each step's tokens read before the next is scheduled (`decode_without_overlap`, batch
      1/8/32/128); cuBLAS instead of the decode GEMV kernels (`decode_without_gemv`, batch 1/8);
-     no programmatic dependent launch (`decode_without_pdl`, batch 1/8); the projection GEMVs' first weight
-     tile loaded after the PDL wait (`decode_without_weight_prefetch`, batch 1/8); cuBLAS's gate/up
-     GEMM and the silu*mul kernel instead of the fused gate/up kernel
+     no programmatic dependent launch (`decode_without_pdl`, batch 1/8); the projection GEMVs'
+     first weight tile loaded after the PDL wait (`decode_without_weight_prefetch`, batch 1/8);
+     cuBLAS's gate/up GEMM and the silu*mul kernel instead of the fused gate/up kernel
      (`decode_without_fused_gate_up`, batch 1/8); flashinfer's decode attention instead of the
      split-KV kernels (`decode_flashinfer_attention`);
   2. output tokens/s against transformers `generate` (static cache) on the same weights;

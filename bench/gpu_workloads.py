@@ -171,7 +171,7 @@ def prefill(core: EngineCore, facts: dict, peak_tflops: float, batch: int, lengt
             core.add(r)
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        events = core.step() + core.flush()   # flush: the overlap schedule leaves greedy tokens in flight
+        events = core.step() + core.flush()   # flush: the overlap schedule leaves the tokens in flight
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
         done = {e.rid for e in events if e.finished}

@@ -57,7 +57,7 @@ class EngineConfig:
     attention_backend: str = "auto"      # "torch" | "flashinfer" | "auto" (flashinfer on cuda where it can)
     cuda_graph_max_bs: int = 128         # largest CUDA-graph decode bucket (capped by max_running_requests)
     disable_cuda_graph: bool = False
-    disable_overlap_schedule: bool = False   # else greedy steps launch before the last one's tokens are read
+    disable_overlap_schedule: bool = False   # else a step launches before the last one's tokens are read
 
     def resolved_device(self) -> torch.device:
         return torch.device(self.device or default_device())

@@ -89,8 +89,8 @@ class NodeArgs:
                         help="UCX progress thread; thread-polling spins a core (lower latency on an idle CPU "
                              "host, slower TTFT measured on the H100 host, see BENCHMARKS.md)")
         ap.add_argument("--disable-overlap-schedule", action="store_true",
-                        help="read each step's tokens before scheduling the next (default: greedy decode steps "
-                             "are launched while the step before still runs, see README)")
+                        help="read each step's tokens before scheduling the next (default: each step is "
+                             "launched while the step before still runs, see README)")
         ap.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
         a = ap.parse_args(argv)
         node_id = a.node_id or f"{role}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:4]}"

@@ -51,8 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--kv-cache-tokens", type=int, default=None, help="local: KV pool size in tokens")
     ap.add_argument("--max-running-requests", type=int, default=64, help="local: batch size cap")
     ap.add_argument("--disable-overlap-schedule", action="store_true",
-                    help="local: read each step's tokens before scheduling the next (default: greedy steps "
-                         "are launched while the step before still runs)")
+                    help="local: read each step's tokens before scheduling the next (default: each step "
+                         "is launched while the step before still runs)")
     ap.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return ap
 
