@@ -5,7 +5,7 @@ Lifecycle:
      sized for the largest bucket: token ids, M-RoPE positions, KV write slots (one int64 device
      buffer, filled by one host->device copy per step from a pinned staging buffer) and the
      float32 logits. A token id may be a placeholder (-1 - row): the graph reads it from
-     `future[row]`, where the step before left its greedy tokens (overlap schedule);
+     `future[row]`, where the step before left its sampled tokens (overlap schedule);
   2. `capture()` (once, at start-up) captures, largest bucket first and sharing one memory
      pool, embed -> decoder layers -> norm -> LM head for every bucket (1, 2, 4, 8, 16, 24, 32,
      48, 64, 80, ... up to max_bs). Each bucket has its own flashinfer decode wrapper with
@@ -51,7 +51,7 @@ class CudaGraphDecodeRunner:
     def __init__(self, model: Qwen2VLLanguageModel, kv: KVCache, attention: FlashInferBackend,
                  max_bs: int, future: torch.Tensor) -> None:
         self.model = model
-        self.future = future   # the step before's greedy tokens, which placeholder ids read
+        self.future = future   # the step before's sampled tokens, which placeholder ids read
         self.kv = kv
         self.attention = attention
         self.buckets = graph_buckets(max_bs)

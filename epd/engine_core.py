@@ -30,13 +30,13 @@ from epd.config import ModelConfig, parse_dtype
 from epd.detokenizer import IncrementalDetokenizer
 from epd.image_processor import pixel_values
 from epd.inputs import InputError, InputProcessor, ProcessedInput
-from epd.kv_pool import KVCache, KVCacheSpec
+from epd.kv_pool import KVCache, KVCacheSpec, PagePool
 from epd.model_loader import default_device, load_language_model
-from epd.model_runner import ModelRunner, SampledAhead, attach_image_embeddings
+from epd.model_runner import ModelRunner, attach_image_embeddings
 from epd.models.fused_ops import fused_path
 from epd.models.vision import VisionTower
 from epd.request import Request, Status, TokenEvent
-from epd.sampling import SamplingParams, SamplingRow, sample
+from epd.sampling import DeviceSample, SamplingParams, SamplingRow, sample
 from epd.scheduler import Chunk, Scheduler
 
 log = logging.getLogger(__name__)
@@ -75,11 +75,19 @@ class LaunchedStep:
     output_ids[slot] of each chunk's request holds a placeholder until they are settled."""
     sampling: list[Chunk]
     logits: torch.Tensor | None   # kept only where the host samples from them (not deferred)
-    deferred: bool
-    ahead: SampledAhead | None = None
+    ahead: DeviceSample | None = None   # deferred: the sample, in host memory once `done`
     done: torch.cuda.Event | None = None
     slots: list[int] = field(default_factory=list)
     fence: list[int] = field(default_factory=list)   # pages released while it runs
+
+    @property
+    def deferred(self) -> bool:
+        return self.logits is None
+
+    def free_fence(self, pool: PagePool) -> None:
+        """Give back the pages released while it ran (it has finished)."""
+        pool.free(self.fence)
+        self.fence.clear()
 
 
 class EngineCore:
@@ -206,11 +214,10 @@ class EngineCore:
         logits = self.runner.run(chunks)
         self.scheduler.advance(chunks)
         sampling = [c for c in chunks if c.samples]
-        deferred = self.overlap
-        step = LaunchedStep(sampling, None if deferred else logits, deferred)
-        if deferred:
-            plain = all(c.req.params.plain_greedy and not self._banned(c.req) for c in sampling)
-            step.ahead = self.runner.sample_ahead(logits, None if plain else [self._sampling_row(c.req) for c in sampling])
+        step = LaunchedStep(sampling, None if self.overlap else logits)
+        if step.deferred:
+            rows = None if self._plain_greedy(sampling) else [self._sampling_row(c.req) for c in sampling]
+            step.ahead = self.runner.sample_ahead(logits, rows)
             for row, c in enumerate(sampling):
                 step.slots.append(len(c.req.output_ids))
                 c.req.output_ids.append(-1 - row)
@@ -223,16 +230,16 @@ class EngineCore:
                 step.done.synchronize()
             if step.logits is not None:
                 return self._commit(step.sampling, step.logits)
-            events = []
-            rows = step.ahead.rows([c.req.params for c in step.sampling]) if step.ahead is not None else []
-            for c, slot, (tok, lp, top) in zip(step.sampling, step.slots, rows, strict=True):
+            assert step.ahead is not None
+            result, events = step.ahead.result([c.req.params for c in step.sampling]), []
+            for i, (c, slot) in enumerate(zip(step.sampling, step.slots, strict=True)):
                 if c.req.status is not Status.FINISHED:   # else it ended before this step's token
+                    tok, lp, top = result.row(i)
                     c.req.output_ids[slot] = tok
                     events.append(self._settle_token(c.req, slot, tok, lp, top))
             return events
         finally:
-            self.kv.pool.free(step.fence)
-            step.fence.clear()
+            step.free_fence(self.kv.pool)
             if self.scheduler.fence is step.fence:
                 self.scheduler.fence = None
 
@@ -242,8 +249,7 @@ class EngineCore:
             torch.cuda.synchronize(self.device)
         for step in (current, self._in_flight):
             if step is not None:
-                self.kv.pool.free(step.fence)
-                step.fence.clear()
+                step.free_fence(self.kv.pool)
         self._in_flight, self.scheduler.fence = None, None
 
     def _encode_images(self, reqs: list[Request]) -> None:
@@ -263,23 +269,22 @@ class EngineCore:
             chunks, logits = [chunks[i] for i in live], logits[live]
         if not chunks:
             return []
-        if all(c.req.params.plain_greedy and not self._banned(c.req) for c in chunks):
+        if self._plain_greedy(chunks):
             # argmax where the logits are (the GPU), one copy of B token ids back
             tokens = logits.argmax(dim=-1).tolist()
             return [self._append_token(c.req, t, None, None) for c, t in zip(chunks, tokens, strict=True)]
         result = sample(logits, [self._sampling_row(c.req) for c in chunks])
-        events = []
-        for i, c in enumerate(chunks):
-            lp = result.logprobs[i] if result.logprobs else None
-            top = result.top_logprobs[i] if result.top_logprobs else None
-            events.append(self._append_token(c.req, result.token_ids[i], lp, top))
-        return events
+        return [self._append_token(c.req, *result.row(i)) for i, c in enumerate(chunks)]
+
+    def _plain_greedy(self, chunks: list[Chunk]) -> bool:
+        """Every row's token is its raw argmax (no sampler needed)."""
+        return all(c.req.params.plain_greedy and not self._banned(c.req) for c in chunks)
 
     def _sampling_row(self, req: Request) -> SamplingRow:
         """The sampler's view of a request; an output token still on the device (the step
         before's, overlap schedule) goes as `pending`, read from `runner.future` on the device."""
         p, out, pending = req.params, req.output_ids, None
-        if not (p.repetition_penalty != 1.0 or p.frequency_penalty or p.presence_penalty):
+        if not p.penalised:
             return SamplingRow(p, req.generator, [], [], self._banned(req))   # the sampler reads no history
         rows = [-1 - t for t in out if t < 0]
         if rows:

@@ -10,7 +10,6 @@ bucket, the step replays a captured graph instead.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -20,7 +19,7 @@ from epd.attention.base import AttentionBackend, StepMetadata
 from epd.kv_pool import KVCache
 from epd.models.qwen2_vl_text import Qwen2VLLanguageModel
 from epd.request import Request
-from epd.sampling import SamplingParams, SamplingRow, sample_on_device
+from epd.sampling import DeviceSample, SamplingRow, sample_on_device
 from epd.scheduler import Chunk
 
 if TYPE_CHECKING:
@@ -52,26 +51,22 @@ class ModelRunner:
         # the last deferred step's sampled tokens, by sampling row: what placeholders resolve to
         self.future = torch.zeros(max(1, max_rows), dtype=torch.long, device=device)
 
-    def sample_ahead(self, logits: torch.Tensor, rows: list[SamplingRow] | None) -> SampledAhead:
+    def sample_ahead(self, logits: torch.Tensor, rows: list[SamplingRow] | None) -> DeviceSample:
         """Sample every row on the device (`sampling.sample_on_device`; rows None: every row is
         plain greedy, the argmax) into `future`, where the next step's inputs read the tokens, and
         start host copies of them and of the logprobs asked for without waiting: valid once
         `record_done()`'s event has completed."""
         n = logits.shape[0]
         if n == 0:
-            return SampledAhead(torch.empty(0, dtype=torch.long))
+            return DeviceSample(torch.empty(0, dtype=torch.long))
         tokens = self.future[:n]
         if rows is None:
             torch.argmax(logits, dim=-1, out=tokens)
-            return SampledAhead(self._to_host(tokens))
-        drawn = sample_on_device(logits, rows)
-        tokens.copy_(drawn.tokens)
-        ahead = SampledAhead(self._to_host(tokens))
-        if drawn.logprobs is not None:
-            ahead.logprobs = self._to_host(drawn.logprobs)
-        if drawn.top_ids is not None:
-            ahead.top_ids, ahead.top_vals = self._to_host(drawn.top_ids), self._to_host(drawn.top_vals)
-        return ahead
+            drawn = DeviceSample(tokens)
+        else:
+            drawn = sample_on_device(logits, rows)
+            tokens.copy_(drawn.tokens)
+        return drawn.map(self._to_host)
 
     def _to_host(self, t: torch.Tensor) -> torch.Tensor:
         if self.device.type != "cuda":
@@ -144,25 +139,6 @@ class ModelRunner:
             if c.samples:
                 rows.append(end)
         return self.model.logits(hidden[rows])
-
-
-@dataclass
-class SampledAhead:
-    """A deferred step's sampled rows in host memory (complete once the step's event has)."""
-    tokens: torch.Tensor                   # [n] int64
-    logprobs: torch.Tensor | None = None   # [n] float32, when a row asked for logprobs
-    top_ids: torch.Tensor | None = None    # [n, k], k the most top_logprobs a row asked for
-    top_vals: torch.Tensor | None = None
-
-    def rows(self, params: list[SamplingParams]) -> list[tuple[int, float | None, list | None]]:
-        """(token, logprob, top logprobs) per row, each row's top list cut to its own count."""
-        tokens = self.tokens.tolist()
-        lps = self.logprobs.tolist() if self.logprobs is not None else [None] * len(tokens)
-        if self.top_ids is None:
-            return [(t, lp, None) for t, lp in zip(tokens, lps, strict=True)]
-        ids, vals = self.top_ids.tolist(), self.top_vals.tolist()
-        return [(t, lp, list(zip(ids[i][:p.top_logprobs], vals[i][:p.top_logprobs], strict=True)))
-                for i, (t, lp, p) in enumerate(zip(tokens, lps, params, strict=True))]
 
 
 def resolve_placeholders(ids: torch.Tensor, future: torch.Tensor) -> torch.Tensor:

@@ -81,7 +81,7 @@ class Request:
     def in_prefill(self) -> bool:
         return self.num_computed < self.prompt_len
 
-    # With the overlap schedule a step's greedy tokens stay on the device until the next step is
+    # With the overlap schedule a step's sampled tokens stay on the device until the next step is
     # launched: `output_ids` then ends in placeholders, -1 - row (the row of the step's sampled
     # tokens), which the next step's inputs read on the device and the engine replaces once the
     # step's tokens reach the host.

@@ -12,6 +12,7 @@ without waiting), which the engine's overlap schedule needs; `sample` is that pl
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -50,10 +51,14 @@ class SamplingParams:
         return self.temperature == 0.0 or self.top_k == 1
 
     @property
+    def penalised(self) -> bool:
+        """A penalty reads the request's earlier tokens."""
+        return self.repetition_penalty != 1.0 or bool(self.frequency_penalty) or bool(self.presence_penalty)
+
+    @property
     def plain_greedy(self) -> bool:
         """Greedy with nothing that needs the full sampler: the token is the raw argmax."""
-        return (self.greedy and self.repetition_penalty == 1.0 and not self.frequency_penalty
-                and not self.presence_penalty and not self.logprobs)
+        return self.greedy and not self.penalised and not self.logprobs
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | SamplingParams | None) -> SamplingParams:
@@ -99,6 +104,11 @@ class SampleResult:
     logprobs: list[float] | None = None
     top_logprobs: list[list[tuple[int, float]]] | None = None
 
+    def row(self, i: int) -> tuple[int, float | None, list[tuple[int, float]] | None]:
+        """Row i's token, logprob and top logprobs (None where not computed)."""
+        return (self.token_ids[i], None if self.logprobs is None else self.logprobs[i],
+                None if self.top_logprobs is None else self.top_logprobs[i])
+
 
 @dataclass
 class SamplingRow:
@@ -119,18 +129,26 @@ class DeviceSample:
     top_ids: torch.Tensor | None = None   # [B, k], k the most top_logprobs a row asks for
     top_vals: torch.Tensor | None = None
 
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> DeviceSample:
+        """The same sample with each tensor passed through `fn` (e.g. a copy to host memory)."""
+        return DeviceSample(*(None if t is None else fn(t)
+                              for t in (self.tokens, self.logprobs, self.top_ids, self.top_vals)))
+
+    def result(self, params: list[SamplingParams]) -> SampleResult:
+        """As Python values, each row's top logprobs cut to the count it asked for."""
+        result = SampleResult(self.tokens.tolist())
+        if self.logprobs is not None:
+            result.logprobs = self.logprobs.tolist()
+        if self.top_ids is not None:
+            ids, vals = self.top_ids.tolist(), self.top_vals.tolist()
+            result.top_logprobs = [list(zip(ids[i][:p.top_logprobs], vals[i][:p.top_logprobs], strict=True))
+                                   for i, p in enumerate(params)]
+        return result
+
 
 def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> SampleResult:
     """logits: [B, V] float32 -> one token per row, on the host."""
-    d = sample_on_device(logits, rows)
-    result = SampleResult(d.tokens.tolist())
-    if d.logprobs is not None:
-        result.logprobs = d.logprobs.tolist()
-    if d.top_ids is not None:
-        ids, vals = d.top_ids.tolist(), d.top_vals.tolist()
-        result.top_logprobs = [list(zip(ids[i][:r.params.top_logprobs], vals[i][:r.params.top_logprobs],
-                                        strict=True)) for i, r in enumerate(rows)]
-    return result
+    return sample_on_device(logits, rows).result([r.params for r in rows])
 
 
 def sample_on_device(logits: torch.Tensor, rows: list[SamplingRow]) -> DeviceSample:
@@ -138,7 +156,7 @@ def sample_on_device(logits: torch.Tensor, rows: list[SamplingRow]) -> DeviceSam
     without waiting (plus `pending`, tokens only the device knows yet), greedy rows' argmax,
     unseeded draws batched on GPU, seeded ones from their own generator."""
     raw = logits
-    if any(r.banned_ids or _penalised(r.params) for r in rows):
+    if any(r.banned_ids or r.params.penalised for r in rows):
         logits = logits.clone()
         for i, row in enumerate(rows):
             _apply_penalties(logits[i], row)
@@ -161,10 +179,6 @@ def sample_on_device(logits: torch.Tensor, rows: list[SamplingRow]) -> DeviceSam
         if k:
             out.top_vals, out.top_ids = lp.topk(k, dim=-1)
     return out
-
-
-def _penalised(p: SamplingParams) -> bool:
-    return p.repetition_penalty != 1.0 or bool(p.frequency_penalty) or bool(p.presence_penalty)
 
 
 def _ids(host: list[int], pending: torch.Tensor | None, device: torch.device) -> torch.Tensor:
