@@ -19,7 +19,8 @@ Every request gets a mode from ``Script.modes`` (cycled in arrival order):
 
 With ``max_parallel`` set, requests beyond that many wait for a slot (the wait is part of
 their TTFT), which models a server at capacity. The server records every request body, the
-time it arrived, and the most requests it ever had open at once.
+time it arrived, when it really wrote its first and last content chunk, and the most requests
+it ever had open at once.
 
 ``run_harness`` runs the harness in-process against such a server and returns the raw
 result with its metrics.
@@ -57,6 +58,10 @@ class Script:
 class ServerLog:
     bodies: list[dict[str, Any]] = field(default_factory=list)
     arrivals: list[float] = field(default_factory=list)  # time.perf_counter() at receipt
+    # seconds from receipt to the write of the first / last content chunk, by request index:
+    # what the server really did, which a busy host's timers can put well after the script
+    first_chunk_s: dict[int, float] = field(default_factory=dict)
+    last_chunk_s: dict[int, float] = field(default_factory=dict)
     open_now: int = 0
     max_open: int = 0
     connections: int = 0  # TCP connections accepted
@@ -178,6 +183,9 @@ class FakeChatServer:
             await asyncio.sleep(max(0.0, t0 + ttft + i * s.itl_s - loop.time()))
             writer.write(_sse(_chunk(index, f"tok{i} ")))
             await writer.drain()
+            sent_after = time.perf_counter() - self.log.arrivals[index]
+            self.log.first_chunk_s.setdefault(index, sent_after)
+            self.log.last_chunk_s[index] = sent_after
         if mode == "drop":
             writer.transport.abort()  # no terminating chunk: the body is cut short
             return False

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import statistics
+
 import pytest
 from bench_fake_server import FakeChatServer, Script, run_harness
 
@@ -13,7 +15,7 @@ E2E_MS = TTFT_MS + (TOKENS - 1) * ITL_MS  # the last token lands 380 ms after th
 TOL_MS = 15.0
 
 
-def test_latencies_match_scripted_timing() -> None:
+def test_latencies_match_the_servers_timing() -> None:
     with FakeChatServer(Script(ttft_s=(TTFT_MS / 1e3,), itl_s=ITL_MS / 1e3)) as server:
         result, m = run_harness(server.base_url, 6, output_len=TOKENS, warmup=2, max_concurrency=2)
     assert (m.completed, m.failed) == (6, 0)
@@ -22,27 +24,38 @@ def test_latencies_match_scripted_timing() -> None:
         assert out.e2e * 1e3 >= E2E_MS - 2
         assert len(out.itls) == TOKENS - 1  # gaps between content chunks only
         assert out.output_tokens == TOKENS  # from the usage chunk
-    # medians, so one scheduling hiccup of a shared CPU does not decide the test
-    assert m.ttft.median == pytest.approx(TTFT_MS, abs=TOL_MS)
-    assert m.e2el.median == pytest.approx(E2E_MS, abs=TOL_MS)
+    # A busy host's timers fire late, so the server's chunks can leave well after the script says
+    # (CI once saw 200 ms become ~216). The harness must report what really happened: the
+    # server's own send times plus the localhost round trip, which the client's clock includes.
+    # Medians, so one scheduling hiccup of a shared CPU does not decide the test.
+    sent_first = statistics.median(server.log.first_chunk_s.values()) * 1e3
+    sent_last = statistics.median(server.log.last_chunk_s.values()) * 1e3
+    assert sent_first >= TTFT_MS and sent_last >= E2E_MS
+    assert sent_first <= m.ttft.median <= sent_first + TOL_MS
+    assert sent_last <= m.e2el.median <= sent_last + TOL_MS
     assert m.itl.median == pytest.approx(ITL_MS, abs=3.0)
     assert m.itl.count == 6 * (TOKENS - 1)
     # TPOT spreads (E2E - TTFT) over the 9 tokens after the first, so its error is small
-    assert m.tpot.median == pytest.approx(ITL_MS, abs=3.0)
+    assert m.tpot.median == pytest.approx((sent_last - sent_first) / (TOKENS - 1), abs=3.0)
     assert m.total_output_tokens == 6 * TOKENS
     assert m.total_input_tokens == 6 * Script().prompt_tokens
 
 
 def test_throughput_of_an_all_at_once_run() -> None:
-    """Four requests at once finish together, one scripted E2E after the start."""
+    """Four requests at once finish together, one E2E after the start."""
     with FakeChatServer(Script(ttft_s=(TTFT_MS / 1e3,), itl_s=ITL_MS / 1e3)) as server:
         _, m = run_harness(server.base_url, 4, output_len=TOKENS, warmup=4)
-    assert E2E_MS - 2 <= m.duration * 1e3 <= E2E_MS + 3 * TOL_MS
+    # the run lasts from the first request out to the last usage chunk in: the server's last
+    # send (measured, as a busy host's timers can run late) plus the localhost round trip
+    arrivals, timed = server.log.arrivals, range(4, 8)  # the warm-up requests came first
+    last_sent = max(arrivals[i] + server.log.last_chunk_s[i] for i in timed)
+    run_ms = (last_sent - min(arrivals[i] for i in timed)) * 1e3
+    assert E2E_MS - 2 <= run_ms <= m.duration * 1e3 <= run_ms + TOL_MS
     assert m.request_throughput == pytest.approx(4 / m.duration)
-    expected = 4 / (E2E_MS / 1e3)  # 10.5 req/s
-    assert m.request_throughput == pytest.approx(expected, rel=0.1)
-    assert m.output_throughput == pytest.approx(expected * TOKENS, rel=0.1)
-    assert m.total_token_throughput == pytest.approx(expected * (TOKENS + Script().prompt_tokens), rel=0.1)
+    expected = 4 / (run_ms / 1e3)  # 10.5 req/s when the server keeps to its script
+    assert m.request_throughput == pytest.approx(expected, rel=0.05)
+    assert m.output_throughput == pytest.approx(expected * TOKENS, rel=0.05)
+    assert m.total_token_throughput == pytest.approx(expected * (TOKENS + Script().prompt_tokens), rel=0.05)
 
 
 def test_goodput_counts_only_requests_within_the_slos() -> None:
