@@ -13,7 +13,9 @@ weight copies (as a decode step does, so the L2 cache does not hold the weights)
   and with PDL but the first weight tile loaded after the PDL wait (`gemv_without_prefetch_us`).
 And the MLP's gate/up with silu*mul (`act` cases): cuBLAS's gate/up GEMM then the silu*mul kernel
 (`cublas_us`, the two together), against `decode_gemv.silu_mul_project` (one kernel; with `--sweep`
-every config in ACT_SWEEP too).
+every config in ACT_SWEEP too). For o_proj and down_proj also the projection with the residual add
+and RMSNorm after it: `project` then the `add_rms_norm` kernel (`add_norm_unfused_us`, the two
+together) against `decode_gemv.project_add_norm` (`add_norm_fused_us`, one kernel).
 Bandwidth = weight bytes / time; `pct_copy` against this run's device-to-device copy bandwidth.
 """
 
@@ -82,6 +84,11 @@ def _case(rows: int, n: int, k: int, layers: int, configs: list[dict | None], bi
     out["gemv_without_pdl_us"] = _without(fo, "PDL", lambda: _graph_us(lambda i: g.project(x, weights[i]), layers))
     out["gemv_without_prefetch_us"] = _without(g, "PREFETCH_WEIGHTS",
                                                lambda: _graph_us(lambda i: g.project(x, weights[i]), layers))
+    if not bias:   # o_proj, down_proj: into the residual stream, then the next norm
+        resid, norm_w = torch.randn(rows, n, device="cuda", dtype=BF16), torch.rand(n, device="cuda", dtype=BF16)
+        out["add_norm_unfused_us"] = _graph_us(
+            lambda i: fo.add_rms_norm(resid, g.project(x, weights[i]), norm_w, 1e-6), layers)
+        out["add_norm_fused_us"] = _graph_us(lambda i: g.project_add_norm(x, weights[i], resid, norm_w, 1e-6), layers)
     return out
 
 
@@ -114,7 +121,9 @@ def _print(name: str, proj: str, case: dict, bw: float) -> None:
           f"gemv default {case['gemv'][0]['us']:6.1f} us "
           f"({case['weight_MB'] * 1e3 / case['gemv'][0]['us'] / bw:4.0%}) "
           f"best {best['us']:6.1f} us {best['config']} err {best['rel_err']:.1e} | without PDL {no_pdl}"
-          f" | without prefetch {no_prefetch}",
+          f" | without prefetch {no_prefetch}" + (
+              f" | + add/norm: 2 kernels {case['add_norm_unfused_us']:6.1f} us, fused {case['add_norm_fused_us']:6.1f} us"
+              if "add_norm_fused_us" in case else ""),
           flush=True)
 
 

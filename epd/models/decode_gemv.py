@@ -8,12 +8,23 @@ columns over one slice of K, with rows padded to one 16-row tensor-core tile for
 in a memory-bound kernel) and Triton's pipeliner keeping several weight tiles in flight.
 
 K may be split into slices, each its own program, so that more programs stream the weight; the
-slices' fp32 partial sums [S, M, N] are not reduced here but by the kernel that reads the
-product next: `fused_ops.add_rms_norm` (the residual add that follows o_proj and down_proj) or
-`fused_ops.rotary_qk_store_kv` (q/k/v, with its bias), so the split costs no reduce kernel.
+slices' fp32 partial sums [S, M, N] are not reduced here but by the code that reads the
+product next: `fused_ops.add_rms_norm` (the residual add that follows o_proj and down_proj, or
+this kernel's own tail, below) or `fused_ops.rotary_qk_store_kv` (q/k/v, with its bias), so the
+split costs no reduce kernel.
 (Forming down_proj's silu(gate) * up inside the weight loop, to drop the silu*mul kernel, was
 measured 3-14x slower: the padded 16-row tile makes every program evaluate 16 x K exponentials;
 BENCHMARKS.md.)
+
+Where the product goes into the residual stream (o_proj, down_proj), the add and the next RMSNorm
+can run in the same kernel (`project_add_norm`): each program, after storing its partial sums,
+counts itself in on an arrival counter (a release-acquire atomic add after a barrier, so every
+thread's stores are visible before it counts), and the program that arrives last adds up all the
+slices' partials with the residual and norms the rows (`fused_ops.add_norm_row`, the add + norm
+kernel's own row code), then sets the counter back to zero for the next launch. That saves the
+add + norm kernel's launch and its wait for the GEMV, twice a layer. The add + norm work itself
+then runs on that one program, row after row (the separate kernel ran one program a row), so
+`ADD_NORM_MAX_ROWS` bounds the rows it takes.
 
 The MLP's gate and up projections (`silu_mul_project`) go the other way: K is the hidden size and
 not split, and each program owns the same block of columns of gate and of up, so its epilogue has
@@ -38,12 +49,24 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from epd.models.fused_ops import fused_path, gdc_enter, launch_options, silu_and_mul, tl, triton
+from epd.models.fused_ops import (
+    add_norm_row,
+    add_rms_norm,
+    fused_path,
+    gdc_enter,
+    launch_options,
+    silu_and_mul,
+    tl,
+    triton,
+)
 
 MAX_ROWS = 8          # decode batches up to this many rows take the GEMV kernel
 FUSED_GATE_UP = True  # gate/up + silu*mul as one kernel on the GEMV path (the bench turns it off)
 PREFETCH_WEIGHTS = True   # projections load their first weight tile before the PDL wait (the bench turns it off)
+FUSED_ADD_NORM = True  # o_proj/down_proj + residual add + next norm as one kernel (the bench turns it off)
+ADD_NORM_MAX_ROWS = 8  # ... for steps of up to this many rows (its tail runs on one program)
 _ROW_TILE = 16        # rows padded to one tensor-core tile
+_ARRIVALS: dict[int, torch.Tensor] = {}
 
 
 def gemv_path(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -57,19 +80,51 @@ def project(x: torch.Tensor, weight: torch.Tensor, config: dict | None = None) -
     `config` (block_n, block_k, warps, stages, split) overrides `block_config` (the bench's sweep)."""
     if not gemv_path(x, weight):
         return F.linear(x, weight)
+    return _launch(x, weight, block_config(*weight.shape) if config is None else config)
+
+
+def project_add_norm(h: torch.Tensor, weight: torch.Tensor, x: torch.Tensor, norm_weight: torch.Tensor,
+                     eps: float, config: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x + h @ weight.T, rms_norm(that) * norm_weight): a projection into the residual stream
+    (o_proj, down_proj) with the add and the next norm, as `add_rms_norm(x, project(h, weight))`
+    computes them and rounds. On the GEMV path with `FUSED_ADD_NORM` it is one kernel: the last of
+    its programs to finish adds up every slice's partial sums (module docstring)."""
+    if not (FUSED_ADD_NORM and gemv_path(h, weight) and x.dtype == h.dtype and x.is_contiguous()
+            and h.shape[0] <= ADD_NORM_MAX_ROWS):
+        return add_rms_norm(x, project(h, weight, config), norm_weight, eps)
+    res, out = torch.empty_like(x), torch.empty_like(x)
+    _launch(h, weight, block_config(*weight.shape) if config is None else config,
+            norm=(x, norm_weight, res, out, eps))
+    return res, out
+
+
+def _launch(x: torch.Tensor, weight: torch.Tensor, cfg: dict, norm: tuple | None = None) -> torch.Tensor:
+    """Launch `_gemv_kernel` (with the add + norm tail when `norm` = (x, weight, res, out, eps)); returns
+    the partial sums."""
     m = x.shape[0]
     n, k = weight.shape
-    cfg = block_config(n, k) if config is None else config
     k_blocks = triton.cdiv(k, cfg["block_k"])
     split = min(cfg["split"], k_blocks)
     per_split = triton.cdiv(k_blocks, split) * cfg["block_k"]
     split = triton.cdiv(k, per_split)                 # no empty slice
     parts = torch.empty(split, m, n, dtype=torch.float32, device=x.device)
+    resid, norm_weight, res, out, eps = norm if norm is not None else (x, x, x, x, 0.0)
     _gemv_kernel[(triton.cdiv(n, cfg["block_n"]), split)](
-        x, weight, parts, m, n, k, per_split, BLOCK_M=_ROW_TILE,
-        BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"], PREFETCH=PREFETCH_WEIGHTS, num_warps=cfg["warps"],
+        x, weight, parts, m, n, k, per_split, resid, norm_weight, res, out, _arrivals(x.device), eps,
+        BLOCK_M=_ROW_TILE, BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"], PREFETCH=PREFETCH_WEIGHTS,
+        NORM=norm is not None, SPLITS=split, BLOCK_ROW=triton.next_power_of_2(n), num_warps=cfg["warps"],
         num_stages=cfg["stages"], **launch_options(x, m))
     return parts
+
+
+def _arrivals(device: torch.device) -> torch.Tensor:
+    """The device's arrival counter for `_gemv_kernel`'s add + norm tail: zero between launches (the
+    last program resets it). Launches on one device run one after another (one stream, or PDL's
+    wait for the kernel before), so one counter serves them all."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _ARRIVALS:
+        _ARRIVALS[index] = torch.zeros(1, dtype=torch.int32, device=device)
+    return _ARRIVALS[index]
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, config: dict | None = None) -> torch.Tensor:
@@ -113,8 +168,9 @@ def block_config(n: int, k: int) -> dict:
 if triton is not None:
 
     @triton.jit
-    def _gemv_kernel(x_ptr, w_ptr, parts_ptr, M, N, K, K_PER_SPLIT,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr,
+    def _gemv_kernel(x_ptr, w_ptr, parts_ptr, M, N, K, K_PER_SPLIT, resid_ptr, nw_ptr, res_ptr, out_ptr,
+                     arrivals_ptr, eps, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     PREFETCH: tl.constexpr, NORM: tl.constexpr, SPLITS: tl.constexpr, BLOCK_ROW: tl.constexpr,
                      USE_GDC: tl.constexpr):
         rows = tl.arange(0, BLOCK_M)
         rmask = rows < M
@@ -147,6 +203,17 @@ if triton is not None:
             acc = tl.dot(h, w, acc)
         tl.store(parts_ptr + (split * M + rows[:, None]) * N + cols[None, :], acc,
                  mask=rmask[:, None] & cmask[None, :])
+        if NORM:
+            # Arrive: every thread's partial sums are stored (the barrier) before one thread's
+            # release-acquire add counts this program in. The program that arrives last sees every
+            # other program's partials, and adds them up with the residual and norms the rows.
+            tl.debug_barrier()
+            arrived = tl.atomic_add(arrivals_ptr, 1, sem="acq_rel", scope="gpu")
+            if arrived == tl.num_programs(0) * tl.num_programs(1) - 1:
+                for row in range(M):
+                    add_norm_row(resid_ptr, parts_ptr, nw_ptr, out_ptr, res_ptr, row, M, N, eps, True, SPLITS,
+                                 BLOCK_ROW, ".cg")
+                tl.atomic_xchg(arrivals_ptr, 0, sem="relaxed", scope="gpu")   # zero for the next launch
 
     @triton.jit
     def _silu_mul_gemv_kernel(x_ptr, w_ptr, out_ptr, M, INTER, K,

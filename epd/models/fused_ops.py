@@ -209,7 +209,7 @@ def store_kv(cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch
 
 # ---- kernels -------------------------------------------------------------------------------------
 
-gdc_enter = None   # the Triton helper below, where Triton is importable
+gdc_enter = add_norm_row = None   # the Triton helpers below, where Triton is importable
 
 if triton is not None:
 
@@ -222,11 +222,11 @@ if triton is not None:
             tl.extra.cuda.gdc_launch_dependents()
 
     @triton.jit
-    def _add_rms_norm_kernel(x_ptr, d_ptr, w_ptr, out_ptr, res_ptr, t, n, eps,
-                             HAS_DELTA: tl.constexpr, PARTS: tl.constexpr, BLOCK: tl.constexpr,
-                             USE_GDC: tl.constexpr):
-        gdc_enter(USE_GDC)
-        row = tl.program_id(0).to(tl.int64)
+    def add_norm_row(x_ptr, d_ptr, w_ptr, out_ptr, res_ptr, row, t, n, eps, HAS_DELTA: tl.constexpr,
+                     PARTS: tl.constexpr, BLOCK: tl.constexpr, DELTA_CACHE: tl.constexpr = ""):
+        """One row of `add_rms_norm`, rounding where torch rounds: res = x + delta (delta: [t, n], or
+        the total of PARTS fp32 partial sums [PARTS, t, n] rounded once), out = norm(res) * w.
+        DELTA_CACHE is the delta loads' cache modifier (".cg": from L2, past this SM's L1)."""
         cols = tl.arange(0, BLOCK)
         mask = cols < n
         x = tl.load(x_ptr + row * n + cols, mask=mask, other=0.0)
@@ -234,7 +234,8 @@ if triton is not None:
             if PARTS > 0:   # fp32 partial sums [PARTS, t, n]: their total, rounded once
                 d = tl.zeros([BLOCK], dtype=tl.float32)
                 for part in tl.static_range(PARTS):
-                    d += tl.load(d_ptr + (part * t + row) * n + cols, mask=mask, other=0.0)
+                    d += tl.load(d_ptr + (part * t + row) * n + cols, mask=mask, other=0.0,
+                                 cache_modifier=DELTA_CACHE)
                 d = d.to(x_ptr.dtype.element_ty)
             else:
                 d = tl.load(d_ptr + row * n + cols, mask=mask, other=0.0)
@@ -246,6 +247,14 @@ if triton is not None:
         w = tl.load(w_ptr + cols, mask=mask, other=0.0)
         tl.store(out_ptr + row * n + cols, (w.to(tl.float32) * y.to(tl.float32)).to(out_ptr.dtype.element_ty),
                  mask=mask)
+
+    @triton.jit
+    def _add_rms_norm_kernel(x_ptr, d_ptr, w_ptr, out_ptr, res_ptr, t, n, eps,
+                             HAS_DELTA: tl.constexpr, PARTS: tl.constexpr, BLOCK: tl.constexpr,
+                             USE_GDC: tl.constexpr):
+        gdc_enter(USE_GDC)
+        add_norm_row(x_ptr, d_ptr, w_ptr, out_ptr, res_ptr, tl.program_id(0).to(tl.int64), t, n, eps,
+                     HAS_DELTA, PARTS, BLOCK)
 
     @triton.jit
     def _rotary_qk_kernel(qkv_ptr, cos_ptr, sin_ptr, q_ptr, row_stride, cs_stride, hq,

@@ -8,8 +8,9 @@ Numerics follow the reference implementation (RMSNorm in float32, rotary tables 
 On GPU in 16-bit dtypes the loader calls `fuse_projections()` once: q/k/v and gate/up become one
 GEMM each, and norms (with the residual add), rotary and silu*mul run as fused kernels
 (`fused_ops`); in steps of a few rows (decode) q/k/v, o_proj and down_proj run as GEMV kernels
-(`decode_gemv`, leaving split-K partial sums: the rotary kernel adds up q/k/v's with its bias, the
-next add + norm kernel o_proj's and down_proj's), and gate/up with silu*mul as one more.
+(`decode_gemv`, leaving split-K partial sums: the rotary kernel adds up q/k/v's with its bias;
+o_proj's and down_proj's kernels add theirs up themselves, with the residual add and the next
+norm), and gate/up with silu*mul as one more.
 Elsewhere the plain torch path runs, unchanged.
 """
 
@@ -21,7 +22,7 @@ from torch import nn
 
 from epd.attention.base import AttentionBackend
 from epd.config import TextConfig
-from epd.models.decode_gemv import gemv_path, project, silu_mul_project
+from epd.models.decode_gemv import gemv_path, project, project_add_norm, silu_mul_project
 from epd.models.fused_ops import (
     add_rms_norm,
     apply_rotary_ref,
@@ -43,6 +44,10 @@ class RMSNorm(nn.Module):
     def add_forward(self, x: torch.Tensor, delta: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """(x + delta, norm(x + delta)) in one kernel on GPU; delta None = no add."""
         return add_rms_norm(x, delta, self.weight, self.eps)
+
+    def add_projection(self, x: torch.Tensor, h: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`add_forward(x, h @ weight.T)`: on the decode GEMV path one kernel for all of it."""
+        return project_add_norm(h, weight, x, self.weight, self.eps)
 
 
 class MRotaryEmbedding(nn.Module):
@@ -95,8 +100,7 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 backend: AttentionBackend, kv_cache: torch.Tensor) -> torch.Tensor:
-        if self.qkv_proj is not None:
-            return project(self.attend_qkv(x, cos, sin, backend, kv_cache), self.o_proj.weight)
+        """The unfused path (CPU, float32/float64): x [T, H] -> the attention block's output [T, H]."""
         t, hq, hk, d = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
         q = self.q_proj(x).view(t, hq, d)
         k = self.k_proj(x).view(t, hk, d)
@@ -138,9 +142,12 @@ class MLP(nn.Module):
         del self.gate_proj, self.up_proj
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gate_up_proj is not None:
-            return project(silu_mul_project(x, self.gate_up_proj.weight), self.down_proj.weight)
+        """The unfused path: x [T, H] -> down_proj(silu(gate) * up) [T, H]."""
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+    def activation(self, x: torch.Tensor) -> torch.Tensor:
+        """The fused path's silu(gate) * up [T, I], what down_proj takes."""
+        return silu_mul_project(x, self.gate_up_proj.weight)
 
 
 class DecoderLayer(nn.Module):
@@ -151,15 +158,19 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, delta: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
-                backend: AttentionBackend, kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x: the residual stream before the previous layer's MLP output `delta` (None for the first
-        layer; on the GEMV path its split-K partial sums) is added; returns (residual, this layer's
-        MLP output). Deferring each add into the next norm lets the GPU do add + norm in one kernel;
-        the sums are the same as x + attn + mlp."""
-        x, h = self.input_layernorm.add_forward(x, delta)
-        x, h = self.post_attention_layernorm.add_forward(x, self.self_attn(h, cos, sin, backend, kv_cache))
-        return x, self.mlp(h)
+    def forward(self, x: torch.Tensor, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                backend: AttentionBackend, kv_cache: torch.Tensor, next_norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: the residual stream, h: this layer's input norm of it; returns the residual stream after
+        the layer and `next_norm` of it (the next layer's input norm, or the final one). Each residual
+        add goes with the norm after it, so the GPU does add + norm in one kernel, or (decode GEMV
+        path) the projection before it too."""
+        attn, mlp = self.self_attn, self.mlp
+        if attn.qkv_proj is None:
+            x, h = self.post_attention_layernorm.add_forward(x, attn(h, cos, sin, backend, kv_cache))
+            return next_norm.add_forward(x, mlp(h))
+        attended = attn.attend_qkv(h, cos, sin, backend, kv_cache)
+        x, h = self.post_attention_layernorm.add_projection(x, attended, attn.o_proj.weight)
+        return next_norm.add_projection(x, mlp.activation(h), mlp.down_proj.weight)
 
 
 class TextModel(nn.Module):
@@ -200,12 +211,14 @@ class Qwen2VLLanguageModel(nn.Module):
         to stream KV layer group by layer group while later layers still compute).
         """
         cos, sin = self.rotary(positions, embeds.dtype)
-        x, delta = embeds, None
-        for i, layer in enumerate(self.language_model.layers):
-            x, delta = layer(x, delta, cos, sin, backend, kv_layers[i])
+        layers = self.language_model.layers
+        norms = [layer.input_layernorm for layer in layers[1:]] + [self.language_model.norm]
+        x, h = layers[0].input_layernorm.add_forward(embeds, None)
+        for i, (layer, next_norm) in enumerate(zip(layers, norms)):
+            x, h = layer(x, h, cos, sin, backend, kv_layers[i], next_norm)
             if after_layer is not None:
                 after_layer(i)
-        return self.language_model.norm.add_forward(x, delta)[1]
+        return h
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Sampling runs in float32 at least (float64 stays float64)."""

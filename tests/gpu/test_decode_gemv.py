@@ -1,5 +1,6 @@
 """The decode GEMV kernels compute what F.linear computes (bf16, the q/k/v, o_proj and down_proj shapes),
-however K is split into slices, and gate/up with silu*mul what the unfused ops compute."""
+however K is split into slices; gate/up with silu*mul, and o_proj/down_proj with the residual add and
+RMSNorm after them, what the unfused ops compute."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from epd.models import decode_gemv as g
-from epd.models.fused_ops import silu_and_mul
+from epd.models.fused_ops import add_rms_norm, silu_and_mul
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 BF16 = torch.bfloat16
@@ -64,3 +65,24 @@ def test_silu_mul_project_is_as_accurate_as_the_unfused_ops(rows, k, inter):
     exact_gate_up = F.linear(x.double(), w.double())
     exact = F.silu(exact_gate_up[:, :inter]) * exact_gate_up[:, inter:]
     _as_accurate(g.silu_mul_project(x, w), silu_and_mul(F.linear(x, w)), exact)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8])
+@pytest.mark.parametrize("k,n", [(2048, 2048), (11008, 2048), (18944, 3584), (1000, 72)])
+def test_project_add_norm_is_the_projection_then_add_rms_norm(rows, k, n):
+    """One kernel for o_proj/down_proj + the residual add + the next RMSNorm: the residual exactly
+    what `add_rms_norm` makes of the projection's partial sums, the norm within one bf16 rounding
+    (the kernels sum the squares in another order); and again on a second call, so the last
+    program's arrival counter is back to zero after each launch."""
+    h, w = _inputs(rows, k, n, seed=rows + k + n)
+    gen = torch.Generator(device="cuda").manual_seed(n)
+    x = torch.randn(rows, n, device="cuda", dtype=BF16, generator=gen)
+    norm_w = torch.rand(n, device="cuda", generator=gen).to(BF16) + 0.5
+    assert g.gemv_path(h, w)
+    ref_res, ref_out = add_rms_norm(x, g.project(h, w), norm_w, 1e-6)
+    for _ in range(2):
+        res, out = g.project_add_norm(h, w, x, norm_w, 1e-6)
+        torch.cuda.synchronize()
+        assert torch.equal(res, ref_res)
+        torch.testing.assert_close(out, ref_out, rtol=2 ** -7, atol=0)
+        assert g._arrivals(h.device).item() == 0
