@@ -14,7 +14,8 @@ Sections, per model (JSON written after each, so a run cut short still reports w
      cuBLAS's gate/up GEMM and the silu*mul kernel instead of the fused gate/up kernel
      (`decode_without_fused_gate_up`, batch 1/8); o_proj's and down_proj's GEMV followed by the
      add + norm kernel instead of one kernel for both (`decode_without_fused_add_norm`, batch
-     1/8); flashinfer's decode attention instead of the
+     1/8); q/k/v's GEMV followed by the rotary + KV-write kernel instead of one kernel for both
+     (`decode_without_fused_rotary`, batch 1/8); flashinfer's decode attention instead of the
      split-KV kernels (`decode_flashinfer_attention`);
   2. output tokens/s against transformers `generate` (static cache) on the same weights;
   3. prefill tokens/s and MFU (against this run's measured bf16 matmul rate), 1x4096 and 8x1024;
@@ -174,6 +175,8 @@ def _decode_sections(report: Report, name: str, core, facts: dict, bw: float) ->
                    lambda: _decode_variant(core, facts, bw, decode_gemv, "FUSED_GATE_UP", False, (1, 8)))
     report.section(name, "decode_without_fused_add_norm",   # o_proj/down_proj GEMV, then the add + norm kernel
                    lambda: _decode_variant(core, facts, bw, decode_gemv, "FUSED_ADD_NORM", False, (1, 8)))
+    report.section(name, "decode_without_fused_rotary",   # q/k/v GEMV, then the rotary + KV-write kernel
+                   lambda: _decode_variant(core, facts, bw, decode_gemv, "FUSED_ROTARY", False, (1, 8)))
     report.section(name, "decode_flashinfer_attention",   # flashinfer's decode wrapper in the graphs
                    lambda: _decode_variant(core, facts, bw, flashinfer_backend, "GRAPH_DECODE", "flashinfer",
                                            DECODE_BATCHES))

@@ -15,7 +15,9 @@ And the MLP's gate/up with silu*mul (`act` cases): cuBLAS's gate/up GEMM then th
 (`cublas_us`, the two together), against `decode_gemv.silu_mul_project` (one kernel; with `--sweep`
 every config in ACT_SWEEP too). For o_proj and down_proj also the projection with the residual add
 and RMSNorm after it: `project` then the `add_rms_norm` kernel (`add_norm_unfused_us`, the two
-together) against `decode_gemv.project_add_norm` (`add_norm_fused_us`, one kernel).
+together) against `decode_gemv.project_add_norm` (`add_norm_fused_us`, one kernel); for q/k/v the
+projection with its bias, rotary and the K/V cache write: `project` then the `rotary_qk_store_kv`
+kernel (`rotary_unfused_us`) against `decode_gemv.project_rotary_store_kv` (`rotary_fused_us`).
 Bandwidth = weight bytes / time; `pct_copy` against this run's device-to-device copy bandwidth.
 """
 
@@ -71,7 +73,9 @@ def _configs(configs: list[dict | None], default: dict, layers: int, ref: torch.
     return out
 
 
-def _case(rows: int, n: int, k: int, layers: int, configs: list[dict | None], bias: bool) -> dict:
+def _case(rows: int, n: int, k: int, layers: int, configs: list[dict | None], bias: bool,
+          heads: tuple[int, int]) -> dict:
+    """One projection (q/k/v when `bias`, of `heads` = (query, KV) heads) at `rows` rows."""
     weights = [torch.randn(n, k, device="cuda", dtype=BF16) * k ** -0.5 for _ in range(layers)]
     biases = [torch.randn(n, device="cuda", dtype=BF16) if bias else None for _ in range(layers)]
     x = torch.randn(rows, k, device="cuda", dtype=BF16)
@@ -89,7 +93,24 @@ def _case(rows: int, n: int, k: int, layers: int, configs: list[dict | None], bi
         out["add_norm_unfused_us"] = _graph_us(
             lambda i: fo.add_rms_norm(resid, g.project(x, weights[i]), norm_w, 1e-6), layers)
         out["add_norm_fused_us"] = _graph_us(lambda i: g.project_add_norm(x, weights[i], resid, norm_w, 1e-6), layers)
+    else:          # q/k/v: bias, rotary and the K/V cache write
+        out.update(_rotary_us(x, weights, biases, layers, *heads))
     return out
+
+
+def _rotary_us(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor], layers: int,
+               hq: int, hk: int) -> dict:
+    """q/k/v + bias + rotary + K/V write (hq query and hk KV heads of 128): the GEMV then
+    `rotary_qk_store_kv`, against the one-kernel form."""
+    rows, d = x.shape[0], 128
+    ang = torch.rand(rows, d // 2, device="cuda") * 100
+    cos, sin = (torch.cat([f(ang)] * 2, -1).to(BF16) for f in (torch.cos, torch.sin))
+    cache = torch.zeros(64, 2, 16, hk, d, device="cuda", dtype=BF16)
+    slots = torch.arange(rows, device="cuda") * 16 + 3
+    return {"rotary_unfused_us": _graph_us(lambda i: fo.rotary_qk_store_kv(
+                g.project(x, weights[i]), cos, sin, hq, hk, cache, slots, bias=biases[i]), layers),
+            "rotary_fused_us": _graph_us(lambda i: g.project_rotary_store_kv(
+                x, weights[i], biases[i], cos, sin, hq, hk, cache, slots), layers)}
 
 
 def _without(module, flag: str, measure) -> float:
@@ -122,8 +143,11 @@ def _print(name: str, proj: str, case: dict, bw: float) -> None:
           f"({case['weight_MB'] * 1e3 / case['gemv'][0]['us'] / bw:4.0%}) "
           f"best {best['us']:6.1f} us {best['config']} err {best['rel_err']:.1e} | without PDL {no_pdl}"
           f" | without prefetch {no_prefetch}" + (
-              f" | + add/norm: 2 kernels {case['add_norm_unfused_us']:6.1f} us, fused {case['add_norm_fused_us']:6.1f} us"
-              if "add_norm_fused_us" in case else ""),
+              f" | + add/norm: 2 kernels {case['add_norm_unfused_us']:6.1f} us,"
+              f" fused {case['add_norm_fused_us']:6.1f} us"
+              if "add_norm_fused_us" in case else "")
+          + (f" | + rotary/KV: 2 kernels {case['rotary_unfused_us']:6.1f} us, fused {case['rotary_fused_us']:6.1f} us"
+             if "rotary_fused_us" in case else ""),
           flush=True)
 
 
@@ -145,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
                 if proj == "act":
                     case = _act_case(rows, n, k, p["layers"], act_configs)
                 else:
-                    case = _case(rows, n, k, p["layers"], configs, bias=proj == "qkv")
+                    case = _case(rows, n, k, p["layers"], configs, bias=proj == "qkv",
+                                 heads=(p["heads"], p["kv_heads"]))
                 case.update(model=name, proj=proj)
                 _print(name, proj, case, bw)
                 report["cases"].append(case)

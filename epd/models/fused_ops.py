@@ -209,7 +209,7 @@ def store_kv(cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch
 
 # ---- kernels -------------------------------------------------------------------------------------
 
-gdc_enter = add_norm_row = None   # the Triton helpers below, where Triton is importable
+gdc_enter = add_norm_row = rotary_store_head = None   # the Triton helpers below, where Triton is importable
 
 if triton is not None:
 
@@ -284,16 +284,25 @@ if triton is not None:
                                    cs_stride, hq, hk, page_size, T, HALF: tl.constexpr, PARTS: tl.constexpr,
                                    HAS_BIAS: tl.constexpr, USE_GDC: tl.constexpr):
         gdc_enter(USE_GDC)
-        tok = tl.program_id(0).to(tl.int64)
-        head = tl.program_id(1)            # q heads, then k heads, then v heads
+        rotary_store_head(qkv_ptr, bias_ptr, cos_ptr, sin_ptr, q_ptr, cache_ptr, slot_ptr, row_stride, cs_stride,
+                          hq, hk, page_size, T, tl.program_id(0).to(tl.int64), tl.program_id(1), HALF, PARTS,
+                          HAS_BIAS)
+
+    @triton.jit
+    def rotary_store_head(qkv_ptr, bias_ptr, cos_ptr, sin_ptr, q_ptr, cache_ptr, slot_ptr, row_stride, cs_stride,
+                          hq, hk, page_size, T, tok, head, HALF: tl.constexpr, PARTS: tl.constexpr,
+                          HAS_BIAS: tl.constexpr, QKV_CACHE: tl.constexpr = ""):
+        """One head of one token of `rotary_qk_store_kv`: head < hq a q head (rotated into q), then hk
+        k heads (rotated into the cache), then hk v heads (into the cache). QKV_CACHE is the qkv
+        loads' cache modifier (".cg": from L2, past this SM's L1)."""
         i = tl.arange(0, HALF)
         if PARTS > 0:                      # fp32 partial sums [PARTS, T, N]: total + bias, rounded once
             f1 = tl.zeros([HALF], dtype=tl.float32)
             f2 = tl.zeros([HALF], dtype=tl.float32)
             for part in tl.static_range(PARTS):
                 src = qkv_ptr + (part * T + tok) * row_stride + head * (2 * HALF)
-                f1 += tl.load(src + i)
-                f2 += tl.load(src + HALF + i)
+                f1 += tl.load(src + i, cache_modifier=QKV_CACHE)
+                f2 += tl.load(src + HALF + i, cache_modifier=QKV_CACHE)
             if HAS_BIAS:
                 f1 += tl.load(bias_ptr + head * (2 * HALF) + i).to(tl.float32)
                 f2 += tl.load(bias_ptr + head * (2 * HALF) + HALF + i).to(tl.float32)

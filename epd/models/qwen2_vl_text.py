@@ -8,9 +8,9 @@ Numerics follow the reference implementation (RMSNorm in float32, rotary tables 
 On GPU in 16-bit dtypes the loader calls `fuse_projections()` once: q/k/v and gate/up become one
 GEMM each, and norms (with the residual add), rotary and silu*mul run as fused kernels
 (`fused_ops`); in steps of a few rows (decode) q/k/v, o_proj and down_proj run as GEMV kernels
-(`decode_gemv`, leaving split-K partial sums: the rotary kernel adds up q/k/v's with its bias;
-o_proj's and down_proj's kernels add theirs up themselves, with the residual add and the next
-norm), and gate/up with silu*mul as one more.
+(`decode_gemv`, whose last programs add up their split-K partial sums: with q/k/v's bias, rotary
+and the K/V cache write; with o_proj's and down_proj's residual add and the next norm), and gate/up
+with silu*mul as one more.
 Elsewhere the plain torch path runs, unchanged.
 """
 
@@ -22,7 +22,7 @@ from torch import nn
 
 from epd.attention.base import AttentionBackend
 from epd.config import TextConfig
-from epd.models.decode_gemv import gemv_path, project, project_add_norm, silu_mul_project
+from epd.models.decode_gemv import gemv_path, project_add_norm, project_rotary_store_kv, silu_mul_project
 from epd.models.fused_ops import (
     add_rms_norm,
     apply_rotary_ref,
@@ -45,7 +45,8 @@ class RMSNorm(nn.Module):
         """(x + delta, norm(x + delta)) in one kernel on GPU; delta None = no add."""
         return add_rms_norm(x, delta, self.weight, self.eps)
 
-    def add_projection(self, x: torch.Tensor, h: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def add_projection(self, x: torch.Tensor, h: torch.Tensor,
+                       weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """`add_forward(x, h @ weight.T)`: on the decode GEMV path one kernel for all of it."""
         return project_add_norm(h, weight, x, self.weight, self.eps)
 
@@ -117,8 +118,8 @@ class Attention(nn.Module):
         slots = backend.kv_write_slots()
         if slots is not None:                            # k and v go straight to the cache
             if gemv_path(x, proj.weight) and kv_cache.dtype == x.dtype:
-                # decode GEMV: split-K partials, added up with the bias by the rotary kernel
-                q = rotary_qk_store_kv(project(x, proj.weight), cos, sin, hq, hk, kv_cache, slots, bias=proj.bias)
+                # decode GEMV: its split-K partials added up with the bias by its own tail, or the rotary kernel
+                q = project_rotary_store_kv(x, proj.weight, proj.bias, cos, sin, hq, hk, kv_cache, slots)
             else:
                 q = rotary_qk_store_kv(proj(x), cos, sin, hq, hk, kv_cache, slots)
             return backend.attend(q, None, None, kv_cache).reshape(t, -1)
@@ -159,7 +160,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, x: torch.Tensor, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                backend: AttentionBackend, kv_cache: torch.Tensor, next_norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
+                backend: AttentionBackend, kv_cache: torch.Tensor,
+                next_norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
         """x: the residual stream, h: this layer's input norm of it; returns the residual stream after
         the layer and `next_norm` of it (the next layer's input norm, or the final one). Each residual
         add goes with the norm after it, so the GPU does add + norm in one kernel, or (decode GEMV
@@ -214,7 +216,7 @@ class Qwen2VLLanguageModel(nn.Module):
         layers = self.language_model.layers
         norms = [layer.input_layernorm for layer in layers[1:]] + [self.language_model.norm]
         x, h = layers[0].input_layernorm.add_forward(embeds, None)
-        for i, (layer, next_norm) in enumerate(zip(layers, norms)):
+        for i, (layer, next_norm) in enumerate(zip(layers, norms, strict=True)):
             x, h = layer(x, h, cos, sin, backend, kv_layers[i], next_norm)
             if after_layer is not None:
                 after_layer(i)

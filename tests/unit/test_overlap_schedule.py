@@ -13,7 +13,8 @@ from epd import Engine
 from epd.engine_core import EngineCore
 from epd.sampling import SamplingParams, SamplingRow, sample, sample_on_device
 
-PROMPTS = [chat_prompt(f"Request {i}: tell me about the {c} dog.") for i, c in enumerate(["red", "blue", "green", "tan"])]
+PROMPTS = [chat_prompt(f"Request {i}: tell me about the {c} dog.")
+           for i, c in enumerate(["red", "blue", "green", "tan"])]
 
 
 @pytest.fixture(scope="module")
@@ -195,8 +196,9 @@ def test_logprobs_come_through_the_schedule_as_the_synchronous_engine_gives_them
     assert all(len(top) == 3 and top[0][0] == tok for tok, _, top in rows)   # greedy: the top-1 is the token
 
 
-@pytest.mark.parametrize("params", [{"repetition_penalty": 1.3}, {"frequency_penalty": 0.8},
-                                    {"presence_penalty": 2.0, "repetition_penalty": 1.5, "temperature": 0.8, "seed": 2}])
+@pytest.mark.parametrize("params", [
+    {"repetition_penalty": 1.3}, {"frequency_penalty": 0.8},
+    {"presence_penalty": 2.0, "repetition_penalty": 1.5, "temperature": 0.8, "seed": 2}])
 def test_penalties_read_the_token_still_on_the_device(engines, params):
     """A penalty counts every earlier token, including the one the host has not read yet (the
     step before's, `pending`): the schedule must give the synchronous engine's tokens."""
