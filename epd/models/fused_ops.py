@@ -223,7 +223,7 @@ if triton is not None:
 
     @triton.jit
     def add_norm_row(x_ptr, d_ptr, w_ptr, out_ptr, res_ptr, row, t, n, eps, HAS_DELTA: tl.constexpr,
-                     PARTS: tl.constexpr, BLOCK: tl.constexpr, DELTA_CACHE: tl.constexpr = ""):
+                     PARTS: tl.constexpr, BLOCK: tl.constexpr, DELTA_CACHE: tl.constexpr):
         """One row of `add_rms_norm`, rounding where torch rounds: res = x + delta (delta: [t, n], or
         the total of PARTS fp32 partial sums [PARTS, t, n] rounded once), out = norm(res) * w.
         DELTA_CACHE is the delta loads' cache modifier (".cg": from L2, past this SM's L1)."""
@@ -254,7 +254,7 @@ if triton is not None:
                              USE_GDC: tl.constexpr):
         gdc_enter(USE_GDC)
         add_norm_row(x_ptr, d_ptr, w_ptr, out_ptr, res_ptr, tl.program_id(0).to(tl.int64), t, n, eps,
-                     HAS_DELTA, PARTS, BLOCK)
+                     HAS_DELTA, PARTS, BLOCK, "")
 
     @triton.jit
     def _rotary_qk_kernel(qkv_ptr, cos_ptr, sin_ptr, q_ptr, row_stride, cs_stride, hq,
@@ -286,12 +286,12 @@ if triton is not None:
         gdc_enter(USE_GDC)
         rotary_store_head(qkv_ptr, bias_ptr, cos_ptr, sin_ptr, q_ptr, cache_ptr, slot_ptr, row_stride, cs_stride,
                           hq, hk, page_size, T, tl.program_id(0).to(tl.int64), tl.program_id(1), HALF, PARTS,
-                          HAS_BIAS)
+                          HAS_BIAS, "")
 
     @triton.jit
     def rotary_store_head(qkv_ptr, bias_ptr, cos_ptr, sin_ptr, q_ptr, cache_ptr, slot_ptr, row_stride, cs_stride,
                           hq, hk, page_size, T, tok, head, HALF: tl.constexpr, PARTS: tl.constexpr,
-                          HAS_BIAS: tl.constexpr, QKV_CACHE: tl.constexpr = ""):
+                          HAS_BIAS: tl.constexpr, QKV_CACHE: tl.constexpr):
         """One head of one token of `rotary_qk_store_kv`: head < hq a q head (rotated into q), then hk
         k heads (rotated into the cache), then hk v heads (into the cache). QKV_CACHE is the qkv
         loads' cache modifier (".cg": from L2, past this SM's L1)."""
