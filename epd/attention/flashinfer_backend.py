@@ -74,6 +74,30 @@ class _Shape:
         return self.hq, self.hk, self.d, self.ps
 
 
+class PlanFence:
+    """Keeps a flashinfer wrapper's `plan` from refilling its page-locked host buffer before the
+    copy of the previous plan has left it. `plan` writes the step's schedule there and queues an
+    asynchronous copy to the device without waiting; under the overlap schedule the next plan runs
+    while the step before is still on the GPU, possibly before that copy has run (it is queued
+    behind the step before that one). Each plan records an event after itself; the next one waits
+    for it first, which in practice is already complete. (The CUDA-graph buckets' plans need no
+    fence of their own: `CudaGraphDecodeRunner.prepare` waits for the previous step's copies.)"""
+
+    def __init__(self, device: torch.device) -> None:
+        self._done = torch.cuda.Event() if device.type == "cuda" else None
+        self._pending = False
+
+    def __enter__(self) -> PlanFence:
+        if self._pending:
+            self._done.synchronize()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._done is not None:
+            self._done.record()
+            self._pending = True
+
+
 class FlashInferBackend(AttentionBackend):
     def __init__(self, num_qo_heads: int, num_kv_heads: int, head_dim: int, page_size: int,
                  dtype: torch.dtype, device: torch.device) -> None:
@@ -87,20 +111,22 @@ class FlashInferBackend(AttentionBackend):
             self.workspace, "NHD", use_tensor_cores=True)
         self._prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD", backend="fa2")
         self._active = self._decode
+        self._fences = {self._decode: PlanFence(device), self._prefill: PlanFence(device)}
         self._slots: torch.Tensor | None = None
 
     def plan(self, meta: StepMetadata) -> None:
         s = self.shape
         indptr, indices, last = page_arrays(meta.kv_lens, meta.page_tables, s.ps)
-        if all(n == 1 for n in meta.qo_lens):
-            self._decode.plan(indptr, indices, last, *s.plan_args(), q_data_type=s.dtype, kv_data_type=s.dtype)
-            self._active = self._decode
-        else:
-            qo = np.zeros(len(meta.qo_lens) + 1, dtype=np.int32)
-            np.cumsum(meta.qo_lens, out=qo[1:])
-            self._prefill.plan(torch.from_numpy(qo), indptr, indices, last, *s.plan_args(), causal=True,
-                               q_data_type=s.dtype, kv_data_type=s.dtype)
-            self._active = self._prefill
+        decode = all(n == 1 for n in meta.qo_lens)
+        self._active = self._decode if decode else self._prefill
+        with self._fences[self._active]:
+            if decode:
+                self._decode.plan(indptr, indices, last, *s.plan_args(), q_data_type=s.dtype, kv_data_type=s.dtype)
+            else:
+                qo = np.zeros(len(meta.qo_lens) + 1, dtype=np.int32)
+                np.cumsum(meta.qo_lens, out=qo[1:])
+                self._prefill.plan(torch.from_numpy(qo), indptr, indices, last, *s.plan_args(), causal=True,
+                                   q_data_type=s.dtype, kv_data_type=s.dtype)
         self._slots = meta.write_slots
 
     def kv_write_slots(self) -> torch.Tensor | None:
@@ -131,6 +157,7 @@ class GraphDecodeAttention(GraphDecodeBucket):
         dev = parent.device
         self.shape = parent.shape
         self.batch_size = batch_size
+        self._indices = indices_buf
         self._wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
             parent.workspace, "NHD", use_cuda_graph=True, use_tensor_cores=True,
             paged_kv_indptr_buffer=torch.zeros(batch_size + 1, dtype=torch.int32, device=dev),
@@ -138,13 +165,21 @@ class GraphDecodeAttention(GraphDecodeBucket):
             paged_kv_last_page_len_buffer=torch.ones(batch_size, dtype=torch.int32, device=dev))
 
     def plan_padded(self, kv_lens: list[int], page_tables: list[Sequence[int]]) -> None:
-        """Refresh the bucket's page buffers without waiting for the device: a blocking copy
-        (flashinfer's default in some versions) would wait for the step still running and undo
-        the overlap schedule. The copies queue behind that step, before this bucket's replay."""
+        """Refresh the bucket's page buffers without waiting for the device: a blocking copy would
+        wait for the step still running and undo the overlap schedule. flashinfer (0.6.12) copies
+        indptr and last-page lengths without blocking, but the page indices only when they are
+        already on the device (a host array is copied blocking), so they go to the bucket's
+        indices buffer here first, without blocking (a pageable source is staged at once), and
+        flashinfer's own copy of that buffer onto itself is a no-op (torch's copy_ returns at once
+        for two equal views of the same memory). The copies queue behind the running step, before
+        this bucket's replay."""
         s = self.shape
         pad = self.batch_size - len(kv_lens)
         indptr, indices, last = page_arrays(kv_lens, page_tables, s.ps, pad_rows=pad)
-        self._wrapper.plan(indptr, indices, last, *s.plan_args(), q_data_type=s.dtype, kv_data_type=s.dtype,
+        on_device = self._indices[:len(indices)]
+        on_device.copy_(indices, non_blocking=True)
+        # its page-locked buffer is free: the graph runner waits for the previous step's copies first
+        self._wrapper.plan(indptr, on_device, last, *s.plan_args(), q_data_type=s.dtype, kv_data_type=s.dtype,
                            **_NON_BLOCKING)
 
     def decode(self, q: torch.Tensor, kv_cache: torch.Tensor) -> torch.Tensor:
