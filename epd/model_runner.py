@@ -102,12 +102,21 @@ class ModelRunner:
             kv_lens=[c.start + c.length for c in chunks],
             page_tables=tables,
             page_size=ps,
-            write_slots=torch.from_numpy(write_slots(chunks, tables, ps)).to(self.device),
+            write_slots=self._stage(torch.from_numpy(write_slots(chunks, tables, ps))),
         )
-        input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
+        input_ids = self._stage(torch.tensor(ids, dtype=torch.long))
         if ids and min(ids) < 0:
             input_ids = resolve_placeholders(input_ids, self.future)
-        return input_ids, torch.from_numpy(np.concatenate(positions, axis=1)).to(self.device), meta
+        return input_ids, self._stage(torch.from_numpy(np.concatenate(positions, axis=1))), meta
+
+    def _stage(self, host: torch.Tensor) -> torch.Tensor:
+        """A host tensor's copy on the device, queued without waiting: a blocking copy (or one from
+        pageable memory, which the driver may serialize with the stream) would wait for the step
+        still running (overlap schedule) before this one could launch. The pinned block goes back
+        to torch's host cache, which reuses it only once the copy has run."""
+        if self.device.type != "cuda":
+            return host.to(self.device)
+        return host.pin_memory().to(self.device, non_blocking=True)
 
     def embed(self, chunks: list[Chunk], input_ids: torch.Tensor) -> torch.Tensor:
         embeds = self.model.embed(input_ids)
@@ -119,7 +128,7 @@ class ModelRunner:
                 rows = req.image_index[c.start:end]
                 hit = (rows >= 0).nonzero().squeeze(1)
                 if hit.numel():
-                    embeds[offset + hit.to(self.device)] = req.image_embeds[rows[hit].to(self.device)]
+                    embeds[offset + self._stage(hit)] = req.image_embeds[self._stage(rows[hit])]
             offset += c.length
         return embeds
 
@@ -138,7 +147,7 @@ class ModelRunner:
             end += c.length
             if c.samples:
                 rows.append(end)
-        return self.model.logits(hidden[rows])
+        return self.model.logits(hidden[self._stage(torch.tensor(rows, dtype=torch.long))])
 
 
 def resolve_placeholders(ids: torch.Tensor, future: torch.Tensor) -> torch.Tensor:
