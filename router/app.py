@@ -32,6 +32,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from epd.sampling import SamplingParamError, SamplingParams
 from router.backend import Backend, BackendRequest
+from router.choices import choice_requests
 from router.metrics import CONTENT_TYPE, RouterMetrics
 from router.openai_format import APIError, ChatFormat, TextFormat, TokenText
 from router.prompts import Prepared, PromptBuilder
@@ -129,8 +130,9 @@ class Router:
                 message = f"{name}{message[len(e.param):]}"
             raise APIError(400, message, name) from None
 
-    def backend_request(self, prepared: Prepared, params: SamplingParams, rid: str) -> BackendRequest:
-        return BackendRequest(rid, None, prepared.input_ids, prepared.images, params, time.time())
+    def backend_requests(self, prepared: Prepared, params: SamplingParams, rid: str, n: int) -> list[BackendRequest]:
+        """One backend request per choice."""
+        return choice_requests(BackendRequest(rid, None, prepared.input_ids, prepared.images, params, time.time()), n)
 
 
 def _param(loc: tuple[Any, ...]) -> str:
@@ -201,8 +203,8 @@ def _add_completion_routes(app: FastAPI, router: Router) -> None:
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         fmt = ChatFormat(rid, router.settings.served_model_name, router.token_text[body.return_tokens_as_token_ids],
                          body.logprobs, len(prepared.input_ids))
-        return await respond(request, router.backend, router.backend_request(prepared, params, rid), fmt, timer,
-                             body.stream, body.include_usage)
+        return await respond(request, router.backend, router.backend_requests(prepared, params, rid, body.n), fmt,
+                             timer, body.stream, body.include_usage)
 
     @app.post("/v1/completions", dependencies=auth)
     async def completions(request: Request) -> Response:
@@ -214,8 +216,8 @@ def _add_completion_routes(app: FastAPI, router: Router) -> None:
         rid = f"cmpl-{uuid.uuid4().hex}"
         fmt = TextFormat(rid, router.settings.served_model_name, router.token_text[body.return_tokens_as_token_ids],
                          body.logprobs is not None, len(prepared.input_ids))
-        return await respond(request, router.backend, router.backend_request(prepared, params, rid), fmt, timer,
-                             body.stream, body.include_usage)
+        return await respond(request, router.backend, router.backend_requests(prepared, params, rid, body.n), fmt,
+                             timer, body.stream, body.include_usage)
 
 
 def _add_info_routes(app: FastAPI, router: Router) -> None:

@@ -140,34 +140,38 @@ class RequestTimer:
     def __init__(self, metrics: RouterMetrics) -> None:
         self.metrics = metrics
         self.arrival = time.monotonic()
-        self.last_token: float | None = None
+        self.last_token: dict[int, float] = {}   # choice -> when its last token came
         self.done = False
 
     def elapsed_ms(self) -> float:
         """Milliseconds since the request arrived."""
         return (time.monotonic() - self.arrival) * 1e3
 
-    def token(self, event: BackendEvent) -> None:
+    def token(self, event: BackendEvent, choice: int = 0) -> None:
+        """TTFT at the request's first token (of any choice); inter-token gaps within each choice."""
         now = time.monotonic()
         m = self.metrics
-        if self.last_token is None:
+        if not self.last_token:
             m.ttft.observe(m.model, now - self.arrival)
-        else:
-            m.itl.observe(m.model, now - self.last_token)
-        self.last_token = now
+        elif choice in self.last_token:
+            m.itl.observe(m.model, now - self.last_token[choice])
+        self.last_token[choice] = now
 
-    def finished(self, event: BackendEvent) -> None:
+    def finished(self, finals: list[BackendEvent]) -> None:
+        """The request's end, with each choice's final event: the prompt counted once, every
+        choice's tokens and stage times, the finish reason of the first choice."""
         if self.done:
             return
         self.done = True
         m = self.metrics
         m.e2e.observe(m.model, time.monotonic() - self.arrival)
-        m.prompt_tokens.inc(m.model, event.prompt_tokens)
-        m.generation_tokens.inc(m.model, event.completion_tokens)
-        m.success.inc((*m.model, ("finished_reason", event.finish_reason or "unknown")))
-        for key, ms in event.timings.items():
-            if key.endswith("_ms") and not key.endswith("_at_ms") and ms is not None:
-                m.stage.observe((*m.model, ("stage", key[:-3])), ms / 1e3)
+        m.prompt_tokens.inc(m.model, finals[0].prompt_tokens)
+        m.generation_tokens.inc(m.model, sum(f.completion_tokens for f in finals))
+        m.success.inc((*m.model, ("finished_reason", finals[0].finish_reason or "unknown")))
+        for event in finals:
+            for key, ms in event.timings.items():
+                if key.endswith("_ms") and not key.endswith("_at_ms") and ms is not None:
+                    m.stage.observe((*m.model, ("stage", key[:-3])), ms / 1e3)
 
     def failed(self, reason: str) -> None:
         if not self.done:

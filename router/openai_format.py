@@ -2,10 +2,11 @@
 
 `ChatFormat` (POST /v1/chat/completions) and `TextFormat` (POST /v1/completions) share one
 interface, so the serving code drives either the same way, per request:
-    first_chunk()            -> the opening chunk, or None (chat: delta.role = "assistant")
-    chunk(event)             -> one content chunk (finish_reason on the last one)
-    usage_chunk(final)       -> `choices: []` + usage, sent when stream_options.include_usage
-    response(outcome)        -> the whole non-streaming response
+    first_chunk(index)       -> choice `index`'s opening chunk, or None (chat: delta.role = "assistant")
+    chunk(event, index)      -> one content chunk of choice `index` (finish_reason on its last one)
+    usage_chunk(finals)      -> `choices: []` + usage, sent when stream_options.include_usage
+    response(outcomes)       -> the whole non-streaming response, one outcome per choice
+With n > 1 choices, usage counts the prompt once and the completion tokens of every choice.
 The final response and the final chunk carry the non-standard `epd_timings` (ms per stage; null
 where the backend does not measure a stage), which the benchmark harness reads; `router_ms` is the
 router's own share, from the request's arrival to its hand-over to the backend (reading the body,
@@ -61,9 +62,12 @@ class Outcome:
     final: BackendEvent | None = None
 
 
-def usage(final: BackendEvent | None, prompt_tokens: int) -> dict[str, Any]:
+def usage(finals: list[BackendEvent | None], prompt_tokens: int) -> dict[str, Any]:
+    """The prompt once (from the first choice's final event where it has one), every choice's
+    completion tokens."""
+    final = finals[0] if finals else None
     prompt = final.prompt_tokens if final is not None and final.prompt_tokens else prompt_tokens
-    completion = final.completion_tokens if final is not None else 0
+    completion = sum(f.completion_tokens for f in finals if f is not None)
     images = final.image_tokens if final is not None else 0
     details = {"cached_tokens": final.cached_tokens if final is not None else 0,
                "image_tokens": images, "text_tokens": prompt - images}
@@ -128,12 +132,12 @@ class _Format:
     def envelope(self, name: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
         return {"id": self.rid, "object": name, "created": self.created, "model": self.model, "choices": choices}
 
-    def first_chunk(self) -> dict[str, Any] | None:
+    def first_chunk(self, index: int = 0) -> dict[str, Any] | None:
         return None
 
-    def usage_chunk(self, final: BackendEvent | None) -> dict[str, Any]:
+    def usage_chunk(self, finals: list[BackendEvent | None]) -> dict[str, Any]:
         out = self.envelope(self.chunk_name, [])
-        out["usage"] = usage(final, self.prompt_tokens)
+        out["usage"] = usage(finals, self.prompt_tokens)
         return out
 
     def with_timings(self, payload: dict[str, Any], final: BackendEvent | None) -> dict[str, Any]:
@@ -161,22 +165,24 @@ class ChatFormat(_Format):
         text, raw = self.tokens(token_id)
         return {"token": text, "logprob": _lp(logprob), "bytes": raw}
 
-    def first_chunk(self) -> dict[str, Any]:
+    def first_chunk(self, index: int = 0) -> dict[str, Any]:
         delta = {"role": "assistant", "content": ""}
-        return self.envelope(self.chunk_name, [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}])
+        return self.envelope(self.chunk_name, [{"index": index, "delta": delta, "logprobs": None,
+                                                "finish_reason": None}])
 
-    def chunk(self, ev: BackendEvent) -> dict[str, Any]:
-        choice = {"index": 0, "delta": {"content": ev.text}, "logprobs": self._logprobs([ev]),
+    def chunk(self, ev: BackendEvent, index: int = 0) -> dict[str, Any]:
+        choice = {"index": index, "delta": {"content": ev.text}, "logprobs": self._logprobs([ev]),
                   "finish_reason": ev.finish_reason}
         return self.envelope(self.chunk_name, [choice])
 
-    def response(self, out: Outcome) -> dict[str, Any]:
-        message = {"role": "assistant", "content": out.text, "refusal": None, "tool_calls": []}
-        choice = {"index": 0, "message": message, "logprobs": self._logprobs(out.events),
-                  "finish_reason": out.final.finish_reason if out.final else None}
-        payload = self.envelope(self.object_name, [choice])
-        payload["usage"] = usage(out.final, self.prompt_tokens)
-        return self.with_timings(payload, out.final)
+    def response(self, outs: list[Outcome]) -> dict[str, Any]:
+        choices = [{"index": i,
+                    "message": {"role": "assistant", "content": out.text, "refusal": None, "tool_calls": []},
+                    "logprobs": self._logprobs(out.events),
+                    "finish_reason": out.final.finish_reason if out.final else None} for i, out in enumerate(outs)]
+        payload = self.envelope(self.object_name, choices)
+        payload["usage"] = usage([out.final for out in outs], self.prompt_tokens)
+        return self.with_timings(payload, outs[0].final)
 
 
 class TextFormat(_Format):
@@ -185,7 +191,7 @@ class TextFormat(_Format):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.offset = 0      # characters of text sent so far, for logprobs.text_offset
+        self.offsets: dict[int, int] = {}   # choice -> characters of text sent so far (logprobs.text_offset)
 
     def _logprobs(self, events: list[BackendEvent], start: int) -> dict[str, Any] | None:
         if not self.logprobs:
@@ -200,15 +206,16 @@ class TextFormat(_Format):
             offset += len(ev.text)
         return out
 
-    def chunk(self, ev: BackendEvent) -> dict[str, Any]:
-        choice = {"index": 0, "text": ev.text, "logprobs": self._logprobs([ev], self.offset),
+    def chunk(self, ev: BackendEvent, index: int = 0) -> dict[str, Any]:
+        offset = self.offsets.get(index, 0)
+        choice = {"index": index, "text": ev.text, "logprobs": self._logprobs([ev], offset),
                   "finish_reason": ev.finish_reason}
-        self.offset += len(ev.text)
+        self.offsets[index] = offset + len(ev.text)
         return self.envelope(self.chunk_name, [choice])
 
-    def response(self, out: Outcome) -> dict[str, Any]:
-        choice = {"index": 0, "text": out.text, "logprobs": self._logprobs(out.events, 0),
-                  "finish_reason": out.final.finish_reason if out.final else None}
-        payload = self.envelope(self.object_name, [choice])
-        payload["usage"] = usage(out.final, self.prompt_tokens)
-        return self.with_timings(payload, out.final)
+    def response(self, outs: list[Outcome]) -> dict[str, Any]:
+        choices = [{"index": i, "text": out.text, "logprobs": self._logprobs(out.events, 0),
+                    "finish_reason": out.final.finish_reason if out.final else None} for i, out in enumerate(outs)]
+        payload = self.envelope(self.object_name, choices)
+        payload["usage"] = usage([out.final for out in outs], self.prompt_tokens)
+        return self.with_timings(payload, outs[0].final)

@@ -2,8 +2,9 @@
 
 Unknown fields are accepted and ignored (OpenAI clients send fields such as `user`, `store` or
 `metadata` that change nothing here). Fields that would change the result in a way this server
-cannot honour are refused with a 400 naming the field (`unsupported()`): n > 1, tools,
-response_format other than text, logit_bias, audio output, echo / suffix / best_of.
+cannot honour are refused with a 400 naming the field (`unsupported()`): tools, response_format
+other than text, logit_bias, audio output, echo / suffix / best_of. `n` (up to 128, as OpenAI)
+choices are `n` backend requests (`router.choices`).
 
 Lifecycle: the app validates the JSON body into `ChatCompletionRequest` / `CompletionRequest`
 (a `ValidationError` becomes a 400 naming the field), calls `unsupported()`, then
@@ -33,7 +34,7 @@ class _SamplingFields(BaseModel):
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    n: int = Field(1, ge=1)
+    n: int = Field(1, ge=1, le=128)
     stop: str | list[str] | None = None
     seed: int | None = Field(None, **_SEED_RANGE)
     stream: bool = False
@@ -56,8 +57,6 @@ class _SamplingFields(BaseModel):
         return self.max_tokens, "max_tokens"
 
     def _common_unsupported(self) -> tuple[str, str] | None:
-        if self.n != 1:
-            return "n", f"n={self.n} is not supported; this server returns one choice per request (n=1)"
         if self.logit_bias:
             return "logit_bias", "logit_bias is not supported"
         if self.stream_options is not None and not self.stream:

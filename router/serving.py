@@ -1,18 +1,19 @@
 """Driving one request through the backend to a JSON response or an SSE stream.
 
-Lifecycle of `respond(...)`:
+Lifecycle of `respond(...)` (one backend request per choice, read as one stream: `ChoiceStream`):
 1. prime: wait for the backend's first event while polling `request.is_disconnected()`. A
    `BackendError` here (input the backend refused, no capacity) is still answered with its HTTP
    status, because nothing has been sent yet.
 2a. non-streaming: collect the remaining events, still polling for a disconnect, and answer one
-    JSON body.
-2b. streaming: answer 200 with SSE: the opening chunk (chat: `delta.role`), one chunk per event
-    that carries text (every event when logprobs are asked), `finish_reason` on the last content
-    chunk, the usage chunk when `include_usage`, then `data: [DONE]`. A `BackendError` after the
+    JSON body once every choice has finished.
+2b. streaming: answer 200 with SSE: the opening chunk of each choice (chat: `delta.role`), one
+    chunk per event that carries text (every event when logprobs are asked) with its choice's
+    index, `finish_reason` on each choice's last content chunk, the usage chunk when
+    `include_usage` after every choice has finished, then `data: [DONE]`. A `BackendError` after the
     stream began is sent as `data: {"error": ...}` then `data: [DONE]`.
 However the request ends (finished, failed, client gone: Starlette cancels the SSE generator when
-the client disconnects), the backend's generator is closed, which aborts the request in the
-backend and frees its KV pages.
+the client disconnects), every choice's backend generator is closed, which aborts it in the
+backend and frees its KV pages; one choice failing fails the request.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from router.backend import Backend, BackendError, BackendEvent, BackendRequest
+from router.choices import ChoiceStream
 from router.metrics import RequestTimer
 from router.openai_format import APIError, ChatFormat, Outcome, TextFormat, sse
 
@@ -59,19 +61,13 @@ def _api_error(e: BackendError) -> APIError:
     return APIError(e.status, str(e), e.param, e.code)
 
 
-async def _next(events: AsyncIterator[BackendEvent]) -> BackendEvent:
-    try:
-        return await anext(events)
-    except StopAsyncIteration:
-        raise BackendError("the backend ended the request without a final token", 500) from None
-
-
-async def respond(request: Request, backend: Backend, breq: BackendRequest, fmt: ChatFormat | TextFormat,
+async def respond(request: Request, backend: Backend, breqs: list[BackendRequest], fmt: ChatFormat | TextFormat,
                   timer: RequestTimer, stream: bool, include_usage: bool) -> Response:
+    """Answer one request whose `n` choices are `breqs` (one backend request each)."""
     fmt.router_ms = timer.elapsed_ms()     # the router's own work so far (epd_timings.router_ms)
-    events = backend.generate(breq)
+    events = ChoiceStream([backend.generate(b) for b in breqs])
     try:
-        first = await until_done_or_disconnected(request, _next(events))
+        first = await until_done_or_disconnected(request, events.next())
     except BackendError as e:
         await events.aclose()
         raise _api_error(e) from None
@@ -85,9 +81,9 @@ async def respond(request: Request, backend: Backend, breq: BackendRequest, fmt:
     if stream:
         return StreamingResponse(_sse(events, first, fmt, timer, include_usage), media_type="text/event-stream",
                                  headers=SSE_HEADERS)
-    out = Outcome()
+    outs = [Outcome() for _ in breqs]
     try:
-        await until_done_or_disconnected(request, _collect(events, first, out, timer, fmt.logprobs))
+        await until_done_or_disconnected(request, _collect(events, first, outs, timer, fmt.logprobs))
     except BackendError as e:
         timer.failed(str(e.status))
         raise _api_error(e) from None
@@ -96,46 +92,54 @@ async def respond(request: Request, backend: Backend, breq: BackendRequest, fmt:
         return Response(status_code=499)
     finally:
         await events.aclose()
-    timer.finished(out.final)   # type: ignore[arg-type]
-    return JSONResponse(fmt.response(out))
+    timer.finished([out.final for out in outs])   # type: ignore[misc]
+    return JSONResponse(fmt.response(outs))
 
 
-async def _collect(events: AsyncIterator[BackendEvent], ev: BackendEvent, out: Outcome, timer: RequestTimer,
+async def _collect(events: ChoiceStream, item: tuple[int, BackendEvent], outs: list[Outcome], timer: RequestTimer,
                    keep_events: bool) -> None:
+    running = len(outs)
     while True:
-        timer.token(ev)
+        index, ev = item
+        timer.token(ev, index)
+        out = outs[index]
         out.text += ev.text
         if keep_events:
             out.events.append(ev)
         if ev.finished:
             out.final = ev
-            return
-        ev = await _next(events)
+            running -= 1
+            if not running:
+                return
+        item = await events.next()
 
 
-async def _sse(events: AsyncIterator[BackendEvent], first: BackendEvent, fmt: ChatFormat | TextFormat,
+async def _sse(events: ChoiceStream, first: tuple[int, BackendEvent], fmt: ChatFormat | TextFormat,
                timer: RequestTimer, include_usage: bool) -> AsyncIterator[str]:
     def chunk(payload: dict[str, Any]) -> str:
         if include_usage:
             payload["usage"] = None       # as OpenAI: every chunk but the last has usage: null
         return sse(payload)
 
-    ev, final = first, None
+    item, finals = first, [None] * events.n
     try:
-        opening = fmt.first_chunk()
-        if opening is not None:
-            yield chunk(opening)
+        for index in range(events.n):
+            opening = fmt.first_chunk(index)
+            if opening is not None:
+                yield chunk(opening)
         while True:
-            timer.token(ev)
+            index, ev = item
+            timer.token(ev, index)
             if ev.text or ev.finished or fmt.logprobs:
-                payload = fmt.chunk(ev)
+                payload = fmt.chunk(ev, index)
                 if ev.finished and not include_usage:
                     fmt.with_timings(payload, ev)
                 yield chunk(payload)
             if ev.finished:
-                final = ev
-                break
-            ev = await _next(events)
+                finals[index] = ev
+                if all(f is not None for f in finals):
+                    break
+            item = await events.next()
     except Exception as e:  # noqa: BLE001 - headers are sent: report in the stream, never cut it silently
         if not isinstance(e, BackendError):
             log.exception("request %s failed mid-stream", fmt.rid)
@@ -146,9 +150,9 @@ async def _sse(events: AsyncIterator[BackendEvent], first: BackendEvent, fmt: Ch
         return
     finally:
         await events.aclose()
-        if final is None:
+        if any(f is None for f in finals):
             timer.failed("client_disconnected")   # no-op when the error branch already counted
-    timer.finished(final)
+    timer.finished(finals)
     if include_usage:
-        yield sse(fmt.with_timings(fmt.usage_chunk(final), final))
+        yield sse(fmt.with_timings(fmt.usage_chunk(finals), finals[0]))
     yield sse("[DONE]")

@@ -156,7 +156,7 @@ ERRORS = {
                         "messages[0].content[0].image_url.url", "not a recognised image format"),
     "bad_data_uri": (lambda m: with_image("data:image/png;base64,@@@"), 400,
                      "messages[0].content[0].image_url.url", "not valid base64"),
-    "n_above_one": (lambda m: hello(n=3), 400, "n", "n=3"),
+    "n_above_128": (lambda m: hello(n=129), 400, "n", "less than or equal to 128"),
 }
 
 
@@ -227,4 +227,29 @@ def test_concurrent_requests_all_complete(server):
         results = list(pool.map(lambda p: chat(server, p, max_tokens=12, extra_body={"ignore_eos": True}), prompts))
     assert [r.usage.completion_tokens for r in results] == [12] * 6
     assert len({r.id for r in results}) == 6
+    wait_until_idle(server)
+
+
+def test_n_choices_from_the_engine(server):
+    """n > 1 through the real engine: greedy choices all equal the single answer; seeded draws
+    give choice 0 the n = 1 draw and the others draws of their own; streamed choices equal the
+    non-streamed ones."""
+    one = chat(server, "Count with me:", max_tokens=8)
+    three = chat(server, "Count with me:", max_tokens=8, n=3)
+    assert [c.index for c in three.choices] == [0, 1, 2]
+    assert [c.message.content for c in three.choices] == [one.choices[0].message.content] * 3
+    assert three.usage.prompt_tokens == one.usage.prompt_tokens
+    assert three.usage.completion_tokens == 3 * one.usage.completion_tokens
+    client = server.client()
+    kw = dict(model=MODEL, messages=[{"role": "user", "content": "Tell me a story."}], max_tokens=12,
+              temperature=1.0, seed=11, extra_body={"ignore_eos": True})
+    single = client.chat.completions.create(**kw)
+    many = client.chat.completions.create(n=3, **kw)
+    texts = [c.message.content for c in many.choices]
+    assert texts[0] == single.choices[0].message.content and len(set(texts)) == 3
+    streamed = {0: "", 1: "", 2: ""}
+    for chunk in client.chat.completions.create(n=3, stream=True, **kw):
+        for choice in chunk.choices:
+            streamed[choice.index] += choice.delta.content or ""
+    assert list(streamed.values()) == texts
     wait_until_idle(server)

@@ -150,6 +150,23 @@ def test_errors_are_openai_shaped_and_serving_goes_on(serve, media, make_body, s
     assert chat(serve, "still there?", max_tokens=2).usage.completion_tokens == 2
 
 
+def test_n_choices_over_the_pools(serve, media):
+    """n = 2 with an image: two requests through encoder, prefill and decode, the same greedy
+    answer as n = 1, streamed with both indices; every page back afterwards."""
+    content = [image_part(media.url("b.png")), {"type": "text", "text": "Describe it."}]
+    one = chat(serve, content, max_tokens=6)
+    two = chat(serve, content, max_tokens=6, n=2)
+    assert [c.message.content for c in two.choices] == [one.choices[0].message.content] * 2
+    assert two.usage.completion_tokens == 2 * one.usage.completion_tokens
+    streamed = {0: "", 1: ""}
+    for chunk in chat(serve, content, max_tokens=6, n=2, stream=True):
+        for choice in chunk.choices:
+            streamed[choice.index] += choice.delta.content or ""
+    assert streamed == {0: one.choices[0].message.content, 1: one.choices[0].message.content}
+    for pool in ("prefill", "decode"):
+        wait_for_pages(serve, pool, busy=False)
+
+
 def wait_for_pages(serve: Serve, pool: str, busy: bool, timeout: float = 10.0) -> float:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -170,7 +170,7 @@ def test_text_completion_shapes(app):
 
 
 @pytest.mark.parametrize("payload, param, text", [
-    ({"messages": HELLO, "n": 2}, "n", "n=2"),
+    ({"messages": HELLO, "n": 129}, "n", "less than or equal to 128"),
     ({"messages": HELLO, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "tool"),
     ({"messages": HELLO, "response_format": {"type": "json_schema"}}, "response_format", "json_schema"),
     ({"messages": HELLO, "top_logprobs": 2}, "top_logprobs", "logprobs"),
