@@ -161,6 +161,11 @@ class EngineCore:
         self.runner.graphs = graphs
 
     def new_request(self, inp: ProcessedInput, params: SamplingParams, rid: str | None = None) -> Request:
+        vocab = self.model_config.text.vocab_size
+        for name, ids in (("stop_token_ids", params.stop_token_ids), ("logit_bias", [t for t, _ in params.logit_bias])):
+            bad = next((t for t in ids if not 0 <= t < vocab), None)
+            if bad is not None:   # it would index past the logits on the device
+                raise InputError(f"{name}: token id {bad} is outside the vocabulary (size {vocab})", name)
         max_total = min(self.max_context, len(inp.input_ids) + params.max_new_tokens)
         gen = None
         if params.seed is not None and not params.greedy:

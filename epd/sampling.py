@@ -2,9 +2,10 @@
 
 `SamplingParams.from_dict` validates user input (unknown keys are an error, not ignored). The
 sampler takes the step's logits for the requests that produce a token and gives one token per
-row: greedy rows take the argmax; the rest go through penalties, temperature, top-k, top-p and
-min-p, then draw from a per-request `torch.Generator` when a seed is given, so a seeded request
-gives the same tokens whatever else is in the batch. On GPU, unseeded sampled rows are drawn
+row: greedy rows take the argmax (after penalties and `logit_bias`); the rest go through
+penalties, `logit_bias`, temperature, top-k, top-p and min-p, then draw from a per-request
+`torch.Generator` when a seed is given, so a seeded request gives the same tokens whatever else
+is in the batch. On GPU, unseeded sampled rows are drawn
 together (`_draw_batch`: same filters, one multinomial). `sample_on_device` does all of it, and
 the logprobs, without a host sync (penalties are dense over the vocabulary, index lists are copied
 without waiting), which the engine's overlap schedule needs; `sample` is that plus one copy back.
@@ -44,6 +45,7 @@ class SamplingParams:
     top_logprobs: int = 0
     skip_special_tokens: bool = True
     n: int = 1
+    logit_bias: tuple[tuple[int, float], ...] = ()   # (token id, added to its logit) before sampling
     extra: dict = field(default_factory=dict, compare=False)
 
     @property
@@ -58,7 +60,7 @@ class SamplingParams:
     @property
     def plain_greedy(self) -> bool:
         """Greedy with nothing that needs the full sampler: the token is the raw argmax."""
-        return self.greedy and not self.penalised and not self.logprobs
+        return self.greedy and not self.penalised and not self.logprobs and not self.logit_bias
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | SamplingParams | None) -> SamplingParams:
@@ -74,6 +76,13 @@ class SamplingParams:
         for key in ("stop", "stop_token_ids"):
             if key in d:
                 d[key] = tuple(d[key] or ())
+        if "logit_bias" in d:   # {id: bias} or [(id, bias), ...] (as it crosses a process boundary)
+            bias = d["logit_bias"] or ()
+            pairs = bias.items() if isinstance(bias, dict) else bias
+            try:
+                d["logit_bias"] = tuple(sorted((int(t), float(b)) for t, b in pairs))
+            except (TypeError, ValueError):
+                raise SamplingParamError("logit_bias must map token ids to numbers", "logit_bias") from None
         params = cls(**d)
         params.validate()
         return params
@@ -92,6 +101,8 @@ class SamplingParams:
             ("top_logprobs", 0 <= self.top_logprobs <= 20, "must be in [0, 20]"),
             ("n", self.n == 1, "only n=1 is supported"),
             ("stop", all(isinstance(s, str) and s for s in self.stop), "must be non-empty strings"),
+            ("logit_bias", all(t >= 0 and -100.0 <= b <= 100.0 for t, b in self.logit_bias),
+             "must map token ids >= 0 to biases in [-100, 100]"),
         ]
         for name, ok, why in checks:
             if not ok:
@@ -156,10 +167,13 @@ def sample_on_device(logits: torch.Tensor, rows: list[SamplingRow]) -> DeviceSam
     without waiting (plus `pending`, tokens only the device knows yet), greedy rows' argmax,
     unseeded draws batched on GPU, seeded ones from their own generator."""
     raw = logits
-    if any(r.banned_ids or r.params.penalised for r in rows):
+    if any(r.banned_ids or r.params.penalised or r.params.logit_bias for r in rows):
         logits = logits.clone()
         for i, row in enumerate(rows):
             _apply_penalties(logits[i], row)
+            if row.params.logit_bias:
+                ids, bias = zip(*row.params.logit_bias, strict=True)
+                logits[i].index_add_(0, _ids(list(ids), None, logits.device), _values(bias, logits))
             if row.banned_ids:
                 logits[i].index_fill_(0, _ids(list(row.banned_ids), None, logits.device), float("-inf"))
     tokens = logits.argmax(dim=-1)
@@ -186,6 +200,12 @@ def _ids(host: list[int], pending: torch.Tensor | None, device: torch.device) ->
     device-side `pending` ids."""
     ids = torch.tensor(host, dtype=torch.long, pin_memory=device.type == "cuda").to(device, non_blocking=True)
     return ids if pending is None else torch.cat([ids, pending.to(torch.long)])
+
+
+def _values(values: tuple[float, ...], like: torch.Tensor) -> torch.Tensor:
+    """Floats on `like`'s device and dtype, copied without waiting for the device."""
+    host = torch.tensor(values, dtype=like.dtype, pin_memory=like.device.type == "cuda")
+    return host.to(like.device, non_blocking=True)
 
 
 def _apply_penalties(row_logits: torch.Tensor, row: SamplingRow) -> None:

@@ -115,6 +115,7 @@ class Router:
         requested, field = body.requested_max_tokens()
         max_new = self.prompts.max_new_tokens(len(prepared.input_ids), requested, field, where)
         self.prompts.check_token_ids(body.stop_token_ids, "stop_token_ids")
+        self.prompts.check_token_ids(body.bias_token_ids(), "logit_bias")
         d = body.sampling_dict(max_new)
         extra = [s for s in prepared.stop if s not in d.get("stop", [])]
         if extra:

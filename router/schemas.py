@@ -3,7 +3,7 @@
 Unknown fields are accepted and ignored (OpenAI clients send fields such as `user`, `store` or
 `metadata` that change nothing here). Fields that would change the result in a way this server
 cannot honour are refused with a 400 naming the field (`unsupported()`): tools, response_format
-other than text, logit_bias, audio output, echo / suffix / best_of. `n` (up to 128, as OpenAI)
+other than text, audio output, echo / suffix / best_of. `n` (up to 128, as OpenAI)
 choices are `n` backend requests (`router.choices`).
 
 Lifecycle: the app validates the JSON body into `ChatCompletionRequest` / `CompletionRequest`
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 _SEED_RANGE = dict(ge=-(1 << 63), le=(1 << 64) - 1)   # what torch.Generator.manual_seed takes
 
@@ -41,7 +41,7 @@ class _SamplingFields(BaseModel):
     stream_options: StreamOptions | None = None
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, float] | None = None   # token id (a JSON key, so a string) -> bias in [-100, 100]
     # extensions (vLLM / SGLang names)
     top_k: int | None = None
     min_p: float | None = Field(None, ge=0.0, le=1.0)
@@ -52,13 +52,24 @@ class _SamplingFields(BaseModel):
     skip_special_tokens: bool = True
     return_tokens_as_token_ids: bool = False
 
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_id_keys(cls, bias: dict[str, float] | None) -> dict[str, float] | None:
+        for key, value in (bias or {}).items():
+            if not key.strip().lstrip("-").isdigit():
+                raise ValueError(f"key {key!r} is not a token id")
+            if not -100.0 <= value <= 100.0:
+                raise ValueError(f"bias {value} for token {key} is outside [-100, 100]")
+        return bias
+
     def requested_max_tokens(self) -> tuple[int | None, str]:
         """(max tokens asked for, the field that asked)."""
         return self.max_tokens, "max_tokens"
 
+    def bias_token_ids(self) -> list[int]:
+        return [int(key) for key in self.logit_bias or {}]
+
     def _common_unsupported(self) -> tuple[str, str] | None:
-        if self.logit_bias:
-            return "logit_bias", "logit_bias is not supported"
         if self.stream_options is not None and not self.stream:
             return "stream_options", "stream_options is only allowed when stream is true"
         return None
@@ -76,6 +87,8 @@ class _SamplingFields(BaseModel):
             out["stop"] = [self.stop] if isinstance(self.stop, str) else list(self.stop)
         if self.stop_token_ids:
             out["stop_token_ids"] = list(self.stop_token_ids)
+        if self.logit_bias:
+            out["logit_bias"] = dict(zip(self.bias_token_ids(), self.logit_bias.values(), strict=True))
         return out
 
     @property

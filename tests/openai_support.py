@@ -84,9 +84,10 @@ def data_uri(data: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(data).decode()
 
 
-def reference(model_path: str, content: list[dict], images: list[bytes],
-              max_tokens: int) -> tuple[list[int], list[int]]:
-    """(prompt ids, greedy output ids) from the tokenizer's own chat template and transformers."""
+def reference(model_path: str, content: list[dict], images: list[bytes], max_tokens: int,
+              logit_bias: dict[int, float] | None = None) -> tuple[list[int], list[int]]:
+    """(prompt ids, greedy output ids) from the tokenizer's own chat template and transformers
+    (with `logit_bias` added to its logits)."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_path)
@@ -95,7 +96,7 @@ def reference(model_path: str, content: list[dict], images: list[bytes],
                                    add_generation_prompt=True)
     pil = [load_image(b) for b in images]
     inp = InputProcessor(ModelConfig.from_pretrained(model_path), tok, 4096).process(prompt=text, image_data=pil)
-    return inp.input_ids, hf_generate(model_path, inp.input_ids, pil, max_tokens)
+    return inp.input_ids, hf_generate(model_path, inp.input_ids, pil, max_tokens, logit_bias=logit_bias)
 
 
 def token_ids(resp) -> list[int]:

@@ -45,8 +45,9 @@ def hf_image_processor(path: str):
 
 
 def hf_generate(path: str, input_ids: list[int], images: list[Image.Image], max_new_tokens: int,
-                dtype: torch.dtype = torch.float32) -> list[int]:
-    """Greedy tokens from transformers' own model and image processor on the same checkpoint.
+                dtype: torch.dtype = torch.float32, logit_bias: dict[int, float] | None = None) -> list[int]:
+    """Greedy tokens from transformers' own model and image processor on the same checkpoint
+    (with `logit_bias` added to the logits before each argmax, as OpenAI's logit_bias does).
 
     `input_ids` must already hold the expanded image placeholders; transformers checks that the
     count matches the image features, so a wrong expansion on our side fails here too.
@@ -58,6 +59,15 @@ def hf_generate(path: str, input_ids: list[int], images: list[Image.Image], max_
         feats = hf_image_processor(path)(images=images, return_tensors="pt")
         kwargs = dict(pixel_values=feats["pixel_values"].to(dtype), image_grid_thw=feats["image_grid_thw"],
                       mm_token_type_ids=(ids == model.config.image_token_id).int())
+    if logit_bias:
+        from transformers import LogitsProcessorList
+
+        token_ids, values = torch.tensor(list(logit_bias)), torch.tensor(list(logit_bias.values()), dtype=dtype)
+
+        def add_bias(_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+            return scores.index_add(1, token_ids, values.to(scores.dtype).expand(scores.shape[0], -1))
+
+        kwargs["logits_processor"] = LogitsProcessorList([add_bias])
     with torch.inference_mode():
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                              do_sample=False, **kwargs)

@@ -16,7 +16,16 @@ from dataclasses import dataclass
 import httpx
 import openai
 import pytest
-from openai_support import IDS, assert_matches, data_uri, image_part, reference, serve_media, start_until_line
+from openai_support import (
+    IDS,
+    assert_matches,
+    data_uri,
+    image_part,
+    reference,
+    serve_media,
+    start_until_line,
+    token_ids,
+)
 
 from router.metrics import parse_exposition
 
@@ -148,6 +157,18 @@ def test_errors_are_openai_shaped_and_serving_goes_on(serve, media, make_body, s
     assert resp.status_code == status and text in resp.json()["error"]["message"], resp.text
     assert resp.json()["error"]["type"] == "invalid_request_error"
     assert chat(serve, "still there?", max_tokens=2).usage.completion_tokens == 2
+
+
+def test_logit_bias_over_the_pools_equals_transformers(serve, media):
+    """logit_bias crosses the router, prefill and decode processes (msgpack) and gives what
+    transformers gives with the same bias: the answer's first token banned, another favoured."""
+    content = [image_part(media.url("a.png")), {"type": "text", "text": "Describe it."}]
+    plain = token_ids(chat(serve, content, max_tokens=8, **IDS))
+    bias = {plain[0]: -100.0, plain[2]: 4.0}
+    prompt_ids, expected = reference(serve.model_path, content, [media.images["a.png"]], 8, logit_bias=bias)
+    biased = chat(serve, content, max_tokens=8, logit_bias={str(t): b for t, b in bias.items()}, **IDS)
+    assert_matches(biased, prompt_ids, expected, max_tokens=8)
+    assert token_ids(biased) != plain
 
 
 def test_n_choices_over_the_pools(serve, media):

@@ -148,12 +148,13 @@ def test_sampling_fields_reach_the_backend(app):
         "messages": HELLO, "max_completion_tokens": 7, "max_tokens": 99, "temperature": 0.5, "top_p": 0.9,
         "top_k": 0, "min_p": 0.1, "seed": 3, "stop": "END", "stop_token_ids": [5], "ignore_eos": True,
         "min_tokens": 2, "repetition_penalty": 1.1, "frequency_penalty": 0.2, "presence_penalty": 0.3,
-        "skip_special_tokens": False, "user": "someone", "store": False})
+        "skip_special_tokens": False, "user": "someone", "store": False, "logit_bias": {"7": -100, "3": 2.5}})
     p = backend.requests[-1].params
     assert (p.max_new_tokens, p.min_new_tokens, p.temperature, p.top_p, p.top_k, p.min_p, p.seed) == \
         (7, 2, 0.5, 0.9, -1, 0.1, 3)
     assert (p.stop, p.stop_token_ids, p.ignore_eos, p.skip_special_tokens) == (("END",), (5,), True, False)
     assert (p.repetition_penalty, p.frequency_penalty, p.presence_penalty) == (1.1, 0.2, 0.3)
+    assert p.logit_bias == ((3, 2.5), (7, -100.0))
 
 
 def test_text_completion_shapes(app):
@@ -177,6 +178,9 @@ def test_text_completion_shapes(app):
     ({"messages": HELLO, "max_tokens": 0}, "max_tokens", "greater than or equal to 1"),
     ({"messages": HELLO, "temperature": -1}, "temperature", ""),
     ({"messages": HELLO, "stop_token_ids": [10**6]}, "stop_token_ids", "outside the vocabulary"),
+    ({"messages": HELLO, "logit_bias": {"10000000": 1}}, "logit_bias", "outside the vocabulary"),
+    ({"messages": HELLO, "logit_bias": {"dog": 1}}, "logit_bias", "not a token id"),
+    ({"messages": HELLO, "logit_bias": {"5": 250}}, "logit_bias", "outside [-100, 100]"),
     ({"messages": HELLO, "min_tokens": 9, "max_tokens": 3}, "min_tokens", "min_tokens=9"),
     ({"messages": HELLO, "max_tokens": MAX_CONTEXT}, "max_tokens", "maximum context length is 4096"),
     ({"messages": [{"role": "user", "content": "x " * MAX_CONTEXT}]}, "messages", "maximum context length"),

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
-from support import chat_prompt
+import torch
+from support import chat_prompt, hf_generate
 
 from epd import Engine
 
@@ -105,3 +107,25 @@ def test_logprobs_are_returned(engine):
     out = _gen(engine, temperature=0, logprobs=True)
     lps = out["meta_info"]["output_token_logprobs"]
     assert len(lps) == len(out["output_ids"]) and all(lp <= 0 for lp in lps)
+
+
+def test_logit_bias_equals_transformers_with_the_same_bias(engine, tiny_models):
+    """Greedy with logit_bias against transformers' greedy with the bias added to its logits: the
+    answer's first token banned (-100) and its second favoured (+3), so the path changes."""
+    plain = _gen(engine, temperature=0)
+    first, second = plain["output_ids"][:2]
+    bias = {first: -100.0, second: 3.0}
+    out = _gen(engine, temperature=0, logit_bias=bias)
+    prompt_ids = engine.tokenizer.encode(PROMPT, add_special_tokens=False)
+    expected = hf_generate(tiny_models["qwen2_5_vl"], prompt_ids, [], 16, torch.float64, logit_bias=bias)
+    assert out["output_ids"] == expected != plain["output_ids"]
+    assert first not in out["output_ids"]
+    drawn = _gen(engine, temperature=1.0, seed=5, logit_bias={t: -100.0 for t in plain["output_ids"]})
+    assert not set(drawn["output_ids"]) & set(plain["output_ids"])      # sampled rows are biased too
+
+
+@pytest.mark.parametrize("bias, text", [({"x": 1}, "must map token ids"), ({5: 101.0}, "[-100, 100]"),
+                                        ({10**7: 1.0}, "outside the vocabulary")])
+def test_bad_logit_bias_is_refused(engine, bias, text):
+    with pytest.raises(ValueError, match=re.escape(text)):
+        _gen(engine, logit_bias=bias)
