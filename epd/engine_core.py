@@ -58,6 +58,7 @@ class EngineConfig:
     cuda_graph_max_bs: int = 128         # largest CUDA-graph decode bucket (capped by max_running_requests)
     disable_cuda_graph: bool = False
     disable_overlap_schedule: bool = False   # else a step launches before the last one's tokens are read
+    disable_prefix_caching: bool = False     # else requests take the KV pages of a cached prefix (epd.prefix_cache)
 
     def resolved_device(self) -> torch.device:
         return torch.device(self.device or default_device())
@@ -108,7 +109,8 @@ class EngineCore:
         self.max_context = min(self.model_config.text.max_position_embeddings,
                                config.max_model_len or 1 << 30,
                                self.kv.pool.capacity * config.page_size)
-        self.scheduler = Scheduler(self.kv, config.max_running_requests, config.max_step_tokens)
+        self.scheduler = Scheduler(self.kv, config.max_running_requests, config.max_step_tokens,
+                                   prefix_caching=not config.disable_prefix_caching)
         self.runner = ModelRunner(self.model, self.kv, self._make_backend(), self.device,
                                   max_rows=config.max_running_requests)
         self._capture_graphs()

@@ -16,7 +16,7 @@ from PIL import Image
 
 from epd.config import ModelConfig
 from epd.image_processor import ImageProcessor, PreprocessedImage
-from epd.media import image_content_hash, load_image
+from epd.media import content_hash, image_content_hash, load_image
 from epd.mrope import mrope_positions
 
 
@@ -91,7 +91,9 @@ class InputProcessor:
                 return ImageInput(grid, tokens, source=image)
             rgb = image.tobytes()
             return ImageInput(grid, tokens, content_hash=image_content_hash(image, rgb), source=image, source_rgb=rgb)
-        return ImageInput(pre.grid_thw, pre.num_tokens, pixels=pre)   # encoded here: no cache key needed
+        # encoded here: the key names the image for prefix caching (epd.prefix_cache)
+        key = pixels_content_hash(pre) if self.image_keys else None
+        return ImageInput(pre.grid_thw, pre.num_tokens, pixels=pre, content_hash=key)
 
     def _expand(self, ids: list[int], images: list[ImageInput]) -> list[int]:
         """One placeholder per image is expanded; an already expanded prompt is accepted as is."""
@@ -165,3 +167,11 @@ def _precomputed(index: int, item: dict, config: ModelConfig) -> ImageInput:
         raise InputError(f"image {index}: precomputed_embeddings has shape {tuple(emb.shape)}, expected "
                          f"({tokens}, {config.text.hidden_size}) for grid {grid}", f"image_data[{index}]")
     return ImageInput(grid, tokens, embeddings=emb)  # type: ignore[arg-type]
+
+
+def pixels_content_hash(pre: PreprocessedImage) -> str:
+    """The preprocessed image's identity (its pixels, grid and pending resize): equal pixels give
+    equal vision embeddings, so equal keys (prefix caching)."""
+    data = pre.data.contiguous()
+    header = f"pixels:{tuple(pre.grid_thw)}:{pre.resize_to}:{tuple(data.shape)}:{data.dtype}:"
+    return content_hash(header, data.numpy())

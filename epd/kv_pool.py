@@ -1,8 +1,12 @@
 """The paged KV cache: a page allocator and the per-layer KV tensors it indexes.
 
-Lifecycle of a page: free -> `allocate` (owned by one request) -> `free` -> free again.
+Lifecycle of a page: free -> `allocate` (owned by one request) -> `free` -> free again. With
+prefix caching a full page whose tokens are known can be `register`ed under the hash of its
+prefix (`epd.prefix_cache`); later requests with that prefix `acquire` it too (a page may then
+have several owners: `free` drops one), and once nobody owns it it waits on an LRU list, still
+holding its KV, until a request hits it again or `allocate` needs it back (evicted, oldest first).
 Freeing a page that is not allocated raises, so a double free is a loud bug, not a silent leak.
-`check_integrity()` asserts free + in-use == total; tests call it after every case.
+`check_integrity()` asserts free + cached + in-use == total; tests call it after every case.
 
 Layout per layer: `[num_pages, 2, page_size, kv_heads, head_dim]` (flashinfer "NHD"). Page 0 is
 reserved as a dummy page (padding slots of CUDA-graph batches write there), never handed out.
@@ -10,6 +14,7 @@ reserved as a dummy page (padding slots of CUDA-graph batches write there), neve
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -30,7 +35,11 @@ class PagePool:
         self.num_pages = num_pages
         self.page_size = page_size
         self._free: list[int] = list(range(num_pages - 1, DUMMY_PAGE, -1))  # pop() gives low ids first
-        self._in_use: set[int] = set()
+        self._owners: dict[int, int] = {}                  # page in use -> how many requests hold it
+        self._cached: OrderedDict[int, None] = OrderedDict()   # registered pages nobody holds, LRU first
+        self._page_of: dict[bytes, int] = {}               # prefix hash -> page holding that prefix's KV
+        self._hash_of: dict[int, bytes] = {}
+        self.evictions = 0
 
     @property
     def capacity(self) -> int:
@@ -39,41 +48,102 @@ class PagePool:
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        """Pages `allocate` can hand out: free ones and cached ones nobody holds."""
+        return len(self._free) + len(self._cached)
 
     @property
     def num_in_use(self) -> int:
-        return len(self._in_use)
+        return len(self._owners)
+
+    @property
+    def num_cached(self) -> int:
+        """Pages nobody holds that keep a registered prefix's KV."""
+        return len(self._cached)
 
     def pages_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.page_size)
 
     def can_allocate(self, n: int) -> bool:
-        return n <= len(self._free)
+        return n <= self.num_free
 
     def allocate(self, n: int) -> list[int]:
-        if n > len(self._free):
-            raise OutOfPagesError(f"asked for {n} KV pages, {len(self._free)} free")
-        pages = [self._free.pop() for _ in range(n)]
-        self._in_use.update(pages)
+        if n > self.num_free:
+            raise OutOfPagesError(f"asked for {n} KV pages, {self.num_free} free")
+        pages = [self._free.pop() if self._free else self._evict() for _ in range(n)]
+        self._owners.update(dict.fromkeys(pages, 1))
         return pages
+
+    def _evict(self) -> int:
+        page, _ = self._cached.popitem(last=False)
+        del self._page_of[self._hash_of.pop(page)]
+        self.evictions += 1
+        return page
 
     def free(self, pages: list[int]) -> None:
         for p in pages:
-            if p not in self._in_use:
+            owners = self._owners.get(p)
+            if owners is None:
                 raise RuntimeError(f"KV page {p} freed but not in use (double free?)")
-            self._in_use.remove(p)
-            self._free.append(p)
+            if owners > 1:
+                self._owners[p] = owners - 1
+                continue
+            del self._owners[p]
+            if p in self._hash_of:
+                self._cached[p] = None     # keeps its KV until hit again or evicted
+            else:
+                self._free.append(p)
+
+    # ---- prefix caching -------------------------------------------------------------------------
+    def match(self, hashes: list[bytes]) -> list[int]:
+        """Pages holding the longest run of `hashes` from the first (no owner taken)."""
+        pages = []
+        for h in hashes:
+            page = self._page_of.get(h)
+            if page is None:
+                break
+            pages.append(page)
+        return pages
+
+    def cost(self, pages: list[int]) -> int:
+        """How many free pages acquiring `pages` uses up (those nobody holds now)."""
+        return sum(1 for p in pages if p in self._cached)
+
+    def acquire(self, pages: list[int]) -> None:
+        """Take one more owner of each page (cached pages nobody held become in use again)."""
+        for p in pages:
+            if p in self._cached:
+                del self._cached[p]
+                self._owners[p] = 1
+            else:
+                self._owners[p] += 1
+
+    def register(self, pages: list[int], hashes: list[bytes]) -> None:
+        """Record that pages[i] holds the KV of the prefix hashes[i] ends (in use, full pages); a
+        prefix already held by another page keeps that one."""
+        for page, h in zip(pages, hashes, strict=False):
+            if h not in self._page_of and page not in self._hash_of and page in self._owners:
+                self._page_of[h] = page
+                self._hash_of[page] = h
 
     def check_integrity(self) -> None:
-        free = set(self._free)
+        free, cached, used = set(self._free), set(self._cached), set(self._owners)
         if len(free) != len(self._free):
             raise AssertionError("KV page pool: duplicate ids on the free list")
-        if free & self._in_use:
-            raise AssertionError(f"KV page pool: pages both free and in use: {sorted(free & self._in_use)[:8]}")
-        if len(free) + len(self._in_use) != self.capacity:
-            raise AssertionError(f"KV page pool: free {len(free)} + in use {len(self._in_use)} "
+        if free & used:
+            raise AssertionError(f"KV page pool: pages both free and in use: {sorted(free & used)[:8]}")
+        if cached & (free | used):
+            raise AssertionError(f"KV page pool: cached pages also free or in use: {sorted(cached & (free | used))}")
+        if len(free) + len(cached) + len(used) != self.capacity:
+            raise AssertionError(f"KV page pool: free {len(free)} + cached {len(cached)} + in use {len(used)} "
                                  f"!= total {self.capacity}")
+        if set(self._hash_of) - cached - used or len(self._page_of) != len(self._hash_of):
+            raise AssertionError("KV page pool: a free page is still registered, or the hash maps disagree")
+        if any(n < 1 for n in self._owners.values()):
+            raise AssertionError("KV page pool: a page in use without an owner")
+
+    def owner_counts(self) -> dict[int, int]:
+        """Page in use -> how many requests hold it."""
+        return dict(self._owners)
 
 
 @dataclass(frozen=True)

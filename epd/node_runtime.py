@@ -61,6 +61,7 @@ class NodeArgs:
     kv_ipc: bool = True
     ucx_progress: str = "thread"
     overlap_schedule: bool = True
+    prefix_caching: bool = True          # prefill nodes (a decode node computes no prompt: never)
 
     @classmethod
     def from_cli(cls, role: str, argv: list[str] | None) -> NodeArgs:
@@ -91,19 +92,23 @@ class NodeArgs:
         ap.add_argument("--disable-overlap-schedule", action="store_true",
                         help="read each step's tokens before scheduling the next (default: each step is "
                              "launched while the step before still runs, see README)")
+        ap.add_argument("--disable-prefix-caching", action="store_true",
+                        help="prefill: compute every prompt in full (default: a prompt whose prefix is cached "
+                             "takes those KV pages, see README)")
         ap.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
         a = ap.parse_args(argv)
         node_id = a.node_id or f"{role}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:4]}"
         return cls(role, a.model, a.redis_url, a.host, a.port, a.device, node_id, a.heartbeat_ttl, a.page_size,
                    a.max_running_requests, a.max_step_tokens, a.kv_cache_tokens, a.mem_fraction, a.dtype,
                    a.layer_group_size, a.kv_timeout, a.log_level, not a.no_kv_ipc, a.ucx_progress,
-                   not a.disable_overlap_schedule)
+                   not a.disable_overlap_schedule, role != "decode" and not a.disable_prefix_caching)
 
     def engine_kwargs(self) -> dict[str, Any]:
         return dict(device=self.device, dtype=self.dtype, page_size=self.page_size,
                     max_running_requests=self.max_running, max_step_tokens=self.max_step_tokens,
                     kv_cache_tokens=self.kv_cache_tokens, mem_fraction=self.mem_fraction,
-                    disable_overlap_schedule=not self.overlap_schedule)
+                    disable_overlap_schedule=not self.overlap_schedule,
+                    disable_prefix_caching=not self.prefix_caching)
 
 
 class Service(Protocol):

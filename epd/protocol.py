@@ -28,7 +28,7 @@ from typing import Any
 
 import msgpack
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 
 
 class ProtocolError(ValueError):
@@ -67,6 +67,7 @@ class PrefillRequest:
     decode_ucx: str
     encoder_node: str = ""             # "" when the request has no images
     kv_ipc: bool = False               # write the KV into decode's pages through CUDA IPC (same host and page size)
+    image_hashes: list[str] = field(default_factory=list)   # each image's content hash ("" none): prefix caching
 
 
 @dataclass

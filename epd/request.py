@@ -59,6 +59,8 @@ class Request:
     created: float = field(default_factory=time.monotonic)
     first_token_time: float | None = None
     stop_ids: frozenset[int] | None = None     # token ids that end it (the engine fills this in once)
+    page_hashes: list[bytes] = field(default_factory=list, repr=False, compare=False)  # epd.prefix_cache
+    pages_registered: int = 0                  # leading pages offered to the prefix cache
     prompt_len: int = field(default=0, init=False)
     # `pages` as int32 numpy (page_array), and the list object and length it was copied from
     _pages_np: np.ndarray | None = field(default=None, init=False, repr=False, compare=False)

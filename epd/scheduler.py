@@ -10,6 +10,12 @@ Pages are allocated as tokens are scheduled. When a decode needs a page and none
 most recently admitted other request is preempted: its pages are freed and it returns to the
 front of the waiting queue, to be recomputed later (prompt + output so far), so nothing is lost.
 Every request's pages are freed exactly once, when it finishes, aborts or is preempted.
+With `prefix_caching`, an admitted request first takes the pages that already hold its longest
+cached prefix (full pages, at least its last token left to compute: `cached_tokens`), and each
+page a step fills is registered under its prefix hash (`epd.prefix_cache`) as soon as the step
+is launched (later steps run after it on the same stream), so requests running at the same time
+share a prompt's prefix too; pages holding output tokens still on the device are registered
+when the request lets them go.
 While the engine has a step in flight (overlap schedule) it sets `fence` to a list: pages of
 requests that finish or abort go there instead of back to the pool, and the engine frees them
 once that step has run, so no step still running writes into pages another owner now holds
@@ -19,10 +25,11 @@ at once: only later steps on the same stream can use them.
 
 from __future__ import annotations
 
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass
 
 from epd.kv_pool import KVCache
+from epd.prefix_cache import page_hashes
 from epd.request import Request, Status
 
 
@@ -39,9 +46,10 @@ class Chunk:
 
 
 class Scheduler:
-    def __init__(self, kv: KVCache, max_running: int, max_step_tokens: int) -> None:
+    def __init__(self, kv: KVCache, max_running: int, max_step_tokens: int, prefix_caching: bool = False) -> None:
         self.kv = kv
         self.pool = kv.pool
+        self.prefix_caching = prefix_caching
         self.max_running = max_running
         self.max_step_tokens = max_step_tokens
         self.waiting: deque[Request] = deque()
@@ -79,9 +87,17 @@ class Scheduler:
                 budget -= n
         while self.waiting and budget > 0 and len(self.running) < self.max_running:
             req = self.waiting[0]
-            if self.pool.pages_for(req.total_len) > self.pool.num_free - self._owed_to_prefills():
+            hits = self._prefix_hits(req)
+            need = self.pool.pages_for(req.total_len) - len(hits) + self.pool.cost(hits)
+            if need > self.pool.num_free - self._owed_to_prefills():
                 break
             self.waiting.popleft()
+            if hits:
+                self.pool.acquire(hits)
+                req.pages, req.pages_registered = list(hits), len(hits)
+                req.num_computed = len(hits) * self.pool.page_size
+                if not req.output_ids:   # the first admission (not a preempted request's return)
+                    req.cached_tokens = req.num_computed
             req.status = Status.RUNNING
             self.running.append(req)
             n = min(req.pending_tokens, budget)
@@ -92,6 +108,23 @@ class Scheduler:
             self._preempt(self.running[-1])  # prefills starved of pages: give the oldest room
             return self.schedule()
         return chunks
+
+    def _prefix_hits(self, req: Request) -> list[int]:
+        """Pages already holding the longest cached prefix of req's tokens, leaving at least its
+        last token to compute (its logits give the next token)."""
+        if not self.prefix_caching or req.num_computed:
+            return []
+        return self.pool.match(page_hashes(req, req.total_len - 1, self.pool.page_size))
+
+    def _register(self, req: Request) -> None:
+        """Offer req's full pages whose KV is computed (or being computed by a launched step) to
+        other requests with the same prefix."""
+        done = req.pages_registered
+        if not self.prefix_caching or req.num_computed // self.pool.page_size <= done:
+            return
+        hashes = page_hashes(req, req.num_computed, self.pool.page_size)
+        self.pool.register(req.pages[done:len(hashes)], hashes[done:])
+        req.pages_registered = max(done, len(hashes))
 
     def _owed_to_prefills(self) -> int:
         """Pages running prefills still need to finish their prompt (kept back from admission)."""
@@ -122,22 +155,26 @@ class Scheduler:
     def _release(self, req: Request, fenced: bool = True) -> None:
         if req in self.running:
             self.running.remove(req)
+        self._register(req)
         if req.pages:
             if fenced and self.fence is not None:
                 self.fence.extend(req.pages)
             else:
                 self.pool.free(req.pages)
             req.pages = []
+        req.pages_registered = 0
 
     def advance(self, chunks: list[Chunk]) -> None:
         """Record that the scheduled tokens' KV is now in the cache."""
         for c in chunks:
             c.req.num_computed = c.start + c.length
+            self._register(c.req)
 
     def detach(self, req: Request) -> list[int]:
         """Take a running request out of the batch; its pages now belong to the caller (a
         prefill node keeps them until the KV transfer is acknowledged, then frees them)."""
         self.running.remove(req)
+        self._register(req)
         pages, req.pages = req.pages, []
         req.status = Status.FINISHED
         return pages
@@ -166,13 +203,14 @@ class Scheduler:
         return None
 
     def check_integrity(self, held_elsewhere: list[int] = ()) -> None:
-        """free + in use == total, and every in-use page belongs to exactly one live request
-        (or to `held_elsewhere`: pages a node holds outside the batch, e.g. in transfer)."""
+        """free + cached + in use == total, and every in-use page has exactly as many owners as live
+        requests hold it (plus `held_elsewhere`: pages a node holds outside the batch, e.g. in
+        transfer; and the fence). Without prefix caching each page has one owner."""
         self.pool.check_integrity()
-        owned = [p for r in self.running for p in r.pages] + list(held_elsewhere) + (self.fence or [])
-        if len(owned) != len(set(owned)):
+        owned = Counter(p for r in self.running for p in r.pages) + Counter(held_elsewhere) + Counter(self.fence or [])
+        if not self.prefix_caching and any(n > 1 for n in owned.values()):
             raise AssertionError("a KV page is owned by two requests")
-        if len(owned) != self.pool.num_in_use:
+        if owned != Counter(self.pool.owner_counts()):
             raise AssertionError(f"{self.pool.num_in_use} pages in use but running requests own {len(owned)}")
         if any(r.pages for r in self.waiting):
             raise AssertionError("a waiting request holds pages")

@@ -119,8 +119,9 @@ class PrefillService:
         msg = p.msg
         try:
             merge = self.core.model_config.spatial_merge_size
-            images = [ImageInput(tuple(g), g[0] * g[1] * g[2] // merge**2, embeddings=e)
-                      for g, e in zip(msg.grids, embeddings, strict=True)]
+            hashes = msg.image_hashes or [""] * len(msg.grids)
+            images = [ImageInput(tuple(g), g[0] * g[1] * g[2] // merge**2, embeddings=e, content_hash=h or None)
+                      for g, e, h in zip(msg.grids, embeddings, hashes, strict=True)]
             inp = build_processed(self.core.model_config, msg.input_ids, images)
             params = dataclasses.replace(SamplingParams.from_dict(msg.params), max_new_tokens=1)
             p.req = self.core.new_request(inp, params, rid=msg.rid)
@@ -318,7 +319,7 @@ class PrefillService:
                          sum(r.gbps for r in reports if r.seconds > 0) / max(1, len(reports)))
             self._report(p, "prefill", ok=True, timings={
                 **p.waits(), "prefill_ms": (p.sent_at - p.started) * 1e3,
-                "transfer_tail_ms": seconds * 1e3}, info={"kv_bytes": nbytes})
+                "transfer_tail_ms": seconds * 1e3}, info={"kv_bytes": nbytes, "cached_tokens": p.req.cached_tokens})
 
     def _report(self, p: Pending, stage: str, ok: bool, error: str = "", timings: dict | None = None,
                 info: dict | None = None) -> None:

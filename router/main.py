@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--disable-overlap-schedule", action="store_true",
                     help="local: read each step's tokens before scheduling the next (default: each step "
                          "is launched while the step before still runs)")
+    ap.add_argument("--disable-prefix-caching", action="store_true",
+                    help="local: compute every prompt in full (default: a prompt whose prefix is cached takes "
+                         "those KV pages)")
     ap.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return ap
 
@@ -65,7 +68,8 @@ def make_backend(args: argparse.Namespace) -> Backend:
 
         return LocalBackend(args.model, device=args.device, dtype=args.dtype, max_model_len=args.max_model_len,
                             kv_cache_tokens=args.kv_cache_tokens, max_running_requests=args.max_running_requests,
-                            disable_overlap_schedule=args.disable_overlap_schedule)
+                            disable_overlap_schedule=args.disable_overlap_schedule,
+                            disable_prefix_caching=args.disable_prefix_caching)
     if kind == "disagg":
         if not args.redis_url:
             raise ValueError("--backend disagg needs --redis-url (the Redis the nodes register in)")

@@ -44,6 +44,7 @@ class Flight:
     done: set[str] = dataclasses.field(default_factory=set)   # roles whose part is over
     timings: dict[str, float] = dataclasses.field(default_factory=dict)
     finished: bool = False
+    cached_tokens: int = 0                      # prompt tokens the prefill node took from its prefix cache
     received_at: float = 0.0                    # wall clock; nodes' `*_at` instants become ms after it
 
     def add_timings(self, timings: dict[str, float]) -> None:
@@ -203,7 +204,8 @@ class DisaggBackend:
                                                                                        p.node_id, p.ucx))
         await self.clients.send(p.zmq, protocol.PrefillRequest(
             req.rid, inp.input_ids, [list(im.grid_thw) for im in inp.images], params, d.node_id, d.ucx,
-            flight.nodes["encoder"].node_id if inp.images else "", kv_ipc=kv_ipc))
+            flight.nodes["encoder"].node_id if inp.images else "", kv_ipc=kv_ipc,
+            image_hashes=[im.content_hash or "" for im in inp.images]))
         await self.clients.send(d.zmq, protocol.DecodeRequest(req.rid, inp.input_ids, params, p.node_id,
                                                               p.layout_hash, p.ucx, kv_ipc))
         await asyncio.to_thread(self.sessions.advance, req.rid, Stage.ENCODING if inp.images else Stage.PREFILLING)
@@ -238,7 +240,8 @@ class DisaggBackend:
                     finished=last, finish_reason=openai_finish_reason(msg.finish_reason) if last else None,
                     matched_stop=(msg.finish_reason or {}).get("matched") if last else None,
                     prompt_tokens=msg.prompt_tokens, completion_tokens=msg.completion_tokens,
-                    image_tokens=image_tokens, timings=dict(flight.timings) if last else {})
+                    image_tokens=image_tokens, cached_tokens=flight.cached_tokens,
+                    timings=dict(flight.timings) if last else {})
             if msg.finished:
                 return
 
@@ -246,6 +249,7 @@ class DisaggBackend:
         if not msg.ok:
             raise BackendError(f"request failed at stage '{msg.stage}' on node {msg.node}: {msg.error}", 503)
         flight.add_timings(msg.timings)
+        flight.cached_tokens = int(msg.info.get("cached_tokens", flight.cached_tokens))
         flight.done.add({"encode": "encoder", "prefill": "prefill"}.get(msg.stage, msg.stage))
 
     async def _watchdog(self, flight: Flight, deadline: float) -> None:

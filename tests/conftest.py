@@ -19,3 +19,11 @@ def tiny_models(tmp_path_factory) -> dict[str, str]:
 
     root = tmp_path_factory.mktemp("models")
     return {arch: write_tiny_model(arch, str(root / arch), "tiny", seed=0) for arch in ARCHS}
+
+
+@pytest.fixture(autouse=True)
+def _pool_intact(request):
+    """A test using an `engine` fixture (an `Engine`) leaves its KV page pool intact."""
+    yield
+    if "engine" in request.fixturenames:
+        request.getfixturevalue("engine").check_integrity()

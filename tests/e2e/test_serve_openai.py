@@ -171,6 +171,18 @@ def test_logit_bias_over_the_pools_equals_transformers(serve, media):
     assert token_ids(biased) != plain
 
 
+def test_the_prefill_node_caches_prefixes_with_their_images(serve, media):
+    """The same image and question again: the prefill node takes the cached pages (the image's
+    too: the router passes its content hash along) and the answer is still transformers'."""
+    content = [image_part(media.url("b.png")), {"type": "text", "text": "Which colour is it mostly?"}]
+    chat(serve, content, **IDS)
+    again = chat(serve, content, **IDS)
+    prompt_ids, expected = reference(serve.model_path, content, [media.images["b.png"]], 10)
+    assert_matches(again, prompt_ids, expected)
+    cached = again.usage.prompt_tokens_details.cached_tokens
+    assert again.usage.prompt_tokens_details.image_tokens < cached < len(prompt_ids)
+
+
 def test_n_choices_over_the_pools(serve, media):
     """n = 2 with an image: two requests through encoder, prefill and decode, the same greedy
     answer as n = 1, streamed with both indices; every page back afterwards."""

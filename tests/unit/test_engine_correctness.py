@@ -30,13 +30,6 @@ def engine(request, tiny_models):
     llm.shutdown()
 
 
-@pytest.fixture(autouse=True)
-def _pool_intact(request):
-    yield
-    if "engine" in request.fixturenames:
-        request.getfixturevalue("engine").check_integrity()
-
-
 def _images(sizes):
     return [noise_image(w, h, seed=i) for i, (w, h) in enumerate(sizes)]
 

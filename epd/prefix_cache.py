@@ -1,0 +1,50 @@
+"""Automatic prefix caching: the hash that names each full KV page of a request.
+
+Page i of a request holds tokens [i * page_size, (i + 1) * page_size). Its hash covers everything
+up to its end: h_i = blake2b(h_(i-1), the page's token ids, the identity of every image with a
+token in the page). Equal hashes mean equal tokens and images up to there, hence equal M-RoPE
+positions and equal KV, so a request can take another's pages for its prefix instead of
+computing them (`PagePool.match` / `acquire`), and its own full pages are registered for later
+requests when it lets them go (`Scheduler`).
+
+An image's identity is its `content_hash` (a digest of its pixels, or the router's key for the
+encoder's cache). An image without one (embeddings handed in directly) ends the chain at the
+first page it touches, as do output tokens still on the device (overlap schedule placeholders).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from array import array
+
+from epd.request import Request
+
+
+def page_hashes(req: Request, num_tokens: int, page_size: int) -> list[bytes]:
+    """Hashes of the request's full pages within its first `num_tokens` tokens (fewer where the
+    chain ends early). Extends `req.page_hashes` (prompt and known outputs never change)."""
+    hashes = req.page_hashes
+    pages = min(num_tokens, req.total_len) // page_size
+    if len(hashes) >= pages:
+        return hashes[:pages]
+    images = req.inp.images
+    offsets = req.inp.image_offsets
+    first = len(hashes)
+    ids = req.token_at(first * page_size, pages * page_size)
+    previous = hashes[-1] if hashes else b""
+    for i in range(first, pages):
+        lo, hi = i * page_size, (i + 1) * page_size
+        page_ids = ids[lo - first * page_size:hi - first * page_size]
+        if min(page_ids) < 0:
+            break
+        digest = hashlib.blake2b(previous, digest_size=16)
+        digest.update(array("q", page_ids).tobytes())
+        keys = [images[k].content_hash for k, start in enumerate(offsets)
+                if start < hi and start + images[k].num_tokens > lo]
+        if any(key is None for key in keys):
+            break
+        for key in keys:
+            digest.update(key.encode())
+        previous = digest.digest()
+        hashes.append(previous)
+    return list(hashes)
