@@ -217,7 +217,8 @@ class EngineCore:
         return self._settle_step(previous) if previous is not None else []
 
     def _launch(self, chunks: list[Chunk]) -> LaunchedStep:
-        self._encode_images([c.req for c in chunks if c.req.image_embeds is None and c.req.inp.images])
+        self._encode_images([c.req for c in chunks if c.req.inp.images and c.req.in_prefill
+                             and (c.req.image_embeds is None or c.req.needs_encoding())])
         logits = self.runner.run(chunks)
         self.scheduler.advance(chunks)
         sampling = [c for c in chunks if c.samples]
@@ -260,7 +261,10 @@ class EngineCore:
         self._in_flight, self.scheduler.fence = None, None
 
     def _encode_images(self, reqs: list[Request]) -> None:
-        todo = [im for r in reqs for im in r.inp.images if im.embeddings is None]
+        """Run the vision tower on the images of `reqs` that still have tokens to compute (a
+        preempted request whose cached prefix was evicted since may need one it skipped)."""
+        todo = [im for r in reqs for im, start in zip(r.inp.images, r.inp.image_offsets, strict=True)
+                if im.embeddings is None and start + im.num_tokens > r.num_computed]
         if todo:
             assert self.vision is not None, "this engine was built without a vision tower"
             pixels = pixel_values([im.pixels for im in todo], self.device)  # type: ignore[misc]

@@ -27,14 +27,16 @@ if TYPE_CHECKING:
 
 
 def attach_image_embeddings(req: Request, dtype: torch.dtype, device: torch.device) -> None:
-    """Concatenate the request's image embeddings and index them by prompt position."""
-    images = req.inp.images
-    if not images:
+    """Concatenate the request's image embeddings and index them by prompt position (images not
+    encoded, wholly inside the cached prefix, have no rows: their positions are never computed)."""
+    encoded = [(im, start) for im, start in zip(req.inp.images, req.inp.image_offsets, strict=True)
+               if im.embeddings is not None]
+    if not encoded:
         return
-    req.image_embeds = torch.cat([im.embeddings for im in images]).to(device, dtype)  # type: ignore[misc]
+    req.image_embeds = torch.cat([im.embeddings for im, _ in encoded]).to(device, dtype)  # type: ignore[misc]
     index = torch.full((req.prompt_len,), -1, dtype=torch.long)
     row = 0
-    for im, start in zip(images, req.inp.image_offsets, strict=True):
+    for im, start in encoded:
         index[start:start + im.num_tokens] = torch.arange(row, row + im.num_tokens)
         row += im.num_tokens
     req.image_index = index

@@ -124,10 +124,16 @@ class Request:
         return mirror[:n]
 
     def token_at(self, start: int, end: int) -> list[int]:
-        ids = self.inp.input_ids
-        if end <= len(ids):
+        """Token ids [start, end) of prompt + output (without joining the two lists whole)."""
+        ids, n = self.inp.input_ids, self.prompt_len
+        if end <= n:
             return ids[start:end]
-        return (ids + self.output_ids)[start:end]
+        if start >= n:
+            return self.output_ids[start - n:end - n]
+        return ids[start:] + self.output_ids[:end - n]
 
     def needs_encoding(self) -> bool:
-        return any(im.embeddings is None for im in self.inp.images)
+        """An image still to encode has a token left to compute (an image wholly inside the cached
+        prefix is never encoded: its KV is there already)."""
+        return any(im.embeddings is None and start + im.num_tokens > self.num_computed
+                   for im, start in zip(self.inp.images, self.inp.image_offsets, strict=True))

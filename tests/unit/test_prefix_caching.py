@@ -77,14 +77,22 @@ def test_a_follow_up_turn_reuses_the_answer_too(engine):
 
 
 def test_images_are_part_of_the_prefix(engine, tiny_models):
-    """The same image again is a hit past it; another image of the same size (same tokens) is
-    not: that request's logprobs are the ones computed without any cache, not the first image's
-    (this tiny model's greedy tokens do not tell the two images apart, its logprobs do)."""
+    """The same image again is a hit past it, and skips the vision tower; another image of the
+    same size (same tokens) is not: that request's logprobs are the ones computed without any
+    cache, not the first image's (this tiny model's greedy tokens do not tell the two images
+    apart, its logprobs do)."""
     prompt = chat_prompt("Look:", IMAGE, "What is it?")
     cat, dog = noise_image(48, 40, seed=1), noise_image(48, 40, seed=2)   # same size, other pixels
-    first, ids = _run(engine, prompt, [cat], logprobs=True)
-    again, _ = _run(engine, prompt, [cat], logprobs=True)
-    other, _ = _run(engine, prompt, [dog], logprobs=True)
+    tower, encoded = engine.core.vision, []
+    encode = tower.encode
+    tower.encode = lambda pixels, grids: encoded.append(len(grids)) or encode(pixels, grids)   # counts, then runs
+    try:
+        first, ids = _run(engine, prompt, [cat], logprobs=True)
+        again, _ = _run(engine, prompt, [cat], logprobs=True)
+        other, _ = _run(engine, prompt, [dog], logprobs=True)
+    finally:
+        tower.encode = encode
+    assert encoded == [1, 1], "the cached image must not go through the vision tower again"
     image_start = engine.core.inputs.process(prompt=prompt, image_data=[cat]).image_offsets[0]
     assert again["meta_info"]["cached_tokens"] == (len(ids) - 1) // PAGE * PAGE > image_start
     assert other["meta_info"]["cached_tokens"] == image_start // PAGE * PAGE   # the text before the image only
