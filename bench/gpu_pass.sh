@@ -30,7 +30,7 @@ for preset in 3b 7b; do
         --preset "$preset" --device cuda
 done
 if [[ $steps == *",tests,"* ]]; then
-    EPD_GPU_MODEL_3B=/tmp/m3b timeout 240 python3 -m pytest tests/gpu -m gpu -q >"$out/tests.log" 2>&1
+    EPD_GPU_MODEL_3B=/tmp/m3b timeout 300 python3 -m pytest tests/gpu -m gpu -q >"$out/tests.log" 2>&1
     echo "== tests: exit $? ($(tail -1 "$out/tests.log"))" | tee -a "$log"
 fi
 step gemv 90 python3 -m bench.gpu_gemv --out "$out/gemv.json"

@@ -81,7 +81,7 @@ def forced_logits(core: EngineCore, inputs: list[ProcessedInput], forced: list[l
     steps = []
     while core.scheduler.has_work():
         chunks = core.scheduler.schedule()
-        core._encode_images([c.req for c in chunks if c.req.image_embeds is None and c.req.inp.images])
+        core._encode_images([c.req for c in chunks if c.req.inp.images and c.req.needs_encoding()])
         logits = core.runner.run(chunks)
         core.scheduler.advance(chunks)
         steps.append(logits.float().cpu().clone())

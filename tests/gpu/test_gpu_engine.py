@@ -82,7 +82,9 @@ def test_bf16_flashinfer_with_and_without_graphs_matches_torch_backend(small128)
 
 def test_bf16_flashinfer_generate_is_deterministic_and_frees_pages(small128):
     prompts = [chat_prompt(f"Story {i}: " + "and then " * i) for i in range(10)]
-    with Engine(model_path=small128, dtype="bfloat16", page_size=16, kv_cache_tokens=KV) as llm:
+    # prefix caching off: the second run must compute what the first did (cache hits: next test)
+    with Engine(model_path=small128, dtype="bfloat16", page_size=16, kv_cache_tokens=KV,
+                disable_prefix_caching=True) as llm:
         a = [o["output_ids"] for o in llm.generate(prompt=prompts, sampling_params=GREEDY)]
         b = [o["output_ids"] for o in llm.generate(prompt=prompts, sampling_params=GREEDY)]
         sampled = llm.generate(prompt=prompts, sampling_params={"temperature": 0.8, "top_p": 0.9,   # may draw EOS
@@ -93,9 +95,25 @@ def test_bf16_flashinfer_generate_is_deterministic_and_frees_pages(small128):
         assert llm.core.kv.pool.num_in_use == 0
 
 
+def test_bf16_prefix_cache_hits_on_graphs_keep_the_answer(small128):
+    """bf16, flashinfer, CUDA graphs: the same image prompt again takes the cached pages (past the
+    image, which skips the vision tower) and gives the first answer; the pool is whole after."""
+    prompt, images = chat_prompt(IMAGE, "Describe it in detail."), _images([(120, 80)])
+    with Engine(model_path=small128, dtype="bfloat16", page_size=16, kv_cache_tokens=KV) as llm:
+        first = llm.generate(prompt=prompt, image_data=images, sampling_params=GREEDY)
+        again = llm.generate(prompt=prompt, image_data=images, sampling_params=GREEDY)
+        ids = llm.core.inputs.process(prompt=prompt, image_data=images).input_ids
+        assert first["meta_info"]["cached_tokens"] == 0
+        assert again["meta_info"]["cached_tokens"] == (len(ids) - 1) // 16 * 16
+        assert again["output_ids"] == first["output_ids"]
+        llm.check_integrity()
+        assert llm.core.kv.pool.num_in_use == 0 and llm.core.kv.pool.num_cached > 0
+
+
 @pytest.fixture(scope="module")
 def engine_3b(model_3b):
-    llm = Engine(model_path=model_3b, kv_cache_tokens=8192, max_step_tokens=4096)
+    # prefix caching off: the prefill test compares the logits of every prompt position
+    llm = Engine(model_path=model_3b, kv_cache_tokens=8192, max_step_tokens=4096, disable_prefix_caching=True)
     yield llm
     llm.shutdown()
 
@@ -205,7 +223,8 @@ def test_overlap_schedule_on_graphs_equals_synchronous(small128):
     token that the host sees one step late."""
     params = {"temperature": 0, "max_new_tokens": 12, "ignore_eos": True}
     prompts = [chat_prompt(f"Story {i}: " + "and then " * i) for i in range(4)]
-    with Engine(model_path=small128, dtype="bfloat16", page_size=16, kv_cache_tokens=KV) as llm:
+    with Engine(model_path=small128, dtype="bfloat16", page_size=16, kv_cache_tokens=KV,
+                disable_prefix_caching=True) as llm:   # both runs compute the same steps
         core = llm.core
         assert core.runner.graphs is not None and core.overlap
         runs = {}
