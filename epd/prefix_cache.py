@@ -4,8 +4,8 @@ Page i of a request holds tokens [i * page_size, (i + 1) * page_size). Its hash 
 up to its end: h_i = blake2b(h_(i-1), the page's token ids, the identity of every image with a
 token in the page). Equal hashes mean equal tokens and images up to there, hence equal M-RoPE
 positions and equal KV, so a request can take another's pages for its prefix instead of
-computing them (`PagePool.match` / `acquire`), and its own full pages are registered for later
-requests when it lets them go (`Scheduler`).
+computing them (`PagePool.match` / `acquire`); its own full pages are registered for other
+requests as steps fill them and when it lets them go (`Scheduler`).
 
 An image's identity is its `content_hash` (a digest of its pixels, or the router's key for the
 encoder's cache). An image without one (embeddings handed in directly) ends the chain at the
