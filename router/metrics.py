@@ -119,6 +119,8 @@ class RouterMetrics:
                                STAGE_BUCKETS)
         self.prompt_tokens = Counter("prompt_tokens_total", "Prompt tokens of finished requests.")
         self.generation_tokens = Counter("generation_tokens_total", "Generated tokens of finished requests.")
+        self.cached_tokens = Counter("prefix_cache_hit_tokens_total",
+                                     "Prompt tokens of finished requests whose KV came from the prefix cache.")
         self.success = Counter("request_success_total", "Requests that finished, by finish reason.")
         self.failure = Counter("request_failure_total", "Requests that failed or were abandoned, by reason.")
 
@@ -127,7 +129,8 @@ class RouterMetrics:
 
     def render(self, stats: dict[str, float]) -> str:
         families: Iterable[Counter | Histogram] = (self.ttft, self.itl, self.e2e, self.stage, self.prompt_tokens,
-                                                   self.generation_tokens, self.success, self.failure)
+                                                   self.cached_tokens, self.generation_tokens, self.success,
+                                                   self.failure)
         lines = _gauge_lines(self.model, stats)
         for family in families:
             lines += family.lines()
@@ -166,6 +169,7 @@ class RequestTimer:
         m = self.metrics
         m.e2e.observe(m.model, time.monotonic() - self.arrival)
         m.prompt_tokens.inc(m.model, finals[0].prompt_tokens)
+        m.cached_tokens.inc(m.model, finals[0].cached_tokens)   # as usage: the prompt once
         m.generation_tokens.inc(m.model, sum(f.completion_tokens for f in finals))
         m.success.inc((*m.model, ("finished_reason", finals[0].finish_reason or "unknown")))
         for event in finals:

@@ -124,10 +124,14 @@ def test_models_health_and_metrics(server):
     assert health.status_code == 200 and health.json()["status"] == "ready"
     before = server.metrics()
     chat(server, "Say something.", max_tokens=5, extra_body={"ignore_eos": True})
+    again = chat(server, "Say something.", max_tokens=5, extra_body={"ignore_eos": True})
     after = server.metrics()
-    assert after["epd:generation_tokens_total"] - before.get("epd:generation_tokens_total", 0) == 5
+    assert after["epd:generation_tokens_total"] - before.get("epd:generation_tokens_total", 0) == 10
+    cached = again.usage.prompt_tokens_details.cached_tokens       # the same prompt again: from the cache
+    assert 0 < cached < again.usage.prompt_tokens
+    assert after["epd:prefix_cache_hit_tokens_total"] - before.get("epd:prefix_cache_hit_tokens_total", 0) >= cached
     assert after["epd:e2e_request_latency_seconds_count"] == before.get("epd:e2e_request_latency_seconds_count",
-                                                                        0) + 1
+                                                                        0) + 2
     assert after["epd:num_requests_running"] == 0 and after["epd:kv_cache_usage_perc"] == 0
 
 

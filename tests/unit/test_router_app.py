@@ -277,6 +277,7 @@ def test_metrics_count_requests(app):
     assert samples[("epd:request_success_total", (("finished_reason", "length"), model))] == 2
     assert samples[("epd:request_failure_total", (model, ("reason", "404")))] == 1
     assert samples[("epd:generation_tokens_total", (model,))] == 6
+    assert samples[("epd:prefix_cache_hit_tokens_total", (model,))] == 2 * 2     # the backend's cached_tokens
     assert samples[("epd:time_to_first_token_seconds_count", (model,))] == 2
     assert samples[("epd:inter_token_latency_seconds_count", (model,))] == 4
     assert samples[("epd:stage_seconds_sum", (model, ("stage", "encode")))] == pytest.approx(2 * 0.002)
