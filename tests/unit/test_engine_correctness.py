@@ -93,15 +93,19 @@ def test_batch_of_mixed_requests_equals_each_alone(engine64):
 
 
 def test_preemption_under_a_tight_kv_pool_keeps_outputs(tiny_models):
-    """A pool too small for the whole batch forces preemption + recompute; tokens must not change."""
+    """A pool too small for the whole batch forces preemption + recompute, while the prompts share
+    long prefixes through the prefix cache (pages with several owners, some preempted, some
+    evicted); tokens must be those of a roomy engine computing everything itself."""
     path = tiny_models["qwen2_5_vl"]
-    prompts = [chat_prompt(f"Story number {i}: " + LONG_TEXT[: 80 + 40 * i]) for i in range(8)]
+    prompts = [chat_prompt("Story: " + LONG_TEXT[: 80 + 40 * i] + f" Number {i}.") for i in range(8)]
     params = {"temperature": 0, "max_new_tokens": 24}
-    with Engine(model_path=path, device="cpu", dtype="float64", page_size=4) as roomy:
+    with Engine(model_path=path, device="cpu", dtype="float64", page_size=4, disable_prefix_caching=True) as roomy:
         expected = [o["output_ids"] for o in roomy.generate(prompt=prompts, sampling_params=[params] * 8)]
     with Engine(model_path=path, device="cpu", dtype="float64", page_size=4, kv_cache_tokens=600) as tight:
-        got = [o["output_ids"] for o in tight.generate(prompt=prompts, sampling_params=[params] * 8)]
+        outs = tight.generate(prompt=prompts, sampling_params=[params] * 8)
+        got = [o["output_ids"] for o in outs]
         assert tight.core.scheduler.num_preemptions > 0
+        assert sum(o["meta_info"]["cached_tokens"] for o in outs) > 0
         tight.check_integrity()
         assert tight.core.kv.pool.num_in_use == 0
     assert got == expected
