@@ -36,7 +36,7 @@ from router.choices import choice_requests
 from router.metrics import CONTENT_TYPE, RouterMetrics
 from router.openai_format import APIError, ChatFormat, TextFormat, TokenText
 from router.prompts import Prepared, PromptBuilder
-from router.schemas import ChatCompletionRequest, CompletionRequest
+from router.schemas import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from router.serving import respond
 from router.settings import RouterSettings
 
@@ -164,6 +164,7 @@ def create_app(backend: Backend, settings: RouterSettings, prompts: PromptBuilde
     app.state.router = router
     _install_error_handlers(app, router)
     _add_completion_routes(app, router)
+    _add_token_routes(app, router)
     _add_info_routes(app, router)
     return app
 
@@ -219,6 +220,26 @@ def _add_completion_routes(app: FastAPI, router: Router) -> None:
                          body.logprobs is not None, len(prepared.input_ids))
         return await respond(request, router.backend, router.backend_requests(prepared, params, rid, body.n), fmt,
                              timer, body.stream, body.include_usage)
+
+
+def _add_token_routes(app: FastAPI, router: Router) -> None:
+    """vLLM's /tokenize and /detokenize: the token ids a prompt becomes here (chat template, images
+    expanded), and back."""
+    auth = [Depends(router.authorize)]
+
+    @app.post("/tokenize", dependencies=auth)
+    async def tokenize(request: Request) -> dict[str, Any]:
+        body = router.parse(TokenizeRequest, await router.read_json(request))
+        prompts = router.prompts
+        prepared = await (prompts.chat(body.messages, check_context=False) if body.messages is not None
+                          else prompts.completion(body.prompt, check_context=False))
+        return {"count": len(prepared.input_ids), "max_model_len": router.backend.max_context,
+                "tokens": prepared.input_ids}
+
+    @app.post("/detokenize", dependencies=auth)
+    async def detokenize(request: Request) -> dict[str, Any]:
+        body = router.parse(DetokenizeRequest, await router.read_json(request))
+        return {"prompt": await router.prompts.detokenize(body.tokens)}
 
 
 def _add_info_routes(app: FastAPI, router: Router) -> None:

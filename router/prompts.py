@@ -70,21 +70,31 @@ class PromptBuilder:
             self._http = None
 
     # ---- the two kinds of request ---------------------------------------------------------------
-    async def chat(self, messages: list[Any]) -> Prepared:
+    async def chat(self, messages: list[Any], check_context: bool = True) -> Prepared:
         try:
             rendered = await asyncio.to_thread(self._render, messages)
         except ChatTemplateError as e:
             raise APIError(400, str(e), e.param) from None
         images = await self._fetch(rendered.images)
         ids, image_tokens = await asyncio.to_thread(self._tokens, rendered.text, None, images, "messages")
-        self._check_prompt(len(ids), "messages")
+        if check_context:
+            self._check_prompt(len(ids), "messages")
         return Prepared(ids, images, image_tokens, rendered.stop)
 
-    async def completion(self, prompt: str | list[int]) -> Prepared:
+    async def completion(self, prompt: str | list[int], check_context: bool = True) -> Prepared:
         text, given = (prompt, None) if isinstance(prompt, str) else (None, list(prompt))
         ids, _ = await asyncio.to_thread(self._tokens, text, given, [], "prompt")
-        self._check_prompt(len(ids), "prompt")
+        if check_context:
+            self._check_prompt(len(ids), "prompt")
         return Prepared(ids, [], 0)
+
+    async def detokenize(self, ids: list[int]) -> str:
+        self.check_token_ids(ids, "tokens")
+
+        def decode() -> str:
+            with self._lock:
+                return self.tokenizer.decode(ids)
+        return await asyncio.to_thread(decode)
 
     def max_new_tokens(self, prompt_tokens: int, requested: int | None, field: str, where: str) -> int:
         """The request's token budget: as asked if it fits the context, else the remaining context."""

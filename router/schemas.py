@@ -175,3 +175,30 @@ class CompletionRequest(_SamplingFields):
         if self.logprobs is not None:
             out.update(logprobs=True, top_logprobs=self.logprobs)
         return out
+
+
+class TokenizeRequest(BaseModel):
+    """vLLM's POST /tokenize: a completion `prompt` or chat `messages` (images expanded to their tokens)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[Any] | None = None
+
+    def unsupported(self) -> tuple[str, str] | None:
+        if (self.prompt is None) == (self.messages is None):
+            return "prompt", "give exactly one of prompt or messages"
+        return None
+
+
+class DetokenizeRequest(BaseModel):
+    """vLLM's POST /detokenize: token ids back to text."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str | None = None
+    tokens: list[int]
+
+    def unsupported(self) -> tuple[str, str] | None:
+        return None

@@ -283,3 +283,20 @@ def test_metrics_count_requests(app):
     assert samples[("epd:stage_seconds_sum", (model, ("stage", "encode")))] == pytest.approx(2 * 0.002)
     assert samples[("epd:pool_size", (model, ("pool", "encoder")))] == 2
     assert samples[("epd:num_requests_waiting", (model,))] == 0
+
+
+def test_tokenize_and_detokenize(app):
+    """vLLM's /tokenize gives the ids a request becomes here (the chat template applied, the same
+    ids the backend gets), /detokenize turns ids back into text; bad bodies are 400s."""
+    client, backend = app
+    client.post("/v1/chat/completions", json={"messages": HELLO, "max_tokens": 2})
+    chat = client.post("/tokenize", json={"model": "tiny", "messages": HELLO}).json()
+    assert chat["tokens"] == backend.requests[-1].input_ids and chat["count"] == len(chat["tokens"])
+    assert chat["max_model_len"] == MAX_CONTEXT
+    text = client.post("/tokenize", json={"prompt": "the red cat"}).json()
+    assert client.post("/detokenize", json={"tokens": text["tokens"]}).json() == {"prompt": "the red cat"}
+    long = client.post("/tokenize", json={"prompt": "x " * MAX_CONTEXT}).json()   # no context check here
+    assert long["count"] > MAX_CONTEXT
+    assert_error(client.post("/tokenize", json={"prompt": "a", "messages": HELLO}), 400, "prompt", text="exactly one")
+    assert_error(client.post("/detokenize", json={"tokens": [10**7]}), 400, "tokens", text="outside the vocabulary")
+    assert_error(client.post("/tokenize", json={"model": "nope", "prompt": "a"}), 404, "model")
