@@ -117,6 +117,7 @@ class EngineCore:
         self.inputs = InputProcessor(self.model_config, tokenizer, self.max_context,
                                      resize_on_device=self.device.type == "cuda")
         self._rid = 0
+        self._grammars = None   # epd.structured.Grammars, made by the first response_format request
         self.overlap = not config.disable_overlap_schedule
         self._in_flight: LaunchedStep | None = None
 
@@ -168,6 +169,7 @@ class EngineCore:
             bad = next((t for t in ids if not 0 <= t < vocab), None)
             if bad is not None:   # it would index past the logits on the device
                 raise InputError(f"{name}: token id {bad} is outside the vocabulary (size {vocab})", name)
+        constraint = self._constraint(params.response_format) if params.response_format else None
         max_total = min(self.max_context, len(inp.input_ids) + params.max_new_tokens)
         gen = None
         if params.seed is not None and not params.greedy:
@@ -176,7 +178,19 @@ class EngineCore:
             self._rid += 1
             rid = f"req-{self._rid}"
         detok = IncrementalDetokenizer(self.tokenizer, params.stop, params.skip_special_tokens)
-        return Request(rid, inp, params, detok, max_total, generator=gen)
+        return Request(rid, inp, params, detok, max_total, generator=gen, constraint=constraint)
+
+    def _constraint(self, spec: str):
+        """A fresh grammar state for `spec` (the engine's compiler made on first use)."""
+        from epd.structured import Grammars, StructuredOutputError
+
+        try:
+            if self._grammars is None:
+                stops = sorted(set(self.model_config.eos_token_ids))
+                self._grammars = Grammars(self.tokenizer, self.model_config.text.vocab_size, stops)
+            return self._grammars.constraint(spec)
+        except StructuredOutputError as e:
+            raise InputError(str(e), "response_format") from None
 
     def add(self, req: Request) -> None:
         try:
@@ -222,7 +236,9 @@ class EngineCore:
         logits = self.runner.run(chunks)
         self.scheduler.advance(chunks)
         sampling = [c for c in chunks if c.samples]
-        step = LaunchedStep(sampling, None if self.overlap else logits)
+        # a grammar's next mask needs this step's tokens on the host: such a step is not overlapped
+        overlap = self.overlap and not any(c.req.constraint is not None for c in sampling)
+        step = LaunchedStep(sampling, None if overlap else logits)
         if step.deferred:
             rows = None if self._plain_greedy(sampling) else [self._sampling_row(c.req) for c in sampling]
             step.ahead = self.runner.sample_ahead(logits, rows)
@@ -295,13 +311,14 @@ class EngineCore:
         """The sampler's view of a request; an output token still on the device (the step
         before's, overlap schedule) goes as `pending`, read from `runner.future` on the device."""
         p, out, pending = req.params, req.output_ids, None
-        if not p.penalised:
-            return SamplingRow(p, req.generator, [], [], self._banned(req))   # the sampler reads no history
+        allowed = req.constraint.allowed(self.device) if req.constraint is not None else None
+        if not p.penalised:   # the sampler reads no history
+            return SamplingRow(p, req.generator, [], [], self._banned(req), allowed=allowed)
         rows = [-1 - t for t in out if t < 0]
         if rows:
             out = [t for t in out if t >= 0]
             pending = self.runner.future.index_select(0, torch.tensor(rows).to(self.device, non_blocking=True))
-        return SamplingRow(p, req.generator, req.inp.input_ids + out, out, self._banned(req), pending)
+        return SamplingRow(p, req.generator, req.inp.input_ids + out, out, self._banned(req), pending, allowed)
 
     def _stop_ids(self, req: Request) -> frozenset[int]:
         if req.stop_ids is None:   # once per request: this is asked for every token
@@ -323,6 +340,8 @@ class EngineCore:
         are dropped if the request ends here."""
         if lp is not None:
             req.output_logprobs.append(lp)
+        if req.constraint is not None:
+            req.constraint.accept(tok)
         if req.first_token_time is None:
             req.first_token_time = time.monotonic()
         reason, text = None, ""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -61,6 +62,7 @@ class Request:
     stop_ids: frozenset[int] | None = None     # token ids that end it (the engine fills this in once)
     page_hashes: list[bytes] = field(default_factory=list, repr=False, compare=False)  # epd.prefix_cache
     pages_registered: int = 0                  # leading pages offered to the prefix cache
+    constraint: Any = None                     # epd.structured.Constraint: response_format's grammar state
     prompt_len: int = field(default=0, init=False)
     # `pages` as int32 numpy (page_array), and the list object and length it was copied from
     _pages_np: np.ndarray | None = field(default=None, init=False, repr=False, compare=False)

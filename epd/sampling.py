@@ -2,8 +2,8 @@
 
 `SamplingParams.from_dict` validates user input (unknown keys are an error, not ignored). The
 sampler takes the step's logits for the requests that produce a token and gives one token per
-row: greedy rows take the argmax (after penalties and `logit_bias`); the rest go through
-penalties, `logit_bias`, temperature, top-k, top-p and min-p, then draw from a per-request
+row: greedy rows take the argmax (after penalties, `logit_bias` and a structured-output grammar's
+mask); the rest go through the same, then temperature, top-k, top-p and min-p, then draw from a per-request
 `torch.Generator` when a seed is given, so a seeded request gives the same tokens whatever else
 is in the batch. On GPU, unseeded sampled rows are drawn
 together (`_draw_batch`: same filters, one multinomial). `sample_on_device` does all of it, and
@@ -46,6 +46,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     n: int = 1
     logit_bias: tuple[tuple[int, float], ...] = ()   # (token id, added to its logit) before sampling
+    response_format: str | None = None   # structured output spec (epd.structured), None: free text
     extra: dict = field(default_factory=dict, compare=False)
 
     @property
@@ -60,7 +61,8 @@ class SamplingParams:
     @property
     def plain_greedy(self) -> bool:
         """Greedy with nothing that needs the full sampler: the token is the raw argmax."""
-        return self.greedy and not self.penalised and not self.logprobs and not self.logit_bias
+        return (self.greedy and not self.penalised and not self.logprobs and not self.logit_bias
+                and self.response_format is None)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | SamplingParams | None) -> SamplingParams:
@@ -76,6 +78,13 @@ class SamplingParams:
         for key in ("stop", "stop_token_ids"):
             if key in d:
                 d[key] = tuple(d[key] or ())
+        if isinstance(d.get("response_format"), dict):   # OpenAI's field: checked and made canonical
+            from epd.structured import StructuredOutputError, response_format_spec
+
+            try:
+                d["response_format"] = response_format_spec(d["response_format"])
+            except StructuredOutputError as e:
+                raise SamplingParamError(str(e), "response_format") from None
         if "logit_bias" in d:   # {id: bias} or [(id, bias), ...] (as it crosses a process boundary)
             bias = d["logit_bias"] or ()
             pairs = bias.items() if isinstance(bias, dict) else bias
@@ -130,6 +139,7 @@ class SamplingRow:
     output_ids: list[int]        # output known on the host, for frequency / presence penalties
     banned_ids: tuple[int, ...]  # EOS/stop ids while min_new_tokens is not reached
     pending: torch.Tensor | None = None   # output tokens still on the device (overlap schedule)
+    allowed: torch.Tensor | None = None   # bool [vocab] on the logits' device: a grammar's next tokens
 
 
 @dataclass
@@ -167,7 +177,7 @@ def sample_on_device(logits: torch.Tensor, rows: list[SamplingRow]) -> DeviceSam
     without waiting (plus `pending`, tokens only the device knows yet), greedy rows' argmax,
     unseeded draws batched on GPU, seeded ones from their own generator."""
     raw = logits
-    if any(r.banned_ids or r.params.penalised or r.params.logit_bias for r in rows):
+    if any(r.banned_ids or r.params.penalised or r.params.logit_bias or r.allowed is not None for r in rows):
         logits = logits.clone()
         for i, row in enumerate(rows):
             _apply_penalties(logits[i], row)
@@ -176,6 +186,8 @@ def sample_on_device(logits: torch.Tensor, rows: list[SamplingRow]) -> DeviceSam
                 logits[i].index_add_(0, _ids(list(ids), None, logits.device), _values(bias, logits))
             if row.banned_ids:
                 logits[i].index_fill_(0, _ids(list(row.banned_ids), None, logits.device), float("-inf"))
+            if row.allowed is not None:
+                logits[i].masked_fill_(~row.allowed, float("-inf"))
     tokens = logits.argmax(dim=-1)
     drawn = [i for i, row in enumerate(rows) if not row.params.greedy]
     batched = [i for i in drawn if rows[i].generator is None] if logits.is_cuda else []

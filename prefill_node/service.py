@@ -203,7 +203,10 @@ class PrefillService:
         return after_layer
 
     def _first_tokens(self, chunks: list[Chunk], logits: torch.Tensor, finishing: list[Pending]) -> None:
-        rows = [SamplingRow(c.req.params, c.req.generator, c.req.inp.input_ids, [], ()) for c in chunks]
+        device = self.core.device
+        rows = [SamplingRow(c.req.params, c.req.generator, c.req.inp.input_ids, [], (),
+                            allowed=c.req.constraint.allowed(device) if c.req.constraint is not None else None)
+                for c in chunks]
         result = sample(logits, rows)
         for i, p in enumerate(finishing):
             req = p.req

@@ -2,9 +2,9 @@
 
 Unknown fields are accepted and ignored (OpenAI clients send fields such as `user`, `store` or
 `metadata` that change nothing here). Fields that would change the result in a way this server
-cannot honour are refused with a 400 naming the field (`unsupported()`): tools, response_format
-other than text, audio output, echo / suffix / best_of. `n` (up to 128, as OpenAI)
-choices are `n` backend requests (`router.choices`).
+cannot honour are refused with a 400 naming the field (`unsupported()`): tools, audio output,
+echo / suffix / best_of, a `response_format` xgrammar cannot follow (or any but text without it).
+`n` (up to 128, as OpenAI) choices are `n` backend requests (`router.choices`).
 
 Lifecycle: the app validates the JSON body into `ChatCompletionRequest` / `CompletionRequest`
 (a `ValidationError` becomes a 400 naming the field), calls `unsupported()`, then
@@ -15,7 +15,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
+
+from epd.structured import StructuredOutputError, response_format_spec
 
 _SEED_RANGE = dict(ge=-(1 << 63), le=(1 << 64) - 1)   # what torch.Generator.manual_seed takes
 
@@ -29,6 +31,7 @@ class _SamplingFields(BaseModel):
     """Fields shared by both endpoints (OpenAI's, then vLLM's extensions)."""
 
     model_config = ConfigDict(extra="allow")
+    _format_spec: str | None = PrivateAttr(None)   # response_format as epd.structured's spec (unsupported())
 
     model: str | None = None
     max_tokens: int | None = Field(None, ge=1)
@@ -42,6 +45,7 @@ class _SamplingFields(BaseModel):
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     logit_bias: dict[str, float] | None = None   # token id (a JSON key, so a string) -> bias in [-100, 100]
+    response_format: dict[str, Any] | None = None   # text, json_object or json_schema (epd.structured)
     # extensions (vLLM / SGLang names)
     top_k: int | None = None
     min_p: float | None = Field(None, ge=0.0, le=1.0)
@@ -72,6 +76,10 @@ class _SamplingFields(BaseModel):
     def _common_unsupported(self) -> tuple[str, str] | None:
         if self.stream_options is not None and not self.stream:
             return "stream_options", "stream_options is only allowed when stream is true"
+        try:
+            self._format_spec = response_format_spec(self.response_format)
+        except StructuredOutputError as e:
+            return "response_format", str(e)
         return None
 
     def sampling_dict(self, max_new_tokens: int) -> dict[str, Any]:
@@ -89,6 +97,8 @@ class _SamplingFields(BaseModel):
             out["stop_token_ids"] = list(self.stop_token_ids)
         if self.logit_bias:
             out["logit_bias"] = dict(zip(self.bias_token_ids(), self.logit_bias.values(), strict=True))
+        if self._format_spec is not None:
+            out["response_format"] = self._format_spec
         return out
 
     @property
@@ -104,7 +114,6 @@ class ChatCompletionRequest(_SamplingFields):
     tools: list[Any] | None = None
     tool_choice: Any = None
     functions: list[Any] | None = None
-    response_format: dict[str, Any] | None = None
     modalities: list[str] | None = None
     audio: dict[str, Any] | None = None
     chat_template: str | None = None
@@ -123,9 +132,6 @@ class ChatCompletionRequest(_SamplingFields):
             return "tools", "tool calling is not supported by this server"
         if self.functions:
             return "functions", "function calling is not supported by this server"
-        kind = (self.response_format or {}).get("type", "text")
-        if kind != "text":
-            return "response_format", f"response_format type {kind!r} is not supported (only 'text')"
         if self.audio is not None or any(m != "text" for m in self.modalities or []):
             return "modalities", "only text output is supported"
         if self.top_logprobs and not self.logprobs:

@@ -4,6 +4,7 @@ served by a local http.server, greedy output checked token for token against `tr
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -161,6 +162,8 @@ ERRORS = {
     "bad_data_uri": (lambda m: with_image("data:image/png;base64,@@@"), 400,
                      "messages[0].content[0].image_url.url", "not valid base64"),
     "n_above_128": (lambda m: hello(n=129), 400, "n", "less than or equal to 128"),
+    "unusable_schema": (lambda m: hello(response_format={"type": "json_schema", "json_schema": {
+        "schema": {"type": "nonsense"}}}), 400, "response_format", "cannot be used"),
 }
 
 
@@ -257,3 +260,21 @@ def test_n_choices_from_the_engine(server):
             streamed[choice.index] += choice.delta.content or ""
     assert list(streamed.values()) == texts
     wait_until_idle(server)
+
+
+SCHEMA = {"type": "object", "additionalProperties": False, "required": ["animal", "legs"],
+          "properties": {"animal": {"enum": ["cat", "dog", "bird"]}, "legs": {"type": "integer", "maximum": 8}}}
+
+
+def test_response_format_json_schema(server, media):
+    """The openai client's structured output: the answer (streamed or not) parses and follows the
+    schema, even from a random model; an image in the prompt changes nothing about that."""
+    rf = {"type": "json_schema", "json_schema": {"name": "animal", "schema": SCHEMA, "strict": True}}
+    content = [image_part(media.url("a.png")), {"type": "text", "text": "Which animal, as JSON?"}]
+    whole = chat(server, content, max_tokens=40, response_format=rf)
+    value = json.loads(whole.choices[0].message.content)
+    assert list(value) == ["animal", "legs"] and value["animal"] in ("cat", "dog", "bird")
+    assert value["legs"] <= 8 and whole.choices[0].finish_reason == "stop"
+    streamed = "".join(c.choices[0].delta.content or "" for c in chat(server, content, max_tokens=40,
+                                                                       response_format=rf, stream=True))
+    assert streamed == whole.choices[0].message.content

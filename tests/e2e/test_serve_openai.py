@@ -6,6 +6,7 @@ Ctrl-C must leave no process behind.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -181,6 +182,18 @@ def test_the_prefill_node_caches_prefixes_with_their_images(serve, media):
     assert_matches(again, prompt_ids, expected)
     cached = again.usage.prompt_tokens_details.cached_tokens
     assert again.usage.prompt_tokens_details.image_tokens < cached < len(prompt_ids)
+
+
+def test_response_format_over_the_pools(serve, media):
+    """The prefill node samples the first token under the grammar, the decode node the rest."""
+    schema = {"type": "object", "additionalProperties": False, "required": ["ok", "size"],
+              "properties": {"ok": {"type": "boolean"}, "size": {"enum": ["small", "large"]}}}
+    content = [image_part(media.url("a.png")), {"type": "text", "text": "As JSON:"}]
+    resp = chat(serve, content, max_tokens=30,
+                response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema}})
+    value = json.loads(resp.choices[0].message.content)
+    assert list(value) == ["ok", "size"] and isinstance(value["ok"], bool) and value["size"] in ("small", "large")
+    assert resp.choices[0].finish_reason == "stop"
 
 
 def test_n_choices_over_the_pools(serve, media):
