@@ -2,10 +2,13 @@
 
 Each choice is its own backend request (`BackendRequest` with rid `{rid}-{i}`, and seed + i when a
 seed is given, so the choices differ as in vLLM and choice 0 equals the same request with n = 1).
-`ChoiceStream(generators)` reads them all at once: `next()` returns the next event of whichever
-choice has one, in arrival order, and raises the first `BackendError` any of them raises (the
-request then fails as a whole); `aclose()` stops every choice still running, which aborts it in
-the backend and frees its KV pages. One choice is read directly, without a task.
+`ChoiceStream(generators)` reads them: choice 0 first, the others once choice 0's first token is
+in (its prompt's KV pages are then in the prefix cache, and its images encoded, so the other
+choices take them instead of computing the prompt again; the request's time to first token is
+choice 0's either way). `next()` returns the next event of whichever choice has one, in arrival
+order, and raises the first `BackendError` any of them raises (the request then fails as a
+whole); `aclose()` stops every choice still running, which aborts it in the backend and frees its
+KV pages. One choice is read directly, without a task.
 """
 
 from __future__ import annotations
@@ -35,13 +38,17 @@ class ChoiceStream:
         self.n = len(generators)
         self._generators = generators
         self._queue: asyncio.Queue[tuple[int, BackendEvent | None, BaseException | None]] = asyncio.Queue()
-        self._tasks = ([asyncio.ensure_future(self._pump(i, g)) for i, g in enumerate(generators)]
-                       if self.n > 1 else [])
+        self._tasks = [asyncio.ensure_future(self._pump(0, generators[0]))] if self.n > 1 else []
+
+    def _start_the_others(self) -> None:
+        self._tasks += [asyncio.ensure_future(self._pump(i, g)) for i, g in enumerate(self._generators) if i]
 
     async def _pump(self, index: int, events: AsyncIterator[BackendEvent]) -> None:
         try:
             async for ev in events:
                 await self._queue.put((index, ev, None))
+                if index == 0 and len(self._tasks) == 1:
+                    self._start_the_others()
                 if ev.finished:
                     return
             await self._queue.put((index, None, None))

@@ -25,9 +25,12 @@ class ChoicesBackend(ScriptedBackend):
     def __init__(self) -> None:
         super().__init__()
         self.fail: tuple[int, int] | None = None
+        self.tokens_sent = 0
+        self.tokens_before: dict[str, int] = {}   # rid -> tokens sent (any request) when it started
 
     async def generate(self, req: BackendRequest) -> AsyncIterator[BackendEvent]:
         self.requests.append(req)
+        self.tokens_before[req.rid] = self.tokens_sent
         choice = int(req.rid.rsplit("-", 1)[1]) if req.rid.count("-") > 1 else 0
         count, done = choice + 2, False
         try:
@@ -38,6 +41,7 @@ class ChoicesBackend(ScriptedBackend):
                     raise BackendError(f"choice {choice} failed", 503)
                 last = t == count - 1
                 done = last
+                self.tokens_sent += 1
                 yield BackendEvent(token_id=t, text=f"c{choice}t{t} ", finished=last,
                                    finish_reason="stop" if last else None, prompt_tokens=len(req.input_ids or []),
                                    completion_tokens=t + 1, timings={"decode_ms": 1.0} if last else {})
@@ -69,6 +73,10 @@ def test_n_choices_each_from_its_own_request(app):
     assert body["usage"]["total_tokens"] == prompt + 9
     assert sorted(r.rid for r in backend.requests) == [f"{body['id']}-{i}" for i in range(3)]
     assert sorted(r.params.seed for r in backend.requests) == [7, 8, 9]   # differ; choice 0 = the n=1 draw
+    # choice 0 alone first; the others once its first token is in (its prompt is then cached)
+    rid = body["id"]
+    assert backend.tokens_before[f"{rid}-0"] == 0 and backend.requests[0].rid == f"{rid}-0"
+    assert all(backend.tokens_before[f"{rid}-{i}"] >= 1 for i in (1, 2))
     backend.requests.clear()
     client.post("/v1/completions", json={"prompt": "hi", "n": 2, "max_tokens": 4})
     assert [r.params.seed for r in backend.requests] == [None, None]
@@ -77,21 +85,21 @@ def test_n_choices_each_from_its_own_request(app):
 def test_n_choices_stream_interleaved_with_their_indices(app):
     client, _ = app
     events = sse_events(client.post("/v1/chat/completions", json={
-        "messages": HELLO, "n": 2, "stream": True, "stream_options": {"include_usage": True}}))
+        "messages": HELLO, "n": 3, "stream": True, "stream_options": {"include_usage": True}}))
     assert events[-1] == "[DONE]"
     chunks = [e for e in events[:-1] if e["choices"]]
     roles = [c["choices"][0]["index"] for c in chunks if "role" in c["choices"][0]["delta"]]
-    assert roles == [0, 1]                                         # one opening chunk a choice
-    by_index = {0: "", 1: ""}
+    assert roles == [0, 1, 2]                                      # one opening chunk a choice
+    by_index = {0: "", 1: "", 2: ""}
     for c in chunks:
         by_index[c["choices"][0]["index"]] += c["choices"][0]["delta"].get("content", "")
-    assert by_index == {0: _text(0), 1: _text(1)}
+    assert by_index == {i: _text(i) for i in range(3)}
     finishes = [c["choices"][0]["index"] for c in chunks if c["choices"][0]["finish_reason"]]
-    assert sorted(finishes) == [0, 1]
+    assert sorted(finishes) == [0, 1, 2]
     order = [c["choices"][0]["index"] for c in chunks if c["choices"][0]["delta"].get("content")]
-    assert order.index(1) < len(order) - 1 - order[::-1].index(0)   # choice 1 began before choice 0 ended
+    assert order.index(2) < len(order) - 1 - order[::-1].index(1)   # choice 2 began before choice 1 ended
     usage = events[-2]
-    assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == 2 + 3
+    assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == 2 + 3 + 4
 
 
 def test_texts_offsets_per_choice(app):
