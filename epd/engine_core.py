@@ -329,7 +329,11 @@ class EngineCore:
         return req.stop_ids
 
     def _banned(self, req: Request) -> tuple[int, ...]:
-        return tuple(self._stop_ids(req)) if len(req.output_ids) < req.params.min_new_tokens else ()
+        """Stop ids while `min_new_tokens` is not reached; never under a grammar, which allows a stop
+        token only once its value is complete (and then nothing else)."""
+        if req.constraint is not None or len(req.output_ids) >= req.params.min_new_tokens:
+            return ()
+        return tuple(self._stop_ids(req))
 
     def _append_token(self, req: Request, tok: int, lp: float | None, top) -> TokenEvent:
         req.output_ids.append(tok)

@@ -68,3 +68,14 @@ def test_json_object_is_an_object(engine):
 def test_bad_response_formats_are_refused(engine, rf, text):
     with pytest.raises((SamplingParamError, InputError), match=text):
         engine.generate(prompt=PROMPT, sampling_params={"response_format": rf})
+
+
+def test_min_tokens_does_not_outlast_a_complete_value(engine):
+    """A complete JSON value allows only a stop token: min_tokens cannot push the answer past it."""
+    done = engine.generate(prompt=PROMPT, sampling_params={"max_new_tokens": 64, "temperature": 0,
+                                                           "response_format": RF})
+    n = len(done["output_ids"])                                # the value, then a stop token
+    out = engine.generate(prompt=PROMPT, sampling_params={"max_new_tokens": 64, "temperature": 0,
+                                                          "min_new_tokens": n + 5, "response_format": RF})
+    assert out["output_ids"] == done["output_ids"]
+    _follows_schema(out)
