@@ -205,6 +205,7 @@ def _add_completion_routes(app: FastAPI, router: Router) -> None:
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         fmt = ChatFormat(rid, router.settings.served_model_name, router.token_text[body.return_tokens_as_token_ids],
                          body.logprobs, len(prepared.input_ids))
+        fmt.include_stop_str, fmt.continuous_usage = body.include_stop_str_in_output, body.continuous_usage
         return await respond(request, router.backend, router.backend_requests(prepared, params, rid, body.n), fmt,
                              timer, body.stream, body.include_usage)
 
@@ -218,6 +219,10 @@ def _add_completion_routes(app: FastAPI, router: Router) -> None:
         rid = f"cmpl-{uuid.uuid4().hex}"
         fmt = TextFormat(rid, router.settings.served_model_name, router.token_text[body.return_tokens_as_token_ids],
                          body.logprobs is not None, len(prepared.input_ids))
+        fmt.include_stop_str, fmt.continuous_usage = body.include_stop_str_in_output, body.continuous_usage
+        if body.echo:
+            prompt = body.single_prompt()
+            fmt.echo = prompt if isinstance(prompt, str) else await router.prompts.detokenize(prompt)
         return await respond(request, router.backend, router.backend_requests(prepared, params, rid, body.n), fmt,
                              timer, body.stream, body.include_usage)
 

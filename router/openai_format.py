@@ -15,6 +15,7 @@ the chat template, fetching and decoding images, tokenizing).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import time
@@ -128,6 +129,19 @@ class _Format:
         self.prompt_tokens = prompt_tokens
         self.created = created if created is not None else int(time.time())
         self.router_ms: float | None = None   # arrival -> hand-over to the backend (set by the serving code)
+        self.include_stop_str = False         # vLLM's include_stop_str_in_output
+        self.continuous_usage = False         # vLLM's stream_options.continuous_usage_stats
+
+    def shown(self, ev: BackendEvent) -> BackendEvent:
+        """The event as the client sees it: with include_stop_str_in_output, a matched stop string
+        ends the text (it is cut by the backend otherwise)."""
+        if self.include_stop_str and ev.finished and isinstance(ev.matched_stop, str):
+            return dataclasses.replace(ev, text=ev.text + ev.matched_stop)
+        return ev
+
+    def usage_so_far(self, events: dict[int, BackendEvent]) -> dict[str, Any]:
+        """Usage with every choice's tokens so far (continuous_usage_stats), from each choice's latest event."""
+        return usage(list(events.values()), self.prompt_tokens)
 
     def envelope(self, name: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
         return {"id": self.rid, "object": name, "created": self.created, "model": self.model, "choices": choices}
@@ -192,6 +206,13 @@ class TextFormat(_Format):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.offsets: dict[int, int] = {}   # choice -> characters of text sent so far (logprobs.text_offset)
+        self.echo: str | None = None        # the prompt's text, when `echo` asks for it before each answer
+
+    def first_chunk(self, index: int = 0) -> dict[str, Any] | None:
+        if self.echo is None:
+            return None
+        choice = {"index": index, "text": self.echo, "logprobs": None, "finish_reason": None}
+        return self.envelope(self.chunk_name, [choice])
 
     def _logprobs(self, events: list[BackendEvent], start: int) -> dict[str, Any] | None:
         if not self.logprobs:
@@ -214,7 +235,7 @@ class TextFormat(_Format):
         return self.envelope(self.chunk_name, [choice])
 
     def response(self, outs: list[Outcome]) -> dict[str, Any]:
-        choices = [{"index": i, "text": out.text, "logprobs": self._logprobs(out.events, 0),
+        choices = [{"index": i, "text": (self.echo or "") + out.text, "logprobs": self._logprobs(out.events, 0),
                     "finish_reason": out.final.finish_reason if out.final else None} for i, out in enumerate(outs)]
         payload = self.envelope(self.object_name, choices)
         payload["usage"] = usage([out.final for out in outs], self.prompt_tokens)

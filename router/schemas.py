@@ -3,7 +3,8 @@
 Unknown fields are accepted and ignored (OpenAI clients send fields such as `user`, `store` or
 `metadata` that change nothing here). Fields that would change the result in a way this server
 cannot honour are refused with a 400 naming the field (`unsupported()`): tools, audio output,
-echo / suffix / best_of, a `response_format` xgrammar cannot follow (or any but text without it).
+echo with logprobs, suffix, best_of, a `response_format` xgrammar cannot follow (or any but text
+without it).
 `n` (up to 128, as OpenAI) choices are `n` backend requests (`router.choices`).
 
 Lifecycle: the app validates the JSON body into `ChatCompletionRequest` / `CompletionRequest`
@@ -25,6 +26,7 @@ _SEED_RANGE = dict(ge=-(1 << 63), le=(1 << 64) - 1)   # what torch.Generator.man
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="allow")
     include_usage: bool = False
+    continuous_usage_stats: bool = False   # vLLM's: usage (so far) on every chunk too
 
 
 class _SamplingFields(BaseModel):
@@ -55,6 +57,7 @@ class _SamplingFields(BaseModel):
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
     return_tokens_as_token_ids: bool = False
+    include_stop_str_in_output: bool = False   # vLLM's: the matched stop string ends the text
 
     @field_validator("logit_bias")
     @classmethod
@@ -104,6 +107,10 @@ class _SamplingFields(BaseModel):
     @property
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+    @property
+    def continuous_usage(self) -> bool:
+        return self.include_usage and bool(self.stream_options and self.stream_options.continuous_usage_stats)
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -168,8 +175,8 @@ class CompletionRequest(_SamplingFields):
         p = self.prompt
         if isinstance(p, list) and p and isinstance(p[0], str | list) and len(p) != 1:
             return "prompt", f"a batch of {len(p)} prompts is not supported; send one prompt per request"
-        if self.echo:
-            return "echo", "echo is not supported"
+        if self.echo and self.logprobs is not None:
+            return "echo", "echo with logprobs is not supported (it needs the prompt's logprobs)"
         if self.suffix:
             return "suffix", "suffix is not supported"
         if self.best_of not in (None, 1):

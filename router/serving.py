@@ -83,7 +83,7 @@ async def respond(request: Request, backend: Backend, breqs: list[BackendRequest
                                  headers=SSE_HEADERS)
     outs = [Outcome() for _ in breqs]
     try:
-        await until_done_or_disconnected(request, _collect(events, first, outs, timer, fmt.logprobs))
+        await until_done_or_disconnected(request, _collect(events, first, outs, timer, fmt))
     except BackendError as e:
         timer.failed(str(e.status))
         raise _api_error(e) from None
@@ -97,10 +97,12 @@ async def respond(request: Request, backend: Backend, breqs: list[BackendRequest
 
 
 async def _collect(events: ChoiceStream, item: tuple[int, BackendEvent], outs: list[Outcome], timer: RequestTimer,
-                   keep_events: bool) -> None:
+                   fmt: ChatFormat | TextFormat) -> None:
+    keep_events = fmt.logprobs
     running = len(outs)
     while True:
         index, ev = item
+        ev = fmt.shown(ev)
         timer.token(ev, index)
         out = outs[index]
         out.text += ev.text
@@ -116,9 +118,11 @@ async def _collect(events: ChoiceStream, item: tuple[int, BackendEvent], outs: l
 
 async def _sse(events: ChoiceStream, first: tuple[int, BackendEvent], fmt: ChatFormat | TextFormat,
                timer: RequestTimer, include_usage: bool) -> AsyncIterator[str]:
+    latest: dict[int, BackendEvent] = {}
+
     def chunk(payload: dict[str, Any]) -> str:
-        if include_usage:
-            payload["usage"] = None       # as OpenAI: every chunk but the last has usage: null
+        if include_usage:   # as OpenAI: every chunk but the last has usage: null (vLLM's continuous: so far)
+            payload["usage"] = fmt.usage_so_far(latest) if fmt.continuous_usage and latest else None
         return sse(payload)
 
     item, finals = first, [None] * events.n
@@ -129,6 +133,7 @@ async def _sse(events: ChoiceStream, first: tuple[int, BackendEvent], fmt: ChatF
                 yield chunk(opening)
         while True:
             index, ev = item
+            ev = latest[index] = fmt.shown(ev)
             timer.token(ev, index)
             if ev.text or ev.finished or fmt.logprobs:
                 payload = fmt.chunk(ev, index)

@@ -117,6 +117,13 @@ def test_text_completions_from_text_and_token_ids(server):
         int(t.removeprefix("token_id:")) for t in client.completions.create(
             model=MODEL, prompt=ids, max_tokens=1, temperature=0, logprobs=0,
             extra_body={"return_tokens_as_token_ids": True}).choices[0].logprobs.tokens]
+    echoed = client.completions.create(model=MODEL, prompt=prompt, max_tokens=8, temperature=0, echo=True)
+    assert echoed.choices[0].text == prompt + by_text.choices[0].text
+    answer = by_text.choices[0].text
+    stop = answer[len(answer) // 2:len(answer) // 2 + 2]
+    cut = client.completions.create(model=MODEL, prompt=prompt, max_tokens=8, temperature=0, stop=[stop],
+                                    extra_body={"include_stop_str_in_output": True})
+    assert cut.choices[0].text == answer[:answer.index(stop)] + stop and cut.choices[0].finish_reason == "stop"
 
 
 def test_models_health_and_metrics(server):

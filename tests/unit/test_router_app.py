@@ -199,7 +199,7 @@ def test_bad_chat_requests_are_400_naming_the_field(app, payload, param, text):
 def test_bad_completion_requests(app):
     client, _ = app
     assert_error(client.post("/v1/completions", json={"prompt": ["a", "b"]}), 400, "prompt", text="batch")
-    assert_error(client.post("/v1/completions", json={"prompt": "a", "echo": True}), 400, "echo")
+    assert_error(client.post("/v1/completions", json={"prompt": "a", "suffix": "b"}), 400, "suffix")
     assert_error(client.post("/v1/completions", json={"prompt": [1, 10**7]}), 400, "prompt", text="vocabulary")
 
 
