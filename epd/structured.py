@@ -11,27 +11,33 @@ a constrained request is not overlapped with the next (`EngineCore`). JSON is ge
 only the stop tokens are allowed.
 
 xgrammar is optional (`pip install xgrammar`); without it a `response_format` other than text is
-refused with a clear error.
+refused with a clear error. It is imported on first use (it takes seconds: Triton, TVM FFI), so
+processes that never see a structured request never load it.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import threading
 from typing import Any
 
 import torch
 
-try:
-    import xgrammar as xgr
-except ImportError:  # pragma: no cover - the package is optional
-    xgr = None
-
 TYPES = ("json_object", "json_schema")
 
 
 class StructuredOutputError(ValueError):
     pass
+
+
+@functools.cache
+def _xgrammar() -> Any:
+    try:
+        import xgrammar
+    except ImportError:
+        raise StructuredOutputError("response_format json_object / json_schema needs the xgrammar package") from None
+    return xgrammar
 
 
 def response_format_spec(response_format: dict[str, Any] | None) -> str | None:
@@ -56,8 +62,7 @@ def response_format_spec(response_format: dict[str, Any] | None) -> str | None:
 
 def check_spec(spec: str) -> None:
     """Raise StructuredOutputError unless xgrammar can build the spec's grammar."""
-    if xgr is None:
-        raise StructuredOutputError("response_format json_object / json_schema needs the xgrammar package")
+    xgr = _xgrammar()
     try:
         xgr.Grammar.from_json_schema(_schema_text(spec), any_whitespace=False)
     except Exception as e:  # noqa: BLE001 - xgrammar raises several kinds for a bad schema
@@ -74,7 +79,7 @@ class Constraint:
 
     def __init__(self, matcher: Any, vocab_size: int) -> None:
         self._matcher = matcher
-        self._bitmask = xgr.allocate_token_bitmask(1, vocab_size)
+        self._bitmask = _xgrammar().allocate_token_bitmask(1, vocab_size)
         self._bits = torch.arange(32, dtype=torch.int32)
         self.vocab_size = vocab_size
 
@@ -95,8 +100,7 @@ class Grammars:
     """Compiles specs for one tokenizer and vocabulary (compiled grammars are cached by spec)."""
 
     def __init__(self, tokenizer: Any, vocab_size: int, stop_token_ids: list[int]) -> None:
-        if xgr is None:
-            raise StructuredOutputError("response_format json_object / json_schema needs the xgrammar package")
+        xgr = _xgrammar()
         info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size, stop_token_ids=stop_token_ids)
         self._compiler = xgr.GrammarCompiler(info)
         self._compiled: dict[str, Any] = {}
@@ -112,4 +116,4 @@ class Grammars:
                 except Exception as e:  # noqa: BLE001 - a schema the router did not check (Engine API)
                     raise StructuredOutputError(f"response_format: the JSON schema cannot be used: {e}") from None
                 self._compiled[spec] = compiled
-        return Constraint(xgr.GrammarMatcher(compiled), self.vocab_size)
+        return Constraint(_xgrammar().GrammarMatcher(compiled), self.vocab_size)

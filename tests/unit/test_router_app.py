@@ -7,6 +7,7 @@ the real engine behind the same app is covered by tests/e2e/test_router_openai.p
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -300,3 +301,20 @@ def test_tokenize_and_detokenize(app):
     assert_error(client.post("/tokenize", json={"prompt": "a", "messages": HELLO}), 400, "prompt", text="exactly one")
     assert_error(client.post("/detokenize", json={"tokens": [10**7]}), 400, "tokens", text="outside the vocabulary")
     assert_error(client.post("/tokenize", json={"model": "nope", "prompt": "a"}), 404, "model")
+
+
+def test_structured_output_without_xgrammar_is_a_clear_400(app, monkeypatch):
+    """Where xgrammar is not installed (it is optional), response_format json_* is refused by name."""
+    from epd import structured
+
+    structured._xgrammar.cache_clear()
+    monkeypatch.setitem(sys.modules, "xgrammar", None)            # import xgrammar now fails
+    try:
+        client, backend = app
+        resp = client.post("/v1/chat/completions", json={"messages": HELLO, "response_format": {"type": "json_object"}})
+        assert_error(resp, 400, "response_format", text="needs the xgrammar package")
+        assert not backend.requests
+        assert client.post("/v1/chat/completions", json={"messages": HELLO, "response_format": {"type": "text"}}
+                           ).status_code == 200
+    finally:
+        structured._xgrammar.cache_clear()
