@@ -236,7 +236,8 @@ class DecodeService:
                 logprobs=[ev.logprob] if ev.logprob is not None else None,
                 top_logprobs=[[list(x) for x in ev.top_logprobs]] if ev.top_logprobs else None,
                 finished=ev.finished, finish_reason=ev.finish_reason, prompt_tokens=req.prompt_len,
-                completion_tokens=ev.completion_tokens, timings=timings))
+                completion_tokens=ev.completion_tokens, cached_tokens=(inc.meta or {}).get("cached_tokens", 0),
+                timings=timings))
 
     def _fail(self, inc: Incoming, stage: str, error: str) -> None:
         log.warning("request %s failed at %s: %s", inc.msg.rid, stage, error)

@@ -103,6 +103,7 @@ class TokenDelta:
     finish_reason: dict | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0             # prompt tokens the prefill node took from its prefix cache
     error: str = ""
     stage: str = ""
     node: str = ""

@@ -214,7 +214,8 @@ class PrefillService:
             meta = {"first_token": result.token_ids[i], "mrope_delta": req.inp.mrope_delta,
                     "timings": {**p.waits(), "prefill_ms": (now - p.started) * 1e3,
                                 "first_token_sampled_at": protocol.wall_time(now)},
-                    "prompt_len": req.prompt_len, "num_groups": len(self.groups), "layout": self.layout.to_dict(),
+                    "prompt_len": req.prompt_len, "cached_tokens": req.cached_tokens, "num_groups": len(self.groups),
+                    "layout": self.layout.to_dict(),
                     "logprob": result.logprobs[i] if result.logprobs else None,
                     "top_logprobs": [list(x) for x in result.top_logprobs[i]] if result.top_logprobs else None}
             tensors = []
@@ -322,7 +323,7 @@ class PrefillService:
                          sum(r.gbps for r in reports if r.seconds > 0) / max(1, len(reports)))
             self._report(p, "prefill", ok=True, timings={
                 **p.waits(), "prefill_ms": (p.sent_at - p.started) * 1e3,
-                "transfer_tail_ms": seconds * 1e3}, info={"kv_bytes": nbytes, "cached_tokens": p.req.cached_tokens})
+                "transfer_tail_ms": seconds * 1e3}, info={"kv_bytes": nbytes})
 
     def _report(self, p: Pending, stage: str, ok: bool, error: str = "", timings: dict | None = None,
                 info: dict | None = None) -> None:

@@ -44,7 +44,6 @@ class Flight:
     done: set[str] = dataclasses.field(default_factory=set)   # roles whose part is over
     timings: dict[str, float] = dataclasses.field(default_factory=dict)
     finished: bool = False
-    cached_tokens: int = 0                      # prompt tokens the prefill node took from its prefix cache
     received_at: float = 0.0                    # wall clock; nodes' `*_at` instants become ms after it
 
     def add_timings(self, timings: dict[str, float]) -> None:
@@ -240,7 +239,7 @@ class DisaggBackend:
                     finished=last, finish_reason=openai_finish_reason(msg.finish_reason) if last else None,
                     matched_stop=(msg.finish_reason or {}).get("matched") if last else None,
                     prompt_tokens=msg.prompt_tokens, completion_tokens=msg.completion_tokens,
-                    image_tokens=image_tokens, cached_tokens=flight.cached_tokens,
+                    image_tokens=image_tokens, cached_tokens=msg.cached_tokens,
                     timings=dict(flight.timings) if last else {})
             if msg.finished:
                 return
@@ -249,7 +248,6 @@ class DisaggBackend:
         if not msg.ok:
             raise BackendError(f"request failed at stage '{msg.stage}' on node {msg.node}: {msg.error}", 503)
         flight.add_timings(msg.timings)
-        flight.cached_tokens = int(msg.info.get("cached_tokens", flight.cached_tokens))
         flight.done.add({"encode": "encoder", "prefill": "prefill"}.get(msg.stage, msg.stage))
 
     async def _watchdog(self, flight: Flight, deadline: float) -> None:
