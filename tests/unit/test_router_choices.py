@@ -35,7 +35,7 @@ class ChoicesBackend(ScriptedBackend):
         count, done = choice + 2, False
         try:
             for t in range(count):
-                await asyncio.sleep(0.01)
+                await asyncio.sleep(0.02)
                 if self.fail == (choice, t):
                     done = True
                     raise BackendError(f"choice {choice} failed", 503)
