@@ -28,6 +28,7 @@ from epd.attention.base import AttentionBackend
 from epd.attention.torch_backend import TorchAttentionBackend
 from epd.config import ModelConfig, parse_dtype
 from epd.detokenizer import IncrementalDetokenizer
+from epd.device_copy import to_device
 from epd.image_processor import pixel_values
 from epd.inputs import InputError, InputProcessor, ProcessedInput
 from epd.kv_pool import KVCache, KVCacheSpec, PagePool
@@ -317,7 +318,7 @@ class EngineCore:
         rows = [-1 - t for t in out if t < 0]
         if rows:
             out = [t for t in out if t >= 0]
-            pending = self.runner.future.index_select(0, torch.tensor(rows).to(self.device, non_blocking=True))
+            pending = self.runner.future.index_select(0, to_device(rows, self.device, torch.long))
         return SamplingRow(p, req.generator, req.inp.input_ids + out, out, self._banned(req), pending, allowed)
 
     def _stop_ids(self, req: Request) -> frozenset[int]:

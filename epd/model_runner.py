@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from epd.attention.base import AttentionBackend, StepMetadata
+from epd.device_copy import to_device, to_host
 from epd.kv_pool import KVCache
 from epd.models.qwen2_vl_text import Qwen2VLLanguageModel
 from epd.request import Request
@@ -68,14 +69,7 @@ class ModelRunner:
         else:
             drawn = sample_on_device(logits, rows)
             tokens.copy_(drawn.tokens)
-        return drawn.map(self._to_host)
-
-    def _to_host(self, t: torch.Tensor) -> torch.Tensor:
-        if self.device.type != "cuda":
-            return t.clone()
-        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-        host.copy_(t, non_blocking=True)
-        return host
+        return drawn.map(to_host)
 
     def record_done(self) -> torch.cuda.Event | None:
         """An event after everything launched so far (None on the CPU, where ops finish in order)."""
@@ -104,21 +98,12 @@ class ModelRunner:
             kv_lens=[c.start + c.length for c in chunks],
             page_tables=tables,
             page_size=ps,
-            write_slots=self._stage(torch.from_numpy(write_slots(chunks, tables, ps))),
+            write_slots=to_device(torch.from_numpy(write_slots(chunks, tables, ps)), self.device),
         )
-        input_ids = self._stage(torch.tensor(ids, dtype=torch.long))
+        input_ids = to_device(ids, self.device, torch.long)   # without waiting for the step still running
         if ids and min(ids) < 0:
             input_ids = resolve_placeholders(input_ids, self.future)
-        return input_ids, self._stage(torch.from_numpy(np.concatenate(positions, axis=1))), meta
-
-    def _stage(self, host: torch.Tensor) -> torch.Tensor:
-        """A host tensor's copy on the device, queued without waiting: a blocking copy (or one from
-        pageable memory, which the driver may serialize with the stream) would wait for the step
-        still running (overlap schedule) before this one could launch. The pinned block goes back
-        to torch's host cache, which reuses it only once the copy has run."""
-        if self.device.type != "cuda":
-            return host.to(self.device)
-        return host.pin_memory().to(self.device, non_blocking=True)
+        return input_ids, to_device(torch.from_numpy(np.concatenate(positions, axis=1)), self.device), meta
 
     def embed(self, chunks: list[Chunk], input_ids: torch.Tensor) -> torch.Tensor:
         embeds = self.model.embed(input_ids)
@@ -130,7 +115,7 @@ class ModelRunner:
                 rows = req.image_index[c.start:end]
                 hit = (rows >= 0).nonzero().squeeze(1)
                 if hit.numel():
-                    embeds[offset + self._stage(hit)] = req.image_embeds[self._stage(rows[hit])]
+                    embeds[offset + to_device(hit, self.device)] = req.image_embeds[to_device(rows[hit], self.device)]
             offset += c.length
         return embeds
 
@@ -149,7 +134,7 @@ class ModelRunner:
             end += c.length
             if c.samples:
                 rows.append(end)
-        return self.model.logits(hidden[self._stage(torch.tensor(rows, dtype=torch.long))])
+        return self.model.logits(hidden[to_device(rows, self.device, torch.long)])
 
 
 def resolve_placeholders(ids: torch.Tensor, future: torch.Tensor) -> torch.Tensor:

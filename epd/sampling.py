@@ -3,10 +3,10 @@
 `SamplingParams.from_dict` validates user input (unknown keys are an error, not ignored). The
 sampler takes the step's logits for the requests that produce a token and gives one token per
 row: greedy rows take the argmax (after penalties, `logit_bias` and a structured-output grammar's
-mask); the rest go through the same, then temperature, top-k, top-p and min-p, then draw from a per-request
-`torch.Generator` when a seed is given, so a seeded request gives the same tokens whatever else
-is in the batch. On GPU, unseeded sampled rows are drawn
-together (`_draw_batch`: same filters, one multinomial). `sample_on_device` does all of it, and
+mask); the rest go through the same, then temperature, top-k, top-p and min-p, then draw from a
+per-request `torch.Generator` when a seed is given, so a seeded request gives the same tokens
+whatever else is in the batch. On GPU, unseeded sampled rows are drawn together (`_draw_batch`:
+same filters, one multinomial). `sample_on_device` does all of it, and
 the logprobs, without a host sync (penalties are dense over the vocabulary, index lists are copied
 without waiting), which the engine's overlap schedule needs; `sample` is that plus one copy back.
 """
@@ -18,6 +18,8 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
+
+from epd.device_copy import to_device
 
 
 class SamplingParamError(ValueError):
@@ -183,7 +185,8 @@ def sample_on_device(logits: torch.Tensor, rows: list[SamplingRow]) -> DeviceSam
             _apply_penalties(logits[i], row)
             if row.params.logit_bias:
                 ids, bias = zip(*row.params.logit_bias, strict=True)
-                logits[i].index_add_(0, _ids(list(ids), None, logits.device), _values(bias, logits))
+                bias_values = to_device(bias, logits.device, logits.dtype)
+                logits[i].index_add_(0, _ids(list(ids), None, logits.device), bias_values)
             if row.banned_ids:
                 logits[i].index_fill_(0, _ids(list(row.banned_ids), None, logits.device), float("-inf"))
             if row.allowed is not None:
@@ -210,14 +213,8 @@ def sample_on_device(logits: torch.Tensor, rows: list[SamplingRow]) -> DeviceSam
 def _ids(host: list[int], pending: torch.Tensor | None, device: torch.device) -> torch.Tensor:
     """int64 ids on `device` from a host list (copied without waiting for the device) and the
     device-side `pending` ids."""
-    ids = torch.tensor(host, dtype=torch.long, pin_memory=device.type == "cuda").to(device, non_blocking=True)
+    ids = to_device(host, device, torch.long)
     return ids if pending is None else torch.cat([ids, pending.to(torch.long)])
-
-
-def _values(values: tuple[float, ...], like: torch.Tensor) -> torch.Tensor:
-    """Floats on `like`'s device and dtype, copied without waiting for the device."""
-    host = torch.tensor(values, dtype=like.dtype, pin_memory=like.device.type == "cuda")
-    return host.to(like.device, non_blocking=True)
 
 
 def _apply_penalties(row_logits: torch.Tensor, row: SamplingRow) -> None:
@@ -239,7 +236,7 @@ def _apply_penalties(row_logits: torch.Tensor, row: SamplingRow) -> None:
 def _draw_batch(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     """`_draw` for several rows at once (same filters, in the same order); logits: [n, V]."""
     def col(values: list[float]) -> torch.Tensor:
-        return torch.tensor(values, dtype=logits.dtype).to(logits.device, non_blocking=True).unsqueeze(1)
+        return to_device(values, logits.device, logits.dtype).unsqueeze(1)
 
     probs = torch.softmax(logits / col([p.temperature for p in params]), dim=-1)
     if any(p.top_k > 0 or p.top_p < 1.0 for p in params):

@@ -24,6 +24,8 @@ from typing import Any
 
 import torch
 
+from epd.device_copy import to_device
+
 TYPES = ("json_object", "json_schema")
 
 
@@ -88,8 +90,7 @@ class Constraint:
         self._matcher.fill_next_token_bitmask(self._bitmask)
         words = self._bitmask[0]
         bits = (words[:, None] >> self._bits) & 1              # [words, 32], bit k of word w: token 32 w + k
-        mask = bits.reshape(-1)[:self.vocab_size].bool()
-        return mask.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else mask
+        return to_device(bits.reshape(-1)[:self.vocab_size].bool(), device)
 
     def accept(self, token_id: int) -> None:
         if not self._matcher.is_terminated():
