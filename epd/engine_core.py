@@ -30,7 +30,7 @@ from epd.config import ModelConfig, parse_dtype
 from epd.detokenizer import IncrementalDetokenizer
 from epd.device_copy import to_device
 from epd.image_processor import pixel_values
-from epd.inputs import InputError, InputProcessor, ProcessedInput
+from epd.inputs import InputError, InputProcessor, ProcessedInput, outside_vocabulary
 from epd.kv_pool import KVCache, KVCacheSpec, PagePool
 from epd.model_loader import default_device, load_language_model
 from epd.model_runner import ModelRunner, attach_image_embeddings
@@ -165,11 +165,10 @@ class EngineCore:
         self.runner.graphs = graphs
 
     def new_request(self, inp: ProcessedInput, params: SamplingParams, rid: str | None = None) -> Request:
-        vocab = self.model_config.text.vocab_size
         for name, ids in (("stop_token_ids", params.stop_token_ids), ("logit_bias", [t for t, _ in params.logit_bias])):
-            bad = next((t for t in ids if not 0 <= t < vocab), None)
-            if bad is not None:   # it would index past the logits on the device
-                raise InputError(f"{name}: token id {bad} is outside the vocabulary (size {vocab})", name)
+            why = outside_vocabulary(ids, self.model_config.text.vocab_size)
+            if why is not None:   # it would index past the logits on the device
+                raise InputError(f"{name}: {why}", name)
         constraint = self._constraint(params.response_format) if params.response_format else None
         max_total = min(self.max_context, len(inp.input_ids) + params.max_new_tokens)
         gen = None

@@ -8,6 +8,7 @@ context, raise `InputError` naming the problem; nothing is allocated before this
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -112,12 +113,17 @@ class InputProcessor:
         return out
 
 
+def outside_vocabulary(ids: Sequence[int], vocab_size: int) -> str | None:
+    """Why `ids` cannot be used with this vocabulary (the first id outside it), or None."""
+    bad = next((t for t in ids if not 0 <= t < vocab_size), None)
+    return None if bad is None else f"token id {bad} is outside the vocabulary (size {vocab_size})"
+
+
 def build_processed(config: ModelConfig, ids: list[int], images: list[ImageInput]) -> ProcessedInput:
     """Validate an expanded prompt against its images and compute M-RoPE positions."""
-    vocab = config.text.vocab_size
-    bad = next((t for t in ids if not 0 <= t < vocab), None)
-    if bad is not None:
-        raise InputError(f"token id {bad} is outside the vocabulary (size {vocab})", "input_ids")
+    why = outside_vocabulary(ids, config.text.vocab_size)
+    if why is not None:
+        raise InputError(why, "input_ids")
     runs = _runs(ids, config.image_token_id)
     if runs != [im.num_tokens for im in images]:
         raise InputError(f"image placeholder runs {runs} do not match the images' token counts "

@@ -25,7 +25,7 @@ from PIL import Image
 
 from epd.config import ModelConfig
 from epd.conversation import ChatTemplateError, ImageRef, render_messages
-from epd.inputs import InputProcessor
+from epd.inputs import InputProcessor, outside_vocabulary
 from epd.media import MediaError, MediaLimits, aload_image
 from router.openai_format import APIError
 
@@ -108,10 +108,9 @@ class PromptBuilder:
         return requested
 
     def check_token_ids(self, ids: list[int] | None, field: str) -> None:
-        vocab = self.config.text.vocab_size
-        bad = next((t for t in ids or [] if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise APIError(400, f"{field}: token id {bad} is outside the vocabulary (size {vocab})", field)
+        why = outside_vocabulary(ids or [], self.config.text.vocab_size)
+        if why is not None:
+            raise APIError(400, f"{field}: {why}", field)
 
     # ---- steps ----------------------------------------------------------------------------------
     def _render(self, messages: list[Any]) -> Any:
