@@ -132,3 +132,15 @@ def _eos_ids(path: str, tc: Any) -> tuple[int, ...]:
     if eos is None:
         return ()
     return tuple(eos) if isinstance(eos, list | tuple) else (int(eos),)
+
+
+def add_engine_switches(ap: Any, scope: str = "", caching_scope: str | None = None) -> None:
+    """The command-line flags for `EngineConfig`'s switches, for the processes that run an engine
+    (the router's local backend, the nodes); `scope` / `caching_scope` start their help texts
+    (which of the process's modes the flag is for)."""
+    ap.add_argument("--disable-overlap-schedule", action="store_true",
+                    help=f"{scope}read each step's tokens before scheduling the next (default: each step is "
+                         "launched while the step before still runs, see README)")
+    ap.add_argument("--disable-prefix-caching", action="store_true",
+                    help=f"{scope if caching_scope is None else caching_scope}compute every prompt in full "
+                         "(default: a prompt whose prefix is cached takes those KV pages, see README)")

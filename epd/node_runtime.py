@@ -30,6 +30,7 @@ from typing import Any, Protocol
 import zmq
 
 from epd import protocol
+from epd.config import add_engine_switches
 from kv_transfer.layout import KVLayout
 from kv_transfer.redis_util import connect
 from kv_transfer.registry import NodeInfo, NodeRegistry
@@ -89,12 +90,7 @@ class NodeArgs:
         ap.add_argument("--ucx-progress", default="thread", choices=["thread", "thread-polling"],
                         help="UCX progress thread; thread-polling spins a core (lower latency on an idle CPU "
                              "host, slower TTFT measured on the H100 host, see BENCHMARKS.md)")
-        ap.add_argument("--disable-overlap-schedule", action="store_true",
-                        help="read each step's tokens before scheduling the next (default: each step is "
-                             "launched while the step before still runs, see README)")
-        ap.add_argument("--disable-prefix-caching", action="store_true",
-                        help="prefill: compute every prompt in full (default: a prompt whose prefix is cached "
-                             "takes those KV pages, see README)")
+        add_engine_switches(ap, caching_scope="prefill: ")
         ap.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
         a = ap.parse_args(argv)
         node_id = a.node_id or f"{role}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:4]}"

@@ -21,6 +21,7 @@ import sys
 
 import uvicorn
 
+from epd.config import add_engine_switches
 from router.app import create_app
 from router.backend import Backend
 from router.prompts import PromptBuilder, check_chat_template
@@ -50,12 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-model-len", type=int, default=None, help="local: cap on prompt + output tokens")
     ap.add_argument("--kv-cache-tokens", type=int, default=None, help="local: KV pool size in tokens")
     ap.add_argument("--max-running-requests", type=int, default=64, help="local: batch size cap")
-    ap.add_argument("--disable-overlap-schedule", action="store_true",
-                    help="local: read each step's tokens before scheduling the next (default: each step "
-                         "is launched while the step before still runs)")
-    ap.add_argument("--disable-prefix-caching", action="store_true",
-                    help="local: compute every prompt in full (default: a prompt whose prefix is cached takes "
-                         "those KV pages)")
+    add_engine_switches(ap, scope="local: ")
     ap.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return ap
 
