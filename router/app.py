@@ -33,7 +33,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from epd.sampling import SamplingParamError, SamplingParams
 from router.backend import Backend, BackendRequest
 from router.choices import choice_requests
-from router.metrics import CONTENT_TYPE, RouterMetrics
+from router.metrics import CONTENT_TYPE, RequestTimer, RouterMetrics
 from router.openai_format import APIError, ChatFormat, TextFormat, TokenText
 from router.prompts import Prepared, PromptBuilder
 from router.schemas import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
@@ -131,9 +131,14 @@ class Router:
                 message = f"{name}{message[len(e.param):]}"
             raise APIError(400, message, name) from None
 
-    def backend_requests(self, prepared: Prepared, params: SamplingParams, rid: str, n: int) -> list[BackendRequest]:
-        """One backend request per choice."""
-        return choice_requests(BackendRequest(rid, None, prepared.input_ids, prepared.images, params, time.time()), n)
+    async def answer(self, request: Request, body: ChatCompletionRequest | CompletionRequest, prepared: Prepared,
+                     params: SamplingParams, fmt: ChatFormat | TextFormat, timer: RequestTimer) -> Response:
+        """Run the request's choices (one backend request each) and answer in `fmt`, with the
+        body's output options."""
+        fmt.include_stop_str, fmt.continuous_usage = body.include_stop_str_in_output, body.continuous_usage
+        breq = BackendRequest(fmt.rid, None, prepared.input_ids, prepared.images, params, time.time())
+        return await respond(request, self.backend, choice_requests(breq, body.n), fmt, timer, body.stream,
+                             body.include_usage)
 
 
 def _param(loc: tuple[Any, ...]) -> str:
@@ -205,9 +210,7 @@ def _add_completion_routes(app: FastAPI, router: Router) -> None:
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         fmt = ChatFormat(rid, router.settings.served_model_name, router.token_text[body.return_tokens_as_token_ids],
                          body.logprobs, len(prepared.input_ids))
-        fmt.include_stop_str, fmt.continuous_usage = body.include_stop_str_in_output, body.continuous_usage
-        return await respond(request, router.backend, router.backend_requests(prepared, params, rid, body.n), fmt,
-                             timer, body.stream, body.include_usage)
+        return await router.answer(request, body, prepared, params, fmt, timer)
 
     @app.post("/v1/completions", dependencies=auth)
     async def completions(request: Request) -> Response:
@@ -219,12 +222,10 @@ def _add_completion_routes(app: FastAPI, router: Router) -> None:
         rid = f"cmpl-{uuid.uuid4().hex}"
         fmt = TextFormat(rid, router.settings.served_model_name, router.token_text[body.return_tokens_as_token_ids],
                          body.logprobs is not None, len(prepared.input_ids))
-        fmt.include_stop_str, fmt.continuous_usage = body.include_stop_str_in_output, body.continuous_usage
         if body.echo:
             prompt = body.single_prompt()
             fmt.echo = prompt if isinstance(prompt, str) else await router.prompts.detokenize(prompt)
-        return await respond(request, router.backend, router.backend_requests(prepared, params, rid, body.n), fmt,
-                             timer, body.stream, body.include_usage)
+        return await router.answer(request, body, prepared, params, fmt, timer)
 
 
 def _add_token_routes(app: FastAPI, router: Router) -> None:

@@ -154,6 +154,12 @@ class _Format:
         out["usage"] = usage(finals, self.prompt_tokens)
         return out
 
+    def _whole(self, choices: list[dict[str, Any]], outs: list[Outcome]) -> dict[str, Any]:
+        """The non-streaming response around `choices`, with usage and the first choice's timings."""
+        payload = self.envelope(self.object_name, choices)
+        payload["usage"] = usage([out.final for out in outs], self.prompt_tokens)
+        return self.with_timings(payload, outs[0].final)
+
     def with_timings(self, payload: dict[str, Any], final: BackendEvent | None) -> dict[str, Any]:
         timings = dict(final.timings) if final is not None else {}
         timings["router_ms"] = self.router_ms
@@ -194,9 +200,7 @@ class ChatFormat(_Format):
                     "message": {"role": "assistant", "content": out.text, "refusal": None, "tool_calls": []},
                     "logprobs": self._logprobs(out.events),
                     "finish_reason": out.final.finish_reason if out.final else None} for i, out in enumerate(outs)]
-        payload = self.envelope(self.object_name, choices)
-        payload["usage"] = usage([out.final for out in outs], self.prompt_tokens)
-        return self.with_timings(payload, outs[0].final)
+        return self._whole(choices, outs)
 
 
 class TextFormat(_Format):
@@ -237,6 +241,4 @@ class TextFormat(_Format):
     def response(self, outs: list[Outcome]) -> dict[str, Any]:
         choices = [{"index": i, "text": (self.echo or "") + out.text, "logprobs": self._logprobs(out.events, 0),
                     "finish_reason": out.final.finish_reason if out.final else None} for i, out in enumerate(outs)]
-        payload = self.envelope(self.object_name, choices)
-        payload["usage"] = usage([out.final for out in outs], self.prompt_tokens)
-        return self.with_timings(payload, outs[0].final)
+        return self._whole(choices, outs)
