@@ -240,7 +240,7 @@ class EngineCore:
         overlap = self.overlap and not any(c.req.constraint is not None for c in sampling)
         step = LaunchedStep(sampling, None if overlap else logits)
         if step.deferred:
-            rows = None if self._plain_greedy(sampling) else [self._sampling_row(c.req) for c in sampling]
+            rows = None if self._plain_greedy(sampling) else [self.sampling_row(c.req) for c in sampling]
             step.ahead = self.runner.sample_ahead(logits, rows)
             for row, c in enumerate(sampling):
                 step.slots.append(len(c.req.output_ids))
@@ -300,14 +300,14 @@ class EngineCore:
             # argmax where the logits are (the GPU), one copy of B token ids back
             tokens = logits.argmax(dim=-1).tolist()
             return [self._append_token(c.req, t, None, None) for c, t in zip(chunks, tokens, strict=True)]
-        result = sample(logits, [self._sampling_row(c.req) for c in chunks])
+        result = sample(logits, [self.sampling_row(c.req) for c in chunks])
         return [self._append_token(c.req, *result.row(i)) for i, c in enumerate(chunks)]
 
     def _plain_greedy(self, chunks: list[Chunk]) -> bool:
         """Every row's token is its raw argmax (no sampler needed)."""
         return all(c.req.params.plain_greedy and not self._banned(c.req) for c in chunks)
 
-    def _sampling_row(self, req: Request) -> SamplingRow:
+    def sampling_row(self, req: Request) -> SamplingRow:
         """The sampler's view of a request; an output token still on the device (the step
         before's, overlap schedule) goes as `pending`, read from `runner.future` on the device."""
         p, out, pending = req.params, req.output_ids, None

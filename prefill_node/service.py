@@ -31,7 +31,7 @@ from epd.inputs import ImageInput, InputError, build_processed
 from epd.model_runner import attach_image_embeddings
 from epd.node_runtime import pool_status
 from epd.request import Request
-from epd.sampling import SamplingParams, SamplingRow, sample
+from epd.sampling import SamplingParams, sample
 from epd.scheduler import Chunk
 from kv_transfer.cuda_ipc import PoolImports
 from kv_transfer.inbox import SlotState
@@ -203,10 +203,7 @@ class PrefillService:
         return after_layer
 
     def _first_tokens(self, chunks: list[Chunk], logits: torch.Tensor, finishing: list[Pending]) -> None:
-        device = self.core.device
-        rows = [SamplingRow(c.req.params, c.req.generator, c.req.inp.input_ids, [], (),
-                            allowed=c.req.constraint.allowed(device) if c.req.constraint is not None else None)
-                for c in chunks]
+        rows = [self.core.sampling_row(c.req) for c in chunks]   # bans, penalties and grammar as the engine's
         result = sample(logits, rows)
         for i, p in enumerate(finishing):
             req = p.req

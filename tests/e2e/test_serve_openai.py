@@ -196,6 +196,17 @@ def test_response_format_over_the_pools(serve, media):
     assert resp.choices[0].finish_reason == "stop"
 
 
+def test_min_tokens_holds_from_the_first_token_over_the_pools(serve):
+    """The prefill node samples the first token, and min_tokens bans the stop tokens there too:
+    with every stop token favoured by +100, the answer still has min_tokens tokens before one."""
+    from epd.config import ModelConfig
+
+    eos = ModelConfig.from_pretrained(serve.model_path).eos_token_ids
+    resp = chat(serve, "Say something.", max_tokens=8,
+                extra_body={"min_tokens": 3, "logit_bias": {str(t): 100 for t in eos}})
+    assert resp.usage.completion_tokens == 4 and resp.choices[0].finish_reason == "stop"   # 3, then a stop
+
+
 def test_n_choices_over_the_pools(serve, media):
     """n = 2 with an image: two requests through encoder, prefill and decode, the same greedy
     answer as n = 1, streamed with both indices; every page back afterwards."""

@@ -231,7 +231,7 @@ def test_a_penalised_row_sees_the_token_still_on_the_device(engines):
     req = _request(core, PROMPTS[1], max_new_tokens=4, frequency_penalty=2.0)
     core.step()                                   # the prefill: its token stays on the device
     assert req.output_ids[-1] < 0
-    row = core._sampling_row(req)
+    row = core.sampling_row(req)
     core.flush()
     assert row.output_ids == [] and row.pending.tolist() == req.output_ids[-1:]
     logits = torch.zeros(1, core.model_config.text.vocab_size, dtype=torch.float64)
