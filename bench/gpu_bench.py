@@ -12,11 +12,10 @@ Sections, per model (JSON written after each, so a run cut short still reports w
      no programmatic dependent launch (`decode_without_pdl`, batch 1/8); the projection GEMVs'
      first weight tile loaded after the PDL wait (`decode_without_weight_prefetch`, batch 1/8);
      cuBLAS's gate/up GEMM and the silu*mul kernel instead of the fused gate/up kernel
-     (`decode_without_fused_gate_up`, batch 1/8); o_proj's and down_proj's GEMV followed by the
-     add + norm kernel instead of one kernel for both (`decode_without_fused_add_norm`, batch
-     1/8); q/k/v's GEMV followed by the rotary + KV-write kernel instead of one kernel for both
-     (`decode_without_fused_rotary`, batch 1/8); flashinfer's decode attention instead of the
-     split-KV kernels (`decode_flashinfer_attention`);
+     (`decode_without_fused_gate_up`, batch 1/8); flashinfer's decode attention instead of the
+     split-KV kernels (`decode_flashinfer_attention`); and with `--gemv-configs GEMV_JSON` (a
+     `bench.gpu_gemv --sweep` report) the GEMVs with the sweep's best block configs for 1 row
+     (`decode_with_swept_gemv_configs`, batch 1/8);
   2. output tokens/s against transformers `generate` (static cache) on the same weights;
   3. prefill tokens/s and MFU (against this run's measured bf16 matmul rate), 1x4096 and 8x1024;
   5. vision-tower images/s against transformers' tower on the same weights (1280x720 image);
@@ -127,7 +126,8 @@ def _decode_variant(core, facts: dict, bw: float, module, attr: str, value, batc
         setattr(module, attr, saved)
         graphs.capture()
     for r in rows:
-        print(f"  decode b={r['batch']:<3} {attr}={value}: forward {r['forward_ms']:.2f} ms "
+        shown = "swept" if callable(value) else value
+        print(f"  decode b={r['batch']:<3} {attr}={shown}: forward {r['forward_ms']:.2f} ms "
               f"roofline fwd {r['roofline_pct_forward']:.0f}%", flush=True)
     return rows
 
@@ -158,7 +158,23 @@ def _profile_vision(core, out_dir: str) -> dict:
     return profile_vision(core, os.path.join(out_dir, "profile_vision.txt"))
 
 
-def _decode_sections(report: Report, name: str, core, facts: dict, bw: float) -> None:
+def _swept_block_config(default, best: dict):
+    """decode_gemv.block_config that returns a sweep's best config for the shapes it ranked."""
+    def block_config(n: int, k: int) -> dict:
+        return best.get(f"{n}x{k}") or default(n, k)
+    return block_config
+
+
+def _load_gemv_configs(path: str) -> dict:
+    """A gpu_gemv report's `best_configs` for 1 row, by "NxK" shape (empty without a path)."""
+    if not path:
+        return {}
+    with open(path) as f:
+        best = json.load(f).get("best_configs", [])
+    return {f"{c['shape'][0]}x{c['shape'][1]}": c["config"] for c in best if c["rows"] == 1}
+
+
+def _decode_sections(report: Report, name: str, core, facts: dict, bw: float, gemv_configs: dict) -> None:
     """Section 1 and its variants: graphs captured again without (or with another) fast-path piece."""
     from epd.attention import flashinfer_backend
     from epd.models import decode_gemv, fused_ops
@@ -173,10 +189,10 @@ def _decode_sections(report: Report, name: str, core, facts: dict, bw: float) ->
                    lambda: _decode_variant(core, facts, bw, decode_gemv, "PREFETCH_WEIGHTS", False, (1, 8)))
     report.section(name, "decode_without_fused_gate_up",   # cuBLAS gate/up GEMM + the silu*mul kernel
                    lambda: _decode_variant(core, facts, bw, decode_gemv, "FUSED_GATE_UP", False, (1, 8)))
-    report.section(name, "decode_without_fused_add_norm",   # o_proj/down_proj GEMV, then the add + norm kernel
-                   lambda: _decode_variant(core, facts, bw, decode_gemv, "FUSED_ADD_NORM", False, (1, 8)))
-    report.section(name, "decode_without_fused_rotary",   # q/k/v GEMV, then the rotary + KV-write kernel
-                   lambda: _decode_variant(core, facts, bw, decode_gemv, "FUSED_ROTARY", False, (1, 8)))
+    if gemv_configs:   # the GEMV block configs a sweep (bench.gpu_gemv --sweep) ranked best
+        report.section(name, "decode_with_swept_gemv_configs",
+                       lambda: _decode_variant(core, facts, bw, decode_gemv, "block_config",
+                                               _swept_block_config(decode_gemv.block_config, gemv_configs), (1, 8)))
     report.section(name, "decode_flashinfer_attention",   # flashinfer's decode wrapper in the graphs
                    lambda: _decode_variant(core, facts, bw, flashinfer_backend, "GRAPH_DECODE", "flashinfer",
                                            DECODE_BATCHES))
@@ -189,7 +205,7 @@ def _engine_sections(report: Report, name: str, core, args: argparse.Namespace) 
     report.data["models"][name]["facts"] = facts
     wanted = set(args.sections.split(","))
     if "decode" in wanted:
-        _decode_sections(report, name, core, facts, ceil["d2d_copy_GBps"])
+        _decode_sections(report, name, core, facts, ceil["d2d_copy_GBps"], _load_gemv_configs(args.gemv_configs))
     if "profile" in wanted:
         report.section(name, "profile", lambda: _profile(core, os.path.dirname(os.path.abspath(args.out)), name))
     if "prefill" in wanted:
@@ -230,6 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", action="append", default=[], help="NAME=CHECKPOINT_DIR (repeatable)")
     ap.add_argument("--vision", action="append", default=["3b"], help="models whose vision tower is measured")
     ap.add_argument("--skip-hf", action="store_true", help="leave out the transformers baseline")
+    ap.add_argument("--gemv-configs", default="", help="a `bench.gpu_gemv --sweep` report: also decode with its "
+                    "best block configs (section decode_with_swept_gemv_configs)")
     ap.add_argument("--sections", default="decode,profile,prefill,vision,hf",
                     help="comma-separated subset of decode,profile,prefill,vision,hf")
     args = ap.parse_args(argv)

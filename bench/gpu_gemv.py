@@ -1,6 +1,6 @@
 """Decode projections alone: the `decode_gemv` kernel against cuBLAS, per layer shape.
 
-    python3 -m bench.gpu_gemv --out $OUT/gemv.json [--sweep]
+    python3 -m bench.gpu_gemv --out $OUT/gemv.json [--sweep] [--only qkv,down] [--rows 1,8]
 
 For q/k/v (fused, with its bias), o_proj, down_proj and gate/up of the 3b and 7b presets and 1, 4 and 8 rows:
 the time of one call as part of a CUDA graph that calls it once per layer on that many distinct
@@ -8,16 +8,16 @@ weight copies (as a decode step does, so the L2 cache does not hold the weights)
 - `cublas`: F.linear, with the bias for q/k/v (what the model runs without the GEMV path);
 - `gemv`: `decode_gemv.project` with its chosen block config, and with `--sweep` every config in
   SWEEP. Its split-K partial sums (and q/k/v's bias) are left for the next kernel to add up, as
-  in the model. Also the default config launched without programmatic dependent launch
+  in the model; each config is also timed with that next kernel after it (`chain_us`): for
+  o_proj and down_proj the residual add + RMSNorm (`add_rms_norm`), for q/k/v the bias, rotary and
+  K/V cache write (`rotary_qk_store_kv`), the pair the model runs, so the sweep ranks configs by
+  what a decode layer sees. `best_configs` lists the config with the lowest `chain_us` for each
+  shape and row count. Also the default config launched without programmatic dependent launch
   (`gemv_without_pdl_us`): in this chain of GEMVs alone PDL costs time, in the model it saves it;
   and with PDL but the first weight tile loaded after the PDL wait (`gemv_without_prefetch_us`).
 And the MLP's gate/up with silu*mul (`act` cases): cuBLAS's gate/up GEMM then the silu*mul kernel
 (`cublas_us`, the two together), against `decode_gemv.silu_mul_project` (one kernel; with `--sweep`
-every config in ACT_SWEEP too). For o_proj and down_proj also the projection with the residual add
-and RMSNorm after it: `project` then the `add_rms_norm` kernel (`add_norm_unfused_us`, the two
-together) against `decode_gemv.project_add_norm` (`add_norm_fused_us`, one kernel); for q/k/v the
-projection with its bias, rotary and the K/V cache write: `project` then the `rotary_qk_store_kv`
-kernel (`rotary_unfused_us`) against `decode_gemv.project_rotary_store_kv` (`rotary_fused_us`).
+every config in ACT_SWEEP too).
 Bandwidth = weight bytes / time; `pct_copy` against this run's device-to-device copy bandwidth.
 """
 
@@ -40,7 +40,7 @@ from epd.models import fused_ops as fo
 PRESETS = {"3b": dict(hidden=2048, inter=11008, heads=16, kv_heads=2, layers=36),
            "7b": dict(hidden=3584, inter=18944, heads=28, kv_heads=4, layers=28)}
 SWEEP = [dict(block_n=n, block_k=k, warps=4, stages=s, split=sp)
-         for n, k, s, sp in itertools.product((16, 32), (256, 512), (3, 4), (1, 2, 3, 4))]
+         for n, k, s, sp in itertools.product((16, 32, 64), (64, 128, 256), (3, 4), (1, 2, 4, 8))]
 ACT_SWEEP = [dict(block_n=n, block_k=k, warps=wp, stages=s)
              for n, k, wp, s in itertools.product((16, 32, 64), (32, 64, 128), (4,), (3, 4, 5))]
 BF16 = torch.bfloat16
@@ -58,9 +58,10 @@ def _graph_us(fn, layers: int) -> float:
 
 
 def _configs(configs: list[dict | None], default: dict, layers: int, ref: torch.Tensor,
-             check, timed) -> list[dict]:
-    """Each config (None: the default) timed as `timed(i, config)` on layer i's weights, with the
-    error of `check(config)` (the rounded result on layer 0's) against `ref`."""
+             check, timed, chained=None) -> list[dict]:
+    """Each config (None: the default) timed as `timed(i, config)` on layer i's weights (and as
+    `chained(i, config)`, the GEMV with the kernel after it, where given), with the error of
+    `check(config)` (the rounded result on layer 0's) against `ref`."""
     out = []
     for cfg in configs:
         try:
@@ -68,9 +69,25 @@ def _configs(configs: list[dict | None], default: dict, layers: int, ref: torch.
         except triton.runtime.errors.OutOfResources:   # the config's tiles do not fit shared memory
             continue
         err = ((got - ref).norm() / ref.norm()).item()
-        us = _graph_us(lambda i, c=cfg: timed(i, c), layers)
-        out.append({"config": cfg or default, "us": us, "rel_err": err})
+        entry = {"config": cfg or default, "us": _graph_us(lambda i, c=cfg: timed(i, c), layers), "rel_err": err}
+        if chained is not None:
+            entry["chain_us"] = _graph_us(lambda i, c=cfg: chained(i, c), layers)
+        out.append(entry)
     return out
+
+
+def _next_kernel(rows: int, n: int, biases: list[torch.Tensor | None], heads: tuple[int, int]):
+    """The kernel the model runs on a projection's partial sums, as f(parts, i): for q/k/v (with
+    `biases`) bias + rotary + the K/V cache write, for o_proj / down_proj the residual add + RMSNorm."""
+    if biases[0] is None:
+        resid, norm_w = torch.randn(rows, n, device="cuda", dtype=BF16), torch.rand(n, device="cuda", dtype=BF16)
+        return lambda parts, i: fo.add_rms_norm(resid, parts, norm_w, 1e-6)
+    hq, hk, d = *heads, 128
+    ang = torch.rand(rows, d // 2, device="cuda") * 100
+    cos, sin = (torch.cat([f(ang)] * 2, -1).to(BF16) for f in (torch.cos, torch.sin))
+    cache = torch.zeros(64, 2, 16, hk, d, device="cuda", dtype=BF16)
+    slots = torch.arange(rows, device="cuda") * 16 + 3
+    return lambda parts, i: fo.rotary_qk_store_kv(parts, cos, sin, hq, hk, cache, slots, bias=biases[i])
 
 
 def _case(rows: int, n: int, k: int, layers: int, configs: list[dict | None], bias: bool,
@@ -79,38 +96,18 @@ def _case(rows: int, n: int, k: int, layers: int, configs: list[dict | None], bi
     weights = [torch.randn(n, k, device="cuda", dtype=BF16) * k ** -0.5 for _ in range(layers)]
     biases = [torch.randn(n, device="cuda", dtype=BF16) if bias else None for _ in range(layers)]
     x = torch.randn(rows, k, device="cuda", dtype=BF16)
+    after = _next_kernel(rows, n, biases, heads)
     out = {"rows": rows, "weight_MB": n * k * 2 / 1e6,
            "cublas_us": _graph_us(lambda i: F.linear(x, weights[i], biases[i]), layers),
            "gemv": _configs(configs, g.block_config(n, k), layers, F.linear(x, weights[0]).double(),
-                            lambda c: g.linear(x, weights[0], c), lambda i, c: g.project(x, weights[i], c))}
+                            lambda c: g.linear(x, weights[0], c), lambda i, c: g.project(x, weights[i], c),
+                            lambda i, c: after(g.project(x, weights[i], c), i))}
     # the default config launched without programmatic dependent launch, and with PDL but the first
     # weight tile loaded after the wait
     out["gemv_without_pdl_us"] = _without(fo, "PDL", lambda: _graph_us(lambda i: g.project(x, weights[i]), layers))
     out["gemv_without_prefetch_us"] = _without(g, "PREFETCH_WEIGHTS",
                                                lambda: _graph_us(lambda i: g.project(x, weights[i]), layers))
-    if not bias:   # o_proj, down_proj: into the residual stream, then the next norm
-        resid, norm_w = torch.randn(rows, n, device="cuda", dtype=BF16), torch.rand(n, device="cuda", dtype=BF16)
-        out["add_norm_unfused_us"] = _graph_us(
-            lambda i: fo.add_rms_norm(resid, g.project(x, weights[i]), norm_w, 1e-6), layers)
-        out["add_norm_fused_us"] = _graph_us(lambda i: g.project_add_norm(x, weights[i], resid, norm_w, 1e-6), layers)
-    else:          # q/k/v: bias, rotary and the K/V cache write
-        out.update(_rotary_us(x, weights, biases, layers, *heads))
     return out
-
-
-def _rotary_us(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor], layers: int,
-               hq: int, hk: int) -> dict:
-    """q/k/v + bias + rotary + K/V write (hq query and hk KV heads of 128): the GEMV then
-    `rotary_qk_store_kv`, against the one-kernel form."""
-    rows, d = x.shape[0], 128
-    ang = torch.rand(rows, d // 2, device="cuda") * 100
-    cos, sin = (torch.cat([f(ang)] * 2, -1).to(BF16) for f in (torch.cos, torch.sin))
-    cache = torch.zeros(64, 2, 16, hk, d, device="cuda", dtype=BF16)
-    slots = torch.arange(rows, device="cuda") * 16 + 3
-    return {"rotary_unfused_us": _graph_us(lambda i: fo.rotary_qk_store_kv(
-                g.project(x, weights[i]), cos, sin, hq, hk, cache, slots, bias=biases[i]), layers),
-            "rotary_fused_us": _graph_us(lambda i: g.project_rotary_store_kv(
-                x, weights[i], biases[i], cos, sin, hq, hk, cache, slots), layers)}
 
 
 def _without(module, flag: str, measure) -> float:
@@ -135,20 +132,27 @@ def _act_case(rows: int, inter: int, k: int, layers: int, configs: list[dict | N
 
 def _print(name: str, proj: str, case: dict, bw: float) -> None:
     gbps = case["weight_MB"] * 1e3 / case["cublas_us"]
-    best = min(case["gemv"], key=lambda c: c["us"])
-    no_pdl = f"{case['gemv_without_pdl_us']:6.1f} us" if "gemv_without_pdl_us" in case else "-"
-    no_prefetch = f"{case['gemv_without_prefetch_us']:6.1f} us" if "gemv_without_prefetch_us" in case else "-"
+    default = case["gemv"][0]
+    best = min(case["gemv"], key=lambda c: c.get("chain_us", c["us"]))
+    extra = "".join(f" | {key[:-3].replace('_', ' ')} {case[key]:6.1f} us"
+                    for key in ("gemv_without_pdl_us", "gemv_without_prefetch_us") if key in case)
+    chain = (f" | with the next kernel: default {default['chain_us']:6.1f} us, best {best['chain_us']:6.1f} us"
+             if "chain_us" in default else "")
     print(f"{name} {proj:<7} rows={case['rows']} cuBLAS {case['cublas_us']:6.1f} us ({gbps / bw:4.0%}) | "
-          f"gemv default {case['gemv'][0]['us']:6.1f} us "
-          f"({case['weight_MB'] * 1e3 / case['gemv'][0]['us'] / bw:4.0%}) "
-          f"best {best['us']:6.1f} us {best['config']} err {best['rel_err']:.1e} | without PDL {no_pdl}"
-          f" | without prefetch {no_prefetch}" + (
-              f" | + add/norm: 2 kernels {case['add_norm_unfused_us']:6.1f} us,"
-              f" fused {case['add_norm_fused_us']:6.1f} us"
-              if "add_norm_fused_us" in case else "")
-          + (f" | + rotary/KV: 2 kernels {case['rotary_unfused_us']:6.1f} us, fused {case['rotary_fused_us']:6.1f} us"
-             if "rotary_fused_us" in case else ""),
-          flush=True)
+          f"gemv default {default['us']:6.1f} us ({case['weight_MB'] * 1e3 / default['us'] / bw:4.0%}) "
+          f"best {best['config']} err {best['rel_err']:.1e}{chain}{extra}", flush=True)
+
+
+def _best_configs(cases: list[dict]) -> list[dict]:
+    """For each swept projection case: the config with the lowest time next to its next kernel."""
+    out = []
+    for case in cases:
+        if len(case["gemv"]) > 1 and "chain_us" in case["gemv"][0]:
+            best = min(case["gemv"], key=lambda c: c["chain_us"])
+            out.append({"model": case["model"], "proj": case["proj"], "shape": case["shape"], "rows": case["rows"],
+                        "config": best["config"], "chain_us": best["chain_us"],
+                        "default_chain_us": case["gemv"][0]["chain_us"]})
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -156,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--sweep", action="store_true", help="also time every block config in SWEEP and ACT_SWEEP")
     ap.add_argument("--only", default="", help="comma-separated projections to time (qkv,o_proj,down,act)")
+    ap.add_argument("--rows", default="1,4,8", help="comma-separated row counts")
     args = ap.parse_args(argv)
     bw = w.ceilings()["d2d_copy_GBps"]
     report = {"schema": "epd.gpu_gemv/1", "d2d_copy_GBps": bw, "cases": []}
@@ -165,15 +170,16 @@ def main(argv: list[str] | None = None) -> int:
         for proj, (n, k) in [*_shapes(p).items(), ("act", (p["inter"], p["hidden"]))]:
             if args.only and proj not in args.only.split(","):
                 continue
-            for rows in (1, 4, 8):
+            for rows in map(int, args.rows.split(",")):
                 if proj == "act":
                     case = _act_case(rows, n, k, p["layers"], act_configs)
                 else:
                     case = _case(rows, n, k, p["layers"], configs, bias=proj == "qkv",
                                  heads=(p["heads"], p["kv_heads"]))
-                case.update(model=name, proj=proj)
+                case.update(model=name, proj=proj, shape=[n, k])
                 _print(name, proj, case, bw)
                 report["cases"].append(case)
+                report["best_configs"] = _best_configs(report["cases"])
                 write_json(args.out, report)
     print(json.dumps({"cases": len(report["cases"])}))
     return 0

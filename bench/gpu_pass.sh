@@ -3,9 +3,12 @@
 #
 #   source .whl/setup.sh && bash bench/gpu_pass.sh OUT_DIR [STEPS]
 #
-# STEPS (comma-separated, default all): tests, gemv, bench, attention, kv, ttft. All of them take
-# about eleven minutes, over one device call's ten: run them as two calls, e.g.
-# "tests,gemv,bench" then "attention,kv,ttft". Writes to OUT_DIR: pass.log, tests.log, gemv.json,
+# STEPS (comma-separated, default all but sweep): tests, gemv, sweep, bench, attention, kv, ttft.
+# All of them take about eleven minutes, over one device call's ten: run them as two calls, e.g.
+# "tests,gemv,bench" then "attention,kv,ttft". `sweep` (about four minutes) times every GEMV block
+# config of bench.gpu_gemv's SWEEP for q/k/v, o_proj and down_proj at 1 and 8 rows, and a bench step
+# after it adds the decode variant with the configs it ranked best. Writes to OUT_DIR: pass.log,
+# tests.log, gemv.json, sweep.json,
 # gpu.json, profile_3b.txt, profile_7b.txt, profile_vision.txt, attn.json, kv_ipc.json, ttft.json.
 # Each step has its own time limit and a failing step does not stop the others; pass.log says
 # which failed.
@@ -34,7 +37,10 @@ if [[ $steps == *",tests,"* ]]; then
     echo "== tests: exit $? ($(tail -1 "$out/tests.log"))" | tee -a "$log"
 fi
 step gemv 90 python3 -m bench.gpu_gemv --out "$out/gemv.json"
-step bench 280 python3 -m bench.gpu_bench --out "$out/gpu.json" --model 3b=/tmp/m3b --model 7b=/tmp/m7b
+step sweep 270 python3 -m bench.gpu_gemv --sweep --only qkv,o_proj,down --rows 1,8 --out "$out/sweep.json"
+swept=()
+[ -f "$out/sweep.json" ] && swept=(--gemv-configs "$out/sweep.json")
+step bench 280 python3 -m bench.gpu_bench --out "$out/gpu.json" --model 3b=/tmp/m3b --model 7b=/tmp/m7b "${swept[@]}"
 step attention 50 python3 -m bench.gpu_attention --out "$out/attn.json"
 step kv 60 python3 -m bench.gpu_kv_transfer --preset 7b --ipc --out "$out/kv_ipc.json"
 step ttft 120 python3 -m bench.gpu_disagg_ttft --model /tmp/m3b --out "$out/ttft.json"

@@ -8,29 +8,19 @@ columns over one slice of K, with rows padded to one 16-row tensor-core tile for
 in a memory-bound kernel) and Triton's pipeliner keeping several weight tiles in flight.
 
 K may be split into slices, each its own program, so that more programs stream the weight; the
-slices' fp32 partial sums [S, M, N] are not reduced here but by the code that reads the
-product next: `fused_ops.add_rms_norm` (the residual add that follows o_proj and down_proj, or
-this kernel's own tail, below) or `fused_ops.rotary_qk_store_kv` (q/k/v, with its bias), so the
-split costs no reduce kernel.
+slices' fp32 partial sums [S, M, N] are not reduced here but by the kernel that reads the
+product next: `fused_ops.add_rms_norm` (the residual add that follows o_proj and down_proj) or
+`fused_ops.rotary_qk_store_kv` (q/k/v, with its bias), so the split costs no reduce kernel.
 (Forming down_proj's silu(gate) * up inside the weight loop, to drop the silu*mul kernel, was
 measured 3-14x slower: the padded 16-row tile makes every program evaluate 16 x K exponentials;
 BENCHMARKS.md.)
 
-The kernel that reads the partials can also be the GEMV's own tail, which saves that kernel's
-launch and its wait for the GEMV: each program, after storing its partial sums, counts itself in
-on an arrival counter (a release-acquire atomic add after a barrier, so every thread's stores are
-visible before it counts), and the program that arrives last does the next kernel's work on all
-the partials, then sets the counter back to zero for the next launch.
-- `project_add_norm` (o_proj, down_proj): one counter; the last program adds the slices up with
-  the residual and norms the rows (`fused_ops.add_norm_row`, the add + norm kernel's own row
-  code), row after row on that one program (the separate kernel ran one program a row), so
-  `ADD_NORM_MAX_ROWS` bounds the rows it takes.
-- `project_rotary_store_kv` (q/k/v): one counter a head; the last of the programs holding a
-  head's columns adds them up with the bias and does that head's rotary and its K/V cache write
-  (`fused_ops.rotary_store_head`, the rotary kernel's own code), so heads finish in parallel.
-Together they take three kernels a layer out of a decode step (in X5's eager 3b profile the two
-add + norm kernels ran 2.2 us each and the rotary one 1.8 us, BENCHMARKS.md); `FUSED_ADD_NORM` /
-`FUSED_ROTARY` switch them off, which is how the bench measures what they buy.
+(The GEMV's own last-arriving program doing that next kernel's work, on an arrival counter, was
+built and measured slower on an H200 in every case: o_proj/down_proj with the add + norm in their
+tail 1.2-2.6x slower alone at batch 1-8, the 7b batch-1 step 5.39 ms against 4.14 without it; the
+q/k/v tail with rotary and the K/V write level at 1 row and 1.3-1.6x slower at 4-8. The tail runs
+on one program (one a head), whose chain of L2 loads costs more than the separate kernel it saves
+under programmatic dependent launch. BENCHMARKS.md, seventh pass.)
 
 The MLP's gate and up projections (`silu_mul_project`) go the other way: K is the hidden size and
 not split, and each program owns the same block of columns of gate and of up, so its epilogue has
@@ -55,28 +45,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from epd.models.fused_ops import (
-    add_norm_row,
-    add_rms_norm,
-    fused_path,
-    gdc_enter,
-    launch_options,
-    rotary_qk_store_kv,
-    rotary_store_head,
-    silu_and_mul,
-    tl,
-    triton,
-)
+from epd.models.fused_ops import fused_path, gdc_enter, launch_options, silu_and_mul, tl, triton
 
 MAX_ROWS = 8          # decode batches up to this many rows take the GEMV kernel
 FUSED_GATE_UP = True  # gate/up + silu*mul as one kernel on the GEMV path (the bench turns it off)
 PREFETCH_WEIGHTS = True   # projections load their first weight tile before the PDL wait (the bench turns it off)
-FUSED_ADD_NORM = True  # o_proj/down_proj + residual add + next norm as one kernel (the bench turns it off)
-ADD_NORM_MAX_ROWS = 8  # ... for steps of up to this many rows (its tail runs on one program)
-FUSED_ROTARY = True   # q/k/v + bias + rotary + K/V cache write as one kernel (the bench turns it off)
-_MAX_ARRIVALS = 1024  # arrival counters a device keeps (one a head for the rotary tail)
 _ROW_TILE = 16        # rows padded to one tensor-core tile
-_ARRIVALS: dict[int, torch.Tensor] = {}
 
 
 def gemv_path(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -90,46 +64,6 @@ def project(x: torch.Tensor, weight: torch.Tensor, config: dict | None = None) -
     `config` (block_n, block_k, warps, stages, split) overrides `block_config` (the bench's sweep)."""
     if not gemv_path(x, weight):
         return F.linear(x, weight)
-    return _launch(_gemv_kernel, x, weight, config)
-
-
-def project_add_norm(h: torch.Tensor, weight: torch.Tensor, x: torch.Tensor, norm_weight: torch.Tensor,
-                     eps: float, config: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x + h @ weight.T, rms_norm(that) * norm_weight): a projection into the residual stream
-    (o_proj, down_proj) with the add and the next norm, as `add_rms_norm(x, project(h, weight))`
-    computes them and rounds. On the GEMV path with `FUSED_ADD_NORM` it is one kernel: the last of
-    its programs to finish adds up every slice's partial sums (module docstring)."""
-    if not (FUSED_ADD_NORM and gemv_path(h, weight) and x.dtype == h.dtype and x.is_contiguous()
-            and h.shape[0] <= ADD_NORM_MAX_ROWS):
-        return add_rms_norm(x, project(h, weight, config), norm_weight, eps)
-    res, out = torch.empty_like(x), torch.empty_like(x)
-    _launch(_gemv_add_norm_kernel, h, weight, config, x, norm_weight, res, out, _arrivals(h.device), eps,
-            BLOCK_ROW=triton.next_power_of_2(weight.shape[0]))
-    return res, out
-
-
-def project_rotary_store_kv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, cos: torch.Tensor,
-                            sin: torch.Tensor, hq: int, hk: int, cache: torch.Tensor, slots: torch.Tensor,
-                            config: dict | None = None) -> torch.Tensor:
-    """The fused q/k/v projection (+ bias) of a decode step, then rotary and the K/V cache write:
-    q [M, hq, D], as `rotary_qk_store_kv(project(x, weight), ..., bias=bias)` computes it. On the
-    GEMV path with `FUSED_ROTARY` it is one kernel: per head, the last of the programs holding its
-    columns adds up their partial sums and does that head's rotary and store (module docstring)."""
-    d = cos.shape[-1]
-    cfg = block_config(*weight.shape) if config is None else config
-    if not (FUSED_ROTARY and gemv_path(x, weight) and cache.dtype == x.dtype and d % cfg["block_n"] == 0
-            and hq + 2 * hk <= _MAX_ARRIVALS and cos.stride(-1) == 1 and sin.stride() == cos.stride()):
-        return rotary_qk_store_kv(project(x, weight, config), cos, sin, hq, hk, cache, slots, bias=bias)
-    q = torch.empty(x.shape[0], hq, d, dtype=x.dtype, device=x.device)
-    _launch(_gemv_rotary_kernel, x, weight, cfg, bias if bias is not None else x, cos, sin, q, cache, slots,
-            cos.stride(0), hq, hk, cache.shape[2], _arrivals(x.device), HALF=d // 2, HAS_BIAS=bias is not None)
-    return q
-
-
-def _launch(kernel, x: torch.Tensor, weight: torch.Tensor, config: dict | None, *tail_args, **tail_constants
-            ) -> torch.Tensor:
-    """Launch one of the GEMV kernels over x @ weight.T (`config` None: `block_config`), with the
-    arguments of its tail after the GEMV's own; returns the partial sums [S, M, N]."""
     cfg = block_config(*weight.shape) if config is None else config
     m = x.shape[0]
     n, k = weight.shape
@@ -138,25 +72,10 @@ def _launch(kernel, x: torch.Tensor, weight: torch.Tensor, config: dict | None, 
     per_split = triton.cdiv(k_blocks, split) * cfg["block_k"]
     split = triton.cdiv(k, per_split)                 # no empty slice
     parts = torch.empty(split, m, n, dtype=torch.float32, device=x.device)
-    kernel[(triton.cdiv(n, cfg["block_n"]), split)](
-        x, weight, parts, m, n, k, per_split, *tail_args, BLOCK_M=_ROW_TILE, BLOCK_N=cfg["block_n"],
-        BLOCK_K=cfg["block_k"], PREFETCH=PREFETCH_WEIGHTS, SPLITS=split, num_warps=cfg["warps"],
-        num_stages=cfg["stages"], **tail_constants, **launch_options(x, m))
+    _gemv_kernel[(triton.cdiv(n, cfg["block_n"]), split)](
+        x, weight, parts, m, n, k, per_split, BLOCK_M=_ROW_TILE, BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"],
+        PREFETCH=PREFETCH_WEIGHTS, num_warps=cfg["warps"], num_stages=cfg["stages"], **launch_options(x, m))
     return parts
-
-
-def _arrivals(device: torch.device) -> torch.Tensor:
-    """The device's arrival counters for the GEMV kernels' tails, zero between launches (each last
-    program resets its own): [0] for the add + norm tail, one a head for the rotary tail. Launches
-    on one device run one after another (one stream, or PDL's wait for the kernel before), so one
-    set serves them all. Made by the first eager launch: made inside a CUDA-graph capture it would
-    live in the graph's memory pool, so that is refused (graph capture warms up eagerly first)."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _ARRIVALS:
-        if torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("decode_gemv: run a fused GEMV once before capturing it in a CUDA graph")
-        _ARRIVALS[index] = torch.zeros(_MAX_ARRIVALS, dtype=torch.int32, device=device)
-    return _ARRIVALS[index]
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, config: dict | None = None) -> torch.Tensor:
@@ -200,9 +119,8 @@ def block_config(n: int, k: int) -> dict:
 if triton is not None:
 
     @triton.jit
-    def _store_partial_sums(x_ptr, w_ptr, parts_ptr, M, N, K, K_PER_SPLIT, BLOCK_M: tl.constexpr,
-                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr,
-                            USE_GDC: tl.constexpr):
+    def _gemv_kernel(x_ptr, w_ptr, parts_ptr, M, N, K, K_PER_SPLIT, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr, USE_GDC: tl.constexpr):
         """This program's share of x @ w.T: its BLOCK_N columns over its slice of K, stored as fp32
         partial sums parts[slice, :M, columns]."""
         rows = tl.arange(0, BLOCK_M)
@@ -236,49 +154,6 @@ if triton is not None:
             acc = tl.dot(h, w, acc)
         tl.store(parts_ptr + (split * M + rows[:, None]) * N + cols[None, :], acc,
                  mask=rmask[:, None] & cmask[None, :])
-
-    @triton.jit
-    def _gemv_kernel(x_ptr, w_ptr, parts_ptr, M, N, K, K_PER_SPLIT, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr, SPLITS: tl.constexpr, USE_GDC: tl.constexpr):
-        _store_partial_sums(x_ptr, w_ptr, parts_ptr, M, N, K, K_PER_SPLIT, BLOCK_M, BLOCK_N, BLOCK_K, PREFETCH,
-                            USE_GDC)
-
-    @triton.jit
-    def _arrive_last(counter_ptr, count):
-        """Count this program in on `counter_ptr`; true in the one that arrives last of `count`.
-        Every thread's stores are done before (the barrier) one thread's release-acquire add counts
-        the program in, so the last one sees every other program's stores."""
-        tl.debug_barrier()
-        return tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu") == count - 1
-
-    @triton.jit
-    def _gemv_add_norm_kernel(x_ptr, w_ptr, parts_ptr, M, N, K, K_PER_SPLIT, resid_ptr, nw_ptr, res_ptr, out_ptr,
-                              arrivals_ptr, eps, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                              BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr, SPLITS: tl.constexpr,
-                              BLOCK_ROW: tl.constexpr, USE_GDC: tl.constexpr):
-        _store_partial_sums(x_ptr, w_ptr, parts_ptr, M, N, K, K_PER_SPLIT, BLOCK_M, BLOCK_N, BLOCK_K, PREFETCH,
-                            USE_GDC)
-        if _arrive_last(arrivals_ptr, tl.num_programs(0) * tl.num_programs(1)):
-            for row in range(M):
-                add_norm_row(resid_ptr, parts_ptr, nw_ptr, out_ptr, res_ptr, row, M, N, eps, True, SPLITS,
-                             BLOCK_ROW, ".cg")
-            tl.atomic_xchg(arrivals_ptr, 0, sem="relaxed", scope="gpu")   # zero for the next launch
-
-    @triton.jit
-    def _gemv_rotary_kernel(x_ptr, w_ptr, parts_ptr, M, N, K, K_PER_SPLIT, bias_ptr, cos_ptr, sin_ptr, q_ptr,
-                            cache_ptr, slot_ptr, cs_stride, hq, hk, page_size, arrivals_ptr,
-                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                            PREFETCH: tl.constexpr, SPLITS: tl.constexpr, HALF: tl.constexpr,
-                            HAS_BIAS: tl.constexpr, USE_GDC: tl.constexpr):
-        _store_partial_sums(x_ptr, w_ptr, parts_ptr, M, N, K, K_PER_SPLIT, BLOCK_M, BLOCK_N, BLOCK_K, PREFETCH,
-                            USE_GDC)
-        blocks_per_head: tl.constexpr = 2 * HALF // BLOCK_N
-        head = tl.program_id(0) // blocks_per_head
-        if _arrive_last(arrivals_ptr + head, blocks_per_head * tl.num_programs(1)):
-            for tok in range(M):
-                rotary_store_head(parts_ptr, bias_ptr, cos_ptr, sin_ptr, q_ptr, cache_ptr, slot_ptr, N, cs_stride,
-                                  hq, hk, page_size, M, tok, head, HALF, SPLITS, HAS_BIAS, ".cg")
-            tl.atomic_xchg(arrivals_ptr + head, 0, sem="relaxed", scope="gpu")   # zero for the next launch
 
     @triton.jit
     def _silu_mul_gemv_kernel(x_ptr, w_ptr, out_ptr, M, INTER, K,

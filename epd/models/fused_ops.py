@@ -209,7 +209,7 @@ def store_kv(cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch
 
 # ---- kernels -------------------------------------------------------------------------------------
 
-gdc_enter = add_norm_row = rotary_store_head = None   # the Triton helpers below, where Triton is importable
+gdc_enter = None   # the Triton helper below, where Triton is importable
 
 if triton is not None:
 
@@ -222,11 +222,10 @@ if triton is not None:
             tl.extra.cuda.gdc_launch_dependents()
 
     @triton.jit
-    def add_norm_row(x_ptr, d_ptr, w_ptr, out_ptr, res_ptr, row, t, n, eps, HAS_DELTA: tl.constexpr,
-                     PARTS: tl.constexpr, BLOCK: tl.constexpr, DELTA_CACHE: tl.constexpr):
+    def _add_norm_row(x_ptr, d_ptr, w_ptr, out_ptr, res_ptr, row, t, n, eps, HAS_DELTA: tl.constexpr,
+                      PARTS: tl.constexpr, BLOCK: tl.constexpr):
         """One row of `add_rms_norm`, rounding where torch rounds: res = x + delta (delta: [t, n], or
-        the total of PARTS fp32 partial sums [PARTS, t, n] rounded once), out = norm(res) * w.
-        DELTA_CACHE is the delta loads' cache modifier (".cg": from L2, past this SM's L1)."""
+        the total of PARTS fp32 partial sums [PARTS, t, n] rounded once), out = norm(res) * w."""
         cols = tl.arange(0, BLOCK)
         mask = cols < n
         x = tl.load(x_ptr + row * n + cols, mask=mask, other=0.0)
@@ -234,8 +233,7 @@ if triton is not None:
             if PARTS > 0:   # fp32 partial sums [PARTS, t, n]: their total, rounded once
                 d = tl.zeros([BLOCK], dtype=tl.float32)
                 for part in tl.static_range(PARTS):
-                    d += tl.load(d_ptr + (part * t + row) * n + cols, mask=mask, other=0.0,
-                                 cache_modifier=DELTA_CACHE)
+                    d += tl.load(d_ptr + (part * t + row) * n + cols, mask=mask, other=0.0)
                 d = d.to(x_ptr.dtype.element_ty)
             else:
                 d = tl.load(d_ptr + row * n + cols, mask=mask, other=0.0)
@@ -253,8 +251,8 @@ if triton is not None:
                              HAS_DELTA: tl.constexpr, PARTS: tl.constexpr, BLOCK: tl.constexpr,
                              USE_GDC: tl.constexpr):
         gdc_enter(USE_GDC)
-        add_norm_row(x_ptr, d_ptr, w_ptr, out_ptr, res_ptr, tl.program_id(0).to(tl.int64), t, n, eps,
-                     HAS_DELTA, PARTS, BLOCK, "")
+        _add_norm_row(x_ptr, d_ptr, w_ptr, out_ptr, res_ptr, tl.program_id(0).to(tl.int64), t, n, eps,
+                      HAS_DELTA, PARTS, BLOCK)
 
     @triton.jit
     def _rotary_qk_kernel(qkv_ptr, cos_ptr, sin_ptr, q_ptr, row_stride, cs_stride, hq,
@@ -284,25 +282,24 @@ if triton is not None:
                                    cs_stride, hq, hk, page_size, T, HALF: tl.constexpr, PARTS: tl.constexpr,
                                    HAS_BIAS: tl.constexpr, USE_GDC: tl.constexpr):
         gdc_enter(USE_GDC)
-        rotary_store_head(qkv_ptr, bias_ptr, cos_ptr, sin_ptr, q_ptr, cache_ptr, slot_ptr, row_stride, cs_stride,
-                          hq, hk, page_size, T, tl.program_id(0).to(tl.int64), tl.program_id(1), HALF, PARTS,
-                          HAS_BIAS, "")
+        _rotary_store_head(qkv_ptr, bias_ptr, cos_ptr, sin_ptr, q_ptr, cache_ptr, slot_ptr, row_stride,
+                           cs_stride, hq, hk, page_size, T, tl.program_id(0).to(tl.int64), tl.program_id(1), HALF,
+                           PARTS, HAS_BIAS)
 
     @triton.jit
-    def rotary_store_head(qkv_ptr, bias_ptr, cos_ptr, sin_ptr, q_ptr, cache_ptr, slot_ptr, row_stride, cs_stride,
-                          hq, hk, page_size, T, tok, head, HALF: tl.constexpr, PARTS: tl.constexpr,
-                          HAS_BIAS: tl.constexpr, QKV_CACHE: tl.constexpr):
+    def _rotary_store_head(qkv_ptr, bias_ptr, cos_ptr, sin_ptr, q_ptr, cache_ptr, slot_ptr, row_stride, cs_stride,
+                           hq, hk, page_size, T, tok, head, HALF: tl.constexpr, PARTS: tl.constexpr,
+                           HAS_BIAS: tl.constexpr):
         """One head of one token of `rotary_qk_store_kv`: head < hq a q head (rotated into q), then hk
-        k heads (rotated into the cache), then hk v heads (into the cache). QKV_CACHE is the qkv
-        loads' cache modifier (".cg": from L2, past this SM's L1)."""
+        k heads (rotated into the cache), then hk v heads (into the cache)."""
         i = tl.arange(0, HALF)
         if PARTS > 0:                      # fp32 partial sums [PARTS, T, N]: total + bias, rounded once
             f1 = tl.zeros([HALF], dtype=tl.float32)
             f2 = tl.zeros([HALF], dtype=tl.float32)
             for part in tl.static_range(PARTS):
                 src = qkv_ptr + (part * T + tok) * row_stride + head * (2 * HALF)
-                f1 += tl.load(src + i, cache_modifier=QKV_CACHE)
-                f2 += tl.load(src + HALF + i, cache_modifier=QKV_CACHE)
+                f1 += tl.load(src + i)
+                f2 += tl.load(src + HALF + i)
             if HAS_BIAS:
                 f1 += tl.load(bias_ptr + head * (2 * HALF) + i).to(tl.float32)
                 f2 += tl.load(bias_ptr + head * (2 * HALF) + HALF + i).to(tl.float32)

@@ -22,7 +22,7 @@ from torch import nn
 
 from epd.attention.base import AttentionBackend
 from epd.config import TextConfig
-from epd.models.decode_gemv import gemv_path, project_add_norm, project_rotary_store_kv, silu_mul_project
+from epd.models.decode_gemv import gemv_path, project, silu_mul_project
 from epd.models.fused_ops import (
     add_rms_norm,
     apply_rotary_ref,
@@ -47,8 +47,9 @@ class RMSNorm(nn.Module):
 
     def add_projection(self, x: torch.Tensor, h: torch.Tensor,
                        weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """`add_forward(x, h @ weight.T)`: on the decode GEMV path one kernel for all of it."""
-        return project_add_norm(h, weight, x, self.weight, self.eps)
+        """`add_forward(x, h @ weight.T)`; on the decode GEMV path the add + norm kernel adds up the
+        projection's split-K partial sums itself."""
+        return add_rms_norm(x, project(h, weight), self.weight, self.eps)
 
 
 class MRotaryEmbedding(nn.Module):
@@ -118,8 +119,8 @@ class Attention(nn.Module):
         slots = backend.kv_write_slots()
         if slots is not None:                            # k and v go straight to the cache
             if gemv_path(x, proj.weight) and kv_cache.dtype == x.dtype:
-                # decode GEMV: its split-K partials added up with the bias by its own tail, or the rotary kernel
-                q = project_rotary_store_kv(x, proj.weight, proj.bias, cos, sin, hq, hk, kv_cache, slots)
+                # decode GEMV: the rotary kernel adds up its split-K partial sums and the bias
+                q = rotary_qk_store_kv(project(x, proj.weight), cos, sin, hq, hk, kv_cache, slots, bias=proj.bias)
             else:
                 q = rotary_qk_store_kv(proj(x), cos, sin, hq, hk, kv_cache, slots)
             return backend.attend(q, None, None, kv_cache).reshape(t, -1)

@@ -1,7 +1,5 @@
 """The decode GEMV kernels compute what F.linear computes (bf16, the q/k/v, o_proj and down_proj shapes),
-however K is split into slices; gate/up with silu*mul, o_proj/down_proj with the residual add and
-RMSNorm after them, and q/k/v with its bias, rotary and the K/V cache write, what the unfused ops
-compute."""
+however K is split into slices; gate/up with silu*mul what the unfused ops compute."""
 
 from __future__ import annotations
 
@@ -10,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from epd.models import decode_gemv as g
-from epd.models.fused_ops import add_rms_norm, rotary_qk_store_kv, silu_and_mul
+from epd.models.fused_ops import silu_and_mul
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 BF16 = torch.bfloat16
@@ -66,48 +64,3 @@ def test_silu_mul_project_is_as_accurate_as_the_unfused_ops(rows, k, inter):
     exact_gate_up = F.linear(x.double(), w.double())
     exact = F.silu(exact_gate_up[:, :inter]) * exact_gate_up[:, inter:]
     _as_accurate(g.silu_mul_project(x, w), silu_and_mul(F.linear(x, w)), exact)
-
-
-@pytest.mark.parametrize("rows", [1, 3, 8])
-@pytest.mark.parametrize("k,n", [(2048, 2048), (11008, 2048), (18944, 3584), (1000, 72)])
-def test_project_add_norm_is_the_projection_then_add_rms_norm(rows, k, n):
-    """One kernel for o_proj/down_proj + the residual add + the next RMSNorm: the residual exactly
-    what `add_rms_norm` makes of the projection's partial sums, the norm within one bf16 rounding
-    (the kernels sum the squares in another order); and again on a second call, so the last
-    program's arrival counter is back to zero after each launch."""
-    h, w = _inputs(rows, k, n, seed=rows + k + n)
-    gen = torch.Generator(device="cuda").manual_seed(n)
-    x = torch.randn(rows, n, device="cuda", dtype=BF16, generator=gen)
-    norm_w = torch.rand(n, device="cuda", generator=gen).to(BF16) + 0.5
-    assert g.gemv_path(h, w)
-    ref_res, ref_out = add_rms_norm(x, g.project(h, w), norm_w, 1e-6)
-    for _ in range(2):
-        res, out = g.project_add_norm(h, w, x, norm_w, 1e-6)
-        torch.cuda.synchronize()
-        assert torch.equal(res, ref_res)
-        torch.testing.assert_close(out, ref_out, rtol=2 ** -7, atol=0)
-        assert not g._arrivals(h.device).any()
-
-
-@pytest.mark.parametrize("rows", [1, 3, 8])
-@pytest.mark.parametrize("k,hq,hk", [(2048, 16, 2), (3584, 28, 4)])
-def test_project_rotary_store_kv_is_the_projection_then_the_rotary_kernel(rows, k, hq, hk):
-    """One kernel for q/k/v + bias + rotary + the K/V cache write: the same q and cache, bit for bit,
-    as the GEMV's partial sums through `rotary_qk_store_kv`, no slot but the step's written; and
-    again on a second call (each head's arrival counter is back to zero after a launch)."""
-    d, ps = 128, 16
-    x, w = _inputs(rows, k, (hq + 2 * hk) * d, seed=rows + hq)
-    gen = torch.Generator(device="cuda").manual_seed(k + rows)
-    bias = torch.randn(w.shape[0], device="cuda", generator=gen).to(BF16)
-    ang = torch.rand(rows, d // 2, device="cuda", generator=gen) * 100
-    cos, sin = (torch.cat([f(ang)] * 2, -1).to(BF16) for f in (torch.cos, torch.sin))
-    slots = torch.randperm(20 * ps, device="cuda", generator=gen)[:rows]
-    ref_cache = torch.full((20, 2, ps, hk, d), float("nan"), device="cuda", dtype=BF16)
-    ref_q = rotary_qk_store_kv(g.project(x, w), cos, sin, hq, hk, ref_cache, slots, bias=bias)
-    for _ in range(2):
-        cache = torch.full_like(ref_cache, float("nan"))
-        q = g.project_rotary_store_kv(x, w, bias, cos, sin, hq, hk, cache, slots)
-        torch.cuda.synchronize()
-        assert torch.equal(q, ref_q)
-        assert torch.equal(cache.nan_to_num(7.0), ref_cache.nan_to_num(7.0)), "K/V or untouched slots differ"
-        assert not g._arrivals(x.device).any()

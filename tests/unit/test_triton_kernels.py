@@ -1,12 +1,11 @@
 """Every Triton kernel of the GPU fast path compiles for a Hopper GPU (sm90), on this CPU machine,
-with the constants the 3b/7b presets launch it with; the decode GEMVs' fused tails keep the order
-their correctness rests on; and the fused tails compute what the separate kernels compute (in
-Triton's interpreter, `triton_interpreted.py`). Skipped where Triton is not installed."""
+with the constants the 3b/7b presets launch it with; and a decoder on the decode GEMV path
+computes what the torch modules compute (in Triton's interpreter, `triton_interpreted.py`).
+Skipped where Triton is not installed."""
 
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import sys
 
@@ -25,18 +24,12 @@ from kv_transfer import cuda_ipc  # noqa: E402
 HOPPER = GPUTarget("cuda", 90, 32)
 GEMV = {"x_ptr": "*bf16", "w_ptr": "*bf16", "parts_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32",
         "K_PER_SPLIT": "i32"}
-GEMV_CONSTANTS = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 256, "PREFETCH": True, "SPLITS": 4, "USE_GDC": True}
+GEMV_CONSTANTS = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 256, "PREFETCH": True, "USE_GDC": True}
 ROTARY = {"bias_ptr": "*bf16", "cos_ptr": "*bf16", "sin_ptr": "*bf16", "q_ptr": "*bf16", "cache_ptr": "*bf16",
           "slot_ptr": "*i64"}
 
 KERNELS = {  # name: (kernel, argument types, constants, warps, stages)
     "gemv": (g._gemv_kernel, GEMV, GEMV_CONSTANTS, 4, 4),
-    "gemv_add_norm": (g._gemv_add_norm_kernel, {
-        **GEMV, "resid_ptr": "*bf16", "nw_ptr": "*bf16", "res_ptr": "*bf16", "out_ptr": "*bf16",
-        "arrivals_ptr": "*i32", "eps": "fp32"}, {**GEMV_CONSTANTS, "BLOCK_ROW": 2048}, 4, 4),
-    "gemv_rotary": (g._gemv_rotary_kernel, {
-        **GEMV, **ROTARY, "cs_stride": "i32", "hq": "i32", "hk": "i32", "page_size": "i32", "arrivals_ptr": "*i32"},
-        {**GEMV_CONSTANTS, "HALF": 64, "HAS_BIAS": True}, 4, 4),
     "silu_mul_gemv": (g._silu_mul_gemv_kernel, {
         "x_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16", "M": "i32", "INTER": "i32", "K": "i32"},
         {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "USE_GDC": True}, 4, 4),
@@ -84,24 +77,8 @@ def test_kernel_compiles_for_hopper(name):
         assert "griddepcontrol.wait" in ptx
 
 
-@pytest.mark.parametrize("name", ["gemv_add_norm", "gemv_rotary"])
-def test_fused_tail_counts_in_after_every_thread_stored(name):
-    """The program's partial sums are all stored, then a barrier, then one thread's release-acquire
-    add on the arrival counter, whose result reaches every thread through a second barrier; the
-    last program reads the partials from L2 (.cg), and sets its counter back to zero."""
-    lines = _ptx(name).splitlines()
-    add = next(i for i, line in enumerate(lines) if "atom.global.gpu.acq_rel.add" in line)
-    assert lines[add].lstrip().startswith("@%p"), "one thread counts the program in"
-    last_store = max(i for i, line in enumerate(lines[:add]) if re.search(r"\bst\.global", line))
-    assert any("bar.sync" in line for line in lines[last_store:add]), "no barrier between the stores and the add"
-    assert any("bar.sync" in line for line in lines[add:add + 12]), "the count is not shared with the program"
-    tail = "\n".join(lines[add:])
-    assert "ld.global.cg" in tail and "atom.global.gpu.relaxed.exch" in tail
-
-
-@pytest.mark.parametrize("case", ["add_norm", "rotary", "model"])
-def test_fused_tails_equal_the_separate_kernels_in_the_interpreter(case):
+def test_decoder_on_the_gemv_path_equals_the_torch_modules_in_the_interpreter():
     script = os.path.join(os.path.dirname(__file__), "triton_interpreted.py")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    done = subprocess.run([sys.executable, script, case], env=env, capture_output=True, text=True, timeout=240)
-    assert done.returncode == 0 and done.stdout.strip().endswith("equal"), done.stderr[-3000:]
+    done = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0 and done.stdout.strip().endswith("close"), done.stderr[-3000:]
