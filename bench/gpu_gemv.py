@@ -39,8 +39,9 @@ from epd.models import fused_ops as fo
 
 PRESETS = {"3b": dict(hidden=2048, inter=11008, heads=16, kv_heads=2, layers=36),
            "7b": dict(hidden=3584, inter=18944, heads=28, kv_heads=4, layers=28)}
-SWEEP = [dict(block_n=n, block_k=k, warps=4, stages=s, split=sp)
-         for n, k, s, sp in itertools.product((16, 32, 64), (64, 128, 256), (3, 4), (1, 2, 4, 8))]
+SWEEP = [dict(block_n=n, block_k=k, warps=4, stages=s, split=sp, **({"prefetch_k": pk} if pk > k else {}))
+         for n, k, s, sp, pk in itertools.product((32, 64), (64, 128, 256), (3, 4), (2, 4, 8), (0, 256, 512))
+         if pk == 0 or pk > k]
 ACT_SWEEP = [dict(block_n=n, block_k=k, warps=wp, stages=s)
              for n, k, wp, s in itertools.product((16, 32, 64), (32, 64, 128), (4,), (3, 4, 5))]
 BF16 = torch.bfloat16

@@ -28,9 +28,9 @@ both and writes silu(gate) * up itself: one kernel instead of cuBLAS's GEMM and 
 
 Under programmatic dependent launch (`fused_ops.PDL`) a kernel's programs are resident before the
 kernel ahead of them has finished, waiting for it at `gdc_enter`. Only x depends on that kernel,
-not the weights, so each projection program loads its first weight tile before the wait
-(`PREFETCH_WEIGHTS`): at 3b's projections (two 256-wide K steps a program) that is half of a
-program's weight bytes already on their way when the wait ends. (The gate/up kernel, 32 K steps a
+not the weights, so each projection program loads the first chunk of its weight slice before the
+wait (`PREFETCH_WEIGHTS`): one K step, or `prefetch_k` of K where the config names it (a power
+of two, cut to the slice). (The gate/up kernel, 32 K steps a
 program, measured no gain from it, and its loop with the first step peeled off measured slower at
 7b: BENCHMARKS.md; it keeps its plain loop.)
 
@@ -61,20 +61,26 @@ def gemv_path(x: torch.Tensor, weight: torch.Tensor) -> bool:
 def project(x: torch.Tensor, weight: torch.Tensor, config: dict | None = None) -> torch.Tensor:
     """x [M, K] @ weight[N, K].T. On the GEMV path: the fp32 partial sums [S, M, N] of S slices of
     K (what `add_rms_norm` takes as its delta); elsewhere the product [M, N] in x's dtype.
-    `config` (block_n, block_k, warps, stages, split) overrides `block_config` (the bench's sweep)."""
+    `config` (block_n, block_k, warps, stages, split, and optionally prefetch_k) overrides
+    `block_config` (the bench's sweep)."""
     if not gemv_path(x, weight):
         return F.linear(x, weight)
     cfg = block_config(*weight.shape) if config is None else config
     m = x.shape[0]
     n, k = weight.shape
-    k_blocks = triton.cdiv(k, cfg["block_k"])
+    block_k = cfg["block_k"]
+    k_blocks = triton.cdiv(k, block_k)
     split = min(cfg["split"], k_blocks)
-    per_split = triton.cdiv(k_blocks, split) * cfg["block_k"]
+    per_split = triton.cdiv(k_blocks, split) * block_k
     split = triton.cdiv(k, per_split)                 # no empty slice
+    first_k = max(cfg.get("prefetch_k", block_k), block_k)
+    while first_k > per_split:                        # the first chunk stays inside the slice
+        first_k //= 2
     parts = torch.empty(split, m, n, dtype=torch.float32, device=x.device)
     _gemv_kernel[(triton.cdiv(n, cfg["block_n"]), split)](
-        x, weight, parts, m, n, k, per_split, BLOCK_M=_ROW_TILE, BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"],
-        PREFETCH=PREFETCH_WEIGHTS, num_warps=cfg["warps"], num_stages=cfg["stages"], **launch_options(x, m))
+        x, weight, parts, m, n, k, per_split, BLOCK_M=_ROW_TILE, BLOCK_N=cfg["block_n"], BLOCK_K=block_k,
+        FIRST_K=first_k, PREFETCH=PREFETCH_WEIGHTS, num_warps=cfg["warps"], num_stages=cfg["stages"],
+        **launch_options(x, m))
     return parts
 
 
@@ -109,20 +115,32 @@ def act_config(inter: int, k: int) -> dict:
 
 
 def block_config(n: int, k: int) -> dict:
-    """Block config for an [n x k] weight, the best of the sweep in bench/gpu_gemv.py on an H200
-    (2026-11-29, the same for 1 and 8 rows): 32 columns and 256-wide K steps a program, K split
-    in 4 below ~3k outputs (3b: 64 x 4 programs), in 3 above (7b: 112 x 3)."""
-    small = n < 3072
-    return {"block_n": 32, "block_k": 256, "warps": 4, "stages": 4 if small else 3, "split": 4 if small else 3}
+    """Block config for an [n x k] weight: the best of bench/gpu_gemv.py's sweep on an H200 (run Z3,
+    2026-11-30, 1 row), ranked by the time of the GEMV with the kernel after it (rotary for q/k/v,
+    add + norm for o_proj / down_proj), microseconds against the previous config (32 columns,
+    256-wide K steps, K in 4 slices for 3b, 3 for 7b):
+    - q/k/v (more outputs than inputs): 32 columns, 64-wide K steps, K in 8 slices
+      (3b 6.10 against 6.82, 7b 11.33 against 13.23);
+    - 3b o_proj and down_proj: 64 columns, 128-wide K steps, 8 slices (5.68 / 14.89 against
+      5.99 / 15.42); 7b o_proj the same in 4 slices (10.18 against 10.96);
+    - 7b down_proj keeps the previous config (36.46; the sweep's best, 36.35, is within noise)."""
+    if n > k:
+        return {"block_n": 32, "block_k": 64, "warps": 4, "stages": 3, "split": 8}
+    if n < 3072:
+        return {"block_n": 64, "block_k": 128, "warps": 4, "stages": 3, "split": 8}
+    if k < 8192:
+        return {"block_n": 64, "block_k": 128, "warps": 4, "stages": 3, "split": 4}
+    return {"block_n": 32, "block_k": 256, "warps": 4, "stages": 3, "split": 3}
 
 
 if triton is not None:
 
     @triton.jit
     def _gemv_kernel(x_ptr, w_ptr, parts_ptr, M, N, K, K_PER_SPLIT, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr, USE_GDC: tl.constexpr):
+                     BLOCK_K: tl.constexpr, FIRST_K: tl.constexpr, PREFETCH: tl.constexpr, USE_GDC: tl.constexpr):
         """This program's share of x @ w.T: its BLOCK_N columns over its slice of K, stored as fp32
-        partial sums parts[slice, :M, columns]."""
+        partial sums parts[slice, :M, columns]. The slice's first FIRST_K (a multiple of BLOCK_K, at
+        most the slice) are one load and one dot, then BLOCK_K steps."""
         rows = tl.arange(0, BLOCK_M)
         rmask = rows < M
         cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -132,19 +150,19 @@ if triton is not None:
         k_end = tl.minimum(K, k_start + K_PER_SPLIT)
         w_cols = w_ptr + cols[None, :].to(tl.int64) * K           # [1, BLOCK_N]: columns of w.T
         x_rows = x_ptr + rows[:, None] * K
-        # the slice's first weight tile (no slice is empty), loaded before waiting for the kernel
-        # before (PDL) when PREFETCH: weights do not depend on it, only x does
-        kk = k_start + tl.arange(0, BLOCK_K)
-        kmask = kk < K
+        # the slice's first chunk (no slice is empty), loaded before waiting for the kernel before
+        # (PDL) when PREFETCH: weights do not depend on it, only x does
+        k_first = k_start + tl.arange(0, FIRST_K)
+        first_mask = k_first < K
         if PREFETCH:
-            w = tl.load(w_cols + kk[:, None], mask=kmask[:, None] & cmask[None, :], other=0.0)
+            w_first = tl.load(w_cols + k_first[:, None], mask=first_mask[:, None] & cmask[None, :], other=0.0)
             gdc_enter(USE_GDC)
         else:
             gdc_enter(USE_GDC)
-            w = tl.load(w_cols + kk[:, None], mask=kmask[:, None] & cmask[None, :], other=0.0)
-        h = tl.load(x_rows + kk[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
-        acc = tl.dot(h, w, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32))
-        for k0 in range(k_start + BLOCK_K, k_end, BLOCK_K):
+            w_first = tl.load(w_cols + k_first[:, None], mask=first_mask[:, None] & cmask[None, :], other=0.0)
+        h_first = tl.load(x_rows + k_first[None, :], mask=rmask[:, None] & first_mask[None, :], other=0.0)
+        acc = tl.dot(h_first, w_first, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32))
+        for k0 in range(k_start + FIRST_K, k_end, BLOCK_K):
             kk = k0 + tl.arange(0, BLOCK_K)
             kmask = kk < K   # slices are whole blocks, so only K's end cuts one. Masking on the slice
             # end instead measured 1.3x slower (BENCHMARKS.md), presumably as Triton's divisible-by-16

@@ -48,6 +48,16 @@ def test_every_k_split_gives_the_product(split):
     _as_accurate(parts.sum(0).to(BF16), F.linear(x, w), F.linear(x.double(), w.double()))
 
 
+@pytest.mark.parametrize("prefetch_k", [128, 512, 4096])
+@pytest.mark.parametrize("split", [1, 3, 8])
+def test_a_wider_first_chunk_gives_the_product(prefetch_k, split):
+    """The slice's first chunk loaded before the PDL wait may span several K steps (cut to the
+    slice when wider): the partials still add up to the product, ragged K included."""
+    x, w = _inputs(3, 3000, 96, seed=prefetch_k + split)
+    cfg = dict(block_n=32, block_k=64, warps=4, stages=3, split=split, prefetch_k=prefetch_k)
+    _as_accurate(g.linear(x, w, cfg), F.linear(x, w), F.linear(x.double(), w.double()))
+
+
 def test_more_rows_than_the_gemv_path_takes_use_cublas():
     x, w = _inputs(g.MAX_ROWS + 1, 256, 64, seed=30)
     assert not g.gemv_path(x, w) and g.gemv_path(x[:g.MAX_ROWS], w)

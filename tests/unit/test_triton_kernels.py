@@ -24,7 +24,7 @@ from kv_transfer import cuda_ipc  # noqa: E402
 HOPPER = GPUTarget("cuda", 90, 32)
 GEMV = {"x_ptr": "*bf16", "w_ptr": "*bf16", "parts_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32",
         "K_PER_SPLIT": "i32"}
-GEMV_CONSTANTS = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 256, "PREFETCH": True, "USE_GDC": True}
+GEMV_CONSTANTS = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "FIRST_K": 256, "PREFETCH": True, "USE_GDC": True}
 ROTARY = {"bias_ptr": "*bf16", "cos_ptr": "*bf16", "sin_ptr": "*bf16", "q_ptr": "*bf16", "cache_ptr": "*bf16",
           "slot_ptr": "*i64"}
 
