@@ -13,7 +13,10 @@ Sections, per model (JSON written after each, so a run cut short still reports w
      first weight tile loaded after the PDL wait (`decode_without_weight_prefetch`, batch 1/8);
      cuBLAS's gate/up GEMM and the silu*mul kernel instead of the fused gate/up kernel
      (`decode_without_fused_gate_up`, batch 1/8); flashinfer's decode attention instead of the
-     split-KV kernels (`decode_flashinfer_attention`); and with `--gemv-configs GEMV_JSON` (a
+     split-KV kernels (`decode_flashinfer_attention`); no kernel asking for a later GEMV's weight
+     in L2 (`decode_without_l2_prefetch`, batch 1/8), and the add + norm after o_proj asking for
+     none or 32 MB of gate/up's weight instead of 16 (`decode_l2_prefetch_gate_up_0mb` / `_32mb`,
+     batch 1/8); and with `--gemv-configs GEMV_JSON` (a
      `bench.gpu_gemv --sweep` report) the GEMVs with the sweep's best block configs for 1 row
      (`decode_with_swept_gemv_configs`, batch 1/8);
   2. output tokens/s against transformers `generate` (static cache) on the same weights;
@@ -177,7 +180,7 @@ def _load_gemv_configs(path: str) -> dict:
 def _decode_sections(report: Report, name: str, core, facts: dict, bw: float, gemv_configs: dict) -> None:
     """Section 1 and its variants: graphs captured again without (or with another) fast-path piece."""
     from epd.attention import flashinfer_backend
-    from epd.models import decode_gemv, fused_ops
+    from epd.models import decode_gemv, fused_ops, l2_prefetch
 
     report.section(name, "decode", lambda: _decode_all(core, facts, bw))
     report.section(name, "decode_without_overlap", lambda: _decode_without_overlap(core, facts, bw))
@@ -193,6 +196,11 @@ def _decode_sections(report: Report, name: str, core, facts: dict, bw: float, ge
         report.section(name, "decode_with_swept_gemv_configs",
                        lambda: _decode_variant(core, facts, bw, decode_gemv, "block_config",
                                                _swept_block_config(decode_gemv.block_config, gemv_configs), (1, 8)))
+    report.section(name, "decode_without_l2_prefetch",   # no kernel asks for a later GEMV's weight in L2
+                   lambda: _decode_variant(core, facts, bw, l2_prefetch, "L2_PREFETCH", False, (1, 8)))
+    for mb in (0, 32):   # how much of gate/up's weight the add + norm after o_proj asks for
+        report.section(name, f"decode_l2_prefetch_gate_up_{mb}mb",
+                       lambda mb=mb: _decode_variant(core, facts, bw, l2_prefetch, "GATE_UP_BYTES", mb << 20, (1, 8)))
     report.section(name, "decode_flashinfer_attention",   # flashinfer's decode wrapper in the graphs
                    lambda: _decode_variant(core, facts, bw, flashinfer_backend, "GRAPH_DECODE", "flashinfer",
                                            DECODE_BATCHES))

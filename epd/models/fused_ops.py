@@ -31,6 +31,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from epd.models import l2_prefetch
+from epd.models.l2_prefetch import prefetch_to_l2
+
 try:  # Triton ships with CUDA builds of torch; CPU-only installs may lack it.
     import triton
     import triton.language as tl
@@ -88,10 +91,11 @@ def apply_rotary_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
 
 # ---- public ops ---------------------------------------------------------------------------------
 
-def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor,
-                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float,
+                 prefetch: tuple[torch.Tensor, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (x + delta, rms_norm(x + delta)); delta None means no add. x: [T, H]; delta: [T, H],
-    or [S, T, H] float32 partial sums whose total, rounded to x's dtype, is the delta."""
+    or [S, T, H] float32 partial sums whose total, rounded to x's dtype, is the delta. `prefetch`
+    (tensor, bytes): asked into L2 meanwhile, where `l2_prefetch` applies."""
     parts = delta is not None and delta.dim() == 3
     if not fused_path(x):
         if delta is not None:
@@ -102,9 +106,11 @@ def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tens
     out = torch.empty_like(x)
     res = torch.empty_like(x) if delta is not None else x
     if t:
-        _add_rms_norm_kernel[(t,)](x, delta.contiguous() if delta is not None else x, weight, out, res, t, n, eps,
-                                   HAS_DELTA=delta is not None, PARTS=delta.shape[0] if parts else 0,
-                                   BLOCK=triton.next_power_of_2(n), num_warps=8, **launch_options(x, t))
+        options = launch_options(x, t)
+        extra, pf = l2_prefetch.launch_args(prefetch, options["USE_GDC"], x, 8, 1)
+        _add_rms_norm_kernel[(t + extra,)](x, delta.contiguous() if delta is not None else x, weight, out, res, t, n,
+                                           eps, HAS_DELTA=delta is not None, PARTS=delta.shape[0] if parts else 0,
+                                           BLOCK=triton.next_power_of_2(n), num_warps=8, **pf, **options)
     return res, out
 
 
@@ -129,14 +135,16 @@ def rotary_qk(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, hq: int,
 
 
 def rotary_qk_store_kv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, hq: int, hk: int,
-                       cache: torch.Tensor, slots: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+                       cache: torch.Tensor, slots: torch.Tensor, bias: torch.Tensor | None = None,
+                       prefetch: tuple[torch.Tensor, int] | None = None) -> torch.Tensor:
     """qkv: [T, (hq + 2 hk) * D] (contiguous), cos/sin: [T, D], cache: [P, 2, page_size, hk, D],
     slots: [T] int64 -> q [T, hq, D] rotated; rotated k and v are written to the cache slots.
     Same values as `rotary_qk` then `store_kv`; qkv is left untouched.
 
     qkv may instead be the fp32 partial sums [S, T, N] of a split-K projection
     (`decode_gemv.project`) that has `bias` still to add: the qkv is then their total plus the bias,
-    rounded once to the cache's dtype (as a cuBLAS GEMM with a bias epilogue rounds)."""
+    rounded once to the cache's dtype (as a cuBLAS GEMM with a bias epilogue rounds). `prefetch`
+    (tensor, bytes): asked into L2 meanwhile, where `l2_prefetch` applies."""
     parts = qkv.dim() == 3
     t = qkv.shape[-2]
     d = cos.shape[-1]
@@ -150,10 +158,12 @@ def rotary_qk_store_kv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, 
     qkv = qkv.contiguous()
     q = torch.empty(t, hq, d, dtype=cache.dtype, device=qkv.device)
     if t:
-        _rotary_qk_store_kv_kernel[(t, hq + 2 * hk)](
+        options = launch_options(cache, t)
+        extra, pf = l2_prefetch.launch_args(prefetch, options["USE_GDC"], qkv, 1, hq + 2 * hk)
+        _rotary_qk_store_kv_kernel[(t + extra, hq + 2 * hk)](
             qkv, bias if bias is not None else qkv, cos, sin, q, cache, slots, qkv.stride(-2), cos.stride(0),
             hq, hk, cache.shape[2], t, HALF=d // 2, PARTS=qkv.shape[0] if parts else 0,
-            HAS_BIAS=parts and bias is not None, num_warps=1, **launch_options(cache, t))
+            HAS_BIAS=parts and bias is not None, num_warps=1, **pf, **options)
     return q
 
 
@@ -247,12 +257,16 @@ if triton is not None:
                  mask=mask)
 
     @triton.jit
-    def _add_rms_norm_kernel(x_ptr, d_ptr, w_ptr, out_ptr, res_ptr, t, n, eps,
+    def _add_rms_norm_kernel(x_ptr, d_ptr, w_ptr, out_ptr, res_ptr, t, n, eps, pf_ptr, pf_bytes,
                              HAS_DELTA: tl.constexpr, PARTS: tl.constexpr, BLOCK: tl.constexpr,
-                             USE_GDC: tl.constexpr):
-        gdc_enter(USE_GDC)
-        _add_norm_row(x_ptr, d_ptr, w_ptr, out_ptr, res_ptr, tl.program_id(0).to(tl.int64), t, n, eps,
-                      HAS_DELTA, PARTS, BLOCK)
+                             PF_PIECES: tl.constexpr, USE_GDC: tl.constexpr):
+        row = tl.program_id(0)
+        if row < t:
+            gdc_enter(USE_GDC)
+            _add_norm_row(x_ptr, d_ptr, w_ptr, out_ptr, res_ptr, row.to(tl.int64), t, n, eps, HAS_DELTA, PARTS,
+                          BLOCK)
+        elif PF_PIECES > 0:   # the extra programs: a later kernel's weight into L2 (l2_prefetch)
+            prefetch_to_l2(pf_ptr, pf_bytes, row - t, tl.num_programs(0) - t, PF_PIECES)
 
     @triton.jit
     def _rotary_qk_kernel(qkv_ptr, cos_ptr, sin_ptr, q_ptr, row_stride, cs_stride, hq,
@@ -279,12 +293,17 @@ if triton is not None:
 
     @triton.jit
     def _rotary_qk_store_kv_kernel(qkv_ptr, bias_ptr, cos_ptr, sin_ptr, q_ptr, cache_ptr, slot_ptr, row_stride,
-                                   cs_stride, hq, hk, page_size, T, HALF: tl.constexpr, PARTS: tl.constexpr,
-                                   HAS_BIAS: tl.constexpr, USE_GDC: tl.constexpr):
-        gdc_enter(USE_GDC)
-        _rotary_store_head(qkv_ptr, bias_ptr, cos_ptr, sin_ptr, q_ptr, cache_ptr, slot_ptr, row_stride,
-                           cs_stride, hq, hk, page_size, T, tl.program_id(0).to(tl.int64), tl.program_id(1), HALF,
-                           PARTS, HAS_BIAS)
+                                   cs_stride, hq, hk, page_size, T, pf_ptr, pf_bytes, HALF: tl.constexpr,
+                                   PARTS: tl.constexpr, HAS_BIAS: tl.constexpr, PF_PIECES: tl.constexpr,
+                                   USE_GDC: tl.constexpr):
+        tok, head = tl.program_id(0), tl.program_id(1)
+        if tok < T:
+            gdc_enter(USE_GDC)
+            _rotary_store_head(qkv_ptr, bias_ptr, cos_ptr, sin_ptr, q_ptr, cache_ptr, slot_ptr, row_stride,
+                               cs_stride, hq, hk, page_size, T, tok.to(tl.int64), head, HALF, PARTS, HAS_BIAS)
+        elif PF_PIECES > 0:   # the extra rows of programs: a later kernel's weight into L2 (l2_prefetch)
+            heads = tl.num_programs(1)
+            prefetch_to_l2(pf_ptr, pf_bytes, (tok - T) * heads + head, (tl.num_programs(0) - T) * heads, PF_PIECES)
 
     @triton.jit
     def _rotary_store_head(qkv_ptr, bias_ptr, cos_ptr, sin_ptr, q_ptr, cache_ptr, slot_ptr, row_stride, cs_stride,
