@@ -15,7 +15,8 @@ The asking is done by extra programs of those kernels (`PROGRAMS` of them, on th
 no one copy engine has to issue it all), which touch nothing the kernel before wrote and so do not
 wait for it (`gdc_enter`): under PDL they run while that kernel is still finishing. A prefetch
 changes no value, only where the bytes come from. Only where PDL is on (sm90+, decode steps of up
-to `fused_ops.PDL_MAX_ROWS` tokens); `L2_PREFETCH` switches it off (the bench's comparison).
+to `fused_ops.PDL_MAX_ROWS` tokens), and only with `L2_PREFETCH` on: it is off until a GPU run
+measures it (`bench.gpu_bench`'s `decode_with_l2_prefetch_*` variants; BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ except ImportError:  # pragma: no cover - exercised on CPU-only hosts
     triton = None
     tl = None
 
-L2_PREFETCH = True         # the bench turns it off
+L2_PREFETCH = False        # off until measured on a GPU (the bench turns it on)
 PROGRAMS = 64              # extra programs a kernel launches to ask for a weight
 GATE_UP_BYTES = 16 << 20   # how much of gate/up's weight the add + norm after o_proj asks for
 

@@ -109,12 +109,13 @@ def test_silu_and_mul():
 
 
 @pytest.mark.parametrize("tokens", [1, 8])
-def test_kernels_asking_for_a_weight_in_l2_compute_the_same(tokens):
+def test_kernels_asking_for_a_weight_in_l2_compute_the_same(tokens, monkeypatch):
     """The add + norm and the rotary + KV-write kernels with their extra programs asking for a
-    weight in L2 (`l2_prefetch`, on where PDL is: sm90+, up to 8 tokens): the same outputs bit for
-    bit, the weight untouched, and no fault however the bytes split into pieces."""
+    weight in L2 (`l2_prefetch` switched on; it applies where PDL is: sm90+, up to 8 tokens): the
+    same outputs bit for bit, the weight untouched, and no fault however the bytes split into pieces."""
     from epd.models import l2_prefetch
 
+    monkeypatch.setattr(l2_prefetch, "L2_PREFETCH", True)
     weight = torch.randn(4608, 3584, device="cuda", dtype=BF16)
     kept = weight.clone()
     x, d = (torch.randn(tokens, 2048, device="cuda", dtype=BF16) for _ in range(2))

@@ -182,6 +182,26 @@ def test_3b_graph_decode_is_the_same_with_and_without_programmatic_dependent_lau
     assert torch.equal(runs[True], runs[False])
 
 
+def test_3b_graph_decode_is_the_same_with_and_without_weights_asked_into_l2(engine_3b):
+    """Kernels asking for a later GEMV's weight in L2 (`l2_prefetch`) change where bytes come from,
+    never a value: graph-replayed decode logits bit-identical with it and without."""
+    from epd.models import l2_prefetch
+
+    core = engine_3b.core
+    inp = core.inputs.process(prompt=chat_prompt("Name three rivers."), image_data=[])
+    forced = torch.randint(0, 1000, (8,), generator=torch.Generator().manual_seed(3)).tolist()
+    runs, saved = {}, l2_prefetch.L2_PREFETCH
+    for on in (True, False):
+        l2_prefetch.L2_PREFETCH = on
+        try:
+            core.runner.graphs.capture()
+            runs[on] = torch.cat([s[-1:] for s in forced_logits(core, [inp], [forced])])
+        finally:
+            l2_prefetch.L2_PREFETCH = saved
+    core.runner.graphs.capture()
+    assert torch.equal(runs[True], runs[False])
+
+
 def test_vision_fast_blocks_match_transformers_tower(engine_3b):
     from epd.models.vision import VisionTower
 
