@@ -18,9 +18,10 @@ BENCHMARKS.md.)
 (The GEMV's own last-arriving program doing that next kernel's work, on an arrival counter, was
 built and measured slower on an H200 in every case: o_proj/down_proj with the add + norm in their
 tail 1.2-2.6x slower alone at batch 1-8, the 7b batch-1 step 5.39 ms against 4.14 without it; the
-q/k/v tail with rotary and the K/V write level at 1 row and 1.3-1.6x slower at 4-8. The tail runs
-on one program (one a head), whose chain of L2 loads costs more than the separate kernel it saves
-under programmatic dependent launch. BENCHMARKS.md, seventh pass.)
+q/k/v tail with rotary and the K/V write level at 1 row and 1.3-1.6x slower at 4-8. The tail ran
+on one program (one a head) after all the others; why that cost more than the separate kernel,
+which under programmatic dependent launch is resident before the GEMV ends, was not profiled.
+BENCHMARKS.md, eighth pass.)
 
 The MLP's gate and up projections (`silu_mul_project`) go the other way: K is the hidden size and
 not split, and each program owns the same block of columns of gate and of up, so its epilogue has
