@@ -33,6 +33,7 @@ except ImportError:  # pragma: no cover - exercised on CPU-only hosts
 L2_PREFETCH = False        # off until measured on a GPU (the bench turns it on)
 PROGRAMS = 64              # extra programs a kernel launches to ask for a weight
 GATE_UP_BYTES = 16 << 20   # how much of gate/up's weight the add + norm after o_proj asks for
+_MAX_BYTES = (1 << 31) - 16   # the kernels take the byte count as a 32-bit integer
 
 prefetch_to_l2 = None      # the Triton helper below, where Triton is importable
 
@@ -52,11 +53,11 @@ def launch_args(prefetch: tuple[torch.Tensor, int] | None, pdl_on: bool, placeho
     """(extra grid rows, kernel arguments) for a kernel that asks for `prefetch` = (tensor, bytes)
     with extra rows of `programs_a_row` programs each along its grid's axis 0; `pdl_on` is the
     launch's PDL switch (`fused_ops.launch_options`). No prefetch: no extra rows, PF_PIECES 0."""
-    if prefetch is None or not (pdl_on and L2_PREFETCH) or prefetch[1] < 16:
+    if prefetch is None or not (pdl_on and L2_PREFETCH) or prefetch[1] < 16 or not prefetch[0].is_contiguous():
         return 0, {"pf_ptr": placeholder, "pf_bytes": 0, "PF_PIECES": 0}
     weight, nbytes = prefetch
     rows = triton.cdiv(PROGRAMS, programs_a_row)
-    return rows, {"pf_ptr": weight, "pf_bytes": nbytes // 16 * 16, "PF_PIECES": 32 * warps}
+    return rows, {"pf_ptr": weight, "pf_bytes": min(nbytes, _MAX_BYTES) // 16 * 16, "PF_PIECES": 32 * warps}
 
 
 if triton is not None:
