@@ -47,7 +47,7 @@ class RMSNorm(nn.Module):
         return add_rms_norm(x, delta, self.weight, self.eps)
 
     def add_projection(self, x: torch.Tensor, h: torch.Tensor, weight: torch.Tensor,
-                       prefetch: tuple[torch.Tensor, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                       prefetch: l2_prefetch.Prefetch | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """`add_forward(x, h @ weight.T)`; on the decode GEMV path the add + norm kernel adds up the
         projection's split-K partial sums itself, and asks for `prefetch` in L2 (`l2_prefetch`)."""
         return add_rms_norm(x, project(h, weight), self.weight, self.eps, prefetch=prefetch)
@@ -170,14 +170,14 @@ class DecoderLayer(nn.Module):
         the layer and `next_norm` of it (the next layer's input norm, or the final one). Each residual
         add goes with the norm after it, so the GPU does add + norm in one kernel, which on the
         decode GEMV path also adds up the projection's partial sums and asks for the next GEMV's
-        weight in L2 (gate/up's first bytes, then `next_qkv`, the next layer's q/k/v weight)."""
+        weight in L2 (the head of each of gate/up's rows, then `next_qkv`, the next layer's q/k/v weight)."""
         attn, mlp = self.self_attn, self.mlp
         if attn.qkv_proj is None:
             x, h = self.post_attention_layernorm.add_forward(x, attn(h, cos, sin, backend, kv_cache))
             return next_norm.add_forward(x, mlp(h))
         attended = attn.attend_qkv(h, cos, sin, backend, kv_cache)
         x, h = self.post_attention_layernorm.add_projection(
-            x, attended, attn.o_proj.weight, l2_prefetch.first(mlp.gate_up_proj.weight, l2_prefetch.GATE_UP_BYTES))
+            x, attended, attn.o_proj.weight, l2_prefetch.row_heads(mlp.gate_up_proj.weight, l2_prefetch.GATE_UP_BYTES))
         return next_norm.add_projection(x, mlp.activation(h), mlp.down_proj.weight, l2_prefetch.whole(next_qkv))
 
 

@@ -128,7 +128,9 @@ def test_kernels_asking_for_a_weight_in_l2_compute_the_same(tokens, monkeypatch)
     ref_cache = torch.zeros(20, 2, ps, hk, dim, device="cuda", dtype=BF16)
     ref_norm = fo.add_rms_norm(x, d, w, 1e-6)
     ref_q = fo.rotary_qk_store_kv(partials, cos, sin, hq, hk, ref_cache, slots)
-    for prefetch in (l2_prefetch.whole(weight), l2_prefetch.first(weight, 16 << 20), (weight, 4096), (weight, 48)):
+    odd = torch.randn(1000, 24, device="cuda", dtype=BF16)   # 48,000 bytes: a last piece shorter than the rest
+    for prefetch in (l2_prefetch.whole(weight), l2_prefetch.row_heads(weight, 16 << 20),
+                     l2_prefetch.row_heads(weight, 1 << 40), l2_prefetch.whole(odd), l2_prefetch.row_heads(odd, 1)):
         cache = torch.zeros_like(ref_cache)
         norm = fo.add_rms_norm(x, d, w, 1e-6, prefetch=prefetch)
         q = fo.rotary_qk_store_kv(partials, cos, sin, hq, hk, cache, slots, prefetch=prefetch)
@@ -136,3 +138,4 @@ def test_kernels_asking_for_a_weight_in_l2_compute_the_same(tokens, monkeypatch)
         assert all(torch.equal(a, b) for a, b in zip(norm, ref_norm, strict=True))
         assert torch.equal(q, ref_q) and torch.equal(cache, ref_cache)
     assert torch.equal(weight, kept)
+    assert l2_prefetch.row_heads(odd, 1) is None   # under 16 bytes a row: nothing to ask for

@@ -28,7 +28,7 @@ GEMV_CONSTANTS = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "FIRST_K": 256, "
 ROTARY = {"bias_ptr": "*bf16", "cos_ptr": "*bf16", "sin_ptr": "*bf16", "q_ptr": "*bf16", "cache_ptr": "*bf16",
           "slot_ptr": "*i64"}
 
-L2 = {"pf_ptr": "*bf16", "pf_bytes": "i32"}
+L2 = {"pf_ptr": "*bf16", "pf_segments": "i32", "pf_stride": "i32", "pf_seg_bytes": "i32", "pf_total": "i32"}
 ADD_NORM = {"x_ptr": "*bf16", "d_ptr": "*fp32", "w_ptr": "*bf16", "out_ptr": "*bf16", "res_ptr": "*bf16", "t": "i32",
             "n": "i32", "eps": "fp32"}
 ADD_NORM_CONSTANTS = {"HAS_DELTA": True, "PARTS": 4, "BLOCK": 2048, "USE_GDC": True}
