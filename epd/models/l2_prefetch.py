@@ -52,8 +52,8 @@ class Prefetch(NamedTuple):
 
 
 def whole(weight: torch.Tensor | None) -> Prefetch | None:
-    """All of `weight`, in `_PIECE`-byte segments."""
-    if weight is None:
+    """All of `weight`, in `_PIECE`-byte segments (None while `L2_PREFETCH` is off)."""
+    if weight is None or not L2_PREFETCH:
         return None
     nbytes = weight.numel() * weight.element_size()
     return Prefetch(weight, -(-nbytes // _PIECE), _PIECE, _PIECE)
@@ -62,8 +62,9 @@ def whole(weight: torch.Tensor | None) -> Prefetch | None:
 def row_heads(weight: torch.Tensor | None, nbytes: int) -> Prefetch | None:
     """About `nbytes` of `weight` [N, K], as the first bytes of every row: what a GEMV whose programs
     each walk their rows from K = 0 reads first (gate/up's kernel), rather than the first rows,
-    which its programs would read only to their end, long after streaming the rest through L2."""
-    if weight is None or nbytes <= 0 or weight.dim() != 2:
+    which its programs would read only to their end, long after streaming the rest through L2.
+    None while `L2_PREFETCH` is off."""
+    if weight is None or not L2_PREFETCH or nbytes <= 0 or weight.dim() != 2:
         return None
     row_bytes = weight.shape[1] * weight.element_size()
     head = min(nbytes // weight.shape[0], row_bytes) // 16 * 16
@@ -74,9 +75,10 @@ def launch_args(prefetch: Prefetch | None, pdl_on: bool, placeholder: torch.Tens
                 programs_a_row: int) -> tuple[int, dict]:
     """(extra grid rows, kernel arguments) for a kernel that asks for `prefetch` with extra rows of
     `programs_a_row` programs each along its grid's axis 0; `pdl_on` is the launch's PDL switch
-    (`fused_ops.launch_options`). No prefetch: no extra rows, PF_PIECES 0."""
+    (`fused_ops.launch_options`). No prefetch: no extra rows, PF_PIECES 0. (`whole` and
+    `row_heads` give None while `L2_PREFETCH` is off, so a decode step builds nothing then.)"""
     nbytes = 0 if prefetch is None else prefetch.tensor.numel() * prefetch.tensor.element_size()
-    if (prefetch is None or not (pdl_on and L2_PREFETCH) or not prefetch.tensor.is_contiguous()
+    if (prefetch is None or not pdl_on or not prefetch.tensor.is_contiguous()
             or prefetch.tensor.data_ptr() % 16 or nbytes > _MAX_BYTES or prefetch.seg_bytes < 16):
         return 0, {"pf_ptr": placeholder, "pf_segments": 0, "pf_stride": 0, "pf_seg_bytes": 0, "pf_total": 0,
                    "PF_PIECES": 0}

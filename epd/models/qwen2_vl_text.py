@@ -8,9 +8,8 @@ Numerics follow the reference implementation (RMSNorm in float32, rotary tables 
 On GPU in 16-bit dtypes the loader calls `fuse_projections()` once: q/k/v and gate/up become one
 GEMM each, and norms (with the residual add), rotary and silu*mul run as fused kernels
 (`fused_ops`); in steps of a few rows (decode) q/k/v, o_proj and down_proj run as GEMV kernels
-(`decode_gemv`, whose last programs add up their split-K partial sums: with q/k/v's bias, rotary
-and the K/V cache write; with o_proj's and down_proj's residual add and the next norm), and gate/up
-with silu*mul as one more.
+(`decode_gemv`, leaving split-K partial sums: the rotary kernel adds up q/k/v's with its bias, the
+next add + norm kernel o_proj's and down_proj's), and gate/up with silu*mul as one more.
 Elsewhere the plain torch path runs, unchanged.
 """
 
