@@ -13,10 +13,7 @@ Sections, per model (JSON written after each, so a run cut short still reports w
      first weight tile loaded after the PDL wait (`decode_without_weight_prefetch`, batch 1/8);
      cuBLAS's gate/up GEMM and the silu*mul kernel instead of the fused gate/up kernel
      (`decode_without_fused_gate_up`, batch 1/8); flashinfer's decode attention instead of the
-     split-KV kernels (`decode_flashinfer_attention`); kernels asking for a later GEMV's weight in
-     L2 (`l2_prefetch`, off by default until measured), with the add + norm after o_proj asking for
-     0, 16 or 32 MB of gate/up's weight (`decode_with_l2_prefetch_gate_up_0mb` / `_16mb` / `_32mb`,
-     batch 1/8); and with `--gemv-configs GEMV_JSON` (a
+     split-KV kernels (`decode_flashinfer_attention`); and with `--gemv-configs GEMV_JSON` (a
      `bench.gpu_gemv --sweep` report) the GEMVs with the sweep's best block configs for 1 row
      (`decode_with_swept_gemv_configs`, batch 1/8);
   2. output tokens/s against transformers `generate` (static cache) on the same weights;
@@ -117,23 +114,20 @@ def _decode_all(core, facts: dict, bw: float) -> list[dict]:
     return rows
 
 
-def _decode_variant(core, facts: dict, bw: float, module, attr: str, value, batches, **also) -> list[dict]:
-    """Graph decode with `module.attr = value` (and `module.name = value` for each of `also`; graphs
-    captured again), then back as it was: what a fast-path piece buys, measured in the same run."""
-    graphs, changes = core.runner.graphs, {attr: value, **also}
-    saved = {name: getattr(module, name) for name in changes}
-    for name, v in changes.items():
-        setattr(module, name, v)
+def _decode_variant(core, facts: dict, bw: float, module, attr: str, value, batches) -> list[dict]:
+    """Graph decode with `module.attr = value` (graphs captured again), then back as it was: what a
+    fast-path piece buys, measured in the same run."""
+    graphs, saved = core.runner.graphs, getattr(module, attr)
+    setattr(module, attr, value)
     try:
         graphs.capture()
         rows = [w.decode(core, facts, bw, b, CONTEXT, True) for b in batches]
     finally:
-        for name, v in saved.items():
-            setattr(module, name, v)
+        setattr(module, attr, saved)
         graphs.capture()
     for r in rows:
-        shown = ", ".join(f"{name}={'swept' if callable(v) else v}" for name, v in changes.items())
-        print(f"  decode b={r['batch']:<3} {shown}: forward {r['forward_ms']:.2f} ms "
+        shown = "swept" if callable(value) else value
+        print(f"  decode b={r['batch']:<3} {attr}={shown}: forward {r['forward_ms']:.2f} ms "
               f"roofline fwd {r['roofline_pct_forward']:.0f}%", flush=True)
     return rows
 
@@ -183,7 +177,7 @@ def _load_gemv_configs(path: str) -> dict:
 def _decode_sections(report: Report, name: str, core, facts: dict, bw: float, gemv_configs: dict) -> None:
     """Section 1 and its variants: graphs captured again without (or with another) fast-path piece."""
     from epd.attention import flashinfer_backend
-    from epd.models import decode_gemv, fused_ops, l2_prefetch
+    from epd.models import decode_gemv, fused_ops
 
     report.section(name, "decode", lambda: _decode_all(core, facts, bw))
     report.section(name, "decode_without_overlap", lambda: _decode_without_overlap(core, facts, bw))
@@ -199,10 +193,6 @@ def _decode_sections(report: Report, name: str, core, facts: dict, bw: float, ge
         report.section(name, "decode_with_swept_gemv_configs",
                        lambda: _decode_variant(core, facts, bw, decode_gemv, "block_config",
                                                _swept_block_config(decode_gemv.block_config, gemv_configs), (1, 8)))
-    for mb in (0, 16, 32):   # kernels ask for a later GEMV's weight in L2, with this many MB of gate/up's
-        report.section(name, f"decode_with_l2_prefetch_gate_up_{mb}mb",
-                       lambda mb=mb: _decode_variant(core, facts, bw, l2_prefetch, "L2_PREFETCH", True, (1, 8),
-                                                     GATE_UP_BYTES=mb << 20))
     report.section(name, "decode_flashinfer_attention",   # flashinfer's decode wrapper in the graphs
                    lambda: _decode_variant(core, facts, bw, flashinfer_backend, "GRAPH_DECODE", "flashinfer",
                                            DECODE_BATCHES))

@@ -7,17 +7,18 @@ and with ~28 layers that is milliseconds. These kernels fuse each group into one
 - `add_rms_norm(x, delta, weight, eps)`: x + delta (the residual add) then RMSNorm; delta may be
   the fp32 partial sums of a split-K projection (`decode_gemv.project`), added up here;
 - `rotary_qk(qkv, cos, sin, hq, hk)`: rotary on q (written out contiguous) and k (in place);
-- `rotary_qk_store_kv(qkv, cos, sin, hq, hk, cache, slots)`: rotary on q, k and v into the cache;
+- `rotary_qk_store_kv(qkv, cos, sin, hq, hk, cache, slots)`: rotary on q, and k rotated and v
+  written straight into the paged cache (one launch per layer fewer in a decode step);
 - `rotary_qkv_split(qkv, cos, sin, heads)`: a vision block's rotary, q/k/v split out for attention;
 - `silu_and_mul(gate_up)`: silu(gate) * up;
 - `store_kv(cache, k, v, slots)`: write the step's K/V into the paged cache.
 
 On sm90+ GPUs the kernels (these, `decode_gemv`'s and the split-KV attention's) are launched, in
 steps of at most `PDL_MAX_ROWS` tokens, with programmatic dependent launch (`launch_options`):
-each may be scheduled while the kernel before it is still finishing, and waits for it
-(`griddepcontrol.wait`) before its first memory access: launch and scheduling overlap, never a
-read or write. The add + norm and rotary kernels can also ask for a later GEMV's weight in L2
-(`l2_prefetch`).
+each may be scheduled while the kernel before it in the stream (or CUDA graph) is still
+finishing, and waits for it (`griddepcontrol.wait`) before its first memory access, so what
+overlaps is the launch and block scheduling, never a read or write.
+A decode step is ~300 kernels of a few microseconds each, so that gap is a visible share of it.
 
 Each follows the rounding of the torch code it replaces (a bf16 result rounded where torch
 rounds), so the fused and unfused paths agree to bf16 precision. `fused_path(x)` says whether
@@ -29,9 +30,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-
-from epd.models import l2_prefetch
-from epd.models.l2_prefetch import prefetch_to_l2
 
 try:  # Triton ships with CUDA builds of torch; CPU-only installs may lack it.
     import triton
@@ -62,7 +60,8 @@ def pdl(x: torch.Tensor) -> bool:
 
 
 def launch_options(x: torch.Tensor, rows: int) -> dict:
-    """Kernel arguments switching PDL on or off for a launch over `rows` tokens on x's device."""
+    """The kernel arguments that switch programmatic dependent launch on or off for a launch over
+    `rows` tokens on x's device."""
     on = rows <= PDL_MAX_ROWS and pdl(x)
     return {"USE_GDC": on, "launch_pdl": on}
 
@@ -89,11 +88,10 @@ def apply_rotary_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
 
 # ---- public ops ---------------------------------------------------------------------------------
 
-def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float,
-                 prefetch: l2_prefetch.Prefetch | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (x + delta, rms_norm(x + delta)); delta None means no add. x: [T, H]; delta: [T, H],
-    or [S, T, H] float32 partial sums whose total, rounded to x's dtype, is the delta. `prefetch`:
-    asked into L2 meanwhile, where `l2_prefetch` applies."""
+    or [S, T, H] float32 partial sums whose total, rounded to x's dtype, is the delta."""
     parts = delta is not None and delta.dim() == 3
     if not fused_path(x):
         if delta is not None:
@@ -104,11 +102,9 @@ def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tens
     out = torch.empty_like(x)
     res = torch.empty_like(x) if delta is not None else x
     if t:
-        options = launch_options(x, t)
-        extra, pf = l2_prefetch.launch_args(prefetch, options["USE_GDC"], x, 8, 1)
-        _add_rms_norm_kernel[(t + extra,)](x, delta.contiguous() if delta is not None else x, weight, out, res, t, n,
-                                           eps, HAS_DELTA=delta is not None, PARTS=delta.shape[0] if parts else 0,
-                                           BLOCK=triton.next_power_of_2(n), num_warps=8, **pf, **options)
+        _add_rms_norm_kernel[(t,)](x, delta.contiguous() if delta is not None else x, weight, out, res, t, n, eps,
+                                   HAS_DELTA=delta is not None, PARTS=delta.shape[0] if parts else 0,
+                                   BLOCK=triton.next_power_of_2(n), num_warps=8, **launch_options(x, t))
     return res, out
 
 
@@ -133,16 +129,14 @@ def rotary_qk(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, hq: int,
 
 
 def rotary_qk_store_kv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, hq: int, hk: int,
-                       cache: torch.Tensor, slots: torch.Tensor, bias: torch.Tensor | None = None,
-                       prefetch: l2_prefetch.Prefetch | None = None) -> torch.Tensor:
+                       cache: torch.Tensor, slots: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """qkv: [T, (hq + 2 hk) * D] (contiguous), cos/sin: [T, D], cache: [P, 2, page_size, hk, D],
     slots: [T] int64 -> q [T, hq, D] rotated; rotated k and v are written to the cache slots.
     Same values as `rotary_qk` then `store_kv`; qkv is left untouched.
 
     qkv may instead be the fp32 partial sums [S, T, N] of a split-K projection
     (`decode_gemv.project`) that has `bias` still to add: the qkv is then their total plus the bias,
-    rounded once to the cache's dtype (as a cuBLAS GEMM with a bias epilogue rounds). `prefetch`:
-    asked into L2 meanwhile, where `l2_prefetch` applies."""
+    rounded once to the cache's dtype (as a cuBLAS GEMM with a bias epilogue rounds)."""
     parts = qkv.dim() == 3
     t = qkv.shape[-2]
     d = cos.shape[-1]
@@ -156,12 +150,10 @@ def rotary_qk_store_kv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, 
     qkv = qkv.contiguous()
     q = torch.empty(t, hq, d, dtype=cache.dtype, device=qkv.device)
     if t:
-        options = launch_options(cache, t)
-        extra, pf = l2_prefetch.launch_args(prefetch, options["USE_GDC"], qkv, 1, hq + 2 * hk)
-        _rotary_qk_store_kv_kernel[(t + extra, hq + 2 * hk)](
+        _rotary_qk_store_kv_kernel[(t, hq + 2 * hk)](
             qkv, bias if bias is not None else qkv, cos, sin, q, cache, slots, qkv.stride(-2), cos.stride(0),
             hq, hk, cache.shape[2], t, HALF=d // 2, PARTS=qkv.shape[0] if parts else 0,
-            HAS_BIAS=parts and bias is not None, num_warps=1, **pf, **options)
+            HAS_BIAS=parts and bias is not None, num_warps=1, **launch_options(cache, t))
     return q
 
 
@@ -255,17 +247,12 @@ if triton is not None:
                  mask=mask)
 
     @triton.jit
-    def _add_rms_norm_kernel(x_ptr, d_ptr, w_ptr, out_ptr, res_ptr, t, n, eps, pf_ptr, pf_segments, pf_stride,
-                             pf_seg_bytes, pf_total, HAS_DELTA: tl.constexpr, PARTS: tl.constexpr,
-                             BLOCK: tl.constexpr, PF_PIECES: tl.constexpr, USE_GDC: tl.constexpr):
-        row = tl.program_id(0)
-        if row < t:
-            gdc_enter(USE_GDC)
-            _add_norm_row(x_ptr, d_ptr, w_ptr, out_ptr, res_ptr, row.to(tl.int64), t, n, eps, HAS_DELTA, PARTS,
-                          BLOCK)
-        elif PF_PIECES > 0:   # the extra programs: a later kernel's weight into L2 (l2_prefetch)
-            prefetch_to_l2(pf_ptr, pf_segments, pf_stride, pf_seg_bytes, pf_total, row - t, tl.num_programs(0) - t,
-                           PF_PIECES)
+    def _add_rms_norm_kernel(x_ptr, d_ptr, w_ptr, out_ptr, res_ptr, t, n, eps,
+                             HAS_DELTA: tl.constexpr, PARTS: tl.constexpr, BLOCK: tl.constexpr,
+                             USE_GDC: tl.constexpr):
+        gdc_enter(USE_GDC)
+        _add_norm_row(x_ptr, d_ptr, w_ptr, out_ptr, res_ptr, tl.program_id(0).to(tl.int64), t, n, eps,
+                      HAS_DELTA, PARTS, BLOCK)
 
     @triton.jit
     def _rotary_qk_kernel(qkv_ptr, cos_ptr, sin_ptr, q_ptr, row_stride, cs_stride, hq,
@@ -292,19 +279,12 @@ if triton is not None:
 
     @triton.jit
     def _rotary_qk_store_kv_kernel(qkv_ptr, bias_ptr, cos_ptr, sin_ptr, q_ptr, cache_ptr, slot_ptr, row_stride,
-                                   cs_stride, hq, hk, page_size, T, pf_ptr, pf_segments, pf_stride, pf_seg_bytes,
-                                   pf_total, HALF: tl.constexpr,
-                                   PARTS: tl.constexpr, HAS_BIAS: tl.constexpr, PF_PIECES: tl.constexpr,
-                                   USE_GDC: tl.constexpr):
-        tok, head = tl.program_id(0), tl.program_id(1)
-        if tok < T:
-            gdc_enter(USE_GDC)
-            _rotary_store_head(qkv_ptr, bias_ptr, cos_ptr, sin_ptr, q_ptr, cache_ptr, slot_ptr, row_stride,
-                               cs_stride, hq, hk, page_size, T, tok.to(tl.int64), head, HALF, PARTS, HAS_BIAS)
-        elif PF_PIECES > 0:   # the extra rows of programs: a later kernel's weight into L2 (l2_prefetch)
-            heads = tl.num_programs(1)
-            prefetch_to_l2(pf_ptr, pf_segments, pf_stride, pf_seg_bytes, pf_total, (tok - T) * heads + head,
-                           (tl.num_programs(0) - T) * heads, PF_PIECES)
+                                   cs_stride, hq, hk, page_size, T, HALF: tl.constexpr, PARTS: tl.constexpr,
+                                   HAS_BIAS: tl.constexpr, USE_GDC: tl.constexpr):
+        gdc_enter(USE_GDC)
+        _rotary_store_head(qkv_ptr, bias_ptr, cos_ptr, sin_ptr, q_ptr, cache_ptr, slot_ptr, row_stride,
+                           cs_stride, hq, hk, page_size, T, tl.program_id(0).to(tl.int64), tl.program_id(1), HALF,
+                           PARTS, HAS_BIAS)
 
     @triton.jit
     def _rotary_store_head(qkv_ptr, bias_ptr, cos_ptr, sin_ptr, q_ptr, cache_ptr, slot_ptr, row_stride, cs_stride,

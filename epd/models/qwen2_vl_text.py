@@ -21,7 +21,6 @@ from torch import nn
 
 from epd.attention.base import AttentionBackend
 from epd.config import TextConfig
-from epd.models import l2_prefetch
 from epd.models.decode_gemv import gemv_path, project, silu_mul_project
 from epd.models.fused_ops import (
     add_rms_norm,
@@ -45,11 +44,11 @@ class RMSNorm(nn.Module):
         """(x + delta, norm(x + delta)) in one kernel on GPU; delta None = no add."""
         return add_rms_norm(x, delta, self.weight, self.eps)
 
-    def add_projection(self, x: torch.Tensor, h: torch.Tensor, weight: torch.Tensor,
-                       prefetch: l2_prefetch.Prefetch | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def add_projection(self, x: torch.Tensor, h: torch.Tensor,
+                       weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """`add_forward(x, h @ weight.T)`; on the decode GEMV path the add + norm kernel adds up the
-        projection's split-K partial sums itself, and asks for `prefetch` in L2 (`l2_prefetch`)."""
-        return add_rms_norm(x, project(h, weight), self.weight, self.eps, prefetch=prefetch)
+        projection's split-K partial sums itself."""
+        return add_rms_norm(x, project(h, weight), self.weight, self.eps)
 
 
 class MRotaryEmbedding(nn.Module):
@@ -119,10 +118,8 @@ class Attention(nn.Module):
         slots = backend.kv_write_slots()
         if slots is not None:                            # k and v go straight to the cache
             if gemv_path(x, proj.weight) and kv_cache.dtype == x.dtype:
-                # decode GEMV: the rotary kernel adds up its split-K partial sums and the bias, and
-                # asks for o_proj's weight in L2 while attention runs
-                q = rotary_qk_store_kv(project(x, proj.weight), cos, sin, hq, hk, kv_cache, slots, bias=proj.bias,
-                                       prefetch=l2_prefetch.whole(self.o_proj.weight))
+                # decode GEMV: the rotary kernel adds up its split-K partial sums and the bias
+                q = rotary_qk_store_kv(project(x, proj.weight), cos, sin, hq, hk, kv_cache, slots, bias=proj.bias)
             else:
                 q = rotary_qk_store_kv(proj(x), cos, sin, hq, hk, kv_cache, slots)
             return backend.attend(q, None, None, kv_cache).reshape(t, -1)
@@ -163,21 +160,19 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, x: torch.Tensor, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                backend: AttentionBackend, kv_cache: torch.Tensor, next_norm: RMSNorm,
-                next_qkv: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                backend: AttentionBackend, kv_cache: torch.Tensor,
+                next_norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
         """x: the residual stream, h: this layer's input norm of it; returns the residual stream after
         the layer and `next_norm` of it (the next layer's input norm, or the final one). Each residual
-        add goes with the norm after it, so the GPU does add + norm in one kernel, which on the
-        decode GEMV path also adds up the projection's partial sums and asks for the next GEMV's
-        weight in L2 (the head of each of gate/up's rows, then `next_qkv`, the next layer's q/k/v weight)."""
+        add goes with the norm after it, so the GPU does add + norm in one kernel, or (decode GEMV
+        path) the projection before it too."""
         attn, mlp = self.self_attn, self.mlp
         if attn.qkv_proj is None:
             x, h = self.post_attention_layernorm.add_forward(x, attn(h, cos, sin, backend, kv_cache))
             return next_norm.add_forward(x, mlp(h))
         attended = attn.attend_qkv(h, cos, sin, backend, kv_cache)
-        x, h = self.post_attention_layernorm.add_projection(
-            x, attended, attn.o_proj.weight, l2_prefetch.row_heads(mlp.gate_up_proj.weight, l2_prefetch.GATE_UP_BYTES))
-        return next_norm.add_projection(x, mlp.activation(h), mlp.down_proj.weight, l2_prefetch.whole(next_qkv))
+        x, h = self.post_attention_layernorm.add_projection(x, attended, attn.o_proj.weight)
+        return next_norm.add_projection(x, mlp.activation(h), mlp.down_proj.weight)
 
 
 class TextModel(nn.Module):
@@ -220,10 +215,9 @@ class Qwen2VLLanguageModel(nn.Module):
         cos, sin = self.rotary(positions, embeds.dtype)
         layers = self.language_model.layers
         norms = [layer.input_layernorm for layer in layers[1:]] + [self.language_model.norm]
-        next_qkv = [layer.self_attn.qkv_proj for layer in layers[1:]] + [None]
         x, h = layers[0].input_layernorm.add_forward(embeds, None)
-        for i, (layer, next_norm, qkv) in enumerate(zip(layers, norms, next_qkv, strict=True)):
-            x, h = layer(x, h, cos, sin, backend, kv_layers[i], next_norm, qkv.weight if qkv is not None else None)
+        for i, (layer, next_norm) in enumerate(zip(layers, norms, strict=True)):
+            x, h = layer(x, h, cos, sin, backend, kv_layers[i], next_norm)
             if after_layer is not None:
                 after_layer(i)
         return h

@@ -106,36 +106,3 @@ def test_silu_and_mul():
     gu = torch.randn(9, 2 * 18944, device="cuda", dtype=BF16)
     g, u = gu[:, :18944], gu[:, 18944:]
     _close(fo.silu_and_mul(gu), torch.nn.functional.silu(g) * u)
-
-
-@pytest.mark.parametrize("tokens", [1, 8])
-def test_kernels_asking_for_a_weight_in_l2_compute_the_same(tokens, monkeypatch):
-    """The add + norm and the rotary + KV-write kernels with their extra programs asking for a
-    weight in L2 (`l2_prefetch` switched on; it applies where PDL is: sm90+, up to 8 tokens): the
-    same outputs bit for bit, the weight untouched, and no fault however the bytes split into pieces."""
-    from epd.models import l2_prefetch
-
-    monkeypatch.setattr(l2_prefetch, "L2_PREFETCH", True)
-    weight = torch.randn(4608, 3584, device="cuda", dtype=BF16)
-    kept = weight.clone()
-    x, d = (torch.randn(tokens, 2048, device="cuda", dtype=BF16) for _ in range(2))
-    w = torch.rand(2048, device="cuda", dtype=BF16)
-    hq, hk, dim, ps = 16, 2, 128, 16
-    partials = torch.randn(4, tokens, (hq + 2 * hk) * dim, device="cuda")
-    ang = torch.rand(tokens, dim // 2, device="cuda") * 100
-    cos, sin = (torch.cat([f(ang)] * 2, -1).to(BF16) for f in (torch.cos, torch.sin))
-    slots = torch.randperm(20 * ps, device="cuda")[:tokens]
-    ref_cache = torch.zeros(20, 2, ps, hk, dim, device="cuda", dtype=BF16)
-    ref_norm = fo.add_rms_norm(x, d, w, 1e-6)
-    ref_q = fo.rotary_qk_store_kv(partials, cos, sin, hq, hk, ref_cache, slots)
-    odd = torch.randn(1000, 24, device="cuda", dtype=BF16)   # 48,000 bytes: a last piece shorter than the rest
-    for prefetch in (l2_prefetch.whole(weight), l2_prefetch.row_heads(weight, 16 << 20),
-                     l2_prefetch.row_heads(weight, 1 << 40), l2_prefetch.whole(odd), l2_prefetch.row_heads(odd, 1)):
-        cache = torch.zeros_like(ref_cache)
-        norm = fo.add_rms_norm(x, d, w, 1e-6, prefetch=prefetch)
-        q = fo.rotary_qk_store_kv(partials, cos, sin, hq, hk, cache, slots, prefetch=prefetch)
-        torch.cuda.synchronize()
-        assert all(torch.equal(a, b) for a, b in zip(norm, ref_norm, strict=True))
-        assert torch.equal(q, ref_q) and torch.equal(cache, ref_cache)
-    assert torch.equal(weight, kept)
-    assert l2_prefetch.row_heads(odd, 1) is None   # under 16 bytes a row: nothing to ask for

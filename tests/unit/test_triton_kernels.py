@@ -28,29 +28,20 @@ GEMV_CONSTANTS = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "FIRST_K": 256, "
 ROTARY = {"bias_ptr": "*bf16", "cos_ptr": "*bf16", "sin_ptr": "*bf16", "q_ptr": "*bf16", "cache_ptr": "*bf16",
           "slot_ptr": "*i64"}
 
-L2 = {"pf_ptr": "*bf16", "pf_segments": "i32", "pf_stride": "i32", "pf_seg_bytes": "i32", "pf_total": "i32"}
-ADD_NORM = {"x_ptr": "*bf16", "d_ptr": "*fp32", "w_ptr": "*bf16", "out_ptr": "*bf16", "res_ptr": "*bf16", "t": "i32",
-            "n": "i32", "eps": "fp32"}
-ADD_NORM_CONSTANTS = {"HAS_DELTA": True, "PARTS": 4, "BLOCK": 2048, "USE_GDC": True}
-ROTARY_KV = {"qkv_ptr": "*fp32", **ROTARY, "row_stride": "i32", "cs_stride": "i32", "hq": "i32", "hk": "i32",
-             "page_size": "i32", "T": "i32"}
-ROTARY_KV_CONSTANTS = {"HALF": 64, "PARTS": 4, "HAS_BIAS": True, "USE_GDC": True}
-
 KERNELS = {  # name: (kernel, argument types, constants, warps, stages)
     "gemv": (g._gemv_kernel, GEMV, GEMV_CONSTANTS, 4, 4),
     "silu_mul_gemv": (g._silu_mul_gemv_kernel, {
         "x_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16", "M": "i32", "INTER": "i32", "K": "i32"},
         {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "USE_GDC": True}, 4, 4),
-    "add_rms_norm": (fo._add_rms_norm_kernel, {**ADD_NORM, **L2}, {**ADD_NORM_CONSTANTS, "PF_PIECES": 0}, 8, 3),
-    "add_rms_norm_l2_prefetch": (fo._add_rms_norm_kernel, {**ADD_NORM, **L2}, {**ADD_NORM_CONSTANTS, "PF_PIECES": 256},
-                                 8, 3),
+    "add_rms_norm": (fo._add_rms_norm_kernel, {
+        "x_ptr": "*bf16", "d_ptr": "*fp32", "w_ptr": "*bf16", "out_ptr": "*bf16", "res_ptr": "*bf16", "t": "i32",
+        "n": "i32", "eps": "fp32"}, {"HAS_DELTA": True, "PARTS": 4, "BLOCK": 2048, "USE_GDC": True}, 8, 3),
     "rotary_qk": (fo._rotary_qk_kernel, {
         "qkv_ptr": "*bf16", "cos_ptr": "*bf16", "sin_ptr": "*bf16", "q_ptr": "*bf16", "row_stride": "i32",
         "cs_stride": "i32", "hq": "i32"}, {"HALF": 64, "USE_GDC": False}, 1, 3),
-    "rotary_qk_store_kv": (fo._rotary_qk_store_kv_kernel, {**ROTARY_KV, **L2}, {**ROTARY_KV_CONSTANTS, "PF_PIECES": 0},
-                           1, 3),
-    "rotary_qk_store_kv_l2_prefetch": (fo._rotary_qk_store_kv_kernel, {**ROTARY_KV, **L2},
-                                       {**ROTARY_KV_CONSTANTS, "PF_PIECES": 32}, 1, 3),
+    "rotary_qk_store_kv": (fo._rotary_qk_store_kv_kernel, {
+        "qkv_ptr": "*fp32", **ROTARY, "row_stride": "i32", "cs_stride": "i32", "hq": "i32", "hk": "i32",
+        "page_size": "i32", "T": "i32"}, {"HALF": 64, "PARTS": 4, "HAS_BIAS": True, "USE_GDC": True}, 1, 3),
     "rotary_qkv_split": (fo._rotary_qkv_split_kernel, {
         "qkv_ptr": "*bf16", "cos_ptr": "*fp32", "sin_ptr": "*fp32", "out_ptr": "*bf16", "row_stride": "i32",
         "cs_stride": "i32", "S": "i32", "heads": "i32"}, {"HALF": 40, "BLOCK": 64, "ROWS": 64, "USE_GDC": False},
@@ -84,7 +75,6 @@ def test_kernel_compiles_for_hopper(name):
     assert ".target sm_90" in ptx and ".entry" in ptx
     if KERNELS[name][2].get("USE_GDC"):   # launched with programmatic dependent launch
         assert "griddepcontrol.wait" in ptx
-    assert ("cp.async.bulk.prefetch.L2.global" in ptx) == bool(KERNELS[name][2].get("PF_PIECES"))
 
 
 def test_decoder_on_the_gemv_path_equals_the_torch_modules_in_the_interpreter():
