@@ -34,7 +34,7 @@ from epd.config import add_engine_switches
 from kv_transfer.layout import KVLayout
 from kv_transfer.redis_util import connect
 from kv_transfer.registry import NodeInfo, NodeRegistry
-from kv_transfer.transport import KVTransport
+from kv_transfer.transport import SWITCH_INTERVAL_S, KVTransport
 
 log = logging.getLogger(__name__)
 LAYOUT_KEY = "epd:layout:{}"
@@ -202,9 +202,7 @@ def run_node(runtime: NodeRuntime, service: Service) -> None:
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
-    # The transport's network thread needs the GIL for every UCX completion; while this loop is
-    # busy it would otherwise wait up to the default 5 ms switch interval each time.
-    sys.setswitchinterval(0.0005)
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
     print(f"EPD {runtime.args.role} node {runtime.node_id} ready: zmq {runtime.zmq_address} "
           f"ucx {runtime.transport.address}", flush=True)
     busy = False

@@ -80,6 +80,14 @@ def read_json_line(child: subprocess.Popen[str]) -> dict[str, Any]:
     raise RuntimeError(f"receiver exited with {child.wait()}")
 
 
+def reap(child: subprocess.Popen[str]) -> None:
+    """Let a child probe process exit; kill it if it has not within 30 s."""
+    try:
+        child.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        child.kill()
+
+
 def _send_round(t: KVTransport, address: str, data: list[list[torch.Tensor]], round_: int, concurrent: bool) -> list:
     for i, tensors in enumerate(data):
         for x in tensors:
@@ -121,10 +129,7 @@ def probe(args: argparse.Namespace) -> dict[str, Any]:
             "recv_gbps": [round(g, 3) for g in recv["recv_gbps"]],
         }
     finally:
-        try:
-            child.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            child.kill()
+        reap(child)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -56,6 +56,12 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+# What a process using a KVTransport should give sys.setswitchinterval: the transport's threads
+# need the GIL for every UCX completion, and while the process's own loop is busy they wait up to
+# this long each time (Python's default is 5 ms). A small message one way between two busy
+# loops, on the H200 host (`python -m kv_transfer.latency_probe --wait spin --switch-interval S`):
+# 4.9 ms at 0.5 ms, 1.3 ms at 0.05 ms; between two idle loops 0.7 ms (BENCHMARKS.md).
+SWITCH_INTERVAL_S = 0.00005
 
 
 @dataclass(frozen=True)

@@ -318,6 +318,17 @@ def test_cuda_tensors_go_device_to_device_between_processes() -> None:
             peer.close()
 
 
+@pytest.mark.parametrize("wait", ["poller", "spin"])
+def test_latency_probe_reports_one_way_times_of_messages_that_made_the_round_trip(wait: str) -> None:
+    """`python -m kv_transfer.latency_probe`: each ping (here with a 1 MiB tensor) is answered before
+    the next goes, so a reply that never came would time the probe out; it reports the spread."""
+    out = subprocess.run([sys.executable, "-m", "kv_transfer.latency_probe", "--pings", "12", "--warmup", "2",
+                          "--mib", "1", "--wait", wait], capture_output=True, text=True, timeout=120, check=True)
+    report = json.loads([line for line in out.stdout.splitlines() if line.startswith("{")][-1])
+    assert report["pings"] == 12 and report["wait"] == wait and report["ping_mib"] == 1.0
+    assert 0 < report["one_way_ms_p10"] <= report["one_way_ms_median"] <= report["one_way_ms_p90"] < 1000
+
+
 if __name__ == "__main__":
     role, raw = sys.argv[1], json.loads(sys.argv[2])
     {"sender": run_sender, "receiver": run_receiver}[role](raw)
