@@ -50,7 +50,8 @@ class Incoming:
     arrived: float
     next_group: int = 0
     meta: dict | None = None
-    landed_at: float = 0.0
+    landed_at: float = 0.0     # when the hand-over completed here (admitted to the batch)
+    meta_landed_at: float = 0.0   # when `{rid}:meta` landed (on the transport's thread)
     first_kv_at: float = 0.0   # when the first layer group was taken from the transport
     pages_offered: bool = False   # CUDA IPC: the prefill node may be writing into our pages
 
@@ -157,6 +158,7 @@ class DecodeService:
                     meta_msg = transport.poll(f"{rid}:meta")
                     if meta_msg is not None:
                         inc.meta = dict(meta_msg.meta, generator_state=meta_msg.tensors[:1])
+                        inc.meta_landed_at = meta_msg.landed_at
                         if "error" in inc.meta:
                             raise RuntimeError(inc.meta["error"])
                         if inc.meta.get("ipc_written"):   # prefill wrote the KV into our pages
@@ -228,6 +230,7 @@ class DecodeService:
                 timings = {**(inc.meta or {}).get("timings", {}),   # the prefill node's queue/prefill times
                            "decode_received_at": protocol.wall_time(inc.arrived),
                            "kv_landed_at": protocol.wall_time(inc.landed_at),
+                           "kv_meta_landed_at": protocol.wall_time(inc.meta_landed_at or inc.landed_at),
                            "kv_wait_ms": (inc.landed_at - inc.arrived) * 1e3,
                            "transfer_ms": (inc.landed_at - (inc.first_kv_at or inc.landed_at)) * 1e3,
                            "decode_ms": (time.monotonic() - inc.landed_at) * 1e3}

@@ -55,6 +55,7 @@ class Message:
     peer: str  # the sender's advertised transport address
     nbytes: int
     seconds: float  # header arrival to last tensor landed
+    landed_at: float = 0.0  # time.monotonic() when the last tensor landed (on the network thread)
 
 
 @dataclass(eq=False)
@@ -211,7 +212,8 @@ class Inbox:
             if slot.error is not None:
                 self._fail_locked(slot, slot.error)
                 return
-            msg = Message(slot.header.key, slot.buffers, slot.header.meta, slot.peer or "", slot.header.nbytes, seconds)
+            msg = Message(slot.header.key, slot.buffers, slot.header.meta, slot.peer or "", slot.header.nbytes, seconds,
+                          time.monotonic())
             if slot.expected is not None and slot.buffers is not slot.expected:
                 _copy_into(msg, slot.expected)
             slot.state, slot.message, slot.updated = SlotState.DONE, msg, time.monotonic()

@@ -53,7 +53,8 @@ class Pending:
     pages: list[int] = dataclasses.field(default_factory=list)
     sends: list[Any] = dataclasses.field(default_factory=list)
     sent_at: float = 0.0
-    embeddings_at: float = 0.0   # when the encoder's embeddings landed (arrived, for text-only requests)
+    embeddings_at: float = 0.0   # when the loop took the encoder's embeddings (arrived, for text-only requests)
+    embeddings_landed: float = 0.0   # when they landed (on the transport's thread)
     handover: tuple[dict, list] | None = None   # CUDA IPC: (meta, tensors) held until the KV is written
     page_list: Any = None        # CUDA IPC: decode's `{rid}:kvdst` message, once taken
     write_queued: bool = False   # CUDA IPC: the write was queued behind the last layer
@@ -63,7 +64,8 @@ class Pending:
         return {"embeddings_wait_ms": (self.embeddings_at - self.arrived) * 1e3,
                 "queue_ms": (self.started - self.embeddings_at) * 1e3,
                 "prefill_received_at": protocol.wall_time(self.arrived),
-                "embeddings_landed_at": protocol.wall_time(self.embeddings_at),
+                "embeddings_landed_at": protocol.wall_time(self.embeddings_landed or self.embeddings_at),
+                "embeddings_taken_at": protocol.wall_time(self.embeddings_at),
                 "prefill_started_at": protocol.wall_time(self.started)}
 
 
@@ -156,7 +158,7 @@ class PrefillService:
                     self._report(p, "encode", ok=False, error="encoder grids do not match the router's")
                     continue
                 dtype, device = self.core.dtype, self.core.device
-                p.embeddings_at = time.monotonic()
+                p.embeddings_at, p.embeddings_landed = time.monotonic(), msg.landed_at
                 self._start(p, [t.to(device, dtype) for t in msg.tensors])
 
     def _step(self) -> bool:

@@ -142,7 +142,7 @@ class DisaggBackend:
                                           image_data=req.images or None)
         except ValueError as e:
             raise BackendError(str(e), 400, getattr(e, "param", None)) from None
-        flight = await asyncio.to_thread(self._plan, req, inp)
+        flight = await self._plan(req.rid, inp)
         flight.received_at = protocol.wall_time(received)
         flight.timings["input_ms"] = (time.monotonic() - received) * 1e3
         queue = self.clients.subscribe(req.rid)
@@ -161,22 +161,28 @@ class DisaggBackend:
                 self._abort(flight)
             await asyncio.to_thread(self._close_room, flight)
 
-    def _plan(self, req: BackendRequest, inp: ProcessedInput) -> Flight:
+    async def _plan(self, rid: str, inp: ProcessedInput) -> Flight:
+        """Pick a node of each pool the request needs (from the pool view in memory: no Redis)."""
+        nodes: dict[str, Any] = {}
         try:
-            nodes = {"prefill": self.pool.pick("prefill")}
+            nodes["prefill"] = self.pool.pick("prefill")
             nodes["decode"] = self.pool.pick("decode", lambda d: d.layout_hash == nodes["prefill"].layout_hash)
             if inp.images:
                 nodes["encoder"] = self.pool.pick("encoder")
         except NoNodeError as e:
             message = str(e)
             if "fits" in message and "decode" in message:
-                message = self._layout_mismatch(nodes["prefill"])
+                message = await asyncio.to_thread(self._layout_mismatch, nodes["prefill"])
             raise BackendError(message, 503, code="no_capacity") from None
         for node in nodes.values():
             self.pool.begin(node.node_id)
-        self.rooms.open_room(req.rid, nodes["prefill"].node_id, nodes["decode"].node_id)
-        self.sessions.create(req.rid, {role: n.node_id for role, n in nodes.items()})
-        return Flight(req.rid, nodes)
+        return Flight(rid, nodes)
+
+    def _open(self, flight: Flight) -> None:
+        """The request's rendezvous room and session in Redis."""
+        nodes = flight.nodes
+        self.rooms.open_room(flight.rid, nodes["prefill"].node_id, nodes["decode"].node_id)
+        self.sessions.create(flight.rid, {role: n.node_id for role, n in nodes.items()})
 
     def _layout_mismatch(self, prefill: Any) -> str:
         """Name the fields in which the prefill node's KV layout differs from the decode pool's."""
@@ -201,6 +207,7 @@ class DisaggBackend:
                       for im in inp.images]
             await self.clients.send(flight.nodes["encoder"].zmq, protocol.EncodeRequest(req.rid, images,
                                                                                        p.node_id, p.ucx))
+        await asyncio.to_thread(self._open, flight)   # the encoder needs no room: it is already at work
         await self.clients.send(p.zmq, protocol.PrefillRequest(
             req.rid, inp.input_ids, [list(im.grid_thw) for im in inp.images], params, d.node_id, d.ucx,
             flight.nodes["encoder"].node_id if inp.images else "", kv_ipc=kv_ipc,

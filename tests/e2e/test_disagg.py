@@ -65,8 +65,9 @@ def test_disaggregated_greedy_equals_transformers_and_engine(harness, engine, ca
     assert got.finish_reason == "length"
     assert {"prefill_ms", "transfer_ms", "decode_ms"} <= set(got.timings)
     # the request's timeline across processes, in ms after the router received it, in causal order
-    chain = (["encoder_received_at_ms", "encoded_at_ms", "embeddings_landed_at_ms"] if images else []) + \
-        ["prefill_started_at_ms", "first_token_sampled_at_ms", "kv_landed_at_ms", "first_token_at_ms"]
+    chain = (["encoder_received_at_ms", "encoded_at_ms", "embeddings_landed_at_ms", "embeddings_taken_at_ms"]
+             if images else []) + ["prefill_started_at_ms", "first_token_sampled_at_ms", "kv_meta_landed_at_ms",
+                                   "kv_landed_at_ms", "first_token_at_ms"]
     timeline = {k: got.timings[k] for k in chain}
     instants = list(timeline.values())
     assert instants[0] > 0 and all(a <= b + 0.1 for a, b in zip(instants, instants[1:], strict=False)), timeline
