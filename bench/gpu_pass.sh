@@ -43,7 +43,6 @@ swept=()
 step bench 280 python3 -m bench.gpu_bench --out "$out/gpu.json" --model 3b=/tmp/m3b --model 7b=/tmp/m7b "${swept[@]}"
 step attention 50 python3 -m bench.gpu_attention --out "$out/attn.json"
 step kv 60 python3 -m bench.gpu_kv_transfer --preset 7b --ipc --out "$out/kv_ipc.json"
-# the disaggregated setup twice: the default UCX progress thread (woken by the NIC/IPC events) and
-# one that spins (`--ucx-progress thread-polling`: each hand-over's wake-ups, not yet measured)
-step ttft 180 python3 -m bench.gpu_disagg_ttft --model /tmp/m3b --out "$out/ttft.json" \
-    --variant= --variant='--ucx-progress thread-polling'
+# (`--variant='--ucx-progress thread-polling'` adds a run with a spinning UCX progress thread: no
+# faster in N2 and N4, BENCHMARKS.md)
+step ttft 180 python3 -m bench.gpu_disagg_ttft --model /tmp/m3b --out "$out/ttft.json" --requests 40
