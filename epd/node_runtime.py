@@ -171,12 +171,12 @@ class NodeRuntime:
             if self.sock not in ready:
                 return out
         while True:
-            try:
-                identity, frame = self.sock.recv_multipart(zmq.NOBLOCK)
+            try:   # without copying the frame out of ZMQ's buffer (an image's pixels: megabytes)
+                identity, frame = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return out
             try:
-                out.append((identity, protocol.decode(frame)))
+                out.append((identity.bytes, protocol.decode(frame.buffer)))
             except protocol.ProtocolError as e:
                 log.warning("dropping control message: %s", e)
 
