@@ -211,11 +211,13 @@ class DecodeService:
             if now - inc.arrived > self.kv_timeout:
                 self._fail(self.awaiting_kv.pop(rid), "transfer",
                            f"no KV from prefill node {inc.msg.prefill_node} within {self.kv_timeout:.0f}s")
-            elif check_rooms:
-                room = self.rooms.get(rid)
-                if room is not None and room.state is RoomState.FAILED:
-                    f = room.failure
-                    self._fail(self.awaiting_kv.pop(rid), f.stage, f"{f.reason} (node {f.node})")
+        if not check_rooms or not self.awaiting_kv:
+            return
+        # one Redis round trip for all of them: this loop also runs the decode batch
+        for rid, room in self.rooms.get_many(list(self.awaiting_kv)).items():
+            if room is not None and room.state is RoomState.FAILED:
+                f = room.failure
+                self._fail(self.awaiting_kv.pop(rid), f.stage, f"{f.reason} (node {f.node})")
 
     # ---- output and teardown ------------------------------------------------------------
     def _emit(self, events: list[TokenEvent]) -> None:

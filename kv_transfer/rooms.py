@@ -125,6 +125,15 @@ class RoomStore:
         raw = self._client.hgetall(room_key(rid))
         return Room.from_fields(rid, to_str_dict(raw)) if raw else None
 
+    def get_many(self, rids: list[str]) -> dict[str, Room | None]:
+        """`get` of each rid in one round trip (a node's loop checking all its waiting requests)."""
+        with self._client.pipeline(transaction=False) as pipe:
+            for rid in rids:
+                pipe.hgetall(room_key(rid))
+            raws = pipe.execute()
+        return {rid: Room.from_fields(rid, to_str_dict(raw)) if raw else None
+                for rid, raw in zip(rids, raws, strict=True)}
+
     def close(self, rid: str) -> None:
         """Delete the room (idempotent)."""
         self._client.delete(room_key(rid))

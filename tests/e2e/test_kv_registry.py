@@ -111,6 +111,19 @@ def test_room_lifecycle_with_ttl(client: redis.Redis) -> None:
     assert not client.exists("epd:room:r1")
 
 
+def test_rooms_read_together_are_what_each_get_says(client: redis.Redis) -> None:
+    """A decode node checks all its waiting requests' rooms in one round trip (`get_many`)."""
+    rooms = RoomStore(client, ttl_s=30)
+    rooms.open_room("m1", sender="p", receiver="d")
+    rooms.open_room("m2", sender="p", receiver="d")
+    rooms.mark_failed("m2", "prefill node lost", stage="prefill", node="p")
+    got = rooms.get_many(["m1", "m2", "gone"])
+    assert list(got) == ["m1", "m2", "gone"] and got["gone"] is None
+    assert got["m1"] == rooms.get("m1") and got["m1"].state is RoomState.OPEN  # type: ignore[union-attr]
+    assert got["m2"] == rooms.get("m2") and got["m2"].failure.reason == "prefill node lost"  # type: ignore[union-attr]
+    assert rooms.get_many([]) == {}
+
+
 def test_room_expires_by_itself(client: redis.Redis) -> None:
     rooms = RoomStore(client, ttl_s=0.3)
     rooms.open_room("r2", sender="p", receiver="d")
