@@ -29,13 +29,14 @@ import functools
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
 from enum import Enum
 from pathlib import Path
 from typing import Any
 
 import jinja2
-from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from epd.chat_jinja import render_jinja
+from epd.chat_tools import tool_fields
 
 
 class ChatTemplateError(ValueError):
@@ -221,18 +222,19 @@ register_chat_template(dataclasses.replace(chat_templates["qwen2-vl"].copy(), na
 
 @dataclass
 class _Turn:
-    role: str  # "system" | "user" | "assistant"
+    role: str  # "system" | "user" | "assistant" | "tool"
     parts: list[str | ImageRef]
     plain: bool  # content was a plain string
     param: str
+    extra: dict[str, Any] = field(default_factory=dict)   # an assistant's tool_calls, a tool's tool_call_id
 
 
-_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
 
 
 def render_messages(
     messages: Sequence[Mapping[str, Any]], *, tokenizer: Any = None, template: str | None = None,
-    add_generation_prompt: bool = True,
+    add_generation_prompt: bool = True, tools: list[dict[str, Any]] | None = None,
 ) -> RenderedPrompt:
     """Render OpenAI-style chat ``messages`` to prompt text plus the images in order of appearance.
 
@@ -243,12 +245,14 @@ def render_messages(
     images = [p for turn in turns for p in turn.parts if isinstance(p, ImageRef)]
     source = _resolve_template(template, tokenizer)
     if isinstance(source, Conversation):
+        tooled = [t.param for t in turns if t.role == "tool" or t.extra]
+        if tools or tooled:
+            raise _err("tools" if tools else tooled[0], f"template {source.name!r} cannot show tools or tool "
+                       "calls; use the model's own chat template or a --chat-template that can")
         text = _render_conversation(source, turns, add_generation_prompt)
         return RenderedPrompt(text, images, source.stop_str)
-    hf_messages = [
-        {"role": t.role, "content": t.parts[0] if t.plain else [_hf_part(p) for p in t.parts]} for t in turns
-    ]
-    return RenderedPrompt(_render_jinja(source, hf_messages, tokenizer, add_generation_prompt), images)
+    hf_messages = [{"role": t.role, "content": _hf_content(t), **t.extra} for t in turns]
+    return RenderedPrompt(_render_jinja(source, hf_messages, tokenizer, add_generation_prompt, tools), images)
 
 
 def _err(param: str, detail: str) -> ChatTemplateError:
@@ -267,16 +271,20 @@ def _parse_turn(msg: object, at: str) -> _Turn:
     raw_role = msg.get("role")
     role = _ROLES.get(raw_role) if isinstance(raw_role, str) else None
     if role is None:
-        expected = "expected system, developer, user or assistant"
+        expected = "expected system, developer, user, assistant or tool"
         raise _err(f"{at}.role", f"unsupported role {raw_role!r} ({expected})")
+    extra = tool_fields(msg, role, at, _err)
     content = msg.get("content")
     if content is None:
+        if extra.get("tool_calls"):   # an assistant turn that only called tools
+            return _Turn(role, [""], True, at, extra)
         raise _err(f"{at}.content", f"{role} message has no content")
     if isinstance(content, str):
-        return _Turn(role, [content], True, at)
+        return _Turn(role, [content], True, at, extra)
     if not isinstance(content, list):
         raise _err(f"{at}.content", "must be a string or a list of content parts")
-    return _Turn(role, [_parse_part(p, role, f"{at}.content[{j}]") for j, p in enumerate(content)], False, at)
+    parts = [_parse_part(p, role, f"{at}.content[{j}]") for j, p in enumerate(content)]
+    return _Turn(role, parts, False, at, extra)
 
 
 def _parse_part(part: object, role: str, at: str) -> str | ImageRef:
@@ -312,6 +320,14 @@ def _parse_image(part: Mapping[str, Any], kind: str, at: str) -> ImageRef:
     if detail not in (None, "auto", "low", "high"):
         raise _err(detail_at, f"must be 'auto', 'low' or 'high', not {detail!r}")
     return ImageRef(url, detail or "auto", param)
+
+
+def _hf_content(turn: _Turn) -> str | list[dict[str, str]]:
+    """A turn's content for an HF template: a string, or parts where images are (a tool's text parts
+    joined, as templates print a tool's content as it is)."""
+    if turn.plain or (turn.role == "tool" and all(isinstance(p, str) for p in turn.parts)):
+        return "".join(str(p) for p in turn.parts)
+    return [_hf_part(p) for p in turn.parts]
 
 
 def _hf_part(part: str | ImageRef) -> dict[str, str]:
@@ -365,35 +381,9 @@ def _resolve_template(template: str | None, tokenizer: Any) -> Conversation | st
     return Conversation.from_dict(data)
 
 
-def _raise_exception(message: str) -> None:
-    raise jinja2.TemplateError(message)
-
-
-def _strftime_now(fmt: str) -> str:
-    return datetime.now().strftime(fmt)
-
-
-@functools.cache
-def _jinja_env() -> ImmutableSandboxedEnvironment:
-    """The HF chat-template dialect: sandboxed, trimmed blocks, loop controls, tojson, raise_exception."""
-    env = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
-    )
-    env.filters["tojson"] = lambda value, indent=None: json.dumps(value, ensure_ascii=False, indent=indent)
-    env.globals.update(raise_exception=_raise_exception, strftime_now=_strftime_now)
-    return env
-
-
-def _render_jinja(source: str | None, messages: list[dict[str, Any]], tokenizer: Any, add_gen: bool) -> str:
+def _render_jinja(source: str | None, messages: list[dict[str, Any]], tokenizer: Any, add_gen: bool,
+                  tools: list[dict[str, Any]] | None) -> str:
     try:
-        if tokenizer is not None:
-            text = tokenizer.apply_chat_template(
-                messages, chat_template=source, tokenize=False, add_generation_prompt=add_gen
-            )
-            return str(text)
-        # Without a tokenizer there is no BOS / EOS text to give the template.
-        template = _jinja_env().from_string(source or "")
-        return template.render(messages=messages, add_generation_prompt=add_gen, bos_token="", eos_token="",
-                               tools=None, documents=None)
+        return render_jinja(source, messages, tokenizer, add_gen, tools)
     except jinja2.TemplateError as exc:
         raise _err("chat_template", f"chat template failed: {exc}") from exc

@@ -287,3 +287,27 @@ def test_named_template_wins_over_the_tokenizer_and_jinja_sees_its_bos() -> None
     assert render_messages(ONE_IMAGE, tokenizer=tok, template="{{ bos_token }}x").text == "<|endoftext|>x"
     err = render_error(ONE_IMAGE, tokenizer=tok, template="{{ raise_exception('no images') }}")
     assert err.param == "chat_template" and "no images" in str(err)
+
+
+TOOL_TEMPLATE = ("{% for t in tools or [] %}[tool {{ t.function.name }}]{% endfor %}{% for m in messages %}"
+                 "<{{ m.role }}>{{ m.content }}{% for c in m.tool_calls or [] %}"
+                 "(call {{ c.function.name }} {{ c.function.arguments | tojson }})"
+                 "{% endfor %}{% if m.tool_call_id %}(answers {{ m.tool_call_id }}){% endif %}{% endfor %}")
+
+
+def test_tools_and_tool_turns_reach_a_jinja_template():
+    """The tools, an assistant's calls (arguments as an object, as Qwen's template writes them) and
+    a tool's answer all reach the template; built-in templates cannot show them and say so."""
+    tools = [{"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}]
+    call = {"id": "c1", "type": "function", "function": {"name": "weather", "arguments": '{"city": "Oslo"}'}}
+    messages = [{"role": "user", "content": "Oslo?"},
+                {"role": "assistant", "content": None, "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": "c1", "content": [{"type": "text", "text": "-7"}]}]
+    text = render_messages(messages, template=TOOL_TEMPLATE, tools=tools, add_generation_prompt=False).text
+    assert text == ('[tool weather]<user>Oslo?<assistant>(call weather {"city": "Oslo"})'
+                    "<tool>-7(answers c1)")
+    with pytest.raises(ChatTemplateError) as err:
+        render_messages(messages, template="qwen2-vl")
+    assert err.value.param == "messages[1]" and "cannot show tools" in str(err.value)
+    with pytest.raises(ChatTemplateError, match="tool_calls"):
+        render_messages([{"role": "user", "content": "x", "tool_calls": []}], template=TOOL_TEMPLATE)
