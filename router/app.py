@@ -39,6 +39,7 @@ from router.prompts import Prepared, PromptBuilder
 from router.schemas import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from router.serving import respond
 from router.settings import RouterSettings
+from router.tool_calls import ToolChoice, ToolRequestError
 
 log = logging.getLogger(__name__)
 M = TypeVar("M", bound=BaseModel)
@@ -98,6 +99,12 @@ class Router:
         if problem is not None:
             raise APIError(400, problem[1], problem[0], "unsupported_parameter")
         return body
+
+    def tool_plan(self, body: ChatCompletionRequest) -> tuple[list[dict[str, Any]] | None, ToolChoice | None]:
+        try:
+            return body.tool_plan(self.settings.tool_call_parser)
+        except ToolRequestError as e:
+            raise APIError(400, str(e), e.param) from None
 
     def admit(self) -> None:
         """429 while the backend's queue is full (checked before any image is fetched)."""
@@ -204,12 +211,14 @@ def _add_completion_routes(app: FastAPI, router: Router) -> None:
     async def chat_completions(request: Request) -> Response:
         timer = router.metrics.timer()
         body = router.parse(ChatCompletionRequest, await router.read_json(request))
+        tools, tool_choice = router.tool_plan(body)
         router.admit()
-        prepared = await router.prompts.chat(body.messages)
+        prepared = await router.prompts.chat(body.messages, tools=tools)
         params = router.sampling(body, prepared, "messages")
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         fmt = ChatFormat(rid, router.settings.served_model_name, router.token_text[body.return_tokens_as_token_ids],
                          body.logprobs, len(prepared.input_ids))
+        fmt.tool_choice = tool_choice
         return await router.answer(request, body, prepared, params, fmt, timer)
 
     @app.post("/v1/completions", dependencies=auth)
@@ -237,7 +246,11 @@ def _add_token_routes(app: FastAPI, router: Router) -> None:
     async def tokenize(request: Request) -> dict[str, Any]:
         body = router.parse(TokenizeRequest, await router.read_json(request))
         prompts = router.prompts
-        prepared = await (prompts.chat(body.messages, check_context=False) if body.messages is not None
+        try:
+            tools = body.template_tools()
+        except ToolRequestError as e:
+            raise APIError(400, str(e), e.param) from None
+        prepared = await (prompts.chat(body.messages, check_context=False, tools=tools) if body.messages is not None
                           else prompts.completion(body.prompt, check_context=False))
         return {"count": len(prepared.input_ids), "max_model_len": router.backend.max_context,
                 "tokens": prepared.input_ids}

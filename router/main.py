@@ -26,6 +26,7 @@ from router.app import create_app
 from router.backend import Backend
 from router.prompts import PromptBuilder, check_chat_template
 from router.settings import RouterSettings
+from router.tool_calls import PARSERS
 
 log = logging.getLogger("epd.router")
 
@@ -42,6 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-waiting", type=int, default=1024, help="answer 429 while this many requests wait")
     ap.add_argument("--max-body-bytes", type=int, default=64 << 20, help="answer 413 above this request size")
     ap.add_argument("--media-fetch-timeout", type=float, default=10.0, help="seconds to fetch one image URL")
+    ap.add_argument("--tool-call-parser", default=None, choices=list(PARSERS),
+                    help='how tool_choice "auto" finds calls in the answer (hermes: Qwen2/2.5 <tool_call> blocks); '
+                         'without it "auto" is refused, "required" and named functions still work')
+    ap.add_argument("--enable-auto-tool-choice", action="store_true", help="accepted for vLLM compatibility: "
+                    "--tool-call-parser alone enables it")
     ap.add_argument("--backend", default=None, choices=["local", "disagg"],
                     help="disagg: the node pools in --redis-url (the default when it is given); local: in-process")
     ap.add_argument("--redis-url", default=None, help="disagg: the Redis holding the node pools")

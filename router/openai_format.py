@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from router.backend import BackendEvent
+from router.tool_calls import ToolChoice, ToolOutput
 
 STAGES = ("queue_ms", "encode_ms", "prefill_ms", "transfer_ms", "decode_ms")
 _ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
@@ -185,22 +186,49 @@ class ChatFormat(_Format):
         text, raw = self.tokens(token_id)
         return {"token": text, "logprob": _lp(logprob), "bytes": raw}
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.tool_choice: ToolChoice | None = None   # a tool choice other than "none": answers become tool_calls
+        self._tool_streams: dict[int, ToolOutput] = {}
+
     def first_chunk(self, index: int = 0) -> dict[str, Any]:
         delta = {"role": "assistant", "content": ""}
         return self.envelope(self.chunk_name, [{"index": index, "delta": delta, "logprobs": None,
                                                 "finish_reason": None}])
 
     def chunk(self, ev: BackendEvent, index: int = 0) -> dict[str, Any]:
-        choice = {"index": index, "delta": {"content": ev.text}, "logprobs": self._logprobs([ev]),
-                  "finish_reason": ev.finish_reason}
+        delta: dict[str, Any] = {"content": ev.text}
+        reason = ev.finish_reason
+        if self.tool_choice is not None:
+            tools = self._tool_streams.setdefault(index, ToolOutput(self.tool_choice))
+            delta = _merged(tools.stream(ev.text, ev.finished))
+            if tools.called and reason == "stop":
+                reason = "tool_calls"
+        choice = {"index": index, "delta": delta, "logprobs": self._logprobs([ev]), "finish_reason": reason}
         return self.envelope(self.chunk_name, [choice])
 
     def response(self, outs: list[Outcome]) -> dict[str, Any]:
-        choices = [{"index": i,
-                    "message": {"role": "assistant", "content": out.text, "refusal": None, "tool_calls": []},
-                    "logprobs": self._logprobs(out.events),
-                    "finish_reason": out.final.finish_reason if out.final else None} for i, out in enumerate(outs)]
+        choices = []
+        for i, out in enumerate(outs):
+            content, calls, reason = out.text, [], out.final.finish_reason if out.final else None
+            if self.tool_choice is not None:
+                content, calls, reason = ToolOutput(self.tool_choice).whole(out.text, reason)
+            choices.append({"index": i,
+                            "message": {"role": "assistant", "content": content, "refusal": None, "tool_calls": calls},
+                            "logprobs": self._logprobs(out.events), "finish_reason": reason})
         return self._whole(choices, outs)
+
+
+def _merged(deltas: list[dict[str, Any]]) -> dict[str, Any]:
+    """One chunk's delta from a tool stream's pieces: text, then the calls that closed."""
+    out: dict[str, Any] = {}
+    text = "".join(d["content"] for d in deltas if "content" in d)
+    if text:
+        out["content"] = text
+    calls = [c for d in deltas for c in d.get("tool_calls", [])]
+    if calls:
+        out["tool_calls"] = calls
+    return out
 
 
 class TextFormat(_Format):

@@ -70,9 +70,10 @@ class PromptBuilder:
             self._http = None
 
     # ---- the two kinds of request ---------------------------------------------------------------
-    async def chat(self, messages: list[Any], check_context: bool = True) -> Prepared:
+    async def chat(self, messages: list[Any], check_context: bool = True,
+                   tools: list[dict[str, Any]] | None = None) -> Prepared:
         try:
-            rendered = await asyncio.to_thread(self._render, messages)
+            rendered = await asyncio.to_thread(self._render, messages, tools)
         except ChatTemplateError as e:
             raise APIError(400, str(e), e.param) from None
         images = await self._fetch(rendered.images)
@@ -113,9 +114,9 @@ class PromptBuilder:
             raise APIError(400, f"{field}: {why}", field)
 
     # ---- steps ----------------------------------------------------------------------------------
-    def _render(self, messages: list[Any]) -> Any:
+    def _render(self, messages: list[Any], tools: list[dict[str, Any]] | None = None) -> Any:
         with self._lock:
-            return render_messages(messages, tokenizer=self.tokenizer, template=self.chat_template)
+            return render_messages(messages, tokenizer=self.tokenizer, template=self.chat_template, tools=tools)
 
     def _tokens(self, text: str | None, ids: list[int] | None, images: list[Image.Image],
                 where: str) -> tuple[list[int], int]:

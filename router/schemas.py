@@ -2,14 +2,15 @@
 
 Unknown fields are accepted and ignored (OpenAI clients send fields such as `user`, `store` or
 `metadata` that change nothing here). Fields that would change the result in a way this server
-cannot honour are refused with a 400 naming the field (`unsupported()`): tools, audio output,
-echo with logprobs, suffix, best_of, a `response_format` xgrammar cannot follow (or any but text
+cannot honour are refused with a 400 naming the field (`unsupported()`): legacy `functions`, audio
+output, echo with logprobs, suffix, best_of, a `response_format` xgrammar cannot follow (or any but text
 without it).
 `n` (up to 128, as OpenAI) choices are `n` backend requests (`router.choices`).
 
 Lifecycle: the app validates the JSON body into `ChatCompletionRequest` / `CompletionRequest`
-(a `ValidationError` becomes a 400 naming the field), calls `unsupported()`, then
-`sampling_dict(max_new_tokens)` for `SamplingParams.from_dict`.
+(a `ValidationError` becomes a 400 naming the field), calls `unsupported()`, for a chat request
+`tool_plan(parser)` (`router.tool_calls`), then `sampling_dict(max_new_tokens)` for
+`SamplingParams.from_dict`.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
 
 from epd.structured import StructuredOutputError, response_format_spec
+from router.tool_calls import ToolChoice, ToolRequestError, guided_format, parse_tool_choice, parse_tools
 
 _SEED_RANGE = dict(ge=-(1 << 63), le=(1 << 64) - 1)   # what torch.Generator.manual_seed takes
 
@@ -120,6 +122,7 @@ class ChatCompletionRequest(_SamplingFields):
     top_logprobs: int | None = Field(None, ge=0, le=20)
     tools: list[Any] | None = None
     tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
     functions: list[Any] | None = None
     modalities: list[str] | None = None
     audio: dict[str, Any] | None = None
@@ -135,8 +138,6 @@ class ChatCompletionRequest(_SamplingFields):
         common = self._common_unsupported()
         if common:
             return common
-        if self.tools and self.tool_choice != "none":
-            return "tools", "tool calling is not supported by this server"
         if self.functions:
             return "functions", "function calling is not supported by this server"
         if self.audio is not None or any(m != "text" for m in self.modalities or []):
@@ -146,6 +147,26 @@ class ChatCompletionRequest(_SamplingFields):
         if self.chat_template is not None:
             return "chat_template", "a per-request chat_template is not accepted; the operator sets --chat-template"
         return None
+
+    def tool_plan(self, parser: str | None) -> tuple[list[dict[str, Any]] | None, ToolChoice | None]:
+        """(tools for the chat template, the tool choice unless "none"); a named or required choice
+        constrains the answer as a response_format would. ToolRequestError names the field."""
+        if not self.tools:
+            if self.tool_choice not in (None, "none"):
+                raise ToolRequestError("tool_choice needs tools", "tool_choice")
+            return None, None
+        tools = parse_tools(self.tools)
+        choice = parse_tool_choice(self.tool_choice, tools, parser)
+        guided = guided_format(choice, tools, single=self.parallel_tool_calls is False)
+        if guided is not None:
+            if self._format_spec is not None:
+                raise ToolRequestError("response_format cannot go with a required or named tool_choice",
+                                       "response_format")
+            try:
+                self._format_spec = response_format_spec(guided)
+            except StructuredOutputError as e:
+                raise ToolRequestError(str(e), "tool_choice") from None
+        return tools, choice if choice.mode != "none" else None
 
     def sampling_dict(self, max_new_tokens: int) -> dict[str, Any]:
         out = super().sampling_dict(max_new_tokens)
@@ -198,11 +219,15 @@ class TokenizeRequest(BaseModel):
     model: str | None = None
     prompt: str | None = None
     messages: list[Any] | None = None
+    tools: list[Any] | None = None   # with messages: shown to the chat template, as in a chat request
 
     def unsupported(self) -> tuple[str, str] | None:
         if (self.prompt is None) == (self.messages is None):
             return "prompt", "give exactly one of prompt or messages"
         return None
+
+    def template_tools(self) -> list[dict[str, Any]] | None:
+        return parse_tools(self.tools) if self.tools else None
 
 
 class DetokenizeRequest(BaseModel):

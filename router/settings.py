@@ -19,6 +19,7 @@ class RouterSettings:
     max_waiting: int = 1024                      # 429 while this many requests wait in the backend
     max_body_bytes: int = 64 << 20               # 413 above this
     media_limits: MediaLimits = field(default_factory=MediaLimits)
+    tool_call_parser: str | None = None          # "hermes": tool_choice "auto" finds calls in the text
 
     @classmethod
     def from_cli(cls, args: argparse.Namespace) -> RouterSettings:
@@ -34,4 +35,5 @@ class RouterSettings:
             max_waiting=args.max_waiting,
             max_body_bytes=args.max_body_bytes,
             media_limits=MediaLimits(fetch_timeout_s=args.media_fetch_timeout),
+            tool_call_parser=args.tool_call_parser,
         )

@@ -285,3 +285,51 @@ def test_response_format_json_schema(server, media):
     streamed = "".join(c.choices[0].delta.content or "" for c in chat(server, content, max_tokens=40,
                                                                        response_format=rf, stream=True))
     assert streamed == whole.choices[0].message.content
+
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "The weather in a city",
+                                            "parameters": {"type": "object", "additionalProperties": False,
+                                                           "required": ["city", "unit"],
+                                                           "properties": {"city": {"enum": ["Paris", "Oslo"]},
+                                                                          "unit": {"enum": ["C", "F"]}}}}}
+CLOCK = {"type": "function", "function": {"name": "get_time", "parameters": {
+    "type": "object", "additionalProperties": False, "required": ["zone"], "properties": {"zone": {"enum": ["UTC"]}}}}}
+
+
+def test_tool_choice_named_or_required_gives_calls_that_follow_the_parameters(server, media):
+    """A named function, or "required": even a random model answers with calls of the tools given,
+    whose arguments follow their parameters; a named call's streamed arguments add up to the same."""
+    pytest.importorskip("xgrammar")
+    content = [image_part(media.url("a.png")), {"type": "text", "text": "What is the weather there?"}]
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    whole = chat(server, content, max_tokens=60, tools=[WEATHER, CLOCK], tool_choice=named)
+    msg, reason = whole.choices[0].message, whole.choices[0].finish_reason
+    assert msg.content is None and len(msg.tool_calls) == 1 and reason == "stop"
+    call = msg.tool_calls[0]
+    args = json.loads(call.function.arguments)
+    assert call.type == "function" and call.function.name == "get_weather" and call.id
+    assert list(args) == ["city", "unit"] and args["city"] in ("Paris", "Oslo") and args["unit"] in ("C", "F")
+    chunks = chat(server, content, max_tokens=60, tools=[WEATHER, CLOCK], tool_choice=named, stream=True)
+    deltas = [tc for c in chunks for tc in c.choices[0].delta.tool_calls or []]
+    assert deltas[0].id and deltas[0].function.name == "get_weather"
+    assert "".join(d.function.arguments or "" for d in deltas) == call.function.arguments
+    required = chat(server, content, max_tokens=200, tools=[WEATHER, CLOCK], tool_choice="required",
+                    parallel_tool_calls=False)
+    calls = required.choices[0].message.tool_calls
+    assert len(calls) == 1 and required.choices[0].finish_reason == "tool_calls"
+    assert calls[0].function.name in ("get_weather", "get_time") and json.loads(calls[0].function.arguments)
+
+
+def test_a_tool_result_goes_back_to_the_model(server):
+    """The next turn carries the assistant's call and the tool's answer: accepted, rendered into the
+    prompt by the model's template, and answered."""
+    messages = [{"role": "user", "content": "Weather in Oslo?"},
+                {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function", "function": {
+                    "name": "get_weather", "arguments": '{"city": "Oslo", "unit": "C"}'}}]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "minus seven degrees"}]
+    resp = server.client().chat.completions.create(model=MODEL, messages=messages, max_tokens=5, temperature=0,
+                                                   tools=[WEATHER], tool_choice="none")
+    assert resp.choices[0].message.tool_calls in (None, []) and resp.usage.completion_tokens == 5
+    ids = httpx.post(f"{server.url}/tokenize", json={"model": MODEL, "messages": messages}, headers=AUTH).json()
+    text = httpx.post(f"{server.url}/detokenize", json={"model": MODEL, "tokens": ids["tokens"]}, headers=AUTH).json()
+    assert "minus seven degrees" in text["prompt"]

@@ -23,6 +23,7 @@ from router.settings import RouterSettings
 MAX_CONTEXT = 4096
 TIMINGS = {"queue_ms": 1.0, "encode_ms": 2.0, "prefill_ms": 3.0, "transfer_ms": 0.5, "decode_ms": 4.0}
 HELLO = [{"role": "user", "content": "hello"}]
+TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
 
 
 def backend_timings(timings: dict) -> dict:
@@ -39,6 +40,7 @@ class ScriptedBackend:
 
     def __init__(self) -> None:
         self.texts = ["Hel", "lo", "!"]
+        self.finish_reason = "length"      # the last event's
         self.fail_at: tuple[int, Exception] | None = None
         self.ready = True
         self.waiting = 0.0
@@ -56,7 +58,7 @@ class ScriptedBackend:
                 last = i == len(self.texts) - 1
                 done = last
                 yield BackendEvent(token_id=10 + i, text=text, logprob=-0.5, top_logprobs=[(10 + i, -0.5)],
-                                   finished=last, finish_reason="length" if last else None,
+                                   finished=last, finish_reason=self.finish_reason if last else None,
                                    prompt_tokens=len(req.input_ids or []), completion_tokens=i + 1,
                                    cached_tokens=2, timings=TIMINGS if last else {})
         finally:
@@ -173,7 +175,17 @@ def test_text_completion_shapes(app):
 
 @pytest.mark.parametrize("payload, param, text", [
     ({"messages": HELLO, "n": 129}, "n", "less than or equal to 128"),
-    ({"messages": HELLO, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "tool"),
+    ({"messages": HELLO, "tools": [TOOL]}, "tool_choice", "--tool-call-parser"),    # "auto" without a parser
+    ({"messages": HELLO, "tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "g"}}},
+     "tool_choice.function.name", "no tool is named 'g'"),
+    ({"messages": HELLO, "tools": [{"type": "function"}], "tool_choice": "required"}, "tools[0]", "function"),
+    ({"messages": HELLO, "tools": [TOOL, TOOL], "tool_choice": "none"}, "tools[1].function.name", "two tools"),
+    ({"messages": HELLO, "tool_choice": "required"}, "tool_choice", "needs tools"),
+    ({"messages": HELLO, "tools": [TOOL], "tool_choice": "required", "response_format": {"type": "json_object"}},
+     "response_format", "cannot go with"),
+    ({"messages": [*HELLO, {"role": "tool", "content": "42"}]}, "messages[1].tool_call_id", "tool_call_id"),
+    ({"messages": [*HELLO, {"role": "assistant", "content": None, "tool_calls": [{"function": {"name": "f",
+      "arguments": "{oops"}}]}]}, "messages[1].tool_calls[0].function.arguments", "JSON object"),
     ({"messages": HELLO, "response_format": {"type": "json_schema"}}, "response_format", "json_schema"),
     ({"messages": HELLO, "top_logprobs": 2}, "top_logprobs", "logprobs"),
     ({"messages": HELLO, "max_tokens": 0}, "max_tokens", "greater than or equal to 1"),
@@ -318,3 +330,30 @@ def test_structured_output_without_xgrammar_is_a_clear_400(app, monkeypatch):
                            ).status_code == 200
     finally:
         structured._xgrammar.cache_clear()
+
+
+def test_auto_tool_choice_finds_hermes_calls_streamed_or_not(prompts):
+    """With --tool-call-parser hermes, `<tool_call>` blocks in the answer become tool_calls (the text
+    before them the content), streamed or not, wherever the backend's pieces split the tags."""
+    client, backend = make_client(prompts, tool_call_parser="hermes")
+    backend.finish_reason = "stop"
+    backend.texts = ["Let me look. <tool", '_call>\n{"name": "f", "arguments": {"city": "Oslo"}}\n</tool_call>',
+                     '\n<tool_call>{"name": "f", "arguments": {}}</tool_', "call>"]
+    body = {"messages": HELLO, "tools": [TOOL], "max_tokens": 9}
+    choice = client.post("/v1/chat/completions", json=body).json()["choices"][0]
+    calls = choice["message"]["tool_calls"]
+    assert choice["message"]["content"] == "Let me look. " and choice["finish_reason"] == "tool_calls"
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == [
+        ("f", {"city": "Oslo"}), ("f", {})]
+    assert all(c["type"] == "function" and c["id"].startswith("chatcmpl-tool-") for c in calls)
+    chunks = sse_events(client.post("/v1/chat/completions", json={**body, "stream": True}))[:-1]
+    deltas = [c["choices"][0]["delta"] for c in chunks]
+    assert "".join(d.get("content") or "" for d in deltas) == "Let me look. "
+    streamed = [tc for d in deltas for tc in d.get("tool_calls", [])]
+    assert [(tc["index"], tc["function"]["name"], tc["function"]["arguments"]) for tc in streamed] == [
+        (i, c["function"]["name"], c["function"]["arguments"]) for i, c in enumerate(calls)]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
+    backend.texts = ["No tools needed: <tool_call>{broken}</tool_call>"]
+    choice = client.post("/v1/chat/completions", json=body).json()["choices"][0]
+    assert choice["message"] == {**choice["message"], "content": backend.texts[0], "tool_calls": []}
+    assert choice["finish_reason"] == "stop"
