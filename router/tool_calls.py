@@ -10,9 +10,10 @@ What each `tool_choice` does (vLLM's behaviour, which OpenAI clients are written
 - "auto" (the default when tools are given): the model decides; its text is searched for Hermes-style
   calls, `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` (what Qwen2 / Qwen2.5 models
   are trained to write). Only with the operator's `--tool-call-parser hermes`, else a 400, as vLLM.
-`ToolOutput.whole` turns a finished answer into (content, tool_calls, finish_reason);
 `ToolOutput.stream` turns streamed text into OpenAI's deltas: a named call's arguments stream as
-they come, Hermes calls each in one delta once its closing tag is in, "required" calls at the end.
+they come, Hermes calls each in one delta once its closing tag is in (a block that does not parse
+stays text), "required" calls at the end. `ToolOutput.whole` gives a finished answer's (content,
+tool_calls, finish_reason): what the stream's deltas add up to.
 """
 
 from __future__ import annotations
@@ -128,20 +129,6 @@ def required_calls(text: str) -> list[tuple[str, str]] | None:
     return [(v["name"], _arguments(v.get("parameters", {}))) for v in value]
 
 
-def hermes_split(text: str) -> tuple[str, list[tuple[str, str]]] | None:
-    """(content before the first call, calls) of a whole answer; None when a block does not parse."""
-    head, found, rest = text.partition(OPEN)
-    calls = []
-    while found:
-        body, closed, rest = rest.partition(CLOSE)
-        parsed = hermes_call(body.strip()) if closed else None
-        if parsed is None:
-            return None
-        calls.append(parsed)
-        _, found, rest = rest.partition(OPEN)
-    return head, calls
-
-
 class ToolOutput:
     """One choice's answer under a tool choice other than "none"."""
 
@@ -155,14 +142,12 @@ class ToolOutput:
         """(content, tool_calls, finish_reason) of a finished answer."""
         if self.choice.mode == "named":
             return None, [call(self.choice.name, text)], finish_reason   # type: ignore[arg-type]
-        parsed = required_calls(text) if self.choice.mode == "required" else hermes_split(text)
-        if self.choice.mode == "required":
-            parsed = ("", parsed) if parsed is not None else None
-        if parsed is None or not parsed[1]:   # no call (or one that does not parse): the text is the answer
+        deltas = ToolOutput(self.choice).stream(text, True)   # what streaming gives, put together
+        content = "".join(d.get("content", "") for d in deltas)
+        calls = [{k: v for k, v in c.items() if k != "index"} for d in deltas for c in d.get("tool_calls", [])]
+        if not calls:   # no call (or none that parses): the text is the answer
             return text, [], finish_reason
-        head, calls = parsed
-        reason = "tool_calls" if finish_reason == "stop" else finish_reason
-        return head or None, [call(n, a) for n, a in calls], reason
+        return content or None, calls, "tool_calls" if finish_reason == "stop" else finish_reason
 
     def stream(self, text: str, finished: bool) -> list[dict[str, Any]]:
         """The deltas for the next piece of streamed text (all that is left when `finished`)."""

@@ -20,8 +20,8 @@ def _streamed(choice: ToolChoice, pieces: list[str]) -> tuple[str, list[dict]]:
 
 
 def test_hermes_calls_whole_and_streamed_at_every_split():
-    content, calls, reason = ToolOutput(ToolChoice("auto")).whole(ANSWER, "stop")
-    assert content == "Checking. " and reason == "tool_calls"
+    content, calls, reason = ToolOutput(ToolChoice("auto")).whole(ANSWER + " Done.", "stop")
+    assert content == "Checking.  Done." and reason == "tool_calls"   # text around the calls, calls out
     assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == CALLS
     for cut in range(len(ANSWER) + 1):
         for pieces in ([ANSWER[:cut], ANSWER[cut:]], list(ANSWER)):
@@ -36,6 +36,13 @@ def test_hermes_calls_whole_and_streamed_at_every_split():
 def test_text_that_is_no_call_stays_text(text):
     assert ToolOutput(ToolChoice("auto")).whole(text, "length") == (text, [], "length")
     assert _streamed(ToolChoice("auto"), [text[:7], text[7:]]) == (text, [])
+
+
+def test_a_block_that_does_not_parse_stays_text_next_to_calls_that_do():
+    text = 'x <tool_call>{oops}</tool_call><tool_call>{"name": "clock", "arguments": {}}</tool_call>'
+    content, calls, _ = ToolOutput(ToolChoice("auto")).whole(text, "stop")
+    assert content == "x <tool_call>{oops}</tool_call>" and [c["function"]["name"] for c in calls] == ["clock"]
+    assert _streamed(ToolChoice("auto"), list(text))[0] == content
 
 
 def test_required_and_named_answers():
