@@ -172,6 +172,11 @@ class ChatFormat(_Format):
     object_name = "chat.completion"
     chunk_name = "chat.completion.chunk"
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.tool_choice: ToolChoice | None = None   # a tool choice other than "none": answers become tool_calls
+        self._tool_streams: dict[int, ToolOutput] = {}
+
     def _logprobs(self, events: list[BackendEvent]) -> dict[str, Any] | None:
         if not self.logprobs:
             return None
@@ -186,11 +191,6 @@ class ChatFormat(_Format):
         text, raw = self.tokens(token_id)
         return {"token": text, "logprob": _lp(logprob), "bytes": raw}
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.tool_choice: ToolChoice | None = None   # a tool choice other than "none": answers become tool_calls
-        self._tool_streams: dict[int, ToolOutput] = {}
-
     def first_chunk(self, index: int = 0) -> dict[str, Any]:
         delta = {"role": "assistant", "content": ""}
         return self.envelope(self.chunk_name, [{"index": index, "delta": delta, "logprobs": None,
@@ -201,7 +201,7 @@ class ChatFormat(_Format):
         reason = ev.finish_reason
         if self.tool_choice is not None:
             tools = self._tool_streams.setdefault(index, ToolOutput(self.tool_choice))
-            delta = _merged(tools.stream(ev.text, ev.finished))
+            delta = tools.stream(ev.text, ev.finished)
             if tools.called and reason == "stop":
                 reason = "tool_calls"
         choice = {"index": index, "delta": delta, "logprobs": self._logprobs([ev]), "finish_reason": reason}
@@ -217,18 +217,6 @@ class ChatFormat(_Format):
                             "message": {"role": "assistant", "content": content, "refusal": None, "tool_calls": calls},
                             "logprobs": self._logprobs(out.events), "finish_reason": reason})
         return self._whole(choices, outs)
-
-
-def _merged(deltas: list[dict[str, Any]]) -> dict[str, Any]:
-    """One chunk's delta from a tool stream's pieces: text, then the calls that closed."""
-    out: dict[str, Any] = {}
-    text = "".join(d["content"] for d in deltas if "content" in d)
-    if text:
-        out["content"] = text
-    calls = [c for d in deltas for c in d.get("tool_calls", [])]
-    if calls:
-        out["tool_calls"] = calls
-    return out
 
 
 class TextFormat(_Format):

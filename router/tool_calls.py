@@ -142,15 +142,26 @@ class ToolOutput:
         """(content, tool_calls, finish_reason) of a finished answer."""
         if self.choice.mode == "named":
             return None, [call(self.choice.name, text)], finish_reason   # type: ignore[arg-type]
-        deltas = ToolOutput(self.choice).stream(text, True)   # what streaming gives, put together
-        content = "".join(d.get("content", "") for d in deltas)
-        calls = [{k: v for k, v in c.items() if k != "index"} for d in deltas for c in d.get("tool_calls", [])]
+        delta = ToolOutput(self.choice).stream(text, True)   # what streaming gives, put together
+        calls = [{k: v for k, v in c.items() if k != "index"} for c in delta.get("tool_calls", [])]
         if not calls:   # no call (or none that parses): the text is the answer
             return text, [], finish_reason
-        return content or None, calls, "tool_calls" if finish_reason == "stop" else finish_reason
+        return delta.get("content"), calls, "tool_calls" if finish_reason == "stop" else finish_reason
 
-    def stream(self, text: str, finished: bool) -> list[dict[str, Any]]:
-        """The deltas for the next piece of streamed text (all that is left when `finished`)."""
+    def stream(self, text: str, finished: bool) -> dict[str, Any]:
+        """The delta for the next piece of streamed text (all that is left when `finished`): its
+        text (`content`) before the calls that closed (`tool_calls`), either absent when empty."""
+        pieces = self._pieces(text, finished)
+        delta: dict[str, Any] = {}
+        content = "".join(p["content"] for p in pieces if "content" in p)
+        if content:
+            delta["content"] = content
+        calls = [c for p in pieces for c in p.get("tool_calls", [])]
+        if calls:
+            delta["tool_calls"] = calls
+        return delta
+
+    def _pieces(self, text: str, finished: bool) -> list[dict[str, Any]]:
         if self.choice.mode == "named":
             first = self._calls == 0
             self._calls = 1

@@ -15,7 +15,7 @@ CALLS = [("weather", {"city": "Oslo"}), ("clock", {"zone": "CET"})]
 
 def _streamed(choice: ToolChoice, pieces: list[str]) -> tuple[str, list[dict]]:
     out = ToolOutput(choice)
-    deltas = [d for i, p in enumerate(pieces) for d in out.stream(p, i == len(pieces) - 1)]
+    deltas = [out.stream(p, i == len(pieces) - 1) for i, p in enumerate(pieces)]
     return "".join(d.get("content", "") for d in deltas), [c for d in deltas for c in d.get("tool_calls", [])]
 
 
@@ -58,9 +58,9 @@ def test_required_and_named_answers():
         "name": "weather", "arguments": args}
     out = ToolOutput(ToolChoice("named", "weather"))
     first, rest = out.stream(args[:5], False), out.stream(args[5:], True)
-    assert first[0]["tool_calls"][0]["function"] == {"name": "weather", "arguments": args[:5]}
-    assert first[0]["tool_calls"][0]["id"]
-    assert rest == [{"tool_calls": [{"index": 0, "function": {"arguments": args[5:]}}]}]
+    assert first["tool_calls"][0]["function"] == {"name": "weather", "arguments": args[:5]}
+    assert first["tool_calls"][0]["id"]
+    assert rest == {"tool_calls": [{"index": 0, "function": {"arguments": args[5:]}}]}
 
 
 def test_choices_and_the_schemas_that_force_them():
