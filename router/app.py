@@ -39,7 +39,7 @@ from router.prompts import Prepared, PromptBuilder
 from router.schemas import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from router.serving import respond
 from router.settings import RouterSettings
-from router.tool_calls import ToolChoice, ToolRequestError
+from router.tool_calls import ToolRequestError
 
 log = logging.getLogger(__name__)
 M = TypeVar("M", bound=BaseModel)
@@ -99,12 +99,6 @@ class Router:
         if problem is not None:
             raise APIError(400, problem[1], problem[0], "unsupported_parameter")
         return body
-
-    def tool_plan(self, body: ChatCompletionRequest) -> tuple[list[dict[str, Any]] | None, ToolChoice | None]:
-        try:
-            return body.tool_plan(self.settings.tool_call_parser)
-        except ToolRequestError as e:
-            raise APIError(400, str(e), e.param) from None
 
     def admit(self) -> None:
         """429 while the backend's queue is full (checked before any image is fetched)."""
@@ -187,6 +181,10 @@ def _install_error_handlers(app: FastAPI, router: Router) -> None:
         router.metrics.failure.inc((*router.metrics.model, ("reason", str(e.status))))
         return _error_response(e)
 
+    @app.exception_handler(ToolRequestError)
+    async def tool_error(request: Request, e: ToolRequestError) -> JSONResponse:
+        return await api_error(request, APIError(400, str(e), e.param))
+
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, e: RequestValidationError) -> JSONResponse:
         err = e.errors()[0] if e.errors() else {"loc": (), "msg": "invalid request"}
@@ -211,7 +209,7 @@ def _add_completion_routes(app: FastAPI, router: Router) -> None:
     async def chat_completions(request: Request) -> Response:
         timer = router.metrics.timer()
         body = router.parse(ChatCompletionRequest, await router.read_json(request))
-        tools, tool_choice = router.tool_plan(body)
+        tools, tool_choice = body.tool_plan(router.settings.tool_call_parser)
         router.admit()
         prepared = await router.prompts.chat(body.messages, tools=tools)
         params = router.sampling(body, prepared, "messages")
@@ -246,11 +244,8 @@ def _add_token_routes(app: FastAPI, router: Router) -> None:
     async def tokenize(request: Request) -> dict[str, Any]:
         body = router.parse(TokenizeRequest, await router.read_json(request))
         prompts = router.prompts
-        try:
-            tools = body.template_tools()
-        except ToolRequestError as e:
-            raise APIError(400, str(e), e.param) from None
-        prepared = await (prompts.chat(body.messages, check_context=False, tools=tools) if body.messages is not None
+        prepared = await (prompts.chat(body.messages, check_context=False, tools=body.template_tools())
+                          if body.messages is not None
                           else prompts.completion(body.prompt, check_context=False))
         return {"count": len(prepared.input_ids), "max_model_len": router.backend.max_context,
                 "tokens": prepared.input_ids}
