@@ -245,7 +245,7 @@ def render_messages(
     images = [p for turn in turns for p in turn.parts if isinstance(p, ImageRef)]
     source = _resolve_template(template, tokenizer)
     if isinstance(source, Conversation):
-        tooled = [t.param for t in turns if t.role == "tool" or t.extra]
+        tooled = [t.param for t in turns if t.extra]   # a tool message always has its tool_call_id
         if tools or tooled:
             raise _err("tools" if tools else tooled[0], f"template {source.name!r} cannot show tools or tool "
                        "calls; use the model's own chat template or a --chat-template that can")

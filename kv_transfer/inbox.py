@@ -212,11 +212,12 @@ class Inbox:
             if slot.error is not None:
                 self._fail_locked(slot, slot.error)
                 return
+            now = time.monotonic()
             msg = Message(slot.header.key, slot.buffers, slot.header.meta, slot.peer or "", slot.header.nbytes, seconds,
-                          time.monotonic())
+                          now)
             if slot.expected is not None and slot.buffers is not slot.expected:
                 _copy_into(msg, slot.expected)
-            slot.state, slot.message, slot.updated = SlotState.DONE, msg, time.monotonic()
+            slot.state, slot.message, slot.updated = SlotState.DONE, msg, now
             slot.buffers = []
             self._cond.notify_all()
             self._on_change()

@@ -39,9 +39,8 @@ def _await(t: KVTransport, key: str, how: str, poller: zmq.Poller | None) -> Mes
         msg = t.poll(key)
         if msg is not None:
             return msg
-        if poller is not None:
-            if poller.poll(5):
-                t.drain_wakeups()
+        if poller is not None and poller.poll(5):
+            t.drain_wakeups()
     raise TimeoutError(f"{key} did not come within 30 s")
 
 
@@ -66,15 +65,11 @@ def serve(args: argparse.Namespace) -> None:
     t, poller = _transport(args)
     with t:
         print(json.dumps({"address": t.address}), flush=True)
-        peer = read_json_line_stdin()["address"]
+        peer = json.loads(sys.stdin.readline())["address"]   # the parent's, once it listens
         for i in range(args.warmup + args.pings):
             _await(t, f"ping:{i}", args.wait, poller)
             t.send(peer, f"pong:{i}", [])
         time.sleep(0.5)   # let the last pong leave before the transport closes
-
-
-def read_json_line_stdin() -> dict[str, Any]:
-    return json.loads(sys.stdin.readline())
 
 
 def _child_command(args: argparse.Namespace) -> list[str]:
