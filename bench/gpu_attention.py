@@ -38,7 +38,7 @@ def _flashinfer(tensor_cores: bool, q, cache, order, indptr, last, hq, hk):
 
 
 def _split_kv(q, cache, order, indptr, batch, context, hk, splits: int | None):
-    from epd.attention.split_kv_decode import split_kv_decode, splits_for
+    from epd.kernels.split_kv_decode import split_kv_decode, splits_for
 
     rows = torch.cat([indptr, torch.full((batch,), context, dtype=torch.int32, device="cuda")])
     if splits is None:

@@ -87,7 +87,7 @@ class Report:
 def _engine(path: str, vision: bool):
     from transformers import AutoTokenizer
 
-    from epd.engine_core import EngineConfig, EngineCore
+    from epd.engine.engine_core import EngineConfig, EngineCore
 
     cfg = EngineConfig(model_path=path, max_running_requests=max(DECODE_BATCHES), max_step_tokens=8192,
                        kv_cache_tokens=max(DECODE_BATCHES) * (CONTEXT + 64) + 4 * 8192, load_vision=vision)
@@ -176,8 +176,8 @@ def _load_gemv_configs(path: str) -> dict:
 
 def _decode_sections(report: Report, name: str, core, facts: dict, bw: float, gemv_configs: dict) -> None:
     """Section 1 and its variants: graphs captured again without (or with another) fast-path piece."""
-    from epd.attention import flashinfer_backend
-    from epd.models import decode_gemv, fused_ops
+    from epd.engine.attention import flashinfer_backend
+    from epd.kernels import decode_gemv, fused_ops
 
     report.section(name, "decode", lambda: _decode_all(core, facts, bw))
     report.section(name, "decode_without_overlap", lambda: _decode_without_overlap(core, facts, bw))

@@ -34,8 +34,8 @@ import triton
 
 from bench import gpu_workloads as w
 from bench.report import write_json
-from epd.models import decode_gemv as g
-from epd.models import fused_ops as fo
+from epd.kernels import decode_gemv as g
+from epd.kernels import fused_ops as fo
 
 PRESETS = {"3b": dict(hidden=2048, inter=11008, heads=16, kv_heads=2, layers=36),
            "7b": dict(hidden=3584, inter=18944, heads=28, kv_heads=4, layers=28)}

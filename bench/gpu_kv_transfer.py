@@ -44,7 +44,7 @@ from typing import Any
 import torch
 
 from bench.report import write_json
-from epd.tiny_model import text_dims
+from epd.models.tiny_model import text_dims
 from kv_transfer.cuda_ipc import PageWriter, PoolImports, export_pool
 from kv_transfer.kv_codec import gather_kv, layer_groups, scatter_kv
 from kv_transfer.probe import read_json_line

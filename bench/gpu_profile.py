@@ -13,8 +13,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from bench.gpu_workloads import _decoding_requests
-from epd.engine_core import EngineCore
-from epd.scheduler import Chunk
+from epd.engine.engine_core import EngineCore
+from epd.engine.scheduler import Chunk
 
 _CATEGORIES = (
     ("gemm", ("gemm", "gemv", "xmma", "cutlass", "nvjet", "splitk", "matmul")),

@@ -12,10 +12,10 @@ import time
 
 import torch
 
-from epd.engine_core import EngineCore
-from epd.request import Request
-from epd.sampling import SamplingParams
-from epd.scheduler import Chunk
+from epd.engine.engine_core import EngineCore
+from epd.engine.request import Request
+from epd.engine.sampling import SamplingParams
+from epd.engine.scheduler import Chunk
 
 
 def _events_ms(fn, iters: int) -> float:

@@ -26,8 +26,8 @@ CONTEXT = 1024
 def _engine(path: str, batch: int, device: str):
     from transformers import AutoTokenizer
 
-    from epd.engine_core import EngineConfig, EngineCore
-    from epd.sampling import SamplingParams
+    from epd.engine.engine_core import EngineConfig, EngineCore
+    from epd.engine.sampling import SamplingParams
 
     core = EngineCore(EngineConfig(model_path=path, device=device, max_running_requests=batch,
                                    kv_cache_tokens=batch * (CONTEXT + 400), load_vision=False),

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from decode_node.service import DecodeService
-from epd.engine_core import EngineConfig, EngineCore
-from epd.node_runtime import NodeArgs, NodeRuntime, kv_layout_of, run_node, setup_logging
+from epd.engine.engine_core import EngineConfig, EngineCore
+from epd.node.runtime import NodeArgs, NodeRuntime, kv_layout_of, run_node, setup_logging
 from kv_transfer.cuda_ipc import ipc_capability
 from kv_transfer.rooms import RoomStore
 

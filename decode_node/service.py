@@ -29,11 +29,11 @@ from typing import Any
 import torch
 
 from epd import protocol
-from epd.engine_core import EngineCore
-from epd.inputs import ProcessedInput
-from epd.node_runtime import pool_status
-from epd.request import Request, TokenEvent
-from epd.sampling import SamplingParams
+from epd.engine.engine_core import EngineCore
+from epd.engine.inputs import ProcessedInput
+from epd.engine.request import Request, TokenEvent
+from epd.engine.sampling import SamplingParams
+from epd.node.runtime import pool_status
 from kv_transfer.cuda_ipc import export_pool
 from kv_transfer.kv_codec import scatter_kv
 from kv_transfer.layout import KVLayout, LayoutMismatchError

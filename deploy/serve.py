@@ -32,7 +32,7 @@ def resolve_model(model: str) -> str:
     if model != "tiny-random":
         return model
     if not os.path.isfile(os.path.join(TINY_CACHE, "model.safetensors")):
-        from epd.tiny_model import write_tiny_model
+        from epd.models.tiny_model import write_tiny_model
 
         print(f"building a tiny random Qwen2.5-VL checkpoint in {TINY_CACHE}", flush=True)
         write_tiny_model("qwen2_5_vl", TINY_CACHE)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from encoder_node.service import EncoderService
 from epd.config import ModelConfig
-from epd.engine_core import EngineConfig
-from epd.node_runtime import NodeArgs, NodeRuntime, run_node, setup_logging
+from epd.engine.engine_core import EngineConfig
+from epd.node.runtime import NodeArgs, NodeRuntime, run_node, setup_logging
 
 
 def main(argv: list[str] | None = None) -> int:

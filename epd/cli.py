@@ -24,7 +24,7 @@ _DELEGATES = {
 
 
 def _tiny_model(argv: list[str]) -> int:
-    from epd.tiny_model import ARCHS, write_tiny_model
+    from epd.models.tiny_model import ARCHS, write_tiny_model
 
     ap = argparse.ArgumentParser(prog="epd tiny-model", description="write a random checkpoint of a real architecture")
     ap.add_argument("arch", choices=ARCHS)

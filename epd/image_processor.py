@@ -12,7 +12,7 @@ its channel, so the table is built once by running transformers' own rescale and
 the 256 values of each channel). Only the resize runs at preprocessing: the patch cutting and
 the lookup run in `pixel_values`, on the GPU when the vision tower is there (the copy to it is
 then the 8-bit image, 2.8 instead of 22.5 MB for 720p). With `resize_on_device` (set where the
-vision tower is on a GPU) the resize moves there too: `epd.pil_resize` gives Pillow's bicubic
+vision tower is on a GPU) the resize moves there too: `epd.media.pil_resize` gives Pillow's bicubic
 bytes exactly, and preprocessing is then only the copy of the decoded image. A 1280x720 image on a
 2-core CPU: ~60 ms (transformers) -> ~13-30 ms preprocessing (the PIL resize) + ~10 ms for the
 values when they are built on the CPU. Anything else (other modes, degenerate sizes, a processor
@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from epd.pil_resize import bicubic_resize, matches_pillow
+from epd.media.pil_resize import bicubic_resize, matches_pillow
 
 _BICUBIC = 3   # PIL's (and transformers') value for bicubic resampling
 
@@ -101,7 +101,7 @@ def _lookup(patches: torch.Tensor, spec: PatchSpec) -> torch.Tensor:
 class ImageProcessor:
     def __init__(self, model_path: str, merge_size: int, resize_on_device: bool = False) -> None:
         """resize_on_device: leave the resize of RGB images to `pixel_values` (where the vision
-        tower is, a GPU), when `epd.pil_resize` reproduces the installed Pillow's bicubic."""
+        tower is, a GPU), when `epd.media.pil_resize` reproduces the installed Pillow's bicubic."""
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
         self._proc = Qwen2VLImageProcessorPil.from_pretrained(model_path)

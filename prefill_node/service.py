@@ -26,13 +26,13 @@ from typing import Any
 import torch
 
 from epd import protocol
-from epd.engine_core import EngineCore
-from epd.inputs import ImageInput, InputError, build_processed
-from epd.model_runner import attach_image_embeddings
-from epd.node_runtime import pool_status
-from epd.request import Request
-from epd.sampling import SamplingParams, sample
-from epd.scheduler import Chunk
+from epd.engine.engine_core import EngineCore
+from epd.engine.inputs import ImageInput, InputError, build_processed
+from epd.engine.model_runner import attach_image_embeddings
+from epd.engine.request import Request
+from epd.engine.sampling import SamplingParams, sample
+from epd.engine.scheduler import Chunk
+from epd.node.runtime import pool_status
 from kv_transfer.cuda_ipc import PoolImports
 from kv_transfer.inbox import SlotState
 from kv_transfer.kv_codec import gather_kv, layer_groups

@@ -30,7 +30,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from epd.sampling import SamplingParamError, SamplingParams
+from epd.engine.sampling import SamplingParamError, SamplingParams
 from router.backend import Backend, BackendRequest
 from router.choices import choice_requests
 from router.metrics import CONTENT_TYPE, RequestTimer, RouterMetrics

@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from epd.sampling import SamplingParams
+from epd.engine.sampling import SamplingParams
 
 
 class BackendError(Exception):

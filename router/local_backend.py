@@ -32,10 +32,10 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from epd.engine_core import EngineConfig, EngineCore
-from epd.inputs import InputError, ProcessedInput
-from epd.request import Request, TokenEvent
-from epd.sampling import SamplingParams
+from epd.engine.engine_core import EngineConfig, EngineCore
+from epd.engine.inputs import InputError, ProcessedInput
+from epd.engine.request import Request, TokenEvent
+from epd.engine.sampling import SamplingParams
 from router.backend import BackendError, BackendEvent, BackendRequest, openai_finish_reason
 
 log = logging.getLogger(__name__)

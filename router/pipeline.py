@@ -23,7 +23,7 @@ from typing import Any
 
 from epd import protocol
 from epd.config import ModelConfig
-from epd.inputs import InputProcessor, ProcessedInput
+from epd.engine.inputs import InputProcessor, ProcessedInput
 from kv_transfer.layout import KVLayout, LayoutMismatchError
 from kv_transfer.redis_util import connect
 from kv_transfer.rooms import RoomStore

@@ -23,10 +23,10 @@ from typing import Any
 import httpx
 from PIL import Image
 
+from epd.chat.conversation import ChatTemplateError, ImageRef, render_messages
 from epd.config import ModelConfig
-from epd.conversation import ChatTemplateError, ImageRef, render_messages
-from epd.inputs import InputProcessor, outside_vocabulary
-from epd.media import MediaError, MediaLimits, aload_image
+from epd.engine.inputs import InputProcessor, outside_vocabulary
+from epd.media.loading import MediaError, MediaLimits, aload_image
 from router.openai_format import APIError
 
 _UNLIMITED = 1 << 62     # the context check is done here, with the client-facing wording

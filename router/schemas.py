@@ -19,7 +19,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
 
-from epd.structured import StructuredOutputError, response_format_spec
+from epd.engine.structured import StructuredOutputError, response_format_spec
 from router.tool_calls import ToolChoice, ToolRequestError, guided_format, parse_tool_choice, parse_tools
 
 _SEED_RANGE = dict(ge=-(1 << 63), le=(1 << 64) - 1)   # what torch.Generator.manual_seed takes
@@ -35,7 +35,7 @@ class _SamplingFields(BaseModel):
     """Fields shared by both endpoints (OpenAI's, then vLLM's extensions)."""
 
     model_config = ConfigDict(extra="allow")
-    _format_spec: str | None = PrivateAttr(None)   # response_format as epd.structured's spec (unsupported())
+    _format_spec: str | None = PrivateAttr(None)   # response_format as epd.engine.structured's spec (unsupported())
 
     model: str | None = None
     max_tokens: int | None = Field(None, ge=1)
@@ -49,7 +49,7 @@ class _SamplingFields(BaseModel):
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     logit_bias: dict[str, float] | None = None   # token id (a JSON key, so a string) -> bias in [-100, 100]
-    response_format: dict[str, Any] | None = None   # text, json_object or json_schema (epd.structured)
+    response_format: dict[str, Any] | None = None   # text, json_object or json_schema (epd.engine.structured)
     # extensions (vLLM / SGLang names)
     top_k: int | None = None
     min_p: float | None = Field(None, ge=0.0, le=1.0)

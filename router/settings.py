@@ -6,7 +6,7 @@ import argparse
 import os
 from dataclasses import dataclass, field
 
-from epd.media import MediaLimits
+from epd.media.loading import MediaLimits
 
 
 @dataclass(frozen=True)

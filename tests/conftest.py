@@ -15,7 +15,7 @@ ARCHS = ("qwen2_vl", "qwen2_5_vl")
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, str]:
     """{arch: checkpoint dir}; built lazily, once per session."""
-    from epd.tiny_model import write_tiny_model
+    from epd.models.tiny_model import write_tiny_model
 
     root = tmp_path_factory.mktemp("models")
     return {arch: write_tiny_model(arch, str(root / arch), "tiny", seed=0) for arch in ARCHS}

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from deploy.procs import Cluster, NodeProc
 from deploy.redis_proc import PrivateRedis
-from epd.sampling import SamplingParams
+from epd.engine.sampling import SamplingParams
 from router.backend import BackendError, BackendRequest
 from router.pipeline import DisaggBackend
 

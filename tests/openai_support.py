@@ -18,8 +18,8 @@ import pytest
 from support import hf_generate, noise_image, png_bytes
 
 from epd.config import ModelConfig
-from epd.inputs import InputProcessor
-from epd.media import load_image
+from epd.engine.inputs import InputProcessor
+from epd.media.loading import load_image
 
 IDS = {"logprobs": True, "extra_body": {"return_tokens_as_token_ids": True}}   # answers carry token ids
 REPO = Path(__file__).resolve().parents[1]

@@ -19,10 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from epd.attention.base import AttentionBackend
 from epd.config import TextConfig
-from epd.models.decode_gemv import gemv_path, project, silu_mul_project
-from epd.models.fused_ops import (
+from epd.engine.attention.base import AttentionBackend
+from epd.kernels.decode_gemv import gemv_path, project, silu_mul_project
+from epd.kernels.fused_ops import (
     add_rms_norm,
     apply_rotary_ref,
     rms_norm_ref,

@@ -21,7 +21,7 @@ import torch
 
 from epd.config import ModelConfig
 from epd.models.vision_blocks import fast_blocks_available, install_fast_blocks, longest_segment
-from epd.weights import iter_weights, load_into
+from epd.models.weights import iter_weights, load_into
 
 
 def _vision_class(arch: str):

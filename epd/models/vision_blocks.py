@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from epd.models.fused_ops import add_rms_norm, rotary_qkv_split, silu_and_mul
+from epd.kernels.fused_ops import add_rms_norm, rotary_qkv_split, silu_and_mul
 
 PAD_MULTIPLE = 64
 

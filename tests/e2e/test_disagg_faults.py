@@ -100,7 +100,7 @@ def test_router_cancel_mid_decode_frees_pages(harness):
 
 
 def test_layout_mismatch_is_refused_naming_the_field(harness, tmp_path):
-    from epd.tiny_model import write_tiny_model
+    from epd.models.tiny_model import write_tiny_model
 
     other = write_tiny_model("qwen2_vl", str(tmp_path / "kv4"), overrides={"num_key_value_heads": 4})
     decode = harness.node("decode")

@@ -27,6 +27,6 @@ def model_3b(tmp_path_factory) -> str:
     path = os.environ.get("EPD_GPU_MODEL_3B")
     if path and os.path.isdir(path):
         return path
-    from epd.tiny_model import write_tiny_model
+    from epd.models.tiny_model import write_tiny_model
 
     return write_tiny_model("qwen2_5_vl", str(tmp_path_factory.mktemp("m3b")), "3b", device="cuda")

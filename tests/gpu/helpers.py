@@ -14,8 +14,8 @@ import torch
 from PIL import Image
 from support import hf_image_processor
 
-from epd.engine_core import EngineCore
-from epd.inputs import ProcessedInput
+from epd.engine.engine_core import EngineCore
+from epd.engine.inputs import ProcessedInput
 
 
 @functools.lru_cache(maxsize=2)
@@ -50,7 +50,7 @@ def small128_checkpoint(root: str) -> str:
     """The tiny qwen2_5_vl checkpoint with 2 query heads / 1 KV head of width 128, bf16."""
     from transformers import AutoConfig
 
-    from epd.tiny_model import _save_weights, random_state_dict, write_tiny_model
+    from epd.models.tiny_model import _save_weights, random_state_dict, write_tiny_model
 
     path = write_tiny_model("qwen2_5_vl", root, "tiny", seed=1)
     cfg_file = os.path.join(path, "config.json")
@@ -71,7 +71,7 @@ def small128_checkpoint(root: str) -> str:
 def forced_logits(core: EngineCore, inputs: list[ProcessedInput], forced: list[list[int]]) -> list[torch.Tensor]:
     """Run the engine's scheduler and runner with the next tokens given (not sampled), so that two
     engines see identical inputs at every step. Returns each step's logits (float32, CPU)."""
-    from epd.sampling import SamplingParams
+    from epd.engine.sampling import SamplingParams
 
     reqs = []
     for inp, toks in zip(inputs, forced, strict=True):

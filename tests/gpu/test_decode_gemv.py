@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from epd.models import decode_gemv as g
-from epd.models.fused_ops import silu_and_mul
+from epd.kernels import decode_gemv as g
+from epd.kernels.fused_ops import silu_and_mul
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 BF16 = torch.bfloat16

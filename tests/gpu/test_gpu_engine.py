@@ -11,9 +11,9 @@ from helpers import cosine_rows, forced_logits, hf_generate_on, hf_inputs, hf_mo
 from support import IMAGE, chat_prompt, noise_image
 
 from epd import Engine
-from epd.attention.flashinfer_backend import FlashInferBackend
-from epd.attention.torch_backend import TorchAttentionBackend
-from epd.engine_core import EngineConfig
+from epd.engine.attention.flashinfer_backend import FlashInferBackend
+from epd.engine.attention.torch_backend import TorchAttentionBackend
+from epd.engine.engine_core import EngineConfig
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 GREEDY = {"temperature": 0, "max_new_tokens": 12}
@@ -124,7 +124,7 @@ def test_3b_bf16_prefill_logits_match_transformers(engine_3b, model_3b):
     images = [noise_image(448, 336, seed=3)]
     inp = core.inputs.process(prompt=chat_prompt(IMAGE, "What is in this image? Answer briefly."), image_data=images)
     ids = inp.input_ids
-    from epd.sampling import SamplingParams
+    from epd.engine.sampling import SamplingParams
 
     req = core.new_request(inp, SamplingParams(max_new_tokens=1))
     core.add(req)
@@ -165,7 +165,7 @@ def test_3b_bf16_decode_steps_match_transformers(engine_3b, model_3b):
 def test_3b_graph_decode_is_the_same_with_and_without_programmatic_dependent_launch(engine_3b):
     """Kernels launched to overlap their predecessor's tail wait for it before touching memory: the
     graph-replayed decode logits are bit-identical with the overlap (the default on sm90+) and without."""
-    from epd.models import fused_ops
+    from epd.kernels import fused_ops
 
     core = engine_3b.core
     inp = core.inputs.process(prompt=chat_prompt("Count to ten, slowly."), image_data=[])

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from epd.attention.split_kv_decode import SplitKVGraphDecode
+from epd.kernels.split_kv_decode import SplitKVGraphDecode
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 

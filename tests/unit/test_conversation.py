@@ -1,4 +1,4 @@
-"""epd.conversation: built-in chat formats, OpenAI message validation, Jinja and HF tokenizer templates."""
+"""epd.chat.conversation: built-in chat formats, OpenAI message validation, Jinja and HF tokenizer templates."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from epd.conversation import (
+from epd.chat.conversation import (
     ChatTemplateError,
     Conversation,
     ImageRef,

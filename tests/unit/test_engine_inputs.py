@@ -6,9 +6,9 @@ import pytest
 from support import IMAGE, chat_prompt, noise_image, png_bytes
 
 from epd import Engine
-from epd.inputs import InputError
-from epd.media import MediaError
-from epd.sampling import SamplingParamError
+from epd.engine.inputs import InputError
+from epd.engine.sampling import SamplingParamError
+from epd.media.loading import MediaError
 
 GREEDY = {"temperature": 0, "max_new_tokens": 6}
 

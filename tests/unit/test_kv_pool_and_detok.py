@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from epd.detokenizer import IncrementalDetokenizer
-from epd.kv_pool import OutOfPagesError, PagePool
+from epd.engine.detokenizer import IncrementalDetokenizer
+from epd.engine.kv_pool import OutOfPagesError, PagePool
 
 
 def test_pages_are_handed_out_once_and_freed_once():
@@ -92,7 +92,7 @@ def test_tiny_model_cli_writes_a_complete_checkpoint(tmp_path):
 
 
 def test_full_size_preset_config_has_real_dimensions():
-    from epd.tiny_model import build_config
+    from epd.models.tiny_model import build_config
 
     cfg = build_config("qwen2_5_vl", "7b", 151643)
     assert (cfg["hidden_size"], cfg["num_hidden_layers"], cfg["num_key_value_heads"]) == (3584, 28, 4)

@@ -1,4 +1,4 @@
-"""epd.media: every image source a request can name, and every way it can be bad."""
+"""epd.media.loading: every image source a request can name, and every way it can be bad."""
 
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from epd import media_fetch
-from epd.media import MediaError, MediaLimits, aload_image, image_content_hash, load_image
+from epd.media import fetching as media_fetch
+from epd.media.loading import MediaError, MediaLimits, aload_image, image_content_hash, load_image
 
 
 def encode(img: Image.Image, fmt: str = "PNG", **kw: object) -> bytes:

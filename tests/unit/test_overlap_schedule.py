@@ -10,8 +10,8 @@ import torch
 from support import chat_prompt
 
 from epd import Engine
-from epd.engine_core import EngineCore
-from epd.sampling import SamplingParams, SamplingRow, sample, sample_on_device
+from epd.engine.engine_core import EngineCore
+from epd.engine.sampling import SamplingParams, SamplingRow, sample, sample_on_device
 
 PROMPTS = [chat_prompt(f"Request {i}: tell me about the {c} dog.")
            for i, c in enumerate(["red", "blue", "green", "tan"])]

@@ -7,10 +7,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from epd.attention.base import page_arrays
-from epd.model_runner import write_slots
-from epd.request import Request
-from epd.scheduler import Chunk
+from epd.engine.attention.base import page_arrays
+from epd.engine.model_runner import write_slots
+from epd.engine.request import Request
+from epd.engine.scheduler import Chunk
 
 
 def _request(pages: list[int]) -> Request:

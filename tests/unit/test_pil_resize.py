@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from epd.pil_resize import bicubic_resize, matches_pillow
+from epd.media.pil_resize import bicubic_resize, matches_pillow
 
 PAIRS = [((1280, 720), (1288, 728)),   # the usual 720p frame: both up a little
          ((640, 480), (644, 476)),     # width up, height down: Pillow 13 runs the vertical pass first

@@ -7,7 +7,7 @@ import pytest
 from support import IMAGE, chat_prompt, hf_generate, noise_image
 
 from epd import Engine
-from epd.kv_pool import OutOfPagesError, PagePool
+from epd.engine.kv_pool import OutOfPagesError, PagePool
 
 GREEDY = {"temperature": 0, "max_new_tokens": 8}
 PAGE = 4

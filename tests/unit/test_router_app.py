@@ -317,7 +317,7 @@ def test_tokenize_and_detokenize(app):
 
 def test_structured_output_without_xgrammar_is_a_clear_400(app, monkeypatch):
     """Where xgrammar is not installed (it is optional), response_format json_* is refused by name."""
-    from epd import structured
+    from epd.engine import structured
 
     structured._xgrammar.cache_clear()
     monkeypatch.setitem(sys.modules, "xgrammar", None)            # import xgrammar now fails

@@ -8,7 +8,7 @@ import time
 import pytest
 from support import IMAGE, chat_prompt, hf_generate, noise_image
 
-from epd.sampling import SamplingParams
+from epd.engine.sampling import SamplingParams
 from router.backend import BackendError, BackendRequest
 from router.local_backend import LocalBackend
 

@@ -9,8 +9,8 @@ import pytest
 from support import chat_prompt
 
 from epd import Engine
-from epd.inputs import InputError
-from epd.sampling import SamplingParamError
+from epd.engine.inputs import InputError
+from epd.engine.sampling import SamplingParamError
 
 pytest.importorskip("xgrammar")
 

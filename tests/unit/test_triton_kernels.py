@@ -16,9 +16,9 @@ triton = pytest.importorskip("triton")
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from epd.attention import split_kv_decode as skv  # noqa: E402
-from epd.models import decode_gemv as g  # noqa: E402
-from epd.models import fused_ops as fo  # noqa: E402
+from epd.kernels import decode_gemv as g  # noqa: E402
+from epd.kernels import fused_ops as fo  # noqa: E402
+from epd.kernels import split_kv_decode as skv  # noqa: E402
 from kv_transfer import cuda_ipc  # noqa: E402
 
 HOPPER = GPUTarget("cuda", 90, 32)

@@ -21,11 +21,11 @@ assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
 
 import triton.runtime.interpreter as interpreter  # noqa: E402
 
-from epd.attention.base import StepMetadata  # noqa: E402
-from epd.attention.torch_backend import TorchAttentionBackend  # noqa: E402
 from epd.config import TextConfig  # noqa: E402
-from epd.models import decode_gemv as g  # noqa: E402
-from epd.models import fused_ops as fo  # noqa: E402
+from epd.engine.attention.base import StepMetadata  # noqa: E402
+from epd.engine.attention.torch_backend import TorchAttentionBackend  # noqa: E402
+from epd.kernels import decode_gemv as g  # noqa: E402
+from epd.kernels import fused_ops as fo  # noqa: E402
 from epd.models.qwen2_vl_text import Qwen2VLLanguageModel  # noqa: E402
 
 F16 = torch.float16

@@ -17,7 +17,7 @@ from PIL import Image
 
 from epd.config import ModelConfig
 from epd.image_processor import ImageProcessor, PreprocessedImage
-from epd.media import content_hash, image_content_hash, load_image
+from epd.media.loading import content_hash, image_content_hash, load_image
 from epd.mrope import mrope_positions
 
 
@@ -92,7 +92,7 @@ class InputProcessor:
                 return ImageInput(grid, tokens, source=image)
             rgb = image.tobytes()
             return ImageInput(grid, tokens, content_hash=image_content_hash(image, rgb), source=image, source_rgb=rgb)
-        # encoded here: the key names the image for prefix caching (epd.prefix_cache)
+        # encoded here: the key names the image for prefix caching (epd.engine.prefix_cache)
         key = pixels_content_hash(pre) if self.image_keys else None
         return ImageInput(pre.grid_thw, pre.num_tokens, pixels=pre, content_hash=key)
 

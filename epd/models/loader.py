@@ -6,7 +6,7 @@ import torch
 
 from epd.config import ModelConfig
 from epd.models.qwen2_vl_text import MRotaryEmbedding, Qwen2VLLanguageModel
-from epd.weights import iter_weights, load_into
+from epd.models.weights import iter_weights, load_into
 
 
 def load_language_model(config: ModelConfig, device: torch.device, dtype: torch.dtype) -> Qwen2VLLanguageModel:

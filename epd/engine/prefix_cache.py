@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 from array import array
 
-from epd.request import Request
+from epd.engine.request import Request
 
 
 def page_hashes(req: Request, num_tokens: int, page_size: int) -> list[bytes]:

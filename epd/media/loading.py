@@ -16,7 +16,7 @@ is 1 px because Qwen2-VL's processor scales small images up itself.
 Local files: ``allowed_local_dir=None, allow_any_local=True`` (offline Engine) reads any path.
 The HTTP router passes ``allow_any_local=False`` and, to serve files at all, ``allowed_local_dir``;
 paths (relative ones taken from it) must stay inside it once ``..`` and symlinks are resolved.
-Network (``epd.media_fetch``): ``block_link_local`` (default on) refuses hosts resolving to
+Network (``epd.media.fetching``): ``block_link_local`` (default on) refuses hosts resolving to
 link-local / cloud-metadata addresses (169.254.169.254); loopback stays allowed.
 ``block_private_networks`` refuses every non-global address. An environment proxy is trusted.
 
@@ -44,7 +44,7 @@ import httpx
 import numpy as np
 from PIL import Image, ImageOps
 
-from epd.media_fetch import fetch, fetch_blocking, short
+from epd.media.fetching import fetch, fetch_blocking, short
 
 ImageItem = Image.Image | bytes | bytearray | memoryview | str | os.PathLike
 

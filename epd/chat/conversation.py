@@ -10,7 +10,7 @@ Lifecycle of a chat request:
    - Jinja: a ``.jinja`` file, an HF ``chat_template.json`` file, or an inline template string;
    - ``None``: the tokenizer's (or HF processor's) own ``chat_template``. Image parts are passed as
      ``{"type": "image"}``, so Qwen2-VL's template writes ``<|vision_start|><|image_pad|><|vision_end|>``.
-3. The caller loads ``RenderedPrompt.images`` with ``epd.media`` and expands each image token into
+3. The caller loads ``RenderedPrompt.images`` with ``epd.media.loading`` and expands each image token into
    the model's per-patch placeholders; ``RenderedPrompt.stop`` lists a built-in's stop strings.
 
 Prompts are complete, BOS text included where the model wants one (as HF ``apply_chat_template``
@@ -35,8 +35,8 @@ from typing import Any
 
 import jinja2
 
-from epd.chat_jinja import render_jinja
-from epd.chat_tools import tool_fields
+from epd.chat.jinja import render_jinja
+from epd.chat.tools import tool_fields
 
 
 class ChatTemplateError(ValueError):

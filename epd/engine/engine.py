@@ -17,9 +17,9 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from epd.engine_core import EngineConfig, EngineCore
-from epd.request import Request, TokenEvent
-from epd.sampling import SamplingParams
+from epd.engine.engine_core import EngineConfig, EngineCore
+from epd.engine.request import Request, TokenEvent
+from epd.engine.sampling import SamplingParams
 
 
 class Engine:
@@ -53,7 +53,7 @@ class Engine:
 
     def chat(self, messages: list[dict], sampling_params: dict | None = None) -> dict:
         """Apply the chat template (the tokenizer's, or `chat_template`) and generate."""
-        from epd.conversation import render_messages
+        from epd.chat.conversation import render_messages
 
         rendered = render_messages(messages, tokenizer=self.tokenizer, template=self.chat_template)
         images = [ref.url for ref in rendered.images]

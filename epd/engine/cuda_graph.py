@@ -25,12 +25,12 @@ import time
 import numpy as np
 import torch
 
-from epd.attention.base import GraphDecodeBucket
-from epd.attention.flashinfer_backend import FlashInferBackend
-from epd.kv_pool import KVCache
-from epd.model_runner import decode_positions, resolve_placeholders, token_positions, write_slots
+from epd.engine.attention.base import GraphDecodeBucket
+from epd.engine.attention.flashinfer_backend import FlashInferBackend
+from epd.engine.kv_pool import KVCache
+from epd.engine.model_runner import decode_positions, resolve_placeholders, token_positions, write_slots
+from epd.engine.scheduler import Chunk
 from epd.models.qwen2_vl_text import Qwen2VLLanguageModel
-from epd.scheduler import Chunk
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from epd.device_copy import to_device
+from epd.engine.device_copy import to_device
 
 TYPES = ("json_object", "json_schema")
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from epd.models.fused_ops import store_kv
+from epd.kernels.fused_ops import store_kv
 
 
 @dataclass

@@ -12,7 +12,7 @@ front of the waiting queue, to be recomputed later (prompt + output so far), so 
 Every request's pages are freed exactly once, when it finishes, aborts or is preempted.
 With `prefix_caching`, an admitted request first takes the pages that already hold its longest
 cached prefix (full pages, at least its last token left to compute: `cached_tokens`), and each
-page a step fills is registered under its prefix hash (`epd.prefix_cache`) as soon as the step
+page a step fills is registered under its prefix hash (`epd.engine.prefix_cache`) as soon as the step
 is launched (later steps run after it on the same stream), so requests running at the same time
 share a prompt's prefix too; pages holding output tokens still on the device are registered
 when the request lets them go.
@@ -28,9 +28,9 @@ from __future__ import annotations
 from collections import Counter, deque
 from dataclasses import dataclass
 
-from epd.kv_pool import KVCache
-from epd.prefix_cache import page_hashes
-from epd.request import Request, Status
+from epd.engine.kv_pool import KVCache
+from epd.engine.prefix_cache import page_hashes
+from epd.engine.request import Request, Status
 
 
 @dataclass

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from epd.tiny_tokenizer import build_tokenizer, save_tokenizer
+from epd.models.tiny_tokenizer import build_tokenizer, save_tokenizer
 
 ARCHS = ("qwen2_vl", "qwen2_5_vl")
 

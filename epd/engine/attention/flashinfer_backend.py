@@ -29,10 +29,10 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from epd.attention import split_kv_decode
-from epd.attention.base import AttentionBackend, GraphDecodeBucket, StepMetadata, page_arrays
-from epd.attention.split_kv_decode import SplitKVGraphDecode
-from epd.models.fused_ops import store_kv, triton
+from epd.engine.attention.base import AttentionBackend, GraphDecodeBucket, StepMetadata, page_arrays
+from epd.kernels import split_kv_decode
+from epd.kernels.fused_ops import store_kv, triton
+from epd.kernels.split_kv_decode import SplitKVGraphDecode
 
 try:
     import flashinfer

@@ -46,7 +46,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from epd.models.fused_ops import fused_path, gdc_enter, launch_options, silu_and_mul, tl, triton
+from epd.kernels.fused_ops import fused_path, gdc_enter, launch_options, silu_and_mul, tl, triton
 
 MAX_ROWS = 8          # decode batches up to this many rows take the GEMV kernel
 FUSED_GATE_UP = True  # gate/up + silu*mul as one kernel on the GEMV path (the bench turns it off)

@@ -23,22 +23,22 @@ from dataclasses import dataclass, field
 
 import torch
 
-from epd.attention import flashinfer_backend
-from epd.attention.base import AttentionBackend
-from epd.attention.torch_backend import TorchAttentionBackend
 from epd.config import ModelConfig, parse_dtype
-from epd.detokenizer import IncrementalDetokenizer
-from epd.device_copy import to_device
+from epd.engine.attention import flashinfer_backend
+from epd.engine.attention.base import AttentionBackend
+from epd.engine.attention.torch_backend import TorchAttentionBackend
+from epd.engine.detokenizer import IncrementalDetokenizer
+from epd.engine.device_copy import to_device
+from epd.engine.inputs import InputError, InputProcessor, ProcessedInput, outside_vocabulary
+from epd.engine.kv_pool import KVCache, KVCacheSpec, PagePool
+from epd.engine.model_runner import ModelRunner, attach_image_embeddings
+from epd.engine.request import Request, Status, TokenEvent
+from epd.engine.sampling import DeviceSample, SamplingParams, SamplingRow, sample
+from epd.engine.scheduler import Chunk, Scheduler
 from epd.image_processor import pixel_values
-from epd.inputs import InputError, InputProcessor, ProcessedInput, outside_vocabulary
-from epd.kv_pool import KVCache, KVCacheSpec, PagePool
-from epd.model_loader import default_device, load_language_model
-from epd.model_runner import ModelRunner, attach_image_embeddings
-from epd.models.fused_ops import fused_path
+from epd.kernels.fused_ops import fused_path
+from epd.models.loader import default_device, load_language_model
 from epd.models.vision import VisionTower
-from epd.request import Request, Status, TokenEvent
-from epd.sampling import DeviceSample, SamplingParams, SamplingRow, sample
-from epd.scheduler import Chunk, Scheduler
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ class EngineConfig:
     cuda_graph_max_bs: int = 128         # largest CUDA-graph decode bucket (capped by max_running_requests)
     disable_cuda_graph: bool = False
     disable_overlap_schedule: bool = False   # else a step launches before the last one's tokens are read
-    disable_prefix_caching: bool = False     # else requests take the KV pages of a cached prefix (epd.prefix_cache)
+    disable_prefix_caching: bool = False     # else cached prefixes are reused (epd.engine.prefix_cache)
 
     def resolved_device(self) -> torch.device:
         return torch.device(self.device or default_device())
@@ -118,7 +118,7 @@ class EngineCore:
         self.inputs = InputProcessor(self.model_config, tokenizer, self.max_context,
                                      resize_on_device=self.device.type == "cuda")
         self._rid = 0
-        self._grammars = None   # epd.structured.Grammars, made by the first response_format request
+        self._grammars = None   # epd.engine.structured.Grammars, made by the first response_format request
         self.overlap = not config.disable_overlap_schedule
         self._in_flight: LaunchedStep | None = None
 
@@ -158,7 +158,7 @@ class EngineCore:
         max_bs = min(self.config.cuda_graph_max_bs, self.config.max_running_requests)
         if max_bs < 1:
             return
-        from epd.cuda_graph import CudaGraphDecodeRunner
+        from epd.engine.cuda_graph import CudaGraphDecodeRunner
 
         graphs = CudaGraphDecodeRunner(self.model, self.kv, backend, max_bs, self.runner.future)
         graphs.capture()
@@ -182,7 +182,7 @@ class EngineCore:
 
     def _constraint(self, spec: str):
         """A fresh grammar state for `spec` (the engine's compiler made on first use)."""
-        from epd.structured import Grammars, StructuredOutputError
+        from epd.engine.structured import Grammars, StructuredOutputError
 
         try:
             if self._grammars is None:

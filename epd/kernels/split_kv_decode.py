@@ -31,8 +31,8 @@ from collections.abc import Sequence
 
 import torch
 
-from epd.attention.base import GraphDecodeBucket, page_arrays
-from epd.models.fused_ops import gdc_enter, launch_options, tl, triton
+from epd.engine.attention.base import GraphDecodeBucket, page_arrays
+from epd.kernels.fused_ops import gdc_enter, launch_options, tl, triton
 
 BLOCK_T = 16          # tokens per inner step
 MAX_SPLITS = 64

@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING
 
 import httpx
 
-if TYPE_CHECKING:   # types only: epd.media imports this module
-    from epd.media import MediaError, MediaLimits, _Where
+if TYPE_CHECKING:   # types only: epd.media.loading imports this module
+    from epd.media.loading import MediaError, MediaLimits, _Where
 
 HEADERS = {"User-Agent": "epd-media/0.1", "Accept": "image/*"}
 # Link-local covers 169.254.0.0/16 (AWS, GCP, Azure metadata); these are the other well-known ones.

@@ -16,9 +16,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from epd.detokenizer import IncrementalDetokenizer
-from epd.inputs import ProcessedInput
-from epd.sampling import SamplingParams
+from epd.engine.detokenizer import IncrementalDetokenizer
+from epd.engine.inputs import ProcessedInput
+from epd.engine.sampling import SamplingParams
 
 
 class Status(enum.Enum):
@@ -60,9 +60,9 @@ class Request:
     created: float = field(default_factory=time.monotonic)
     first_token_time: float | None = None
     stop_ids: frozenset[int] | None = None     # token ids that end it (the engine fills this in once)
-    page_hashes: list[bytes] = field(default_factory=list, repr=False, compare=False)  # epd.prefix_cache
+    page_hashes: list[bytes] = field(default_factory=list, repr=False, compare=False)  # epd.engine.prefix_cache
     pages_registered: int = 0                  # leading pages offered to the prefix cache
-    constraint: Any = None                     # epd.structured.Constraint: response_format's grammar state
+    constraint: Any = None                     # epd.engine.structured.Constraint: response_format's grammar state
     prompt_len: int = field(default=0, init=False)
     # `pages` as int32 numpy (page_array), and the list object and length it was copied from
     _pages_np: np.ndarray | None = field(default=None, init=False, repr=False, compare=False)

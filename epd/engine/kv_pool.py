@@ -2,7 +2,7 @@
 
 Lifecycle of a page: free -> `allocate` (owned by one request) -> `free` -> free again. With
 prefix caching a full page whose tokens are known can be `register`ed under the hash of its
-prefix (`epd.prefix_cache`); later requests with that prefix `acquire` it too (a page may then
+prefix (`epd.engine.prefix_cache`); later requests with that prefix `acquire` it too (a page may then
 have several owners: `free` drops one), and once nobody owns it it waits on an LRU list, still
 holding its KV, until a request hits it again or `allocate` needs it back (evicted, oldest first).
 Freeing a page that is not allocated raises, so a double free is a loud bug, not a silent leak.

@@ -15,16 +15,16 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from epd.attention.base import AttentionBackend, StepMetadata
-from epd.device_copy import to_device, to_host
-from epd.kv_pool import KVCache
+from epd.engine.attention.base import AttentionBackend, StepMetadata
+from epd.engine.device_copy import to_device, to_host
+from epd.engine.kv_pool import KVCache
+from epd.engine.request import Request
+from epd.engine.sampling import DeviceSample, SamplingRow, sample_on_device
+from epd.engine.scheduler import Chunk
 from epd.models.qwen2_vl_text import Qwen2VLLanguageModel
-from epd.request import Request
-from epd.sampling import DeviceSample, SamplingRow, sample_on_device
-from epd.scheduler import Chunk
 
 if TYPE_CHECKING:
-    from epd.cuda_graph import CudaGraphDecodeRunner
+    from epd.engine.cuda_graph import CudaGraphDecodeRunner
 
 
 def attach_image_embeddings(req: Request, dtype: torch.dtype, device: torch.device) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from epd.attention.base import AttentionBackend, StepMetadata
+from epd.engine.attention.base import AttentionBackend, StepMetadata
 
 
 class TorchAttentionBackend(AttentionBackend):

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from epd.device_copy import to_device
+from epd.engine.device_copy import to_device
 
 
 class SamplingParamError(ValueError):
@@ -48,7 +48,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     n: int = 1
     logit_bias: tuple[tuple[int, float], ...] = ()   # (token id, added to its logit) before sampling
-    response_format: str | None = None   # structured output spec (epd.structured), None: free text
+    response_format: str | None = None   # structured output spec (epd.engine.structured), None: free text
     extra: dict = field(default_factory=dict, compare=False)
 
     @property
@@ -81,7 +81,7 @@ class SamplingParams:
             if key in d:
                 d[key] = tuple(d[key] or ())
         if isinstance(d.get("response_format"), dict):   # OpenAI's field: checked and made canonical
-            from epd.structured import StructuredOutputError, response_format_spec
+            from epd.engine.structured import StructuredOutputError, response_format_spec
 
             try:
                 d["response_format"] = response_format_spec(d["response_format"])
