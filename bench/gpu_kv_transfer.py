@@ -44,20 +44,21 @@ from typing import Any
 import torch
 
 from bench.report import write_json
-from epd.models.tiny_model import text_dims
+from epd.models import preset_text_dims
 from kv_transfer.cuda_ipc import PageWriter, PoolImports, export_pool
 from kv_transfer.kv_codec import gather_kv, layer_groups, scatter_kv
 from kv_transfer.probe import read_json_line
 from kv_transfer.transport import KVTransport
 
 PAGE_SIZE = 16
+ARCH = "qwen2_5_vl"   # whose presets' KV shapes are measured
 
 
 class PagedKV:
     """A preset's paged KV pool on one device, and one request's page table in it."""
 
     def __init__(self, preset: str, max_tokens: int, device: str, seed: int) -> None:
-        dims = text_dims("qwen2_5_vl", preset)
+        dims = preset_text_dims(ARCH, preset)
         self.num_layers = dims["num_hidden_layers"]
         self.kv_heads = dims["num_key_value_heads"]
         self.head_dim = dims["hidden_size"] // dims["num_attention_heads"]

@@ -215,7 +215,7 @@ def vision(core: EngineCore, batches: tuple[int, ...] = (1, 4)) -> dict:
     import numpy as np
     from PIL import Image
 
-    from epd.models.vision import VisionTower
+    from epd.models.qwen2_vl.vision import VisionTower
 
     ref = VisionTower(core.model_config, core.device, core.dtype, attention="sdpa")   # transformers' own path
     rng = np.random.RandomState(0)

@@ -6,7 +6,7 @@ Queues, in order:
                     as they land (page sizes may differ from the prefill node's); through CUDA
                     IPC (same host), the prompt's page ids go to the prefill node
                     (`{rid}:kvdst`), which writes the KV into them itself; then `{rid}:meta`
-                    (first token, M-RoPE delta, sampler state) completes the hand-over
+                    (first token, decode state, sampler state) completes the hand-over
   running        -> in the continuous batch (EngineCore.step); tokens stream to the router
   fenced         -> (CUDA IPC only) pages of a request dropped after the prefill node was told to
                     write them: held until it says it wrote them (`{rid}:meta`) or never will
@@ -33,6 +33,7 @@ from epd.engine.engine_core import EngineCore
 from epd.engine.inputs import ProcessedInput
 from epd.engine.request import Request, TokenEvent
 from epd.engine.sampling import SamplingParams
+from epd.models.family import DecodeState
 from epd.node.runtime import pool_status
 from kv_transfer.cuda_ipc import export_pool
 from kv_transfer.kv_codec import scatter_kv
@@ -85,7 +86,8 @@ class DecodeService:
             if msg.kv_ipc and self.core.device.type != "cuda":
                 raise ValueError("CUDA IPC hand-over asked of a decode node that is not on a GPU")
             params = SamplingParams.from_dict(msg.params)
-            inp = ProcessedInput(list(msg.input_ids), [], torch.empty(3, 0, dtype=torch.long), 0)
+            rows = self.core.model.position_rows
+            inp = ProcessedInput(list(msg.input_ids), [], torch.empty(rows, 0, dtype=torch.long))
             req = self.core.new_request(inp, params, rid=msg.rid)
         except ValueError as e:
             self.runtime.send(identity, protocol.TokenDelta(msg.rid, [], "", finished=True, error=str(e),
@@ -192,7 +194,7 @@ class DecodeService:
             self._fail(inc, "transfer", f"prefill sent {meta['prompt_len']} tokens of KV, expected {req.prompt_len}")
             return
         inc.landed_at = time.monotonic()
-        req.inp.mrope_delta = int(meta["mrope_delta"])
+        req.inp.decode_state = DecodeState.from_wire(meta["decode_state"])
         if req.generator is not None and meta["generator_state"]:
             req.generator.set_state(meta["generator_state"][0].to(torch.uint8))
         req.num_computed = req.prompt_len

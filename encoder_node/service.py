@@ -2,7 +2,7 @@
 
 Queues: pending (EncodeRequests received) -> one batched vision forward per tick over every
 pending image not in the embedding cache -> sent (one UCX message per request, key
-`{rid}:emb`, one tensor per image, grids in the metadata). The cache is keyed by image
+`{rid}:emb`, one tensor per image, their layouts in the metadata). The cache is keyed by image
 content hash, so a repeated image skips the vision tower. An Abort drops a pending request.
 """
 
@@ -18,18 +18,17 @@ from PIL import Image
 
 from epd import protocol
 from epd.config import ModelConfig
-from epd.image_processor import ImageProcessor, pixel_values
-from epd.models.vision import VisionTower
+from epd.models.family import ImageLayout
 
 log = logging.getLogger(__name__)
 
 
 class EmbeddingCache:
-    """LRU of content hash -> (embeddings, grid)."""
+    """LRU of content hash -> (embeddings, image layout)."""
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
-        self._items: OrderedDict[str, tuple[torch.Tensor, tuple[int, int, int]]] = OrderedDict()
+        self._items: OrderedDict[str, tuple[torch.Tensor, ImageLayout]] = OrderedDict()
         self.hits = 0
         self.misses = 0
 
@@ -53,9 +52,8 @@ class EncoderService:
     def __init__(self, config: ModelConfig, device: str, dtype: torch.dtype, max_batch_images: int = 32,
                  cache_entries: int = 256) -> None:
         self.config = config
-        self.vision = VisionTower(config, device, dtype)
-        self.processor = ImageProcessor(config.model_path, config.spatial_merge_size,
-                                        resize_on_device=self.vision.device.type == "cuda")
+        self.vision = config.family.build_vision(device, dtype)
+        self.processor = config.family.image_processor(on_device=self.vision.device.type == "cuda")
         self.cache = EmbeddingCache(cache_entries)
         self.max_batch_images = max_batch_images
         self.pending: OrderedDict[str, tuple[bytes, protocol.EncodeRequest, float]] = OrderedDict()
@@ -64,8 +62,7 @@ class EncoderService:
 
     def _warm_up(self) -> None:
         """Run one small image so the first request does not pay lazy initialisation."""
-        pre = self.processor.preprocess(Image.new("RGB", (56, 56)))
-        self.vision.encode(pixel_values([pre], self.vision.device), torch.tensor([pre.grid_thw]))
+        self.vision.encode(self.processor.preprocess_many([Image.new("RGB", (56, 56))]))
 
     def handle(self, identity: bytes, msg: Any) -> None:
         if isinstance(msg, protocol.EncodeRequest):
@@ -96,8 +93,8 @@ class EncoderService:
                 self._report(identity, req, ok=False, error=f"encoder failed: {e}")
             return True
         encode_ms = (time.monotonic() - t0) * 1e3
-        for (identity, req, arrived), (embeds, grids) in zip(batch, results, strict=True):
-            meta = {"grids": [list(g) for g in grids]}
+        for (identity, req, arrived), (embeds, layouts) in zip(batch, results, strict=True):
+            meta = {"layouts": [layout.to_wire() for layout in layouts]}
             self.runtime.transport.send(req.prefill_ucx, f"{req.rid}:emb", embeds, meta=meta)
             self._report(identity, req, ok=True, timings={
                 "encoder_queue_ms": (t0 - arrived) * 1e3, "encode_ms": encode_ms,
@@ -106,7 +103,7 @@ class EncoderService:
                 "encoded_at": protocol.wall_time(t0) + encode_ms / 1e3})
         return True
 
-    def _encode(self, batch) -> tuple[list[tuple[list[torch.Tensor], list[tuple[int, int, int]]]], float]:
+    def _encode(self, batch) -> tuple[list[tuple[list[torch.Tensor], list[ImageLayout]]], float]:
         """One vision forward for every image of the batch that is not cached; also returns the ms
         spent preprocessing."""
         per_request, uncached = [], {}
@@ -120,10 +117,8 @@ class EncoderService:
         todo = list(zip(uncached, self.processor.preprocess_many(images), strict=True))
         preprocess_ms = (time.monotonic() - t0) * 1e3
         if todo:
-            pixels = pixel_values([pre for _, pre in todo], self.vision.device)
-            grids = torch.tensor([pre.grid_thw for _, pre in todo])
-            for (key, pre), emb in zip(todo, self.vision.encode(pixels, grids), strict=True):
-                self.cache.put(key, (emb, pre.grid_thw))
+            for (key, pre), emb in zip(todo, self.vision.encode([pre for _, pre in todo]), strict=True):
+                self.cache.put(key, (emb, pre.layout))
         out = []
         for slots in per_request:
             items = [self.cache._items[k] for k in slots]

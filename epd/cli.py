@@ -1,6 +1,6 @@
 """The `epd` command: one entry point, one subcommand per role or tool.
 
-    epd tiny-model ARCH OUT_DIR [--preset tiny|3b|7b] [--seed N] [--device cpu|cuda]
+    epd tiny-model ARCH OUT_DIR [--preset tiny|NAME] [--seed N] [--device cpu|cuda]
     epd bench ...            (the benchmark harness, see bench/README.md)
     epd serve | router | encoder | prefill | decode ...   (when those roles are installed)
 """
@@ -24,12 +24,14 @@ _DELEGATES = {
 
 
 def _tiny_model(argv: list[str]) -> int:
-    from epd.models.tiny_model import ARCHS, write_tiny_model
+    from epd.models import family_module, tiny_archs
+    from epd.models.tiny_model import write_tiny_model
 
     ap = argparse.ArgumentParser(prog="epd tiny-model", description="write a random checkpoint of a real architecture")
-    ap.add_argument("arch", choices=ARCHS)
+    ap.add_argument("arch", choices=tiny_archs())
     ap.add_argument("out_dir")
-    ap.add_argument("--preset", default="tiny", choices=["tiny", "3b", "7b"])
+    ap.add_argument("--preset", default="tiny", help="tiny (tests) or a full-size preset: "
+                    + "; ".join(f"{a}: {', '.join(family_module(a).PRESETS)}" for a in tiny_archs()))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu", help="where to draw the random weights (cuda is faster for 7b)")
     args = ap.parse_args(argv)

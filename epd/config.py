@@ -1,8 +1,9 @@
 """Model configuration, read once from a Hugging Face checkpoint directory.
 
-`ModelConfig.from_pretrained(path)` parses `config.json` (+ `generation_config.json`) into frozen
-dataclasses; everything downstream (model, KV pool, scheduler, processors) reads these, never the
-raw HF config. The raw HF config object is kept only to build the vision tower from `transformers`.
+`ModelConfig.from_pretrained(path)` reads `config.json`, finds the checkpoint's family in the
+registry (`epd.models`) and lets it parse the config (+ `generation_config.json`) into frozen
+dataclasses; everything downstream (KV pool, scheduler, runner) reads these, never the raw HF
+config, and asks `ModelConfig.family` for what differs between families.
 """
 
 from __future__ import annotations
@@ -13,8 +14,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-
-SUPPORTED_ARCHS = ("qwen2_vl", "qwen2_5_vl")
 
 _DTYPES = {
     "float64": torch.float64,
@@ -38,6 +37,7 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
 
 @dataclass(frozen=True)
 class TextConfig:
+    """The language model's shape, whatever the family (each family's `text_config` fills it)."""
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -47,23 +47,22 @@ class TextConfig:
     head_dim: int
     rms_norm_eps: float
     rope_theta: float
-    mrope_section: tuple[int, ...]
     max_position_embeddings: int
     tie_word_embeddings: bool
+    qkv_bias: bool = False
 
 
 @dataclass(frozen=True)
 class ModelConfig:
+    """A checkpoint as the engine sees it; `family` (epd.models.family.ModelFamily) answers every
+    family-specific question (models, image processor, prompt expansion, positions)."""
     model_path: str
-    arch: str
+    model_type: str
     text: TextConfig
     image_token_id: int
-    vision_start_token_id: int
-    vision_end_token_id: int
-    spatial_merge_size: int
     eos_token_ids: tuple[int, ...]
     dtype: torch.dtype
-    hf_config: Any = field(repr=False, compare=False, default=None)
+    family: Any = field(repr=False, compare=False, default=None)
 
     @property
     def model_id(self) -> str:
@@ -73,36 +72,32 @@ class ModelConfig:
     def from_pretrained(cls, path: str) -> ModelConfig:
         from transformers import AutoConfig
 
+        from epd.models import family_class
+
         cfg_file = os.path.join(path, "config.json")
         if not os.path.isfile(cfg_file):
             raise FileNotFoundError(f"no config.json in model directory {path!r}")
         with open(cfg_file) as f:
             raw = json.load(f)
-        arch = raw.get("model_type")
-        if arch not in SUPPORTED_ARCHS:
-            raise ValueError(f"unsupported model_type {arch!r}; supported: {', '.join(SUPPORTED_ARCHS)}")
-        hf = AutoConfig.from_pretrained(path)
-        text = _text_config(hf.text_config, raw)
+        model_type = raw.get("model_type")
+        family = family_class(model_type)(os.path.abspath(path), raw, AutoConfig.from_pretrained(path))
         return cls(
             model_path=os.path.abspath(path),
-            arch=arch,
-            text=text,
-            image_token_id=hf.image_token_id,
-            vision_start_token_id=hf.vision_start_token_id,
-            vision_end_token_id=hf.vision_end_token_id,
-            spatial_merge_size=hf.vision_config.spatial_merge_size,
-            eos_token_ids=_eos_ids(path, hf.text_config),
+            model_type=model_type,
+            text=family.text,
+            image_token_id=family.image_token_id,
+            eos_token_ids=family.eos_token_ids,
             dtype=parse_dtype(raw.get("torch_dtype") or raw.get("dtype") or "bfloat16"),
-            hf_config=hf,
+            family=family,
         )
 
 
-def _text_config(tc: Any, raw: dict) -> TextConfig:
+def text_config(tc: Any, raw: dict, qkv_bias: bool) -> TextConfig:
+    """TextConfig from a transformers text config (Llama / Mistral / Qwen2 style attributes)."""
     rope = tc.rope_parameters or {}
     head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
-    section = tuple(rope.get("mrope_section") or (16, 24, 24))
-    if sum(section) * 2 != head_dim:
-        raise ValueError(f"mrope_section {section} does not cover head_dim {head_dim}")
+    if getattr(tc, "hidden_act", "silu") != "silu":
+        raise ValueError(f"hidden_act {tc.hidden_act!r} is not supported (silu is)")
     tie = bool(raw.get("tie_word_embeddings", False) or getattr(tc, "tie_word_embeddings", False))
     return TextConfig(
         vocab_size=tc.vocab_size,
@@ -113,14 +108,14 @@ def _text_config(tc: Any, raw: dict) -> TextConfig:
         num_kv_heads=tc.num_key_value_heads,
         head_dim=head_dim,
         rms_norm_eps=tc.rms_norm_eps,
-        rope_theta=float(rope.get("rope_theta", 1e6)),
-        mrope_section=section,
+        rope_theta=float(rope.get("rope_theta", 10000.0)),
         max_position_embeddings=tc.max_position_embeddings,
         tie_word_embeddings=tie,
+        qkv_bias=qkv_bias,
     )
 
 
-def _eos_ids(path: str, tc: Any) -> tuple[int, ...]:
+def eos_ids(path: str, tc: Any) -> tuple[int, ...]:
     """EOS ids from generation_config.json when present (what `generate` stops on), else config."""
     gen_file = os.path.join(path, "generation_config.json")
     eos: Any = None

@@ -28,7 +28,7 @@ from typing import Any
 
 import msgpack
 
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 
 
 class ProtocolError(ValueError):
@@ -61,7 +61,7 @@ class EncodeRequest:
 class PrefillRequest:
     rid: str
     input_ids: list[int]               # image placeholders already expanded
-    grids: list[list[int]]             # (t, h, w) per image, in order
+    images: list[list[int]]            # each image's layout, in order (epd.models.family.ImageLayout.to_wire)
     params: dict                       # SamplingParams fields
     decode_node: str
     decode_ucx: str

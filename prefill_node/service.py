@@ -4,8 +4,8 @@ Queues, in order:
   awaiting_embeddings -> the encoder's `{rid}:emb` message has not landed yet
   scheduler (waiting -> running) -> chunked, batched prefill across requests
   transferring -> over UCX: the last chunk's forward sends the KV layer group by layer group
-                  (`{rid}:kv:{g}`, token-major wire layout), then the first token and the M-RoPE
-                  delta (`{rid}:meta`); pages are freed when every send is acknowledged.
+                  (`{rid}:kv:{g}`, token-major wire layout), then the first token and the decode
+                  state (`{rid}:meta`); pages are freed when every send is acknowledged.
                   Through CUDA IPC (same host): once the decode node's page list (`{rid}:kvdst`)
                   is in, the KV is written straight into its pages (queued on the GPU right behind
                   the last layer when the list came before the forward, so it is done when the
@@ -32,6 +32,7 @@ from epd.engine.model_runner import attach_image_embeddings
 from epd.engine.request import Request
 from epd.engine.sampling import SamplingParams, sample
 from epd.engine.scheduler import Chunk
+from epd.models.family import ImageLayout
 from epd.node.runtime import pool_status
 from kv_transfer.cuda_ipc import PoolImports
 from kv_transfer.inbox import SlotState
@@ -89,7 +90,7 @@ class PrefillService:
         if isinstance(msg, protocol.PrefillRequest):
             p = Pending(identity, msg, time.monotonic())
             self.runtime.transport.connect(msg.decode_ucx)  # overlap connection setup with the prefill
-            if msg.grids:
+            if msg.images:
                 self.awaiting[msg.rid] = p
             else:
                 p.embeddings_at = p.arrived
@@ -120,10 +121,13 @@ class PrefillService:
     def _start(self, p: Pending, embeddings: list[torch.Tensor]) -> None:
         msg = p.msg
         try:
-            merge = self.core.model_config.spatial_merge_size
-            hashes = msg.image_hashes or [""] * len(msg.grids)
-            images = [ImageInput(tuple(g), g[0] * g[1] * g[2] // merge**2, embeddings=e, content_hash=h or None)
-                      for g, e, h in zip(msg.grids, embeddings, hashes, strict=True)]
+            family = self.core.model_config.family
+            layouts = [ImageLayout.from_wire(values) for values in msg.images]
+            for layout in layouts:
+                family.check_layout(layout)
+            hashes = msg.image_hashes or [""] * len(layouts)
+            images = [ImageInput(layout, embeddings=e, content_hash=h or None)
+                      for layout, e, h in zip(layouts, embeddings, hashes, strict=True)]
             inp = build_processed(self.core.model_config, msg.input_ids, images)
             params = dataclasses.replace(SamplingParams.from_dict(msg.params), max_new_tokens=1)
             p.req = self.core.new_request(inp, params, rid=msg.rid)
@@ -154,8 +158,8 @@ class PrefillService:
                 continue
             if msg is not None:
                 del self.awaiting[rid]
-                if [list(g) for g in msg.meta.get("grids", [])] != [list(g) for g in p.msg.grids]:
-                    self._report(p, "encode", ok=False, error="encoder grids do not match the router's")
+                if msg.meta.get("layouts") != p.msg.images:
+                    self._report(p, "encode", ok=False, error="the encoder's image layouts do not match the router's")
                     continue
                 dtype, device = self.core.dtype, self.core.device
                 p.embeddings_at, p.embeddings_landed = time.monotonic(), msg.landed_at
@@ -210,7 +214,7 @@ class PrefillService:
         for i, p in enumerate(finishing):
             req = p.req
             now = time.monotonic()
-            meta = {"first_token": result.token_ids[i], "mrope_delta": req.inp.mrope_delta,
+            meta = {"first_token": result.token_ids[i], "decode_state": req.inp.decode_state.to_wire(),
                     "timings": {**p.waits(), "prefill_ms": (now - p.started) * 1e3,
                                 "first_token_sampled_at": protocol.wall_time(now)},
                     "prompt_len": req.prompt_len, "cached_tokens": req.cached_tokens, "num_groups": len(self.groups),

@@ -1,7 +1,7 @@
 """DisaggBackend: one request split over the encoder, prefill and decode pools.
 
-For each request: process the prompt (tokenize, image grids from sizes, expand placeholders,
-M-RoPE checks) -> pick one node per pool (prefill and decode must share a KV layout) -> open the
+For each request: process the prompt (tokenize, image layouts from sizes, expand placeholders,
+positions) -> pick one node per pool (prefill and decode must share a KV layout) -> open the
 rendezvous room and the session in Redis -> send DecodeRequest (reserve pages), PrefillRequest,
 EncodeRequest -> relay TokenDeltas as BackendEvents. A watchdog runs every 0.5 s while waiting:
 a node whose registration expired before its stage finished, or a failure recorded in the
@@ -209,7 +209,7 @@ class DisaggBackend:
                                                                                        p.node_id, p.ucx))
         await asyncio.to_thread(self._open, flight)   # the encoder needs no room: it is already at work
         await self.clients.send(p.zmq, protocol.PrefillRequest(
-            req.rid, inp.input_ids, [list(im.grid_thw) for im in inp.images], params, d.node_id, d.ucx,
+            req.rid, inp.input_ids, [im.layout.to_wire() for im in inp.images], params, d.node_id, d.ucx,
             flight.nodes["encoder"].node_id if inp.images else "", kv_ipc=kv_ipc,
             image_hashes=[im.content_hash or "" for im in inp.images]))
         await self.clients.send(d.zmq, protocol.DecodeRequest(req.rid, inp.input_ids, params, p.node_id,

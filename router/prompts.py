@@ -5,7 +5,7 @@ Lifecycle of a chat request in `PromptBuilder.chat`:
 2. fetch every image concurrently with `aload_image` and the server-safe settings (no local files
    unless under `--allowed-local-media-path`, link-local / metadata hosts refused); the first
    failure cancels the other fetches and becomes a 400 naming the message part;
-3. tokenize and expand each image placeholder to the image's token count (the grid comes from
+3. tokenize and expand each image placeholder to the image's token count (the layout comes from
    the image size alone; pixels are left to the backend), in a worker thread;
 4. check the context: a prompt that leaves no room, or prompt + max_tokens over the context, is
    a 400 with vLLM's wording; an absent max_tokens becomes the remaining context.

@@ -2,7 +2,7 @@
 
 Lifecycle:
   1. `CudaGraphDecodeRunner(model, kv, attention, max_bs, future)` allocates the static buffers,
-     sized for the largest bucket: token ids, M-RoPE positions, KV write slots (one int64 device
+     sized for the largest bucket: token ids, positions (the model's rows), KV write slots (one int64 device
      buffer, filled by one host->device copy per step from a pinned staging buffer) and the
      float32 logits. A token id may be a placeholder (-1 - row): the graph reads it from
      `future[row]`, where the step before left its sampled tokens (overlap schedule);
@@ -30,7 +30,6 @@ from epd.engine.attention.flashinfer_backend import FlashInferBackend
 from epd.engine.kv_pool import KVCache
 from epd.engine.model_runner import decode_positions, resolve_placeholders, token_positions, write_slots
 from epd.engine.scheduler import Chunk
-from epd.models.qwen2_vl_text import Qwen2VLLanguageModel
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +47,7 @@ def graph_buckets(max_bs: int) -> list[int]:
 
 
 class CudaGraphDecodeRunner:
-    def __init__(self, model: Qwen2VLLanguageModel, kv: KVCache, attention: FlashInferBackend,
+    def __init__(self, model: torch.nn.Module, kv: KVCache, attention: FlashInferBackend,
                  max_bs: int, future: torch.Tensor) -> None:
         self.model = model
         self.future = future   # the step before's sampled tokens, which placeholder ids read
@@ -57,10 +56,11 @@ class CudaGraphDecodeRunner:
         self.buckets = graph_buckets(max_bs)
         self.max_bs = n = self.buckets[-1]
         dev = attention.device
-        # [ids | positions row 0 | row 1 | row 2 | slots], each n long; zeros = token 0 at slot 0
-        self._host = torch.zeros(5 * n, dtype=torch.int64, pin_memory=True)
+        self.rows = r = model.position_rows
+        # [ids | positions row 0 | ... | row r-1 | slots], each n long; zeros = token 0 at slot 0
+        self._host = torch.zeros((r + 2) * n, dtype=torch.int64, pin_memory=True)
         self._host_np = self._host.numpy()
-        self._dev = torch.zeros(5 * n, dtype=torch.int64, device=dev)
+        self._dev = torch.zeros((r + 2) * n, dtype=torch.int64, device=dev)
         self._copied = torch.cuda.Event()
         self.logits = torch.empty(n, model.cfg.vocab_size, dtype=torch.float32, device=dev)
         self._indices = torch.zeros(kv.pool.num_pages + n, dtype=torch.int32, device=dev)
@@ -96,9 +96,10 @@ class CudaGraphDecodeRunner:
     def _forward(self, bs: int) -> None:
         n = self.max_bs
         ids = resolve_placeholders(self._dev[:bs], self.future)
-        positions = self._dev[n:4 * n].view(3, n)[:, :bs]
+        r = self.rows
+        positions = self._dev[n:(r + 1) * n].view(r, n)[:, :bs]
         attn = self._attn[bs]
-        attn.slots = self._dev[4 * n:4 * n + bs]
+        attn.slots = self._dev[(r + 1) * n:(r + 1) * n + bs]
         hidden = self.model(self.model.embed(ids), positions, attn, self.kv.layers)
         self.logits[:bs].copy_(self.model.lm_head(hidden))
 
@@ -132,7 +133,7 @@ class CudaGraphDecodeRunner:
         ps, m = self.kv.spec.page_size, self.max_bs
         ids = [c.req.output_ids[c.start - c.req.prompt_len] if c.start >= c.req.prompt_len
                else c.req.inp.input_ids[c.start] for c in chunks]
-        pos = decode_positions(chunks)   # [n], or [3, n] below for a last prompt token
+        pos = decode_positions(chunks)   # [n], or [rows, n] below for a last prompt token
         if pos is None:
             pos = np.concatenate([token_positions(c.req, c.start, c.start + 1) for c in chunks], axis=1)
         tables = [c.req.page_array() for c in chunks]
@@ -141,8 +142,9 @@ class CudaGraphDecodeRunner:
         host, n = self._host_np, len(chunks)
         host[:] = 0
         host[:n] = ids
-        host[m:4 * m].reshape(3, m)[:, :n] = pos
-        host[4 * m:4 * m + n] = slots
+        r = self.rows
+        host[m:(r + 1) * m].reshape(r, m)[:, :n] = pos
+        host[(r + 1) * m:(r + 1) * m + n] = slots
         self._dev.copy_(self._host, non_blocking=True)
         self._attn[bs].plan_padded([c.start + 1 for c in chunks], tables)
         self._copied.record()   # after the plan's copies too: its host buffers are free once this completes

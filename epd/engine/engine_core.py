@@ -35,10 +35,8 @@ from epd.engine.model_runner import ModelRunner, attach_image_embeddings
 from epd.engine.request import Request, Status, TokenEvent
 from epd.engine.sampling import DeviceSample, SamplingParams, SamplingRow, sample
 from epd.engine.scheduler import Chunk, Scheduler
-from epd.image_processor import pixel_values
 from epd.kernels.fused_ops import fused_path
-from epd.models.loader import default_device, load_language_model
-from epd.models.vision import VisionTower
+from epd.models.loader import default_device
 
 log = logging.getLogger(__name__)
 
@@ -100,10 +98,11 @@ class EngineCore:
         self.dtype = config.resolved_dtype(self.model_config)
         self.tokenizer = tokenizer
         t0 = time.perf_counter()
-        self.model = load_language_model(self.model_config, self.device, self.dtype)
+        family = self.model_config.family
+        self.model = family.build_lm(self.device, self.dtype)
         if fused_path(self.model.lm_head.weight):
             self.model.fuse_projections()
-        self.vision = VisionTower(self.model_config, self.device, self.dtype) if config.load_vision else None
+        self.vision = family.build_vision(self.device, self.dtype) if config.load_vision else None
         self.kv = self._make_kv_cache()
         log.info("loaded %s on %s (%s) in %.2fs; KV pool %d pages x %d tokens", self.model_config.model_id,
                  self.device, self.dtype, time.perf_counter() - t0, self.kv.pool.capacity, config.page_size)
@@ -283,9 +282,7 @@ class EngineCore:
                 if im.embeddings is None and start + im.num_tokens > r.num_computed]
         if todo:
             assert self.vision is not None, "this engine was built without a vision tower"
-            pixels = pixel_values([im.pixels for im in todo], self.device)  # type: ignore[misc]
-            grids = torch.tensor([im.grid_thw for im in todo])
-            for im, emb in zip(todo, self.vision.encode(pixels, grids), strict=True):
+            for im, emb in zip(todo, self.vision.encode([im.pixels for im in todo]), strict=True):
                 im.embeddings, im.pixels = emb, None
         for r in reqs:
             attach_image_embeddings(r, self.dtype, self.device)

@@ -1,7 +1,8 @@
 """Runs one scheduled step of the language model over the paged KV cache.
 
 `run(chunks)` gathers the step's token ids, embeds them (splicing image embeddings in at image
-placeholder positions), builds M-RoPE positions and the attention metadata once, runs the model
+placeholder positions), builds positions (the model's `position_rows` rows: 1-D RoPE, or three
+for M-RoPE) and the attention metadata once, runs the model
 and returns the logits of the chunks that end at their request's last token. When a CUDA-graph
 runner is attached (`graphs`, GPU + flashinfer) and the step is pure decode within its largest
 bucket, the step replays a captured graph instead.
@@ -21,7 +22,6 @@ from epd.engine.kv_pool import KVCache
 from epd.engine.request import Request
 from epd.engine.sampling import DeviceSample, SamplingRow, sample_on_device
 from epd.engine.scheduler import Chunk
-from epd.models.qwen2_vl_text import Qwen2VLLanguageModel
 
 if TYPE_CHECKING:
     from epd.engine.cuda_graph import CudaGraphDecodeRunner
@@ -44,7 +44,7 @@ def attach_image_embeddings(req: Request, dtype: torch.dtype, device: torch.devi
 
 
 class ModelRunner:
-    def __init__(self, model: Qwen2VLLanguageModel, kv: KVCache, backend: AttentionBackend,
+    def __init__(self, model: torch.nn.Module, kv: KVCache, backend: AttentionBackend,
                  device: torch.device, max_rows: int = 1) -> None:
         self.model = model
         self.kv = kv
@@ -83,7 +83,7 @@ class ModelRunner:
         ids: list[int] = []
         positions: list[np.ndarray] = []
         ps = self.kv.spec.page_size
-        decode_row = decode_positions(chunks)
+        decode_row, rows = decode_positions(chunks), self.model.position_rows
         for c in chunks:
             req, end = c.req, c.start + c.length
             plen = req.prompt_len
@@ -91,7 +91,7 @@ class ModelRunner:
             if decode_row is None:
                 positions.append(token_positions(req, c.start, end))
         if decode_row is not None:
-            positions = [np.broadcast_to(decode_row, (3, len(chunks)))]
+            positions = [np.broadcast_to(decode_row, (rows, len(chunks)))]
         tables = [c.req.page_array() for c in chunks]
         meta = StepMetadata(
             qo_lens=[c.length for c in chunks],
@@ -156,25 +156,25 @@ def write_slots(chunks: list[Chunk], tables: list[np.ndarray], page_size: int) -
 
 
 def decode_positions(chunks: list[Chunk]) -> np.ndarray | None:
-    """int64 [n]: each chunk's M-RoPE position (the same in all three rows) when every chunk is
-    one token past its prompt (a decode step), else None. One pass instead of an array a chunk."""
+    """int64 [n]: each chunk's position (the same in every row) when every chunk is one token past
+    its prompt (a decode step), else None. One pass instead of an array a chunk."""
     row = []
     for c in chunks:
         if c.length != 1 or c.start < c.req.prompt_len:
             return None
-        row.append(c.start + c.req.inp.mrope_delta)
+        row.append(c.start + c.req.inp.decode_state.position_offset)
     return np.array(row, dtype=np.int64)
 
 
 def token_positions(req: Request, start: int, end: int) -> np.ndarray:
-    """int64 [3, end - start] M-RoPE positions; tokens past the prompt use index + delta."""
-    plen = req.prompt_len
+    """int64 [rows, end - start] positions; tokens past the prompt have index + position offset."""
+    plen, rows, offset = req.prompt_len, req.inp.positions.shape[0], req.inp.decode_state.position_offset
     if start >= plen and end - start == 1:  # a decode token
-        return np.full((3, 1), start + req.inp.mrope_delta, dtype=np.int64)
+        return np.full((rows, 1), start + offset, dtype=np.int64)
     parts = []
     if start < plen:
         parts.append(req.inp.positions[:, start:min(end, plen)].numpy())
     if end > plen:
-        gen = np.arange(max(start, plen), end, dtype=np.int64) + req.inp.mrope_delta
-        parts.append(np.broadcast_to(gen, (3, len(gen))))
+        gen = np.arange(max(start, plen), end, dtype=np.int64) + offset
+        parts.append(np.broadcast_to(gen, (rows, len(gen))))
     return np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]

@@ -2,7 +2,7 @@
 
 Page i of a request holds tokens [i * page_size, (i + 1) * page_size). Its hash covers everything
 up to its end: h_i = blake2b(h_(i-1), the page's token ids, the identity of every image with a
-token in the page). Equal hashes mean equal tokens and images up to there, hence equal M-RoPE
+token in the page). Equal hashes mean equal tokens and images up to there, hence equal
 positions and equal KV, so a request can take another's pages for its prefix instead of
 computing them (`PagePool.match` / `acquire`); its own full pages are registered for other
 requests as steps fill them and when it lets them go (`Scheduler`).

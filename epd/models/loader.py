@@ -1,29 +1,32 @@
-"""Build the language model and vision tower of a checkpoint on a device, weights loaded."""
+"""Build a family's language model on a device with its checkpoint's weights loaded."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+from torch import nn
 
-from epd.config import ModelConfig
-from epd.models.qwen2_vl_text import MRotaryEmbedding, Qwen2VLLanguageModel
-from epd.models.weights import iter_weights, load_into
+from epd.layers.decoder import DecoderLM
+from epd.models.weights import load_into
 
 
-def load_language_model(config: ModelConfig, device: torch.device, dtype: torch.dtype) -> Qwen2VLLanguageModel:
+def load_decoder_lm(family, rotary: Callable[[], nn.Module], device: torch.device, dtype: torch.dtype,
+                    position_rows: int = 1) -> DecoderLM:
+    """A `DecoderLM` of `family.text` (built without initialising weights), the rotary made by
+    `rotary()` on the device (its tables stay float32), weights from `family.weights`."""
+    tc = family.text
     with torch.device("meta"):
-        model = Qwen2VLLanguageModel(config.text)
+        model = DecoderLM(tc, nn.Identity(), position_rows)
     model = model.to_empty(device=device).to(dtype)
-    tc = config.text
-    model.rotary = MRotaryEmbedding(tc.head_dim, tc.rope_theta, tc.mrope_section).to(device)
+    model.rotary = rotary().to(device)
     if tc.tie_word_embeddings:
         model.lm_head.weight = model.language_model.embed_tokens.weight
 
     def text_weights():
-        for name, t in iter_weights(config.model_path):
-            if name.startswith("language_model.") or name.startswith("lm_head."):
-                if name == "lm_head.weight" and tc.tie_word_embeddings:
-                    continue
-                yield name, t
+        for name, tensor in family.weights(""):
+            if name.startswith("language_model.") or (name == "lm_head.weight" and not tc.tie_word_embeddings):
+                yield name, tensor
 
     load_into(model, text_weights())
     return model.eval()

@@ -1,17 +1,17 @@
-"""Load safetensors weights from a Hugging Face checkpoint directory by their HF names.
+"""Safetensors weights of a Hugging Face checkpoint directory, by their names in the checkpoint.
 
-Handles a single `model.safetensors` and sharded checkpoints (`model.safetensors.index.json`),
-and both naming schemes in circulation for the Qwen2-VL family: the Hub's (`visual.*`,
-`model.layers.*`) and transformers 5's (`model.visual.*`, `model.language_model.layers.*`).
-Names are normalised to `visual.*` for the vision tower and `language_model.*` / `lm_head.*`
-for the text model.
+Handles a single `model.safetensors` and sharded checkpoints (`model.safetensors.index.json`).
+`iter_weights` yields each name with a function that reads that tensor, so a process reads only
+the tensors it keeps (a decode node never reads the vision tower's); the family maps names to its
+modules' (`ModelFamily.weight_name`) and `load_into` copies them in, every parameter exactly once.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from safetensors import safe_open
@@ -32,27 +32,12 @@ def checkpoint_files(path: str) -> list[str]:
     return [os.path.join(path, f) for f in found]
 
 
-def normalize_name(name: str) -> str:
-    """Map any supported checkpoint naming to `visual.*`, `language_model.*` or `lm_head.*`."""
-    if name.startswith("model.visual."):
-        return name[len("model."):]
-    if name.startswith("visual.") or name.startswith("lm_head."):
-        return name
-    if name.startswith("model.language_model."):
-        return "language_model." + name[len("model.language_model."):]
-    if name.startswith("model."):
-        return "language_model." + name[len("model."):]
-    return name
-
-
-def iter_weights(path: str, prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (normalised name, tensor) for every weight whose normalised name starts with prefix."""
+def iter_weights(path: str) -> Iterator[tuple[str, Callable[[], torch.Tensor]]]:
+    """(checkpoint name, function reading the tensor) of every tensor of the checkpoint."""
     for file in checkpoint_files(path):
         with safe_open(file, framework="pt") as f:
             for raw in f.keys():  # noqa: SIM118 - safe_open is not a dict
-                name = normalize_name(raw)
-                if name.startswith(prefix):
-                    yield name, f.get_tensor(raw)
+                yield raw, functools.partial(f.get_tensor, raw)
 
 
 def load_into(module: torch.nn.Module, weights: Iterator[tuple[str, torch.Tensor]], strip: str = "") -> None:

@@ -50,7 +50,7 @@ def small128_checkpoint(root: str) -> str:
     """The tiny qwen2_5_vl checkpoint with 2 query heads / 1 KV head of width 128, bf16."""
     from transformers import AutoConfig
 
-    from epd.models.tiny_model import _save_weights, random_state_dict, write_tiny_model
+    from epd.models.tiny_model import random_state_dict, save_weights, write_tiny_model
 
     path = write_tiny_model("qwen2_5_vl", root, "tiny", seed=1)
     cfg_file = os.path.join(path, "config.json")
@@ -64,7 +64,7 @@ def small128_checkpoint(root: str) -> str:
     for name in os.listdir(path):
         if name.endswith(".safetensors"):
             os.remove(os.path.join(path, name))
-    _save_weights(random_state_dict(AutoConfig.from_pretrained(path), 1, "cpu", torch.bfloat16), path)
+    save_weights(random_state_dict(AutoConfig.from_pretrained(path), 1, "cpu", torch.bfloat16), path)
     return path
 
 

@@ -183,11 +183,11 @@ def test_3b_graph_decode_is_the_same_with_and_without_programmatic_dependent_lau
 
 
 def test_vision_fast_blocks_match_transformers_tower(engine_3b):
-    from epd.models.vision import VisionTower
+    from epd.models.qwen2_vl.vision import VisionTower
 
     core = engine_3b.core
     ref = VisionTower(core.model_config, core.device, core.dtype, attention="sdpa")  # transformers' own path
-    from epd.models.vision_blocks import FastVisionBlock
+    from epd.models.qwen2_vl.vision_blocks import FastVisionBlock
 
     assert ref.module.config._attn_implementation == "sdpa" and not ref.fast_blocks
     assert core.vision.fast_blocks and all(isinstance(b, FastVisionBlock) for b in core.vision.module.blocks)
@@ -204,7 +204,7 @@ def test_pixel_values_built_on_the_gpu_equal_the_cpu_ones(small128):
     """The vision tower's input made on the GPU (8-bit images copied, resized with Pillow's bicubic
     arithmetic, cut into patches and looked up there) is the CPU's (Pillow's resize), bit for bit,
     for a batch with an RGB and a grayscale image."""
-    from epd.image_processor import ImageProcessor, pixel_values
+    from epd.models.qwen2_vl.image_processor import ImageProcessor, pixel_values
 
     images = [noise_image(640, 480, seed=1), noise_image(300, 200, seed=2).convert("L"), noise_image(1280, 720, seed=3)]
     pre = ImageProcessor(small128, 2).preprocess_many(images)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 from support import IMAGE, chat_prompt, hf_generate, noise_image
 
 from epd import Engine
@@ -57,7 +56,7 @@ def test_precomputed_embeddings_match_pixels(engine):
     items = []
     for img in images:
         pre = proc.preprocess(img)
-        emb = engine.core.vision.encode(pre.pixel_values, torch.tensor([pre.grid_thw]))[0]
+        emb = engine.core.vision.encode([pre])[0]
         items.append({"modality": "IMAGE", "image_grid_thw": pre.grid_thw, "precomputed_embeddings": emb})
     ids = engine.tokenizer.encode(prompt, add_special_tokens=False)
     from_embeddings = engine.generate(input_ids=ids, image_data=items, sampling_params=GREEDY)

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-from epd.image_processor import ImageProcessor, pixel_values
+from epd.models.qwen2_vl.image_processor import ImageProcessor, pixel_values
 
 SIZES = [(1280, 720), (640, 480), (37, 91), (4, 4), (3, 200), (28, 28), (1001, 77), (56, 3000), (2000, 2000)]
 

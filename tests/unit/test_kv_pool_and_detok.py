@@ -92,7 +92,7 @@ def test_tiny_model_cli_writes_a_complete_checkpoint(tmp_path):
 
 
 def test_full_size_preset_config_has_real_dimensions():
-    from epd.models.tiny_model import build_config
+    from epd.models.qwen2_vl.tiny import build_config
 
     cfg = build_config("qwen2_5_vl", "7b", 151643)
     assert (cfg["hidden_size"], cfg["num_hidden_layers"], cfg["num_key_value_heads"]) == (3584, 28, 4)

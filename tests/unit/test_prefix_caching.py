@@ -85,7 +85,7 @@ def test_images_are_part_of_the_prefix(engine, tiny_models):
     cat, dog = noise_image(48, 40, seed=1), noise_image(48, 40, seed=2)   # same size, other pixels
     tower, encoded = engine.core.vision, []
     encode = tower.encode
-    tower.encode = lambda pixels, grids: encoded.append(len(grids)) or encode(pixels, grids)   # counts, then runs
+    tower.encode = lambda images: encoded.append(len(images)) or encode(images)   # counts, then runs
     try:
         first, ids = _run(engine, prompt, [cat], logprobs=True)
         again, _ = _run(engine, prompt, [cat], logprobs=True)

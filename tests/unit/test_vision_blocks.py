@@ -11,17 +11,17 @@ import torch
 import torch.nn.functional as F
 
 from epd.config import ModelConfig
-from epd.models.vision import _vision_class
-from epd.models.vision_blocks import FastVisionBlock, PaddedGatedMLP, install_fast_blocks
+from epd.models.qwen2_vl.vision import vision_class
+from epd.models.qwen2_vl.vision_blocks import FastVisionBlock, PaddedGatedMLP, install_fast_blocks
 
 
 def _tower(path: str, inter: int | None) -> tuple[torch.nn.Module, ModelConfig]:
     cfg = ModelConfig.from_pretrained(path)
-    vc = cfg.hf_config.vision_config
+    vc = cfg.family.hf.vision_config
     if inter is not None:                       # a size that is not a multiple of 8, like 3,420
         vc.intermediate_size = inter
     torch.manual_seed(0)
-    module = _vision_class(cfg.arch)._from_config(vc, dtype=torch.float32).eval()
+    module = vision_class(cfg.model_type)._from_config(vc, dtype=torch.float32).eval()
     for name, p in module.named_parameters():  # every block's parts matter to the output
         torch.nn.init.normal_(p, std=0.05 if name.startswith("patch_embed") else 0.2)
     return module, cfg
@@ -36,7 +36,7 @@ def test_fast_blocks_give_transformers_tower_output(tiny_models, arch, inter):
     if arch == "qwen2_5_vl":
         assert all(isinstance(b.mlp, PaddedGatedMLP) for b in fast.blocks)
         assert fast.blocks[0].mlp.down_weight.shape[1] == 64
-    vc = cfg.hf_config.vision_config
+    vc = cfg.family.hf.vision_config
     grid = torch.tensor([[1, 20, 36], [1, 8, 12]])                   # windows of several sizes
     pixels = torch.randn(int(grid.prod(-1).sum()), vc.in_channels * vc.temporal_patch_size * vc.patch_size**2,
                          generator=torch.Generator().manual_seed(1))

@@ -26,7 +26,8 @@ from epd.engine.attention.base import StepMetadata  # noqa: E402
 from epd.engine.attention.torch_backend import TorchAttentionBackend  # noqa: E402
 from epd.kernels import decode_gemv as g  # noqa: E402
 from epd.kernels import fused_ops as fo  # noqa: E402
-from epd.models.qwen2_vl_text import Qwen2VLLanguageModel  # noqa: E402
+from epd.layers.decoder import DecoderLM  # noqa: E402
+from epd.models.qwen2_vl.mrope import MRotaryEmbedding  # noqa: E402
 
 F16 = torch.float16
 
@@ -61,7 +62,7 @@ class _ModelWritesKV(TorchAttentionBackend):
         return super().attend(q, k, v, kv_cache)
 
 
-def _steps(model: Qwen2VLLanguageModel, gemv: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _steps(model: DecoderLM, gemv: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """A 5-token prefill and three decode steps (every step <= 8 rows: the GEMV path when `gemv`)."""
     g.MAX_ROWS = 8 if gemv else 0
     caches = [torch.zeros(4, 2, 4, 2, 32, dtype=F16) for _ in model.language_model.layers]
@@ -79,9 +80,9 @@ def model() -> None:
     """The decoder with fused q/k/v and gate/up on the GEMV path, against itself and against the
     unfused modules on torch's matmuls, to fp16 rounding (head_dim 32)."""
     cfg = TextConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
-                     num_kv_heads=2, head_dim=32, rms_norm_eps=1e-6, rope_theta=10000.0, mrope_section=(4, 6, 6),
-                     max_position_embeddings=64, tie_word_embeddings=False)
-    lm = Qwen2VLLanguageModel(cfg).to(F16)
+                     num_kv_heads=2, head_dim=32, rms_norm_eps=1e-6, rope_theta=10000.0,
+                     max_position_embeddings=64, tie_word_embeddings=False, qkv_bias=True)
+    lm = DecoderLM(cfg, MRotaryEmbedding(32, 10000.0, (4, 6, 6)), position_rows=3).to(F16)
     for p in lm.parameters():
         p.data.normal_(0, 0.3)
     plain = copy.deepcopy(lm)

@@ -1,7 +1,7 @@
 """Vision tower glue: the checkpoint's own `transformers` vision module, loaded with our loader.
 
-`VisionTower.encode(pixel_values, grid_thw)` runs a batch of images (patches of all images
-concatenated, as the Qwen2-VL family expects) and returns one embedding tensor per image,
+`VisionTower.encode(images)` runs a batch of preprocessed images (`encode_pixels`: patches of all
+images concatenated, as the Qwen2-VL family expects) and returns one embedding tensor per image,
 `[tokens_i, text_hidden]`, where tokens_i = t * h * w / merge**2.
 
 The tower's per-forward metadata (rotary position ids, attention segment boundaries and their
@@ -19,13 +19,13 @@ from typing import Any
 
 import torch
 
-from epd.config import ModelConfig
-from epd.models.vision_blocks import fast_blocks_available, install_fast_blocks, longest_segment
-from epd.models.weights import iter_weights, load_into
+from epd.models.qwen2_vl.image_processor import PreprocessedImage, pixel_values
+from epd.models.qwen2_vl.vision_blocks import fast_blocks_available, install_fast_blocks, longest_segment
+from epd.models.weights import load_into
 
 
-def _vision_class(arch: str):
-    if arch == "qwen2_vl":
+def vision_class(model_type: str):
+    if model_type == "qwen2_vl":
         from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
 
         return Qwen2VisionTransformerPretrainedModel
@@ -35,31 +35,35 @@ def _vision_class(arch: str):
 
 
 class VisionTower:
-    def __init__(self, config: ModelConfig, device: torch.device | str, dtype: torch.dtype,
+    def __init__(self, family: Any, device: torch.device | str, dtype: torch.dtype,
                  attention: str = "auto") -> None:
-        """attention: "auto" = our GPU blocks (`vision_blocks`: fused kernels, varlen flash
-        attention) where they run (GPU, bf16/fp16), else transformers' blocks with SDPA;
-        "sdpa" = transformers' own blocks (the reference)."""
-        cls = _vision_class(config.arch)
-        vcfg = config.hf_config.vision_config
+        """family: the checkpoint's `QwenVLFamily`. attention: "auto" = our GPU blocks
+        (`vision_blocks`: fused kernels, varlen flash attention) where they run (GPU, bf16/fp16),
+        else transformers' blocks with SDPA; "sdpa" = transformers' own blocks (the reference)."""
+        cls = vision_class(family.model_type)
+        vcfg = family.hf.vision_config
         vcfg._attn_implementation = "sdpa"
         from transformers.initialization import no_init_weights
 
         with no_init_weights(), torch.device(device):  # weights come from the checkpoint below
             module = cls._from_config(vcfg, dtype=dtype)
-        load_into(module, iter_weights(config.model_path, "visual."), strip="visual.")
+        load_into(module, family.weights("vision."), strip="vision.")
         self.module = module.eval()
         self.device = torch.device(device)
         self.fast_blocks = attention == "auto" and fast_blocks_available(self.device, dtype)
         if self.fast_blocks:
             install_fast_blocks(self.module)
         self.dtype = dtype
-        self.merge = config.spatial_merge_size
-        self.windowed = config.arch != "qwen2_vl"      # Qwen2.5-VL's window attention
+        self.merge = family.merge
+        self.windowed = family.model_type != "qwen2_vl"      # Qwen2.5-VL's window attention
         self._metadata: OrderedDict[tuple, dict[str, Any]] = OrderedDict()
 
+    def encode(self, images: list[PreprocessedImage]) -> list[torch.Tensor]:
+        """Preprocessed images -> per-image embeddings [tokens_i, text_hidden], one forward."""
+        return self.encode_pixels(pixel_values(images, self.device), torch.tensor([im.grid_thw for im in images]))
+
     @torch.inference_mode()
-    def encode(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> list[torch.Tensor]:
+    def encode_pixels(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> list[torch.Tensor]:
         """pixel_values: [num_patches, C*T*P*P], grid_thw: [num_images, 3] -> per-image embeddings."""
         out = self.module(pixel_values.to(self.device, self.dtype), grid_thw=grid_thw.to(self.device),
                           **self.metadata(grid_thw))

@@ -1,4 +1,4 @@
-"""Image preprocessing for the Qwen2-VL family, equal to transformers' slow (PIL/numpy) processor.
+"""Image preprocessing for the Qwen2-VL family, equal to transformers' PIL/numpy processor.
 
 `ImageProcessor.preprocess(img)` resizes to multiples of patch*merge within the checkpoint's
 min/max pixel bounds and returns the image with its (t, h, w) patch grid; the number of LM tokens
@@ -28,7 +28,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from epd.media.loading import content_hash
 from epd.media.pil_resize import bicubic_resize, matches_pillow
+from epd.models.family import ImageLayout
 
 _BICUBIC = 3   # PIL's (and transformers') value for bicubic resampling
 
@@ -50,6 +52,17 @@ class PreprocessedImage:
     num_tokens: int
     spec: PatchSpec | None = None
     resize_to: tuple[int, int] | None = None   # (height, width) it is resized to in pixel_values
+
+    @property
+    def layout(self) -> ImageLayout:
+        return ImageLayout(self.num_tokens, tuple(self.grid_thw))
+
+    def content_key(self) -> str:
+        """The encoder input's identity (its pixels, grid and pending resize): equal pixels give
+        equal vision embeddings, so equal keys (prefix caching)."""
+        data = self.data.contiguous()
+        header = f"pixels:{tuple(self.grid_thw)}:{self.resize_to}:{tuple(data.shape)}:{data.dtype}:"
+        return content_hash(header, data.numpy())
 
     @property
     def pixel_values(self) -> torch.Tensor:
@@ -124,6 +137,10 @@ class ImageProcessor:
         """The (t, h, w) patch grid `preprocess` would produce, from the size alone (cheap)."""
         h, w = self.resized_size(image)
         return 1, h // self._proc.patch_size, w // self._proc.patch_size
+
+    def layout(self, image: Image.Image) -> ImageLayout:
+        grid = self.grid_for(image)
+        return ImageLayout(grid[0] * grid[1] * grid[2] // self.merge**2, grid)
 
     def preprocess_many(self, images: list[Image.Image]) -> list[PreprocessedImage]:
         """`preprocess` of each image, in order; several images run on a few threads (the PIL

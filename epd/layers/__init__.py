@@ -1,0 +1,1 @@
+"""Layers every family's language model shares: norms, rotary embeddings, attention, gated MLP."""
