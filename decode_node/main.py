@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from decode_node.service import DecodeService
+from epd.config import load_tokenizer
 from epd.engine.engine_core import EngineConfig, EngineCore
 from epd.node.runtime import NodeArgs, NodeRuntime, kv_layout_of, run_node, setup_logging
 from kv_transfer.cuda_ipc import ipc_capability
@@ -10,16 +11,14 @@ from kv_transfer.rooms import RoomStore
 
 
 def main(argv: list[str] | None = None) -> int:
-    from transformers import AutoTokenizer
-
     args = NodeArgs.from_cli("decode", argv)
     setup_logging(args.log_level)
-    core = EngineCore(EngineConfig(model_path=args.model, load_vision=False, **args.engine_kwargs()),
-                      AutoTokenizer.from_pretrained(args.model))
+    core = EngineCore(EngineConfig(model_path=args.model, load_vision=False, **args.engine),
+                      load_tokenizer(args.model))
     layout = kv_layout_of(core)
     service = DecodeService(core, layout, args.kv_timeout)
     runtime = NodeRuntime(args, str(core.device), layout, capacity=core.kv.pool.capacity,
-                          kv_ipc=ipc_capability(core.device, core.kv.spec.page_size))
+                          kv_ipc=ipc_capability(core.device, core.kv.spec.page_size), max_context=core.max_context)
     service.runtime = runtime
     service.rooms = RoomStore(runtime.redis)
     run_node(runtime, service)

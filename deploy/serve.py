@@ -1,9 +1,10 @@
 """`epd serve`: the whole system on one machine with one command.
 
     epd serve --model DIR|tiny-random [--encoders N --prefills N --decodes N] [--port 8000]
-              [--host 127.0.0.1] [--redis-url URL] [--device cpu|cuda] [router options...]
+              [--host 127.0.0.1] [--redis-url URL] [--device cpu|cuda] [engine flags, given to
+              every node: --max-model-len N --dtype ...] [router options...]
 
-Lifecycle: resolve the model (`tiny-random` builds a tiny Qwen2.5-VL checkpoint into
+Lifecycle: resolve the model (`tiny-random` / `tiny-random-ARCH` builds a tiny checkpoint into
 ~/.cache/epd once) -> start a private Redis unless --redis-url is given -> start the node
 processes and wait until each has registered -> start the router and wait for /health ->
 print the URL -> on Ctrl-C / SIGTERM stop the router, the nodes, then Redis (children also
@@ -24,24 +25,36 @@ import httpx
 
 from deploy.procs import Cluster, die_with_parent
 from deploy.redis_proc import PrivateRedis, free_port
+from epd.engine.engine_args import engine_flags
 
-TINY_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "epd", "tiny-random-qwen2_5_vl")
+TINY_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "epd")
+TINY_DEFAULT = "qwen2_5_vl"
 
 
 def resolve_model(model: str) -> str:
-    if model != "tiny-random":
+    """A checkpoint directory as given; `tiny-random` (Qwen2.5-VL) or `tiny-random-ARCH` (any
+    registered architecture) is a tiny random checkpoint, built into ~/.cache/epd once."""
+    if model != "tiny-random" and not model.startswith("tiny-random-"):
         return model
-    if not os.path.isfile(os.path.join(TINY_CACHE, "model.safetensors")):
+    from epd.models import tiny_archs
+
+    arch = model.removeprefix("tiny-random").removeprefix("-") or TINY_DEFAULT
+    if arch not in tiny_archs():
+        raise ValueError(f"--model {model}: no architecture {arch!r} (tiny-random-ARCH, ARCH one of "
+                         f"{', '.join(tiny_archs())})")
+    path = os.path.join(TINY_CACHE, f"tiny-random-{arch}")
+    if not os.path.isfile(os.path.join(path, "model.safetensors")):
         from epd.models.tiny_model import write_tiny_model
 
-        print(f"building a tiny random Qwen2.5-VL checkpoint in {TINY_CACHE}", flush=True)
-        write_tiny_model("qwen2_5_vl", TINY_CACHE)
-    return TINY_CACHE
+        print(f"building a tiny random {arch} checkpoint in {path}", flush=True)
+        write_tiny_model(arch, path)
+    return path
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     ap = argparse.ArgumentParser(prog="epd serve", description="run router + encoder/prefill/decode pools locally")
-    ap.add_argument("--model", required=True, help="HF checkpoint directory, or tiny-random")
+    ap.add_argument("--model", required=True, help="HF checkpoint directory, or tiny-random (Qwen2.5-VL) / "
+                    "tiny-random-ARCH (a tiny random checkpoint of any supported architecture)")
     ap.add_argument("--encoders", type=int, default=1)
     ap.add_argument("--prefills", type=int, default=1)
     ap.add_argument("--decodes", type=int, default=1)
@@ -52,7 +65,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     ap.add_argument("--node-args", default="", help="extra arguments for every node, as one string")
     ap.add_argument("--log-dir", default=None)
     ap.add_argument("--ready-timeout", type=float, default=600.0)
-    return ap.parse_known_args(argv)   # unknown args go to the router
+    return ap.parse_known_args(argv)   # engine flags go to the nodes, the rest to the router
 
 
 def _wait_http(url: str, proc: subprocess.Popen, timeout_s: float) -> None:
@@ -70,13 +83,18 @@ def _wait_http(url: str, proc: subprocess.Popen, timeout_s: float) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args, router_args = parse_args(argv)
+    args, rest = parse_args(argv)
+    engine_args, router_args = engine_flags(rest)
     t0 = time.monotonic()
-    model = resolve_model(args.model)
+    try:
+        model = resolve_model(args.model)
+    except ValueError as e:
+        print(f"epd serve: {e}", file=sys.stderr)
+        return 2
     log_dir = args.log_dir or tempfile.mkdtemp(prefix="epd-logs-")
     redis = None if args.redis_url else PrivateRedis().start()
     redis_url = args.redis_url or redis.url
-    cluster = Cluster(model, redis_url, log_dir, device=args.device, common_args=args.node_args.split())
+    cluster = Cluster(model, redis_url, log_dir, device=args.device, common_args=engine_args + args.node_args.split())
     router: subprocess.Popen | None = None
     stopping = {"flag": False}
 

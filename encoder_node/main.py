@@ -12,7 +12,7 @@ def main(argv: list[str] | None = None) -> int:
     args = NodeArgs.from_cli("encoder", argv)
     setup_logging(args.log_level)
     config = ModelConfig.from_pretrained(args.model)
-    engine_cfg = EngineConfig(model_path=args.model, device=args.device, dtype=args.dtype)
+    engine_cfg = EngineConfig(model_path=args.model, device=args.engine["device"], dtype=args.engine["dtype"])
     device = engine_cfg.resolved_device()
     service = EncoderService(config, str(device), engine_cfg.resolved_dtype(config))
     runtime = NodeRuntime(args, str(device), layout=None, capacity=service.max_batch_images)

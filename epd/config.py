@@ -8,6 +8,7 @@ config, and asks `ModelConfig.family` for what differs between families.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from dataclasses import dataclass, field
@@ -70,6 +71,12 @@ class ModelConfig:
 
     @classmethod
     def from_pretrained(cls, path: str) -> ModelConfig:
+        """The checkpoint's config, read once per process (the router's front and its backend, or
+        several engines in one test process, share it)."""
+        return _model_config(os.path.abspath(path))
+
+    @classmethod
+    def read(cls, path: str) -> ModelConfig:
         from transformers import AutoConfig
 
         from epd.models import family_class
@@ -90,6 +97,19 @@ class ModelConfig:
             dtype=parse_dtype(raw.get("torch_dtype") or raw.get("dtype") or "bfloat16"),
             family=family,
         )
+
+
+@functools.lru_cache(maxsize=8)
+def _model_config(path: str) -> ModelConfig:
+    return ModelConfig.read(path)
+
+
+@functools.lru_cache(maxsize=8)
+def load_tokenizer(path: str) -> Any:
+    """The checkpoint's tokenizer, loaded once per process."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
 
 
 def text_config(tc: Any, raw: dict, qkv_bias: bool) -> TextConfig:
@@ -127,15 +147,3 @@ def eos_ids(path: str, tc: Any) -> tuple[int, ...]:
     if eos is None:
         return ()
     return tuple(eos) if isinstance(eos, list | tuple) else (int(eos),)
-
-
-def add_engine_switches(ap: Any, scope: str = "", caching_scope: str | None = None) -> None:
-    """The command-line flags for `EngineConfig`'s switches, for the processes that run an engine
-    (the router's local backend, the nodes); `scope` / `caching_scope` start their help texts
-    (which of the process's modes the flag is for)."""
-    ap.add_argument("--disable-overlap-schedule", action="store_true",
-                    help=f"{scope}read each step's tokens before scheduling the next (default: each step is "
-                         "launched while the step before still runs, see README)")
-    ap.add_argument("--disable-prefix-caching", action="store_true",
-                    help=f"{scope if caching_scope is None else caching_scope}compute every prompt in full "
-                         "(default: a prompt whose prefix is cached takes those KV pages, see README)")

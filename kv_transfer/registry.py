@@ -52,6 +52,7 @@ class NodeInfo:
     started_at: float = 0.0  # unix time
     heartbeat_at: float = 0.0  # unix time of the last write
     kv_ipc: str = ""  # "host-key/page-size" when KV pages can be copied through CUDA IPC, else ""
+    max_context: int = 0  # prompt + output tokens a request may have here (prefill, decode); 0 = unknown
 
     def to_fields(self) -> dict[str, str]:
         return {f.name: str(getattr(self, f.name)) for f in dataclasses.fields(self)}

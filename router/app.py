@@ -53,8 +53,9 @@ class Router:
     def __init__(self, backend: Backend, settings: RouterSettings, prompts: PromptBuilder | None = None) -> None:
         self.backend = backend
         self.settings = settings
-        self.prompts = prompts or PromptBuilder(settings.model_path, backend.max_context, settings.chat_template,
-                                                settings.allowed_local_media_path, settings.media_limits)
+        self.prompts = prompts or PromptBuilder(settings.model_path, lambda: backend.max_context,
+                                                settings.chat_template, settings.allowed_local_media_path,
+                                                settings.media_limits)
         self.metrics = RouterMetrics(settings.served_model_name)
         self.token_text = {as_ids: TokenText(self.prompts.tokenizer, as_ids) for as_ids in (False, True)}
         self.started = int(time.time())
@@ -127,6 +128,8 @@ class Router:
             name = _OPENAI_PARAM.get(e.param or "", e.param)
             if name == "max_tokens":
                 name = field
+            elif name == "top_logprobs" and isinstance(body, CompletionRequest):
+                name = "logprobs"
             message = str(e)
             if e.param and message.startswith(e.param):
                 message = f"{name}{message[len(e.param):]}"
@@ -137,7 +140,7 @@ class Router:
         """Run the request's choices (one backend request each) and answer in `fmt`, with the
         body's output options."""
         fmt.include_stop_str, fmt.continuous_usage = body.include_stop_str_in_output, body.continuous_usage
-        breq = BackendRequest(fmt.rid, None, prepared.input_ids, prepared.images, params, time.time())
+        breq = BackendRequest(fmt.rid, None, prepared.input_ids, prepared.images, params, time.time(), prepared.inp)
         return await respond(request, self.backend, choice_requests(breq, body.n), fmt, timer, body.stream,
                              body.include_usage)
 

@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from epd.engine.inputs import ProcessedInput
 from epd.engine.sampling import SamplingParams
 
 
@@ -41,6 +42,8 @@ class BackendRequest:
     images: list[Any]                      # PIL images, in placeholder order
     params: SamplingParams
     arrival_time: float = 0.0
+    inp: ProcessedInput | None = None      # the router's processing of the above (tokenized, expanded,
+                                           # image layouts): used as is, never redone
 
 
 @dataclass

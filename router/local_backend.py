@@ -3,8 +3,9 @@
 The core is not thread-safe, so ONE background thread (the engine thread) owns it. A request's
 lifecycle:
 
-1. `generate()` (event loop) processes the input in a worker thread (tokenize, load and
-   preprocess the images, expand the placeholders); an `InputError` becomes a 400 `BackendError`.
+1. `generate()` (event loop) preprocesses the images of the router's processed input (or, for a
+   bare request, processes it: tokenize, load and preprocess the images, expand the placeholders)
+   in a worker thread; an `InputError` becomes a 400 `BackendError`.
 2. It posts `_Add` on the command queue and waits on the request's own asyncio queue.
 3. The engine thread applies commands (add / abort / stop), calls `core.step()` while there is
    work, and hands each `TokenEvent` to its request's queue with `loop.call_soon_threadsafe`.
@@ -23,6 +24,8 @@ encode_ms is not reported), decode_ms (first token -> last token), transfer_ms =
 from __future__ import annotations
 
 import asyncio
+import copy
+import dataclasses
 import logging
 import os
 import queue
@@ -32,6 +35,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from epd.config import load_tokenizer
 from epd.engine.engine_core import EngineConfig, EngineCore
 from epd.engine.inputs import InputError, ProcessedInput
 from epd.engine.request import Request, TokenEvent
@@ -83,10 +87,8 @@ class _Stop:
 
 class LocalBackend:
     def __init__(self, model_path: str, device: str | None = None, **engine_kwargs: Any) -> None:
-        from transformers import AutoTokenizer
-
         self.core = EngineCore(EngineConfig(model_path=model_path, device=device, **engine_kwargs),
-                               AutoTokenizer.from_pretrained(model_path))
+                               load_tokenizer(model_path))
         self.model_name = os.path.basename(os.path.normpath(model_path))
         self.max_context = self.core.max_context
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
@@ -127,6 +129,10 @@ class LocalBackend:
 
     async def _process(self, req: BackendRequest) -> ProcessedInput:
         def work() -> ProcessedInput:
+            if req.inp is not None:   # the router's processing; only the pixels are left to do here
+                inp = dataclasses.replace(req.inp, images=[copy.copy(im) for im in req.inp.images])  # per choice
+                self.core.inputs.preprocess(inp.images)
+                return inp
             with self._inputs_lock:
                 return self.core.inputs.process(prompt=req.prompt, input_ids=req.input_ids,
                                                 image_data=req.images or None)

@@ -21,7 +21,7 @@ import sys
 
 import uvicorn
 
-from epd.config import add_engine_switches
+from epd.engine.engine_args import add_engine_args, engine_flags, engine_kwargs
 from router.app import create_app
 from router.backend import Backend
 from router.prompts import PromptBuilder, check_chat_template
@@ -52,12 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="disagg: the node pools in --redis-url (the default when it is given); local: in-process")
     ap.add_argument("--redis-url", default=None, help="disagg: the Redis holding the node pools")
     ap.add_argument("--routing-policy", default="least_load", choices=["least_load", "round_robin"])
-    ap.add_argument("--device", default=None, help="local: cpu or cuda (default: cuda when present)")
-    ap.add_argument("--dtype", default=None, help="local: float32 / bfloat16 / float16")
-    ap.add_argument("--max-model-len", type=int, default=None, help="local: cap on prompt + output tokens")
-    ap.add_argument("--kv-cache-tokens", type=int, default=None, help="local: KV pool size in tokens")
-    ap.add_argument("--max-running-requests", type=int, default=64, help="local: batch size cap")
-    add_engine_switches(ap, scope="local: ")
+    add_engine_args(ap.add_argument_group("engine (--backend local; with disagg only --max-model-len, a cap on "
+                                          "the context the nodes publish)"))
     ap.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return ap
 
@@ -68,16 +64,18 @@ def make_backend(args: argparse.Namespace) -> Backend:
     if kind == "local":
         from router.local_backend import LocalBackend
 
-        return LocalBackend(args.model, device=args.device, dtype=args.dtype, max_model_len=args.max_model_len,
-                            kv_cache_tokens=args.kv_cache_tokens, max_running_requests=args.max_running_requests,
-                            disable_overlap_schedule=args.disable_overlap_schedule,
-                            disable_prefix_caching=args.disable_prefix_caching)
+        return LocalBackend(args.model, **engine_kwargs(args))
     if kind == "disagg":
         if not args.redis_url:
             raise ValueError("--backend disagg needs --redis-url (the Redis the nodes register in)")
+        engine, _ = engine_flags(sys.argv[1:] if args.argv is None else args.argv)
+        ignored = [flag for flag in engine if flag.startswith("--") and flag != "--max-model-len"]
+        if ignored:
+            raise ValueError(f"{', '.join(ignored)}: engine flags for the nodes, not for a router over node pools "
+                             f"(epd serve passes them to its nodes)")
         from router.pipeline import DisaggBackend
 
-        return DisaggBackend(args.model, args.redis_url, policy=args.routing_policy)
+        return DisaggBackend(args.model, args.redis_url, policy=args.routing_policy, max_model_len=args.max_model_len)
     raise ValueError(f"unknown backend {kind!r}")
 
 
@@ -94,6 +92,7 @@ async def _serve(server: uvicorn.Server, host: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = argv
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not os.path.isfile(os.path.join(args.model, "config.json")):
         print(f"epd router: --model {args.model!r} is not a checkpoint directory (no config.json)", file=sys.stderr)
@@ -105,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as e:   # ChatTemplateError is a ValueError
         print(f"epd router: {e}", file=sys.stderr)
         return 2
-    prompts = PromptBuilder(settings.model_path, backend.max_context, settings.chat_template,
+    prompts = PromptBuilder(settings.model_path, lambda: backend.max_context, settings.chat_template,
                             settings.allowed_local_media_path, settings.media_limits)
     app = create_app(backend, settings, prompts)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, timeout_keep_alive=30,

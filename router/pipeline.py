@@ -22,7 +22,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from epd import protocol
-from epd.config import ModelConfig
+from epd.config import ModelConfig, load_tokenizer
 from epd.engine.inputs import InputProcessor, ProcessedInput
 from kv_transfer.layout import KVLayout, LayoutMismatchError
 from kv_transfer.redis_util import connect
@@ -56,14 +56,13 @@ class Flight:
 
 class DisaggBackend:
     def __init__(self, model_path: str, redis_url: str, policy: str = "least_load",
-                 refresh_s: float = 0.5, request_timeout_s: float = 600.0) -> None:
-        from transformers import AutoTokenizer
-
+                 refresh_s: float = 0.5, request_timeout_s: float = 600.0, max_model_len: int | None = None) -> None:
         self.config = ModelConfig.from_pretrained(model_path)
-        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self.tokenizer = load_tokenizer(model_path)
         self.model_name = os.path.basename(os.path.normpath(model_path))
-        self.max_context = self.config.text.max_position_embeddings
-        self.inputs = InputProcessor(self.config, self.tokenizer, self.max_context, with_pixels=False)
+        self.max_model_len = max_model_len
+        # the context is checked where the request is prepared (router.prompts) and again by the nodes
+        self.inputs = InputProcessor(self.config, self.tokenizer, 1 << 62, with_pixels=False)
         self.redis = connect(redis_url)
         self.pool = PoolView(self.redis, policy)
         self.rooms = RoomStore(self.redis)
@@ -74,6 +73,14 @@ class DisaggBackend:
         self.inflight: dict[str, Flight] = {}
         self.node_reports: dict[str, NodeReport] = {}
         self._refresher: asyncio.Task | None = None
+
+    @property
+    def max_context(self) -> int:
+        """The smallest context the prefill and decode nodes publish (the model's before any has
+        registered), within --max-model-len."""
+        published = [n.max_context for role in ("prefill", "decode") for n in self.pool.nodes[role].values()
+                     if n.max_context > 0] or [self.config.text.max_position_embeddings]
+        return min(published + ([self.max_model_len] if self.max_model_len else []))
 
     # ---- lifecycle --------------------------------------------------------------------------
     async def start(self) -> None:
@@ -138,8 +145,10 @@ class DisaggBackend:
         await self.start()
         received = time.monotonic()
         try:
-            inp = await asyncio.to_thread(self.inputs.process, prompt=req.prompt, input_ids=req.input_ids,
-                                          image_data=req.images or None)
+            inp = req.inp or await asyncio.to_thread(self.inputs.process, prompt=req.prompt,
+                                                     input_ids=req.input_ids, image_data=req.images or None)
+            if inp.images:   # what the encoder is sent: each image's pixels and content hash, made once
+                await asyncio.to_thread(self.inputs.attach_sources, inp.images)
         except ValueError as e:
             raise BackendError(str(e), 400, getattr(e, "param", None)) from None
         flight = await self._plan(req.rid, inp)

@@ -6,17 +6,18 @@ Lifecycle of a chat request in `PromptBuilder.chat`:
    unless under `--allowed-local-media-path`, link-local / metadata hosts refused); the first
    failure cancels the other fetches and becomes a 400 naming the message part;
 3. tokenize and expand each image placeholder to the image's token count (the layout comes from
-   the image size alone; pixels are left to the backend), in a worker thread;
+   the image size alone; pixels are left to the backend), in a worker thread: the request's
+   `ProcessedInput`, which the backend takes as it is (nothing is tokenized twice);
 4. check the context: a prompt that leaves no room, or prompt + max_tokens over the context, is
    a 400 with vLLM's wording; an absent max_tokens becomes the remaining context.
-A text completion skips steps 1-2. The result carries expanded ids, which every backend accepts
-as they are (an expanded prompt is recognised by its placeholder runs).
+A text completion skips steps 1-2.
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,8 +25,8 @@ import httpx
 from PIL import Image
 
 from epd.chat.conversation import ChatTemplateError, ImageRef, render_messages
-from epd.config import ModelConfig
-from epd.engine.inputs import InputProcessor, outside_vocabulary
+from epd.config import ModelConfig, load_tokenizer
+from epd.engine.inputs import InputProcessor, ProcessedInput, outside_vocabulary
 from epd.media.loading import MediaError, MediaLimits, aload_image
 from router.openai_format import APIError
 
@@ -35,34 +36,42 @@ _UNLIMITED = 1 << 62     # the context check is done here, with the client-facin
 def check_chat_template(model_path: str, template: str | None) -> None:
     """Render a one-message chat, so a bad --chat-template fails at start-up (before the model
     loads), not on every request. Raises ChatTemplateError."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    tokenizer = load_tokenizer(model_path)
     render_messages([{"role": "user", "content": "hi"}], tokenizer=tokenizer, template=template)
 
 
 @dataclass(frozen=True)
 class Prepared:
-    input_ids: list[int]
+    inp: ProcessedInput              # tokenized, expanded, image layouts: what the backend runs
     images: list[Image.Image]
-    image_tokens: int
     stop: tuple[str, ...] = ()       # stop strings of a built-in chat template
+
+    @property
+    def input_ids(self) -> list[int]:
+        return self.inp.input_ids
+
+    @property
+    def image_tokens(self) -> int:
+        return sum(im.num_tokens for im in self.inp.images)
 
 
 class PromptBuilder:
-    def __init__(self, model_path: str, max_context: int, chat_template: str | None = None,
+    def __init__(self, model_path: str, max_context: int | Callable[[], int], chat_template: str | None = None,
                  allowed_local_media_path: str | None = None, media_limits: MediaLimits | None = None) -> None:
-        from transformers import AutoTokenizer
-
-        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self.tokenizer = load_tokenizer(model_path)
         self.config = ModelConfig.from_pretrained(model_path)
-        self.max_context = max_context
+        self._max_context = max_context
         self.chat_template = chat_template
         self.allowed_dir = allowed_local_media_path
         self.limits = media_limits or MediaLimits()
         self.inputs = InputProcessor(self.config, self.tokenizer, _UNLIMITED, with_pixels=False, image_keys=False)
         self._lock = threading.Lock()      # one tokenizer, several worker threads
         self._http: httpx.AsyncClient | None = None
+
+    @property
+    def max_context(self) -> int:
+        """The backend's context now (over node pools: the smallest the nodes publish)."""
+        return self._max_context() if callable(self._max_context) else self._max_context
 
     async def close(self) -> None:
         if self._http is not None:
@@ -77,17 +86,17 @@ class PromptBuilder:
         except ChatTemplateError as e:
             raise APIError(400, str(e), e.param) from None
         images = await self._fetch(rendered.images)
-        ids, image_tokens = await asyncio.to_thread(self._tokens, rendered.text, None, images, "messages")
+        inp = await asyncio.to_thread(self._process, rendered.text, None, images, "messages")
         if check_context:
-            self._check_prompt(len(ids), "messages")
-        return Prepared(ids, images, image_tokens, rendered.stop)
+            self._check_prompt(len(inp.input_ids), "messages")
+        return Prepared(inp, images, rendered.stop)
 
     async def completion(self, prompt: str | list[int], check_context: bool = True) -> Prepared:
         text, given = (prompt, None) if isinstance(prompt, str) else (None, list(prompt))
-        ids, _ = await asyncio.to_thread(self._tokens, text, given, [], "prompt")
+        inp = await asyncio.to_thread(self._process, text, given, [], "prompt")
         if check_context:
-            self._check_prompt(len(ids), "prompt")
-        return Prepared(ids, [], 0)
+            self._check_prompt(len(inp.input_ids), "prompt")
+        return Prepared(inp, [])
 
     async def detokenize(self, ids: list[int]) -> str:
         self.check_token_ids(ids, "tokens")
@@ -118,14 +127,13 @@ class PromptBuilder:
         with self._lock:
             return render_messages(messages, tokenizer=self.tokenizer, template=self.chat_template, tools=tools)
 
-    def _tokens(self, text: str | None, ids: list[int] | None, images: list[Image.Image],
-                where: str) -> tuple[list[int], int]:
+    def _process(self, text: str | None, ids: list[int] | None, images: list[Image.Image],
+                 where: str) -> ProcessedInput:
         try:
             with self._lock:
-                inp = self.inputs.process(prompt=text, input_ids=ids, image_data=images or None)
+                return self.inputs.process(prompt=text, input_ids=ids, image_data=images or None)
         except ValueError as e:    # InputError: empty prompt, placeholders vs images, bad token id
             raise APIError(400, f"{where}: {e}", where) from None
-        return inp.input_ids, sum(im.num_tokens for im in inp.images)
 
     def _check_prompt(self, prompt_tokens: int, where: str) -> None:
         if prompt_tokens >= self.max_context:

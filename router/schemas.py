@@ -39,23 +39,24 @@ class _SamplingFields(BaseModel):
 
     model: str | None = None
     max_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0.0)
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    # sampling bounds are checked once, by epd.engine.sampling.SamplingParams (a 400 naming the field)
+    temperature: float | None = None
+    top_p: float | None = None
     n: int = Field(1, ge=1, le=128)
     stop: str | list[str] | None = None
     seed: int | None = Field(None, **_SEED_RANGE)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
     logit_bias: dict[str, float] | None = None   # token id (a JSON key, so a string) -> bias in [-100, 100]
     response_format: dict[str, Any] | None = None   # text, json_object or json_schema (epd.engine.structured)
     # extensions (vLLM / SGLang names)
     top_k: int | None = None
-    min_p: float | None = Field(None, ge=0.0, le=1.0)
-    repetition_penalty: float | None = Field(None, gt=0.0)
+    min_p: float | None = None
+    repetition_penalty: float | None = None
     ignore_eos: bool = False
-    min_tokens: int = Field(0, ge=0)
+    min_tokens: int = 0
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
     return_tokens_as_token_ids: bool = False
@@ -119,7 +120,7 @@ class ChatCompletionRequest(_SamplingFields):
     messages: list[Any]
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
+    top_logprobs: int | None = None
     tools: list[Any] | None = None
     tool_choice: Any = None
     parallel_tool_calls: bool | None = None
@@ -177,7 +178,7 @@ class ChatCompletionRequest(_SamplingFields):
 
 class CompletionRequest(_SamplingFields):
     prompt: str | list[int] | list[str] | list[list[int]]
-    logprobs: int | None = Field(None, ge=0, le=20)
+    logprobs: int | None = None
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = None

@@ -9,16 +9,29 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))  # test helpers (support.py, redis_server.py) import by name
 
-ARCHS = ("qwen2_vl", "qwen2_5_vl")
+# every family's tiny checkpoint; "ARCH:PRESET" names another tiny preset of ARCH
+ARCHS = ("qwen2_vl", "qwen2_5_vl", "llava", "llava_next", "llava_onevision")
+LLAVA_BACKBONES = ("llava_next:tiny-vicuna", "llava_next:tiny-llama3")
+
+
+class TinyModels(dict):
+    """{arch or "arch:preset": checkpoint dir}, each written on first use, once per session."""
+
+    def __init__(self, root) -> None:
+        super().__init__()
+        self.root = root
+
+    def __missing__(self, key: str) -> str:
+        from epd.models.tiny_model import write_tiny_model
+
+        arch, _, preset = key.partition(":")
+        self[key] = write_tiny_model(arch, str(self.root / key.replace(":", "-")), preset or "tiny", seed=0)
+        return self[key]
 
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, str]:
-    """{arch: checkpoint dir}; built lazily, once per session."""
-    from epd.models.tiny_model import write_tiny_model
-
-    root = tmp_path_factory.mktemp("models")
-    return {arch: write_tiny_model(arch, str(root / arch), "tiny", seed=0) for arch in ARCHS}
+    return TinyModels(tmp_path_factory.mktemp("models"))
 
 
 @pytest.fixture(autouse=True)

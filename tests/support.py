@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import functools
+import importlib
 import io
+import json
+import os
 
 import numpy as np
 import torch
@@ -37,11 +40,48 @@ def hf_model(path: str, dtype: torch.dtype = torch.float32):
     return AutoModelForImageTextToText.from_pretrained(path, dtype=dtype).eval()
 
 
-@functools.lru_cache(maxsize=4)
-def hf_image_processor(path: str):
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+# model_type -> transformers' PIL image processor (the reference: no torchvision on the CPU machines)
+_PROCESSORS = {
+    "qwen2_vl": "transformers.models.qwen2_vl.image_processing_pil_qwen2_vl.Qwen2VLImageProcessorPil",
+    "qwen2_5_vl": "transformers.models.qwen2_vl.image_processing_pil_qwen2_vl.Qwen2VLImageProcessorPil",
+    "llava": "transformers.models.llava.image_processing_pil_llava.LlavaImageProcessorPil",
+    "llava_next": "transformers.models.llava_next.image_processing_pil_llava_next.LlavaNextImageProcessorPil",
+    "llava_onevision": "transformers.models.llava_onevision.image_processing_pil_llava_onevision."
+                       "LlavaOnevisionImageProcessorPil",
+}
 
-    return Qwen2VLImageProcessorPil.from_pretrained(path)
+
+def model_type(path: str) -> str:
+    with open(os.path.join(path, "config.json")) as f:
+        return json.load(f)["model_type"]
+
+
+@functools.lru_cache(maxsize=8)
+def hf_image_processor(path: str):
+    module, _, name = _PROCESSORS[model_type(path)].rpartition(".")
+    return getattr(importlib.import_module(module), name).from_pretrained(path)
+
+
+def hf_image_inputs(path: str, images: list[Image.Image], ids: torch.Tensor, image_token_id: int,
+                    dtype: torch.dtype, device: str = "cpu") -> dict:
+    """The keyword arguments transformers' model takes for `images` (its own processor's output)."""
+    feats = hf_image_processor(path)(images=images, return_tensors="pt")
+    kwargs = {"pixel_values": feats["pixel_values"].to(device, dtype)}
+    if "image_grid_thw" in feats:      # Qwen2-VL family
+        kwargs.update(image_grid_thw=feats["image_grid_thw"].to(device),
+                      mm_token_type_ids=(ids == image_token_id).int().to(device))
+    if "image_sizes" in feats:         # LLaVA-NeXT / OneVision
+        kwargs["image_sizes"] = feats["image_sizes"].to(device)
+    return kwargs
+
+
+def family_prompt(tokenizer, *parts: str) -> str:
+    """A one-turn chat rendered with the checkpoint's own template; parts are text or IMAGE, in order."""
+    from epd.chat.conversation import render_messages
+
+    content = [{"type": "image_url", "image_url": {"url": "x"}} if p == IMAGE else {"type": "text", "text": p}
+               for p in parts]
+    return render_messages([{"role": "user", "content": content}], tokenizer=tokenizer).text
 
 
 def hf_generate(path: str, input_ids: list[int], images: list[Image.Image], max_new_tokens: int,
@@ -56,9 +96,7 @@ def hf_generate(path: str, input_ids: list[int], images: list[Image.Image], max_
     ids = torch.tensor([input_ids])
     kwargs = {}
     if images:
-        feats = hf_image_processor(path)(images=images, return_tensors="pt")
-        kwargs = dict(pixel_values=feats["pixel_values"].to(dtype), image_grid_thw=feats["image_grid_thw"],
-                      mm_token_type_ids=(ids == model.config.image_token_id).int())
+        kwargs = hf_image_inputs(path, images, ids, model.config.image_token_id, dtype)
     if logit_bias:
         from transformers import LogitsProcessorList
 

@@ -18,8 +18,11 @@ output is): tokenize them with ``add_special_tokens=False``.
 
 Built-ins follow the models' own templates, with two simplifications: ``llama_3_vision`` leaves out
 the "Cutting Knowledge Date" system block Meta's template adds to image-free chats, and every
-built-in accepts a system message only as the first message. Errors raise ``ChatTemplateError``
-(a ``ValueError``) whose ``param`` names the field, e.g. ``messages[1].content[0].type``.
+built-in accepts a system message only as the first message. ``vicuna_v1.1``, ``chatml-llava`` and
+``llava_llama_3`` render what the llava-hf checkpoints' templates (``epd.models.llava.chat_templates``)
+render, plus the BOS text that the HF processor adds as a token (a string content is one text part).
+Errors raise ``ChatTemplateError`` (a ``ValueError``) whose ``param`` names the field, e.g.
+``messages[1].content[0].type``.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from typing import Any
 
 import jinja2
 
-from epd.chat.jinja import render_jinja
+from epd.chat.jinja import reads_typed_parts, render_jinja
 from epd.chat.tools import tool_fields
 
 
@@ -83,6 +86,8 @@ class Conversation:
     system_message: str | None = None  # None: no system turn at all
     stop_str: tuple[str, ...] = ()
     image_token: str = "<image>"  # the text standing for one image before processor expansion
+    text_format: str = "{text}"  # how each text part of a turn is written (LLaVA: "{text} ", "\n{text}")
+    generation_prompt: str | None = None  # what opens the answer; None: the assistant header
     prefix: str = ""  # BOS text, if the model wants one
     images_first: bool = False  # LLaVA: a message's images go before its text
     strip_system: bool = False
@@ -111,7 +116,8 @@ class Conversation:
         """One turn's text from text and image parts (images recorded with ``append_image``)."""
         if self.images_first:
             parts = [p for p in parts if isinstance(p, ImageRef)] + [p for p in parts if isinstance(p, str)]
-        return "".join(p if isinstance(p, str) else self.append_image(p) for p in parts)
+        return "".join(self.text_format.replace("{text}", p) if isinstance(p, str) else self.append_image(p)
+                       for p in parts)
 
     def get_prompt(self) -> str:
         out = [self.prefix]
@@ -122,10 +128,11 @@ class Conversation:
             header = self.roles[0 if role == "user" else 1]
             if content is not None and self.strip_content:
                 content = content.strip()
-            if self.sep_style is SeparatorStyle.TAGGED:
-                out.append(header if content is None else header + content + self.sep)
-            elif content is None:
-                out.append(header + ":")
+            if content is None:
+                opened = header if self.sep_style is SeparatorStyle.TAGGED else header + ":"
+                out.append(opened if self.generation_prompt is None else self.generation_prompt)
+            elif self.sep_style is SeparatorStyle.TAGGED:
+                out.append(header + content + self.sep)
             else:
                 out.append(f"{header}: {content}{self.sep if role == 'user' else self.sep2}")
         return "".join(out)
@@ -149,11 +156,12 @@ class Conversation:
             raise _err("chat_template", f"conversation template has no {exc.args[0]!r}") from exc
         except (TypeError, ValueError) as exc:
             raise _err("chat_template", f"invalid conversation template: {exc}") from exc
-        texts = ("name", "sep", "sep2", "system_template", "image_token", "prefix")
+        texts = ("name", "sep", "sep2", "system_template", "image_token", "prefix", "text_format")
         bad = [k for k in texts if not isinstance(getattr(conv, k), str)]
         bad += [k for k in ("roles", "stop_str") if not all(isinstance(x, str) for x in getattr(conv, k))]
-        if len(conv.roles) != 2 or not isinstance(conv.system_message, str | None):
-            bad.append("roles (two headers) / system_message")
+        bad += [k for k in ("system_message", "generation_prompt") if not isinstance(getattr(conv, k), str | None)]
+        if len(conv.roles) != 2:
+            bad.append("roles (two headers)")
         if bad:
             raise _err("chat_template", f"conversation template {conv.name!r} has invalid {', '.join(bad)}")
         return conv
@@ -189,24 +197,19 @@ _LLAMA3: dict[str, Any] = dict(
     system_template=_header("system") + "{system_message}", strip_system=True,
 )
 _L4 = functools.partial(_header, start="<|header_start|>", end="<|header_end|>")
-_LLAVA_SYSTEM = (
-    "You are a helpful language and vision assistant. You are able to understand the visual content "
-    "that the user provides, and assist the user with a variety of tasks using natural language."
-)
 
 for _conv in (
     Conversation(name="qwen2-vl", **_CHATML, stop_str=("<|im_end|>", "<|endoftext|>"),
                  image_token="<|vision_start|><|image_pad|><|vision_end|>"),
-    Conversation(name="chatml-llava", **_CHATML, stop_str=("<|im_end|>",), image_token="<image>\n",
-                 images_first=True),
-    Conversation(name="llava_llama_3", **_LLAMA3, system_message=_LLAVA_SYSTEM, strip_content=True,
-                 image_token="<image>\n", images_first=True, stop_str=("<|eot_id|>", "<|end_of_text|>")),
-    Conversation(
-        name="vicuna_v1.1", prefix="<s>", roles=("USER", "ASSISTANT"), sep_style=SeparatorStyle.ADD_COLON_TWO,
-        sep=" ", sep2="</s>", stop_str=("</s>",), image_token="<image>\n", images_first=True,
-        system_message="A chat between a curious user and an artificial intelligence assistant. "
-        "The assistant gives helpful, detailed, and polite answers to the user's questions.",
-    ),
+    # The three LLaVA built-ins: llava-hf's templates (no default system turn), the tokenizer's BOS first.
+    Conversation(name="chatml-llava", roles=("<|im_start|>user ", "<|im_start|>assistant "), sep="<|im_end|>",
+                 system_template="<|im_start|>system {system_message}", text_format="\n{text}",
+                 generation_prompt="<|im_start|>assistant\n", images_first=True, stop_str=("<|im_end|>",)),
+    Conversation(name="llava_llama_3", **dict(_LLAMA3, sep="", strip_system=False), text_format="\n{text}<|eot_id|>",
+                 images_first=True, stop_str=("<|eot_id|>", "<|end_of_text|>")),
+    Conversation(name="vicuna_v1.1", prefix="<s>", roles=("USER", "ASSISTANT"), text_format="{text} ",
+                 sep_style=SeparatorStyle.ADD_COLON_TWO, image_token="<image>\n", images_first=True,
+                 stop_str=("</s>",)),
     Conversation(name="llama_3_vision", **_LLAMA3, image_token="<|image|>", system_with_images=False,
                  stop_str=("<|eot_id|>", "<|eom_id|>", "<|end_of_text|>")),
     Conversation(
@@ -251,7 +254,8 @@ def render_messages(
                        "calls; use the model's own chat template or a --chat-template that can")
         text = _render_conversation(source, turns, add_generation_prompt)
         return RenderedPrompt(text, images, source.stop_str)
-    hf_messages = [{"role": t.role, "content": _hf_content(t), **t.extra} for t in turns]
+    typed = reads_typed_parts(source if source is not None else getattr(tokenizer, "chat_template", None))
+    hf_messages = [{"role": t.role, "content": _hf_content(t, typed), **t.extra} for t in turns]
     return RenderedPrompt(_render_jinja(source, hf_messages, tokenizer, add_generation_prompt, tools), images)
 
 
@@ -322,10 +326,10 @@ def _parse_image(part: Mapping[str, Any], kind: str, at: str) -> ImageRef:
     return ImageRef(url, detail or "auto", param)
 
 
-def _hf_content(turn: _Turn) -> str | list[dict[str, str]]:
-    """A turn's content for an HF template: a string, or parts where images are (a tool's text parts
-    joined, as templates print a tool's content as it is)."""
-    if turn.plain or (turn.role == "tool" and all(isinstance(p, str) for p in turn.parts)):
+def _hf_content(turn: _Turn, typed: bool) -> str | list[dict[str, str]]:
+    """A turn's content for an HF template: a string, or parts where images are or the template
+    reads only parts (`typed`); a tool's text parts joined, as templates print a tool's content."""
+    if (turn.plain and not typed) or (turn.role == "tool" and all(isinstance(p, str) for p in turn.parts)):
         return "".join(str(p) for p in turn.parts)
     return [_hf_part(p) for p in turn.parts]
 
@@ -340,7 +344,7 @@ def _render_conversation(conv: Conversation, turns: list[_Turn], add_generation_
         if turn.role != "system":
             conv.append_message(turn.role, conv.format_content(turn.parts))
         elif i == 0:
-            conv.system_message, system_at = "".join(str(p) for p in turn.parts), f"{turn.param}.role"
+            conv.system_message, system_at = conv.format_content(turn.parts), f"{turn.param}.role"
         else:
             raise _err(f"{turn.param}.role", f"template {conv.name!r} takes a system message only first")
     if conv.images and system_at is not None and not conv.system_with_images:

@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+from epd.config import load_tokenizer
 from epd.engine.engine_core import EngineConfig, EngineCore
 from epd.engine.request import Request, TokenEvent
 from epd.engine.sampling import SamplingParams
@@ -25,9 +26,7 @@ from epd.engine.sampling import SamplingParams
 class Engine:
     def __init__(self, model_path: str, chat_template: str | None = None, device: str | None = None,
                  **engine_kwargs: Any) -> None:
-        from transformers import AutoTokenizer
-
-        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self.tokenizer = load_tokenizer(model_path)
         self.chat_template = chat_template
         self.core = EngineCore(EngineConfig(model_path=model_path, device=device, **engine_kwargs), self.tokenizer)
 

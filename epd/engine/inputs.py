@@ -69,7 +69,7 @@ class InputProcessor:
                 image_data: list | None = None) -> ProcessedInput:
         if (prompt is None) == (input_ids is None):
             raise InputError("give exactly one of prompt or input_ids", "prompt")
-        ids = list(input_ids) if input_ids is not None else self.tokenizer.encode(prompt, add_special_tokens=False)
+        ids = list(input_ids) if input_ids is not None else self._tokenize(prompt)
         if not ids:
             raise InputError("the prompt is empty", "prompt")
         items = list(image_data or [])
@@ -84,6 +84,15 @@ class InputProcessor:
             raise InputError(f"prompt is {len(ids)} tokens (text + images); the context is {self.max_context} "
                              f"tokens and at least one must be left to generate", "prompt")
         return build_processed(self.config, ids, images)
+
+    def _tokenize(self, prompt: str) -> list[int]:
+        """A complete prompt's ids (its BOS text included, no special tokens added). A BOS in front
+        is its own token and the rest is tokenized alone, as transformers' processor does (a
+        SentencePiece tokenizer then starts the rest as a new word)."""
+        bos = getattr(self.tokenizer, "bos_token", None)
+        if bos and prompt.startswith(bos):
+            return [self.tokenizer.bos_token_id, *self.tokenizer.encode(prompt[len(bos):], add_special_tokens=False)]
+        return self.tokenizer.encode(prompt, add_special_tokens=False)
 
     def preprocess(self, images: list[ImageInput]) -> None:
         """Preprocess the images that have a source and no pixels or embeddings yet (several on a
@@ -100,11 +109,19 @@ class InputProcessor:
                 im.content_hash = pre.content_key()
 
     def _image(self, image: Image.Image) -> ImageInput:
-        layout = self.image_processor.layout(image)
-        if not self.image_keys or self.with_pixels:
-            return ImageInput(layout, source=image)
-        rgb = image.tobytes()
-        return ImageInput(layout, content_hash=image_content_hash(image, rgb), source=image, source_rgb=rgb)
+        im = ImageInput(self.image_processor.layout(image), source=image)
+        if self.image_keys and not self.with_pixels:
+            self.attach_sources([im])
+        return im
+
+    @staticmethod
+    def attach_sources(images: list[ImageInput]) -> None:
+        """Each image's raw RGB bytes (what an encoder node is sent) and their content hash, where
+        not made yet."""
+        for im in images:
+            if im.source is not None and im.source_rgb is None:
+                im.source_rgb = im.source.tobytes()
+                im.content_hash = image_content_hash(im.source, im.source_rgb)
 
     def _precomputed(self, index: int, item: dict) -> ImageInput:
         modality = str(item.get("modality", "IMAGE")).upper()

@@ -13,6 +13,9 @@ from types import ModuleType
 FAMILIES: dict[str, str] = {
     "qwen2_vl": "epd.models.qwen2_vl",
     "qwen2_5_vl": "epd.models.qwen2_vl",
+    "llava": "epd.models.llava",
+    "llava_next": "epd.models.llava",
+    "llava_onevision": "epd.models.llava",
 }
 
 

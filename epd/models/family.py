@@ -18,7 +18,8 @@ request's `DecodeState`), `precomputed_layout` (embeddings handed in instead of 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -131,8 +132,7 @@ class ModelFamily:
     def expand(self, ids: list[int], layouts: list[ImageLayout]) -> list[int]:
         """Each image placeholder -> `num_tokens` copies; an already expanded prompt is kept."""
         pad = self.image_token_id
-        runs = placeholder_runs(ids, pad)
-        if runs == [lay.num_tokens for lay in layouts]:
+        if image_starts(ids, pad, [lay.num_tokens for lay in layouts]) is not None:
             return ids
         count = sum(1 for t in ids if t == pad)
         if count != len(layouts):
@@ -146,16 +146,11 @@ class ModelFamily:
 
     def check_expanded(self, ids: list[int], layouts: list[ImageLayout]) -> list[int]:
         """Where each image's tokens start in an expanded prompt; InputError when they do not match."""
-        runs = placeholder_runs(ids, self.image_token_id)
-        if runs != [lay.num_tokens for lay in layouts]:
-            raise InputError(f"image placeholder runs {runs} do not match the images' token counts "
-                             f"{[lay.num_tokens for lay in layouts]}", "input_ids")
-        starts, i = [], 0
-        for lay in layouts:
-            while ids[i] != self.image_token_id:
-                i += 1
-            starts.append(i)
-            i += lay.num_tokens
+        counts = [lay.num_tokens for lay in layouts]
+        starts = image_starts(ids, self.image_token_id, counts)
+        if starts is None:
+            raise InputError(f"image placeholder runs {placeholder_runs(ids, self.image_token_id)} do not match "
+                             f"the images' token counts {counts}", "input_ids")
         return starts
 
     def positions(self, ids: list[int], layouts: list[ImageLayout]) -> tuple[torch.Tensor, DecodeState]:
@@ -180,6 +175,37 @@ class ModelFamily:
     @property
     def model_id(self) -> str:
         return os.path.basename(os.path.normpath(self.path))
+
+
+_preprocess_pool: ThreadPoolExecutor | None = None
+
+
+def preprocess_on_threads(preprocess: Callable[[Image.Image], Any], images: list[Image.Image]) -> list[Any]:
+    """`preprocess` of each image, in order; several images run on a few threads, shared by every
+    processor of the process (PIL's resize and numpy's copies let go of the GIL: 4 x 720p
+    167 -> 108 ms on 2 cores, Qwen2-VL)."""
+    global _preprocess_pool
+    if len(images) < 2:
+        return [preprocess(im) for im in images]
+    if _preprocess_pool is None:
+        _preprocess_pool = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1),
+                                              thread_name_prefix="epd-preprocess")
+    return list(_preprocess_pool.map(preprocess, images))
+
+
+def image_starts(ids: list[int], token: int, counts: list[int]) -> list[int] | None:
+    """Where each image starts when the `token`s of `ids` are the images' tokens in order, each
+    image's contiguous (adjacent images may share a run); None when they are not."""
+    where = [i for i, t in enumerate(ids) if t == token]
+    if len(where) != sum(counts):
+        return None
+    starts, k = [], 0
+    for n in counts:
+        if n < 1 or where[k + n - 1] - where[k] != n - 1:
+            return None
+        starts.append(where[k])
+        k += n
+    return starts
 
 
 def placeholder_runs(ids: list[int], token: int) -> list[int]:

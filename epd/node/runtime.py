@@ -30,7 +30,7 @@ from typing import Any, Protocol
 import zmq
 
 from epd import protocol
-from epd.config import add_engine_switches
+from epd.engine.engine_args import add_engine_args, engine_kwargs
 from kv_transfer.layout import KVLayout
 from kv_transfer.redis_util import connect
 from kv_transfer.registry import NodeInfo, NodeRegistry
@@ -47,22 +47,14 @@ class NodeArgs:
     redis_url: str
     host: str
     port: int
-    device: str | None
     node_id: str
     heartbeat_ttl: float
-    page_size: int
-    max_running: int
-    max_step_tokens: int
-    kv_cache_tokens: int | None
-    mem_fraction: float
-    dtype: str | None
     layer_group_size: int
     kv_timeout: float
+    engine: dict[str, Any]               # EngineConfig fields (epd.engine.engine_args)
     log_level: str = "INFO"
     kv_ipc: bool = True
     ucx_progress: str = "thread"
-    overlap_schedule: bool = True
-    prefix_caching: bool = True          # prefill nodes (a decode node computes no prompt: never)
 
     @classmethod
     def from_cli(cls, role: str, argv: list[str] | None) -> NodeArgs:
@@ -71,15 +63,8 @@ class NodeArgs:
         ap.add_argument("--redis-url", required=True)
         ap.add_argument("--host", default="127.0.0.1", help="address peers use to reach this node")
         ap.add_argument("--port", type=int, default=0, help="control (ZMQ) port; 0 = any free port")
-        ap.add_argument("--device", default=None, choices=["cpu", "cuda"])
         ap.add_argument("--node-id", default=None)
         ap.add_argument("--heartbeat-ttl", type=float, default=6.0, help="seconds until a silent node drops out")
-        ap.add_argument("--page-size", type=int, default=16)
-        ap.add_argument("--max-running-requests", type=int, default=64)
-        ap.add_argument("--max-step-tokens", type=int, default=2048)
-        ap.add_argument("--kv-cache-tokens", type=int, default=None)
-        ap.add_argument("--mem-fraction", type=float, default=0.85)
-        ap.add_argument("--dtype", default=None)
         ap.add_argument("--layer-group-size", type=int, default=0,
                         help="layers per KV transfer message, streamed as prefill goes; 0 = all in one message "
                              "after the last layer (fastest TTFT measured on one H100, see BENCHMARKS.md)")
@@ -90,21 +75,15 @@ class NodeArgs:
         ap.add_argument("--ucx-progress", default="thread", choices=["thread", "thread-polling"],
                         help="UCX progress thread; thread-polling spins a core (lower latency on an idle CPU "
                              "host, slower TTFT measured on the H100 host, see BENCHMARKS.md)")
-        add_engine_switches(ap, caching_scope="prefill: ")
+        add_engine_args(ap.add_argument_group("engine"))
         ap.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
         a = ap.parse_args(argv)
         node_id = a.node_id or f"{role}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:4]}"
-        return cls(role, a.model, a.redis_url, a.host, a.port, a.device, node_id, a.heartbeat_ttl, a.page_size,
-                   a.max_running_requests, a.max_step_tokens, a.kv_cache_tokens, a.mem_fraction, a.dtype,
-                   a.layer_group_size, a.kv_timeout, a.log_level, not a.no_kv_ipc, a.ucx_progress,
-                   not a.disable_overlap_schedule, role != "decode" and not a.disable_prefix_caching)
-
-    def engine_kwargs(self) -> dict[str, Any]:
-        return dict(device=self.device, dtype=self.dtype, page_size=self.page_size,
-                    max_running_requests=self.max_running, max_step_tokens=self.max_step_tokens,
-                    kv_cache_tokens=self.kv_cache_tokens, mem_fraction=self.mem_fraction,
-                    disable_overlap_schedule=not self.overlap_schedule,
-                    disable_prefix_caching=not self.prefix_caching)
+        engine = engine_kwargs(a)
+        if role == "decode":   # a decode node computes no prompt: nothing to cache
+            engine["disable_prefix_caching"] = True
+        return cls(role, a.model, a.redis_url, a.host, a.port, node_id, a.heartbeat_ttl, a.layer_group_size,
+                   a.kv_timeout, engine, a.log_level, not a.no_kv_ipc, a.ucx_progress)
 
 
 class Service(Protocol):
@@ -135,7 +114,7 @@ def pool_status(pool: Any, check: Any, queues: dict[str, int]) -> dict[str, Any]
 
 class NodeRuntime:
     def __init__(self, args: NodeArgs, device: str, layout: KVLayout | None, capacity: int,
-                 kv_ipc: str = "") -> None:
+                 kv_ipc: str = "", max_context: int = 0) -> None:
         self.args = args
         self.redis = connect(args.redis_url)
         self.ctx = zmq.Context()
@@ -157,7 +136,8 @@ class NodeRuntime:
             self.redis.set(LAYOUT_KEY.format(layout_hash), json.dumps(layout.to_dict()), ex=7 * 86400)
         info = NodeInfo(role=args.role, node_id=args.node_id, zmq=self.zmq_address, ucx=self.transport.address,
                         model=os.path.basename(os.path.normpath(args.model)), layout_hash=layout_hash,
-                        capacity=capacity, started_at=time.time(), kv_ipc=kv_ipc if args.kv_ipc else "")
+                        capacity=capacity, started_at=time.time(), kv_ipc=kv_ipc if args.kv_ipc else "",
+                        max_context=max_context)
         self.lease = NodeRegistry(self.redis).register(info, ttl_s=args.heartbeat_ttl)
         self.node_id = args.node_id
 

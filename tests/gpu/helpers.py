@@ -12,7 +12,7 @@ import os
 
 import torch
 from PIL import Image
-from support import hf_image_processor
+from support import hf_image_inputs
 
 from epd.engine.engine_core import EngineCore
 from epd.engine.inputs import ProcessedInput
@@ -29,10 +29,7 @@ def hf_inputs(path: str, input_ids: list[int], images: list[Image.Image], model,
     ids = torch.tensor([input_ids], device=device)
     kwargs: dict = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     if images:
-        feats = hf_image_processor(path)(images=images, return_tensors="pt")
-        kwargs.update(pixel_values=feats["pixel_values"].to(device, model.dtype),
-                      image_grid_thw=feats["image_grid_thw"].to(device),
-                      mm_token_type_ids=(ids == model.config.image_token_id).int())
+        kwargs.update(hf_image_inputs(path, images, ids, model.config.image_token_id, model.dtype, device))
     return kwargs
 
 

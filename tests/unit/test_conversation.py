@@ -19,14 +19,6 @@ from epd.chat.conversation import (
 
 QWEN_IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
 QWEN_SYSTEM = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
-LLAVA_SYSTEM = (
-    "You are a helpful language and vision assistant. You are able to understand the visual content "
-    "that the user provides, and assist the user with a variety of tasks using natural language."
-)
-VICUNA_SYSTEM = (
-    "A chat between a curious user and an artificial intelligence assistant. "
-    "The assistant gives helpful, detailed, and polite answers to the user's questions."
-)
 
 # A Qwen2-VL-like chat template for the tokenizer path, written for this test.
 QWEN_LIKE_JINJA = (
@@ -81,13 +73,13 @@ def render_error(messages: Any, **kw: Any) -> ChatTemplateError:
 
 EXPECTED_ONE_IMAGE = {
     "qwen2-vl": f"{QWEN_SYSTEM}<|im_start|>user\n{QWEN_IMAGE}What is this?<|im_end|>\n<|im_start|>assistant\n",
-    "chatml-llava": f"{QWEN_SYSTEM}<|im_start|>user\n<image>\nWhat is this?<|im_end|>\n<|im_start|>assistant\n",
+    # The LLaVA built-ins as llava-hf's templates write them (tests/unit/test_llava_chat_templates.py)
+    "chatml-llava": "<|im_start|>user <image>\nWhat is this?<|im_end|><|im_start|>assistant\n",
     "llava_llama_3": (
-        f"<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n{LLAVA_SYSTEM}<|eot_id|>"
-        "<|start_header_id|>user<|end_header_id|>\n\n<image>\nWhat is this?<|eot_id|>"
+        "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n<image>\nWhat is this?<|eot_id|>"
         "<|start_header_id|>assistant<|end_header_id|>\n\n"
     ),
-    "vicuna_v1.1": f"<s>{VICUNA_SYSTEM} USER: <image>\nWhat is this? ASSISTANT:",
+    "vicuna_v1.1": "<s>USER: <image>\nWhat is this? ASSISTANT:",
     "llama_3_vision": (
         "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n<|image|>What is this?<|eot_id|>"
         "<|start_header_id|>assistant<|end_header_id|>\n\n"
@@ -127,14 +119,14 @@ def test_qwen2_vl_multi_turn_keeps_images_inline_and_in_order() -> None:
     ]
 
 
-def test_vicuna_closes_assistant_turns_with_sep2_and_llava_puts_images_first() -> None:
+def test_vicuna_ends_each_text_with_a_space_and_llava_puts_images_first() -> None:
     messages = [
         {"role": "user", "content": [text_part("Describe it."), image_part("a.png")]},
         {"role": "assistant", "content": "A cat."},
         {"role": "user", "content": "Colour?"},
     ]
     out = render_messages(messages, template="vicuna_v1.1", add_generation_prompt=False)
-    assert out.text == f"<s>{VICUNA_SYSTEM} USER: <image>\nDescribe it. ASSISTANT: A cat.</s>USER: Colour? "
+    assert out.text == "<s>USER: <image>\nDescribe it. ASSISTANT: A cat. USER: Colour? "
 
 
 def test_llama_templates_trim_the_system_message_and_developer_means_system() -> None:

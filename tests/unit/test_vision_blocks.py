@@ -17,7 +17,7 @@ from epd.models.qwen2_vl.vision_blocks import FastVisionBlock, PaddedGatedMLP, i
 
 def _tower(path: str, inter: int | None) -> tuple[torch.nn.Module, ModelConfig]:
     cfg = ModelConfig.from_pretrained(path)
-    vc = cfg.family.hf.vision_config
+    vc = copy.deepcopy(cfg.family.hf.vision_config)   # the checkpoint's config is shared in the process
     if inter is not None:                       # a size that is not a multiple of 8, like 3,420
         vc.intermediate_size = inter
     torch.manual_seed(0)
@@ -36,7 +36,7 @@ def test_fast_blocks_give_transformers_tower_output(tiny_models, arch, inter):
     if arch == "qwen2_5_vl":
         assert all(isinstance(b.mlp, PaddedGatedMLP) for b in fast.blocks)
         assert fast.blocks[0].mlp.down_weight.shape[1] == 64
-    vc = cfg.family.hf.vision_config
+    vc = ref.config
     grid = torch.tensor([[1, 20, 36], [1, 8, 12]])                   # windows of several sizes
     pixels = torch.randn(int(grid.prod(-1).sum()), vc.in_channels * vc.temporal_patch_size * vc.patch_size**2,
                          generator=torch.Generator().manual_seed(1))
