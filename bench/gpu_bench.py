@@ -152,10 +152,10 @@ def _profile(core, out_dir: str, name: str) -> dict:
     return profile_decode(core, os.path.join(out_dir, f"profile_{name}.txt"))
 
 
-def _profile_vision(core, out_dir: str) -> dict:
+def _profile_vision(core, out_dir: str, name: str) -> dict:
     from bench.gpu_profile import profile_vision
 
-    return profile_vision(core, os.path.join(out_dir, "profile_vision.txt"))
+    return profile_vision(core, os.path.join(out_dir, f"profile_vision_{name}.txt"))
 
 
 def _swept_block_config(default, best: dict):
@@ -174,12 +174,16 @@ def _load_gemv_configs(path: str) -> dict:
     return {f"{c['shape'][0]}x{c['shape'][1]}": c["config"] for c in best if c["rows"] == 1}
 
 
-def _decode_sections(report: Report, name: str, core, facts: dict, bw: float, gemv_configs: dict) -> None:
-    """Section 1 and its variants: graphs captured again without (or with another) fast-path piece."""
+def _decode_sections(report: Report, name: str, core, facts: dict, bw: float, gemv_configs: dict,
+                     variants: bool) -> None:
+    """Section 1 and (`variants`) its variants: graphs captured again without (or with another)
+    fast-path piece."""
     from epd.engine.attention import flashinfer_backend
     from epd.kernels import decode_gemv, fused_ops
 
     report.section(name, "decode", lambda: _decode_all(core, facts, bw))
+    if not variants:
+        return
     report.section(name, "decode_without_overlap", lambda: _decode_without_overlap(core, facts, bw))
     report.section(name, "decode_without_gemv",     # cuBLAS q/k/v, o_proj, down_proj
                    lambda: _decode_variant(core, facts, bw, decode_gemv, "MAX_ROWS", 0, (1, 8)))
@@ -205,7 +209,8 @@ def _engine_sections(report: Report, name: str, core, args: argparse.Namespace) 
     report.data["models"][name]["facts"] = facts
     wanted = set(args.sections.split(","))
     if "decode" in wanted:
-        _decode_sections(report, name, core, facts, ceil["d2d_copy_GBps"], _load_gemv_configs(args.gemv_configs))
+        _decode_sections(report, name, core, facts, ceil["d2d_copy_GBps"], _load_gemv_configs(args.gemv_configs),
+                         "variants" in wanted)
     if "profile" in wanted:
         report.section(name, "profile", lambda: _profile(core, os.path.dirname(os.path.abspath(args.out)), name))
     if "prefill" in wanted:
@@ -214,7 +219,7 @@ def _engine_sections(report: Report, name: str, core, args: argparse.Namespace) 
     if name in args.vision and "vision" in wanted:
         report.section(name, "vision", lambda: w.vision(core))
         out_dir = os.path.dirname(os.path.abspath(args.out))
-        report.section(name, "vision_profile", lambda: _profile_vision(core, out_dir))
+        report.section(name, "vision_profile", lambda: _profile_vision(core, out_dir, name))
     return {r["batch"]: r["tokens_per_s"] for r in report.data["models"][name].get("decode") or []
             if r["cuda_graph"]}
 
@@ -244,12 +249,14 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python3 -m bench.gpu_bench", description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True, help="JSON report path")
     ap.add_argument("--model", action="append", default=[], help="NAME=CHECKPOINT_DIR (repeatable)")
-    ap.add_argument("--vision", action="append", default=["3b"], help="models whose vision tower is measured")
+    ap.add_argument("--vision", action="append", default=["3b", "llava7b"],
+                    help="models whose vision tower is measured")
     ap.add_argument("--skip-hf", action="store_true", help="leave out the transformers baseline")
     ap.add_argument("--gemv-configs", default="", help="a `bench.gpu_gemv --sweep` report: also decode with its "
                     "best block configs (section decode_with_swept_gemv_configs)")
-    ap.add_argument("--sections", default="decode,profile,prefill,vision,hf",
-                    help="comma-separated subset of decode,profile,prefill,vision,hf")
+    ap.add_argument("--sections", default="decode,variants,profile,prefill,vision,hf",
+                    help="comma-separated subset of decode,variants (decode without each fast-path piece),profile,"
+                         "prefill,vision,hf")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     report = Report(args.out, argv)

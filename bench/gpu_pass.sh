@@ -3,13 +3,15 @@
 #
 #   source .whl/setup.sh && bash bench/gpu_pass.sh OUT_DIR [STEPS]
 #
-# STEPS (comma-separated, default all but sweep): tests, gemv, sweep, bench, attention, kv, ttft.
+# STEPS (comma-separated, default all but sweep): tests, gemv, sweep, bench, llava, qwen_decode,
+# attention, kv, ttft. `llava` measures the LLaVA-1.5 7b preset (decode, prefill, vision tower,
+# transformers' generate); `qwen_decode` the Qwen 3b / 7b graph decode only (no variants).
 # All of them take about eleven minutes, over one device call's ten: run them as two calls, e.g.
 # "tests,gemv,bench" then "attention,kv,ttft". `sweep` (about four minutes) times every GEMV block
 # config of bench.gpu_gemv's SWEEP for q/k/v, o_proj and down_proj at 1 and 8 rows, and a bench step
 # after it adds the decode variant with the configs it ranked best. Writes to OUT_DIR: pass.log,
 # tests.log, gemv.json, sweep.json,
-# gpu.json, profile_3b.txt, profile_7b.txt, profile_vision.txt, attn.json, kv_ipc.json, ttft.json.
+# gpu.json, gpu_llava.json, gpu_qwen_decode.json, profile_*.txt, attn.json, kv_ipc.json, ttft.json.
 # Each step has its own time limit and a failing step does not stop the others; pass.log says
 # which failed.
 set -uo pipefail
@@ -28,12 +30,15 @@ step() {  # step NAME SECONDS COMMAND...: run if NAME is in STEPS, with a time l
     echo "== $name: exit $? after $((SECONDS - t0)) s" | tee -a "$log"
 }
 
-for preset in 3b 7b; do
-    [ -d "/tmp/m$preset" ] || step "model $preset" 60 python3 -m epd.cli tiny-model qwen2_5_vl "/tmp/m$preset" \
-        --preset "$preset" --device cuda
-done
+model() {  # model DIR ARCH PRESET: write the random checkpoint once
+    [ -d "$1" ] || step "model $2 $3" 120 python3 -m epd.cli tiny-model "$2" "$1" --preset "$3" --device cuda
+}
+want() { [[ $steps == *",$1,"* ]]; }
+if want tests || want bench || want qwen_decode || want ttft; then model /tmp/m3b qwen2_5_vl 3b; fi
+if want bench || want qwen_decode || want kv; then model /tmp/m7b qwen2_5_vl 7b; fi
+want llava && model /tmp/mllava7b llava 7b
 if [[ $steps == *",tests,"* ]]; then
-    EPD_GPU_MODEL_3B=/tmp/m3b timeout 300 python3 -m pytest tests/gpu -m gpu -q >"$out/tests.log" 2>&1
+    EPD_GPU_MODEL_3B=/tmp/m3b timeout 420 python3 -m pytest tests/gpu -m gpu -q >"$out/tests.log" 2>&1
     echo "== tests: exit $? ($(tail -1 "$out/tests.log"))" | tee -a "$log"
 fi
 step gemv 90 python3 -m bench.gpu_gemv --out "$out/gemv.json"
@@ -41,6 +46,10 @@ step sweep 270 python3 -m bench.gpu_gemv --sweep --only qkv,o_proj,down --rows 1
 swept=()
 [ -f "$out/sweep.json" ] && swept=(--gemv-configs "$out/sweep.json")
 step bench 280 python3 -m bench.gpu_bench --out "$out/gpu.json" --model 3b=/tmp/m3b --model 7b=/tmp/m7b "${swept[@]}"
+step llava 300 python3 -m bench.gpu_bench --out "$out/gpu_llava.json" --model llava7b=/tmp/mllava7b \
+    --sections decode,profile,prefill,vision,hf
+step qwen_decode 200 python3 -m bench.gpu_bench --out "$out/gpu_qwen_decode.json" --model 3b=/tmp/m3b \
+    --model 7b=/tmp/m7b --sections decode
 step attention 50 python3 -m bench.gpu_attention --out "$out/attn.json"
 step kv 60 python3 -m bench.gpu_kv_transfer --preset 7b --ipc --out "$out/kv_ipc.json"
 # (`--variant='--ucx-progress thread-polling'` adds a run with a spinning UCX progress thread: no

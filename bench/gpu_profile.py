@@ -83,15 +83,14 @@ def profile_vision(core: EngineCore, path: str, runs: int = 3) -> dict:
     from PIL import Image
 
     img = Image.fromarray((np.random.RandomState(0).rand(720, 1280, 3) * 255).astype("uint8"))
-    pre = core.inputs.image_processor.preprocess(img)
-    pixels, grids = pre.pixel_values.to(core.device), torch.tensor([pre.grid_thw])
-    core.vision.encode(pixels, grids)
+    pre = core.inputs.image_processor.preprocess_many([img])[0]
+    core.vision.encode([pre])
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(runs):
-            core.vision.encode(pixels, grids)
+            core.vision.encode([pre])
         torch.cuda.synchronize()
     with open(path, "w") as f:
-        f.write(f"== vision tower, one 1280x720 image (grid {list(pre.grid_thw)}), {runs} runs ==\n"
+        f.write(f"== vision tower, one 1280x720 image (layout {pre.layout.to_wire()}), {runs} runs ==\n"
                 + prof.key_averages().table(sort_by="device_time_total", row_limit=30))
     return _summary(prof, runs)

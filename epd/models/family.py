@@ -110,6 +110,11 @@ class ModelFamily:
     def build_vision(self, device: torch.device | str, dtype: torch.dtype) -> VisionEncoder:
         raise NotImplementedError
 
+    def reference_vision(self, device: torch.device | str, dtype: torch.dtype) -> VisionEncoder:
+        """transformers' own vision path on the checkpoint's weights (what GPU tests and benchmarks
+        compare `build_vision`'s against)."""
+        raise NotImplementedError
+
     def image_processor(self, on_device: bool = False) -> ImageProcessor:
         """on_device: the vision tower runs on a GPU (a family may move work there)."""
         raise NotImplementedError

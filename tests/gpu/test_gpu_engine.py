@@ -186,7 +186,7 @@ def test_vision_fast_blocks_match_transformers_tower(engine_3b):
     from epd.models.qwen2_vl.vision import VisionTower
 
     core = engine_3b.core
-    ref = VisionTower(core.model_config, core.device, core.dtype, attention="sdpa")  # transformers' own path
+    ref = VisionTower(core.model_config.family, core.device, core.dtype, attention="sdpa")  # transformers' own path
     from epd.models.qwen2_vl.vision_blocks import FastVisionBlock
 
     assert ref.module.config._attn_implementation == "sdpa" and not ref.fast_blocks
@@ -195,7 +195,7 @@ def test_vision_fast_blocks_match_transformers_tower(engine_3b):
            for i, (w, h) in enumerate([(1280, 720), (448, 448)])]
     pixels = torch.cat([p.pixel_values for p in pre])
     grids = torch.tensor([p.grid_thw for p in pre])
-    for a, b in zip(core.vision.encode(pixels, grids), ref.encode(pixels, grids), strict=True):
+    for a, b in zip(core.vision.encode_pixels(pixels, grids), ref.encode_pixels(pixels, grids), strict=True):
         assert a.shape == b.shape
         assert (cosine_rows(a.float(), b.float()) > 0.999).all()
 

@@ -87,6 +87,11 @@ class LlavaFamily(ModelFamily):
 
         return VisionEncoder(self, device, dtype)
 
+    def reference_vision(self, device: torch.device | str, dtype: torch.dtype):
+        from epd.models.llava.vision import TransformersVision
+
+        return TransformersVision(self, device, dtype)
+
     def image_processor(self, on_device: bool = False):
         from epd.models.llava.image_processor import LlavaImageProcessor
 

@@ -97,3 +97,21 @@ class VisionEncoder:
                 raise RuntimeError(f"image of {emb.shape[0]} embeddings, {im.layout.num_tokens} tokens expected")
             out.append(emb)
         return out
+
+
+class TransformersVision:
+    """transformers' own `get_image_features` (its model loaded whole, the text model then freed)."""
+
+    def __init__(self, family: Any, device: torch.device | str, dtype: torch.dtype) -> None:
+        from transformers import AutoModelForImageTextToText
+
+        model = AutoModelForImageTextToText.from_pretrained(family.path, dtype=dtype)
+        del model.model.language_model, model.lm_head
+        self.model = model.model.to(device).eval()
+        self.device, self.dtype, self.anyres = torch.device(device), dtype, family.anyres is not None
+
+    @torch.inference_mode()
+    def encode(self, images: list[LlavaPixels]) -> list[torch.Tensor]:
+        pixels = torch.cat([im.pixel_values for im in images]).to(self.device, self.dtype)
+        kwargs = {"image_sizes": torch.tensor([im.size for im in images], device=self.device)} if self.anyres else {}
+        return list(self.model.get_image_features(pixel_values=pixels, **kwargs).pooler_output)

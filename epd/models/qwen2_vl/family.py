@@ -46,6 +46,11 @@ class QwenVLFamily(ModelFamily):
 
         return VisionTower(self, device, dtype)
 
+    def reference_vision(self, device: torch.device | str, dtype: torch.dtype):
+        from epd.models.qwen2_vl.vision import VisionTower
+
+        return VisionTower(self, device, dtype, attention="sdpa")
+
     def image_processor(self, on_device: bool = False):
         from epd.models.qwen2_vl.image_processor import ImageProcessor
 
