@@ -3,7 +3,7 @@
 Queues: pending (EncodeRequests received) -> one batched vision forward per tick over every
 pending image not in the embedding cache -> sent (one UCX message per request, key
 `{rid}:emb`, one tensor per image, their layouts in the metadata). The cache is keyed by image
-content hash, so a repeated image skips the vision tower. An Abort drops a pending request.
+content hash and layout, so a repeated image skips the vision tower. An Abort drops a pending request.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 
 class EmbeddingCache:
-    """LRU of content hash -> (embeddings, image layout)."""
+    """LRU of (content hash, layout) -> (embeddings, image layout)."""
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
@@ -109,12 +109,14 @@ class EncoderService:
         per_request, uncached = [], {}
         t0 = time.monotonic()
         for _, req, _ in batch:
-            for payload in req.images:
-                if payload["content_hash"] not in uncached and self.cache.get(payload["content_hash"]) is None:
-                    uncached[payload["content_hash"]] = payload
-            per_request.append([payload["content_hash"] for payload in req.images])
+            keys = [f"{p['content_hash']}:{p['layout']}" for p in req.images]   # an image, laid out so
+            for key, payload in zip(keys, req.images, strict=True):
+                if key not in uncached and self.cache.get(key) is None:
+                    uncached[key] = payload
+            per_request.append(keys)
         images = [Image.frombytes("RGB", (p["width"], p["height"]), p["rgb"]) for p in uncached.values()]
-        todo = list(zip(uncached, self.processor.preprocess_many(images), strict=True))
+        layouts = [ImageLayout.from_wire(p["layout"]) for p in uncached.values()]
+        todo = list(zip(uncached, self.processor.preprocess_many(images, layouts), strict=True))
         preprocess_ms = (time.monotonic() - t0) * 1e3
         if todo:
             for (key, pre), emb in zip(todo, self.vision.encode([pre for _, pre in todo]), strict=True):

@@ -42,11 +42,13 @@ def wall_time(monotonic_s: float) -> float:
 
 @dataclass
 class ImagePayload:
-    """Decoded RGB pixels (the router already fetched and validated the image)."""
+    """Decoded RGB pixels (the router already fetched and validated the image) and the layout the
+    router gave it (epd.models.family.ImageLayout.to_wire): the embeddings must have it."""
     width: int
     height: int
     rgb: bytes
     content_hash: str
+    layout: list[int] = field(default_factory=list)
 
 
 @dataclass

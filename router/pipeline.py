@@ -212,7 +212,7 @@ class DisaggBackend:
         kv_ipc = bool(p.kv_ipc) and p.kv_ipc == d.kv_ipc
         if inp.images:   # first: the encoder is the head of the critical path
             images = [dataclasses.asdict(protocol.ImagePayload(im.source.width, im.source.height, im.source_rgb,
-                                                               im.content_hash or ""))
+                                                               im.content_hash or "", im.layout.to_wire()))
                       for im in inp.images]
             await self.clients.send(flight.nodes["encoder"].zmq, protocol.EncodeRequest(req.rid, images,
                                                                                        p.node_id, p.ucx))

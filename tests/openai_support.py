@@ -25,11 +25,11 @@ IDS = {"logprobs": True, "extra_body": {"return_tokens_as_token_ids": True}}   #
 REPO = Path(__file__).resolve().parents[1]
 
 
-def start_until_line(cmd: list[str], marker: str, timeout_s: float,
-                     what: str) -> tuple[subprocess.Popen, list[str], str]:
+def start_until_line(cmd: list[str], marker: str, timeout_s: float, what: str,
+                     env: dict[str, str] | None = None) -> tuple[subprocess.Popen, list[str], str]:
     """Start `cmd` in the repository root, collect its output lines, and return once one starts
     with `marker`: (process, the output so far and to come, that line). Fails the test otherwise."""
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     log: list[str] = []
     ready = threading.Event()
 
@@ -86,14 +86,16 @@ def data_uri(data: bytes) -> str:
 
 def reference(model_path: str, content: list[dict], images: list[bytes], max_tokens: int,
               logit_bias: dict[int, float] | None = None) -> tuple[list[int], list[int]]:
-    """(prompt ids, greedy output ids) from the tokenizer's own chat template and transformers
-    (with `logit_bias` added to its logits)."""
+    """(prompt ids, greedy output ids) from the tokenizer's own chat template (with the BOS that
+    transformers' processor adds) and transformers (with `logit_bias` added to its logits)."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_path)
     hf_content = [{"type": "image"} if p["type"] == "image_url" else p for p in content]
     text = tok.apply_chat_template([{"role": "user", "content": hf_content}], tokenize=False,
                                    add_generation_prompt=True)
+    if tok.bos_token and not text.startswith(tok.bos_token) and tok("x")["input_ids"][0] == tok.bos_token_id:
+        text = tok.bos_token + text   # what transformers' processor does when it tokenizes a chat
     pil = [load_image(b) for b in images]
     inp = InputProcessor(ModelConfig.from_pretrained(model_path), tok, 4096).process(prompt=text, image_data=pil)
     return inp.input_ids, hf_generate(model_path, inp.input_ids, pil, max_tokens, logit_bias=logit_bias)

@@ -65,13 +65,16 @@ def hf_image_processor(path: str):
 def hf_image_inputs(path: str, images: list[Image.Image], ids: torch.Tensor, image_token_id: int,
                     dtype: torch.dtype, device: str = "cpu") -> dict:
     """The keyword arguments transformers' model takes for `images` (its own processor's output)."""
-    feats = hf_image_processor(path)(images=images, return_tensors="pt")
+    one_prompt = [images] if model_type(path) == "llava_onevision" else images   # OneVision counts a prompt's images
+    feats = hf_image_processor(path)(images=one_prompt, return_tensors="pt")
     kwargs = {"pixel_values": feats["pixel_values"].to(device, dtype)}
     if "image_grid_thw" in feats:      # Qwen2-VL family
         kwargs.update(image_grid_thw=feats["image_grid_thw"].to(device),
                       mm_token_type_ids=(ids == image_token_id).int().to(device))
     if "image_sizes" in feats:         # LLaVA-NeXT / OneVision
         kwargs["image_sizes"] = feats["image_sizes"].to(device)
+    if "batch_num_images" in feats:    # OneVision's processor: several images -> base views only
+        kwargs["batch_num_images"] = feats["batch_num_images"].to(device)
     return kwargs
 
 

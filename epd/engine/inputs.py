@@ -75,7 +75,7 @@ class InputProcessor:
         items = list(image_data or [])
         loaded = {i: load_image(item, index=i, allow_any_local=True)
                   for i, item in enumerate(items) if not isinstance(item, dict)}
-        images = [self._precomputed(i, item) if isinstance(item, dict) else self._image(loaded[i])
+        images = [self._precomputed(i, item) if isinstance(item, dict) else self._image(loaded[i], len(items))
                   for i, item in enumerate(items)]
         if self.with_pixels:
             self.preprocess(images)
@@ -100,7 +100,8 @@ class InputProcessor:
         todo = [im for im in images if im.source is not None and im.pixels is None and im.embeddings is None]
         if not todo:
             return
-        for im, pre in zip(todo, self.image_processor.preprocess_many([im.source for im in todo]), strict=True):
+        pres = self.image_processor.preprocess_many([im.source for im in todo], [im.layout for im in todo])
+        for im, pre in zip(todo, pres, strict=True):
             if pre.layout != im.layout:
                 raise InputError(f"image layout {pre.layout.to_wire()} after preprocessing, "
                                  f"{im.layout.to_wire()} expected", "image_data")
@@ -108,8 +109,8 @@ class InputProcessor:
             if self.image_keys:   # the pixels' identity names the image for prefix caching
                 im.content_hash = pre.content_key()
 
-    def _image(self, image: Image.Image) -> ImageInput:
-        im = ImageInput(self.image_processor.layout(image), source=image)
+    def _image(self, image: Image.Image, count: int) -> ImageInput:
+        im = ImageInput(self.image_processor.layout(image, count), source=image)
         if self.image_keys and not self.with_pixels:
             self.attach_sources([im])
         return im

@@ -2,7 +2,7 @@
 
 `run(chunks)` gathers the step's token ids, embeds them (splicing image embeddings in at image
 placeholder positions), builds positions (the model's `position_rows` rows: 1-D RoPE, or three
-for M-RoPE) and the attention metadata once, runs the model
+for position schemes such as M-RoPE) and the attention metadata once, runs the model
 and returns the logits of the chunks that end at their request's last token. When a CUDA-graph
 runner is attached (`graphs`, GPU + flashinfer) and the step is pure decode within its largest
 bucket, the step replays a captured graph instead.

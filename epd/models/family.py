@@ -73,11 +73,15 @@ class Preprocessed(Protocol):
 
 
 class ImageProcessor(Protocol):
-    def layout(self, image: Image.Image) -> ImageLayout:
-        """The layout `preprocess` would give, from the image's size alone (cheap: the router)."""
+    def layout(self, image: Image.Image, count: int = 1) -> ImageLayout:
+        """The image's layout in a request of `count` images, from its size alone (cheap: the
+        router). A family may lay an image out differently when a request has several."""
         ...
 
-    def preprocess_many(self, images: list[Image.Image]) -> list[Preprocessed]: ...
+    def preprocess_many(self, images: list[Image.Image],
+                        layouts: list[ImageLayout] | None = None) -> list[Preprocessed]:
+        """Each image preprocessed for its layout (default: `layout(image)`)."""
+        ...
 
 
 class VisionEncoder(Protocol):

@@ -53,26 +53,38 @@ class LlavaFamily(ModelFamily):
                                  int(aspect.removeprefix("anyres_max_")) if aspect else None)
 
     # ---- images ---------------------------------------------------------------------------------
-    def layout_for(self, height: int, width: int) -> ImageLayout:
-        """The layout of an image of that size (the one image-token formula of this family)."""
+    def layout_for(self, height: int, width: int, count: int = 1) -> ImageLayout:
+        """The layout of an image of that size in a request of `count` images (the one
+        image-token formula of this family). OneVision shows each image of a request with several
+        as its base view alone (+ newline), as transformers' processor and model do: dims
+        (height, width, 0); else anyres: (height, width)."""
         if self.anyres is None:
             return ImageLayout(self.base_tokens)
+        if count > 1 and self.model_type == "llava_onevision":
+            return ImageLayout(self.base_tokens + 1, (height, width, 0))
         return ImageLayout(self.anyres.token_count(height, width, self.base_tokens), (height, width))
 
-    def crops_for(self, height: int, width: int) -> int:
-        if self.anyres is None:
+    @staticmethod
+    def base_only(layout: ImageLayout) -> bool:
+        return len(layout.dims) == 3
+
+    def crops_for(self, layout: ImageLayout) -> int:
+        """Crops the vision tower runs for an image of this layout (the base view first)."""
+        if self.anyres is None or self.base_only(layout):
             return 1
-        rows, cols = self.anyres.grid(height, width)
+        rows, cols = self.anyres.grid(*layout.dims)
         return 1 + rows * cols
 
     def check_layout(self, layout: ImageLayout) -> None:
         super().check_layout(layout)
-        if self.anyres is None and layout.dims == () and layout.num_tokens == self.base_tokens:
-            return
-        if self.anyres is not None and len(layout.dims) == 2 and min(layout.dims) > 0 and \
-                layout == self.layout_for(*layout.dims):
-            return
-        raise ValueError(f"image layout {layout.to_wire()} is not one a {self.model_type} image has")
+        dims = layout.dims
+        if self.anyres is None:
+            ok = dims == () and layout.num_tokens == self.base_tokens
+        else:
+            ok = len(dims) in (2, 3) and min(dims[:2]) > 0 and dims[2:] in ((), (0,)) and \
+                layout == self.layout_for(dims[0], dims[1], 2 if len(dims) == 3 else 1)
+        if not ok:
+            raise ValueError(f"image layout {layout.to_wire()} is not one a {self.model_type} image has")
 
     # ---- models ---------------------------------------------------------------------------------
     def build_lm(self, device: torch.device, dtype: torch.dtype):

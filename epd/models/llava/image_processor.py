@@ -26,6 +26,9 @@ _PROCESSORS = {
 }
 
 
+_COMPANION = Image.new("RGB", (2, 2))
+
+
 @dataclass
 class LlavaPixels:
     layout: ImageLayout
@@ -49,19 +52,25 @@ class LlavaImageProcessor:
         self._proc = getattr(importlib.import_module(module), name).from_pretrained(family.path)
         self.family = family
 
-    def layout(self, image: Image.Image) -> ImageLayout:
-        return self.family.layout_for(image.height, image.width)
+    def layout(self, image: Image.Image, count: int = 1) -> ImageLayout:
+        return self.family.layout_for(image.height, image.width, count)
 
-    def preprocess(self, image: Image.Image) -> LlavaPixels:
-        out = self._proc(images=[image], return_tensors="pt")
-        pixels = out["pixel_values"][0]
+    def preprocess(self, image: Image.Image, layout: ImageLayout | None = None) -> LlavaPixels:
+        layout = layout or self.layout(image)
+        self.family.check_layout(layout)
+        if self.family.anyres is not None and layout.dims[:2] != (image.height, image.width):
+            raise ValueError(f"image layout {layout.to_wire()} is not for a {image.width}x{image.height} image")
+        # the processor lays out an image of a prompt with several (OneVision: a padded square
+        # base view, no crops) when it is handed in as one of several: a 2 x 2 companion does that
+        one_prompt = [[image, _COMPANION]] if self.family.base_only(layout) else [image]
+        pixels = self._proc(images=one_prompt, return_tensors="pt")["pixel_values"][0]
         if pixels.dim() == 3:                 # LLaVA-1.5: one crop
             pixels = pixels[None]
-        layout = self.layout(image)
-        want = self.family.crops_for(image.height, image.width)
-        if pixels.shape[0] != want:
+        want = self.family.crops_for(layout)
+        if pixels.shape[0] < want or (pixels.shape[0] > want and not self.family.base_only(layout)):
             raise ValueError(f"the image processor made {pixels.shape[0]} crops, {want} expected")
-        return LlavaPixels(layout, pixels, (image.height, image.width))
+        return LlavaPixels(layout, pixels[:want], (image.height, image.width))
 
-    def preprocess_many(self, images: list[Image.Image]) -> list[LlavaPixels]:
-        return preprocess_on_threads(self.preprocess, images)
+    def preprocess_many(self, images: list[Image.Image], layouts: list[ImageLayout] | None = None) -> list[LlavaPixels]:
+        todo = list(zip(images, layouts or [None] * len(images), strict=True))
+        return preprocess_on_threads(lambda item: self.preprocess(*item), todo)

@@ -14,6 +14,7 @@ import os
 from typing import Any
 
 import torch
+from tokenizers import processors
 
 from epd.models.llava import chat_templates
 from epd.models.tiny_model import random_state_dict, save_weights, write_json
@@ -135,6 +136,9 @@ def write_tiny(arch: str, out_dir: str, preset: str, seed: int, device: str, ove
     leading, special, bos, eos, pad, base_7b, vocab_7b = _TOKENS[kind]
     base = base_7b if preset == "7b" else 1000
     tok = build_bpe(base, seed, special, leading)
+    if bos:   # Llama's tokenizers start every text with BOS (so transformers' processor adds it to a chat)
+        tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A",
+                                                           special_tokens=[(bos, tok.token_to_id(bos))])
     ids = {"bos": tok.token_to_id(bos) if bos else None, "eos": tok.token_to_id(eos),
            "image": tok.token_to_id("<image>"), "video": tok.token_to_id("<video>")}
     config = build_config(arch, preset, ids, vocab_7b if preset == "7b" else base + 24)

@@ -92,7 +92,12 @@ class VisionEncoder:
         for im in images:
             crops = feats[start:start + im.num_crops]
             start += im.num_crops
-            emb = crops[0] if anyres is None else anyres.pack(crops, *im.size, self.module.image_newline)
+            if anyres is None:
+                emb = crops[0]
+            elif self.family.base_only(im.layout):   # one view of several images: its tokens and a newline
+                emb = torch.cat((crops[0], self.module.image_newline[None].to(crops.dtype)))
+            else:
+                emb = anyres.pack(crops, *im.size, self.module.image_newline)
             if emb.shape[0] != im.layout.num_tokens:
                 raise RuntimeError(f"image of {emb.shape[0]} embeddings, {im.layout.num_tokens} tokens expected")
             out.append(emb)

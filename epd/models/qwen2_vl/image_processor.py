@@ -135,11 +135,13 @@ class ImageProcessor:
         h, w = self.resized_size(image)
         return 1, h // self._proc.patch_size, w // self._proc.patch_size
 
-    def layout(self, image: Image.Image) -> ImageLayout:
+    def layout(self, image: Image.Image, count: int = 1) -> ImageLayout:
         grid = self.grid_for(image)
         return ImageLayout(grid[0] * grid[1] * grid[2] // self.merge**2, grid)
 
-    def preprocess_many(self, images: list[Image.Image]) -> list[PreprocessedImage]:
+    def preprocess_many(self, images: list[Image.Image],
+                        layouts: list[ImageLayout] | None = None) -> list[PreprocessedImage]:
+        """(An image's layout does not depend on the others here: `layouts` are the sizes' own.)"""
         return preprocess_on_threads(self.preprocess, images)
 
     def preprocess(self, image: Image.Image) -> PreprocessedImage:

@@ -1,0 +1,50 @@
+"""`epd serve` with each LLaVA variant and the chat template SGLang's docs name for it, through the
+real `openai` client, streamed and not: greedy tokens equal transformers' on the same checkpoint
+(prompt rendered by the checkpoint's own template, which the built-in matches). The first one is
+asked for by name (`tiny-random-llava`), as a new user would."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import openai
+import pytest
+from openai_support import IDS, assert_matches, data_uri, image_part, reference, start_until_line, token_ids
+from support import noise_image, png_bytes
+
+# (model, --chat-template or None for the checkpoint's own)
+SERVED = [("tiny-random-llava", "vicuna_v1.1"), ("llava_next:tiny-llama3", "llava_llama_3"),
+          ("llava_onevision", "chatml-llava"), ("llava_next", None)]
+
+
+@pytest.mark.parametrize("model,template", SERVED)
+def test_llava_variants_through_epd_serve_and_the_openai_client(tiny_models, tmp_path, model, template):
+    env = dict(os.environ, HOME=str(tmp_path))   # tiny-random-* is built under ~/.cache/epd
+    path = os.path.join(tmp_path, ".cache", "epd", model) if model.startswith("tiny-random") else tiny_models[model]
+    cmd = [sys.executable, "-m", "epd.cli", "serve", "--model", model if model.startswith("tiny") else path,
+           "--port", "0", "--device", "cpu", "--log-dir", str(tmp_path / "logs"), "--log-level", "warning"]
+    cmd += ["--chat-template", template] if template else []
+    proc, log, line = start_until_line(cmd, "EPD ready on ", 300, "epd serve", env=env)
+    try:
+        client = openai.OpenAI(base_url=line.split()[3], api_key="none", max_retries=0, timeout=60)
+        served = client.models.list().data[0].id
+        images = [png_bytes(noise_image(120, 80, seed=1)), png_bytes(noise_image(64, 150, seed=2))]
+        content = [image_part(data_uri(images[0])), {"type": "text", "text": "Compare it with"},
+                   image_part(data_uri(images[1]))]
+        prompt_ids, expected = reference(path, content, images, 10)
+        messages = [{"role": "user", "content": content}]
+        whole = client.chat.completions.create(model=served, messages=messages, max_tokens=10, temperature=0, **IDS)
+        assert_matches(whole, prompt_ids, expected)
+        chunks = list(client.chat.completions.create(model=served, messages=messages, max_tokens=10, temperature=0,
+                                                     stream=True))
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == \
+            whole.choices[0].message.content
+        text = [{"type": "text", "text": "Write a short poem about the sea."}]
+        prompt_ids, expected = reference(path, text, [], 10)
+        assert token_ids(client.chat.completions.create(
+            model=served, messages=[{"role": "user", "content": text}], max_tokens=10, temperature=0,
+            **IDS)) == expected
+    finally:
+        proc.kill()
+        proc.wait()
