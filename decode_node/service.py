@@ -26,12 +26,10 @@ import time
 from collections import OrderedDict
 from typing import Any
 
-import torch
-
 from epd import protocol
 from epd.engine.engine_core import EngineCore
-from epd.engine.inputs import ProcessedInput
 from epd.engine.request import Request, TokenEvent
+from epd.engine.role_engines import DecodeEngine
 from epd.engine.sampling import SamplingParams
 from epd.models.family import DecodeState
 from epd.node.runtime import pool_status
@@ -60,6 +58,7 @@ class Incoming:
 class DecodeService:
     def __init__(self, core: EngineCore, layout: KVLayout, kv_timeout: float) -> None:
         self.core = core
+        self.engine = DecodeEngine(core)
         self.layout = layout
         self.kv_timeout = kv_timeout
         self.awaiting_pages: OrderedDict[str, Incoming] = OrderedDict()
@@ -85,10 +84,7 @@ class DecodeService:
                 raise ValueError(mismatch)
             if msg.kv_ipc and self.core.device.type != "cuda":
                 raise ValueError("CUDA IPC hand-over asked of a decode node that is not on a GPU")
-            params = SamplingParams.from_dict(msg.params)
-            rows = self.core.model.position_rows
-            inp = ProcessedInput(list(msg.input_ids), [], torch.empty(rows, 0, dtype=torch.long))
-            req = self.core.new_request(inp, params, rid=msg.rid)
+            req = self.engine.new_request(msg.input_ids, SamplingParams.from_dict(msg.params), msg.rid)
         except ValueError as e:
             self.runtime.send(identity, protocol.TokenDelta(msg.rid, [], "", finished=True, error=str(e),
                                                             stage="decode", node=self.runtime.node_id))
@@ -113,27 +109,25 @@ class DecodeService:
         self._receive()
         self._watch()
         self._clear_fences()
-        events = self.core.step()
+        events = self.engine.step()
         self._emit(events)
-        return bool(events) or self.core.busy   # waiting for KV: the loop sleeps until the transport wakes it
+        return bool(events) or self.engine.busy   # waiting for KV: the loop sleeps until the transport wakes it
 
     def load(self) -> float:
         return float(len(self.running) + len(self.awaiting_kv) + len(self.awaiting_pages))
 
     def _reserve(self) -> None:
-        pool = self.core.kv.pool
+        engine = self.engine
         while self.awaiting_pages:
             inc = next(iter(self.awaiting_pages.values()))
-            need = pool.pages_for(inc.req.max_total_tokens)
-            if need > pool.capacity:
+            if not engine.fits(inc.req):
                 self._fail(self.awaiting_pages.pop(inc.msg.rid), "decode",
                            f"request needs {inc.req.max_total_tokens} tokens of KV; the pool holds "
-                           f"{pool.capacity * pool.page_size}")
+                           f"{engine.capacity * engine.page_size}")
                 continue
-            if not pool.can_allocate(need):
+            if not engine.reserve(inc.req):
                 return
             del self.awaiting_pages[inc.msg.rid]
-            inc.req.pages = pool.allocate(need)
             self.awaiting_kv[inc.msg.rid] = inc
             if inc.msg.kv_ipc:
                 self._offer_pages(inc)
@@ -141,8 +135,8 @@ class DecodeService:
     def _offer_pages(self, inc: Incoming) -> None:
         """CUDA IPC: tell the prefill node which of our pages to write the prompt's KV into."""
         if self._pool_desc is None:
-            self._pool_desc = export_pool(self.core.kv.layers, owner=self.runtime.node_id)
-        pages = inc.req.pages[:self.core.kv.pool.pages_for(inc.req.prompt_len)]
+            self._pool_desc = export_pool(self.engine.kv_layers, owner=self.runtime.node_id)
+        pages = inc.req.pages[:self.engine.pages_for(inc.req.prompt_len)]
         self.runtime.transport.send(inc.msg.prefill_ucx, f"{inc.msg.rid}:kvdst", [],
                                     meta={"pool": self._pool_desc, "pages": pages})
         inc.pages_offered = True
@@ -154,7 +148,7 @@ class DecodeService:
                 while (msg := transport.poll(f"{rid}:kv:{inc.next_group}")) is not None:
                     inc.first_kv_at = inc.first_kv_at or time.monotonic()
                     lo, hi = msg.meta["layers"]
-                    scatter_kv(msg.tensors[0].to(self.core.device), self.core.kv.layers[lo:hi], inc.req.pages)
+                    scatter_kv(msg.tensors[0].to(self.core.device), self.engine.kv_layers[lo:hi], inc.req.pages)
                     inc.next_group += 1
                 if inc.meta is None:
                     meta_msg = transport.poll(f"{rid}:meta")
@@ -184,7 +178,7 @@ class DecodeService:
             if done or now - since > self.kv_timeout:
                 for key in (f"{rid}:meta", f"{rid}:kvrelease"):   # the other one may still come
                     transport.ignore(key)
-                self.core.kv.pool.free(pages)
+                self.engine.release(pages)
                 del self.fenced[rid]
 
     def _admit(self, inc: Incoming) -> None:
@@ -194,14 +188,12 @@ class DecodeService:
             self._fail(inc, "transfer", f"prefill sent {meta['prompt_len']} tokens of KV, expected {req.prompt_len}")
             return
         inc.landed_at = time.monotonic()
-        req.inp.decode_state = DecodeState.from_wire(meta["decode_state"])
-        if req.generator is not None and meta["generator_state"]:
-            req.generator.set_state(meta["generator_state"][0].to(torch.uint8))
-        req.num_computed = req.prompt_len
-        self.core.scheduler.admit_prefilled(req)
-        self.running[req.rid] = inc
         top = [tuple(x) for x in meta["top_logprobs"]] if meta.get("top_logprobs") else None
-        self._emit([self.core._append_token(req, int(meta["first_token"]), meta.get("logprob"), top)])
+        generator = meta["generator_state"][0] if meta["generator_state"] else None
+        event = self.engine.admit(req, int(meta["first_token"]), meta.get("logprob"), top,
+                                  DecodeState.from_wire(meta["decode_state"]), generator)
+        self.running[req.rid] = inc
+        self._emit([event])
 
     def _watch(self) -> None:
         """Fail requests whose KV will not come: timeout, or a failure recorded in their room."""
@@ -261,12 +253,12 @@ class DecodeService:
             self.runtime.transport.ignore(key)   # what prefill may still send is freed as it lands
         if rid in self.running:
             del self.running[rid]
-            self.core.abort(rid)
+            self.engine.abort(rid)
         elif inc.req.pages and inc.pages_offered and inc.meta is None:
             self.fenced[rid] = (inc.req.pages, time.monotonic())
             inc.req.pages = []
         elif inc.req.pages:
-            self.core.kv.pool.free(inc.req.pages)
+            self.engine.release(inc.req.pages)
             inc.req.pages = []
 
     def _drop(self, rid: str) -> None:
@@ -277,12 +269,12 @@ class DecodeService:
 
     def check_integrity(self) -> None:
         held = [pg for inc in self.awaiting_kv.values() for pg in inc.req.pages]
-        self.core.scheduler.check_integrity(held + [pg for pages, _ in self.fenced.values() for pg in pages])
+        self.engine.check_integrity(held + [pg for pages, _ in self.fenced.values() for pg in pages])
 
     def status(self) -> dict[str, Any]:
         queues = {"awaiting_pages": len(self.awaiting_pages), "awaiting_kv": len(self.awaiting_kv),
                   "running": len(self.running), "fenced": len(self.fenced)}
-        return pool_status(self.core.kv.pool, self.check_integrity, queues)
+        return pool_status(self.engine, self.check_integrity, queues)
 
     def shutdown(self) -> None:
         for rid in list(self.awaiting_pages) + list(self.awaiting_kv) + list(self.running):

@@ -17,8 +17,9 @@ def main(argv: list[str] | None = None) -> int:
                       load_tokenizer(args.model))
     layout = kv_layout_of(core)
     service = PrefillService(core, layout, args.layer_group_size, kv_timeout_s=args.kv_timeout)
-    runtime = NodeRuntime(args, str(core.device), layout, capacity=core.kv.pool.capacity,
-                          kv_ipc=ipc_capability(core.device, core.kv.spec.page_size), max_context=core.max_context)
+    engine = service.engine
+    runtime = NodeRuntime(args, str(core.device), layout, capacity=engine.capacity,
+                          kv_ipc=ipc_capability(core.device, engine.page_size), max_context=core.max_context)
     service.runtime = runtime
     service.rooms = RoomStore(runtime.redis)
     run_node(runtime, service)

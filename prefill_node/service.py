@@ -28,10 +28,9 @@ import torch
 from epd import protocol
 from epd.engine.engine_core import EngineCore
 from epd.engine.inputs import ImageInput, InputError, build_processed
-from epd.engine.model_runner import attach_image_embeddings
 from epd.engine.request import Request
-from epd.engine.sampling import SamplingParams, sample
-from epd.engine.scheduler import Chunk
+from epd.engine.role_engines import FirstTokens, PrefillEngine
+from epd.engine.sampling import SamplingParams
 from epd.models.family import ImageLayout
 from epd.node.runtime import pool_status
 from kv_transfer.cuda_ipc import PoolImports
@@ -73,6 +72,7 @@ class Pending:
 class PrefillService:
     def __init__(self, core: EngineCore, layout: KVLayout, group_size: int, kv_timeout_s: float = 60.0) -> None:
         self.core = core
+        self.engine = PrefillEngine(core)
         self.layout = layout
         self.kv_timeout_s = kv_timeout_s              # CUDA IPC: how long to wait for decode's page list
         self.ipc_pools = PoolImports(core.device) if core.device.type == "cuda" else None
@@ -105,10 +105,10 @@ class PrefillService:
         held = self.awaiting.pop(rid, None)
         p = self.active.pop(rid, None)
         if p is not None:
-            self.core.abort(rid)
+            self.engine.abort(rid)
         sending = self.transferring.pop(rid, None)
         if sending is not None:
-            self.core.kv.pool.free(sending.pages)
+            self.engine.release(sending.pages)
         p = p or held or sending
         if p is not None and (sending is None or sending.handover is not None):
             self._release_decode_pages(p)
@@ -131,7 +131,7 @@ class PrefillService:
             inp = build_processed(self.core.model_config, msg.input_ids, images)
             params = dataclasses.replace(SamplingParams.from_dict(msg.params), max_new_tokens=1)
             p.req = self.core.new_request(inp, params, rid=msg.rid)
-            self.core.add(p.req)
+            self.engine.add(p.req)
         except (InputError, ValueError) as e:
             self._report(p, "prefill", ok=False, error=str(e))
             return
@@ -166,30 +166,27 @@ class PrefillService:
                 self._start(p, [t.to(device, dtype) for t in msg.tensors])
 
     def _step(self) -> bool:
-        chunks = self.core.scheduler.schedule()
-        if not chunks:
-            return False
         now = time.monotonic()
-        for c in chunks:
-            p = self.active[c.req.rid]
+
+        def started(req: Request) -> None:
+            p = self.active[req.rid]
             p.started = p.started or now
-            if c.req.image_embeds is None and c.req.inp.images:
-                attach_image_embeddings(c.req, self.core.dtype, self.core.device)
-        finishing = [self.active[c.req.rid] for c in chunks if c.samples]
+
+        first = self.engine.step(started, self._streamer)
+        if first is not None:
+            self._first_tokens(first)
+        return first is not None
+
+    def _streamer(self, requests: list[Request]):
+        """after_layer hook: when a layer group completes, send it for every finishing request (UCX);
+        after the last layer, queue the CUDA IPC write of requests whose page list is in."""
+        finishing = [self.active[req.rid] for req in requests]
         for p in finishing:
             key = f"{p.msg.rid}:kvdst"
             if p.msg.kv_ipc and self.runtime.transport.status(key) is SlotState.DONE:
                 p.page_list = self.runtime.transport.poll(key)
-        logits = self.core.runner.run(chunks, after_layer=self._streamer(finishing))
-        self.core.scheduler.advance(chunks)
-        self._first_tokens([c for c in chunks if c.samples], logits, finishing)
-        return True
-
-    def _streamer(self, finishing: list[Pending]):
-        """after_layer hook: when a layer group completes, send it for every finishing request (UCX);
-        after the last layer, queue the CUDA IPC write of requests whose page list is in."""
         last_layer = {g[-1]: gi for gi, g in enumerate(self.groups)}
-        layers = self.core.kv.layers
+        layers = self.engine.kv_layers
 
         def after_layer(i: int) -> None:
             gi = last_layer.get(i)
@@ -208,11 +205,10 @@ class PrefillService:
                     meta={"group": gi, "layers": [group.start, group.stop]}))
         return after_layer
 
-    def _first_tokens(self, chunks: list[Chunk], logits: torch.Tensor, finishing: list[Pending]) -> None:
-        rows = [self.core.sampling_row(c.req) for c in chunks]   # bans, penalties and grammar as the engine's
-        result = sample(logits, rows)
-        for i, p in enumerate(finishing):
-            req = p.req
+    def _first_tokens(self, first: FirstTokens) -> None:
+        result = first.sampled
+        for i, (req, pages) in enumerate(zip(first.requests, first.pages, strict=True)):
+            p = self.active[req.rid]
             now = time.monotonic()
             meta = {"first_token": result.token_ids[i], "decode_state": req.inp.decode_state.to_wire(),
                     "timings": {**p.waits(), "prefill_ms": (now - p.started) * 1e3,
@@ -228,7 +224,7 @@ class PrefillService:
                 p.handover = (dict(meta, num_groups=0), tensors)
             else:
                 p.sends.append(self.runtime.transport.send(p.msg.decode_ucx, f"{req.rid}:meta", tensors, meta=meta))
-            p.pages = self.core.scheduler.detach(req)
+            p.pages = pages
             p.sent_at = time.monotonic()
             del self.active[req.rid]
             self.transferring[req.rid] = p
@@ -241,7 +237,7 @@ class PrefillService:
         if self.ipc_pools is None or len(dst["pages"]) != n:
             return False
         try:
-            self.ipc_pools.writer(dst["pool"], self.core.kv.layers).copy(p.req.pages[:n], dst["pages"])
+            self.ipc_pools.writer(dst["pool"], self.engine.kv_layers).copy(p.req.pages[:n], dst["pages"])
         except Exception:  # noqa: BLE001 - retried, and reported, by _write_kv
             log.exception("could not queue the CUDA IPC write of %s", p.msg.rid)
             return False
@@ -272,15 +268,15 @@ class PrefillService:
             if len(dst.meta["pages"]) != n:
                 raise ValueError(f"decode reserved {len(dst.meta['pages'])} pages for a {n}-page prompt")
             if not p.write_queued:   # a queued write finished before the first token was read back
-                self.ipc_pools.writer(dst.meta["pool"], self.core.kv.layers).write(p.pages[:n], dst.meta["pages"])
+                self.ipc_pools.writer(dst.meta["pool"], self.engine.kv_layers).write(p.pages[:n], dst.meta["pages"])
         except Exception as e:  # noqa: BLE001 - decode must hear of it, then the request fails
             error = f"CUDA IPC write on prefill node {self.runtime.node_id} failed: {e}"
             self.runtime.transport.send(p.msg.decode_ucx, f"{rid}:meta", [], meta={"error": error})
             return error
         write_ms = (time.monotonic() - started) * 1e3
-        self.core.kv.pool.free(p.pages)
+        self.engine.release(p.pages)
         log.info("KV of %s: %d pages (%d bytes) written into decode node %s through CUDA IPC %s", rid, n,
-                 n * self.core.kv.spec.bytes_per_page(), p.msg.decode_node,
+                 n * self.engine.bytes_per_page, p.msg.decode_node,
                  "behind the last layer" if p.write_queued else f"in {write_ms:.2f} ms")
         p.pages = []
         meta["timings"].update(kv_write_ms=write_ms, kv_written_at=time.time())
@@ -289,7 +285,7 @@ class PrefillService:
         return ""
 
     def _prompt_pages(self, p: Pending) -> int:
-        return self.core.kv.pool.pages_for(p.req.prompt_len)
+        return self.engine.pages_for(p.req.prompt_len)
 
     def _unmap_dead_pools(self, every_s: float = 5.0) -> None:
         """Every few seconds: unmap the pools of decode nodes that left the registry."""
@@ -307,7 +303,7 @@ class PrefillService:
             if ipc_error is None or not all(f.done() for f in p.sends):
                 continue
             del self.transferring[rid]
-            self.core.kv.pool.free(p.pages)
+            self.engine.release(p.pages)
             errors = [f.exception() for f in p.sends if f.exception() is not None] + ([ipc_error] if ipc_error else [])
             if errors:
                 error = f"KV transfer to decode node {p.msg.decode_node} failed: {errors[0]}"
@@ -319,7 +315,7 @@ class PrefillService:
             nbytes = sum(r.nbytes for r in reports)
             seconds = time.monotonic() - p.sent_at
             if p.msg.kv_ipc:
-                nbytes = self._prompt_pages(p) * self.core.kv.spec.bytes_per_page()
+                nbytes = self._prompt_pages(p) * self.engine.bytes_per_page
             else:
                 log.info("KV of %s to %s: %d bytes in %.2f ms after the last layer (%.2f GB/s per message avg)",
                          rid, p.msg.decode_node, nbytes, seconds * 1e3,
@@ -336,12 +332,12 @@ class PrefillService:
                                                            timings or {}, info or {}))
 
     def check_integrity(self) -> None:
-        self.core.scheduler.check_integrity([pg for p in self.transferring.values() for pg in p.pages])
+        self.engine.check_integrity([pg for p in self.transferring.values() for pg in p.pages])
 
     def status(self) -> dict[str, Any]:
         queues = {"awaiting_embeddings": len(self.awaiting), "prefilling": len(self.active),
                   "transferring": len(self.transferring)}
-        return pool_status(self.core.kv.pool, self.check_integrity, queues)
+        return pool_status(self.engine, self.check_integrity, queues)
 
     def shutdown(self) -> None:
         for rid in list(self.active) + list(self.transferring) + list(self.awaiting):

@@ -102,7 +102,8 @@ def kv_layout_of(core: Any) -> KVLayout:
 
 
 def pool_status(pool: Any, check: Any, queues: dict[str, int]) -> dict[str, Any]:
-    """NodeStatus fields for a node with a KV pool; `check` is its integrity check."""
+    """NodeStatus fields for a node with a KV pool (anything with `capacity` and `num_free` pages);
+    `check` is its integrity check."""
     try:
         check()
         ok, error = True, ""

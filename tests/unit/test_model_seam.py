@@ -66,3 +66,17 @@ def test_every_registered_family_provides_the_contract():
         assert callable(module.write_tiny) and module.PRESETS[0] == "tiny"
         for method in ("build_lm", "build_vision", "image_processor", "weight_name", "reference_vision"):
             assert getattr(cls, method) is not getattr(cls.__mro__[-2], method, None), f"{model_type}: {method}"
+
+
+@pytest.mark.parametrize("role", ["encoder_node", "prefill_node", "decode_node"])
+def test_nodes_drive_the_engine_through_role_operations(role):
+    """No node reaches into the engine's scheduler, runner, KV pool or private methods."""
+    reached = []
+    for path in sorted((ROOT / role).rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.Attribute):
+                continue
+            owner = getattr(node.value, "attr", None) or getattr(node.value, "id", None)
+            if owner == "core" and (node.attr in ("scheduler", "runner", "kv") or node.attr.startswith("_")):
+                reached.append(f"{path.name}:{node.lineno} core.{node.attr}")
+    assert not reached, reached

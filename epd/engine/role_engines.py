@@ -1,0 +1,138 @@
+"""The engine as the prefill and decode nodes drive it: operations shaped for their roles, so that
+a node never reaches into the engine's scheduler, runner, page pool or private methods.
+
+`PrefillEngine`: add a request; `step(on_prompt_done, after_layer)` schedules, runs one forward
+(the hook sees each layer's K/V in the cache, for streaming), samples the first token of each
+request whose prompt is done, and hands each such request's pages to the caller (`detach`), which
+releases them once the hand-over is over.
+`DecodeEngine`: `reserve` pages for an announced request (all it can ever need, so decoding never
+preempts), `admit` it once its KV and first token have landed, `release` pages of a request that
+never got admitted, and `step` the batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from epd.engine.engine_core import EngineCore
+from epd.engine.model_runner import attach_image_embeddings
+from epd.engine.request import Request, TokenEvent
+from epd.engine.sampling import SampleResult, sample
+from epd.models.family import DecodeState
+
+
+@dataclass
+class FirstTokens:
+    """The requests whose prompt the step finished, their first tokens, and the pages they held."""
+    requests: list[Request]
+    sampled: SampleResult
+    pages: list[list[int]]
+
+
+class _RoleEngine:
+    def __init__(self, core: EngineCore) -> None:
+        self.core = core
+
+    @property
+    def kv_layers(self) -> list[torch.Tensor]:
+        """The KV pool's per-layer tensors [pages, 2, page_size, kv_heads, head_dim] (hand-over I/O)."""
+        return self.core.kv.layers
+
+    @property
+    def bytes_per_page(self) -> int:
+        return self.core.kv.spec.bytes_per_page()
+
+    def pages_for(self, num_tokens: int) -> int:
+        return self.core.kv.pool.pages_for(num_tokens)
+
+    def release(self, pages: list[int]) -> None:
+        """Give back pages the node held outside the batch (hand-over done, failed or dropped)."""
+        self.core.kv.pool.free(pages)
+
+    def check_integrity(self, held_elsewhere: list[int]) -> None:
+        self.core.scheduler.check_integrity(held_elsewhere)
+
+    @property
+    def capacity(self) -> int:
+        """Pages a request can ever get."""
+        return self.core.kv.pool.capacity
+
+    @property
+    def num_free(self) -> int:
+        return self.core.kv.pool.num_free
+
+    @property
+    def page_size(self) -> int:
+        return self.core.kv.spec.page_size
+
+
+class PrefillEngine(_RoleEngine):
+    def add(self, req: Request) -> None:
+        self.core.add(req)
+
+    def abort(self, rid: str) -> None:
+        self.core.abort(rid)
+
+    def step(self, started: Callable[[Request], None],
+             after_layer: Callable[[list[Request]], Callable[[int], None]]) -> FirstTokens | None:
+        """One prefill forward over what the scheduler picks (None: nothing to run). `started(req)`
+        sees each scheduled request; `after_layer(finishing)` makes the forward's layer hook."""
+        chunks = self.core.scheduler.schedule()
+        if not chunks:
+            return None
+        for c in chunks:
+            started(c.req)
+            if c.req.image_embeds is None and c.req.inp.images:
+                attach_image_embeddings(c.req, self.core.dtype, self.core.device)
+        finishing = [c.req for c in chunks if c.samples]
+        logits = self.core.runner.run(chunks, after_layer=after_layer(finishing))
+        self.core.scheduler.advance(chunks)
+        # bans, penalties and grammar as the engine's own sampling
+        sampled = sample(logits, [self.core.sampling_row(req) for req in finishing])
+        return FirstTokens(finishing, sampled, [self.core.scheduler.detach(req) for req in finishing])
+
+
+class DecodeEngine(_RoleEngine):
+    def new_request(self, input_ids: list[int], params: Any, rid: str) -> Request:
+        from epd.engine.inputs import ProcessedInput
+
+        rows = self.core.model.position_rows
+        inp = ProcessedInput(list(input_ids), [], torch.empty(rows, 0, dtype=torch.long))
+        return self.core.new_request(inp, params, rid=rid)
+
+    def fits(self, req: Request) -> bool:
+        """Whether the pool could ever hold the request (prompt + every token it may generate)."""
+        return self.pages_for(req.max_total_tokens) <= self.core.kv.pool.capacity
+
+    def reserve(self, req: Request) -> bool:
+        """Allocate every page the request can need; False while the pool cannot hold it now."""
+        pool = self.core.kv.pool
+        need = pool.pages_for(req.max_total_tokens)
+        if not pool.can_allocate(need):
+            return False
+        req.pages = pool.allocate(need)
+        return True
+
+    def admit(self, req: Request, first_token: int, logprob: float | None, top: Any, state: DecodeState,
+              generator_state: torch.Tensor | None) -> TokenEvent:
+        """The prompt's KV is in the request's pages: into the batch, with its first token."""
+        req.inp.decode_state = state
+        if req.generator is not None and generator_state is not None:
+            req.generator.set_state(generator_state.to(torch.uint8))
+        req.num_computed = req.prompt_len
+        self.core.scheduler.admit_prefilled(req)
+        return self.core._append_token(req, first_token, logprob, top)
+
+    def step(self) -> list[TokenEvent]:
+        return self.core.step()
+
+    @property
+    def busy(self) -> bool:
+        return self.core.busy
+
+    def abort(self, rid: str) -> None:
+        self.core.abort(rid)
