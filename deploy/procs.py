@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import redis
 
+from kv_transfer.auth import ClusterSecret
 from kv_transfer.registry import NodeRegistry
 
 
@@ -54,16 +55,21 @@ class Cluster:
     device: str | None = None
     common_args: list[str] = field(default_factory=list)
     nodes: list[NodeProc] = field(default_factory=list)
+    secret_file: str = ""        # the cluster secret (made in log_dir when not given)
 
     def __post_init__(self) -> None:
         os.makedirs(self.log_dir, exist_ok=True)
+        if not self.secret_file:
+            self.secret_file = os.path.join(self.log_dir, "cluster.secret")
+            ClusterSecret.generate(self.secret_file)
 
     def add(self, role: str, extra: list[str] | None = None, node_id: str | None = None,
             model: str | None = None) -> NodeProc:
         index = sum(1 for n in self.nodes if n.role == role)
         node_id = node_id or f"{role}-{index}-{os.getpid()}"
         args = [sys.executable, "-m", "epd.cli", role, "--model", model or self.model, "--redis-url",
-                self.redis_url, "--node-id", node_id, *self.common_args, *(extra or [])]
+                self.redis_url, "--node-id", node_id, "--cluster-secret-file", self.secret_file, *self.common_args,
+                *(extra or [])]
         if self.device:
             args += ["--device", self.device]
         log_path = os.path.join(self.log_dir, f"{node_id}.log")

@@ -110,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
         cluster.wait_ready(timeout_s=args.ready_timeout)
         port = args.port or free_port()
         cmd = [sys.executable, "-m", "epd.cli", "router", "--model", model, "--redis-url", redis_url,
-               "--backend", "disagg", "--host", args.host, "--port", str(port), *router_args]
+               "--backend", "disagg", "--host", args.host, "--port", str(port),
+               "--cluster-secret-file", cluster.secret_file, *router_args]
         router_log = open(os.path.join(log_dir, "router.log"), "wb")  # noqa: SIM115 - lives as long as the router
         router = subprocess.Popen(cmd, stdout=router_log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
         url = f"http://{args.host}:{port}"

@@ -66,6 +66,9 @@ class EncoderService:
 
     def handle(self, identity: bytes, msg: Any) -> None:
         if isinstance(msg, protocol.EncodeRequest):
+            if msg.rid in self.pending:   # the request that has this id goes on untouched
+                log.warning("refused a second request with id %r", msg.rid)
+                return
             self.pending[msg.rid] = (identity, msg, time.monotonic())
             self.runtime.transport.connect(msg.prefill_ucx)  # overlap connection setup with encoding
         elif isinstance(msg, protocol.Abort):
@@ -94,7 +97,7 @@ class EncoderService:
             return True
         encode_ms = (time.monotonic() - t0) * 1e3
         for (identity, req, arrived), (embeds, layouts) in zip(batch, results, strict=True):
-            meta = {"layouts": [layout.to_wire() for layout in layouts]}
+            meta = protocol.data_meta(protocol.Embeddings(req.rid, [layout.to_wire() for layout in layouts]))
             self.runtime.transport.send(req.prefill_ucx, f"{req.rid}:emb", embeds, meta=meta)
             self._report(identity, req, ok=True, timings={
                 "encoder_queue_ms": (t0 - arrived) * 1e3, "encode_ms": encode_ms,
@@ -109,13 +112,13 @@ class EncoderService:
         per_request, uncached = [], {}
         t0 = time.monotonic()
         for _, req, _ in batch:
-            keys = [f"{p['content_hash']}:{p['layout']}" for p in req.images]   # an image, laid out so
+            keys = [f"{p.content_hash}:{p.layout}" for p in req.images]   # an image, laid out so
             for key, payload in zip(keys, req.images, strict=True):
                 if key not in uncached and self.cache.get(key) is None:
                     uncached[key] = payload
             per_request.append(keys)
-        images = [Image.frombytes("RGB", (p["width"], p["height"]), p["rgb"]) for p in uncached.values()]
-        layouts = [ImageLayout.from_wire(p["layout"]) for p in uncached.values()]
+        images = [Image.frombytes("RGB", (p.width, p.height), p.rgb) for p in uncached.values()]
+        layouts = [ImageLayout.from_wire(p.layout) for p in uncached.values()]
         todo = list(zip(uncached, self.processor.preprocess_many(images, layouts), strict=True))
         preprocess_ms = (time.monotonic() - t0) * 1e3
         if todo:

@@ -1,8 +1,11 @@
-"""Control-plane messages between the router and the nodes (ZMQ frames, msgpack, never pickle).
+"""Every message between EPD's processes, declared here (msgpack, never pickle).
 
-Every message is a dataclass listed in `MESSAGE_TYPES` under a fixed tag. On the wire a frame is
-`msgpack([PROTOCOL_VERSION, tag, {field: value}])`; decoding checks the version and the tag and
-rejects unknown fields, so drift between router and nodes fails loudly.
+Control plane (ZMQ, router <-> nodes; frames sealed with the cluster secret, kv_transfer.auth): a
+frame is `msgpack([PROTOCOL_VERSION, tag, {field: value}])`. Data plane (UCX, node -> node): each
+transfer's header carries one of the data-plane types below as its `meta` (`data_meta` /
+`read_data_meta`), its tensors alongside. Both are checked on receipt (`check_message`): the tag,
+every field's type (from the annotations), ids, ranges and sizes (`_limits`); a message that fails
+is a `ProtocolError` naming the field, never a crash of the node that got it.
 
 A request's messages, in order:
   router -> decode   DecodeRequest   (reserve pages, wait for KV, then stream tokens back; with
@@ -22,13 +25,21 @@ after it received the request: the request's timeline across processes and hosts
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import time
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
 
-PROTOCOL_VERSION = 4
+PROTOCOL_VERSION = 5
+MAX_ID = 128                   # characters of a request or node id
+MAX_TOKENS = 1 << 20           # token ids in one message
+MAX_IMAGES = 256
+MAX_IMAGE_SIDE = 1 << 15
 
 
 class ProtocolError(ValueError):
@@ -54,7 +65,7 @@ class ImagePayload:
 @dataclass
 class EncodeRequest:
     rid: str
-    images: list[dict]                 # ImagePayload fields
+    images: list[ImagePayload]
     prefill_node: str
     prefill_ucx: str
 
@@ -68,6 +79,7 @@ class PrefillRequest:
     decode_node: str
     decode_ucx: str
     encoder_node: str = ""             # "" when the request has no images
+    encoder_ucx: str = ""              # the only peer whose embeddings are taken for this request
     kv_ipc: bool = False               # write the KV into decode's pages through CUDA IPC (same host and page size)
     image_hashes: list[str] = field(default_factory=list)   # each image's content hash ("" none): prefix caching
 
@@ -79,7 +91,8 @@ class DecodeRequest:
     params: dict
     prefill_node: str
     prefill_layout_hash: str
-    prefill_ucx: str = ""              # where to send the reserved pages (kv_ipc only)
+    prefill_ucx: str = ""              # the only peer whose KV is taken for this request (and, with kv_ipc,
+                                       # where the reserved pages are sent)
     kv_ipc: bool = False               # prefill writes the KV into our pages through CUDA IPC
 
 
@@ -134,6 +147,56 @@ class NodeStatus:
     integrity_ok: bool = True
     integrity_error: str = ""
     queues: dict[str, int] = field(default_factory=dict)
+    rejected_messages: int = 0         # control and data-plane messages refused (unauthenticated, malformed)
+
+
+# ---- data plane (UCX, node -> node): a transfer's `meta` -----------------------------------------
+
+@dataclass
+class Embeddings:
+    """encoder -> prefill, key `{rid}:emb`: one tensor [tokens, hidden] per image, in order."""
+    rid: str
+    layouts: list[list[int]]
+
+
+@dataclass
+class KVGroup:
+    """prefill -> decode, key `{rid}:kv:{group}`: one tensor [layers, 2, tokens, kv_heads, head_dim]."""
+    rid: str
+    group: int
+    layers: list[int]                  # [first, last + 1)
+
+
+@dataclass
+class HandOver:
+    """prefill -> decode, key `{rid}:meta`: what completes the hand-over (with the sampler's
+    generator state as its tensor, when the request is seeded); `error` instead when it failed."""
+    rid: str
+    first_token: int = 0
+    logprob: float | None = None
+    top_logprobs: list[list[float]] | None = None
+    prompt_len: int = 0
+    cached_tokens: int = 0
+    decode_state: dict[str, Any] = field(default_factory=dict)
+    num_groups: int = 0                # KV groups sent over the wire (0: written through CUDA IPC)
+    layout: dict[str, Any] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    ipc_written: bool = False
+    error: str = ""
+
+
+@dataclass
+class PageList:
+    """decode -> prefill, key `{rid}:kvdst` (CUDA IPC): the decode pages to write the prompt's KV into."""
+    rid: str
+    pool: dict[str, Any]
+    pages: list[int]
+
+
+@dataclass
+class Release:
+    """prefill -> decode, key `{rid}:kvrelease` (CUDA IPC): nothing was or will be written."""
+    rid: str
 
 
 MESSAGE_TYPES: dict[int, type] = {
@@ -145,8 +208,14 @@ MESSAGE_TYPES: dict[int, type] = {
     6: Abort,
     7: StatusRequest,
     8: NodeStatus,
+    20: Embeddings,
+    21: KVGroup,
+    22: HandOver,
+    23: PageList,
+    24: Release,
 }
 _TAGS = {cls: tag for tag, cls in MESSAGE_TYPES.items()}
+_ID = re.compile(rf"[A-Za-z0-9._:@/+\-]{{1,{MAX_ID}}}")
 
 
 def encode(msg: Any) -> bytes:
@@ -156,18 +225,119 @@ def encode(msg: Any) -> bytes:
     return msgpack.packb([PROTOCOL_VERSION, tag, dataclasses.asdict(msg)], use_bin_type=True)
 
 
-def decode(frame: bytes) -> Any:
+def decode(frame: bytes | memoryview) -> Any:
     try:
         version, tag, body = msgpack.unpackb(frame, raw=False, strict_map_key=False)
     except Exception as e:  # noqa: BLE001 - any malformed frame is a protocol error
         raise ProtocolError(f"malformed control message: {e}") from None
     if version != PROTOCOL_VERSION:
         raise ProtocolError(f"protocol version {version} != ours {PROTOCOL_VERSION}")
-    cls = MESSAGE_TYPES.get(tag)
+    cls = MESSAGE_TYPES.get(tag) if isinstance(tag, int) and not isinstance(tag, bool) else None
     if cls is None:
-        raise ProtocolError(f"unknown message tag {tag}")
+        raise ProtocolError(f"unknown message tag {tag!r}")
+    return check_message(cls, body)
+
+
+def data_meta(msg: Any) -> dict[str, Any]:
+    """A data-plane message as a transfer's `meta`."""
+    tag = _TAGS[type(msg)]
+    return {"tag": tag, "body": dataclasses.asdict(msg)}
+
+
+def read_data_meta(meta: Any, cls: type, rid: str) -> Any:
+    """The `cls` message in a transfer's `meta`, for request `rid`; ProtocolError otherwise."""
+    if not isinstance(meta, dict) or MESSAGE_TYPES.get(meta.get("tag")) is not cls:
+        raise ProtocolError(f"transfer meta is not a {cls.__name__}")
+    msg = check_message(cls, meta.get("body"))
+    if msg.rid != rid:
+        raise ProtocolError(f"{cls.__name__} for request {msg.rid!r} under {rid!r}'s key")
+    return msg
+
+
+def check_message(cls: type, body: Any) -> Any:
+    """`cls(**body)` once every field has its declared type and the message's limits hold."""
+    if not isinstance(body, dict):
+        raise ProtocolError(f"{cls.__name__}: body is not a map")
+    hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(body) - names
     if unknown:
-        raise ProtocolError(f"{cls.__name__}: unknown fields {sorted(unknown)}")
-    return cls(**body)
+        raise ProtocolError(f"{cls.__name__}: unknown fields {sorted(map(str, unknown))}")
+    missing = [f.name for f in dataclasses.fields(cls) if f.name not in body
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ProtocolError(f"{cls.__name__}: missing fields {missing}")
+    values = {name: _typed(value, hints[name], f"{cls.__name__}.{name}") for name, value in body.items()}
+    msg = cls(**values)
+    problem = _limits(msg)
+    if problem:
+        raise ProtocolError(f"{cls.__name__}: {problem}")
+    return msg
+
+
+def _typed(value: Any, hint: Any, where: str) -> Any:
+    """`value` as `hint` says (nested messages built), or ProtocolError naming `where`."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        for arm in args:
+            try:
+                return _typed(value, arm, where)
+            except ProtocolError:
+                continue
+        raise ProtocolError(f"{where}: {type(value).__name__} is none of {hint}")
+    if hint is type(None):
+        if value is None:
+            return None
+    elif dataclasses.is_dataclass(hint):
+        return check_message(hint, value)
+    elif origin is list or hint is list:
+        if isinstance(value, list):
+            if args and args[0] is int and all(type(v) is int for v in value):   # token ids: long lists, fast
+                return value
+            return [_typed(v, args[0], f"{where}[]") for v in value] if args else value
+    elif origin is dict or hint is dict:
+        if isinstance(value, dict):
+            return {_typed(k, args[0], f"{where} key"): _typed(v, args[1], f"{where}[{k!r}]")
+                    for k, v in value.items()} if args else value
+    elif hint is float:
+        if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+            return float(value)
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool) and -(1 << 63) <= value < 1 << 64:
+            return value
+    elif isinstance(value, hint):
+        return value
+    raise ProtocolError(f"{where}: expected {getattr(hint, '__name__', hint)}, got {type(value).__name__}")
+
+
+def _tokens(ids: list[int], name: str) -> str:
+    if not ids or len(ids) > MAX_TOKENS or not all(0 <= t < 1 << 31 for t in ids):
+        return f"{name}: 1 to {MAX_TOKENS} token ids in [0, 2^31) expected"
+    return ""
+
+
+def _limits(msg: Any) -> str:
+    """Why `msg` (well typed) is out of range, or ""."""
+    for name in ("rid", "node", "decode_node", "prefill_node", "encoder_node"):
+        value = getattr(msg, name, None)
+        if value is None or (value == "" and name != "rid"):
+            continue
+        if not _ID.fullmatch(value):
+            return f"{name} {str(value)[:40]!r} is not an id (1-{MAX_ID} of [A-Za-z0-9._:@/+-])"
+    if isinstance(msg, PrefillRequest | DecodeRequest):
+        return _tokens(msg.input_ids, "input_ids") or (
+            "too many images" if isinstance(msg, PrefillRequest) and len(msg.images) > MAX_IMAGES else "")
+    if isinstance(msg, EncodeRequest) and not 0 < len(msg.images) <= MAX_IMAGES:
+        return f"1 to {MAX_IMAGES} images expected"
+    if isinstance(msg, ImagePayload):
+        if not (0 < msg.width <= MAX_IMAGE_SIDE and 0 < msg.height <= MAX_IMAGE_SIDE):
+            return f"image of {msg.width}x{msg.height} pixels"
+        if len(msg.rgb) != msg.width * msg.height * 3:
+            return f"{len(msg.rgb)} bytes of RGB for a {msg.width}x{msg.height} image"
+    if isinstance(msg, PageList) and (len(msg.pages) > MAX_TOKENS or any(p < 0 for p in msg.pages)):
+        return "page ids out of range"
+    if isinstance(msg, KVGroup) and not (len(msg.layers) == 2 and 0 <= msg.layers[0] < msg.layers[1] <= 1 << 12):
+        return f"layers {msg.layers} is not a [first, last + 1) range"
+    return ""

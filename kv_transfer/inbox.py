@@ -7,6 +7,11 @@ A slot's lifecycle (a small state enum rather than flags)::
         │                    │
         └──peer lost─────────┴──peer lost / bad shapes──▶ FAILED ──poll/wait raises──▶ (removed)
 
+A strict inbox (a node's, which holds the cluster secret) reads only announced messages: the
+control plane tells a node what to expect (`expect(key, peer=..., max_bytes=...)`), and a header
+that arrives first is PARKED (nothing received or allocated) until then; a message from another
+peer than announced, larger than announced, unannounced for PARK_TTL_S, or a key sent twice,
+closes its connection instead (`Rejected`). Otherwise:
 A slot starts EXPECTED when the caller registers destination buffers (`expect`) before the
 header arrives: the tensors are then received straight into those buffers. A header with no
 expectation starts a slot in RECEIVING with freshly allocated tensors; if the caller expects
@@ -40,9 +45,18 @@ logger = logging.getLogger(__name__)
 
 class SlotState(enum.Enum):
     EXPECTED = "expected"
+    PARKED = "parked"          # strict inbox: a header nobody announced yet; nothing received
     RECEIVING = "receiving"
     DONE = "done"
     FAILED = "failed"
+
+
+PARK_TTL_S = 10.0       # a parked header not announced within this long closes its connection
+MAX_PARKED = 256        # parked headers per peer; one more closes the connection
+
+
+class Rejected(TransferError):
+    """A message a strict inbox will not take: its connection is closed (`reason`)."""
 
 
 @dataclass
@@ -72,6 +86,9 @@ class Slot:
     error: BaseException | None = None
     updated: float = field(default_factory=time.monotonic)
     drained: Future[None] | None = None  # set by cancel() while RECEIVING
+    max_bytes: int | None = None         # strict: the most the announced message may carry
+    endpoint: Any = None                 # strict: the connection a parked header came on
+    device: Any = None                   # strict: where a parked message's tensors will land
 
 
 def _orphan(header: Header, peer: str, device: torch.device | str) -> Slot:
@@ -80,6 +97,15 @@ def _orphan(header: Header, peer: str, device: torch.device | str) -> Slot:
     slot.buffers = [s.empty(device) for s in header.specs]
     slot.drained = Future()
     return slot
+
+
+def _unannounced(header: Header, sender: str, announced_peer: str | None, max_bytes: int | None) -> str:
+    """Why a strict inbox refuses `header` from `sender`, announced as given; "" when it takes it."""
+    if announced_peer is not None and sender != announced_peer:
+        return f"{header.key!r} came from {sender}, announced from {announced_peer}"
+    if max_bytes is not None and header.nbytes > max_bytes:
+        return f"{header.key!r} carries {header.nbytes} bytes, at most {max_bytes} announced"
+    return ""
 
 
 def _spec_mismatch(specs: Sequence[TensorSpec], buffers: Sequence[torch.Tensor]) -> str | None:
@@ -97,7 +123,16 @@ def _spec_mismatch(specs: Sequence[TensorSpec], buffers: Sequence[torch.Tensor])
 class Inbox:
     """Thread-safe map key -> Slot with blocking waits."""
 
-    def __init__(self, on_change: Callable[[], None] | None = None) -> None:
+    def __init__(self, on_change: Callable[[], None] | None = None, strict: bool = False,
+                 on_unpark: Callable[[Slot], None] | None = None,
+                 on_reject: Callable[[Any, str], None] | None = None) -> None:
+        """strict: only messages announced with `expect` (from their peer, within their size) are
+        read; a header nobody announced yet is parked (nothing received, nothing allocated) until
+        it is announced (`on_unpark(slot)` then receives it) or PARK_TTL_S passes; anything else
+        closes its connection (`on_reject(endpoint, why)`)."""
+        self._strict = strict
+        self._on_unpark = on_unpark or (lambda slot: None)
+        self._on_reject = on_reject or (lambda endpoint, why: None)
         self._on_change = on_change or (lambda: None)   # called whenever a slot finishes or fails
         self._slots: dict[str, Slot] = {}
         self._cond = threading.Condition()
@@ -106,15 +141,19 @@ class Inbox:
         self._ignored: dict[str, float] = {}         # key -> when `ignore` marked it
 
     # ---- caller side -------------------------------------------------------------------
-    def expect(self, key: str, buffers: Sequence[torch.Tensor] | None, peer: str | None) -> None:
-        """Register destination buffers (and/or the expected sender) for `key`."""
+    def expect(self, key: str, buffers: Sequence[torch.Tensor] | None, peer: str | None,
+               max_bytes: int | None = None) -> None:
+        """Register destination buffers (and/or the expected sender, and the most it may send) for `key`."""
         bufs = list(buffers) if buffers is not None else None
         with self._cond:
             slot = self._slots.get(key)
             if slot is None:
-                slot = self._slots[key] = Slot(key, SlotState.EXPECTED, expected=bufs, peer=peer)
+                slot = self._slots[key] = Slot(key, SlotState.EXPECTED, expected=bufs, peer=peer, max_bytes=max_bytes)
                 if peer in self._lost:   # it is already gone: nothing more will come from it
                     self._fail_locked(slot, self._lost[peer])
+                return
+            if slot.state is SlotState.PARKED:
+                self._unpark_locked(slot, bufs, peer, max_bytes)
                 return
             if slot.header is not None and bufs is not None:
                 problem = _spec_mismatch(slot.header.specs, bufs)
@@ -170,7 +209,7 @@ class Inbox:
 
     def _take(self, key: str) -> Message | None:
         slot = self._slots.get(key)
-        if slot is None or slot.state in (SlotState.EXPECTED, SlotState.RECEIVING):
+        if slot is None or slot.state in (SlotState.EXPECTED, SlotState.PARKED, SlotState.RECEIVING):
             return None
         del self._slots[key]
         if slot.state is SlotState.FAILED:
@@ -179,12 +218,15 @@ class Inbox:
         return slot.message
 
     # ---- network side ------------------------------------------------------------------
-    def on_header(self, header: Header, peer: str, device: torch.device | str) -> Slot:
-        """Pick the buffers for an arriving message; the returned slot is the receive handle."""
+    def on_header(self, header: Header, peer: str, device: torch.device | str, endpoint: Any = None) -> Slot | None:
+        """Pick the buffers for an arriving message; the returned slot is the receive handle, None
+        when the header is parked (strict). Raises `Rejected` when the connection must close."""
         with self._cond:
             slot = self._slots.get(header.key)
             if slot is None and self._ignored.pop(header.key, None) is not None:
                 return _orphan(header, peer, device)
+            if self._strict:
+                return self._strict_header(slot, header, peer, device, endpoint)
             if slot is not None and slot.state is not SlotState.EXPECTED:
                 # The same key twice while the first is unclaimed: keep the first, drain the second.
                 logger.error("duplicate message key %r from %s; dropping the new one", header.key, peer)
@@ -202,6 +244,46 @@ class Inbox:
                 if problem:
                     slot.error = TransferError(f"message {header.key!r} from {peer} does not fit: {problem}")
             return slot
+
+    def _strict_header(self, slot: Slot | None, header: Header, peer: str, device: torch.device | str,
+                       endpoint: Any) -> Slot | None:
+        if slot is None:
+            if sum(1 for s in self._slots.values() if s.state is SlotState.PARKED and s.peer == peer) >= MAX_PARKED:
+                raise Rejected(f"{peer} sent more than {MAX_PARKED} messages nobody announced")
+            self._slots[header.key] = Slot(header.key, SlotState.PARKED, peer=peer, header=header, endpoint=endpoint,
+                                           device=device)
+            return None
+        if slot.state is not SlotState.EXPECTED:
+            raise Rejected(f"{peer} sent {header.key!r} twice")
+        why = _unannounced(header, peer, slot.peer, slot.max_bytes)
+        if why:
+            self._fail_locked(slot, TransferError(f"message {header.key!r} refused: {why}"))
+            raise Rejected(why)
+        slot.state, slot.header, slot.peer, slot.updated = SlotState.RECEIVING, header, peer, time.monotonic()
+        problem = _spec_mismatch(header.specs, slot.expected) if slot.expected is not None else None
+        slot.buffers = slot.expected if slot.expected is not None and problem is None else \
+            [s.empty(device) for s in header.specs]
+        if problem:
+            slot.error = TransferError(f"message {header.key!r} from {peer} does not fit: {problem}")
+        return slot
+
+    def _unpark_locked(self, slot: Slot, bufs: list[torch.Tensor] | None, peer: str | None,
+                       max_bytes: int | None) -> None:
+        """A parked header is announced now: receive it (or refuse it and close its connection)."""
+        assert slot.header is not None
+        slot.max_bytes, slot.expected = max_bytes, bufs
+        why = _unannounced(slot.header, slot.peer or "", peer, max_bytes)
+        if why:
+            self._fail_locked(slot, TransferError(f"message {slot.key!r} refused: {why}"))
+            self._on_reject(slot.endpoint, why)
+            return
+        problem = _spec_mismatch(slot.header.specs, bufs) if bufs is not None else None
+        slot.state, slot.updated = SlotState.RECEIVING, time.monotonic()
+        slot.buffers = bufs if bufs is not None and problem is None else \
+            [s.empty(slot.device) for s in slot.header.specs]
+        if problem:
+            slot.error = TransferError(f"message {slot.key!r} from {slot.peer} does not fit: {problem}")
+        self._on_unpark(slot)
 
     def on_complete(self, slot: Slot, seconds: float) -> None:
         """All tensors of `slot` landed."""
@@ -243,6 +325,8 @@ class Inbox:
             for slot in list(self._slots.values()):
                 if slot.peer == peer and slot.state is SlotState.EXPECTED:
                     self._fail_locked(slot, error)
+                elif slot.peer == peer and slot.state is SlotState.PARKED:   # its data went with the connection
+                    del self._slots[slot.key]
 
     def close(self, error: BaseException) -> None:
         """Fail all waiters now and forever (transport closed)."""
@@ -256,11 +340,15 @@ class Inbox:
 
     def sweep(self, max_age_s: float) -> int:
         """Drop DONE / FAILED slots nobody claimed for `max_age_s` (returns how many), and `ignore`
-        marks as old."""
+        marks as old; close the connections of headers parked longer than PARK_TTL_S."""
         now, dropped = time.monotonic(), 0
         with self._cond:
             self._ignored = {key: at for key, at in self._ignored.items() if now - at <= max_age_s}
             for key, slot in list(self._slots.items()):
+                if slot.state is SlotState.PARKED and now - slot.updated > PARK_TTL_S:
+                    del self._slots[key]
+                    self._on_reject(slot.endpoint, f"{slot.peer} sent {key!r}, which nobody announced")
+                    continue
                 if slot.state in (SlotState.DONE, SlotState.FAILED) and now - slot.updated > max_age_s:
                     del self._slots[key]
                     dropped += 1

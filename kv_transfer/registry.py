@@ -3,12 +3,15 @@
 Key ``epd:node:{role}:{node_id}``, a hash with the fields of `NodeInfo`, always with a TTL.
 Lifecycle:
 
-1. A node process calls ``lease = NodeRegistry(client).register(info, ttl_s)`` once it
-   listens: the record is written and a daemon heartbeat thread rewrites it (with the latest
-   load, see `NodeLease.update_load`) every ``ttl_s / 3`` seconds, refreshing the TTL.
+1. A node process calls ``lease = NodeRegistry(client, secret).register(info, ttl_s)`` once it
+   listens: the record is written, signed with the cluster secret (`kv_transfer.auth`), and a
+   daemon heartbeat thread rewrites it (with the latest load, see `NodeLease.update_load`) every
+   ``ttl_s / 3`` seconds, refreshing the TTL, with any keys the node asked to keep written (its KV
+   layout, which a Redis restart would otherwise lose).
 2. Readers (the router, a node picking a peer) call `list_nodes(role)`: only keys that still
-   exist are returned, so a node that died, hung or lost Redis drops out once its TTL runs
-   out — no cleanup needed.
+   exist and carry the cluster's signature are returned, so a node that died, hung or lost Redis
+   drops out once its TTL runs out — no cleanup needed — and an entry written by anyone without
+   the secret is never routed to.
 3. On orderly shutdown the node calls `lease.deregister()` (stop heartbeating, delete the key).
 """
 
@@ -22,6 +25,7 @@ from dataclasses import dataclass
 
 import redis
 
+from kv_transfer.auth import ClusterSecret
 from kv_transfer.redis_util import to_str_dict, write_hash
 
 logger = logging.getLogger(__name__)
@@ -34,6 +38,9 @@ def node_key(role: str, node_id: str) -> str:
         if not part or ":" in part or "*" in part:
             raise ValueError(f"{name} must be non-empty without ':' or '*', got {part!r}")
     return f"{KEY_PREFIX}:{role}:{node_id}"
+
+
+ALSO_WRITE_TTL_S = 3600   # keys a lease writes again at every heartbeat (layouts)
 
 
 @dataclass(frozen=True)
@@ -72,9 +79,12 @@ class NodeInfo:
 class NodeLease:
     """A registered node's heartbeat. Created by `NodeRegistry.register`."""
 
-    def __init__(self, client: redis.Redis, info: NodeInfo, ttl_s: float, interval_s: float) -> None:
+    def __init__(self, client: redis.Redis, info: NodeInfo, ttl_s: float, interval_s: float,
+                 secret: ClusterSecret | None = None, also_write: dict[str, str] | None = None) -> None:
         self._client = client
         self._info = info
+        self._secret = secret
+        self._also_write = dict(also_write or {})   # written again at every beat (a Redis restart loses them)
         self._ttl_s = ttl_s
         self._interval_s = interval_s
         self._lock = threading.Lock()
@@ -112,7 +122,11 @@ class NodeLease:
         with self._lock:
             self._info = dataclasses.replace(self._info, heartbeat_at=time.time())
             fields = self._info.to_fields()
+        if self._secret is not None:
+            fields["sig"] = self._secret.sign_fields(fields)
         write_hash(self._client, self.key, fields, self._ttl_s)
+        for key, value in self._also_write.items():
+            self._client.set(key, value, ex=ALSO_WRITE_TTL_S)
 
     def _run(self) -> None:
         while not self._stop.wait(self._interval_s):
@@ -126,11 +140,17 @@ class NodeLease:
 class NodeRegistry:
     """Reads and writes ``epd:node:*`` records."""
 
-    def __init__(self, client: redis.Redis) -> None:
+    def __init__(self, client: redis.Redis, secret: ClusterSecret | None = None) -> None:
+        """With `secret`, entries are signed when written and read only when their signature holds
+        (an entry written without the cluster secret is never listed); without, neither."""
         self._client = client
+        self._secret = secret
+        self._unsigned: set[str] = set()   # keys already logged as unsigned
 
-    def register(self, info: NodeInfo, ttl_s: float = 10.0, interval_s: float | None = None) -> NodeLease:
-        """Publish `info` and keep it alive with a heartbeat every `interval_s` (ttl_s / 3)."""
+    def register(self, info: NodeInfo, ttl_s: float = 10.0, interval_s: float | None = None,
+                 also_write: dict[str, str] | None = None) -> NodeLease:
+        """Publish `info` and keep it alive with a heartbeat every `interval_s` (ttl_s / 3);
+        `also_write` keys are written at each heartbeat too."""
         if ttl_s <= 0:
             raise ValueError("ttl_s must be positive")
         interval = interval_s if interval_s is not None else ttl_s / 3
@@ -138,11 +158,19 @@ class NodeRegistry:
             raise ValueError(f"heartbeat interval {interval}s must be in (0, ttl {ttl_s}s)")
         if not info.started_at:
             info = dataclasses.replace(info, started_at=time.time())
-        return NodeLease(self._client, info, ttl_s, interval)
+        return NodeLease(self._client, info, ttl_s, interval, self._secret, also_write)
 
     def get(self, role: str, node_id: str) -> NodeInfo | None:
         raw = self._client.hgetall(node_key(role, node_id))
-        return NodeInfo.from_fields(to_str_dict(raw)) if raw else None
+        return self._parse(node_key(role, node_id), to_str_dict(raw)) if raw else None
+
+    def _parse(self, key: str, fields: dict[str, str]) -> NodeInfo | None:
+        if self._secret is not None and not self._secret.fields_signed(fields):
+            if key not in self._unsigned:
+                self._unsigned.add(key)
+                logger.warning("ignoring %s: not signed with the cluster secret", key)
+            return None
+        return NodeInfo.from_fields(fields)
 
     def list_nodes(self, role: str) -> list[NodeInfo]:
         """Live nodes of `role`, sorted by node_id."""
@@ -155,5 +183,6 @@ class NodeRegistry:
                 pipe.hgetall(key)
             rows = pipe.execute()
         # A key may expire between SCAN and HGETALL: it comes back empty and is skipped.
-        nodes = [NodeInfo.from_fields(to_str_dict(row)) for row in rows if row]
+        nodes = [node for key, row in zip(keys, rows, strict=True) if row
+                 and (node := self._parse(str(key), to_str_dict(row))) is not None]
         return sorted(nodes, key=lambda n: n.node_id)

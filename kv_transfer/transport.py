@@ -40,6 +40,7 @@ from typing import Any
 import msgpack
 import torch
 
+from kv_transfer.auth import ClusterSecret
 from kv_transfer.errors import PeerLostError, TransferError, TransportClosedError
 from kv_transfer.inbox import Inbox, Message, SlotState
 from kv_transfer.ucx_engine import UcxEngine
@@ -112,6 +113,7 @@ class KVTransport:
         connect_timeout_s: float = 5.0,
         unclaimed_ttl_s: float = 300.0,
         progress_mode: str = "thread",
+        secret: ClusterSecret | None = None,
     ) -> None:
         # A byte lands on this pipe whenever a message finishes or fails and whenever a send
         # completes, so a node's loop can sleep in poll() on it instead of spinning (a spinning
@@ -119,7 +121,11 @@ class KVTransport:
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
-        self._inbox = Inbox(on_change=self._wake)
+        # With the cluster secret (nodes): peers must prove they hold it, and only messages the
+        # control plane announced (`expect`) are read; without (probes, benchmarks): any peer.
+        self._inbox = Inbox(on_change=self._wake, strict=secret is not None,
+                            on_unpark=lambda slot: self._engine.receive_parked(slot),
+                            on_reject=lambda endpoint, why: self._engine.refuse(endpoint, why))
         self._unclaimed_ttl_s = unclaimed_ttl_s
         self._pending: set[Future[SendReport]] = set()
         self._pending_lock = threading.Lock()
@@ -127,7 +133,7 @@ class KVTransport:
         self._thread = threading.Thread(target=self._run_loop, name="kv-transport", daemon=True)
         self._thread.start()
         self._engine = UcxEngine(self._inbox, f"{host}:{port}", device, ucx_options, connect_timeout_s,
-                                 progress_mode)
+                                 progress_mode, secret)
         self._closed = False
         try:
             bound = self._call(self._engine.start(port), timeout=60.0)
@@ -205,18 +211,26 @@ class KVTransport:
         return fut
 
     # ---- receiving ---------------------------------------------------------------------
-    def expect(self, key: str, buffers: Sequence[torch.Tensor] | None = None, *, peer: str | None = None) -> None:
-        """Pre-register destination buffers for `key`, and/or the sender it must come from.
+    def expect(self, key: str, buffers: Sequence[torch.Tensor] | None = None, *, peer: str | None = None,
+               max_bytes: int | None = None) -> None:
+        """Announce `key`: the sender it must come from, the most it may carry, and/or buffers for it.
 
         Buffers must be contiguous and match the sender's tensors in count, dtype and shape;
         a mismatch fails the key (ValueError here if the header is already in). With `peer`,
-        losing the connection to that sender fails the key even before its header arrives.
+        losing the connection to that sender fails the key even before its header arrives. With
+        a cluster secret only announced keys are read: another sender, or more bytes, fail the
+        key and close that connection.
         """
         if buffers is not None:
             for b in buffers:
                 if not b.is_contiguous():
                     raise ValueError("receive buffers must be contiguous")
-        self._inbox.expect(key, buffers, peer)
+        self._inbox.expect(key, buffers, peer, max_bytes)
+
+    @property
+    def refused(self) -> int:
+        """Connections closed: peers without the cluster secret, or messages nobody announced."""
+        return self._engine.refused
 
     def status(self, key: str) -> SlotState | None:
         """EXPECTED / RECEIVING / DONE / FAILED for `key` without consuming it; None if unknown."""

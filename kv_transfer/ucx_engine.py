@@ -28,8 +28,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from kv_transfer.auth import AuthError, ClusterSecret, ProofLedger
 from kv_transfer.errors import PeerLostError, TransferError, TransportClosedError
-from kv_transfer.inbox import Inbox, Slot
+from kv_transfer.inbox import Inbox, Rejected, Slot
 from kv_transfer.wire import (
     CONTROL_TAG,
     MAX_CONTROL_BYTES,
@@ -99,7 +100,11 @@ class UcxEngine:
         ucx_options: dict[str, str] | None,
         connect_timeout_s: float,
         progress_mode: str = "thread",
+        secret: ClusterSecret | None = None,
     ) -> None:
+        self._secret = secret             # with one, peers prove they hold it before anything is read
+        self._proofs = ProofLedger()
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._progress_mode = progress_mode
         self._inbox = inbox
         self._advertised = advertised  # our "host:port" as peers know it (port filled by start)
@@ -112,6 +117,7 @@ class UcxEngine:
         self._out: dict[str, asyncio.Task[_OutPeer]] = {}
         self._lost_at: dict[str, float] = {}   # peer -> when a send to it last failed (monotonic)
         self._incoming: set[Any] = set()
+        self.refused = 0   # connections closed: no proof of the secret, or messages nobody announced
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closing = False
 
@@ -121,6 +127,8 @@ class UcxEngine:
         # about in every process; must be set before libucs loads (on the ucxx import).
         os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
         from ucxx._lib_async import ApplicationContext, application_context
+
+        self._loop = asyncio.get_running_loop()
 
         self._ctx = ApplicationContext(
             self._options, progress_mode=self._progress_mode, enable_python_future=True,
@@ -217,7 +225,9 @@ class UcxEngine:
     async def _open_endpoint(self, peer: str) -> _OutPeer:
         host, port = split_address(peer)
         ep = await self._ctx.create_endpoint(host, port, connect_timeout=self._connect_timeout_s)
-        hello = encode(Hello(self._advertised))
+        nonce, now = os.urandom(16), time.time()
+        proof = self._secret.hello_proof(self._advertised, nonce, now) if self._secret is not None else b""
+        hello = encode(Hello(self._advertised, nonce, now, proof))
         await self._post(ep.send, np.frombuffer(hello, dtype=np.uint8), CONTROL_TAG)
         logger.info("connected to %s", peer)
         return _OutPeer(ep)
@@ -247,6 +257,8 @@ class UcxEngine:
             first = decode(frame.data)
             if not isinstance(first, Hello):
                 raise TransferError(f"expected Hello, got {type(first).__name__}")
+            if self._secret is not None:
+                self._proofs.check(self._secret, first.address, first.nonce, first.sent_at, first.proof)
             peer = first.address
             logger.info("accepted connection from %s", peer)
             self._inbox.on_peer_connected(peer)
@@ -255,8 +267,13 @@ class UcxEngine:
                 header = decode(frame.data)
                 if not isinstance(header, Header):
                     raise TransferError(f"expected Header, got {type(header).__name__}")
-                slot = self._inbox.on_header(header, peer, self._device)
-                self._spawn(self._receive(ep, slot, peer))
+                slot = self._inbox.on_header(header, peer, self._device, ep)
+                if slot is not None:   # else parked until announced (strict inbox)
+                    self._spawn(self._receive(ep, slot, peer))
+        except (AuthError, Rejected) as exc:
+            self.refused += 1
+            logger.warning("closed the connection from %s: %s", peer, exc)
+            self._inbox.on_peer_lost(peer, PeerLostError(f"peer {peer} refused: {exc}"))
         except Exception as exc:
             if not self._closing:
                 logger.warning("connection from %s ended: %s: %s", peer, type(exc).__name__, exc)
@@ -299,6 +316,18 @@ class UcxEngine:
         if self._ctx is not None:
             self._ctx.worker.populate_python_futures_pool()
         await op(buffer, tag=tag)
+
+    def receive_parked(self, slot: Slot) -> None:
+        """A parked message was announced: receive it (any thread)."""
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(lambda: self._spawn(self._receive(slot.endpoint, slot, slot.peer or "")))
+
+    def refuse(self, endpoint: Any, why: str) -> None:
+        """Close a connection whose message a strict inbox refused (any thread)."""
+        self.refused += 1
+        logger.warning("closing a connection: %s", why)
+        if self._loop is not None and endpoint is not None:
+            self._loop.call_soon_threadsafe(endpoint.abort)
 
     def _spawn(self, coro: Any) -> None:
         self._track(asyncio.ensure_future(coro))

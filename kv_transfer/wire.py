@@ -93,9 +93,13 @@ class TensorSpec:
 
 @dataclass(frozen=True)
 class Hello:
-    """First active message on a new endpoint: who is sending."""
+    """First active message on a new endpoint: who is sending, and (with a cluster secret) the
+    proof that it holds it (kv_transfer.auth)."""
 
     address: str
+    nonce: bytes = b""
+    sent_at: float = 0.0
+    proof: bytes = b""
     version: int = PROTOCOL_VERSION
 
 
@@ -121,7 +125,8 @@ _TAG_HEADER = "header"
 def encode(msg: Hello | Header) -> bytes:
     """Framed msgpack of a Hello or Header: 4-byte little-endian length, then the body."""
     if isinstance(msg, Hello):
-        body: dict[str, Any] = {"t": _TAG_HELLO, "v": msg.version, "address": msg.address}
+        body: dict[str, Any] = {"t": _TAG_HELLO, "v": msg.version, "address": msg.address, "nonce": msg.nonce,
+                                "sent_at": msg.sent_at, "proof": msg.proof}
     else:
         body = {
             "t": _TAG_HEADER,
@@ -146,15 +151,31 @@ def decode(frame: bytes | memoryview) -> Hello | Header:
     size = int.from_bytes(frame[:_LEN], "little")
     if size <= 0 or size + _LEN > len(frame):
         raise ValueError(f"bad control frame length {size}")
-    body = msgpack.unpackb(frame[_LEN : _LEN + size], raw=False, strict_map_key=True)
-    if body.get("v") != PROTOCOL_VERSION:
-        raise ValueError(f"transport protocol version {body.get('v')} != {PROTOCOL_VERSION}")
-    if body["t"] == _TAG_HELLO:
-        return Hello(address=body["address"])
-    if body["t"] == _TAG_HEADER:
-        specs = tuple(TensorSpec(d, tuple(shape)) for d, shape in body["specs"])
-        return Header(key=body["key"], seq=body["seq"], specs=specs, meta=body["meta"])
+    try:
+        body = msgpack.unpackb(frame[_LEN : _LEN + size], raw=False, strict_map_key=True)
+        if body.get("v") != PROTOCOL_VERSION:
+            raise ValueError(f"transport protocol version {body.get('v')} != {PROTOCOL_VERSION}")
+        if body["t"] == _TAG_HELLO:
+            hello = Hello(body["address"], bytes(body["nonce"]), float(body["sent_at"]), bytes(body["proof"]))
+            if not isinstance(hello.address, str):
+                raise ValueError("hello without an address")
+            return hello
+        if body["t"] == _TAG_HEADER:
+            specs = tuple(_spec(d, shape) for d, shape in body["specs"])
+            if not isinstance(body["key"], str) or not isinstance(body["seq"], int) or len(specs) > MAX_TENSORS \
+                    or not isinstance(body["meta"], dict):
+                raise ValueError("malformed header")
+            return Header(key=body["key"], seq=body["seq"], specs=specs, meta=body["meta"])
+    except (KeyError, TypeError, AttributeError, msgpack.UnpackException) as e:
+        raise ValueError(f"malformed transport frame: {type(e).__name__}: {e}") from None
     raise ValueError(f"unknown transport message kind {body['t']!r}")
+
+
+def _spec(dtype: Any, shape: Any) -> TensorSpec:
+    dtype_from_name(dtype)   # raises for an unknown dtype
+    if not isinstance(shape, list) or not all(isinstance(n, int) and 0 <= n < 1 << 40 for n in shape):
+        raise ValueError(f"bad tensor shape {shape!r}")
+    return TensorSpec(dtype, tuple(shape))
 
 
 def tensor_tag(seq: int, index: int) -> int:

@@ -22,10 +22,12 @@ import sys
 import uvicorn
 
 from epd.engine.engine_args import add_engine_args, engine_flags, engine_kwargs
+from epd.media.loading import MediaLimits
+from kv_transfer.auth import ClusterSecret
 from router.app import create_app
 from router.backend import Backend
 from router.prompts import PromptBuilder, check_chat_template
-from router.settings import RouterSettings
+from router.settings import RouterSettings, parse_limit_mm_per_prompt
 from router.tool_calls import PARSERS
 
 log = logging.getLogger("epd.router")
@@ -43,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-waiting", type=int, default=1024, help="answer 429 while this many requests wait")
     ap.add_argument("--max-body-bytes", type=int, default=64 << 20, help="answer 413 above this request size")
     ap.add_argument("--media-fetch-timeout", type=float, default=10.0, help="seconds to fetch one image URL")
+    _add_media_limit_args(ap)
     ap.add_argument("--tool-call-parser", default=None, choices=list(PARSERS),
                     help='how tool_choice "auto" finds calls in the answer (hermes: Qwen2/2.5 <tool_call> blocks); '
                          'without it "auto" is refused, "required" and named functions still work')
@@ -52,10 +55,30 @@ def build_parser() -> argparse.ArgumentParser:
                     help="disagg: the node pools in --redis-url (the default when it is given); local: in-process")
     ap.add_argument("--redis-url", default=None, help="disagg: the Redis holding the node pools")
     ap.add_argument("--routing-policy", default="least_load", choices=["least_load", "round_robin"])
+    ap.add_argument("--cluster-secret-file", default=None,
+                    help="disagg: the secret the nodes hold (default: $EPD_CLUSTER_SECRET_FILE, else "
+                         "$EPD_CLUSTER_SECRET; epd serve makes one)")
     add_engine_args(ap.add_argument_group("engine (--backend local; with disagg only --max-model-len, a cap on "
                                           "the context the nodes publish)"))
     ap.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return ap
+
+
+def _add_media_limit_args(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--limit-mm-per-prompt", type=parse_limit_mm_per_prompt, default=None, metavar="JSON|image=N",
+                    help=f"""most items of a modality per request, vLLM's: '{{"image": 4}}' or image=4 (images: """
+                         f"{MediaLimits.max_images} by default); more is a 400 before anything is fetched")
+    ap.add_argument("--max-image-pixels", type=int, default=MediaLimits.max_pixels,
+                    help="most pixels in one image, read from its header before any pixel is decoded "
+                         "(default: %(default)s; lower only, for now)")
+    ap.add_argument("--max-request-pixels", type=int, default=MediaLimits.max_request_pixels,
+                    help="most pixels in a request's images together, each image's counted before it is decoded "
+                         "(default: %(default)s)")
+    ap.add_argument("--allowed-media-domains", nargs="+", default=None, metavar="HOST",
+                    help="fetch image URLs only from these host names (every redirect hop too); default: any host")
+    ap.add_argument("--block-private-media-networks", action="store_true",
+                    help="refuse image URLs whose host resolves to a private, loopback or other non-global address "
+                         "(link-local / cloud-metadata addresses are refused always)")
 
 
 def make_backend(args: argparse.Namespace) -> Backend:
@@ -75,7 +98,9 @@ def make_backend(args: argparse.Namespace) -> Backend:
                              f"(epd serve passes them to its nodes)")
         from router.pipeline import DisaggBackend
 
-        return DisaggBackend(args.model, args.redis_url, policy=args.routing_policy, max_model_len=args.max_model_len)
+        secret = ClusterSecret.load(args.cluster_secret_file)
+        return DisaggBackend(args.model, args.redis_url, secret, policy=args.routing_policy,
+                             max_model_len=args.max_model_len)
     raise ValueError(f"unknown backend {kind!r}")
 
 

@@ -24,6 +24,7 @@ from typing import Any
 from epd import protocol
 from epd.config import ModelConfig, load_tokenizer
 from epd.engine.inputs import InputProcessor, ProcessedInput
+from kv_transfer.auth import ClusterSecret
 from kv_transfer.layout import KVLayout, LayoutMismatchError
 from kv_transfer.redis_util import connect
 from kv_transfer.rooms import RoomStore
@@ -55,7 +56,7 @@ class Flight:
 
 
 class DisaggBackend:
-    def __init__(self, model_path: str, redis_url: str, policy: str = "least_load",
+    def __init__(self, model_path: str, redis_url: str, secret: ClusterSecret, policy: str = "least_load",
                  refresh_s: float = 0.5, request_timeout_s: float = 600.0, max_model_len: int | None = None) -> None:
         self.config = ModelConfig.from_pretrained(model_path)
         self.tokenizer = load_tokenizer(model_path)
@@ -64,10 +65,10 @@ class DisaggBackend:
         # the context is checked where the request is prepared (router.prompts) and again by the nodes
         self.inputs = InputProcessor(self.config, self.tokenizer, 1 << 62, with_pixels=False)
         self.redis = connect(redis_url)
-        self.pool = PoolView(self.redis, policy)
+        self.pool = PoolView(self.redis, secret, policy)
         self.rooms = RoomStore(self.redis)
         self.sessions = SessionStore(self.redis)
-        self.clients = NodeClients()
+        self.clients = NodeClients(secret)
         self.refresh_s = refresh_s
         self.request_timeout_s = request_timeout_s
         self.inflight: dict[str, Flight] = {}
@@ -202,7 +203,7 @@ class DisaggBackend:
                 try:
                     KVLayout.from_dict(json.loads(ours)).check_compatible(
                         KVLayout.from_dict(json.loads(theirs)), ours="prefill", theirs="decode")
-                except LayoutMismatchError as e:
+                except (LayoutMismatchError, ValueError) as e:
                     return f"cannot pair prefill node {prefill.node_id} with decode node {decode.node_id}: {e}"
         return "KV layout mismatch between the prefill and decode pools"
 
@@ -211,15 +212,15 @@ class DisaggBackend:
         params = _params_dict(req)
         kv_ipc = bool(p.kv_ipc) and p.kv_ipc == d.kv_ipc
         if inp.images:   # first: the encoder is the head of the critical path
-            images = [dataclasses.asdict(protocol.ImagePayload(im.source.width, im.source.height, im.source_rgb,
-                                                               im.content_hash or "", im.layout.to_wire()))
-                      for im in inp.images]
+            images = [protocol.ImagePayload(im.source.width, im.source.height, im.source_rgb, im.content_hash or "",
+                                            im.layout.to_wire()) for im in inp.images]
             await self.clients.send(flight.nodes["encoder"].zmq, protocol.EncodeRequest(req.rid, images,
                                                                                        p.node_id, p.ucx))
         await asyncio.to_thread(self._open, flight)   # the encoder needs no room: it is already at work
         await self.clients.send(p.zmq, protocol.PrefillRequest(
             req.rid, inp.input_ids, [im.layout.to_wire() for im in inp.images], params, d.node_id, d.ucx,
-            flight.nodes["encoder"].node_id if inp.images else "", kv_ipc=kv_ipc,
+            flight.nodes["encoder"].node_id if inp.images else "",
+            encoder_ucx=flight.nodes["encoder"].ucx if inp.images else "", kv_ipc=kv_ipc,
             image_hashes=[im.content_hash or "" for im in inp.images]))
         await self.clients.send(d.zmq, protocol.DecodeRequest(req.rid, inp.input_ids, params, p.node_id,
                                                               p.layout_hash, p.ucx, kv_ipc))

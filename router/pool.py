@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 import redis
 
+from kv_transfer.auth import ClusterSecret
 from kv_transfer.registry import NodeInfo, NodeRegistry
 
 ROLES = ("encoder", "prefill", "decode")
@@ -25,10 +26,11 @@ class NoNodeError(RuntimeError):
 
 
 class PoolView:
-    def __init__(self, client: redis.Redis, policy: str = "least_load") -> None:
+    def __init__(self, client: redis.Redis, secret: ClusterSecret, policy: str = "least_load") -> None:
+        """Only nodes whose registry entry carries the cluster's signature are seen."""
         if policy not in POLICIES:
             raise ValueError(f"unknown routing policy {policy!r}; choose from {', '.join(POLICIES)}")
-        self.registry = NodeRegistry(client)
+        self.registry = NodeRegistry(client, secret)
         self.policy = policy
         self.nodes: dict[str, dict[str, NodeInfo]] = {role: {} for role in ROLES}
         self.inflight: dict[str, int] = defaultdict(int)

@@ -2,8 +2,11 @@
 
 Lifecycle of a chat request in `PromptBuilder.chat`:
 1. render `messages` with the chat template (`--chat-template` NAME|FILE, else the tokenizer's);
-2. fetch every image concurrently with `aload_image` and the server-safe settings (no local files
-   unless under `--allowed-local-media-path`, link-local / metadata hosts refused); the first
+2. count the images against `--limit-mm-per-prompt` (a 400 before anything is fetched), then fetch
+   every image concurrently with `aload_image` and the server-safe settings (no local files unless
+   under `--allowed-local-media-path`, link-local / metadata hosts refused, `--allowed-media-domains`),
+   each reserving its header's pixels from the request's `PixelBudget` before it is decoded on the
+   builder's decoder pool (`decode_threads` images decoding at once, over all requests); the first
    failure cancels the other fetches and becomes a 400 naming the message part;
 3. tokenize and expand each image placeholder to the image's token count (the layout comes from
    the image size alone; pixels are left to the backend), in a worker thread: the request's
@@ -18,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,7 +31,7 @@ from PIL import Image
 from epd.chat.conversation import ChatTemplateError, ImageRef, render_messages
 from epd.config import ModelConfig, load_tokenizer
 from epd.engine.inputs import InputProcessor, ProcessedInput, outside_vocabulary
-from epd.media.loading import MediaError, MediaLimits, aload_image
+from epd.media.loading import MediaError, MediaLimits, PixelBudget, aload_image
 from router.openai_format import APIError
 
 _UNLIMITED = 1 << 62     # the context check is done here, with the client-facing wording
@@ -64,9 +68,11 @@ class PromptBuilder:
         self.chat_template = chat_template
         self.allowed_dir = allowed_local_media_path
         self.limits = media_limits or MediaLimits()
-        self.inputs = InputProcessor(self.config, self.tokenizer, _UNLIMITED, with_pixels=False, image_keys=False)
+        self.inputs = InputProcessor(self.config, self.tokenizer, _UNLIMITED, with_pixels=False, image_keys=False,
+                                     limits=self.limits)
         self._lock = threading.Lock()      # one tokenizer, several worker threads
         self._http: httpx.AsyncClient | None = None
+        self._decoder: ThreadPoolExecutor | None = None   # shared by every request: bounds decoding memory
 
     @property
     def max_context(self) -> int:
@@ -77,6 +83,9 @@ class PromptBuilder:
         if self._http is not None:
             await self._http.aclose()
             self._http = None
+        if self._decoder is not None:
+            self._decoder.shutdown(wait=False, cancel_futures=True)
+            self._decoder = None
 
     # ---- the two kinds of request ---------------------------------------------------------------
     async def chat(self, messages: list[Any], check_context: bool = True,
@@ -145,11 +154,18 @@ class PromptBuilder:
     async def _fetch(self, refs: list[ImageRef]) -> list[Image.Image]:
         if not refs:
             return []
+        limit = self.limits.max_images
+        if len(refs) > limit:
+            raise APIError(400, f"At most {limit} image(s) may be provided in one prompt; this request has "
+                                f"{len(refs)}. Set `--limit-mm-per-prompt` to increase this limit.", refs[limit].param)
         if self._http is None:
             self._http = httpx.AsyncClient()
+        if self._decoder is None:
+            self._decoder = ThreadPoolExecutor(self.limits.decode_threads, thread_name_prefix="epd-decode")
+        budget = PixelBudget(self.limits.max_request_pixels)
         try:
             async with asyncio.TaskGroup() as group:
-                tasks = [group.create_task(self._load(ref, i)) for i, ref in enumerate(refs)]
+                tasks = [group.create_task(self._load(ref, i, budget)) for i, ref in enumerate(refs)]
         except ExceptionGroup as eg:
             bad = [e for e in eg.exceptions if isinstance(e, MediaError)]
             if bad:
@@ -157,9 +173,10 @@ class PromptBuilder:
             raise
         return [t.result() for t in tasks]
 
-    async def _load(self, ref: ImageRef, index: int) -> Image.Image:
+    async def _load(self, ref: ImageRef, index: int, budget: PixelBudget) -> Image.Image:
         if isinstance(ref.url, str):
             return await aload_image(ref.url, allowed_local_dir=self.allowed_dir, allow_any_local=False,
-                                     limits=self.limits, index=index, param=ref.param, client=self._http)
+                                     limits=self.limits, index=index, param=ref.param, client=self._http,
+                                     budget=budget, decoder=self._decoder)
         raise MediaError(f"image {index + 1}: give an image as a URL, data URI or (where allowed) a file path",
                          index=index, param=ref.param)

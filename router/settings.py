@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from dataclasses import dataclass, field
 
 from epd.media.loading import MediaLimits
+
+_MODALITIES = ("image", "video", "audio")   # vLLM's; only images reach this router, the others are moot
 
 
 @dataclass(frozen=True)
@@ -34,6 +37,48 @@ class RouterSettings:
             allowed_local_media_path=os.path.realpath(media) if media else None,
             max_waiting=args.max_waiting,
             max_body_bytes=args.max_body_bytes,
-            media_limits=MediaLimits(fetch_timeout_s=args.media_fetch_timeout),
+            media_limits=media_limits_from_cli(args),
             tool_call_parser=args.tool_call_parser,
         )
+
+
+def media_limits_from_cli(args: argparse.Namespace) -> MediaLimits:
+    """The media flags as `MediaLimits`."""
+    domains = args.allowed_media_domains
+    return MediaLimits(
+        fetch_timeout_s=args.media_fetch_timeout,
+        max_images=(args.limit_mm_per_prompt or {}).get("image", MediaLimits.max_images),
+        max_pixels=args.max_image_pixels,
+        max_request_pixels=args.max_request_pixels,
+        allowed_domains=frozenset(domains) if domains is not None else None,
+        block_private_networks=args.block_private_media_networks,
+    )
+
+
+def parse_limit_mm_per_prompt(text: str) -> dict[str, int]:
+    """vLLM's --limit-mm-per-prompt: JSON ('{"image": 4}'; a modality's value a count or {"count": 4, ...})
+    or the legacy 'image=4,video=0'. Raises argparse.ArgumentTypeError, which argparse prints."""
+    given: object = None
+    if text.lstrip().startswith("{"):
+        try:
+            given = json.loads(text)
+        except ValueError:
+            pass
+    else:
+        pairs = [part.partition("=") for part in text.split(",")]
+        if all(sep for _, sep, _ in pairs):
+            given = {key.strip(): value.strip() for key, _, value in pairs}
+    if not isinstance(given, dict) or not given:
+        raise argparse.ArgumentTypeError(f"expected JSON like '{{\"image\": 4}}' or 'image=4', not {text!r}")
+    return {modality: _item_count(modality, value) for modality, value in given.items()}
+
+
+def _item_count(modality: str, value: object) -> int:
+    if modality not in _MODALITIES:
+        raise argparse.ArgumentTypeError(f"unknown modality {modality!r} (vLLM's are {', '.join(_MODALITIES)})")
+    count = value.get("count") if isinstance(value, dict) else value
+    if isinstance(count, str) and count.isdigit():
+        count = int(count)
+    if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+        raise argparse.ArgumentTypeError(f"{modality}: the limit must be a whole number >= 0, not {count!r}")
+    return count

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from deploy.procs import Cluster, NodeProc
 from deploy.redis_proc import PrivateRedis
 from epd.engine.sampling import SamplingParams
+from kv_transfer.auth import ClusterSecret
 from router.backend import BackendError, BackendRequest
 from router.pipeline import DisaggBackend
 
@@ -32,7 +33,7 @@ class Harness:
     def __init__(self, cluster: Cluster, redis_url: str) -> None:
         self.cluster = cluster
         self.loop = asyncio.new_event_loop()
-        self.backend = DisaggBackend(cluster.model, redis_url, refresh_s=0.25)
+        self.backend = DisaggBackend(cluster.model, redis_url, ClusterSecret.load(cluster.secret_file), refresh_s=0.25)
         self.run(self.backend.start())
         self._rid = 0
 

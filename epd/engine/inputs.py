@@ -21,7 +21,7 @@ from PIL import Image
 
 from epd.config import ModelConfig
 from epd.errors import InputError
-from epd.media.loading import image_content_hash, load_image
+from epd.media.loading import DEFAULT_LIMITS, MediaLimits, image_content_hash, load_image
 from epd.models.family import DecodeState, ImageLayout
 
 __all__ = ["ImageInput", "InputError", "InputProcessor", "ProcessedInput", "build_processed", "outside_vocabulary"]
@@ -52,11 +52,14 @@ class ProcessedInput:
 
 class InputProcessor:
     def __init__(self, config: ModelConfig, tokenizer: Any, max_context: int, with_pixels: bool = True,
-                 resize_on_device: bool = False, image_keys: bool = True) -> None:
+                 resize_on_device: bool = False, image_keys: bool = True,
+                 limits: MediaLimits = DEFAULT_LIMITS) -> None:
         """with_pixels=False (the router): images get their layout from their size only; the
         encoder node preprocesses the pixels. resize_on_device: the vision tower is on a GPU (see
         the family's image processor). image_keys=False (a prompt check that only counts tokens):
-        images get no raw RGB copy and no content hash (~3 ms a 720p image)."""
+        images get no raw RGB copy and no content hash (~3 ms a 720p image). limits: what an image
+        may be (the router's own, for the images it fetched and checked with them)."""
+        self.limits = limits
         self.with_pixels = with_pixels
         self.image_keys = image_keys
         self.config = config
@@ -73,7 +76,7 @@ class InputProcessor:
         if not ids:
             raise InputError("the prompt is empty", "prompt")
         items = list(image_data or [])
-        loaded = {i: load_image(item, index=i, allow_any_local=True)
+        loaded = {i: load_image(item, index=i, allow_any_local=True, limits=self.limits)
                   for i, item in enumerate(items) if not isinstance(item, dict)}
         images = [self._precomputed(i, item) if isinstance(item, dict) else self._image(loaded[i], len(items))
                   for i, item in enumerate(items)]

@@ -2,11 +2,15 @@
 
 `fetch(url, limits, where, client)` GETs the URL with a byte cap and one deadline for the whole
 fetch, following at most ``limits.max_redirects`` redirects by hand so that every hop is checked:
-http(s) only, and with ``block_link_local`` / ``block_private_networks`` every address the host
-resolves to must pass. A plain-http request then goes to the address that was checked (the Host
-header keeps the name), so a DNS answer that changes between the check and the connection (DNS
-rebinding) cannot point it elsewhere; https needs no pin, as the server must prove the name with
-its certificate. Errors are ``where.error(...)`` (``MediaError``), never echoing URL credentials.
+http(s) only, the host one of ``allowed_domains`` when that is set, and with ``block_link_local`` /
+``block_private_networks`` every address the host resolves to must pass `address_refusal`. An IPv6
+address that reaches an IPv4 one (IPv4-mapped ``::ffff:a.b.c.d``, NAT64 ``64:ff9b::/96``, 6to4
+``2002::/16``, Teredo, SIIT, IPv4-compatible ``::a.b.c.d``) is judged as that IPv4 address too;
+NAT64 prefixes a network chose for itself cannot be known here. A plain-http request then goes to
+the address that was checked (the Host header keeps the name), so a DNS answer that changes between
+the check and the connection (DNS rebinding) cannot point it elsewhere; https needs no pin, as the
+server must prove the name with its certificate. Errors are ``where.error(...)`` (``MediaError``),
+never echoing URL credentials.
 """
 
 from __future__ import annotations
@@ -27,6 +31,9 @@ if TYPE_CHECKING:   # types only: epd.media.loading imports this module
 HEADERS = {"User-Agent": "epd-media/0.1", "Accept": "image/*"}
 # Link-local covers 169.254.0.0/16 (AWS, GCP, Azure metadata); these are the other well-known ones.
 _METADATA_NETS = (ipaddress.ip_network("100.100.100.200/32"), ipaddress.ip_network("fd00:ec2::254/128"))
+# IPv6 ranges whose low 32 bits are an IPv4 address the packets go to: NAT64's well-known and local-use
+# prefixes (RFC 6052's /96 form), SIIT's IPv4-translated and the deprecated IPv4-compatible addresses.
+_LOW32_NETS = tuple(ipaddress.ip_network(n) for n in ("64:ff9b::/96", "64:ff9b:1::/48", "::ffff:0:0:0/96", "::/96"))
 _Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
@@ -34,13 +41,44 @@ def short(text: str, limit: int = 120) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
-def _check_url(url: str, where: _Where) -> httpx.URL:
+def reached_ipv4(ip: _Address) -> list[ipaddress.IPv4Address]:
+    """The IPv4 addresses an IPv6 address reaches through a translation or a tunnel; [] for any other."""
+    if isinstance(ip, ipaddress.IPv4Address):
+        return []
+    if ip.ipv4_mapped is not None:
+        return [ip.ipv4_mapped]
+    if ip.sixtofour is not None:
+        return [ip.sixtofour]
+    if ip.teredo is not None:
+        return list(ip.teredo)   # (server, client)
+    if any(ip in net for net in _LOW32_NETS) and not (ip.is_loopback or ip.is_unspecified):
+        return [ipaddress.IPv4Address(int(ip) & 0xFFFF_FFFF)]
+    return []
+
+
+def address_refusal(ip: _Address, limits: MediaLimits) -> str | None:
+    """What kind of address the policy refuses ``ip`` as, or None when it may be fetched from."""
+    reached = reached_ipv4(ip)
+    if limits.block_link_local and any(a.is_link_local or any(a in net for net in _METADATA_NETS)
+                                       for a in (ip, *reached)):
+        return "a link-local / metadata address"
+    # a translated address is judged by where it goes: ::ffff:8.8.8.8 is public, 64:ff9b::a00:1 is not
+    if limits.block_private_networks and not all(a.is_global for a in reached or [ip]):
+        return "a private-network address"
+    return None
+
+
+def _check_url(url: str, limits: MediaLimits, where: _Where) -> httpx.URL:
     try:
         parsed = httpx.URL(url)
     except (httpx.InvalidURL, ValueError) as exc:
         raise where.error(f"invalid URL {short(url)!r}") from exc
     if parsed.scheme not in ("http", "https") or not parsed.host:
         raise where.error(f"not an http(s) URL with a host: {short(url)!r}")
+    allowed = limits.allowed_domains
+    if allowed is not None and parsed.host.rstrip(".").lower() not in allowed:
+        listed = ", ".join(sorted(allowed)) or "none"
+        raise where.error(f"URL host {parsed.host!r} is not one of the allowed media domains ({listed})")
     return parsed
 
 
@@ -64,12 +102,11 @@ async def _check_host(url: httpx.URL, limits: MediaLimits, where: _Where) -> lis
     checked: list[_Address] = []
     for *_, sockaddr in infos:
         ip = ipaddress.ip_address(str(sockaddr[0]).split("%")[0])
+        refused = address_refusal(ip, limits)
+        if refused:
+            raise where.error(f"URL host resolves to {refused}: {_shown(url)}")
         if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
             ip = ip.ipv4_mapped
-        if limits.block_link_local and (ip.is_link_local or any(ip in n for n in _METADATA_NETS)):
-            raise where.error(f"URL host resolves to a link-local / metadata address: {_shown(url)}")
-        if limits.block_private_networks and not ip.is_global:
-            raise where.error(f"URL host resolves to a private-network address: {_shown(url)}")
         if ip not in checked:
             checked.append(ip)
     return checked
@@ -118,7 +155,7 @@ async def fetch(url: str, limits: MediaLimits, where: _Where,
     try:
         async with asyncio.timeout(limits.fetch_timeout_s):
             for _ in range(limits.max_redirects + 1):
-                target = _check_url(url, where)
+                target = _check_url(url, limits, where)
                 addresses = await _check_host(target, limits, where)
                 resp = await _get(http, target, addresses, limits.fetch_timeout_s)
                 try:

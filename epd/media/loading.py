@@ -6,7 +6,11 @@ Lifecycle of one item in ``load_image`` / ``aload_image``:
 2. bytes: decode the data URI, read the file under the local-file policy, or stream the URL with a
    byte cap and a deadline, following at most ``max_redirects`` redirects, each hop re-checked.
 3. decode: sniff magic bytes and refuse formats not allowed; check the header's size before any
-   pixel is decoded (bomb guard); ``verify()`` then ``load()`` so truncated data fails here.
+   pixel is decoded (bomb guard: ``max_pixels`` per image, and the request's ``PixelBudget``, which
+   each image reserves its header's pixels from, for ``max_request_pixels``); ``verify()`` then
+   ``load()`` so truncated data fails here. ``aload_image`` decodes on the ``decoder`` pool given:
+   its size bounds the images decoding at once across requests, so the pixels held by decoding stay
+   under ``decode_threads * max_pixels * 3`` bytes (RGB).
 4. normalise: EXIF orientation applied, first frame only, RGB with alpha composited on white.
 
 Formats: PNG, JPEG, WEBP, GIF, BMP (OpenAI's list plus BMP); TIFF is opt-in (big parser, multi-page,
@@ -16,8 +20,9 @@ is 1 px because Qwen2-VL's processor scales small images up itself.
 Local files: ``allowed_local_dir=None, allow_any_local=True`` (offline Engine) reads any path.
 The HTTP router passes ``allow_any_local=False`` and, to serve files at all, ``allowed_local_dir``;
 paths (relative ones taken from it) must stay inside it once ``..`` and symlinks are resolved.
-Network (``epd.media.fetching``): ``block_link_local`` (default on) refuses hosts resolving to
-link-local / cloud-metadata addresses (169.254.169.254); loopback stays allowed.
+Network (``epd.media.fetching``): ``allowed_domains`` (None: any host) names the hosts URLs may
+point at; ``block_link_local`` (default on) refuses hosts resolving to link-local / cloud-metadata
+addresses (169.254.169.254, also as NAT64 / 6to4 / IPv4-mapped IPv6); loopback stays allowed.
 ``block_private_networks`` refuses every non-global address. An environment proxy is trusted.
 
 Failures raise ``MediaError`` (a ``ValueError``): the message starts "image N:" (1-based);
@@ -34,7 +39,8 @@ import io
 import os
 import re
 import stat
-from concurrent.futures import ThreadPoolExecutor
+import threading
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,9 +75,12 @@ class MediaError(ValueError):
 
 @dataclass(frozen=True)
 class MediaLimits:
-    """What the loader accepts; built once at start-up and shared by every request."""
+    """What a request's images may be; built once at start-up and shared by every request."""
 
-    max_pixels: int = 50_000_000
+    max_pixels: int = 25_000_000  # per image, from its header: 4K and 24 MP photos pass, a 49 MP bomb does not
+    max_request_pixels: int = 100_000_000  # a request's images together; ~128k Qwen2-VL tokens of 28x28 px
+    max_images: int = 32  # per request, counted before anything is fetched (vLLM's --limit-mm-per-prompt)
+    decode_threads: int = 4  # images decoding at once, over all requests (the router's decoder pool)
     min_side: int = 1
     max_aspect_ratio: float = 200.0  # Qwen2-VL's processor refuses anything longer
     max_bytes: int = 20 * 1024 * 1024  # encoded size, for every kind of source
@@ -80,12 +89,17 @@ class MediaLimits:
     max_redirects: int = 3
     block_link_local: bool = True
     block_private_networks: bool = False
+    allowed_domains: frozenset[str] | None = None  # URL hosts that may be fetched, exactly; None: any
 
     def __post_init__(self) -> None:
-        if min(self.max_pixels, self.min_side, self.max_bytes, self.max_aspect_ratio) < 1 or (
-            self.max_redirects < 0 or self.fetch_timeout_s <= 0
+        sizes = (self.max_pixels, self.max_request_pixels, self.decode_threads, self.min_side, self.max_bytes)
+        if min(*sizes, self.max_aspect_ratio) < 1 or (
+            self.max_images < 0 or self.max_redirects < 0 or self.fetch_timeout_s <= 0
         ):
-            raise ValueError("MediaLimits: sizes and max_aspect_ratio must be >= 1, timeouts > 0")
+            raise ValueError("MediaLimits: sizes and max_aspect_ratio must be >= 1, counts >= 0, timeouts > 0")
+        if self.allowed_domains is not None:  # compared with a URL's host, lower case and without a final dot
+            names = frozenset(name.strip().rstrip(".").lower() for name in self.allowed_domains)
+            object.__setattr__(self, "allowed_domains", names)
         if not self.allowed_formats <= _DECODABLE:
             raise ValueError(f"MediaLimits: allowed_formats must be a subset of {sorted(_DECODABLE)}")
 
@@ -100,6 +114,27 @@ class _Where:
 
     def error(self, detail: str) -> MediaError:
         return MediaError(f"image {self.index + 1}: {detail}", index=self.index, param=self.param)
+
+
+class PixelBudget:
+    """One request's pixels (``max_request_pixels``): each of its images reserves its header's size
+    before a pixel of it is decoded, so the request's images never decode past the cap; the image
+    that would cross it fails the request. Thread-safe: reservations come from decoder threads."""
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self.used = 0
+        self._lock = threading.Lock()
+
+    def reserve(self, size: tuple[int, int], where: _Where) -> None:
+        width, height = size
+        with self._lock:
+            total = self.used + width * height
+            if total > self.cap:
+                mp, cap = total / 1e6, self.cap / 1e6
+                raise where.error(f"size {width}x{height} brings the request's images to {mp:.3g} MP, over "
+                                  f"the {cap:g} MP per-request limit")
+            self.used = total
 
 
 def load_image(
@@ -120,18 +155,18 @@ def load_image(
 async def aload_image(
     item: ImageItem, *, allowed_local_dir: str | None = None, allow_any_local: bool = True,
     limits: MediaLimits = DEFAULT_LIMITS, index: int = 0, param: str | None = None,
-    client: httpx.AsyncClient | None = None,
+    client: httpx.AsyncClient | None = None, budget: PixelBudget | None = None, decoder: Executor | None = None,
 ) -> Image.Image:
     """``load_image`` for the router: URLs are fetched through ``client`` (a temporary one if None);
-    file reads and decoding run in a worker thread so the event loop never waits on them."""
+    file reads run in a worker thread and decoding on ``decoder`` (asyncio's default threads if None),
+    so the event loop never waits on them. ``budget``: the request's, shared by all its images."""
     where = _Where(index, param)
+    loop = asyncio.get_running_loop()
     if isinstance(item, Image.Image):
-        return await asyncio.to_thread(_from_pil, item, limits, where)
+        return await loop.run_in_executor(decoder, _from_pil, item, limits, where, budget)
     source = await asyncio.to_thread(_read_source, item, allowed_local_dir, allow_any_local, limits, where)
-    if isinstance(source, bytes):
-        return await asyncio.to_thread(_decode, source, limits, where)
-    data, content_type = await fetch(source, limits, where, client)
-    return await asyncio.to_thread(_decode, data, limits, where, content_type)
+    data, content_type = (source, None) if isinstance(source, bytes) else await fetch(source, limits, where, client)
+    return await loop.run_in_executor(decoder, _decode, data, limits, where, content_type, budget)
 
 
 _HASH_SLICE = 1 << 19
@@ -254,14 +289,15 @@ def _check_geometry(size: tuple[int, int], limits: MediaLimits, where: _Where) -
         raise where.error(f"size {width}x{height} is below the minimum side of {limits.min_side} px")
     if width * height > limits.max_pixels:
         mp, cap = width * height / 1e6, limits.max_pixels / 1e6
-        raise where.error(f"size {width}x{height} = {mp:.1f} MP is over the {cap:g} MP limit (bomb?)")
+        raise where.error(f"size {width}x{height} = {mp:.1f} MP is over the {cap:g} MP per-image limit (bomb?)")
     ratio = max(width, height) / min(width, height)
     if ratio > limits.max_aspect_ratio:
         cap = f"{limits.max_aspect_ratio:g}:1"
         raise where.error(f"aspect ratio {ratio:.0f}:1 ({width}x{height}) is over the {cap} limit")
 
 
-def _decode(data: bytes, limits: MediaLimits, where: _Where, content_type: str | None = None) -> Image.Image:
+def _decode(data: bytes, limits: MediaLimits, where: _Where, content_type: str | None = None,
+            budget: PixelBudget | None = None) -> Image.Image:
     if not data:
         raise where.error("no image data (0 bytes)")
     if len(data) > limits.max_bytes:
@@ -276,6 +312,8 @@ def _decode(data: bytes, limits: MediaLimits, where: _Where, content_type: str |
     try:
         with Image.open(io.BytesIO(data), formats=[fmt]) as probe:
             _check_geometry(probe.size, limits, where)  # header only: nothing decoded yet
+            if budget is not None:
+                budget.reserve(probe.size, where)
             probe.verify()
         img = Image.open(io.BytesIO(data), formats=[fmt])
         img.load()
@@ -288,8 +326,10 @@ def _decode(data: bytes, limits: MediaLimits, where: _Where, content_type: str |
     return _to_rgb(img, where, owned=True)
 
 
-def _from_pil(img: Image.Image, limits: MediaLimits, where: _Where) -> Image.Image:
+def _from_pil(img: Image.Image, limits: MediaLimits, where: _Where, budget: PixelBudget | None = None) -> Image.Image:
     _check_geometry(img.size, limits, where)
+    if budget is not None:
+        budget.reserve(img.size, where)
     try:
         img.load()
     except Exception as exc:
@@ -297,12 +337,15 @@ def _from_pil(img: Image.Image, limits: MediaLimits, where: _Where) -> Image.Ima
     return _to_rgb(img, where, owned=False)
 
 
+_ORIENTATION = 0x0112   # the EXIF tag
+
+
 def _to_rgb(img: Image.Image, where: _Where, owned: bool) -> Image.Image:
     """RGB, EXIF orientation applied. An image we decoded ourselves (`owned`) is turned in place;
     a caller's image never changes (exif_transpose then returns a new one: ~5 ms for 720p)."""
     if owned:
         ImageOps.exif_transpose(img, in_place=True)
-    else:
+    elif img.getexif().get(_ORIENTATION, 1) != 1:   # (without a turn to apply it would copy all the same)
         img = ImageOps.exif_transpose(img)
     if img.mode == "RGB":
         return img

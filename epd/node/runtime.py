@@ -16,6 +16,7 @@ shutdown().
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -31,6 +32,7 @@ import zmq
 
 from epd import protocol
 from epd.engine.engine_args import add_engine_args, engine_kwargs
+from kv_transfer.auth import AuthError, ClusterSecret
 from kv_transfer.layout import KVLayout
 from kv_transfer.redis_util import connect
 from kv_transfer.registry import NodeInfo, NodeRegistry
@@ -52,6 +54,7 @@ class NodeArgs:
     layer_group_size: int
     kv_timeout: float
     engine: dict[str, Any]               # EngineConfig fields (epd.engine.engine_args)
+    secret: ClusterSecret = dataclasses.field(repr=False)
     log_level: str = "INFO"
     kv_ipc: bool = True
     ucx_progress: str = "thread"
@@ -76,14 +79,21 @@ class NodeArgs:
                         help="UCX progress thread; thread-polling spins a core (lower latency on an idle CPU "
                              "host, slower TTFT measured on the H100 host, see BENCHMARKS.md)")
         add_engine_args(ap.add_argument_group("engine"))
+        ap.add_argument("--cluster-secret-file", default=None,
+                        help="the cluster secret every node and router holds (default: $EPD_CLUSTER_SECRET_FILE, "
+                             "else $EPD_CLUSTER_SECRET; epd serve makes one)")
         ap.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
         a = ap.parse_args(argv)
+        try:
+            secret = ClusterSecret.load(a.cluster_secret_file)
+        except (OSError, ValueError) as e:
+            ap.error(str(e))
         node_id = a.node_id or f"{role}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:4]}"
         engine = engine_kwargs(a)
         if role == "decode":   # a decode node computes no prompt: nothing to cache
             engine["disable_prefix_caching"] = True
         return cls(role, a.model, a.redis_url, a.host, a.port, node_id, a.heartbeat_ttl, a.layer_group_size,
-                   a.kv_timeout, engine, a.log_level, not a.no_kv_ipc, a.ucx_progress)
+                   a.kv_timeout, engine, secret, a.log_level, not a.no_kv_ipc, a.ucx_progress)
 
 
 class Service(Protocol):
@@ -131,15 +141,17 @@ class NodeRuntime:
         self.poller = zmq.Poller()   # control messages, or a KV/embedding message landing
         self.poller.register(self.sock, zmq.POLLIN)
         self.poller.register(self.transport.wakeup_fd, zmq.POLLIN)
-        layout_hash = ""
-        if layout is not None:
+        layout_hash, keep = "", {}
+        if layout is not None:   # kept written by the heartbeat: a restarted Redis has it again
             layout_hash = layout.layout_hash()
-            self.redis.set(LAYOUT_KEY.format(layout_hash), json.dumps(layout.to_dict()), ex=7 * 86400)
+            keep[LAYOUT_KEY.format(layout_hash)] = json.dumps(layout.to_dict())
         info = NodeInfo(role=args.role, node_id=args.node_id, zmq=self.zmq_address, ucx=self.transport.address,
                         model=os.path.basename(os.path.normpath(args.model)), layout_hash=layout_hash,
                         capacity=capacity, started_at=time.time(), kv_ipc=kv_ipc if args.kv_ipc else "",
                         max_context=max_context)
-        self.lease = NodeRegistry(self.redis).register(info, ttl_s=args.heartbeat_ttl)
+        self.secret = args.secret
+        self.lease = NodeRegistry(self.redis, self.secret).register(info, ttl_s=args.heartbeat_ttl, also_write=keep)
+        self.rejected = 0   # control messages refused (not the cluster's, or malformed)
         self.node_id = args.node_id
 
     def recv(self, timeout_ms: int) -> list[tuple[bytes, Any]]:
@@ -153,17 +165,22 @@ class NodeRuntime:
                 return out
         while True:
             try:   # without copying the frame out of ZMQ's buffer (an image's pixels: megabytes)
-                identity, frame = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return out
             try:
-                out.append((identity.bytes, protocol.decode(frame.buffer)))
-            except protocol.ProtocolError as e:
-                log.warning("dropping control message: %s", e)
+                if len(frames) != 3:
+                    raise AuthError(f"{len(frames) - 1} frames where a sealed message has 2")
+                payload = self.secret.unseal(frames[1].buffer, frames[2].buffer)
+                out.append((frames[0].bytes, protocol.decode(payload)))
+            except (AuthError, protocol.ProtocolError) as e:
+                self.rejected += 1
+                if self.rejected <= 10 or self.rejected % 1000 == 0:   # a flood is not a log flood
+                    log.warning("refused control message %d: %s", self.rejected, e)
 
     def send(self, identity: bytes, msg: Any) -> None:
         try:
-            self.sock.send_multipart([identity, protocol.encode(msg)], zmq.NOBLOCK)
+            self.sock.send_multipart([identity, *self.secret.seal(protocol.encode(msg))], zmq.NOBLOCK)
         except zmq.ZMQError as e:  # the router went away; nothing to deliver to
             log.warning("could not send %s to the router: %s", type(msg).__name__, e)
 
@@ -192,7 +209,7 @@ def run_node(runtime: NodeRuntime, service: Service) -> None:
         for identity, msg in runtime.recv(0 if busy else 5):
             if isinstance(msg, protocol.StatusRequest):
                 runtime.send(identity, protocol.NodeStatus(runtime.node_id, runtime.args.role, msg.nonce,
-                                                           **service.status()))
+                                                           **service.status(), rejected_messages=runtime.rejected))
             else:
                 service.handle(identity, msg)
         busy = service.tick()

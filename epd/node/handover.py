@@ -1,0 +1,169 @@
+"""The prefill -> decode KV hand-over over the wire (UCX): one sender / receiver pair per request.
+
+Prefill side, `WireSender`: as the forward finishes each layer group (`on_layer`), that group's KV
+is gathered from the request's pages into the token-major wire layout and sent (`{rid}:kv:{g}`,
+a `protocol.KVGroup`); once the first token is sampled (`finish`) the `protocol.HandOver` record
+follows (`{rid}:meta`). The request's pages go back (`release`, exactly once) when every send is
+acknowledged or one failed, or when it is aborted.
+Decode side, `WireReceiver`: announces every key it will take, from the prefill node only and no
+larger than the prompt's KV (`transport.expect`: the node reads nothing else), scatters each group
+into the pages it reserved as it lands (page sizes may differ), and is DONE once the record and
+every group it names are in.
+
+Both move through `HandOverState`: WAITING_FOR_PAGES (IPC only: the sender waits for decode's page
+list) -> TRANSFERRING -> DONE | FAILED (with `error`). The CUDA IPC pair (`ipc_handover`) has the
+same surface.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any
+
+import torch
+
+from epd import protocol
+from kv_transfer.kv_codec import gather_kv, scatter_kv
+
+GENERATOR_STATE_BYTES = 1 << 16    # a seeded request's sampler state (torch: 16 bytes on a GPU, 5 KB on a CPU)
+
+
+class HandOverState(enum.Enum):
+    WAITING_FOR_PAGES = "waiting_for_pages"
+    TRANSFERRING = "transferring"
+    DONE = "done"
+    FAILED = "failed"
+
+
+def kv_bytes(layers: list[torch.Tensor], num_tokens: int) -> int:
+    """Bytes of `num_tokens` tokens' K and V over `layers` (one pool tensor per layer)."""
+    _, _, _, heads, dim = layers[0].shape
+    return len(layers) * 2 * num_tokens * heads * dim * layers[0].element_size()
+
+
+class WireSender:
+    def __init__(self, transport: Any, peer: str, rid: str, layers: list[torch.Tensor], groups: list[range],
+                 pages: list[int], prompt_len: int, release: Callable[[list[int]], None]) -> None:
+        self.transport, self.peer, self.rid = transport, peer, rid
+        self.layers, self.groups, self.prompt_len = layers, groups, prompt_len
+        self.pages, self._release = pages, release
+        self._last_of = {g[-1]: i for i, g in enumerate(groups)}
+        self.sends: list[Future] = []
+        self.state, self.error = HandOverState.TRANSFERRING, ""
+
+    def on_layer(self, layer: int) -> None:
+        """In the forward: layer `layer`'s K/V are in the pages; send the group it completes."""
+        gi = self._last_of.get(layer)
+        if gi is None:
+            return
+        group = self.groups[gi]
+        wire = gather_kv([self.layers[j] for j in group], self.pages, self.prompt_len)
+        meta = protocol.data_meta(protocol.KVGroup(self.rid, gi, [group.start, group.stop]))
+        self.sends.append(self.transport.send(self.peer, f"{self.rid}:kv:{gi}", [wire], meta=meta))
+
+    def finish(self, record: protocol.HandOver, generator_state: torch.Tensor | None) -> None:
+        record.num_groups = len(self.groups)
+        tensors = [generator_state] if generator_state is not None else []
+        self.sends.append(self.transport.send(self.peer, f"{self.rid}:meta", tensors,
+                                              meta=protocol.data_meta(record)))
+
+    def poll(self) -> HandOverState:
+        if self.state is HandOverState.TRANSFERRING and all(f.done() for f in self.sends):
+            failed = [f.exception() for f in self.sends if f.exception() is not None]
+            self.state = HandOverState.FAILED if failed else HandOverState.DONE
+            self.error = str(failed[0]) if failed else ""
+            self._give_back()
+        return self.state
+
+    @property
+    def nbytes(self) -> int:
+        return sum(f.result().nbytes for f in self.sends if f.done() and f.exception() is None)
+
+    def abort(self) -> None:
+        """The request is dropped: its pages go back (sends in flight finish on their own)."""
+        if self.state is HandOverState.TRANSFERRING:
+            self.state, self.error = HandOverState.FAILED, "aborted"
+        self._give_back()
+
+    def _give_back(self) -> None:
+        if self.pages:
+            self._release(self.pages)
+            self.pages = []
+
+
+class WireReceiver:
+    def __init__(self, transport: Any, peer: str, rid: str, layers: list[torch.Tensor], prompt_len: int) -> None:
+        """Announces what prefill will send for the request (when it arrives: the KV may come
+        before this node has pages for it, and waits in the transport until `start`)."""
+        self.transport, self.peer, self.rid = transport, peer, rid
+        self.layers, self.pages, self.prompt_len = layers, None, prompt_len
+        self.record: protocol.HandOver | None = None
+        self.generator_state: torch.Tensor | None = None
+        self.next_group = 0
+        self.first_kv_at = self.record_landed_at = 0.0
+        self.state, self.error = HandOverState.TRANSFERRING, ""
+        total = kv_bytes(layers, prompt_len)
+        for key in self._group_keys(0):   # a group is at most every layer: at most one key a layer
+            transport.expect(key, peer=peer, max_bytes=total)
+        transport.expect(f"{rid}:meta", peer=peer, max_bytes=GENERATOR_STATE_BYTES)
+
+    def start(self, pool_desc: dict[str, Any] | None, pages: list[int]) -> None:
+        """Pages are reserved: KV groups are scattered into them from now on."""
+        self.pages = pages
+
+    def _group_keys(self, start: int) -> list[str]:
+        return [f"{self.rid}:kv:{g}" for g in range(start, len(self.layers))]
+
+    def poll(self, now: float) -> HandOverState:
+        if self.state is not HandOverState.TRANSFERRING or self.pages is None:
+            return self.state
+        try:
+            self._take_groups(now)
+            if self.record is None:
+                self._take_record()
+        except Exception as e:  # noqa: BLE001 - a broken or refused transfer fails this request only
+            self._fail(str(e))
+            return self.state
+        if self.record is not None and self.next_group == self.record.num_groups:
+            self.state = HandOverState.DONE
+            for key in self._group_keys(self.next_group):   # announced, never coming
+                self.transport.ignore(key)
+        return self.state
+
+    def _take_groups(self, now: float) -> None:
+        while (msg := self.transport.poll(f"{self.rid}:kv:{self.next_group}")) is not None:
+            group = protocol.read_data_meta(msg.meta, protocol.KVGroup, self.rid)
+            lo, hi = group.layers
+            wire = msg.tensors[0] if len(msg.tensors) == 1 else None
+            if group.group != self.next_group or hi > len(self.layers) or wire is None or \
+                    tuple(wire.shape) != (hi - lo, 2, self.prompt_len, *self.layers[0].shape[3:]):
+                raise protocol.ProtocolError(f"KV group {self.next_group} does not fit this request's KV")
+            self.first_kv_at = self.first_kv_at or now
+            scatter_kv(wire.to(self.layers[0].device), self.layers[lo:hi], self.pages)
+            self.next_group += 1
+
+    def _take_record(self) -> None:
+        msg = self.transport.poll(f"{self.rid}:meta")
+        if msg is None:
+            return
+        record = protocol.read_data_meta(msg.meta, protocol.HandOver, self.rid)
+        if record.error:
+            raise RuntimeError(record.error)
+        if record.prompt_len != self.prompt_len or not 0 <= record.num_groups <= len(self.layers):
+            raise protocol.ProtocolError(f"prefill handed over {record.prompt_len} tokens of KV in "
+                                         f"{record.num_groups} groups, {self.prompt_len} tokens expected")
+        self.record, self.record_landed_at = record, msg.landed_at
+        self.generator_state = msg.tensors[0] if msg.tensors else None
+
+    def _fail(self, error: str) -> None:
+        self.state, self.error = HandOverState.FAILED, error
+        self.abort()
+
+    def abort(self) -> bool:
+        """Whatever prefill still sends for this request is freed as it lands (no fence needed:
+        nothing is written into the pages but by this node)."""
+        for key in self._group_keys(self.next_group) + [f"{self.rid}:meta"]:
+            self.transport.ignore(key)
+        return False
