@@ -137,7 +137,7 @@ class NodeRuntime:
         else:
             port = self.sock.bind_to_random_port(f"tcp://{args.host}")
         self.zmq_address = f"{args.host}:{port}"
-        self.transport = KVTransport(args.host, 0, device=device, progress_mode=args.ucx_progress)
+        self.transport = KVTransport(args.host, 0, device=device, progress_mode=args.ucx_progress, secret=args.secret)
         self.poller = zmq.Poller()   # control messages, or a KV/embedding message landing
         self.poller.register(self.sock, zmq.POLLIN)
         self.poller.register(self.transport.wakeup_fd, zmq.POLLIN)
@@ -211,7 +211,7 @@ def run_node(runtime: NodeRuntime, service: Service) -> None:
                 runtime.send(identity, protocol.NodeStatus(runtime.node_id, runtime.args.role, msg.nonce,
                                                            **service.status(), rejected_messages=runtime.rejected))
             else:
-                service.handle(identity, msg)
+                _handle(runtime, service, identity, msg)
         busy = service.tick()
         now = time.monotonic()
         if now - last_load > 0.5:
@@ -219,6 +219,23 @@ def run_node(runtime: NodeRuntime, service: Service) -> None:
             last_load = now
     service.shutdown()
     runtime.close()
+
+
+STAGE_OF_ROLE = {"encoder": "encode", "prefill": "prefill", "decode": "decode"}
+
+
+def _handle(runtime: NodeRuntime, service: Service, identity: bytes, msg: Any) -> None:
+    """A control message to the service; one it fails on is refused (counted, reported to its
+    sender under its request id) and the node goes on."""
+    try:
+        service.handle(identity, msg)
+    except Exception as e:  # noqa: BLE001 - no message may take the node down
+        runtime.rejected += 1
+        log.exception("refused %s", type(msg).__name__)
+        rid = getattr(msg, "rid", None)
+        if rid:
+            runtime.send(identity, protocol.StageReport(rid, STAGE_OF_ROLE.get(runtime.args.role, "?"),
+                                                        runtime.node_id, ok=False, error=f"refused: {e}"))
 
 
 def setup_logging(level: str = "INFO") -> None:
