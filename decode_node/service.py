@@ -38,6 +38,7 @@ from epd.node.ipc_handover import IpcReceiver
 from epd.node.runtime import pool_status
 from kv_transfer.cuda_ipc import export_pool
 from kv_transfer.layout import KVLayout, LayoutMismatchError
+from kv_transfer.redis_util import RedisWatch
 from kv_transfer.rooms import RoomState, RoomStore
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,7 @@ class DecodeService:
         self.fenced: dict[str, tuple[IpcReceiver, list[int], float]] = {}   # rid -> (receiver, pages, since)
         self._pool_desc: dict | None = None   # our pool as CUDA IPC handles, made on first use
         self.refused = 0                      # requests refused on arrival (duplicate id)
+        self.redis_watch = RedisWatch("decode node")
 
     # ---- control messages ---------------------------------------------------------------
     def handle(self, identity: bytes, msg: Any) -> None:
@@ -192,7 +194,8 @@ class DecodeService:
         if not check_rooms or not self.awaiting_kv:
             return
         # one Redis round trip for all of them: this loop also runs the decode batch
-        for rid, room in self.rooms.get_many(list(self.awaiting_kv)).items():
+        rooms = self.redis_watch.call(self.rooms.get_many, list(self.awaiting_kv), default={})
+        for rid, room in rooms.items():
             if room is not None and room.state is RoomState.FAILED:
                 f = room.failure
                 self._fail(self.awaiting_kv.pop(rid), f.stage, f"{f.reason} (node {f.node})")

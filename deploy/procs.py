@@ -67,18 +67,21 @@ class Cluster:
             model: str | None = None) -> NodeProc:
         index = sum(1 for n in self.nodes if n.role == role)
         node_id = node_id or f"{role}-{index}-{os.getpid()}"
-        args = [sys.executable, "-m", "epd.cli", role, "--model", model or self.model, "--redis-url",
-                self.redis_url, "--node-id", node_id, "--cluster-secret-file", self.secret_file, *self.common_args,
-                *(extra or [])]
+        args = [sys.executable, "-m", "epd.cli", role, "--model", model or self.model, "--node-id", node_id,
+                "--cluster-secret-file", self.secret_file, *self.common_args, *(extra or [])]
         if self.device:
             args += ["--device", self.device]
         log_path = os.path.join(self.log_dir, f"{node_id}.log")
         with open(log_path, "wb") as log:
             proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent,
-                                    start_new_session=True)
+                                    start_new_session=True, env=self.env())
         node = NodeProc(role, node_id, proc, log_path)
         self.nodes.append(node)
         return node
+
+    def env(self) -> dict[str, str]:
+        """The environment of the processes it starts: the Redis URL (it may hold a password) there."""
+        return dict(os.environ, EPD_REDIS_URL=self.redis_url)
 
     def wait_ready(self, nodes: list[NodeProc] | None = None, timeout_s: float = 180.0) -> None:
         registry = NodeRegistry(redis.Redis.from_url(self.redis_url))

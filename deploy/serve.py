@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -49,6 +50,11 @@ def resolve_model(model: str) -> str:
         print(f"building a tiny random {arch} checkpoint in {path}", flush=True)
         write_tiny_model(arch, path)
     return path
+
+
+def _shown(url: str) -> str:
+    """A Redis URL without its password."""
+    return re.sub(r"//([^:@/]*):[^@/]*@", r"//\1:***@", url)
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
@@ -109,16 +115,17 @@ def main(argv: list[str] | None = None) -> int:
                 cluster.add(role)
         cluster.wait_ready(timeout_s=args.ready_timeout)
         port = args.port or free_port()
-        cmd = [sys.executable, "-m", "epd.cli", "router", "--model", model, "--redis-url", redis_url,
+        cmd = [sys.executable, "-m", "epd.cli", "router", "--model", model,
                "--backend", "disagg", "--host", args.host, "--port", str(port),
                "--cluster-secret-file", cluster.secret_file, *router_args]
         router_log = open(os.path.join(log_dir, "router.log"), "wb")  # noqa: SIM115 - lives as long as the router
-        router = subprocess.Popen(cmd, stdout=router_log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
+        router = subprocess.Popen(cmd, stdout=router_log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent,
+                                  env=cluster.env())
         url = f"http://{args.host}:{port}"
         _wait_http(url, router, args.ready_timeout)
         print(f"EPD ready on {url}/v1 (model {os.path.basename(model)}; {args.encoders}E {args.prefills}P "
-              f"{args.decodes}D; redis {redis_url}; started in {time.monotonic() - t0:.1f}s; logs in {log_dir})",
-              flush=True)
+              f"{args.decodes}D; redis {_shown(redis_url)}; started in {time.monotonic() - t0:.1f}s; "
+              f"logs in {log_dir})", flush=True)
         while not stopping["flag"]:
             if router.poll() is not None or any(not n.alive() for n in cluster.nodes):
                 print("a process exited; shutting down (see logs in " + log_dir + ")", file=sys.stderr)

@@ -8,10 +8,13 @@ expired or closed key cannot resurrect it without its other fields.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import logging
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import redis
+
+logger = logging.getLogger(__name__)
 
 # KEYS[1] = key; ARGV[1] = ttl in ms; ARGV[2..] = field, value pairs.
 _CREATE_IF_ABSENT = """
@@ -44,6 +47,29 @@ def connect(url: str, timeout_s: float = 5.0) -> redis.Redis:
     return redis.Redis.from_url(
         url, decode_responses=True, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, health_check_interval=30
     )
+
+
+class RedisWatch:
+    """Calls to Redis that may fail while it is down: `call` returns `default` then, and the log
+    says so once when Redis goes away and once when it is back (no line per failed call)."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.up = True
+
+    def call(self, fn: Callable[..., Any], *args: Any, default: Any = None) -> Any:
+        try:
+            result = fn(*args)
+        except redis.RedisError as e:
+            if self.up:
+                logger.warning("%s: Redis is unavailable (%s: %s); going on without it", self.what,
+                               type(e).__name__, e)
+            self.up = False
+            return default
+        if not self.up:
+            logger.info("%s: Redis is back", self.what)
+        self.up = True
+        return result
 
 
 def to_str_dict(raw: Mapping[Any, Any]) -> dict[str, str]:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import redis
 
 from kv_transfer.auth import ClusterSecret
-from kv_transfer.redis_util import to_str_dict, write_hash
+from kv_transfer.redis_util import RedisWatch, to_str_dict, write_hash
 
 logger = logging.getLogger(__name__)
 
@@ -129,12 +129,11 @@ class NodeLease:
             self._client.set(key, value, ex=ALSO_WRITE_TTL_S)
 
     def _run(self) -> None:
+        # Keep trying: the key expires if Redis stays unreachable, which is the point; once it is
+        # back, the next beat writes the record (and the kept keys) again. Logged once each way.
+        watch = RedisWatch(f"heartbeat of {self.key}")
         while not self._stop.wait(self._interval_s):
-            try:
-                self._beat()
-            except redis.RedisError as exc:
-                # Keep trying: the key expires if Redis stays unreachable, which is the point.
-                logger.warning("heartbeat for %s failed: %s", self.key, exc)
+            watch.call(self._beat)
 
 
 class NodeRegistry:

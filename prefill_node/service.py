@@ -35,6 +35,7 @@ from epd.node.runtime import pool_status
 from kv_transfer.cuda_ipc import PoolImports
 from kv_transfer.kv_codec import layer_groups
 from kv_transfer.layout import KVLayout
+from kv_transfer.redis_util import RedisWatch
 from kv_transfer.registry import NodeRegistry
 from kv_transfer.rooms import RoomStore
 
@@ -80,6 +81,7 @@ class PrefillService:
         self.runtime: Any = None                    # NodeRuntime, set by main
         self.rooms: RoomStore | None = None
         self.refused = 0                            # requests refused on arrival (duplicate id)
+        self.redis_watch = RedisWatch("prefill node")
 
     # ---- control messages ---------------------------------------------------------------
     def handle(self, identity: bytes, msg: Any) -> None:
@@ -236,7 +238,10 @@ class PrefillService:
         if not self.ipc_pools or now - self._last_pool_sweep < every_s:
             return
         self._last_pool_sweep = now
-        live = {n.node_id for n in NodeRegistry(self.runtime.redis, self.runtime.secret).list_nodes("decode")}
+        nodes = self.redis_watch.call(NodeRegistry(self.runtime.redis, self.runtime.secret).list_nodes, "decode")
+        if nodes is None:   # Redis is down: nobody is known to be gone
+            return
+        live = {n.node_id for n in nodes}
         for pool_id in self.ipc_pools.drop_orphans(live):
             log.info("unmapped the KV pool %s of a decode node that is gone", pool_id)
 
@@ -249,7 +254,7 @@ class PrefillService:
             if state is HandOverState.FAILED:
                 error = f"KV transfer to decode node {p.msg.decode_node} failed: {p.sender.error}"
                 if self.rooms is not None:
-                    self.rooms.mark_failed(rid, error, "transfer", self.runtime.node_id)
+                    self.redis_watch.call(self.rooms.mark_failed, rid, error, "transfer", self.runtime.node_id)
                 self._report(p, "transfer", ok=False, error=error)
                 continue
             seconds = time.monotonic() - p.sent_at

@@ -157,7 +157,7 @@ def _param(loc: tuple[Any, ...]) -> str:
 
 
 def _error_response(e: APIError) -> JSONResponse:
-    return JSONResponse(e.body(), status_code=e.status)
+    return JSONResponse(e.body(), status_code=e.status, headers=e.headers())
 
 
 def create_app(backend: Backend, settings: RouterSettings, prompts: PromptBuilder | None = None) -> FastAPI:

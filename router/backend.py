@@ -27,11 +27,15 @@ class BackendError(Exception):
     """A failure the client should see; `status` maps to the HTTP code (400 bad input, 503 no capacity...)."""
 
     def __init__(self, message: str, status: int = 500, param: str | None = None,
-                 code: str | None = None) -> None:
+                 code: str | None = None, retry_after: float | None = None, failed_node: str = "",
+                 failed_role: str = "") -> None:
         super().__init__(message)
         self.status = status
         self.param = param
         self.code = code
+        self.retry_after = retry_after   # seconds: a Retry-After header (the cluster is short of something)
+        self.failed_node = failed_node   # an encoder or prefill node that died before the first token
+        self.failed_role = failed_role   # and its pool
 
 
 @dataclass

@@ -53,7 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "--tool-call-parser alone enables it")
     ap.add_argument("--backend", default=None, choices=["local", "disagg"],
                     help="disagg: the node pools in --redis-url (the default when it is given); local: in-process")
-    ap.add_argument("--redis-url", default=None, help="disagg: the Redis holding the node pools")
+    ap.add_argument("--redis-url", default=os.environ.get("EPD_REDIS_URL"),
+                    help="disagg: the Redis holding the node pools, redis[s]://[user:password@]host:port/db "
+                         "(default: $EPD_REDIS_URL, which keeps a password off the command line)")
     ap.add_argument("--routing-policy", default="least_load", choices=["least_load", "round_robin"])
     ap.add_argument("--cluster-secret-file", default=None,
                     help="disagg: the secret the nodes hold (default: $EPD_CLUSTER_SECRET_FILE, else "

@@ -12,6 +12,7 @@ room, fails the request with an error naming the stage and the node. However the
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
@@ -26,7 +27,7 @@ from epd.config import ModelConfig, load_tokenizer
 from epd.engine.inputs import InputProcessor, ProcessedInput
 from kv_transfer.auth import ClusterSecret
 from kv_transfer.layout import KVLayout, LayoutMismatchError
-from kv_transfer.redis_util import connect
+from kv_transfer.redis_util import RedisWatch, connect
 from kv_transfer.rooms import RoomStore
 from kv_transfer.sessions import SessionStore, Stage
 from router.backend import BackendError, BackendEvent, BackendRequest, openai_finish_reason
@@ -36,6 +37,8 @@ from router.pool import NoNodeError, PoolView
 
 log = logging.getLogger(__name__)
 STAGE_OF_ROLE = {"encoder": "encode", "prefill": "prefill", "decode": "decode"}
+RETRY_AFTER_S = 2.0    # a 503 for want of Redis or of a node: when to try again
+_DOWN = object()       # what a Redis call gives while Redis is down
 
 
 @dataclasses.dataclass
@@ -69,6 +72,7 @@ class DisaggBackend:
         self.rooms = RoomStore(self.redis)
         self.sessions = SessionStore(self.redis)
         self.clients = NodeClients(secret)
+        self.redis_watch = RedisWatch("router")
         self.refresh_s = refresh_s
         self.request_timeout_s = request_timeout_s
         self.inflight: dict[str, Flight] = {}
@@ -86,7 +90,7 @@ class DisaggBackend:
     # ---- lifecycle --------------------------------------------------------------------------
     async def start(self) -> None:
         if self._refresher is None:
-            await asyncio.to_thread(self.pool.refresh)
+            await asyncio.to_thread(self.redis_watch.call, self.pool.refresh)
             self._refresher = asyncio.get_running_loop().create_task(self._refresh_forever())
             await self._poll_status()   # /metrics shows the nodes' pages from the first scrape on
 
@@ -94,7 +98,8 @@ class DisaggBackend:
         while True:
             await asyncio.sleep(self.refresh_s)
             try:
-                await asyncio.to_thread(self.pool.refresh)
+                if await asyncio.to_thread(self.redis_watch.call, self.pool.refresh, default=_DOWN) is _DOWN:
+                    continue   # the last pools seen stand until Redis is back (requests get 503s meanwhile)
                 live = {n.zmq for nodes in self.pool.nodes.values() for n in nodes.values()}
                 self.clients.forget(live | {n.zmq for f in self.inflight.values() for n in f.nodes.values()})
                 await self._poll_status()
@@ -122,7 +127,7 @@ class DisaggBackend:
     async def health(self) -> tuple[bool, dict[str, Any]]:
         await self.start()
         sizes = self.pool.sizes()
-        return all(sizes.values()), {"pools": sizes}
+        return all(sizes.values()) and self.redis_watch.up, {"pools": sizes, "redis": self.redis_watch.up}
 
     def stats(self) -> dict[str, float]:
         out = {"num_requests_running": float(len(self.inflight))}
@@ -143,7 +148,12 @@ class DisaggBackend:
 
     # ---- one request ------------------------------------------------------------------------
     async def generate(self, req: BackendRequest) -> AsyncIterator[BackendEvent]:
+        """The request's events. One whose encoder or prefill node failed before its first token
+        is tried once more on other nodes of that pool (under rid `{rid}.retry`)."""
         await self.start()
+        if not self.redis_watch.up:
+            raise BackendError("the cluster's Redis is unavailable; retry shortly", 503, code="redis_unavailable",
+                               retry_after=RETRY_AFTER_S)
         received = time.monotonic()
         try:
             inp = req.inp or await asyncio.to_thread(self.inputs.process, prompt=req.prompt,
@@ -152,7 +162,30 @@ class DisaggBackend:
                 await asyncio.to_thread(self.inputs.attach_sources, inp.images)
         except ValueError as e:
             raise BackendError(str(e), 400, getattr(e, "param", None)) from None
-        flight = await self._plan(req.rid, inp)
+        excluded: set[str] = set()
+        for attempt in (0, 1):
+            yielded = False
+            try:   # closed with the caller's generator: the attempt's own cleanup runs at once
+                async with contextlib.aclosing(self._attempt(req, inp, received, excluded, attempt)) as events:
+                    async for event in events:
+                        yielded = True
+                        yield event
+                return
+            except BackendError as e:
+                if attempt or yielded or not e.failed_node or not self._another(e.failed_role, e.failed_node):
+                    raise
+                log.warning("request %s: retrying without node %s (%s)", req.rid, e.failed_node, e)
+                excluded.add(e.failed_node)
+
+    def _another(self, role: str, node_id: str) -> bool:
+        """Whether pool `role` has a live node other than `node_id`."""
+        return any(other != node_id for other in self.pool.nodes.get(role, {}))
+
+    async def _attempt(self, req: BackendRequest, inp: ProcessedInput, received: float, excluded: set[str],
+                       attempt: int) -> AsyncIterator[BackendEvent]:
+        if attempt:
+            req = dataclasses.replace(req, rid=f"{req.rid}.retry")
+        flight = await self._plan(req.rid, inp, excluded)
         flight.received_at = protocol.wall_time(received)
         flight.timings["input_ms"] = (time.monotonic() - received) * 1e3
         queue = self.clients.subscribe(req.rid)
@@ -169,21 +202,22 @@ class DisaggBackend:
                 self.pool.end(node.node_id)
             if not flight.finished:
                 self._abort(flight)
-            await asyncio.to_thread(self._close_room, flight)
+            if self.redis_watch.up:
+                await asyncio.to_thread(self._close_room, flight)
 
-    async def _plan(self, rid: str, inp: ProcessedInput) -> Flight:
+    async def _plan(self, rid: str, inp: ProcessedInput, excluded: set[str]) -> Flight:
         """Pick a node of each pool the request needs (from the pool view in memory: no Redis)."""
         nodes: dict[str, Any] = {}
         try:
-            nodes["prefill"] = self.pool.pick("prefill")
+            nodes["prefill"] = self.pool.pick("prefill", lambda n: n.node_id not in excluded)
             nodes["decode"] = self.pool.pick("decode", lambda d: d.layout_hash == nodes["prefill"].layout_hash)
             if inp.images:
-                nodes["encoder"] = self.pool.pick("encoder")
+                nodes["encoder"] = self.pool.pick("encoder", lambda n: n.node_id not in excluded)
         except NoNodeError as e:
             message = str(e)
             if "fits" in message and "decode" in message:
                 message = await asyncio.to_thread(self._layout_mismatch, nodes["prefill"])
-            raise BackendError(message, 503, code="no_capacity") from None
+            raise BackendError(message, 503, code="no_capacity", retry_after=RETRY_AFTER_S) from None
         for node in nodes.values():
             self.pool.begin(node.node_id)
         return Flight(rid, nodes)
@@ -216,7 +250,7 @@ class DisaggBackend:
                                             im.layout.to_wire()) for im in inp.images]
             await self.clients.send(flight.nodes["encoder"].zmq, protocol.EncodeRequest(req.rid, images,
                                                                                        p.node_id, p.ucx))
-        await asyncio.to_thread(self._open, flight)   # the encoder needs no room: it is already at work
+        await self._redis(self._open, flight)   # the encoder needs no room: it is already at work
         await self.clients.send(p.zmq, protocol.PrefillRequest(
             req.rid, inp.input_ids, [im.layout.to_wire() for im in inp.images], params, d.node_id, d.ucx,
             flight.nodes["encoder"].node_id if inp.images else "",
@@ -224,7 +258,15 @@ class DisaggBackend:
             image_hashes=[im.content_hash or "" for im in inp.images]))
         await self.clients.send(d.zmq, protocol.DecodeRequest(req.rid, inp.input_ids, params, p.node_id,
                                                               p.layout_hash, p.ucx, kv_ipc))
-        await asyncio.to_thread(self.sessions.advance, req.rid, Stage.ENCODING if inp.images else Stage.PREFILLING)
+        await self._redis(self.sessions.advance, req.rid, Stage.ENCODING if inp.images else Stage.PREFILLING)
+
+    async def _redis(self, fn: Any, *args: Any) -> Any:
+        """A Redis call on the request's path; while Redis is down the request is a 503."""
+        result = await asyncio.to_thread(self.redis_watch.call, fn, *args, default=_DOWN)
+        if result is _DOWN:
+            raise BackendError("the cluster's Redis is unavailable; retry shortly", 503, code="redis_unavailable",
+                               retry_after=RETRY_AFTER_S)
+        return result
 
     async def _relay(self, req: BackendRequest, inp: ProcessedInput, flight: Flight,
                      queue: asyncio.Queue) -> AsyncIterator[BackendEvent]:
@@ -240,7 +282,11 @@ class DisaggBackend:
                 self._on_report(flight, msg)
                 continue
             if msg.error:
-                raise BackendError(f"request failed at stage '{msg.stage}' on node {msg.node}: {msg.error}", 503)
+                # before the first token, a hand-over that failed is the prefill node's doing
+                blamed = flight.nodes["prefill"].node_id if msg.stage == "transfer" and "prefill" not in flight.done \
+                    else ""
+                raise BackendError(f"request failed at stage '{msg.stage}' on node {msg.node}: {msg.error}", 503,
+                                   failed_node=blamed, failed_role="prefill")
             if "first_token_at_ms" not in flight.timings:
                 flight.add_timings({"first_token_at": time.time()})
             flight.done.add("prefill")   # tokens flowing means the KV landed
@@ -262,8 +308,10 @@ class DisaggBackend:
                 return
 
     def _on_report(self, flight: Flight, msg: protocol.StageReport) -> None:
-        if not msg.ok:
-            raise BackendError(f"request failed at stage '{msg.stage}' on node {msg.node}: {msg.error}", 503)
+        if not msg.ok:   # embeddings that did not come are the encoder's doing
+            blamed = flight.nodes["encoder"].node_id if msg.stage == "encode" and "encoder" in flight.nodes else ""
+            raise BackendError(f"request failed at stage '{msg.stage}' on node {msg.node}: {msg.error}", 503,
+                               failed_node=blamed, failed_role="encoder")
         flight.add_timings(msg.timings)
         flight.done.add({"encode": "encoder", "prefill": "prefill"}.get(msg.stage, msg.stage))
 
@@ -271,8 +319,9 @@ class DisaggBackend:
         for role, node in flight.nodes.items():
             if role not in flight.done and not self.pool.alive(role, node.node_id):
                 raise BackendError(f"request failed at stage '{STAGE_OF_ROLE[role]}': {role} node {node.node_id} "
-                                   f"stopped (its registration expired)", 503)
-        room = await asyncio.to_thread(self.rooms.get, flight.rid)
+                                   f"stopped (its registration expired)", 503,
+                                   failed_node=node.node_id if role != "decode" else "", failed_role=role)
+        room = await self._redis(self.rooms.get, flight.rid)
         if room is not None and room.failure is not None:
             f = room.failure
             raise BackendError(f"request failed at stage '{f.stage}' on node {f.node}: {f.reason}", 503)

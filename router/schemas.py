@@ -61,6 +61,7 @@ class _SamplingFields(BaseModel):
     skip_special_tokens: bool = True
     return_tokens_as_token_ids: bool = False
     include_stop_str_in_output: bool = False   # vLLM's: the matched stop string ends the text
+    cache_salt: str | None = None   # vLLM's: requests share cached prefixes only under the same salt
 
     @field_validator("logit_bias")
     @classmethod
@@ -101,6 +102,8 @@ class _SamplingFields(BaseModel):
             out["stop"] = [self.stop] if isinstance(self.stop, str) else list(self.stop)
         if self.stop_token_ids:
             out["stop_token_ids"] = list(self.stop_token_ids)
+        if self.cache_salt is not None:
+            out["cache_salt"] = self.cache_salt
         if self.logit_bias:
             out["logit_bias"] = dict(zip(self.bias_token_ids(), self.logit_bias.values(), strict=True))
         if self._format_spec is not None:

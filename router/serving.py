@@ -58,7 +58,7 @@ async def until_done_or_disconnected(request: Request, work: Awaitable[T]) -> T:
 
 
 def _api_error(e: BackendError) -> APIError:
-    return APIError(e.status, str(e), e.param, e.code)
+    return APIError(e.status, str(e), e.param, e.code, e.retry_after)
 
 
 async def respond(request: Request, backend: Backend, breqs: list[BackendRequest], fmt: ChatFormat | TextFormat,

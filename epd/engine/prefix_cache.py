@@ -7,7 +7,9 @@ positions and equal KV, so a request can take another's pages for its prefix ins
 computing them (`PagePool.match` / `acquire`); its own full pages are registered for other
 requests as steps fill them and when it lets them go (`Scheduler`).
 
-An image's identity is its `content_hash` (a digest of its pixels, or the router's key for the
+A request's `cache_salt` (vLLM's name; a tenant's, say) starts the chain, so requests under
+different salts never share a page: one cannot learn from `cached_tokens` what another's prompts
+began with. An image's identity is its `content_hash` (a digest of its pixels, or the router's key for the
 encoder's cache). An image without one (embeddings handed in directly) ends the chain at the
 first page it touches, as do output tokens still on the device (overlap schedule placeholders).
 """
@@ -31,7 +33,7 @@ def page_hashes(req: Request, num_tokens: int, page_size: int) -> list[bytes]:
     offsets = req.inp.image_offsets
     first = len(hashes)
     ids = req.token_at(first * page_size, pages * page_size)
-    previous = hashes[-1] if hashes else b""
+    previous = hashes[-1] if hashes else req.params.cache_salt.encode()   # a salt is its own namespace
     for i in range(first, pages):
         lo, hi = i * page_size, (i + 1) * page_size
         page_ids = ids[lo - first * page_size:hi - first * page_size]

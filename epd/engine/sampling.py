@@ -49,6 +49,7 @@ class SamplingParams:
     n: int = 1
     logit_bias: tuple[tuple[int, float], ...] = ()   # (token id, added to its logit) before sampling
     response_format: str | None = None   # structured output spec (epd.engine.structured), None: free text
+    cache_salt: str = ""                 # not sampling: requests share cached prefixes only under one salt
     extra: dict = field(default_factory=dict, compare=False)
 
     @property
@@ -110,6 +111,8 @@ class SamplingParams:
             ("frequency_penalty", -2.0 <= self.frequency_penalty <= 2.0, "must be in [-2, 2]"),
             ("presence_penalty", -2.0 <= self.presence_penalty <= 2.0, "must be in [-2, 2]"),
             ("top_logprobs", 0 <= self.top_logprobs <= 20, "must be in [0, 20]"),
+            ("cache_salt", isinstance(self.cache_salt, str) and len(self.cache_salt) <= 1024,
+             "must be a string of at most 1024 characters"),
             ("n", self.n == 1, "only n=1 is supported"),
             ("stop", all(isinstance(s, str) and s for s in self.stop), "must be non-empty strings"),
             ("logit_bias", all(t >= 0 and -100.0 <= b <= 100.0 for t, b in self.logit_bias),

@@ -63,7 +63,9 @@ class NodeArgs:
     def from_cli(cls, role: str, argv: list[str] | None) -> NodeArgs:
         ap = argparse.ArgumentParser(prog=f"epd {role}", description=f"run an EPD {role} node")
         ap.add_argument("--model", required=True, help="HF checkpoint directory")
-        ap.add_argument("--redis-url", required=True)
+        ap.add_argument("--redis-url", default=os.environ.get("EPD_REDIS_URL"),
+                        help="redis[s]://[user:password@]host:port/db (default: $EPD_REDIS_URL, which keeps a "
+                             "password off the command line)")
         ap.add_argument("--host", default="127.0.0.1", help="address peers use to reach this node")
         ap.add_argument("--port", type=int, default=0, help="control (ZMQ) port; 0 = any free port")
         ap.add_argument("--node-id", default=None)
@@ -84,6 +86,8 @@ class NodeArgs:
                              "else $EPD_CLUSTER_SECRET; epd serve makes one)")
         ap.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
         a = ap.parse_args(argv)
+        if not a.redis_url:
+            ap.error("--redis-url (or $EPD_REDIS_URL) is required")
         try:
             secret = ClusterSecret.load(a.cluster_secret_file)
         except (OSError, ValueError) as e:

@@ -333,3 +333,15 @@ def test_a_tool_result_goes_back_to_the_model(server):
     ids = httpx.post(f"{server.url}/tokenize", json={"model": MODEL, "messages": messages}, headers=AUTH).json()
     text = httpx.post(f"{server.url}/detokenize", json={"model": MODEL, "tokens": ids["tokens"]}, headers=AUTH).json()
     assert "minus seven degrees" in text["prompt"]
+
+
+def test_cache_salt_isolates_cached_prefixes_over_http(server):
+    """`cache_salt` (vLLM's field) through the openai client: cached tokens only under one salt."""
+    text = "A long shared system prompt about red cats and blue dogs. " * 8
+
+    def cached(salt: str) -> int:
+        resp = chat(server, text, max_tokens=2, extra_body={"cache_salt": salt})
+        return resp.usage.prompt_tokens_details.cached_tokens
+
+    first, other, same = cached("tenant-a"), cached("tenant-b"), cached("tenant-a")
+    assert first == 0 and other == 0 and same > 0

@@ -143,3 +143,17 @@ def test_off_when_disabled(tiny_models):
         assert again["meta_info"]["cached_tokens"] == 0 and llm.core.kv.pool.num_cached == 0
     finally:
         llm.shutdown()
+
+
+def test_cache_salt_keeps_tenants_from_sharing_cached_prefixes(tiny_models):
+    """vLLM's cache_salt: the same prompt under another salt takes nothing from the cache (so
+    `cached_tokens` tells one tenant nothing about another's prompts); under the same salt it does.
+    The answers are the same either way."""
+    with Engine(model_path=tiny_models["qwen2_5_vl"], device="cpu", page_size=PAGE) as llm:
+        runs = [llm.generate(prompt=STORY, sampling_params={**GREEDY, "cache_salt": salt})
+                for salt in ("tenant-a", "tenant-b", "tenant-a", "")]
+    cached = [out["meta_info"]["cached_tokens"] for out in runs]
+    assert cached[0] == 0 and cached[1] == 0, "another tenant's prompt is not cached for this one"
+    assert cached[2] > 0, "the same tenant's is"
+    assert cached[3] == 0, "no salt is a namespace of its own"
+    assert len({tuple(out["output_ids"]) for out in runs}) == 1
