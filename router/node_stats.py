@@ -10,7 +10,8 @@ folds those answers into the keys `Backend.stats()` returns:
 - `num_requests_waiting`: requests queued on a node for something other than compute (prefill
   waiting for embeddings, decode waiting for pages);
 - per pool (`name|pool` keys, rendered with a `pool` label): pages in use and total, nodes
-  whose integrity check fails, and nodes that did not answer.
+  whose integrity check fails, nodes that did not answer, and the messages the nodes refused
+  (unauthenticated, malformed: counted since each started).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ def gauges(reports: dict[str, NodeReport]) -> dict[str, float]:
         total = float(sum(s.pages_total for s in answered))
         out[f"node_unresponsive|{role}"] = float(len(mine) - len(answered))
         out[f"node_integrity_failures|{role}"] = float(sum(not s.integrity_ok for s in answered))
+        out[f"node_rejected_messages|{role}"] = float(sum(s.rejected_messages for s in answered))
         if role == "encoder":
             continue
         out[f"node_kv_pages_in_use|{role}"] = in_use

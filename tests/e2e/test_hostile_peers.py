@@ -143,6 +143,8 @@ def test_thousands_of_malformed_sealed_messages_are_refused_and_counted(harness,
     time.sleep(1.0)
     assert all(n.alive() for n in harness.cluster.nodes)
     assert _rejected(harness) - before > 1000
+    metrics = harness.backend.stats()
+    assert sum(metrics[f"node_rejected_messages|{role}"] for role in ("encoder", "prefill", "decode")) > 1000
     harness.assert_pools_intact()
 
 
