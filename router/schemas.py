@@ -139,6 +139,9 @@ class ChatCompletionRequest(_SamplingFields):
 
     def unsupported(self) -> tuple[str, str] | None:
         """(field, why) for the first field this server cannot honour, else None."""
+        constrained = self.tools and (self.tool_choice == "required" or isinstance(self.tool_choice, dict))
+        if constrained and (self.response_format or {}).get("type", "text") != "text":
+            return "response_format", "response_format cannot go with a required or named tool_choice"
         common = self._common_unsupported()
         if common:
             return common

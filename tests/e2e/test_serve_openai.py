@@ -186,6 +186,7 @@ def test_the_prefill_node_caches_prefixes_with_their_images(serve, media):
 
 def test_response_format_over_the_pools(serve, media):
     """The prefill node samples the first token under the grammar, the decode node the rest."""
+    pytest.importorskip("xgrammar")
     schema = {"type": "object", "additionalProperties": False, "required": ["ok", "size"],
               "properties": {"ok": {"type": "boolean"}, "size": {"enum": ["small", "large"]}}}
     content = [image_part(media.url("a.png")), {"type": "text", "text": "As JSON:"}]
