@@ -89,8 +89,16 @@ def _engine(path: str, vision: bool):
 
     from epd.engine.engine_core import EngineConfig, EngineCore
 
+    from epd.config import ModelConfig
+
+    tc = ModelConfig.from_pretrained(path).text
+    wanted = max(DECODE_BATCHES) * (CONTEXT + 64) + 4 * 8192
+    kv_bytes = wanted * tc.num_layers * 2 * tc.num_kv_heads * tc.head_dim * 2
+    # a pool too large for the GPU (LLaVA-1.5-7B's 32 KV heads: 0.5 MB a token) is sized from memory
+    # instead, and the decode batches it cannot hold at CONTEXT are left out
+    fits = kv_bytes < 0.6 * torch.cuda.get_device_properties(0).total_memory
     cfg = EngineConfig(model_path=path, max_running_requests=max(DECODE_BATCHES), max_step_tokens=8192,
-                       kv_cache_tokens=max(DECODE_BATCHES) * (CONTEXT + 64) + 4 * 8192, load_vision=vision)
+                       kv_cache_tokens=wanted if fits else None, load_vision=vision)
     t0 = time.perf_counter()
     core = EngineCore(cfg, AutoTokenizer.from_pretrained(path))
     for layer in core.kv.layers:  # decode reads KV that was never prefilled: make it real numbers
@@ -101,10 +109,16 @@ def _engine(path: str, vision: bool):
                   "graph_capture_s": graphs.capture_seconds if graphs else None}
 
 
+def _fitting(core) -> tuple[int, ...]:
+    """The decode batches whose CONTEXT-token requests the KV pool holds."""
+    tokens = core.kv.pool.capacity * core.kv.spec.page_size
+    return tuple(b for b in DECODE_BATCHES if b * (CONTEXT + 64) <= tokens)
+
+
 def _decode_all(core, facts: dict, bw: float) -> list[dict]:
     rows = []
     for graphs in (True, False):
-        for b in DECODE_BATCHES:
+        for b in _fitting(core):
             rows.append(w.decode(core, facts, bw, b, CONTEXT, graphs))
             r = rows[-1]
             print(f"  decode b={b:<3} graphs={graphs!s:<5} engine {r['engine_step_ms']:.2f} ms "

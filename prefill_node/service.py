@@ -259,8 +259,8 @@ class PrefillService:
                 continue
             seconds = time.monotonic() - p.sent_at
             nbytes = p.sender.nbytes or self.engine.pages_for(p.req.prompt_len) * self.engine.bytes_per_page
-            log.info("KV of %s to %s: %d bytes, done %.2f ms after the first token (%s)", rid, p.msg.decode_node,
-                     nbytes, seconds * 1e3, "CUDA IPC" if p.msg.kv_ipc else "UCX")
+            log.info("KV of %s: %d bytes handed to decode node %s %s, done %.2f ms after the first token", rid,
+                     nbytes, p.msg.decode_node, "through CUDA IPC" if p.msg.kv_ipc else "over UCX", seconds * 1e3)
             self._report(p, "prefill", ok=True, timings={
                 **p.waits(), "prefill_ms": (p.sent_at - p.started) * 1e3,
                 "transfer_tail_ms": seconds * 1e3}, info={"kv_bytes": nbytes})
