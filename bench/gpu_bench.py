@@ -87,9 +87,8 @@ class Report:
 def _engine(path: str, vision: bool):
     from transformers import AutoTokenizer
 
-    from epd.engine.engine_core import EngineConfig, EngineCore
-
     from epd.config import ModelConfig
+    from epd.engine.engine_core import EngineConfig, EngineCore
 
     tc = ModelConfig.from_pretrained(path).text
     wanted = max(DECODE_BATCHES) * (CONTEXT + 64) + 4 * 8192
