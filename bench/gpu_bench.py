@@ -227,7 +227,8 @@ def _engine_sections(report: Report, name: str, core, args: argparse.Namespace) 
     if "profile" in wanted:
         report.section(name, "profile", lambda: _profile(core, os.path.dirname(os.path.abspath(args.out)), name))
     if "prefill" in wanted:
-        report.section(name, "prefill", lambda: [w.prefill(core, facts, ceil["bf16_matmul_TFLOPs"], 1, 4096),
+        longest = min(4096, core.max_context - 1)   # LLaVA-1.5's context is 4096 tokens, output included
+        report.section(name, "prefill", lambda: [w.prefill(core, facts, ceil["bf16_matmul_TFLOPs"], 1, longest),
                                                  w.prefill(core, facts, ceil["bf16_matmul_TFLOPs"], 8, 1024)])
     if name in args.vision and "vision" in wanted:
         report.section(name, "vision", lambda: w.vision(core))
