@@ -9,11 +9,6 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))  # test helpers (support.py, redis_server.py) import by name
 
-# every family's tiny checkpoint; "ARCH:PRESET" names another tiny preset of ARCH
-ARCHS = ("qwen2_vl", "qwen2_5_vl", "llava", "llava_next", "llava_onevision")
-LLAVA_BACKBONES = ("llava_next:tiny-vicuna", "llava_next:tiny-llama3")
-
-
 class TinyModels(dict):
     """{arch or "arch:preset": checkpoint dir}, each written on first use, once per session."""
 

@@ -13,6 +13,9 @@ import torch
 from PIL import Image
 
 IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
+# every family's tiny checkpoint (the `tiny_models` fixture); "ARCH:PRESET" names another tiny preset of ARCH
+ARCHS = ("qwen2_vl", "qwen2_5_vl", "llava", "llava_next", "llava_onevision")
+LLAVA_BACKBONES = ("llava_next:tiny-vicuna", "llava_next:tiny-llama3")
 
 
 def noise_image(width: int, height: int, seed: int = 0) -> Image.Image:

@@ -11,7 +11,7 @@ import os
 import pytest
 import torch
 from helpers import cosine_rows, hf_generate_on, hf_inputs, hf_model_on
-from support import IMAGE, family_prompt, noise_image
+from support import ARCHS, IMAGE, LLAVA_BACKBONES, family_prompt, noise_image
 
 from epd import Engine
 from epd.engine.attention.flashinfer_backend import FlashInferBackend
@@ -22,14 +22,13 @@ GREEDY = {"temperature": 0, "max_new_tokens": 12}
 CASES = [(("Hello, tell me a story about a red cat.",), []), ((IMAGE, "Describe this picture."), [(120, 80)]),
          (("First:", IMAGE, " and second:", IMAGE, " which is bluer?"), [(300, 90), (50, 50)])]
 LLAVA_7B = ("llava", "llava_next", "llava_onevision")
-ARCHS = ("qwen2_vl", "qwen2_5_vl", *LLAVA_7B, "llava_next:tiny-vicuna", "llava_next:tiny-llama3")
 
 
 def _images(sizes):
     return [noise_image(w, h, seed=i) for i, (w, h) in enumerate(sizes)]
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", ARCHS + LLAVA_BACKBONES)
 def test_fp32_greedy_equals_transformers_on_gpu(tiny_models, arch):
     path = tiny_models[arch]
     with Engine(model_path=path, dtype="float32", page_size=4, max_step_tokens=48, kv_cache_tokens=32768) as llm:

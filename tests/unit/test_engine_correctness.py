@@ -4,8 +4,7 @@ of every family; prompts rendered with each checkpoint's own chat template)."""
 from __future__ import annotations
 
 import pytest
-from conftest import ARCHS, LLAVA_BACKBONES
-from support import IMAGE, family_prompt, hf_generate, noise_image
+from support import ARCHS, IMAGE, LLAVA_BACKBONES, family_prompt, hf_generate, noise_image
 
 from epd import Engine
 
