@@ -118,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
         cmd = [sys.executable, "-m", "epd.cli", "router", "--model", model,
                "--backend", "disagg", "--host", args.host, "--port", str(port),
                "--cluster-secret-file", cluster.secret_file, *router_args]
+        if "--served-model-name" not in router_args:   # vLLM's default: --model as the user gave it
+            cmd += ["--served-model-name", args.model] + ([os.path.basename(model)] if model != args.model else [])
         router_log = open(os.path.join(log_dir, "router.log"), "wb")  # noqa: SIM115 - lives as long as the router
         router = subprocess.Popen(cmd, stdout=router_log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent,
                                   env=cluster.env())

@@ -60,6 +60,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     keep_freed_memory()
     commands = ["tiny-model", *_DELEGATES]
+    if argv and argv[0] == "--version":
+        from epd import __version__
+
+        print(f"epd {__version__}")
+        return 0
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         return 0 if argv else 2

@@ -30,6 +30,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+import epd
 from epd.engine.sampling import SamplingParamError, SamplingParams
 from router.backend import Backend, BackendRequest
 from router.choices import choice_requests
@@ -109,7 +110,7 @@ class Router:
                            "too_many_requests")
 
     def check_model(self, name: str | None) -> None:
-        if name is not None and name != self.settings.served_model_name:
+        if name is not None and name != self.settings.served_model_name and name not in self.settings.model_aliases:
             raise APIError(404, f"The model `{name}` does not exist.", "model", "model_not_found")
 
     def sampling(self, body: ChatCompletionRequest | CompletionRequest, prepared: Prepared,
@@ -260,18 +261,36 @@ def _add_token_routes(app: FastAPI, router: Router) -> None:
 
 
 def _add_info_routes(app: FastAPI, router: Router) -> None:
-    def model_card() -> dict[str, Any]:
-        return {"id": router.settings.served_model_name, "object": "model", "created": router.started,
-                "owned_by": "epd", "root": router.settings.model_path, "max_model_len": router.backend.max_context}
+    def model_card(name: str) -> dict[str, Any]:
+        """vLLM's model card: `parent` and `permission` included."""
+        permission = {"id": f"modelperm-{name}", "object": "model_permission", "created": router.started,
+                      "allow_create_engine": False, "allow_sampling": True, "allow_logprobs": True,
+                      "allow_search_indices": False, "allow_view": True, "allow_fine_tuning": False,
+                      "organization": "*", "group": None, "is_blocking": False}
+        return {"id": name, "object": "model", "created": router.started, "owned_by": "epd",
+                "root": router.settings.model_path, "parent": None, "max_model_len": router.backend.max_context,
+                "permission": [permission]}
+
+    names = (router.settings.served_model_name, *router.settings.model_aliases)
 
     @app.get("/v1/models", dependencies=[Depends(router.authorize)])
     async def list_models() -> dict[str, Any]:
-        return {"object": "list", "data": [model_card()]}
+        return {"object": "list", "data": [model_card(name) for name in names]}
 
     @app.get("/v1/models/{model_id:path}", dependencies=[Depends(router.authorize)])
     async def get_model(model_id: str) -> dict[str, Any]:
         router.check_model(model_id)
-        return model_card()
+        return model_card(model_id)
+
+    @app.get("/version")
+    async def version() -> dict[str, str]:
+        return {"version": epd.__version__}
+
+    @app.api_route("/ping", methods=["GET", "POST"])
+    async def ping() -> JSONResponse:
+        """vLLM's (SageMaker's) liveness route: 200 while ready, else 503."""
+        ready, _ = await router.backend.health()
+        return JSONResponse({}, status_code=200 if ready else 503)
 
     @app.get("/health")
     async def health() -> JSONResponse:

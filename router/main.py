@@ -38,7 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--model", required=True, help="Hugging Face checkpoint directory")
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=8000, help="0 picks a free port")
-    ap.add_argument("--served-model-name", default=None, help="the model id clients send (default: DIR's name)")
+    ap.add_argument("--served-model-name", nargs="+", default=None,
+                    help="the model id(s) clients may send; responses name the first (default: --model as given, "
+                         "as vLLM's)")
     ap.add_argument("--chat-template", default=None, help="built-in name or .jinja/.json file (default: tokenizer's)")
     ap.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
     ap.add_argument("--allowed-local-media-path", default=None, help="serve local image files from this directory")

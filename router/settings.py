@@ -14,8 +14,11 @@ _MODALITIES = ("image", "video", "audio")   # vLLM's; only images reach this rou
 
 @dataclass(frozen=True)
 class RouterSettings:
+    """The router's options, from its command line (`from_cli`)."""
+
     model_path: str
-    served_model_name: str
+    served_model_name: str                      # what responses name, and the metrics' model_name
+    model_aliases: tuple[str, ...] = ()         # other names a request may give the model
     chat_template: str | None = None            # built-in name or file; None: the tokenizer's own
     api_key: str | None = None                  # required as "Authorization: Bearer KEY" on /v1/*
     allowed_local_media_path: str | None = None  # local image files are served only from here
@@ -31,7 +34,8 @@ class RouterSettings:
             raise ValueError(f"--allowed-local-media-path {media!r} is not a directory")
         return cls(
             model_path=args.model,
-            served_model_name=args.served_model_name or os.path.basename(os.path.normpath(args.model)),
+            served_model_name=(args.served_model_name or [args.model])[0],
+            model_aliases=tuple((args.served_model_name or [args.model])[1:]),
             chat_template=args.chat_template,
             api_key=args.api_key,
             allowed_local_media_path=os.path.realpath(media) if media else None,
