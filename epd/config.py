@@ -147,3 +147,21 @@ def eos_ids(path: str, tc: Any) -> tuple[int, ...]:
     if eos is None:
         return ()
     return tuple(eos) if isinstance(eos, list | tuple) else (int(eos),)
+
+
+GENERATION_DEFAULTS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "max_new_tokens")
+
+
+def generation_defaults(source: str, model_path: str) -> dict[str, Any]:
+    """Sampling defaults for requests that do not set them, as vLLM's --generation-config takes them:
+    "auto" from the checkpoint's generation_config.json, a directory from its own, "vllm" none."""
+    if source == "vllm":
+        return {}
+    path = os.path.join(model_path if source == "auto" else source, "generation_config.json")
+    if not os.path.isfile(path):
+        if source != "auto":
+            raise ValueError(f"--generation-config {source!r}: no generation_config.json there")
+        return {}
+    with open(path) as f:
+        raw = json.load(f)
+    return {k: raw[k] for k in GENERATION_DEFAULTS if raw.get(k) is not None}

@@ -116,10 +116,16 @@ class Router:
     def sampling(self, body: ChatCompletionRequest | CompletionRequest, prepared: Prepared,
                  where: str) -> SamplingParams:
         requested, field = body.requested_max_tokens()
+        defaults = self.settings.sampling_defaults
         max_new = self.prompts.max_new_tokens(len(prepared.input_ids), requested, field, where)
+        if requested is None and "max_new_tokens" in defaults:   # the generation config's, within the context
+            max_new = min(max_new, int(defaults["max_new_tokens"]))
         self.prompts.check_token_ids(body.stop_token_ids, "stop_token_ids")
         self.prompts.check_token_ids(body.bias_token_ids(), "logit_bias")
         d = body.sampling_dict(max_new)
+        for name, value in defaults.items():   # --generation-config: what the request left out
+            if name != "max_new_tokens":
+                d.setdefault(name, value)
         extra = [s for s in prepared.stop if s not in d.get("stop", [])]
         if extra:
             d["stop"] = [*d.get("stop", []), *extra]

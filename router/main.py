@@ -58,6 +58,15 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--redis-url", default=os.environ.get("EPD_REDIS_URL"),
                     help="disagg: the Redis holding the node pools, redis[s]://[user:password@]host:port/db "
                          "(default: $EPD_REDIS_URL, which keeps a password off the command line)")
+    ap.add_argument("--generation-config", default="auto",
+                    help="vLLM's: sampling defaults (temperature, top_p, top_k, min_p, repetition_penalty, "
+                         "max_new_tokens) for what a request leaves out: auto = the checkpoint's "
+                         "generation_config.json, a directory = its own, vllm = none")
+    ap.add_argument("--uvicorn-log-level", default=None, choices=["critical", "error", "warning", "info", "debug",
+                                                                  "trace"], help="uvicorn's own (default: --log-level)")
+    ap.add_argument("--mm-processor-kwargs", default=None,
+                    help="vLLM's; refused: set the image processor's options (e.g. Qwen2-VL's min_pixels / "
+                         "max_pixels) in the checkpoint's preprocessor_config.json")
     ap.add_argument("--routing-policy", default="least_load", choices=["least_load", "round_robin"])
     ap.add_argument("--cluster-secret-file", default=None,
                     help="disagg: the secret the nodes hold (default: $EPD_CLUSTER_SECRET_FILE, else "
@@ -126,6 +135,10 @@ def main(argv: list[str] | None = None) -> int:
     if not os.path.isfile(os.path.join(args.model, "config.json")):
         print(f"epd router: --model {args.model!r} is not a checkpoint directory (no config.json)", file=sys.stderr)
         return 2
+    if args.mm_processor_kwargs is not None:
+        print("epd router: --mm-processor-kwargs is not supported; set the image processor's options (e.g. "
+              "min_pixels / max_pixels) in the checkpoint's preprocessor_config.json", file=sys.stderr)
+        return 2
     try:
         settings = RouterSettings.from_cli(args)
         check_chat_template(settings.model_path, settings.chat_template)
@@ -136,8 +149,10 @@ def main(argv: list[str] | None = None) -> int:
     prompts = PromptBuilder(settings.model_path, lambda: backend.max_context, settings.chat_template,
                             settings.allowed_local_media_path, settings.media_limits)
     app = create_app(backend, settings, prompts)
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, timeout_keep_alive=30,
-                            timeout_graceful_shutdown=5)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level or args.log_level,
+                            timeout_keep_alive=30, timeout_graceful_shutdown=5)
+    if settings.sampling_defaults:
+        log.info("sampling defaults from the generation config: %s", settings.sampling_defaults)
     asyncio.run(_serve(uvicorn.Server(config), args.host))
     return 0
 

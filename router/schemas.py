@@ -62,6 +62,7 @@ class _SamplingFields(BaseModel):
     return_tokens_as_token_ids: bool = False
     include_stop_str_in_output: bool = False   # vLLM's: the matched stop string ends the text
     cache_salt: str | None = None   # vLLM's: requests share cached prefixes only under the same salt
+    mm_processor_kwargs: dict[str, Any] | None = None   # vLLM's; refused (the checkpoint's preprocessor config decides)
 
     @field_validator("logit_bias")
     @classmethod
@@ -81,6 +82,9 @@ class _SamplingFields(BaseModel):
         return [int(key) for key in self.logit_bias or {}]
 
     def _common_unsupported(self) -> tuple[str, str] | None:
+        if self.mm_processor_kwargs:
+            return "mm_processor_kwargs", ("per-request image processor settings are not supported: the checkpoint's "
+                                           "preprocessor_config.json decides (min_pixels / max_pixels for Qwen2-VL)")
         if self.stream_options is not None and not self.stream:
             return "stream_options", "stream_options is only allowed when stream is true"
         try:

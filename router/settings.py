@@ -7,6 +7,7 @@ import json
 import os
 from dataclasses import dataclass, field
 
+from epd.config import generation_defaults
 from epd.media.loading import MediaLimits
 
 _MODALITIES = ("image", "video", "audio")   # vLLM's; only images reach this router, the others are moot
@@ -26,6 +27,7 @@ class RouterSettings:
     max_body_bytes: int = 64 << 20               # 413 above this
     media_limits: MediaLimits = field(default_factory=MediaLimits)
     tool_call_parser: str | None = None          # "hermes": tool_choice "auto" finds calls in the text
+    sampling_defaults: dict = field(default_factory=dict)   # --generation-config: for fields a request leaves out
 
     @classmethod
     def from_cli(cls, args: argparse.Namespace) -> RouterSettings:
@@ -43,6 +45,7 @@ class RouterSettings:
             max_body_bytes=args.max_body_bytes,
             media_limits=media_limits_from_cli(args),
             tool_call_parser=args.tool_call_parser,
+            sampling_defaults=generation_defaults(args.generation_config, args.model),
         )
 
 

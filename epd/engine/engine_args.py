@@ -1,6 +1,12 @@
 """The engine's command-line flags, defined once for every process that runs an engine: the
 router's local backend and the encoder, prefill and decode nodes (`epd serve` hands them to its
-nodes). `engine_kwargs(args)` turns the parsed flags into `EngineConfig` fields."""
+nodes). `engine_kwargs(args)` turns the parsed flags into `EngineConfig` fields.
+
+vLLM's names are taken where EPD does the same thing (`--gpu-memory-utilization`,
+`--max-num-seqs`, `--enable-prefix-caching` / `--no-enable-prefix-caching`, `--seed`,
+`--trust-remote-code`); `--tensor-parallel-size` / `-tp` above 1 is refused with a message (not
+built yet) rather than ignored.
+"""
 
 from __future__ import annotations
 
@@ -11,8 +17,19 @@ from typing import Any
 _FIELDS = {"device": "device", "dtype": "dtype", "page_size": "page_size", "max_model_len": "max_model_len",
            "max_running_requests": "max_running_requests", "max_step_tokens": "max_step_tokens",
            "kv_cache_tokens": "kv_cache_tokens", "mem_fraction": "mem_fraction",
+           "gpu_memory_utilization": "gpu_memory_utilization", "seed": "seed",
            "disable_overlap_schedule": "disable_overlap_schedule",
            "disable_prefix_caching": "disable_prefix_caching", "disable_cuda_graph": "disable_cuda_graph"}
+
+
+class _NotBuilt(argparse.Action):
+    """A vLLM flag whose feature is not built here: refused at once, naming what to do instead."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: Any, values: Any, option: str | None = None) -> None:
+        if str(values) not in ("1", "1.0"):
+            parser.error(f"{option} {values}: tensor parallelism is not built yet; serve a model that fits one GPU, "
+                         f"or scale out with more prefill / decode nodes")
+        setattr(namespace, self.dest, values)
 
 
 def add_engine_args(ap: argparse.ArgumentParser | Any) -> None:
@@ -23,18 +40,33 @@ def add_engine_args(ap: argparse.ArgumentParser | Any) -> None:
     ap.add_argument("--max-model-len", type=int, default=None,
                     help="cap on prompt + output tokens (default: the model's, within the KV pool)")
     ap.add_argument("--page-size", type=int, default=16, help="tokens per KV page")
-    ap.add_argument("--max-running-requests", type=int, default=64, help="batch size cap")
+    ap.add_argument("--max-running-requests", "--max-num-seqs", type=int, default=64,
+                    help="batch size cap (--max-num-seqs: vLLM's name)")
     ap.add_argument("--max-step-tokens", type=int, default=2048, help="tokens per forward (prefill chunk budget)")
     ap.add_argument("--kv-cache-tokens", type=int, default=None, help="KV pool size in tokens (default: from memory)")
+    ap.add_argument("--gpu-memory-utilization", type=float, default=None,
+                    help="vLLM's: the share of the GPU's total memory this process may use (weights, "
+                         "activations, KV pool); the KV pool takes what is left of it")
     ap.add_argument("--mem-fraction", type=float, default=0.85,
-                    help="share of the free GPU memory after the weights that the KV pool takes")
+                    help="without --gpu-memory-utilization: the share of the GPU memory free after the weights "
+                         "that the KV pool takes")
+    ap.add_argument("--seed", type=int, default=None,
+                    help="vLLM's: seeds the engine's random generator (requests without a seed of their own draw "
+                         "from it, so a run repeats)")
+    ap.add_argument("--tensor-parallel-size", "-tp", default=1, action=_NotBuilt,
+                    help="vLLM's; only 1 for now (tensor parallelism is not built yet)")
+    ap.add_argument("--trust-remote-code", action="store_true",
+                    help="accepted for vLLM's command lines: EPD never runs a checkpoint's own code")
     ap.add_argument("--disable-overlap-schedule", action="store_true",
                     help="read each step's tokens before scheduling the next (default: each step is launched "
                          "while the step before still runs, see README)")
-    ap.add_argument("--disable-prefix-caching", action="store_true",
+    ap.add_argument("--disable-prefix-caching", "--no-enable-prefix-caching", action="store_true",
                     help="compute every prompt in full (default: a prompt whose prefix is cached takes those KV "
                          "pages, see README; decode nodes compute no prompts)")
-    ap.add_argument("--disable-cuda-graph", action="store_true", help="run decode steps eagerly on a GPU")
+    ap.add_argument("--enable-prefix-caching", action="store_true",
+                    help="accepted for vLLM's command lines: prefix caching is on by default")
+    ap.add_argument("--disable-cuda-graph", "--enforce-eager", action="store_true",
+                    help="run decode steps eagerly on a GPU (--enforce-eager: vLLM's name)")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:

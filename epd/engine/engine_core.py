@@ -51,6 +51,8 @@ class EngineConfig:
     max_step_tokens: int = 2048
     kv_cache_tokens: int | None = None   # default: sized from memory
     mem_fraction: float = 0.85           # of free GPU memory after weights, for the KV pool
+    gpu_memory_utilization: float | None = None   # vLLM's: of the GPU's total memory, for this whole process
+    seed: int | None = None              # seeds the global generator (requests without a seed draw from it)
     max_model_len: int | None = None
     load_vision: bool = True
     attention_backend: str = "auto"      # "torch" | "flashinfer" | "auto" (flashinfer on cuda where it can)
@@ -93,6 +95,8 @@ class LaunchedStep:
 class EngineCore:
     def __init__(self, config: EngineConfig, tokenizer) -> None:
         self.config = config
+        if config.seed is not None:
+            torch.manual_seed(config.seed)
         self.model_config = ModelConfig.from_pretrained(config.model_path)
         self.device = config.resolved_device()
         self.dtype = config.resolved_dtype(self.model_config)
@@ -126,6 +130,8 @@ class EngineCore:
         spec = KVCacheSpec(tc.num_layers, tc.num_kv_heads, tc.head_dim, self.config.page_size, self.dtype)
         if self.config.kv_cache_tokens:
             pages = -(-self.config.kv_cache_tokens // spec.page_size) + 1
+        elif self.device.type == "cuda" and self.config.gpu_memory_utilization is not None:
+            pages = KVCache.pages_fitting(spec, self._share_left())
         elif self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)  # shared with other processes on this GPU
             free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)  # our cache
@@ -133,6 +139,18 @@ class EngineCore:
         else:
             pages = KVCache.pages_fitting(spec, 1 << 30)  # 1 GiB of host memory by default
         return KVCache(spec, pages, self.device)
+
+    def _share_left(self) -> int:
+        """Bytes of --gpu-memory-utilization's share of the GPU not yet taken by this process (its
+        weights), less room for a step's activations and the CUDA graphs."""
+        _, total = torch.cuda.mem_get_info(self.device)
+        share = int(total * self.config.gpu_memory_utilization)
+        headroom = (1 << 30) + self.config.max_step_tokens * self.model_config.text.hidden_size * 64
+        weights = torch.cuda.memory_allocated(self.device)
+        if share - weights - headroom <= 0:
+            raise ValueError(f"--gpu-memory-utilization {self.config.gpu_memory_utilization}: {share / 2**30:.1f} "
+                             f"GiB do not hold the weights ({weights / 2**30:.1f} GiB) and a step's activations")
+        return share - weights - headroom
 
     def _make_backend(self) -> AttentionBackend:
         choice, tc = self.config.attention_backend, self.model_config.text
