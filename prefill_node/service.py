@@ -70,7 +70,7 @@ class PrefillService:
         self.core = core
         self.engine = PrefillEngine(core)
         self.layout = layout
-        self.kv_timeout_s = kv_timeout_s              # CUDA IPC: how long to wait for decode's page list
+        self.kv_timeout_s = kv_timeout_s              # the longest a hand-over may hold its pages
         self.ipc_pools = PoolImports(core.device) if core.device.type == "cuda" else None
         self._last_pool_sweep = 0.0
         num_layers = core.model_config.text.num_layers
@@ -209,7 +209,7 @@ class PrefillService:
                                  req.pages, engine.pages_for(req.prompt_len), engine.release, self.kv_timeout_s)
         else:
             p.sender = WireSender(self.runtime.transport, msg.decode_ucx, msg.rid, engine.kv_layers, self.groups,
-                                  req.pages, req.prompt_len, engine.release)
+                                  req.pages, req.prompt_len, engine.release, self.kv_timeout_s)
         return p.sender
 
     def _first_tokens(self, first: FirstTokens) -> None:
@@ -277,7 +277,7 @@ class PrefillService:
 
     def status(self) -> dict[str, Any]:
         queues = {"awaiting_embeddings": len(self.awaiting), "prefilling": len(self.active),
-                  "transferring": len(self.transferring)}
+                  "scheduler_waiting": self.engine.num_waiting, "transferring": len(self.transferring)}
         return pool_status(self.engine, self.check_integrity, queues)
 
     def shutdown(self) -> None:

@@ -76,8 +76,10 @@ class Harness:
                 out[node_id] = self.run(self.backend.node_status(role, node_id))
         return out
 
-    def assert_pools_intact(self, settle_s: float = 5.0) -> None:
-        """Every node's integrity check passes and no page is still in use."""
+    def assert_pools_intact(self, settle_s: float = 15.0) -> None:
+        """Every node's integrity check passes and no page is still in use (within `settle_s`: a
+        hand-over to an address that does not answer holds its pages for the transport's connect
+        timeout, 5 s, before giving them back)."""
         deadline = time.monotonic() + settle_s
         while True:
             bad = {nid: s for nid, s in self.statuses().items()

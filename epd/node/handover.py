@@ -45,8 +45,11 @@ def kv_bytes(layers: list[torch.Tensor], num_tokens: int) -> int:
 
 class WireSender:
     def __init__(self, transport: Any, peer: str, rid: str, layers: list[torch.Tensor], groups: list[range],
-                 pages: list[int], prompt_len: int, release: Callable[[list[int]], None]) -> None:
-        self.transport, self.peer, self.rid = transport, peer, rid
+                 pages: list[int], prompt_len: int, release: Callable[[list[int]], None],
+                 timeout_s: float | None = None) -> None:
+        """Each send fails after `timeout_s` (a decode node that stopped reading, or an address
+        that does not answer, gives the pages back then instead of holding them for good)."""
+        self.transport, self.peer, self.rid, self.timeout_s = transport, peer, rid, timeout_s
         self.layers, self.groups, self.prompt_len = layers, groups, prompt_len
         self.pages, self._release = pages, release
         self._last_of = {g[-1]: i for i, g in enumerate(groups)}
@@ -61,13 +64,14 @@ class WireSender:
         group = self.groups[gi]
         wire = gather_kv([self.layers[j] for j in group], self.pages, self.prompt_len)
         meta = protocol.data_meta(protocol.KVGroup(self.rid, gi, [group.start, group.stop]))
-        self.sends.append(self.transport.send(self.peer, f"{self.rid}:kv:{gi}", [wire], meta=meta))
+        self.sends.append(self.transport.send(self.peer, f"{self.rid}:kv:{gi}", [wire], meta=meta,
+                                             timeout=self.timeout_s))
 
     def finish(self, record: protocol.HandOver, generator_state: torch.Tensor | None) -> None:
         record.num_groups = len(self.groups)
         tensors = [generator_state] if generator_state is not None else []
         self.sends.append(self.transport.send(self.peer, f"{self.rid}:meta", tensors,
-                                              meta=protocol.data_meta(record)))
+                                              meta=protocol.data_meta(record), timeout=self.timeout_s))
 
     def poll(self) -> HandOverState:
         if self.state is HandOverState.TRANSFERRING and all(f.done() for f in self.sends):
