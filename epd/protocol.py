@@ -148,6 +148,7 @@ class NodeStatus:
     integrity_error: str = ""
     queues: dict[str, int] = field(default_factory=dict)
     rejected_messages: int = 0         # control and data-plane messages refused (unauthenticated, malformed)
+    preemptions: int = 0               # requests its scheduler pushed back for want of pages, since start
 
 
 # ---- data plane (UCX, node -> node): a transfer's `meta` -----------------------------------------

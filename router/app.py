@@ -147,6 +147,7 @@ class Router:
         """Run the request's choices (one backend request each) and answer in `fmt`, with the
         body's output options."""
         fmt.include_stop_str, fmt.continuous_usage = body.include_stop_str_in_output, body.continuous_usage
+        timer.params(body.n, params.max_new_tokens)
         breq = BackendRequest(fmt.rid, None, prepared.input_ids, prepared.images, params, time.time(), prepared.inp)
         return await respond(request, self.backend, choice_requests(breq, body.n), fmt, timer, body.stream,
                              body.include_usage)

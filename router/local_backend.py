@@ -285,5 +285,5 @@ class LocalBackend:
             "kv_cache_usage_perc": pool.num_in_use / pool.capacity,
             "kv_cache_pages_in_use": float(pool.num_in_use),
             "kv_cache_pages_total": float(pool.capacity),
-            "num_preemptions": float(sched.num_preemptions),
+            "num_preemptions_total": float(sched.num_preemptions),
         }

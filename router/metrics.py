@@ -1,6 +1,8 @@
 """The router's Prometheus metrics, written in the text exposition format (0.0.4) by hand, so the
-router needs no client library. Names follow vLLM's with an `epd:` prefix (':' is legal in
-Prometheus metric names); every sample carries `model_name`.
+router needs no client library. Every family vLLM has and EPD measures is written under vLLM's own
+name (`vllm:`) with vLLM's meaning, so a dashboard or autoscaler written for vLLM reads it unchanged,
+and under EPD's (`epd:`) beside the families only EPD has (per pool, per stage); every sample
+carries `model_name`.
 
 Lifecycle: `RouterMetrics(model_name)` is built once per app. Each request gets a
 `RequestTimer` at arrival; the serving code calls `token(event)` for every backend event, then
@@ -21,6 +23,12 @@ from collections.abc import Iterable
 from router.backend import BackendEvent
 
 PREFIX = "epd:"
+VLLM = "vllm:"
+# backend gauges that are vLLM's too (same meaning); num_preemptions is vLLM's counter
+VLLM_GAUGES = ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc")
+TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000)
+N_BUCKETS = (1, 2, 5, 10, 20)
+PHASES = {"queue": "queue", "prefill": "prefill", "decode": "decode", "inference": "inference"}
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
@@ -55,24 +63,40 @@ def _header(name: str, kind: str, help_text: str) -> list[str]:
     return [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
 
 
+def _names(name: str, vllm: bool) -> tuple[str, ...]:
+    """A family's names: EPD's, and vLLM's too where it is one of vLLM's."""
+    return (PREFIX + name, VLLM + name) if vllm else (PREFIX + name,)
+
+
 class Counter:
-    def __init__(self, name: str, help_text: str) -> None:
-        self.name, self.help = PREFIX + name, help_text
+    def __init__(self, name: str, help_text: str, vllm: bool = False) -> None:
+        self.names, self.help = _names(name, vllm), help_text
         self.values: dict[Labels, float] = defaultdict(float)
+
+    def start(self, labels: Labels) -> None:
+        """Write the series (at 0) before anything is counted, as vLLM does, so rates start at 0."""
+        self.values[labels] += 0.0
 
     def inc(self, labels: Labels, amount: float = 1.0) -> None:
         self.values[labels] += amount
 
     def lines(self) -> list[str]:
-        out = _header(self.name, "counter", self.help)
-        return out + [f"{self.name}{_labels(k)} {_number(v)}" for k, v in sorted(self.values.items())]
+        out: list[str] = []
+        for name in self.names:
+            out += _header(name, "counter", self.help)
+            out += [f"{name}{_labels(k)} {_number(v)}" for k, v in sorted(self.values.items())]
+        return out
 
 
 class Histogram:
-    def __init__(self, name: str, help_text: str, buckets: tuple[float, ...]) -> None:
-        self.name, self.help, self.bounds = PREFIX + name, help_text, buckets
+    def __init__(self, name: str, help_text: str, buckets: tuple[float, ...], vllm: bool = False) -> None:
+        self.names, self.help, self.bounds = _names(name, vllm), help_text, buckets
         self.counts: dict[Labels, list[int]] = {}
         self.sums: dict[Labels, float] = defaultdict(float)
+
+    def start(self, labels: Labels) -> None:
+        """Write the series (empty) before anything is observed, as vLLM does."""
+        self.counts.setdefault(labels, [0] * (len(self.bounds) + 1))
 
     def observe(self, labels: Labels, value: float) -> None:
         counts = self.counts.setdefault(labels, [0] * (len(self.bounds) + 1))
@@ -80,14 +104,16 @@ class Histogram:
         self.sums[labels] += value
 
     def lines(self) -> list[str]:
-        out = _header(self.name, "histogram", self.help)
-        for labels, counts in sorted(self.counts.items()):
-            running = 0
-            for bound, n in zip((*self.bounds, math.inf), counts, strict=True):
-                running += n
-                out.append(f"{self.name}_bucket{_labels((*labels, ('le', _number(bound))))} {running}")
-            out.append(f"{self.name}_sum{_labels(labels)} {_number(self.sums[labels])}")
-            out.append(f"{self.name}_count{_labels(labels)} {running}")
+        out: list[str] = []
+        for name in self.names:
+            out += _header(name, "histogram", self.help)
+            for labels, counts in sorted(self.counts.items()):
+                running = 0
+                for bound, n in zip((*self.bounds, math.inf), counts, strict=True):
+                    running += n
+                    out.append(f"{name}_bucket{_labels((*labels, ('le', _number(bound))))} {running}")
+                out.append(f"{name}_sum{_labels(labels)} {_number(self.sums[labels])}")
+                out.append(f"{name}_count{_labels(labels)} {running}")
         return out
 
 
@@ -104,35 +130,63 @@ def _gauge_lines(model: Labels, stats: dict[str, float]) -> list[str]:
             families[re.sub(r"[^a-zA-Z0-9_:]", "_", key)].append((model, value))
     out: list[str] = []
     for name, samples in families.items():
-        out += _header(PREFIX + name, "gauge", f"{name.replace('_', ' ')} (from the backend)")
-        out += [f"{PREFIX}{name}{_labels(labels)} {_number(v)}" for labels, v in samples]
+        kind = "counter" if name == "num_preemptions_total" else "gauge"
+        for prefix in (PREFIX, VLLM) if name in VLLM_GAUGES or kind == "counter" else (PREFIX,):
+            out += _header(prefix + name, kind, f"{name.replace('_', ' ')} (from the backend)")
+            out += [f"{prefix}{name}{_labels(labels)} {_number(v)}" for labels, v in samples]
     return out
 
 
 class RouterMetrics:
     def __init__(self, model_name: str) -> None:
         self.model: Labels = (("model_name", model_name),)
-        self.ttft = Histogram("time_to_first_token_seconds", "Time from arrival to the first token.", TTFT_BUCKETS)
-        self.itl = Histogram("inter_token_latency_seconds", "Time between successive tokens.", ITL_BUCKETS)
-        self.e2e = Histogram("e2e_request_latency_seconds", "Time from arrival to the last token.", E2E_BUCKETS)
+        self.ttft = Histogram("time_to_first_token_seconds", "Time from arrival to the first token.", TTFT_BUCKETS,
+                              vllm=True)
+        self.itl = Histogram("inter_token_latency_seconds", "Time between successive tokens.", ITL_BUCKETS, vllm=True)
+        self.tpot = Histogram("time_per_output_token_seconds", "A request's time per output token after the first.",
+                              ITL_BUCKETS, vllm=True)
+        self.e2e = Histogram("e2e_request_latency_seconds", "Time from arrival to the last token.", E2E_BUCKETS,
+                             vllm=True)
         self.stage = Histogram("stage_seconds", "Time a request spent in each stage (backend timings).",
                                STAGE_BUCKETS)
-        self.prompt_tokens = Counter("prompt_tokens_total", "Prompt tokens of finished requests.")
-        self.generation_tokens = Counter("generation_tokens_total", "Generated tokens of finished requests.")
+        self.phases = {key: Histogram(f"request_{phase}_time_seconds", f"A request's {phase} time.", E2E_BUCKETS,
+                                      vllm=True) for key, phase in PHASES.items()}
+        self.request_prompt = Histogram("request_prompt_tokens", "Prompt tokens of a finished request.",
+                                        TOKEN_BUCKETS, vllm=True)
+        self.request_generation = Histogram("request_generation_tokens", "Tokens a finished request generated.",
+                                            TOKEN_BUCKETS, vllm=True)
+        self.params_n = Histogram("request_params_n", "A request's n.", N_BUCKETS, vllm=True)
+        self.params_max_tokens = Histogram("request_params_max_tokens", "A request's max_tokens.", TOKEN_BUCKETS,
+                                           vllm=True)
+        self.prompt_tokens = Counter("prompt_tokens_total", "Prompt tokens of finished requests.", vllm=True)
+        self.generation_tokens = Counter("generation_tokens_total", "Generated tokens of finished requests.",
+                                         vllm=True)
         self.cached_tokens = Counter("prefix_cache_hit_tokens_total",
                                      "Prompt tokens of finished requests whose KV came from the prefix cache.")
-        self.success = Counter("request_success_total", "Requests that finished, by finish reason.")
+        self.cache_queries = Counter("prefix_cache_queries_total",
+                                     "Prompt tokens looked up in the prefix cache (vLLM's meaning).", vllm=True)
+        self.cache_hits = Counter("prefix_cache_hits_total", "Prompt tokens found in the prefix cache.", vllm=True)
+        self.success = Counter("request_success_total", "Requests that finished, by finish reason.", vllm=True)
         self.failure = Counter("request_failure_total", "Requests that failed or were abandoned, by reason.")
+        for family in self._families():
+            if family not in (self.stage, self.success, self.failure):
+                family.start(self.model)
+        for reason in ("stop", "length", "abort"):
+            self.success.start((*self.model, ("finished_reason", reason)))
+        self.failure.start((*self.model, ("reason", "client_disconnected")))   # other reasons: HTTP statuses
 
     def timer(self) -> RequestTimer:
         return RequestTimer(self)
 
+    def _families(self) -> Iterable[Counter | Histogram]:
+        return (self.ttft, self.itl, self.tpot, self.e2e, self.stage, *self.phases.values(), self.request_prompt,
+                self.request_generation, self.params_n, self.params_max_tokens, self.prompt_tokens,
+                self.cached_tokens, self.cache_queries, self.cache_hits, self.generation_tokens, self.success,
+                self.failure)
+
     def render(self, stats: dict[str, float]) -> str:
-        families: Iterable[Counter | Histogram] = (self.ttft, self.itl, self.e2e, self.stage, self.prompt_tokens,
-                                                   self.cached_tokens, self.generation_tokens, self.success,
-                                                   self.failure)
         lines = _gauge_lines(self.model, stats)
-        for family in families:
+        for family in self._families():
             lines += family.lines()
         return "\n".join(lines) + "\n"
 
@@ -144,7 +198,13 @@ class RequestTimer:
         self.metrics = metrics
         self.arrival = time.monotonic()
         self.last_token: dict[int, float] = {}   # choice -> when its last token came
+        self.first_token = 0.0
         self.done = False
+        self.n, self.max_tokens = 1, 0
+
+    def params(self, n: int, max_tokens: int) -> None:
+        """The request's n and (resolved) max_tokens."""
+        self.n, self.max_tokens = n, max_tokens
 
     def elapsed_ms(self) -> float:
         """Milliseconds since the request arrived."""
@@ -155,6 +215,7 @@ class RequestTimer:
         now = time.monotonic()
         m = self.metrics
         if not self.last_token:
+            self.first_token = now
             m.ttft.observe(m.model, now - self.arrival)
         elif choice in self.last_token:
             m.itl.observe(m.model, now - self.last_token[choice])
@@ -167,15 +228,37 @@ class RequestTimer:
             return
         self.done = True
         m = self.metrics
-        m.e2e.observe(m.model, time.monotonic() - self.arrival)
+        now = time.monotonic()
+        m.e2e.observe(m.model, now - self.arrival)
+        generated = sum(f.completion_tokens for f in finals)
         m.prompt_tokens.inc(m.model, finals[0].prompt_tokens)
         m.cached_tokens.inc(m.model, finals[0].cached_tokens)   # as usage: the prompt once
-        m.generation_tokens.inc(m.model, sum(f.completion_tokens for f in finals))
+        m.cache_queries.inc(m.model, finals[0].prompt_tokens)
+        m.cache_hits.inc(m.model, finals[0].cached_tokens)
+        m.generation_tokens.inc(m.model, generated)
+        m.request_prompt.observe(m.model, finals[0].prompt_tokens)
+        m.request_generation.observe(m.model, generated)
+        m.params_n.observe(m.model, self.n)
+        m.params_max_tokens.observe(m.model, self.max_tokens)
+        if finals[0].completion_tokens > 1 and self.first_token:
+            m.tpot.observe(m.model, (now - self.first_token) / (finals[0].completion_tokens - 1))
         m.success.inc((*m.model, ("finished_reason", finals[0].finish_reason or "unknown")))
         for event in finals:
             for key, ms in event.timings.items():
                 if key.endswith("_ms") and not key.endswith("_at_ms") and ms is not None:
                     m.stage.observe((*m.model, ("stage", key[:-3])), ms / 1e3)
+        self._phases(finals[0].timings)
+
+    def _phases(self, timings: dict[str, float]) -> None:
+        """vLLM's queue / prefill / decode / inference times from the backend's stage timings."""
+        m = self.metrics
+        for key, histogram in m.phases.items():
+            if key == "inference":
+                seconds = (timings.get("prefill_ms") or 0.0) + (timings.get("decode_ms") or 0.0)
+            else:
+                seconds = timings.get(f"{key}_ms")
+            if seconds is not None:
+                histogram.observe(m.model, seconds / 1e3)
 
     def failed(self, reason: str) -> None:
         if not self.done:

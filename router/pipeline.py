@@ -130,8 +130,10 @@ class DisaggBackend:
         return all(sizes.values()) and self.redis_watch.up, {"pools": sizes, "redis": self.redis_watch.up}
 
     def stats(self) -> dict[str, float]:
-        out = {"num_requests_running": float(len(self.inflight))}
-        out.update(gauges(self.node_reports))
+        """vLLM's meanings: waiting = queued on a node for inputs, pages or compute; running = the rest
+        of the requests in flight (encoding, prefilling, handing over, decoding)."""
+        out = gauges(self.node_reports)
+        out["num_requests_running"] = float(max(0, len(self.inflight) - out["num_requests_waiting"]))
         out.update({f"pool_size_{role}": float(n) for role, n in self.pool.sizes().items()})
         return out
 

@@ -69,6 +69,16 @@ class _RoleEngine:
     def page_size(self) -> int:
         return self.core.kv.spec.page_size
 
+    @property
+    def num_waiting(self) -> int:
+        """Requests queued in the scheduler with nothing allocated yet (vLLM's num_requests_waiting)."""
+        return len(self.core.scheduler.waiting)
+
+    @property
+    def num_preemptions(self) -> int:
+        """Requests the scheduler pushed back to waiting for want of pages, since start."""
+        return self.core.scheduler.num_preemptions
+
 
 class PrefillEngine(_RoleEngine):
     def add(self, req: Request) -> None:

@@ -116,15 +116,15 @@ def kv_layout_of(core: Any) -> KVLayout:
 
 
 def pool_status(pool: Any, check: Any, queues: dict[str, int]) -> dict[str, Any]:
-    """NodeStatus fields for a node with a KV pool (anything with `capacity` and `num_free` pages);
-    `check` is its integrity check."""
+    """NodeStatus fields for a node with a KV pool (a role engine: `capacity` and `num_free` pages,
+    `num_preemptions`); `check` is its integrity check."""
     try:
         check()
         ok, error = True, ""
     except AssertionError as e:
         ok, error = False, str(e)
     return dict(pages_total=pool.capacity, pages_free=pool.num_free, integrity_ok=ok, integrity_error=error,
-                queues=queues)
+                queues=queues, preemptions=pool.num_preemptions)
 
 
 class NodeRuntime:

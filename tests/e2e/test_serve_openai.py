@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 import openai
 import pytest
+import yaml
 from openai_support import (
     IDS,
     assert_matches,
@@ -27,6 +30,7 @@ from openai_support import (
     start_until_line,
     token_ids,
 )
+from prometheus_client.parser import text_string_to_metric_families
 
 from router.metrics import parse_exposition
 
@@ -137,6 +141,48 @@ def test_models_health_and_metrics_show_every_pool(serve):
     before = serve.metrics().get(("epd:generation_tokens_total", (("model_name", MODEL),)), 0)
     chat(serve, "Count to five.", max_tokens=5, extra_body={"ignore_eos": True})
     assert serve.gauge("generation_tokens_total") == before + 5
+
+
+MONITORING = Path(__file__).resolve().parents[2] / "deploy" / "monitoring"
+
+
+def monitoring_queries() -> set[str]:
+    """Every series name the dashboard, the alert rules and the KEDA example under deploy/ query."""
+    dashboard = json.loads((MONITORING / "grafana-dashboard.json").read_text())
+    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+    exprs += [r["expr"] for g in yaml.safe_load((MONITORING / "prometheus-rules.yaml").read_text())["groups"]
+              for r in g["rules"]]
+    exprs += [t["metadata"]["query"] for obj in yaml.safe_load_all((MONITORING / "keda-scaledobject.yaml").read_text())
+              for t in obj["spec"]["triggers"]]
+    return {name for e in exprs for name in re.findall(r"\b(?:vllm|epd):[a-z0-9_]+", e)}
+
+
+def scrape(serve: Serve) -> dict[str, tuple[str, float]]:
+    """/metrics read by prometheus_client: {sample name: (family type, the family's count)}: a
+    histogram's count of observations, a counter's total, a gauge's value (summed over labels)."""
+    out: dict[str, tuple[str, float]] = {}
+    for family in text_string_to_metric_families(httpx.get(f"{serve.url}/metrics").text):
+        names = {s.name for s in family.samples}
+        count = sum(s.value for s in family.samples if family.type != "histogram" or s.name.endswith("_count"))
+        out.update({name: (family.type, count) for name in names})
+    return out
+
+
+def test_every_series_deploy_monitoring_queries_is_served_and_moves(serve):
+    queried = monitoring_queries()
+    assert {"vllm:num_requests_waiting", "vllm:kv_cache_usage_perc", "vllm:e2e_request_latency_seconds_bucket",
+            "vllm:request_queue_time_seconds_bucket", "vllm:prefix_cache_queries_total"} <= queried
+    before = scrape(serve)
+    vllm_names = {name for name in queried if name.startswith("vllm:")}
+    assert not vllm_names - before.keys(), f"not served from the start: {sorted(vllm_names - before.keys())}"
+    chat(serve, "Count to five.", max_tokens=5, extra_body={"ignore_eos": True})
+    after = scrape(serve)
+    assert not queried - after.keys(), f"queried but not served: {sorted(queried - after.keys())}"
+    may_stay = {"epd:request_failure_total", "vllm:num_preemptions_total", "vllm:prefix_cache_hits_total"}
+    stayed = [name for name in queried - may_stay if after[name][0] in ("counter", "histogram")
+              and after[name][1] <= before.get(name, ("", 0.0))[1]]
+    assert not stayed, f"did not move over a request: {stayed}"
+    assert after["vllm:generation_tokens_total"][1] == before["vllm:generation_tokens_total"][1] + 5
 
 
 def _with_image(url: str) -> dict:
