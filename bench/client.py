@@ -120,11 +120,12 @@ class _StreamReader:
             usage = obj["usage"]
             self.out.output_tokens = int(usage.get("completion_tokens") or 0)
             self.out.prompt_tokens = int(usage.get("prompt_tokens") or self.out.prompt_tokens)
-            details = usage.get("prompt_tokens_details") or {}
-            if "text_tokens" in details:
-                self.out.text_tokens = int(details["text_tokens"])
-            if "image_tokens" in details:
-                self.out.image_tokens = int(details["image_tokens"])
+        split = obj.get("epd_prompt_tokens")   # EPD's own: the prompt's text and image tokens
+        if isinstance(split, dict):
+            if "text_tokens" in split:
+                self.out.text_tokens = int(split["text_tokens"])
+            if "image_tokens" in split:
+                self.out.image_tokens = int(split["image_tokens"])
         if isinstance(obj.get("epd_timings"), dict):
             self.out.epd_timings = {k: float(v) for k, v in obj["epd_timings"].items() if v is not None}
 

@@ -78,7 +78,7 @@ def one_request(client: httpx.Client, url: str, text: str, image: str, max_token
             last = chunk
     usage = last.get("usage") or {}
     return {"ttft_ms": ttft, "prompt_tokens": usage.get("prompt_tokens"),
-            "image_tokens": (usage.get("prompt_tokens_details") or {}).get("image_tokens"),
+            "image_tokens": (last.get("epd_prompt_tokens") or {}).get("image_tokens"),
             "server": last.get("epd_timings", {})}
 
 

@@ -69,7 +69,7 @@ class BenchMetrics:
     duration: float
     total_input_tokens: int
     total_output_tokens: int
-    total_text_input_tokens: int | None  # only when the server splits prompt_tokens_details
+    total_text_input_tokens: int | None  # only when the server sends epd_prompt_tokens
     total_vision_input_tokens: int | None
     request_throughput: float
     output_throughput: float

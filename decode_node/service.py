@@ -73,6 +73,7 @@ class DecodeService:
         self.fenced: dict[str, tuple[IpcReceiver, list[int], float]] = {}   # rid -> (receiver, pages, since)
         self._pool_desc: dict | None = None   # our pool as CUDA IPC handles, made on first use
         self.refused = 0                      # requests refused on arrival (duplicate id)
+        self.tokens_generated = 0             # tokens this node decoded (the periodic stats line)
         self.redis_watch = RedisWatch("decode node")
 
     # ---- control messages ---------------------------------------------------------------
@@ -126,11 +127,15 @@ class DecodeService:
         self._watch()
         self._clear_fences()
         events = self.engine.step()
+        self.tokens_generated += len(events)
         self._emit(events)
         return bool(events) or self.engine.busy   # waiting for KV: the loop sleeps until the transport wakes it
 
     def load(self) -> float:
         return float(len(self.running) + len(self.awaiting_kv) + len(self.awaiting_pages))
+
+    def counters(self) -> dict[str, float]:
+        return {"generation tokens": self.tokens_generated}
 
     def _reserve(self) -> None:
         engine = self.engine

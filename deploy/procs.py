@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import redis
 
+from deploy.logs import DEFAULT_BACKUPS, DEFAULT_MAX_BYTES, LogPump
 from kv_transfer.auth import ClusterSecret
 from kv_transfer.registry import NodeRegistry
 
@@ -56,6 +57,8 @@ class Cluster:
     common_args: list[str] = field(default_factory=list)
     nodes: list[NodeProc] = field(default_factory=list)
     secret_file: str = ""        # the cluster secret (made in log_dir when not given)
+    log_max_bytes: int = DEFAULT_MAX_BYTES   # each node's log is rotated at this size
+    log_backups: int = DEFAULT_BACKUPS       # rotated files kept per node
 
     def __post_init__(self) -> None:
         os.makedirs(self.log_dir, exist_ok=True)
@@ -72,9 +75,10 @@ class Cluster:
         if self.device:
             args += ["--device", self.device]
         log_path = os.path.join(self.log_dir, f"{node_id}.log")
-        with open(log_path, "wb") as log:
-            proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent,
-                                    start_new_session=True, env=self.env())
+        pump = LogPump(log_path, self.log_max_bytes, self.log_backups)
+        proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, preexec_fn=die_with_parent,
+                                start_new_session=True, env=self.env())
+        pump.start(proc.stdout)
         node = NodeProc(role, node_id, proc, log_path)
         self.nodes.append(node)
         return node

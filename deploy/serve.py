@@ -17,13 +17,16 @@ import argparse
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
+from typing import NoReturn
 
 import httpx
 
+from deploy.logs import DEFAULT_BACKUPS, DEFAULT_MAX_BYTES, LogPump
 from deploy.procs import Cluster, die_with_parent
 from deploy.redis_proc import PrivateRedis, free_port
 from epd.engine.engine_args import engine_flags
@@ -58,19 +61,34 @@ def _shown(url: str) -> str:
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
-    ap = argparse.ArgumentParser(prog="epd serve", description="run router + encoder/prefill/decode pools locally")
+    ap = argparse.ArgumentParser(
+        prog="epd serve", description="Run the router and the encoder / prefill / decode pools on this machine.",
+        epilog="Engine options (--max-model-len, --dtype, --kv-cache-tokens, --gpu-memory-utilization, ...; see "
+               "`epd prefill --help`) go to every node. Any other option goes to the router (see `epd router "
+               "--help`: --served-model-name, --api-key, --chat-template, ...). All of them are checked before "
+               "any node starts.")
     ap.add_argument("--model", required=True, help="HF checkpoint directory, or tiny-random (Qwen2.5-VL) / "
                     "tiny-random-ARCH (a tiny random checkpoint of any supported architecture)")
-    ap.add_argument("--encoders", type=int, default=1)
-    ap.add_argument("--prefills", type=int, default=1)
-    ap.add_argument("--decodes", type=int, default=1)
-    ap.add_argument("--port", type=int, default=8000)
-    ap.add_argument("--host", default="127.0.0.1")
-    ap.add_argument("--redis-url", default=None, help="default: start a private redis-server")
-    ap.add_argument("--device", default=None, choices=["cpu", "cuda"])
-    ap.add_argument("--node-args", default="", help="extra arguments for every node, as one string")
-    ap.add_argument("--log-dir", default=None)
-    ap.add_argument("--ready-timeout", type=float, default=600.0)
+    ap.add_argument("--encoders", type=int, default=1, help="encoder nodes (the vision tower) (default: 1)")
+    ap.add_argument("--prefills", type=int, default=1, help="prefill nodes (default: 1)")
+    ap.add_argument("--decodes", type=int, default=1, help="decode nodes (default: 1)")
+    ap.add_argument("--port", type=int, default=8000, help="the router's HTTP port; 0 picks a free one "
+                    "(default: 8000)")
+    ap.add_argument("--host", default="127.0.0.1", help="the router's address (default: 127.0.0.1)")
+    ap.add_argument("--redis-url", default=None, help="the Redis the nodes register in (default: start a private "
+                    "redis-server, with a password, on a free port)")
+    ap.add_argument("--device", default=None, choices=["cpu", "cuda"], help="where the nodes run (default: cuda "
+                    "when there is a GPU)")
+    ap.add_argument("--node-args", default="", help="extra arguments for every node, as one string "
+                    "(e.g. \"--heartbeat-ttl 2\"; see `epd decode --help`)")
+    ap.add_argument("--log-dir", default=None, help="where each process's log goes (default: a new temporary "
+                    "directory, printed at start)")
+    ap.add_argument("--log-max-mb", type=float, default=DEFAULT_MAX_BYTES / (1 << 20),
+                    help="a log file is rotated at this size (default: %(default)s)")
+    ap.add_argument("--log-backups", type=int, default=DEFAULT_BACKUPS,
+                    help="rotated files kept per log (default: %(default)s)")
+    ap.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to wait for every node and the "
+                    "router to come up (default: %(default)s)")
     return ap.parse_known_args(argv)   # engine flags go to the nodes, the rest to the router
 
 
@@ -88,19 +106,81 @@ def _wait_http(url: str, proc: subprocess.Popen, timeout_s: float) -> None:
     raise TimeoutError(f"router not healthy after {timeout_s}s")
 
 
+def _router_cmd(args: argparse.Namespace, model: str, port: int, router_args: list[str], secret_file: str) -> list[str]:
+    cmd = ["--model", model, "--backend", "disagg", "--host", args.host, "--port", str(port),
+           "--cluster-secret-file", secret_file, *router_args]
+    if not any(a.startswith("--served-model-name") for a in router_args):   # vLLM: --model as given
+        cmd += ["--served-model-name", args.model] + ([os.path.basename(model)] if model != args.model else [])
+    return cmd
+
+
+def _served_name(args: argparse.Namespace, router_args: list[str]) -> str:
+    """The name responses give the model (the first --served-model-name, else --model as given)."""
+    for i, arg in enumerate(router_args):
+        if arg == "--served-model-name" and i + 1 < len(router_args):
+            return router_args[i + 1]
+        if arg.startswith("--served-model-name="):
+            return arg.split("=", 1)[1]
+    return args.model
+
+
+def check_before_start(args: argparse.Namespace, model: str, engine_args: list[str],
+                       router_args: list[str]) -> str | None:
+    """Every option, and the port, checked before anything starts: what is wrong, or None."""
+    from epd.node.runtime import node_parser
+    from router.main import build_parser, check_args
+
+    checks = [(f"epd {role}", node_parser(role), ["--model", model, *engine_args, *args.node_args.split()])
+              for role in ("encoder", "prefill", "decode")]
+    checks.append(("epd router", build_parser(), _router_cmd(args, model, args.port, router_args, "")))
+    parsed = {}
+    for who, parser, argv in checks:
+        parser.exit_on_error = False
+        parser.error = _refuse   # type: ignore[method-assign]
+        try:
+            parsed[who] = parser.parse_args(argv)
+        except (argparse.ArgumentError, ValueError) as e:
+            return f"{who}: {e} (options epd serve does not know go to the router; see epd serve --help)"
+    try:
+        check_args(parsed["epd router"])
+    except (ValueError, OSError) as e:
+        return str(e)
+    if args.port:
+        with socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # as uvicorn binds
+            try:
+                probe.bind((args.host, args.port))
+            except OSError as e:
+                return f"cannot serve on {args.host}:{args.port}: {e.strerror} (another server holds it?)"
+    return None
+
+
+def _refuse(message: str) -> NoReturn:
+    raise ValueError(message)
+
+
+def _is_stats_line(line: bytes) -> bool:
+    return b" epd.stats: " in line
+
+
 def main(argv: list[str] | None = None) -> int:
     args, rest = parse_args(argv)
-    engine_args, router_args = engine_flags(rest)
     t0 = time.monotonic()
     try:
+        engine_args, router_args = engine_flags(rest)
         model = resolve_model(args.model)
     except ValueError as e:
         print(f"epd serve: {e}", file=sys.stderr)
         return 2
+    problem = check_before_start(args, model, engine_args, router_args)
+    if problem is not None:
+        print(f"epd serve: {problem}", file=sys.stderr)
+        return 2
     log_dir = args.log_dir or tempfile.mkdtemp(prefix="epd-logs-")
     redis = None if args.redis_url else PrivateRedis().start()
     redis_url = args.redis_url or redis.url
-    cluster = Cluster(model, redis_url, log_dir, device=args.device, common_args=engine_args + args.node_args.split())
+    cluster = Cluster(model, redis_url, log_dir, device=args.device, common_args=engine_args + args.node_args.split(),
+                      log_max_bytes=int(args.log_max_mb * (1 << 20)), log_backups=args.log_backups)
     router: subprocess.Popen | None = None
     stopping = {"flag": False}
 
@@ -115,17 +195,15 @@ def main(argv: list[str] | None = None) -> int:
                 cluster.add(role)
         cluster.wait_ready(timeout_s=args.ready_timeout)
         port = args.port or free_port()
-        cmd = [sys.executable, "-m", "epd.cli", "router", "--model", model,
-               "--backend", "disagg", "--host", args.host, "--port", str(port),
-               "--cluster-secret-file", cluster.secret_file, *router_args]
-        if "--served-model-name" not in router_args:   # vLLM's default: --model as the user gave it
-            cmd += ["--served-model-name", args.model] + ([os.path.basename(model)] if model != args.model else [])
-        router_log = open(os.path.join(log_dir, "router.log"), "wb")  # noqa: SIM115 - lives as long as the router
-        router = subprocess.Popen(cmd, stdout=router_log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent,
+        router = subprocess.Popen([sys.executable, "-m", "epd.cli", "router",
+                                   *_router_cmd(args, model, port, router_args, cluster.secret_file)],
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, preexec_fn=die_with_parent,
                                   env=cluster.env())
+        LogPump(os.path.join(log_dir, "router.log"), cluster.log_max_bytes, cluster.log_backups,
+                echo=_is_stats_line).start(router.stdout)
         url = f"http://{args.host}:{port}"
         _wait_http(url, router, args.ready_timeout)
-        print(f"EPD ready on {url}/v1 (model {os.path.basename(model)}; {args.encoders}E {args.prefills}P "
+        print(f"EPD ready on {url}/v1 (model {_served_name(args, router_args)}; {args.encoders}E {args.prefills}P "
               f"{args.decodes}D; redis {_shown(redis_url)}; started in {time.monotonic() - t0:.1f}s; "
               f"logs in {log_dir})", flush=True)
         while not stopping["flag"]:
@@ -138,13 +216,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"epd serve: {e}", file=sys.stderr)
         return 1
     finally:
-        print("shutting down", flush=True)
-        if router is not None and router.poll() is None:
-            router.terminate()
-            try:
-                router.wait(10)
-            except subprocess.TimeoutExpired:
-                router.kill()
-        cluster.stop()
-        if redis is not None:
-            redis.stop()
+        _shut_down(router, cluster, redis)
+
+
+def _shut_down(router: subprocess.Popen | None, cluster: Cluster, redis: PrivateRedis | None) -> None:
+    print("shutting down", flush=True)
+    if router is not None and router.poll() is None:
+        router.terminate()
+        try:
+            router.wait(10)
+        except subprocess.TimeoutExpired:
+            router.kill()
+    cluster.stop()
+    if redis is not None:
+        redis.stop()

@@ -57,6 +57,7 @@ class EncoderService:
         self.cache = EmbeddingCache(cache_entries)
         self.max_batch_images = max_batch_images
         self.pending: OrderedDict[str, tuple[bytes, protocol.EncodeRequest, float]] = OrderedDict()
+        self.images_encoded = 0   # the periodic stats line
         self.runtime: Any = None   # set by main: NodeRuntime (send, transport, node_id)
         self._warm_up()
 
@@ -96,6 +97,7 @@ class EncoderService:
                 self._report(identity, req, ok=False, error=f"encoder failed: {e}")
             return True
         encode_ms = (time.monotonic() - t0) * 1e3
+        self.images_encoded += count
         for (identity, req, arrived), (embeds, layouts) in zip(batch, results, strict=True):
             meta = protocol.data_meta(protocol.Embeddings(req.rid, [layout.to_wire() for layout in layouts]))
             self.runtime.transport.send(req.prefill_ucx, f"{req.rid}:emb", embeds, meta=meta)
@@ -134,6 +136,9 @@ class EncoderService:
                 timings: dict | None = None) -> None:
         self.runtime.send(identity, protocol.StageReport(req.rid, "encode", self.runtime.node_id, ok, error,
                                                          timings or {}, {"cache_hits": self.cache.hits}))
+
+    def counters(self) -> dict[str, float]:
+        return {"images": self.images_encoded}
 
     def status(self) -> dict[str, Any]:
         return {"queues": {"pending": len(self.pending), "cache_entries": len(self.cache._items),

@@ -81,6 +81,7 @@ class PrefillService:
         self.runtime: Any = None                    # NodeRuntime, set by main
         self.rooms: RoomStore | None = None
         self.refused = 0                            # requests refused on arrival (duplicate id)
+        self.prompt_tokens = 0                      # prompt tokens this node computed (the periodic stats line)
         self.redis_watch = RedisWatch("prefill node")
 
     # ---- control messages ---------------------------------------------------------------
@@ -160,6 +161,9 @@ class PrefillService:
         self._unmap_dead_pools()
         return stepped   # waiting for embeddings or sends: the loop sleeps until the transport wakes it
 
+    def counters(self) -> dict[str, float]:
+        return {"prompt tokens": self.prompt_tokens}
+
     def load(self) -> float:
         return float(len(self.awaiting) + len(self.active))
 
@@ -216,6 +220,7 @@ class PrefillService:
         result = first.sampled
         for i, (req, pages) in enumerate(zip(first.requests, first.pages, strict=True)):
             p = self.active.pop(req.rid)
+            self.prompt_tokens += req.prompt_len - req.cached_tokens   # computed here, not from the cache
             p.sender.pages = pages    # the sender owns them now (the same pages the forward wrote)
             now = time.monotonic()
             record = protocol.HandOver(

@@ -1,7 +1,7 @@
 """The OpenAI-compatible HTTP API (FastAPI) in front of a `Backend`.
 
-Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models[/{id}], GET /health,
-GET /metrics. Lifecycle of a completion request:
+Routes: POST /v1/chat/completions, POST /v1/completions, POST /v1/responses (router/responses_api.py),
+GET /v1/models[/{id}], GET /health, GET /metrics. Lifecycle of a completion request:
 1. auth (`--api-key`, Bearer; /v1/* only) -> read the body under `max_body_bytes` (413) -> JSON
    (400 when malformed) -> pydantic model (400 naming the field) -> model name (404
    `model_not_found`) -> fields this server cannot honour (400) -> backend queue (429);
@@ -14,8 +14,8 @@ backend: its shutdown closes it.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
-import json
 import logging
 import re
 import time
@@ -24,6 +24,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
+import orjson
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
@@ -32,16 +33,19 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import epd
 from epd.engine.sampling import SamplingParamError, SamplingParams
+from epd.periodic_stats import PeriodicStats
 from router.backend import Backend, BackendRequest
 from router.choices import choice_requests
 from router.metrics import CONTENT_TYPE, RequestTimer, RouterMetrics
 from router.openai_format import APIError, ChatFormat, TextFormat, TokenText
 from router.prompts import Prepared, PromptBuilder
+from router.responses_api import add_responses_routes
 from router.schemas import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from router.serving import respond
 from router.settings import RouterSettings
 from router.tool_calls import ToolRequestError
 
+stats_log = logging.getLogger("epd.stats")
 log = logging.getLogger(__name__)
 M = TypeVar("M", bound=BaseModel)
 _OPENAI_PARAM = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens"}
@@ -83,7 +87,7 @@ class Router:
             if len(body) > limit:
                 raise too_big
         try:
-            return json.loads(body)
+            return orjson.loads(body)
         except ValueError as e:
             raise APIError(400, f"The request body is not valid JSON: {e}", None, "invalid_json") from None
 
@@ -168,12 +172,24 @@ def _error_response(e: APIError) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status, headers=e.headers())
 
 
+async def _log_stats_forever(router: Router) -> None:
+    periodic = PeriodicStats(router.settings.stats_interval_s)
+    while True:
+        await asyncio.sleep(min(1.0, router.settings.stats_interval_s))
+        line = router.metrics.stats_line(periodic, router.backend.stats())
+        if line is not None:
+            stats_log.info("router: %s", line)
+
+
 def create_app(backend: Backend, settings: RouterSettings, prompts: PromptBuilder | None = None) -> FastAPI:
     router = Router(backend, settings, prompts)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        stats = asyncio.create_task(_log_stats_forever(router)) if settings.stats_interval_s > 0 else None
         yield
+        if stats is not None:
+            stats.cancel()
         await router.prompts.close()
         await backend.close()
 
@@ -181,6 +197,7 @@ def create_app(backend: Backend, settings: RouterSettings, prompts: PromptBuilde
     app.state.router = router
     _install_error_handlers(app, router)
     _add_completion_routes(app, router)
+    add_responses_routes(app, router)
     _add_token_routes(app, router)
     _add_info_routes(app, router)
     return app

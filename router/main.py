@@ -23,6 +23,7 @@ import uvicorn
 
 from epd.engine.engine_args import add_engine_args, engine_flags, engine_kwargs
 from epd.media.loading import MediaLimits
+from epd.periodic_stats import add_log_stats_args
 from kv_transfer.auth import ClusterSecret
 from router.app import create_app
 from router.backend import Backend
@@ -74,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(ap.add_argument_group("engine (--backend local; with disagg only --max-model-len, a cap on "
                                           "the context the nodes publish)"))
     ap.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    add_log_stats_args(ap)
     return ap
 
 
@@ -128,22 +130,27 @@ async def _serve(server: uvicorn.Server, host: str) -> None:
     await task
 
 
+def check_args(args: argparse.Namespace) -> RouterSettings:
+    """What can be checked before anything starts (`epd serve` calls it before its nodes load);
+    ValueError / OSError say what is wrong."""
+    if not os.path.isfile(os.path.join(args.model, "config.json")):
+        raise ValueError(f"--model {args.model!r} is not a checkpoint directory (no config.json)")
+    if args.mm_processor_kwargs is not None:
+        raise ValueError("--mm-processor-kwargs is not supported; set the image processor's options (e.g. "
+                         "min_pixels / max_pixels) in the checkpoint's preprocessor_config.json")
+    settings = RouterSettings.from_cli(args)
+    check_chat_template(settings.model_path, settings.chat_template)   # ChatTemplateError is a ValueError
+    return settings
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = argv
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if not os.path.isfile(os.path.join(args.model, "config.json")):
-        print(f"epd router: --model {args.model!r} is not a checkpoint directory (no config.json)", file=sys.stderr)
-        return 2
-    if args.mm_processor_kwargs is not None:
-        print("epd router: --mm-processor-kwargs is not supported; set the image processor's options (e.g. "
-              "min_pixels / max_pixels) in the checkpoint's preprocessor_config.json", file=sys.stderr)
-        return 2
     try:
-        settings = RouterSettings.from_cli(args)
-        check_chat_template(settings.model_path, settings.chat_template)
+        settings = check_args(args)
         backend = make_backend(args)
-    except (ValueError, OSError) as e:   # ChatTemplateError is a ValueError
+    except (ValueError, OSError) as e:
         print(f"epd router: {e}", file=sys.stderr)
         return 2
     prompts = PromptBuilder(settings.model_path, lambda: backend.max_context, settings.chat_template,

@@ -20,6 +20,9 @@ import time
 from collections import defaultdict
 from collections.abc import Iterable
 
+from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector, generate_latest
+
+from epd.periodic_stats import PeriodicStats, percent
 from router.backend import BackendEvent
 
 PREFIX = "epd:"
@@ -140,6 +143,9 @@ def _gauge_lines(model: Labels, stats: dict[str, float]) -> list[str]:
 class RouterMetrics:
     def __init__(self, model_name: str) -> None:
         self.model: Labels = (("model_name", model_name),)
+        self._process = CollectorRegistry()   # the standard process_* / python_* families, as vLLM's
+        for collector in (ProcessCollector, PlatformCollector, GCCollector):
+            collector(registry=self._process)
         self.ttft = Histogram("time_to_first_token_seconds", "Time from arrival to the first token.", TTFT_BUCKETS,
                               vllm=True)
         self.itl = Histogram("inter_token_latency_seconds", "Time between successive tokens.", ITL_BUCKETS, vllm=True)
@@ -184,11 +190,20 @@ class RouterMetrics:
                 self.cached_tokens, self.cache_queries, self.cache_hits, self.generation_tokens, self.success,
                 self.failure)
 
+    def stats_line(self, periodic: PeriodicStats, stats: dict[str, float]) -> str | None:
+        """The periodic log line (as vLLM's): prompt and generation throughput, running, waiting, KV use."""
+        counters = {"prompt throughput (tokens)": sum(self.prompt_tokens.values.values()),
+                    "generation throughput (tokens)": sum(self.generation_tokens.values.values())}
+        gauges: dict[str, float | str] = {"running": int(stats.get("num_requests_running", 0)),
+                                          "waiting": int(stats.get("num_requests_waiting", 0)),
+                                          "KV usage": percent(stats.get("kv_cache_usage_perc", 0.0), 1.0)}
+        return periodic.line(counters, gauges)
+
     def render(self, stats: dict[str, float]) -> str:
         lines = _gauge_lines(self.model, stats)
         for family in self._families():
             lines += family.lines()
-        return "\n".join(lines) + "\n"
+        return "\n".join(lines) + "\n" + generate_latest(self._process).decode()
 
 
 class RequestTimer:

@@ -10,7 +10,8 @@ Lifecycle of `respond(...)` (one backend request per choice, read as one stream:
     chunk per event that carries text (every event when logprobs are asked) with its choice's
     index, `finish_reason` on each choice's last content chunk, the usage chunk when
     `include_usage` after every choice has finished, then `data: [DONE]`. A `BackendError` after the
-    stream began is sent as `data: {"error": ...}` then `data: [DONE]`.
+    stream began is sent as `data: {"error": ...}` then `data: [DONE]`. A route with events of its
+    own passes `stream_with` (the Responses API's: router/responses_api.py) instead of these chunks.
 However the request ends (finished, failed, client gone: Starlette cancels the SSE generator when
 the client disconnects), every choice's backend generator is closed, which aborts it in the
 backend and frees its KV pages; one choice failing fails the request.
@@ -20,11 +21,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
+import orjson
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 
 from router.backend import Backend, BackendError, BackendEvent, BackendRequest
 from router.choices import ChoiceStream
@@ -35,6 +37,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 DISCONNECT_POLL_S = 0.2
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+# (events, first event, format, timer, include_usage) -> the SSE text of a streamed answer
+StreamWriter = Callable[[ChoiceStream, tuple[int, BackendEvent], Any, RequestTimer, bool], AsyncIterator[str]]
 
 
 class ClientGone(Exception):
@@ -62,8 +66,10 @@ def _api_error(e: BackendError) -> APIError:
 
 
 async def respond(request: Request, backend: Backend, breqs: list[BackendRequest], fmt: ChatFormat | TextFormat,
-                  timer: RequestTimer, stream: bool, include_usage: bool) -> Response:
-    """Answer one request whose `n` choices are `breqs` (one backend request each)."""
+                  timer: RequestTimer, stream: bool, include_usage: bool,
+                  stream_with: StreamWriter | None = None) -> Response:
+    """Answer one request whose `n` choices are `breqs` (one backend request each); streamed by
+    `stream_with` where given, else as chat / text completion chunks."""
     fmt.router_ms = timer.elapsed_ms()     # the router's own work so far (epd_timings.router_ms)
     events = ChoiceStream([backend.generate(b) for b in breqs])
     try:
@@ -79,7 +85,8 @@ async def respond(request: Request, backend: Backend, breqs: list[BackendRequest
         await events.aclose()
         raise
     if stream:
-        return StreamingResponse(_sse(events, first, fmt, timer, include_usage), media_type="text/event-stream",
+        writer = stream_with or _sse
+        return StreamingResponse(writer(events, first, fmt, timer, include_usage), media_type="text/event-stream",
                                  headers=SSE_HEADERS)
     outs = [Outcome() for _ in breqs]
     try:
@@ -93,7 +100,7 @@ async def respond(request: Request, backend: Backend, breqs: list[BackendRequest
     finally:
         await events.aclose()
     timer.finished([out.final for out in outs])   # type: ignore[misc]
-    return JSONResponse(fmt.response(outs))
+    return Response(orjson.dumps(fmt.response(outs)), media_type="application/json")
 
 
 async def _collect(events: ChoiceStream, item: tuple[int, BackendEvent], outs: list[Outcome], timer: RequestTimer,
@@ -114,6 +121,15 @@ async def _collect(events: ChoiceStream, item: tuple[int, BackendEvent], outs: l
             if not running:
                 return
         item = await events.next()
+
+
+def mid_stream_error(e: Exception, rid: str, timer: RequestTimer) -> BackendError:
+    """What a stream whose events are already sent reports for `e` (logged when unexpected; counted)."""
+    if not isinstance(e, BackendError):
+        log.exception("request %s failed mid-stream", rid)
+        e = BackendError(f"Internal server error: {type(e).__name__}: {e}", 500)
+    timer.failed(str(e.status))
+    return e
 
 
 async def _sse(events: ChoiceStream, first: tuple[int, BackendEvent], fmt: ChatFormat | TextFormat,
@@ -146,11 +162,7 @@ async def _sse(events: ChoiceStream, first: tuple[int, BackendEvent], fmt: ChatF
                     break
             item = await events.next()
     except Exception as e:  # noqa: BLE001 - headers are sent: report in the stream, never cut it silently
-        if not isinstance(e, BackendError):
-            log.exception("request %s failed mid-stream", fmt.rid)
-            e = BackendError(f"Internal server error: {type(e).__name__}: {e}", 500)
-        timer.failed(str(e.status))
-        yield sse(_api_error(e).body())
+        yield sse(_api_error(mid_stream_error(e, fmt.rid, timer)).body())
         yield sse("[DONE]")
         return
     finally:

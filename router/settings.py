@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from epd.config import generation_defaults
 from epd.media.loading import MediaLimits
+from epd.periodic_stats import log_stats_interval
 
 _MODALITIES = ("image", "video", "audio")   # vLLM's; only images reach this router, the others are moot
 
@@ -28,6 +29,7 @@ class RouterSettings:
     media_limits: MediaLimits = field(default_factory=MediaLimits)
     tool_call_parser: str | None = None          # "hermes": tool_choice "auto" finds calls in the text
     sampling_defaults: dict = field(default_factory=dict)   # --generation-config: for fields a request leaves out
+    stats_interval_s: float = 0.0                # the periodic stats line in the log; 0: none
 
     @classmethod
     def from_cli(cls, args: argparse.Namespace) -> RouterSettings:
@@ -45,6 +47,7 @@ class RouterSettings:
             max_body_bytes=args.max_body_bytes,
             media_limits=media_limits_from_cli(args),
             tool_call_parser=args.tool_call_parser,
+            stats_interval_s=log_stats_interval(args),
             sampling_defaults=generation_defaults(args.generation_config, args.model),
         )
 

@@ -11,7 +11,7 @@ built yet) rather than ignored.
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from typing import Any, NoReturn
 
 # flag dest -> EngineConfig field
 _FIELDS = {"device": "device", "dtype": "dtype", "page_size": "page_size", "max_model_len": "max_model_len",
@@ -74,12 +74,20 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return {field: getattr(args, dest) for dest, field in _FIELDS.items()}
 
 
+def _refuse(message: str) -> NoReturn:
+    raise ValueError(message)
+
+
 def engine_flags(argv: list[str]) -> tuple[list[str], list[str]]:
     """Split `argv` into (engine flags with their values, the rest), as `add_engine_args` parses them
-    (`epd serve` gives the first to its nodes)."""
-    ap = argparse.ArgumentParser(add_help=False)
+    (`epd serve` gives the first to its nodes). ValueError on a value its flag cannot take."""
+    ap = argparse.ArgumentParser(add_help=False, exit_on_error=False)
+    ap.error = _refuse   # type: ignore[method-assign]
     add_engine_args(ap)
-    known, rest = ap.parse_known_args(argv)
+    try:
+        known, rest = ap.parse_known_args(argv)
+    except argparse.ArgumentError as e:
+        raise ValueError(str(e)) from None
     engine = []
     for action in ap._actions:
         value = getattr(known, action.dest, None)

@@ -32,7 +32,6 @@ Failures raise ``MediaError`` (a ``ValueError``): the message starts "image N:" 
 from __future__ import annotations
 
 import asyncio
-import base64
 import binascii
 import hashlib
 import io
@@ -48,6 +47,7 @@ from urllib.parse import unquote, urlsplit
 
 import httpx
 import numpy as np
+import pybase64
 from PIL import Image, ImageOps
 
 from epd.media.fetching import fetch, fetch_blocking, short
@@ -235,12 +235,12 @@ def _decode_data_uri(uri: str, limits: MediaLimits, where: _Where) -> bytes:
         raise where.error("data URI must be base64-encoded ('data:image/png;base64,...')")
     if len(payload) // 4 * 3 > limits.max_bytes:
         raise where.error(f"data URI holds more than the {limits.max_bytes}-byte limit")
-    try:
-        return base64.b64decode(payload, validate=True)
+    try:   # pybase64: a 3.7 MB image in 0.2 ms, the standard library's 13.5 ms (bench/edge_codecs.py)
+        return pybase64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError):
         pass
     try:  # some clients wrap base64 lines (stripping first would copy every payload)
-        return base64.b64decode("".join(payload.split()), validate=True)
+        return pybase64.b64decode("".join(payload.split()), validate=True)
     except (binascii.Error, ValueError) as exc:
         raise where.error("data URI is not valid base64") from exc
 

@@ -32,6 +32,7 @@ import zmq
 
 from epd import protocol
 from epd.engine.engine_args import add_engine_args, engine_kwargs
+from epd.periodic_stats import DEFAULT_INTERVAL_S, PeriodicStats, add_log_stats_args, log_stats_interval, percent
 from kv_transfer.auth import AuthError, ClusterSecret
 from kv_transfer.layout import KVLayout
 from kv_transfer.redis_util import connect
@@ -39,6 +40,7 @@ from kv_transfer.registry import NodeInfo, NodeRegistry
 from kv_transfer.transport import SWITCH_INTERVAL_S, KVTransport
 
 log = logging.getLogger(__name__)
+stats_log = logging.getLogger("epd.stats")
 LAYOUT_KEY = "epd:layout:{}"
 
 
@@ -58,33 +60,11 @@ class NodeArgs:
     log_level: str = "INFO"
     kv_ipc: bool = True
     ucx_progress: str = "thread"
+    stats_interval_s: float = DEFAULT_INTERVAL_S
 
     @classmethod
     def from_cli(cls, role: str, argv: list[str] | None) -> NodeArgs:
-        ap = argparse.ArgumentParser(prog=f"epd {role}", description=f"run an EPD {role} node")
-        ap.add_argument("--model", required=True, help="HF checkpoint directory")
-        ap.add_argument("--redis-url", default=os.environ.get("EPD_REDIS_URL"),
-                        help="redis[s]://[user:password@]host:port/db (default: $EPD_REDIS_URL, which keeps a "
-                             "password off the command line)")
-        ap.add_argument("--host", default="127.0.0.1", help="address peers use to reach this node")
-        ap.add_argument("--port", type=int, default=0, help="control (ZMQ) port; 0 = any free port")
-        ap.add_argument("--node-id", default=None)
-        ap.add_argument("--heartbeat-ttl", type=float, default=6.0, help="seconds until a silent node drops out")
-        ap.add_argument("--layer-group-size", type=int, default=0,
-                        help="layers per KV transfer message, streamed as prefill goes; 0 = all in one message "
-                             "after the last layer (fastest TTFT measured on one H100, see BENCHMARKS.md)")
-        ap.add_argument("--kv-timeout", type=float, default=60.0, help="seconds a request may wait for its KV")
-        ap.add_argument("--no-kv-ipc", action="store_true",
-                        help="always send KV over UCX, even to a GPU node on this host (default: copy pages "
-                             "through CUDA IPC when both nodes are on one host with one page size)")
-        ap.add_argument("--ucx-progress", default="thread", choices=["thread", "thread-polling"],
-                        help="UCX progress thread; thread-polling spins a core (lower latency on an idle CPU "
-                             "host, slower TTFT measured on the H100 host, see BENCHMARKS.md)")
-        add_engine_args(ap.add_argument_group("engine"))
-        ap.add_argument("--cluster-secret-file", default=None,
-                        help="the cluster secret every node and router holds (default: $EPD_CLUSTER_SECRET_FILE, "
-                             "else $EPD_CLUSTER_SECRET; epd serve makes one)")
-        ap.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+        ap = node_parser(role)
         a = ap.parse_args(argv)
         if not a.redis_url:
             ap.error("--redis-url (or $EPD_REDIS_URL) is required")
@@ -97,7 +77,38 @@ class NodeArgs:
         if role == "decode":   # a decode node computes no prompt: nothing to cache
             engine["disable_prefix_caching"] = True
         return cls(role, a.model, a.redis_url, a.host, a.port, node_id, a.heartbeat_ttl, a.layer_group_size,
-                   a.kv_timeout, engine, secret, a.log_level, not a.no_kv_ipc, a.ucx_progress)
+                   a.kv_timeout, engine, secret, a.log_level, not a.no_kv_ipc, a.ucx_progress,
+                   log_stats_interval(a))
+
+
+def node_parser(role: str) -> argparse.ArgumentParser:
+    """A node's command line (`epd serve` checks its nodes' arguments with it before starting any)."""
+    ap = argparse.ArgumentParser(prog=f"epd {role}", description=f"run an EPD {role} node")
+    ap.add_argument("--model", required=True, help="HF checkpoint directory")
+    ap.add_argument("--redis-url", default=os.environ.get("EPD_REDIS_URL"),
+                    help="redis[s]://[user:password@]host:port/db (default: $EPD_REDIS_URL, which keeps a "
+                         "password off the command line)")
+    ap.add_argument("--host", default="127.0.0.1", help="address peers use to reach this node")
+    ap.add_argument("--port", type=int, default=0, help="control (ZMQ) port; 0 = any free port")
+    ap.add_argument("--node-id", default=None, help="this node's name in Redis (default: ROLE-HOST-PID-RANDOM)")
+    ap.add_argument("--heartbeat-ttl", type=float, default=6.0, help="seconds until a silent node drops out")
+    ap.add_argument("--layer-group-size", type=int, default=0,
+                    help="layers per KV transfer message, streamed as prefill goes; 0 = all in one message "
+                         "after the last layer (fastest TTFT measured on one H100, see BENCHMARKS.md)")
+    ap.add_argument("--kv-timeout", type=float, default=60.0, help="seconds a request may wait for its KV")
+    ap.add_argument("--no-kv-ipc", action="store_true",
+                    help="always send KV over UCX, even to a GPU node on this host (default: copy pages "
+                         "through CUDA IPC when both nodes are on one host with one page size)")
+    ap.add_argument("--ucx-progress", default="thread", choices=["thread", "thread-polling"],
+                    help="UCX progress thread; thread-polling spins a core (lower latency on an idle CPU "
+                         "host, slower TTFT measured on the H100 host, see BENCHMARKS.md)")
+    add_engine_args(ap.add_argument_group("engine"))
+    ap.add_argument("--cluster-secret-file", default=None,
+                    help="the cluster secret every node and router holds (default: $EPD_CLUSTER_SECRET_FILE, "
+                         "else $EPD_CLUSTER_SECRET; epd serve makes one)")
+    ap.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    add_log_stats_args(ap)
+    return ap
 
 
 class Service(Protocol):
@@ -105,6 +116,7 @@ class Service(Protocol):
     def tick(self) -> bool: ...
     def load(self) -> float: ...
     def status(self) -> dict[str, Any]: ...   # NodeStatus fields other than node/role/nonce
+    def counters(self) -> dict[str, float]: ...   # cumulative work done ("prompt tokens": n), for the log
     def shutdown(self) -> None: ...
 
 
@@ -209,6 +221,7 @@ def run_node(runtime: NodeRuntime, service: Service) -> None:
           f"ucx {runtime.transport.address}", flush=True)
     busy = False
     last_load = 0.0
+    stats = PeriodicStats(runtime.args.stats_interval_s)
     while not stop["flag"]:
         for identity, msg in runtime.recv(0 if busy else 5):
             if isinstance(msg, protocol.StatusRequest):
@@ -221,8 +234,22 @@ def run_node(runtime: NodeRuntime, service: Service) -> None:
         if now - last_load > 0.5:
             runtime.lease.update_load(service.load())
             last_load = now
+        if stats.due():
+            _log_stats(stats, runtime, service)
     service.shutdown()
     runtime.close()
+
+
+def _log_stats(stats: PeriodicStats, runtime: NodeRuntime, service: Service) -> None:
+    status = service.status()
+    gauges: dict[str, float | str] = dict(status.get("queues", {}))
+    if status.get("pages_total"):
+        gauges["KV usage"] = percent(status["pages_total"] - status["pages_free"], status["pages_total"])
+    if runtime.rejected:
+        gauges["refused messages"] = runtime.rejected
+    line = stats.line(service.counters(), gauges)
+    if line is not None:
+        stats_log.info("%s node %s: %s", runtime.args.role, runtime.node_id, line)
 
 
 STAGE_OF_ROLE = {"encoder": "encode", "prefill": "prefill", "decode": "decode"}

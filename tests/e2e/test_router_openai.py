@@ -94,10 +94,34 @@ def test_two_images_interleaved_stream_equals_non_stream(server, media):
     assert all(c.usage is None for c in chunks[:-1])
 
 
+def test_responses_api_answers_as_the_chat_completion(server, media):
+    """`client.responses.create` with an image, streamed and not (and the SDK's stream helper): the
+    greedy text and token counts are the chat completion's for the same input."""
+    image, question = data_uri(media.images["b.png"]), "What is in this picture?"
+    whole_chat = chat(server, [image_part(image), {"type": "text", "text": question}])
+    expected, reason = whole_chat.choices[0].message.content, whole_chat.choices[0].finish_reason
+    client = server.client()
+    kw = dict(model=MODEL, max_output_tokens=10, temperature=0,
+              input=[{"role": "user", "content": [{"type": "input_image", "image_url": image, "detail": "auto"},
+                                                  {"type": "input_text", "text": question}]}])
+    resp = client.responses.create(**kw)
+    assert resp.output_text == expected and resp.model == MODEL and resp.id.startswith("resp_")
+    assert resp.status == ("incomplete" if reason == "length" else "completed")
+    assert (resp.usage.input_tokens, resp.usage.output_tokens) == (whole_chat.usage.prompt_tokens,
+                                                                   whole_chat.usage.completion_tokens)
+    events = list(client.responses.create(stream=True, **kw))
+    assert events[0].type == "response.created" and events[-1].type == "response.completed"
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == expected
+    assert events[-1].response.output_text == expected and events[-1].response.id == events[0].response.id
+    with client.responses.stream(**kw) as stream:
+        assert stream.get_final_response().output_text == expected
+
+
 def test_local_file_only_under_the_allowed_dir(server, media):
     inside = chat(server, [image_part(str(media.allowed_dir / "c.png")), {"type": "text", "text": "hi"}])
-    details = inside.usage.prompt_tokens_details
-    assert details.image_tokens > 0 and details.text_tokens + details.image_tokens == inside.usage.prompt_tokens
+    split = inside.epd_prompt_tokens   # not in usage (vLLM sends none; guidellm would count them twice)
+    assert split["image_tokens"] > 0 and split["text_tokens"] + split["image_tokens"] == inside.usage.prompt_tokens
+    assert set(inside.usage.prompt_tokens_details.model_dump(exclude_none=True)) == {"cached_tokens"}
     with pytest.raises(openai.BadRequestError) as err:
         chat(server, [image_part(str(media.allowed_dir.parent / "a.png")), {"type": "text", "text": "hi"}])
     assert "outside the allowed media directory" in err.value.message

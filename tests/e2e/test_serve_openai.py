@@ -46,6 +46,7 @@ class Serve:
     model_path: str
     log: list[str]
     ready_s: float
+    log_dir: Path
 
     def client(self) -> openai.OpenAI:
         return openai.OpenAI(base_url=f"{self.url}/v1", api_key=KEY, max_retries=0, timeout=60)
@@ -86,12 +87,13 @@ def media(tmp_path_factory):
 @pytest.fixture(scope="module")
 def serve(tiny_models, media, tmp_path_factory):
     path = tiny_models["qwen2_5_vl"]
+    log_dir = tmp_path_factory.mktemp("serve-logs")
     cmd = [sys.executable, "-m", "epd.cli", "serve", "--model", path, "--port", "0", "--device", "cpu",
-           "--log-dir", str(tmp_path_factory.mktemp("serve-logs")), "--served-model-name", MODEL,
-           "--api-key", KEY, "--log-level", "warning"]
+           "--log-dir", str(log_dir), "--served-model-name", MODEL, "--api-key", KEY,
+           "--log-stats-interval", "1", "--node-args=--log-stats-interval 1"]
     t0 = time.monotonic()
     proc, log, line = start_until_line(cmd, "EPD ready on ", 240, "epd serve")
-    server = Serve(proc, line.split()[3].removesuffix("/v1"), path, log, time.monotonic() - t0)
+    server = Serve(proc, line.split()[3].removesuffix("/v1"), path, log, time.monotonic() - t0, log_dir)
     print(f"\nepd serve ready after {server.ready_s:.1f}s: {line.strip()}")
     yield server
     if proc.poll() is None:
@@ -109,7 +111,7 @@ def test_image_url_and_data_uri_interleaved_equal_transformers(serve, media):
     whole = chat(serve, content, **IDS)
     prompt_ids, expected = reference(serve.model_path, content, [media.images["a.png"], media.images["b.png"]], 10)
     assert_matches(whole, prompt_ids, expected)
-    assert whole.usage.prompt_tokens_details.image_tokens > 0
+    assert whole.epd_prompt_tokens["image_tokens"] > 0
     chunks = list(chat(serve, content, stream=True, stream_options={"include_usage": True}))
     with_choices = [c for c in chunks if c.choices]
     assert with_choices[0].choices[0].delta.role == "assistant"
@@ -227,7 +229,7 @@ def test_the_prefill_node_caches_prefixes_with_their_images(serve, media):
     prompt_ids, expected = reference(serve.model_path, content, [media.images["b.png"]], 10)
     assert_matches(again, prompt_ids, expected)
     cached = again.usage.prompt_tokens_details.cached_tokens
-    assert again.usage.prompt_tokens_details.image_tokens < cached < len(prompt_ids)
+    assert again.epd_prompt_tokens["image_tokens"] < cached < len(prompt_ids)
 
 
 def test_response_format_over_the_pools(serve, media):
@@ -296,6 +298,25 @@ def test_client_disconnect_mid_stream_frees_pages_on_every_node(serve, media):
         assert serve.gauge("node_integrity_failures", pool) == 0
     assert serve.gauge("num_requests_running") == 0
     assert chat(serve, "and again", max_tokens=3).usage.completion_tokens == 3
+
+
+def test_the_console_shows_the_served_name_and_a_stats_line_while_serving(serve):
+    """As vLLM's console: throughput, running, waiting and KV use every few seconds (here every 1 s)
+    while requests are served; each node's log has its own line."""
+    ready = next(line for line in serve.log if line.startswith("EPD ready on "))
+    assert f"(model {MODEL};" in ready
+    start = len(serve.log)
+    assert chat(serve, "Count to twenty.", max_tokens=40, extra_body={"ignore_eos": True}).usage.completion_tokens == 40
+    deadline = time.monotonic() + 10
+    pattern = re.compile(r"epd\.stats: router: prompt throughput \(tokens\) [\d.]+/s, generation throughput "
+                         r"\(tokens\) ([\d.]+)/s, running \d+, waiting \d+, KV usage [\d.]+%")
+    while not any((m := pattern.search(line)) and float(m.group(1)) > 0 for line in serve.log[start:]):
+        assert time.monotonic() < deadline, "no stats line with generated tokens:\n" + "".join(serve.log[-20:])
+        time.sleep(0.2)
+    logs = {p.name: p.read_text() for p in serve.log_dir.glob("*.log")}
+    for role, counted in (("prefill", "prompt tokens"), ("decode", "generation tokens"), ("encoder", "images")):
+        text = next(t for name, t in logs.items() if name.startswith(role))
+        assert re.search(rf"epd\.stats: {role} node \S+: {counted} [\d.]+/s", text), text[-2000:]
 
 
 def test_ctrl_c_stops_every_process(serve):

@@ -9,7 +9,7 @@ Every request gets a mode from ``Script.modes`` (cycled in arrival order):
 
 - ``ok``: SSE stream; first content chunk ``ttft_s`` after the request is admitted, then
   one chunk every ``itl_s`` (deadlines are absolute, so no drift), a finish chunk, a usage
-  chunk (with ``prompt_tokens_details`` and ``epd_timings`` when scripted) and ``[DONE]``;
+  chunk (with ``epd_prompt_tokens`` and ``epd_timings`` when scripted) and ``[DONE]``;
 - ``no_usage``: the same without the usage chunk;
 - ``http500``: a JSON error with status 500;
 - ``error_event``: one content chunk, then ``data: {"error": ...}``;
@@ -48,7 +48,7 @@ class Script:
     num_tokens: int | None = None  # None: the request's max_tokens
     modes: tuple[str, ...] = ("ok",)
     prompt_tokens: int = 50
-    prompt_tokens_details: dict[str, int] | None = None
+    epd_prompt_tokens: dict[str, int] | None = None
     epd_timings: dict[str, float] | None = None
     max_parallel: int | None = None
     stall_s: float = 5.0
@@ -212,9 +212,9 @@ class FakeChatServer:
             "completion_tokens": n,
             "total_tokens": self.script.prompt_tokens + n,
         }
-        if self.script.prompt_tokens_details:
-            usage["prompt_tokens_details"] = self.script.prompt_tokens_details
         chunk: dict[str, Any] = {"id": f"chatcmpl-{index}", "choices": [], "usage": usage}
+        if self.script.epd_prompt_tokens:
+            chunk["epd_prompt_tokens"] = self.script.epd_prompt_tokens
         if self.script.epd_timings:
             chunk["epd_timings"] = self.script.epd_timings
         return chunk

@@ -77,7 +77,7 @@ def test_goodput_counts_only_requests_within_the_slos() -> None:
 def test_server_stage_timings_and_token_split_are_reported() -> None:
     timings = {"queue_ms": 1.5, "encode_ms": 12.0, "prefill_ms": 30.0, "transfer_ms": 4.0, "decode_ms": 90.0}
     details = {"text_tokens": 20, "image_tokens": 30}
-    script = Script(ttft_s=(0.02,), itl_s=0.002, epd_timings=timings, prompt_tokens_details=details)
+    script = Script(ttft_s=(0.02,), itl_s=0.002, epd_timings=timings, epd_prompt_tokens=details)
     with FakeChatServer(script) as server:
         _, m = run_harness(server.base_url, 5, output_len=4)
     assert set(m.epd_timings) == set(timings)

@@ -117,7 +117,8 @@ def test_chat_response_shape_usage_and_timings(app):
     assert [e["logprob"] for e in choice["logprobs"]["content"]] == [-0.5] * 3
     prompt = len(backend.requests[0].input_ids)
     assert body["usage"] == {"prompt_tokens": prompt, "completion_tokens": 3, "total_tokens": prompt + 3,
-                             "prompt_tokens_details": {"cached_tokens": 2, "image_tokens": 0, "text_tokens": prompt}}
+                             "prompt_tokens_details": {"cached_tokens": 2}}
+    assert body["epd_prompt_tokens"] == {"image_tokens": 0, "text_tokens": prompt}
     assert backend_timings(body["epd_timings"]) == TIMINGS
 
 
@@ -296,6 +297,8 @@ def test_metrics_count_requests(app):
     assert samples[("epd:stage_seconds_sum", (model, ("stage", "encode")))] == pytest.approx(2 * 0.002)
     assert samples[("epd:pool_size", (model, ("pool", "encoder")))] == 2
     assert samples[("epd:num_requests_waiting", (model,))] == 0
+    assert samples[("process_resident_memory_bytes", ())] > 10 << 20   # the router process's own families
+    assert samples[("process_open_fds", ())] > 0
 
 
 def test_tokenize_and_detokenize(app):
