@@ -110,7 +110,7 @@ def _router_cmd(args: argparse.Namespace, model: str, port: int, router_args: li
     cmd = ["--model", model, "--backend", "disagg", "--host", args.host, "--port", str(port),
            "--cluster-secret-file", secret_file, *router_args]
     if not any(a.startswith("--served-model-name") for a in router_args):   # vLLM: --model as given
-        cmd += ["--served-model-name", args.model] + ([os.path.basename(model)] if model != args.model else [])
+        cmd += ["--served-model-name", args.model] + ([model, os.path.basename(model)] if model != args.model else [])
     return cmd
 
 

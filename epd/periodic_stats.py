@@ -32,7 +32,7 @@ class PeriodicStats:
         self.interval_s, self.clock = interval_s, clock
         self.last_at = clock()
         self.last_counts: dict[str, float] = {}
-        self.was_idle = False
+        self.was_idle = True   # a server that has done nothing yet says nothing
 
     def due(self) -> bool:
         return self.interval_s > 0 and self.clock() - self.last_at >= self.interval_s

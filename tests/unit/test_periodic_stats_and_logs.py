@@ -22,6 +22,8 @@ class Clock:
 def test_the_line_gives_rates_over_the_interval_and_the_gauges_then_stays_quiet_while_idle():
     clock = Clock()
     stats = PeriodicStats(10.0, clock)
+    clock.now += 10
+    assert stats.line({"prompt tokens": 0}, {"running": 0}) is None     # nothing done yet: nothing said
     clock.now += 5
     assert not stats.due() and stats.line({"prompt tokens": 50}, {"running": 1}) is None   # not yet
     clock.now += 5
