@@ -36,13 +36,14 @@ class Served:
 def served(tiny_models, tmp_path_factory):
     path = tiny_models["qwen2_5_vl"]
     cmd = [sys.executable, "-m", "epd.cli", "serve", "--model", path, "--port", "0", "--device", "cpu",
-           "--log-dir", str(tmp_path_factory.mktemp("clients-logs"))]
+           "--log-dir", str(tmp_path_factory.mktemp("clients-logs")), "--max-model-len", str(MAX_MODEL_LEN)]
     proc, log, line = start_until_line(cmd, "EPD ready on ", 240, "epd serve")
     yield Served(line.split()[3].removesuffix("/v1"), path)
     proc.terminate()
     proc.wait(60)
 
 
+MAX_MODEL_LEN = 512
 IMAGE = data_uri(png_bytes(noise_image(48, 40, seed=3)))
 QUESTION = "What is in this picture?"
 
@@ -54,6 +55,20 @@ def _openai_answer(served: Served, max_tokens: int = 8) -> str:
         messages=[{"role": "user", "content": [image_part(IMAGE), {"type": "text", "text": QUESTION}]}])
     assert resp.choices[0].message.content
     return resp.choices[0].message.content
+
+
+def test_max_model_len_given_to_epd_serve_holds_through_the_pools(served):
+    """vLLM's --max-model-len, passed to epd serve, reaches the router and every node: the model card
+    says it, and a prompt past it is a 400 naming the limit, as vLLM's."""
+    client = openai.OpenAI(base_url=f"{served.url}/v1", api_key="none", max_retries=0)
+    [card] = client.models.list().data
+    assert card.id == served.model and card.max_model_len == MAX_MODEL_LEN
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(model=served.model, max_tokens=4,
+                                       messages=[{"role": "user", "content": "cat " * (MAX_MODEL_LEN + 10)}])
+    assert str(MAX_MODEL_LEN) in str(refused.value)
+    ok = client.chat.completions.create(model=served.model, max_tokens=4, messages=[{"role": "user", "content": "hi"}])
+    assert ok.usage.completion_tokens >= 1
 
 
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed (CI installs it)")
