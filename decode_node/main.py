@@ -5,7 +5,8 @@ from __future__ import annotations
 from decode_node.service import DecodeService
 from epd.config import load_tokenizer
 from epd.engine.engine_core import EngineConfig, EngineCore
-from epd.node.runtime import NodeArgs, NodeRuntime, kv_layout_of, run_node, setup_logging
+from epd.node.node_loop import run_node
+from epd.node.runtime import NodeArgs, NodeRuntime, kv_layout_of, setup_logging
 from kv_transfer.cuda_ipc import ipc_capability
 from kv_transfer.rooms import RoomStore
 

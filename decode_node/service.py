@@ -134,6 +134,10 @@ class DecodeService:
     def load(self) -> float:
         return float(len(self.running) + len(self.awaiting_kv) + len(self.awaiting_pages))
 
+    def held(self) -> int:
+        """Requests the node still owes tokens or pages (a draining node exits at 0)."""
+        return len(self.running) + len(self.awaiting_kv) + len(self.awaiting_pages) + len(self.fenced)
+
     def counters(self) -> dict[str, float]:
         return {"generation tokens": self.tokens_generated}
 

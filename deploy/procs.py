@@ -36,6 +36,8 @@ class NodeProc:
     node_id: str
     proc: subprocess.Popen
     log_path: str
+    extra: list[str] = field(default_factory=list)   # its own arguments (a restart gives it the same)
+    model: str | None = None
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -69,9 +71,21 @@ class Cluster:
     def add(self, role: str, extra: list[str] | None = None, node_id: str | None = None,
             model: str | None = None) -> NodeProc:
         index = sum(1 for n in self.nodes if n.role == role)
-        node_id = node_id or f"{role}-{index}-{os.getpid()}"
+        node = self._spawn(role, node_id or f"{role}-{index}-{os.getpid()}", list(extra or []), model)
+        self.nodes.append(node)
+        return node
+
+    def restart(self, node: NodeProc) -> NodeProc:
+        """Start `node` again (a process that exited): same id, same arguments, the same log."""
+        if node.alive():
+            raise RuntimeError(f"{node.node_id} is still running")
+        fresh = self._spawn(node.role, node.node_id, node.extra, node.model)
+        self.nodes[self.nodes.index(node)] = fresh
+        return fresh
+
+    def _spawn(self, role: str, node_id: str, extra: list[str], model: str | None) -> NodeProc:
         args = [sys.executable, "-m", "epd.cli", role, "--model", model or self.model, "--node-id", node_id,
-                "--cluster-secret-file", self.secret_file, *self.common_args, *(extra or [])]
+                "--cluster-secret-file", self.secret_file, *self.common_args, *extra]
         if self.device:
             args += ["--device", self.device]
         log_path = os.path.join(self.log_dir, f"{node_id}.log")
@@ -79,9 +93,7 @@ class Cluster:
         proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, preexec_fn=die_with_parent,
                                 start_new_session=True, env=self.env())
         pump.start(proc.stdout)
-        node = NodeProc(role, node_id, proc, log_path)
-        self.nodes.append(node)
-        return node
+        return NodeProc(role, node_id, proc, log_path, extra, model)
 
     def env(self) -> dict[str, str]:
         """The environment of the processes it starts: the Redis URL (it may hold a password) there."""

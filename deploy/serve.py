@@ -4,11 +4,13 @@
               [--host 127.0.0.1] [--redis-url URL] [--device cpu|cuda] [engine flags, given to
               every node: --max-model-len N --dtype ...] [router options...]
 
-Lifecycle: resolve the model (`tiny-random` / `tiny-random-ARCH` builds a tiny checkpoint into
-~/.cache/epd once) -> start a private Redis unless --redis-url is given -> start the node
-processes and wait until each has registered -> start the router and wait for /health ->
-print the URL -> on Ctrl-C / SIGTERM stop the router, the nodes, then Redis (children also
-die with this process, so none are orphaned).
+Lifecycle: check every option and the port -> resolve the model (`tiny-random` /
+`tiny-random-ARCH` builds a tiny checkpoint into ~/.cache/epd once) -> start a private Redis
+unless --redis-url is given -> start the node processes and wait until each has registered ->
+start the router and wait for /health -> print the URL -> keep every process up
+(`deploy.supervisor`: what exits is started again, the rest keeps serving) -> on Ctrl-C /
+SIGTERM stop the router, the nodes (each drains), then Redis (children also die with this
+process, so none are orphaned).
 """
 
 from __future__ import annotations
@@ -26,9 +28,11 @@ from typing import NoReturn
 
 import httpx
 
+from deploy.gpu_shares import describe, gpu_shares, user_sized
 from deploy.logs import DEFAULT_BACKUPS, DEFAULT_MAX_BYTES, LogPump
 from deploy.procs import Cluster, die_with_parent
 from deploy.redis_proc import PrivateRedis, free_port
+from deploy.supervisor import Supervisor
 from epd.engine.engine_args import engine_flags
 
 TINY_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "epd")
@@ -179,9 +183,10 @@ def main(argv: list[str] | None = None) -> int:
     log_dir = args.log_dir or tempfile.mkdtemp(prefix="epd-logs-")
     redis = None if args.redis_url else PrivateRedis().start()
     redis_url = args.redis_url or redis.url
-    cluster = Cluster(model, redis_url, log_dir, device=args.device, common_args=engine_args + args.node_args.split(),
+    node_args = [*engine_args, "--http-port", "0", *args.node_args.split()]   # /health, /metrics: any free port
+    cluster = Cluster(model, redis_url, log_dir, device=args.device, common_args=node_args,
                       log_max_bytes=int(args.log_max_mb * (1 << 20)), log_backups=args.log_backups)
-    router: subprocess.Popen | None = None
+    supervisor: Supervisor | None = None
     stopping = {"flag": False}
 
     def _stop(signum, _frame):
@@ -190,25 +195,20 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
     try:
-        for role, count in (("encoder", args.encoders), ("prefill", args.prefills), ("decode", args.decodes)):
-            for _ in range(count):
-                cluster.add(role)
+        _start_nodes(cluster, args, node_args)
         cluster.wait_ready(timeout_s=args.ready_timeout)
         port = args.port or free_port()
-        router = subprocess.Popen([sys.executable, "-m", "epd.cli", "router",
-                                   *_router_cmd(args, model, port, router_args, cluster.secret_file)],
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, preexec_fn=die_with_parent,
-                                  env=cluster.env())
-        LogPump(os.path.join(log_dir, "router.log"), cluster.log_max_bytes, cluster.log_backups,
-                echo=_is_stats_line).start(router.stdout)
+        cmd = [sys.executable, "-m", "epd.cli", "router", *_router_cmd(args, model, port, router_args,
+                                                                        cluster.secret_file)]
+        supervisor = Supervisor(cluster, redis, lambda: _start_router(cmd, cluster, log_dir))
         url = f"http://{args.host}:{port}"
-        _wait_http(url, router, args.ready_timeout)
+        _wait_http(url, supervisor.router, args.ready_timeout)
         print(f"EPD ready on {url}/v1 (model {_served_name(args, router_args)}; {args.encoders}E {args.prefills}P "
               f"{args.decodes}D; redis {_shown(redis_url)}; started in {time.monotonic() - t0:.1f}s; "
               f"logs in {log_dir})", flush=True)
         while not stopping["flag"]:
-            if router.poll() is not None or any(not n.alive() for n in cluster.nodes):
-                print("a process exited; shutting down (see logs in " + log_dir + ")", file=sys.stderr)
+            supervisor.check()   # what dies is started again; the rest keeps serving
+            if supervisor.gave_up_on_router:
                 return 1
             time.sleep(0.2)
         return 0
@@ -216,7 +216,37 @@ def main(argv: list[str] | None = None) -> int:
         print(f"epd serve: {e}", file=sys.stderr)
         return 1
     finally:
-        _shut_down(router, cluster, redis)
+        _shut_down(supervisor.router if supervisor is not None else None, cluster, redis)
+
+
+def _start_nodes(cluster: Cluster, args: argparse.Namespace, node_args: list[str]) -> None:
+    """Every node; on one GPU each prefill and decode node with its share of the GPU's memory."""
+    extra: dict[str, list[str]] = {}
+    if _on_gpu(args.device) and not user_sized(node_args):
+        import torch
+
+        shares = gpu_shares(args.encoders, args.prefills, args.decodes)
+        print(describe(shares, args.encoders, torch.cuda.get_device_properties(0).total_memory), flush=True)
+        extra = {role: ["--gpu-memory-utilization", str(share)] for role, share in shares.items()}
+    for role, count in (("encoder", args.encoders), ("prefill", args.prefills), ("decode", args.decodes)):
+        for _ in range(count):
+            cluster.add(role, extra.get(role))
+
+
+def _on_gpu(device: str | None) -> bool:
+    if device is not None:
+        return device == "cuda"
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _start_router(cmd: list[str], cluster: Cluster, log_dir: str) -> subprocess.Popen:
+    router = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, preexec_fn=die_with_parent,
+                              env=cluster.env())
+    LogPump(os.path.join(log_dir, "router.log"), cluster.log_max_bytes, cluster.log_backups,
+            echo=_is_stats_line).start(router.stdout)
+    return router
 
 
 def _shut_down(router: subprocess.Popen | None, cluster: Cluster, redis: PrivateRedis | None) -> None:

@@ -5,7 +5,8 @@ from __future__ import annotations
 from encoder_node.service import EncoderService
 from epd.config import ModelConfig
 from epd.engine.engine_core import EngineConfig
-from epd.node.runtime import NodeArgs, NodeRuntime, run_node, setup_logging
+from epd.node.node_loop import run_node
+from epd.node.runtime import NodeArgs, NodeRuntime, setup_logging
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -78,6 +78,10 @@ class EncoderService:
     def load(self) -> float:
         return float(len(self.pending))
 
+    def held(self) -> int:
+        """Requests the node still owes an answer (a draining node exits at 0)."""
+        return len(self.pending) + self.runtime.transport.sends_in_flight
+
     def tick(self) -> bool:
         if not self.pending:
             return False

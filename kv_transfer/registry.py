@@ -159,6 +159,10 @@ class NodeRegistry:
             info = dataclasses.replace(info, started_at=time.time())
         return NodeLease(self._client, info, ttl_s, interval, self._secret, also_write)
 
+    def remove(self, role: str, node_id: str) -> None:
+        """Delete a node's record now (its launcher saw the process die: no need to wait for the TTL)."""
+        self._client.delete(node_key(role, node_id))
+
     def get(self, role: str, node_id: str) -> NodeInfo | None:
         raw = self._client.hgetall(node_key(role, node_id))
         return self._parse(node_key(role, node_id), to_str_dict(raw)) if raw else None

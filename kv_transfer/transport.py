@@ -228,6 +228,12 @@ class KVTransport:
         self._inbox.expect(key, buffers, peer, max_bytes)
 
     @property
+    def sends_in_flight(self) -> int:
+        """Messages queued or being sent (a draining node waits for them)."""
+        with self._pending_lock:
+            return len(self._pending)
+
+    @property
     def refused(self) -> int:
         """Connections closed: peers without the cluster secret, or messages nobody announced."""
         return self._engine.refused

@@ -167,6 +167,10 @@ class PrefillService:
     def load(self) -> float:
         return float(len(self.awaiting) + len(self.active))
 
+    def held(self) -> int:
+        """Requests the node still owes work or pages (a draining node exits at 0)."""
+        return len(self.awaiting) + len(self.active) + len(self.transferring)
+
     def _poll_embeddings(self) -> None:
         for rid, p in list(self.awaiting.items()):
             try:

@@ -76,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
                                           "the context the nodes publish)"))
     ap.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     add_log_stats_args(ap)
+    ap.add_argument("--drain-timeout", type=float, default=30.0, help="on SIGTERM: stop accepting connections "
+                    "and let the requests in flight finish within this many seconds (default: %(default)s)")
     return ap
 
 
@@ -157,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
                             settings.allowed_local_media_path, settings.media_limits)
     app = create_app(backend, settings, prompts)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level or args.log_level,
-                            timeout_keep_alive=30, timeout_graceful_shutdown=5)
+                            timeout_keep_alive=30, timeout_graceful_shutdown=args.drain_timeout)
     if settings.sampling_defaults:
         log.info("sampling defaults from the generation config: %s", settings.sampling_defaults)
     asyncio.run(_serve(uvicorn.Server(config), args.host))

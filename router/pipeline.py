@@ -212,7 +212,8 @@ class DisaggBackend:
         nodes: dict[str, Any] = {}
         try:
             nodes["prefill"] = self.pool.pick("prefill", lambda n: n.node_id not in excluded)
-            nodes["decode"] = self.pool.pick("decode", lambda d: d.layout_hash == nodes["prefill"].layout_hash)
+            nodes["decode"] = self.pool.pick("decode", lambda d: d.layout_hash == nodes["prefill"].layout_hash
+                                             and d.node_id not in excluded)
             if inp.images:
                 nodes["encoder"] = self.pool.pick("encoder", lambda n: n.node_id not in excluded)
         except NoNodeError as e:
@@ -310,23 +311,27 @@ class DisaggBackend:
                 return
 
     def _on_report(self, flight: Flight, msg: protocol.StageReport) -> None:
-        if not msg.ok:   # embeddings that did not come are the encoder's doing
-            blamed = flight.nodes["encoder"].node_id if msg.stage == "encode" and "encoder" in flight.nodes else ""
+        if not msg.ok:   # embeddings that did not come are the encoder's doing, a failed hand-over decode's
+            role = {"encode": "encoder", "transfer": "decode"}.get(msg.stage, "")
+            blamed = flight.nodes[role].node_id if role in flight.nodes else ""
             raise BackendError(f"request failed at stage '{msg.stage}' on node {msg.node}: {msg.error}", 503,
-                               failed_node=blamed, failed_role="encoder")
+                               failed_node=blamed, failed_role=role)
         flight.add_timings(msg.timings)
         flight.done.add({"encode": "encoder", "prefill": "prefill"}.get(msg.stage, msg.stage))
 
     async def _watchdog(self, flight: Flight, deadline: float) -> None:
         for role, node in flight.nodes.items():
-            if role not in flight.done and not self.pool.alive(role, node.node_id):
+            if role not in flight.done and not self.pool.still_up(node):
                 raise BackendError(f"request failed at stage '{STAGE_OF_ROLE[role]}': {role} node {node.node_id} "
-                                   f"stopped (its registration expired)", 503,
-                                   failed_node=node.node_id if role != "decode" else "", failed_role=role)
+                                   f"stopped (its registration expired, or it restarted)", 503,
+                                   failed_node=node.node_id, failed_role=role)
         room = await self._redis(self.rooms.get, flight.rid)
         if room is not None and room.failure is not None:
             f = room.failure
-            raise BackendError(f"request failed at stage '{f.stage}' on node {f.node}: {f.reason}", 503)
+            # a hand-over that failed is the decode node's doing (gone, or not reading): retry elsewhere
+            blamed = flight.nodes.get("decode") if f.stage == "transfer" else None
+            raise BackendError(f"request failed at stage '{f.stage}' on node {f.node}: {f.reason}", 503,
+                               failed_node=blamed.node_id if blamed else "", failed_role="decode" if blamed else "")
         if time.monotonic() > deadline:
             raise BackendError(f"request timed out after {self.request_timeout_s:.0f}s", 504)
 

@@ -43,6 +43,12 @@ class PoolView:
     def alive(self, role: str, node_id: str) -> bool:
         return node_id in self.nodes[role]
 
+    def still_up(self, info: NodeInfo) -> bool:
+        """The very process `info` was read from is registered (a node restarted under the same id
+        is another process: what the old one held is gone)."""
+        current = self.nodes[info.role].get(info.node_id)
+        return current is not None and current.started_at == info.started_at
+
     def sizes(self) -> dict[str, int]:
         return {role: len(nodes) for role, nodes in self.nodes.items()}
 

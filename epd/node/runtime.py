@@ -4,13 +4,15 @@ Lifecycle of a node process (`run_node`):
   1. parse args (`NodeArgs.from_cli`), build the role's service (loads the model);
   2. `NodeRuntime` binds a ZMQ ROUTER socket, starts the UCX `KVTransport`, publishes the KV
      layout and registers `epd:node:{role}:{id}` in Redis with a heartbeat;
-  3. loop: drain control messages -> `service.handle`, then `service.tick()` (poll transfers,
-     run one model step); when a tick did no work the loop sleeps in poll() until a control
-     message arrives, the transport signals a landed message or finished send, or 5 ms pass;
-     the heartbeat carries `service.load()`;
-  4. on SIGTERM / SIGINT: deregister, `service.shutdown()`, close sockets.
+     (with --http-port, /health and /metrics on a thread: `epd.node.http_probe`);
+  3. loop (`epd.node.node_loop.run_node`): drain control messages -> `service.handle`, then
+     `service.tick()` (poll transfers, run one model step); when a tick did no work the loop sleeps
+     in poll() until a control message arrives, the transport signals a landed message or
+     finished send, or 5 ms pass; the heartbeat carries `service.load()`;
+  4. on SIGTERM / SIGINT: drain (leave the registry, finish held work within --drain-timeout),
+     `service.shutdown()`, close sockets.
 A role's service implements: handle(identity, msg), tick() -> bool (did work), load() -> float,
-shutdown().
+held() -> int, counters(), status(), shutdown().
 """
 
 from __future__ import annotations
@@ -20,9 +22,7 @@ import dataclasses
 import json
 import logging
 import os
-import signal
 import socket
-import sys
 import time
 import uuid
 from dataclasses import dataclass
@@ -32,15 +32,15 @@ import zmq
 
 from epd import protocol
 from epd.engine.engine_args import add_engine_args, engine_kwargs
-from epd.periodic_stats import DEFAULT_INTERVAL_S, PeriodicStats, add_log_stats_args, log_stats_interval, percent
+from epd.node.http_probe import NodeHTTP
+from epd.periodic_stats import DEFAULT_INTERVAL_S, add_log_stats_args, log_stats_interval
 from kv_transfer.auth import AuthError, ClusterSecret
 from kv_transfer.layout import KVLayout
 from kv_transfer.redis_util import connect
 from kv_transfer.registry import NodeInfo, NodeRegistry
-from kv_transfer.transport import SWITCH_INTERVAL_S, KVTransport
+from kv_transfer.transport import KVTransport
 
 log = logging.getLogger(__name__)
-stats_log = logging.getLogger("epd.stats")
 LAYOUT_KEY = "epd:layout:{}"
 
 
@@ -61,6 +61,9 @@ class NodeArgs:
     kv_ipc: bool = True
     ucx_progress: str = "thread"
     stats_interval_s: float = DEFAULT_INTERVAL_S
+    advertise_host: str = ""             # what the registry publishes ("" = host)
+    http_port: int | None = None         # /health and /metrics (None: not served)
+    drain_timeout_s: float = 30.0
 
     @classmethod
     def from_cli(cls, role: str, argv: list[str] | None) -> NodeArgs:
@@ -78,7 +81,17 @@ class NodeArgs:
             engine["disable_prefix_caching"] = True
         return cls(role, a.model, a.redis_url, a.host, a.port, node_id, a.heartbeat_ttl, a.layer_group_size,
                    a.kv_timeout, engine, secret, a.log_level, not a.no_kv_ipc, a.ucx_progress,
-                   log_stats_interval(a))
+                   log_stats_interval(a), advertised_host(a.host, a.advertise_host), a.http_port, a.drain_timeout)
+
+
+def advertised_host(bind: str, given: str | None) -> str:
+    """What peers are told: --advertise-host, else the bind address, else (bound to every
+    interface) this host's name resolved (a pod's IP)."""
+    if given:
+        return given
+    if bind in ("0.0.0.0", "::", ""):
+        return socket.gethostbyname(socket.gethostname())
+    return bind
 
 
 def node_parser(role: str) -> argparse.ArgumentParser:
@@ -88,8 +101,17 @@ def node_parser(role: str) -> argparse.ArgumentParser:
     ap.add_argument("--redis-url", default=os.environ.get("EPD_REDIS_URL"),
                     help="redis[s]://[user:password@]host:port/db (default: $EPD_REDIS_URL, which keeps a "
                          "password off the command line)")
-    ap.add_argument("--host", default="127.0.0.1", help="address peers use to reach this node")
+    ap.add_argument("--host", default="127.0.0.1", help="address the control socket binds (0.0.0.0: every "
+                    "interface, as in a pod) (default: 127.0.0.1)")
+    ap.add_argument("--advertise-host", default=None, help="address the registry publishes for peers to reach "
+                    "this node (default: --host; with --host 0.0.0.0, this host's name resolved, as a pod's IP)")
     ap.add_argument("--port", type=int, default=0, help="control (ZMQ) port; 0 = any free port")
+    ap.add_argument("--http-port", type=int, default=None, help="serve GET /health (200 once registered and "
+                    "warmed up, 503 while starting or draining) and GET /metrics on --host at this port; 0 = any "
+                    "free port (published in the registry) (default: none)")
+    ap.add_argument("--drain-timeout", type=float, default=30.0, help="on SIGTERM: leave the registry at once, "
+                    "refuse new work, finish what the node holds within this many seconds, then exit 0 "
+                    "(default: %(default)s)")
     ap.add_argument("--node-id", default=None, help="this node's name in Redis (default: ROLE-HOST-PID-RANDOM)")
     ap.add_argument("--heartbeat-ttl", type=float, default=6.0, help="seconds until a silent node drops out")
     ap.add_argument("--layer-group-size", type=int, default=0,
@@ -117,6 +139,7 @@ class Service(Protocol):
     def load(self) -> float: ...
     def status(self) -> dict[str, Any]: ...   # NodeStatus fields other than node/role/nonce
     def counters(self) -> dict[str, float]: ...   # cumulative work done ("prompt tokens": n), for the log
+    def held(self) -> int: ...                     # requests it still owes work (a drain ends at 0)
     def shutdown(self) -> None: ...
 
 
@@ -152,8 +175,11 @@ class NodeRuntime:
             port = args.port
         else:
             port = self.sock.bind_to_random_port(f"tcp://{args.host}")
-        self.zmq_address = f"{args.host}:{port}"
-        self.transport = KVTransport(args.host, 0, device=device, progress_mode=args.ucx_progress, secret=args.secret)
+        host = args.advertise_host or args.host
+        self.zmq_address = f"{host}:{port}"
+        self.transport = KVTransport(host, 0, device=device, progress_mode=args.ucx_progress, secret=args.secret)
+        self.http = NodeHTTP(args.host, args.http_port, args.role, args.node_id) if args.http_port is not None else None
+        self.http_address = f"{host}:{self.http.port}" if self.http is not None else ""
         self.poller = zmq.Poller()   # control messages, or a KV/embedding message landing
         self.poller.register(self.sock, zmq.POLLIN)
         self.poller.register(self.transport.wakeup_fd, zmq.POLLIN)
@@ -162,6 +188,7 @@ class NodeRuntime:
             layout_hash = layout.layout_hash()
             keep[LAYOUT_KEY.format(layout_hash)] = json.dumps(layout.to_dict())
         info = NodeInfo(role=args.role, node_id=args.node_id, zmq=self.zmq_address, ucx=self.transport.address,
+                        http=self.http_address,
                         model=os.path.basename(os.path.normpath(args.model)), layout_hash=layout_hash,
                         capacity=capacity, started_at=time.time(), kv_ipc=kv_ipc if args.kv_ipc else "",
                         max_context=max_context)
@@ -201,72 +228,12 @@ class NodeRuntime:
             log.warning("could not send %s to the router: %s", type(msg).__name__, e)
 
     def close(self) -> None:
-        for step in (self.lease.deregister, self.transport.close, self.sock.close, self.ctx.term):
+        steps = [self.lease.deregister, self.transport.close, self.sock.close, self.ctx.term]
+        for step in steps + ([self.http.close] if self.http is not None else []):
             try:
                 step()
             except Exception as e:  # noqa: BLE001 - shutdown goes on regardless
                 log.debug("shutdown step failed: %s", e)
-
-
-def run_node(runtime: NodeRuntime, service: Service) -> None:
-    stop = {"flag": False}
-
-    def _stop(signum: int, _frame: Any) -> None:
-        stop["flag"] = True
-
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)
-    sys.setswitchinterval(SWITCH_INTERVAL_S)
-    print(f"EPD {runtime.args.role} node {runtime.node_id} ready: zmq {runtime.zmq_address} "
-          f"ucx {runtime.transport.address}", flush=True)
-    busy = False
-    last_load = 0.0
-    stats = PeriodicStats(runtime.args.stats_interval_s)
-    while not stop["flag"]:
-        for identity, msg in runtime.recv(0 if busy else 5):
-            if isinstance(msg, protocol.StatusRequest):
-                runtime.send(identity, protocol.NodeStatus(runtime.node_id, runtime.args.role, msg.nonce,
-                                                           **service.status(), rejected_messages=runtime.rejected))
-            else:
-                _handle(runtime, service, identity, msg)
-        busy = service.tick()
-        now = time.monotonic()
-        if now - last_load > 0.5:
-            runtime.lease.update_load(service.load())
-            last_load = now
-        if stats.due():
-            _log_stats(stats, runtime, service)
-    service.shutdown()
-    runtime.close()
-
-
-def _log_stats(stats: PeriodicStats, runtime: NodeRuntime, service: Service) -> None:
-    status = service.status()
-    gauges: dict[str, float | str] = dict(status.get("queues", {}))
-    if status.get("pages_total"):
-        gauges["KV usage"] = percent(status["pages_total"] - status["pages_free"], status["pages_total"])
-    if runtime.rejected:
-        gauges["refused messages"] = runtime.rejected
-    line = stats.line(service.counters(), gauges)
-    if line is not None:
-        stats_log.info("%s node %s: %s", runtime.args.role, runtime.node_id, line)
-
-
-STAGE_OF_ROLE = {"encoder": "encode", "prefill": "prefill", "decode": "decode"}
-
-
-def _handle(runtime: NodeRuntime, service: Service, identity: bytes, msg: Any) -> None:
-    """A control message to the service; one it fails on is refused (counted, reported to its
-    sender under its request id) and the node goes on."""
-    try:
-        service.handle(identity, msg)
-    except Exception as e:  # noqa: BLE001 - no message may take the node down
-        runtime.rejected += 1
-        log.exception("refused %s", type(msg).__name__)
-        rid = getattr(msg, "rid", None)
-        if rid:
-            runtime.send(identity, protocol.StageReport(rid, STAGE_OF_ROLE.get(runtime.args.role, "?"),
-                                                        runtime.node_id, ok=False, error=f"refused: {e}"))
 
 
 def setup_logging(level: str = "INFO") -> None:

@@ -1,0 +1,87 @@
+"""A node as an orchestrator sees it (1E + 1P + 2D, real Redis, real UCX): its own /health and
+/metrics on --http-port (published in the registry), and a drain on SIGTERM that finishes the
+streams it holds token for token while new requests go to the other decode node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+
+import httpx
+import pytest
+from disagg_support import disagg_cluster
+from support import chat_prompt
+
+from kv_transfer.registry import NodeRegistry
+from router.metrics import parse_exposition
+
+PROMPT = chat_prompt("Tell me a long story about a red cat.")
+
+
+@pytest.fixture(scope="module")
+def harness(tiny_models, tmp_path_factory):
+    roles = {"encoder": [[]], "prefill": [[]], "decode": [[], []]}
+    args = ["--http-port", "0", "--heartbeat-ttl", "2", "--drain-timeout", "60"]
+    with disagg_cluster(tiny_models["qwen2_vl"], str(tmp_path_factory.mktemp("logs")), roles, args) as h:
+        yield h
+
+
+def _http(harness, node) -> str:
+    info = NodeRegistry(harness.backend.redis).get(node.role, node.node_id)
+    assert info is not None and info.http, f"{node.node_id} publishes no http address"
+    return f"http://{info.http}"
+
+
+def test_every_node_serves_health_and_its_own_metrics(harness):
+    harness.generate(PROMPT, max_new_tokens=5)
+    for node in harness.cluster.nodes:
+        base = _http(harness, node)
+        health = httpx.get(f"{base}/health", timeout=5)
+        assert health.status_code == 200 and health.json()["status"] == "ready"
+        assert health.json()["role"] == node.role
+        time.sleep(1.1)   # the loop refreshes the snapshot every second
+        samples = parse_exposition(httpx.get(f"{base}/metrics", timeout=5).text)
+        labels = (("node", node.node_id), ("role", node.role))
+        assert samples[("process_resident_memory_bytes", ())] > 0
+        if node.role != "encoder":
+            assert samples[("epd:kv_pages_total", labels)] > 0
+            assert samples[("epd:kv_integrity_ok", labels)] == 1
+    prefill = harness.node("prefill")
+    samples = parse_exposition(httpx.get(f"{_http(harness, prefill)}/metrics", timeout=5).text)
+    key = ("epd:work_done_total", (("kind", "prompt tokens"), ("node", prefill.node_id), ("role", "prefill")))
+    assert samples[key] > 0
+    assert httpx.get(f"{_http(harness, prefill)}/nope", timeout=5).status_code == 404
+
+
+def test_sigterm_drains_a_decode_node_its_streams_finish_and_new_requests_go_elsewhere(harness):
+    expected = harness.generate(PROMPT, max_new_tokens=60, ignore_eos=True).token_ids
+    victims = [harness.request(PROMPT, max_new_tokens=60, ignore_eos=True) for _ in range(4)]
+
+    async def busiest_decode():
+        nodes = [n for n in harness.cluster.nodes if n.role == "decode" and n.alive()]
+        running = [(await harness.backend.node_status(n.role, n.node_id)).queues.get("running", 0) for n in nodes]
+        return nodes[running.index(max(running))], max(running)
+
+    async def scenario():
+        streams = [asyncio.ensure_future(harness.consume(req)) for req in victims]
+        await asyncio.sleep(0.5)
+        draining, running = await busiest_decode()
+        assert running > 0
+        base = _http(harness, draining)
+        draining.proc.send_signal(signal.SIGTERM)
+        await asyncio.sleep(0.3)
+        assert NodeRegistry(harness.backend.redis).get("decode", draining.node_id) is None   # left at once
+        health = await asyncio.to_thread(httpx.get, f"{base}/health", timeout=5)
+        assert health.status_code == 503 and health.json()["status"] == "draining"
+        await asyncio.sleep(0.5)   # the router's next pool refresh
+        after = await harness.consume(harness.request(PROMPT, max_new_tokens=10, ignore_eos=True))
+        return draining, await asyncio.gather(*streams), after
+
+    draining, results, after = harness.run(scenario())
+    assert [r.error for r in results] == [""] * 4
+    assert all(r.token_ids == expected for r in results)       # whole, token for token
+    assert not after.error and after.token_ids == expected[:10]   # served by the other decode node
+    assert draining.proc.wait(30) == 0                          # exits 0 once it holds nothing
+    harness.assert_pools_intact()
