@@ -41,12 +41,18 @@ _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torc
 
 
 def host_key() -> str:
-    """This machine's boot id (falls back to the host name)."""
+    """This machine's boot id (falls back to the host name) and this process's IPC namespace: two
+    containers (pods) on one machine share the boot id but not the namespace, and do not pair."""
     try:
         with open("/proc/sys/kernel/random/boot_id") as f:
-            return f.read().strip()
+            machine = f.read().strip()
     except OSError:
-        return socket.gethostname()
+        machine = socket.gethostname()
+    try:
+        namespace = os.readlink("/proc/self/ns/ipc")
+    except OSError:
+        namespace = ""
+    return f"{machine}:{namespace}" if namespace else machine
 
 
 def ipc_capability(device: torch.device | str, page_size: int) -> str:

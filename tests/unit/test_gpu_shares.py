@@ -33,3 +33,4 @@ def test_a_user_who_sized_the_pools_decides():
 def test_too_many_encoders_for_one_gpu_is_refused():
     with pytest.raises(ValueError, match="give the nodes --gpu-memory-utilization"):
         gpu_shares(9, 1, 1)
+
