@@ -60,6 +60,7 @@ class NodeInfo:
     heartbeat_at: float = 0.0  # unix time of the last write
     kv_ipc: str = ""  # "host-key/page-size" when KV pages can be copied through CUDA IPC, else ""
     max_context: int = 0  # prompt + output tokens a request may have here (prefill, decode); 0 = unknown
+    draining: int = 0  # 1: finishing what it holds before it exits; routers send it nothing new
 
     def to_fields(self) -> dict[str, str]:
         return {f.name: str(getattr(self, f.name)) for f in dataclasses.fields(self)}
@@ -103,6 +104,15 @@ class NodeLease:
         """Record the current load; published at the next heartbeat (no Redis call here)."""
         with self._lock:
             self._info = dataclasses.replace(self._info, load=float(load))
+
+    def set_draining(self) -> None:
+        """Publish now that the node is draining (routers stop picking it; what it holds goes on)."""
+        with self._lock:
+            self._info = dataclasses.replace(self._info, draining=1)
+        try:
+            self._beat()
+        except redis.RedisError as exc:   # the next heartbeat writes it
+            logger.warning("could not publish the drain now: %s", exc)
 
     def stop(self) -> None:
         """Stop heartbeating; the key then expires by itself within the TTL."""

@@ -181,7 +181,7 @@ class DisaggBackend:
 
     def _another(self, role: str, node_id: str) -> bool:
         """Whether pool `role` has a live node other than `node_id`."""
-        return any(other != node_id for other in self.pool.nodes.get(role, {}))
+        return any(other != node_id and not info.draining for other, info in self.pool.nodes.get(role, {}).items())
 
     async def _attempt(self, req: BackendRequest, inp: ProcessedInput, received: float, excluded: set[str],
                        attempt: int) -> AsyncIterator[BackendEvent]:
@@ -207,15 +207,25 @@ class DisaggBackend:
             if self.redis_watch.up:
                 await asyncio.to_thread(self._close_room, flight)
 
+    def _pick(self, inp: ProcessedInput, excluded: set[str], nodes: dict[str, Any]) -> None:
+        nodes["prefill"] = self.pool.pick("prefill", lambda n: n.node_id not in excluded)
+        nodes["decode"] = self.pool.pick("decode", lambda d: d.layout_hash == nodes["prefill"].layout_hash
+                                         and d.node_id not in excluded)
+        if inp.images:
+            nodes["encoder"] = self.pool.pick("encoder", lambda n: n.node_id not in excluded)
+
     async def _plan(self, rid: str, inp: ProcessedInput, excluded: set[str]) -> Flight:
-        """Pick a node of each pool the request needs (from the pool view in memory: no Redis)."""
+        """Pick a node of each pool the request needs (from the pool view in memory; when a pool has
+        no node to give, read the pools from Redis once more first: one may have just come up, as in
+        a rolling restart)."""
         nodes: dict[str, Any] = {}
         try:
-            nodes["prefill"] = self.pool.pick("prefill", lambda n: n.node_id not in excluded)
-            nodes["decode"] = self.pool.pick("decode", lambda d: d.layout_hash == nodes["prefill"].layout_hash
-                                             and d.node_id not in excluded)
-            if inp.images:
-                nodes["encoder"] = self.pool.pick("encoder", lambda n: n.node_id not in excluded)
+            try:
+                self._pick(inp, excluded, nodes)
+            except NoNodeError:
+                await asyncio.to_thread(self.redis_watch.call, self.pool.refresh)
+                nodes.clear()
+                self._pick(inp, excluded, nodes)
         except NoNodeError as e:
             message = str(e)
             if "fits" in message and "decode" in message:

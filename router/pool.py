@@ -50,10 +50,11 @@ class PoolView:
         return current is not None and current.started_at == info.started_at
 
     def sizes(self) -> dict[str, int]:
-        return {role: len(nodes) for role, nodes in self.nodes.items()}
+        """Nodes that take new work, per pool (draining ones finish theirs but are not counted)."""
+        return {role: sum(1 for n in nodes.values() if not n.draining) for role, nodes in self.nodes.items()}
 
     def pick(self, role: str, accept: Callable[[NodeInfo], bool] | None = None) -> NodeInfo:
-        live = sorted(self.nodes[role].values(), key=lambda n: n.node_id)
+        live = sorted((n for n in self.nodes[role].values() if not n.draining), key=lambda n: n.node_id)
         candidates = [n for n in live if accept is None or accept(n)]
         if not candidates:
             raise NoNodeError(f"no {role} node is available" if not live else

@@ -4,11 +4,12 @@
 the heartbeat carries `service.load()`; every second the HTTP probe's snapshot (/health,
 /metrics) is refreshed; every `--log-stats-interval` a stats line is logged.
 
-Drain (the first SIGTERM or SIGINT): the node leaves the registry at once (the router stops
-routing to it within its 0.5 s refresh), /health says 503 "draining", and the node goes on serving
-what it holds and what was already on its way to it; it exits 0 once it holds nothing (and at
-least `MIN_DRAIN_S` passed, for messages sent before the router saw it leave) or when
-`--drain-timeout` passes, whichever is first. A second signal stops it at once.
+Drain (the first SIGTERM or SIGINT): the node publishes at once that it is draining (routers stop
+picking it within their 0.5 s refresh, and keep waiting on what it holds), /health says 503
+"draining", and the node goes on serving what it holds and what was already on its way to it; it
+exits 0, leaving the registry, once it holds nothing (and at least `MIN_DRAIN_S` passed, for
+messages sent before the router saw the drain) or when `--drain-timeout` passes, whichever is
+first. A second signal stops it at once.
 """
 
 from __future__ import annotations
@@ -63,8 +64,8 @@ def run_node(runtime: NodeRuntime, service: Service) -> None:
         now = time.monotonic()
         if signals.count and not draining:
             draining = True
-            runtime.lease.deregister()
-            log.info("draining: left the registry; finishing %d held requests (at most %.0f s)",
+            runtime.lease.set_draining()
+            log.info("draining: routers send nothing new; finishing %d held requests (at most %.0f s)",
                      service.held(), args.drain_timeout_s)
         if not draining and now - last_load > 0.5:
             runtime.lease.update_load(service.load())

@@ -9,7 +9,7 @@ Lifecycle of a node process (`run_node`):
      `service.tick()` (poll transfers, run one model step); when a tick did no work the loop sleeps
      in poll() until a control message arrives, the transport signals a landed message or
      finished send, or 5 ms pass; the heartbeat carries `service.load()`;
-  4. on SIGTERM / SIGINT: drain (leave the registry, finish held work within --drain-timeout),
+  4. on SIGTERM / SIGINT: drain (published as draining, finish held work within --drain-timeout),
      `service.shutdown()`, close sockets.
 A role's service implements: handle(identity, msg), tick() -> bool (did work), load() -> float,
 held() -> int, counters(), status(), shutdown().
@@ -109,8 +109,8 @@ def node_parser(role: str) -> argparse.ArgumentParser:
     ap.add_argument("--http-port", type=int, default=None, help="serve GET /health (200 once registered and "
                     "warmed up, 503 while starting or draining) and GET /metrics on --host at this port; 0 = any "
                     "free port (published in the registry) (default: none)")
-    ap.add_argument("--drain-timeout", type=float, default=30.0, help="on SIGTERM: leave the registry at once, "
-                    "refuse new work, finish what the node holds within this many seconds, then exit 0 "
+    ap.add_argument("--drain-timeout", type=float, default=30.0, help="on SIGTERM: tell the routers at once "
+                    "(they send nothing new), finish what the node holds within this many seconds, then exit 0 "
                     "(default: %(default)s)")
     ap.add_argument("--node-id", default=None, help="this node's name in Redis (default: ROLE-HOST-PID-RANDOM)")
     ap.add_argument("--heartbeat-ttl", type=float, default=6.0, help="seconds until a silent node drops out")

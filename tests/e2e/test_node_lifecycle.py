@@ -1,6 +1,7 @@
 """A node as an orchestrator sees it (1E + 1P + 2D, real Redis, real UCX): its own /health and
-/metrics on --http-port (published in the registry), and a drain on SIGTERM that finishes the
-streams it holds token for token while new requests go to the other decode node.
+/metrics on --http-port (published in the registry), a drain on SIGTERM that finishes the
+streams it holds token for token while new requests go to the other decode node, and a rolling
+restart of every node under 16 streams with no request failing.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ PROMPT = chat_prompt("Tell me a long story about a red cat.")
 @pytest.fixture(scope="module")
 def harness(tiny_models, tmp_path_factory):
     roles = {"encoder": [[]], "prefill": [[]], "decode": [[], []]}
-    args = ["--http-port", "0", "--heartbeat-ttl", "2", "--drain-timeout", "60"]
+    args = ["--http-port", "0", "--drain-timeout", "60"]
     with disagg_cluster(tiny_models["qwen2_vl"], str(tmp_path_factory.mktemp("logs")), roles, args) as h:
         yield h
 
@@ -72,7 +73,7 @@ def test_sigterm_drains_a_decode_node_its_streams_finish_and_new_requests_go_els
         base = _http(harness, draining)
         draining.proc.send_signal(signal.SIGTERM)
         await asyncio.sleep(0.3)
-        assert NodeRegistry(harness.backend.redis).get("decode", draining.node_id) is None   # left at once
+        assert NodeRegistry(harness.backend.redis).get("decode", draining.node_id).draining == 1   # said at once
         health = await asyncio.to_thread(httpx.get, f"{base}/health", timeout=5)
         assert health.status_code == 503 and health.json()["status"] == "draining"
         await asyncio.sleep(0.5)   # the router's next pool refresh
@@ -84,4 +85,43 @@ def test_sigterm_drains_a_decode_node_its_streams_finish_and_new_requests_go_els
     assert all(r.token_ids == expected for r in results)       # whole, token for token
     assert not after.error and after.token_ids == expected[:10]   # served by the other decode node
     assert draining.proc.wait(30) == 0                          # exits 0 once it holds nothing
+    harness.assert_pools_intact()
+
+
+def test_a_rolling_restart_of_every_node_under_16_streams_fails_no_request(harness):
+    """As a Deployment's rollout does it: for each node, a new one comes up, then the old one gets
+    SIGTERM and drains. 16 streams run all along (a new one as each ends): none fails, every answer
+    is whole and token-exact, and every pool is intact afterwards."""
+    expected = harness.generate(PROMPT, max_new_tokens=30, ignore_eos=True).token_ids
+    cluster = harness.cluster
+    serving = {n.role for n in cluster.nodes if n.alive()}
+    count = sum(1 for n in cluster.nodes if n.alive())
+
+    def roll() -> None:
+        for old in [n for n in cluster.nodes if n.alive()]:
+            new = cluster.add(old.role, node_id=f"{old.node_id}-next")
+            cluster.wait_ready([new])
+            time.sleep(0.6)   # the router's next pool refresh sees it
+            old.proc.send_signal(signal.SIGTERM)
+            assert old.proc.wait(60) == 0, old.log_tail()
+
+    async def scenario():
+        rolling = asyncio.ensure_future(asyncio.to_thread(roll))
+        results = []
+
+        async def stream_until_rolled():
+            while not rolling.done():
+                results.append(await harness.consume(harness.request(PROMPT, max_new_tokens=30, ignore_eos=True)))
+
+        await asyncio.gather(*(stream_until_rolled() for _ in range(16)))
+        await rolling
+        return results
+
+    results = harness.run(scenario())
+    assert len(results) > 16
+    assert [r.error for r in results if r.error] == []
+    assert all(r.token_ids == expected for r in results)
+    alive = [n for n in cluster.nodes if n.alive()]
+    assert len(alive) == count and {n.role for n in alive} == serving
+    assert all(n.node_id.endswith("-next") for n in alive)      # every node was replaced
     harness.assert_pools_intact()
