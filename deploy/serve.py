@@ -24,7 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import NoReturn
+from typing import TYPE_CHECKING
 
 import httpx
 
@@ -33,7 +33,10 @@ from deploy.logs import DEFAULT_BACKUPS, DEFAULT_MAX_BYTES, LogPump
 from deploy.procs import Cluster, die_with_parent
 from deploy.redis_proc import PrivateRedis, free_port
 from deploy.supervisor import Supervisor
-from epd.engine.engine_args import engine_flags
+from epd.engine.engine_args import engine_flags, parse_or_raise
+
+if TYPE_CHECKING:
+    from router.settings import RouterSettings
 
 TINY_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "epd")
 TINY_DEFAULT = "qwen2_5_vl"
@@ -118,49 +121,32 @@ def _router_cmd(args: argparse.Namespace, model: str, port: int, router_args: li
     return cmd
 
 
-def _served_name(args: argparse.Namespace, router_args: list[str]) -> str:
-    """The name responses give the model (the first --served-model-name, else --model as given)."""
-    for i, arg in enumerate(router_args):
-        if arg == "--served-model-name" and i + 1 < len(router_args):
-            return router_args[i + 1]
-        if arg.startswith("--served-model-name="):
-            return arg.split("=", 1)[1]
-    return args.model
-
-
 def check_before_start(args: argparse.Namespace, model: str, engine_args: list[str],
-                       router_args: list[str]) -> str | None:
-    """Every option, and the port, checked before anything starts: what is wrong, or None."""
+                       router_args: list[str]) -> RouterSettings:
+    """Every option, and the port, checked before anything starts: the router's settings, or
+    ValueError / OSError saying what is wrong."""
     from epd.node.runtime import node_parser
     from router.main import build_parser, check_args
 
-    checks = [(f"epd {role}", node_parser(role), ["--model", model, *engine_args, *args.node_args.split()])
-              for role in ("encoder", "prefill", "decode")]
-    checks.append(("epd router", build_parser(), _router_cmd(args, model, args.port, router_args, "")))
-    parsed = {}
-    for who, parser, argv in checks:
-        parser.exit_on_error = False
-        parser.error = _refuse   # type: ignore[method-assign]
+    def parse(who: str, parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
         try:
-            parsed[who] = parser.parse_args(argv)
-        except (argparse.ArgumentError, ValueError) as e:
-            return f"{who}: {e} (options epd serve does not know go to the router; see epd serve --help)"
-    try:
-        check_args(parsed["epd router"])
-    except (ValueError, OSError) as e:
-        return str(e)
+            return parse_or_raise(parser, argv)
+        except ValueError as e:
+            raise ValueError(f"{who}: {e} (options epd serve does not know go to the router; see epd serve "
+                             "--help)") from None
+
+    for role in ("encoder", "prefill", "decode"):
+        parse(f"epd {role}", node_parser(role), ["--model", model, *engine_args, *args.node_args.split()])
+    settings = check_args(parse("epd router", build_parser(), _router_cmd(args, model, args.port, router_args, "")))
     if args.port:
         with socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # as uvicorn binds
             try:
                 probe.bind((args.host, args.port))
             except OSError as e:
-                return f"cannot serve on {args.host}:{args.port}: {e.strerror} (another server holds it?)"
-    return None
-
-
-def _refuse(message: str) -> NoReturn:
-    raise ValueError(message)
+                raise ValueError(f"cannot serve on {args.host}:{args.port}: {e.strerror} (another server "
+                                 "holds it?)") from None
+    return settings
 
 
 def _is_stats_line(line: bytes) -> bool:
@@ -173,12 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         engine_args, router_args = engine_flags(rest)
         model = resolve_model(args.model)
-    except ValueError as e:
+        settings = check_before_start(args, model, engine_args, router_args)
+    except (ValueError, OSError) as e:
         print(f"epd serve: {e}", file=sys.stderr)
-        return 2
-    problem = check_before_start(args, model, engine_args, router_args)
-    if problem is not None:
-        print(f"epd serve: {problem}", file=sys.stderr)
         return 2
     log_dir = args.log_dir or tempfile.mkdtemp(prefix="epd-logs-")
     redis = None if args.redis_url else PrivateRedis().start()
@@ -203,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         supervisor = Supervisor(cluster, redis, lambda: _start_router(cmd, cluster, log_dir))
         url = f"http://{args.host}:{port}"
         _wait_http(url, supervisor.router, args.ready_timeout)
-        print(f"EPD ready on {url}/v1 (model {_served_name(args, router_args)}; {args.encoders}E {args.prefills}P "
+        print(f"EPD ready on {url}/v1 (model {settings.served_model_name}; {args.encoders}E {args.prefills}P "
               f"{args.decodes}D; redis {_shown(redis_url)}; started in {time.monotonic() - t0:.1f}s; "
               f"logs in {log_dir})", flush=True)
         while not stopping["flag"]:

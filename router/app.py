@@ -34,9 +34,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 import epd
 from epd.engine.sampling import SamplingParamError, SamplingParams
 from epd.periodic_stats import PeriodicStats
+from epd.prometheus_text import CONTENT_TYPE
 from router.backend import Backend, BackendRequest
 from router.choices import choice_requests
-from router.metrics import CONTENT_TYPE, RequestTimer, RouterMetrics
+from router.metrics import RequestTimer, RouterMetrics
 from router.openai_format import APIError, ChatFormat, TextFormat, TokenText
 from router.prompts import Prepared, PromptBuilder
 from router.responses_api import add_responses_routes

@@ -20,9 +20,8 @@ import time
 from collections import defaultdict
 from collections.abc import Iterable
 
-from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector, generate_latest
-
 from epd.periodic_stats import PeriodicStats, percent
+from epd.prometheus_text import Labels, header, labels_text, number, process_families
 from router.backend import BackendEvent
 
 PREFIX = "epd:"
@@ -32,7 +31,6 @@ VLLM_GAUGES = ("num_requests_running", "num_requests_waiting", "kv_cache_usage_p
 TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000)
 N_BUCKETS = (1, 2, 5, 10, 20)
 PHASES = {"queue": "queue", "prefill": "prefill", "decode": "decode", "inference": "inference"}
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
                 20.0, 40.0, 80.0, 160.0, 640.0)
@@ -42,29 +40,6 @@ E2E_BUCKETS = (0.01, 0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15
                120.0, 240.0, 480.0, 960.0, 1920.0)
 STAGE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
                  60.0, 120.0, 600.0)
-
-Labels = tuple[tuple[str, str], ...]
-
-
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("\"", "\\\"").replace("\n", "\\n")
-
-
-def _labels(labels: Labels) -> str:
-    return "{" + ",".join(f'{k}="{_escape(v)}"' for k, v in labels) + "}" if labels else ""
-
-
-def _number(value: float) -> str:
-    if math.isinf(value):
-        return "+Inf" if value > 0 else "-Inf"
-    if math.isnan(value):
-        return "NaN"
-    return repr(float(value)) if value != int(value) or abs(value) >= 1e15 else str(int(value))
-
-
-def _header(name: str, kind: str, help_text: str) -> list[str]:
-    return [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
-
 
 def _names(name: str, vllm: bool) -> tuple[str, ...]:
     """A family's names: EPD's, and vLLM's too where it is one of vLLM's."""
@@ -86,8 +61,8 @@ class Counter:
     def lines(self) -> list[str]:
         out: list[str] = []
         for name in self.names:
-            out += _header(name, "counter", self.help)
-            out += [f"{name}{_labels(k)} {_number(v)}" for k, v in sorted(self.values.items())]
+            out += header(name, "counter", self.help)
+            out += [f"{name}{labels_text(k)} {number(v)}" for k, v in sorted(self.values.items())]
         return out
 
 
@@ -109,14 +84,14 @@ class Histogram:
     def lines(self) -> list[str]:
         out: list[str] = []
         for name in self.names:
-            out += _header(name, "histogram", self.help)
+            out += header(name, "histogram", self.help)
             for labels, counts in sorted(self.counts.items()):
                 running = 0
                 for bound, n in zip((*self.bounds, math.inf), counts, strict=True):
                     running += n
-                    out.append(f"{name}_bucket{_labels((*labels, ('le', _number(bound))))} {running}")
-                out.append(f"{name}_sum{_labels(labels)} {_number(self.sums[labels])}")
-                out.append(f"{name}_count{_labels(labels)} {running}")
+                    out.append(f"{name}_bucket{labels_text((*labels, ('le', number(bound))))} {running}")
+                out.append(f"{name}_sum{labels_text(labels)} {number(self.sums[labels])}")
+                out.append(f"{name}_count{labels_text(labels)} {running}")
         return out
 
 
@@ -135,17 +110,14 @@ def _gauge_lines(model: Labels, stats: dict[str, float]) -> list[str]:
     for name, samples in families.items():
         kind = "counter" if name == "num_preemptions_total" else "gauge"
         for prefix in (PREFIX, VLLM) if name in VLLM_GAUGES or kind == "counter" else (PREFIX,):
-            out += _header(prefix + name, kind, f"{name.replace('_', ' ')} (from the backend)")
-            out += [f"{prefix}{name}{_labels(labels)} {_number(v)}" for labels, v in samples]
+            out += header(prefix + name, kind, f"{name.replace('_', ' ')} (from the backend)")
+            out += [f"{prefix}{name}{labels_text(labels)} {number(v)}" for labels, v in samples]
     return out
 
 
 class RouterMetrics:
     def __init__(self, model_name: str) -> None:
         self.model: Labels = (("model_name", model_name),)
-        self._process = CollectorRegistry()   # the standard process_* / python_* families, as vLLM's
-        for collector in (ProcessCollector, PlatformCollector, GCCollector):
-            collector(registry=self._process)
         self.ttft = Histogram("time_to_first_token_seconds", "Time from arrival to the first token.", TTFT_BUCKETS,
                               vllm=True)
         self.itl = Histogram("inter_token_latency_seconds", "Time between successive tokens.", ITL_BUCKETS, vllm=True)
@@ -203,7 +175,7 @@ class RouterMetrics:
         lines = _gauge_lines(self.model, stats)
         for family in self._families():
             lines += family.lines()
-        return "\n".join(lines) + "\n" + generate_latest(self._process).decode()
+        return "\n".join(lines) + "\n" + process_families()   # and the process_* / python_* families
 
 
 class RequestTimer:
@@ -291,30 +263,30 @@ def parse_exposition(text: str) -> dict[tuple[str, Labels], float]:
     cumulative or whose +Inf bucket differs from its count. (Used by tests and tools that scrape.)"""
     types: dict[str, str] = {}
     out: dict[tuple[str, Labels], float] = {}
-    for number, line in enumerate(text.splitlines(), 1):
+    for line_no, line in enumerate(text.splitlines(), 1):
         if line.startswith("# TYPE "):
             _, _, name, kind = line.split(" ", 3)
             types[name] = kind
         elif line and not line.startswith("#"):
             match = _SAMPLE.match(line)
             if match is None:
-                raise ValueError(f"line {number}: not a sample: {line!r}")
+                raise ValueError(f"line {line_no}: not a sample: {line!r}")
             name, _, body, value = match.groups()
             family = re.sub(r"_(bucket|sum|count)$", "", name) if name not in types else name
             if family not in types:
-                raise ValueError(f"line {number}: sample {name!r} has no # TYPE line before it")
-            labels = tuple(sorted(_parse_labels(body or "", number)))
+                raise ValueError(f"line {line_no}: sample {name!r} has no # TYPE line before it")
+            labels = tuple(sorted(_parse_labels(body or "", line_no)))
             out[(name, labels)] = float(value.replace("Inf", "inf"))
     _check_histograms(types, out)
     return out
 
 
-def _parse_labels(body: str, number: int) -> list[tuple[str, str]]:
+def _parse_labels(body: str, line_no: int) -> list[tuple[str, str]]:
     labels, pos = [], 0
     while pos < len(body):
         match = _LABEL.match(body, pos)
         if match is None:
-            raise ValueError(f"line {number}: bad labels {body!r}")
+            raise ValueError(f"line {line_no}: bad labels {body!r}")
         labels.append((match.group(1), re.sub(r"\\(.)", lambda m: "\n" if m.group(1) == "n" else m.group(1),
                                               match.group(2))))
         pos = match.end()

@@ -78,16 +78,24 @@ def _refuse(message: str) -> NoReturn:
     raise ValueError(message)
 
 
+def parse_or_raise(parser: argparse.ArgumentParser, argv: list[str],
+                   known_only: bool = False) -> argparse.Namespace | tuple[argparse.Namespace, list[str]]:
+    """`parser` on `argv`, raising ValueError with argparse's message instead of exiting (a
+    launcher checks its children's options before it starts them)."""
+    parser.exit_on_error = False
+    parser.error = _refuse   # type: ignore[method-assign]
+    try:
+        return parser.parse_known_args(argv) if known_only else parser.parse_args(argv)
+    except argparse.ArgumentError as e:
+        raise ValueError(str(e)) from None
+
+
 def engine_flags(argv: list[str]) -> tuple[list[str], list[str]]:
     """Split `argv` into (engine flags with their values, the rest), as `add_engine_args` parses them
     (`epd serve` gives the first to its nodes). ValueError on a value its flag cannot take."""
-    ap = argparse.ArgumentParser(add_help=False, exit_on_error=False)
-    ap.error = _refuse   # type: ignore[method-assign]
+    ap = argparse.ArgumentParser(add_help=False)
     add_engine_args(ap)
-    try:
-        known, rest = ap.parse_known_args(argv)
-    except argparse.ArgumentError as e:
-        raise ValueError(str(e)) from None
+    known, rest = parse_or_raise(ap, argv, known_only=True)
     engine = []
     for action in ap._actions:
         value = getattr(known, action.dest, None)

@@ -17,42 +17,31 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector, generate_latest
+from epd.prometheus_text import CONTENT_TYPE, Labels, header, process_families, sample
 
 log = logging.getLogger(__name__)
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-
-
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
 def node_metrics(role: str, node_id: str, status: dict[str, Any], counters: dict[str, float],
                  rejected: int) -> str:
     """The node's families in Prometheus' text format, labelled by role and node (names apart from the
     router's per-pool `epd:node_*` families, which sum the nodes)."""
-    labels = f'role="{_escape(role)}",node="{_escape(node_id)}"'
-    out = ["# HELP epd:requests_in_queue Requests in each of the node's queues.", "# TYPE epd:requests_in_queue gauge"]
-    queues = status.get("queues", {})
-    out += [f'epd:requests_in_queue{{{labels},queue="{_escape(q)}"}} {float(n)}' for q, n in queues.items()]
+    node: Labels = (("role", role), ("node", node_id))
+    out = header("epd:requests_in_queue", "gauge", "Requests in each of the node's queues.")
+    out += [sample("epd:requests_in_queue", (*node, ("queue", q)), n) for q, n in status.get("queues", {}).items()]
     if status.get("pages_total"):
         total, free = status["pages_total"], status["pages_free"]
-        out += ["# HELP epd:kv_pages_total KV pages in the node's pool.", "# TYPE epd:kv_pages_total gauge",
-                f"epd:kv_pages_total{{{labels}}} {float(total)}",
-                "# HELP epd:kv_pages_in_use KV pages held by requests or the prefix cache.",
-                "# TYPE epd:kv_pages_in_use gauge", f"epd:kv_pages_in_use{{{labels}}} {float(total - free)}",
-                "# HELP epd:kv_integrity_ok 1 while free + in-use pages add up to the pool.",
-                "# TYPE epd:kv_integrity_ok gauge",
-                f"epd:kv_integrity_ok{{{labels}}} {1.0 if status.get('integrity_ok', True) else 0.0}",
-                "# HELP epd:preemptions_total Requests preempted for pages.",
-                "# TYPE epd:preemptions_total counter",
-                f"epd:preemptions_total{{{labels}}} {float(status.get('preemptions', 0))}"]
-    out += ["# HELP epd:work_done_total Work the node has done (prompt tokens, generation tokens, images).",
-            "# TYPE epd:work_done_total counter"]
-    out += [f'epd:work_done_total{{{labels},kind="{_escape(k)}"}} {float(v)}' for k, v in counters.items()]
-    out += ["# HELP epd:refused_messages_total Control messages refused (not sealed, or malformed).",
-            "# TYPE epd:refused_messages_total counter",
-            f"epd:refused_messages_total{{{labels}}} {rejected}"]
+        for name, kind, help_text, value in (
+                ("epd:kv_pages_total", "gauge", "KV pages in the node's pool.", total),
+                ("epd:kv_pages_in_use", "gauge", "KV pages held by requests or the prefix cache.", total - free),
+                ("epd:kv_integrity_ok", "gauge", "1 while free + in-use pages add up to the pool.",
+                 1.0 if status.get("integrity_ok", True) else 0.0),
+                ("epd:preemptions_total", "counter", "Requests preempted for pages.", status.get("preemptions", 0))):
+            out += [*header(name, kind, help_text), sample(name, node, value)]
+    out += header("epd:work_done_total", "counter", "Work done (prompt tokens, generation tokens, images).")
+    out += [sample("epd:work_done_total", (*node, ("kind", k)), v) for k, v in counters.items()]
+    out += header("epd:refused_messages_total", "counter", "Control messages refused (not sealed, or malformed).")
+    out.append(sample("epd:refused_messages_total", node, rejected))
     return "\n".join(out) + "\n"
 
 
@@ -61,9 +50,6 @@ class NodeHTTP:
         self.role, self.node_id = role, node_id
         self.state = "starting"
         self.metrics_text = ""
-        self._process = CollectorRegistry()
-        for collector in (ProcessCollector, PlatformCollector, GCCollector):
-            collector(registry=self._process)
         self._server = ThreadingHTTPServer((host, port), self._handler())
         self._server.daemon_threads = True
         self.port = self._server.server_address[1]
@@ -87,7 +73,7 @@ class NodeHTTP:
                     body = json.dumps({"status": probe.state, "role": probe.role, "node": probe.node_id}).encode()
                     self._reply(200 if probe.state == "ready" else 503, "application/json", body)
                 elif self.path.split("?")[0] == "/metrics":
-                    text = probe.metrics_text + generate_latest(probe._process).decode()
+                    text = probe.metrics_text + process_families()
                     self._reply(200, CONTENT_TYPE, text.encode())
                 else:
                     self._reply(404, "application/json", b'{"error": "not found"}')

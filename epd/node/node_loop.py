@@ -72,9 +72,9 @@ def run_node(runtime: NodeRuntime, service: Service) -> None:
             last_load = now
         if draining and _drained(service, now - signals.first_at, args.drain_timeout_s):
             break
-        if runtime.http is not None and (now - last_probe > 1.0 or draining):
-            runtime.http.publish("draining" if draining else "ready", service.status(), service.counters(),
-                                 runtime.rejected)
+        state = "draining" if draining else "ready"
+        if runtime.http is not None and (now - last_probe > 1.0 or runtime.http.state != state):
+            runtime.http.publish(state, service.status(), service.counters(), runtime.rejected)
             last_probe = now
         if stats.due():
             _log_stats(stats, runtime, service)
