@@ -5,8 +5,11 @@ Lifecycle of an invocation (``main``):
 1. parse the arguments into a frozen ``BenchConfig`` (bad values exit with status 2);
 2. for each request rate (one, or every ``--sweep-rates`` point): build fresh requests
    (warm-up + measured; each sweep point gets its own seed so server-side prefix and
-   encoder caches do not carry hits from one point into the next), run the traffic, reduce
-   it to metrics and print the summary table;
+   encoder caches do not carry hits from one point into the next), run the traffic (the
+   server's ``/metrics`` queue scraped alongside), reduce it to metrics and print the
+   summary table. With ``--compare-url`` the very same requests, on the same arrival
+   schedule, then go to the second server (one server after the other, never both at once)
+   and a side-by-side table is printed instead;
 3. after a sweep, print the sweep table with the highest rate that meets the SLOs;
 4. write ``--output`` JSON and ``--plot`` PNGs.
 
@@ -24,9 +27,10 @@ import math
 import sys
 from typing import Any
 
-from bench.config import BenchConfig
-from bench.datasets import DatasetError, build_requests
-from bench.metrics import BenchMetrics, best_rate, compute_metrics
+from bench.compare import ServerRuns, compare_payload, format_compare_sweep, format_comparison
+from bench.config import BenchConfig, ClientConfig, json_rate
+from bench.datasets import BenchRequest, DatasetError, build_requests
+from bench.metrics import BenchMetrics, compute_metrics
 from bench.report import format_summary, format_sweep, run_to_dict, write_json
 from bench.runner import RunResult, run_traffic
 
@@ -90,6 +94,15 @@ def _add_client_args(p: argparse.ArgumentParser) -> None:
         help="ask the server to generate exactly max_tokens (default: on for random datasets, off for jsonl)",
     )
     g.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request, end to end")
+    g.add_argument("--label", help="name of --base-url in reports; its host:port when not given")
+
+
+def _add_compare_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("second server (same workload, run after the first)")
+    g.add_argument("--compare-url", help="also run the same workload against this server and report both")
+    g.add_argument("--compare-model", help="model name for --compare-url; --model when not given")
+    g.add_argument("--compare-api-key", help="API key for --compare-url (--api-key is not passed on)")
+    g.add_argument("--compare-label", help="name of --compare-url in reports; its host:port when not given")
 
 
 def _add_output_args(p: argparse.ArgumentParser) -> None:
@@ -107,8 +120,14 @@ def _add_output_args(p: argparse.ArgumentParser) -> None:
         help="share of requests that must meet the SLOs for a sweep point to pass",
     )
     g.add_argument("--output", help="write the result (and configuration) as JSON here")
-    g.add_argument("--plot", metavar="DIR", help="write TTFT/TPOT CDFs (and sweep plots) as PNGs here")
+    g.add_argument("--plot", metavar="DIR", help="write TTFT/TPOT CDFs, sweep and over-time plots as PNGs here")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument(
+        "--no-metrics-poll",
+        action="store_true",
+        help="do not scrape the server's /metrics for its queue (vllm:num_requests_waiting/running)",
+    )
+    g.add_argument("--metrics-poll-interval", type=float, default=1.0, help="seconds between /metrics scrapes")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -118,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     _add_client_args(p)
+    _add_compare_args(p)
     _add_workload_args(p)
     _add_traffic_args(p)
     _add_output_args(p)
@@ -140,6 +160,15 @@ def _check(args: argparse.Namespace) -> None:
         raise ValueError("--slo-attainment must be in (0, 1]")
     if args.dataset == "jsonl" and not args.dataset_path:
         raise ValueError("--dataset jsonl needs --dataset-path")
+    if args.metrics_poll_interval <= 0:
+        raise ValueError("--metrics-poll-interval must be positive")
+    given = [
+        f"--{name.replace('_', '-')}"
+        for name in ("compare_model", "compare_api_key", "compare_label")
+        if getattr(args, name)
+    ]
+    if given and not args.compare_url:
+        raise ValueError(f"{', '.join(given)} needs --compare-url")
     if args.plot:
         try:
             import matplotlib  # noqa: F401
@@ -147,30 +176,59 @@ def _check(args: argparse.Namespace) -> None:
             raise ValueError("--plot needs matplotlib: pip install matplotlib") from exc
 
 
-def run_point(cfg: BenchConfig, index: int) -> tuple[RunResult, BenchMetrics]:
-    """Build the workload for one rate, run it and reduce it to metrics."""
+def build_point(cfg: BenchConfig, index: int) -> tuple[list[BenchRequest], list[BenchRequest]]:
+    """The (measured, warm-up) requests of sweep point ``index``; every server gets these."""
     workload = dataclasses.replace(cfg.workload, seed=cfg.workload.seed + index)
     warm = cfg.traffic.warmup_requests
     if cfg.progress:
         print(f"building {warm + workload.num_prompts} {workload.dataset} requests...", file=sys.stderr)
     requests = build_requests(workload, warm + workload.num_prompts)
-    result = asyncio.run(run_traffic(requests[warm:], requests[:warm], cfg.client, cfg.traffic, cfg.progress))
+    return requests[warm:], requests[:warm]
+
+
+def run_point(
+    cfg: BenchConfig, server: ServerRuns, measured: list[BenchRequest], warmup: list[BenchRequest]
+) -> tuple[RunResult, BenchMetrics]:
+    """Run one rate's requests against one server and reduce them to metrics."""
+    label = server.label if cfg.compare is not None else ""
+    run = run_traffic(measured, warmup, server.client, cfg.traffic, cfg.progress, cfg.metrics_poll_s, label)
+    result = asyncio.run(run)
     return result, compute_metrics(result, cfg.slo)
 
 
-def _payload(cfg: BenchConfig, results: list[RunResult], runs: list[BenchMetrics]) -> dict[str, Any]:
-    run_dicts = [run_to_dict(r, m, cfg.traffic.burstiness) for r, m in zip(results, runs, strict=True)]
-    meta = {
+def _meta(cfg: BenchConfig, client: ClientConfig) -> dict[str, Any]:
+    return {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "model": cfg.client.model,
-        "base_url": cfg.client.base_url,
+        "model": client.model,
+        "base_url": client.base_url,
         "config": cfg.to_dict(),
     }
+
+
+def _payload(cfg: BenchConfig, servers: list[ServerRuns]) -> dict[str, Any]:
+    if len(servers) == 2:
+        return compare_payload(_meta(cfg, cfg.client), servers[0], servers[1], cfg.slo)
+    server = servers[0]
+    pairs = zip(server.results, server.metrics, strict=True)
+    run_dicts = [run_to_dict(r, m, cfg.traffic.burstiness) for r, m in pairs]
+    meta = _meta(cfg, cfg.client)
     if not cfg.sweep_rates:
         return {**run_dicts[0], **meta}
-    best = best_rate(list(cfg.sweep_rates), runs)
-    best_json = "inf" if best is not None and math.isinf(best) else best
-    return {**meta, "slo_attainment_target": cfg.slo.attainment, "best_rate": best_json, "runs": run_dicts}
+    best = json_rate(server.best_rate())
+    return {**meta, "slo_attainment_target": cfg.slo.attainment, "best_rate": best, "runs": run_dicts}
+
+
+def _report_run(cfg: BenchConfig, server: ServerRuns) -> None:
+    """What is printed after each run: the summary (one server only), failures, the queue."""
+    result, metrics = server.results[-1], server.metrics[-1]
+    prefix = f"{server.label}: " if cfg.compare is not None else ""
+    if not prefix:
+        print(format_summary(metrics, result, cfg.slo.given), flush=True)
+    if metrics.failed:
+        first = next(o.error for o in result.outputs if not o.success)
+        print(f"{prefix}{metrics.failed} request(s) failed; first error: {first}", file=sys.stderr)
+    if result.queue is not None:
+        print(prefix + result.queue.summary(), flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -182,26 +240,27 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         parser.error(str(exc))
     rates = list(cfg.sweep_rates) or [cfg.traffic.request_rate]
-    results: list[RunResult] = []
-    runs: list[BenchMetrics] = []
+    servers = [ServerRuns(label, client) for label, client in cfg.servers]
     for index, rate in enumerate(rates):
+        point = cfg.with_rate(rate)
         try:
-            result, metrics = run_point(cfg.with_rate(rate), index)
+            measured, warmup = build_point(point, index)
         except DatasetError as exc:
             print(f"{parser.prog}: error: {exc}", file=sys.stderr)
             return 2
-        results.append(result)
-        runs.append(metrics)
-        print(format_summary(metrics, result, cfg.slo.given), flush=True)
-        if metrics.failed:
-            first = next(o.error for o in result.outputs if not o.success)
-            print(f"{metrics.failed} request(s) failed; first error: {first}", file=sys.stderr)
-    if cfg.sweep_rates:
-        print(format_sweep(rates, runs, best_rate(rates, runs), cfg.slo.attainment))
+        for server in servers:  # one after the other: the servers may share GPUs
+            server.add(*run_point(point, server, measured, warmup))
+            _report_run(cfg, server)
+        if len(servers) == 2:
+            print(format_comparison(servers[0], servers[1], cfg.slo), flush=True)
+    if cfg.sweep_rates and len(servers) == 2:
+        print(format_compare_sweep(servers[0], servers[1], cfg.slo.attainment))
+    elif cfg.sweep_rates:
+        print(format_sweep(rates, servers[0].metrics, servers[0].best_rate(), cfg.slo.attainment))
     if cfg.output:
-        write_json(cfg.output, _payload(cfg, results, runs))
+        write_json(cfg.output, _payload(cfg, servers))
     if cfg.plot_dir:
         from bench.plots import write_plots
 
-        write_plots(cfg.plot_dir, results, runs)
-    return 0 if all(m.completed > 0 for m in runs) else 1
+        write_plots(cfg.plot_dir, servers, cfg.slo)
+    return 0 if all(m.completed > 0 for server in servers for m in server.metrics) else 1

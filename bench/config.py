@@ -3,8 +3,10 @@
 Lifecycle: ``cli.parse_args`` produces an ``argparse.Namespace``; ``BenchConfig.from_cli``
 turns it once into the frozen dataclasses below; each component then receives only the
 part it needs (the dataset builder a ``WorkloadConfig``, the runner a ``TrafficConfig`` and
-a ``ClientConfig``, the metrics an ``SLOConfig``). ``BenchConfig.to_dict`` is what the JSON
-result stores under ``config``.
+a ``ClientConfig``, the metrics an ``SLOConfig``). With ``--compare-url`` a second
+``ClientConfig`` (``compare``) describes the other server; everything else is shared, so both
+servers get the same workload. ``BenchConfig.to_dict`` is what the JSON result stores under
+``config``.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 SLO_KEYS = ("ttft_ms", "tpot_ms", "e2e_ms")
 NAMED_RESOLUTIONS = {"480p": (854, 480), "720p": (1280, 720), "1080p": (1920, 1080), "4k": (3840, 2160)}
@@ -109,6 +112,11 @@ class ClientConfig:
     def models_url(self) -> str:
         return self.api_root + "/models"
 
+    @property
+    def metrics_url(self) -> str:
+        """Prometheus' ``/metrics`` at the server root (``api_root`` without ``/v1``)."""
+        return self.api_root.removesuffix("/v1") + "/metrics"
+
 
 @dataclass(frozen=True)
 class SLOConfig:
@@ -123,6 +131,15 @@ class SLOConfig:
     def given(self) -> bool:
         return any(v is not None for v in (self.ttft_ms, self.tpot_ms, self.e2e_ms))
 
+    def describe(self) -> str:
+        """``"SLO TTFT <= 200 ms, TPOT <= 50 ms; attainment >= 90%"`` for titles and tables."""
+        limits = [
+            f"{name} <= {ms:g} ms"
+            for name, ms in (("TTFT", self.ttft_ms), ("TPOT", self.tpot_ms), ("E2E", self.e2e_ms))
+            if ms is not None
+        ]
+        return f"SLO {', '.join(limits) or 'none'}; attainment >= {100 * self.attainment:g}%"
+
 
 @dataclass(frozen=True)
 class BenchConfig:
@@ -134,6 +151,17 @@ class BenchConfig:
     output: str | None = None
     plot_dir: str | None = None
     progress: bool = True
+    metrics_poll_s: float | None = 1.0  # None: do not scrape the server's /metrics
+    compare: ClientConfig | None = None  # the second server of --compare-url
+    labels: tuple[str, str] = ("", "")  # names of (base, compare) in reports
+
+    @property
+    def servers(self) -> list[tuple[str, ClientConfig]]:
+        """(label, client) of every server to run against, in order: base, then compare."""
+        pairs = [(self.labels[0], self.client)]
+        if self.compare is not None:
+            pairs.append((self.labels[1], self.compare))
+        return pairs
 
     @classmethod
     def from_cli(cls, args: argparse.Namespace) -> BenchConfig:
@@ -169,6 +197,11 @@ class BenchConfig:
             request_timeout_s=args.request_timeout,
         )
         slo = SLOConfig(**parse_slo(args.slo), attainment=args.slo_attainment)
+        compare = None
+        if args.compare_url:
+            compare = dataclasses.replace(
+                client, base_url=args.compare_url, model=args.compare_model or args.model, api_key=args.compare_api_key
+            )
         return cls(
             workload=workload,
             traffic=traffic,
@@ -178,6 +211,9 @@ class BenchConfig:
             output=args.output,
             plot_dir=args.plot,
             progress=not args.no_progress,
+            metrics_poll_s=None if args.no_metrics_poll else args.metrics_poll_interval,
+            compare=compare,
+            labels=server_labels(args.base_url, args.compare_url, args.label, args.compare_label),
         )
 
     def with_rate(self, rate: float) -> BenchConfig:
@@ -188,10 +224,33 @@ class BenchConfig:
         """JSON-ready view; ``inf`` rates are written as the string ``"inf"``."""
         out = dataclasses.asdict(self)
         out["client"].pop("api_key", None)  # never write secrets into result files
-        out["traffic"]["request_rate"] = _json_rate(self.traffic.request_rate)
-        out["sweep_rates"] = [_json_rate(r) for r in self.sweep_rates]
+        if self.compare is None:
+            del out["compare"], out["labels"]
+        else:
+            out["compare"].pop("api_key", None)
+        out["traffic"]["request_rate"] = json_rate(self.traffic.request_rate)
+        out["sweep_rates"] = [json_rate(r) for r in self.sweep_rates]
         return out
 
 
-def _json_rate(rate: float) -> float | str:
+def server_labels(
+    base_url: str, compare_url: str | None, label: str | None, compare_label: str | None
+) -> tuple[str, str]:
+    """Report names of the two servers: as given, else host:port of each URL (made distinct)."""
+    base = label or urlsplit(base_url).netloc or base_url
+    if not compare_url:
+        return base, ""
+    other = compare_label or urlsplit(compare_url).netloc or compare_url
+    if base == other:
+        if label and compare_label:
+            raise ValueError("--label and --compare-label must differ")
+        base = base if label else f"{base} (base)"
+        other = other if compare_label else f"{other} (compare)"
+    return base, other
+
+
+def json_rate(rate: float | None) -> float | str | None:
+    """A rate for JSON: ``inf`` as the string ``"inf"`` (JSON has no infinity)."""
+    if rate is None:
+        return None
     return "inf" if math.isinf(rate) else rate

@@ -7,16 +7,21 @@ under ``runs`` with the best rate, each with the configuration under ``config``.
 
 JSON conventions follow vLLM's ``benchmark_serving``: aggregate latencies in ms with
 ``mean_/median_/std_/p90_/p99_<metric>_ms`` keys, per-request arrays (``ttfts``, ``itls``,
-``e2els``, ``tpots``) in seconds, ``null`` where a failed request has no value.
+``e2els``, ``tpots``) in seconds, ``null`` where a failed request has no value. EPD's own
+additions per run: ``send_times`` (seconds from the run's start to each request's send) and
+``server_queue`` (the server's ``/metrics`` queue gauges over the run, or ``null`` when not
+polled).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
 from typing import Any
 
+from bench.config import json_rate
 from bench.metrics import BenchMetrics, Stats, tpot_of
 from bench.runner import RunResult
 
@@ -30,11 +35,7 @@ LATENCIES = (
 )
 
 
-def _rate(rate: float) -> float | str:
-    return "inf" if math.isinf(rate) else rate
-
-
-def _rate_text(rate: float) -> str:
+def rate_text(rate: float) -> str:
     return "inf" if math.isinf(rate) else f"{rate:g}"
 
 
@@ -61,12 +62,13 @@ def _per_request(result: RunResult) -> dict[str, list[Any]]:
         "num_images": [r.num_images for r in result.requests],
         "errors": [o.error for o in outs],
         "epd_timings_per_request": [o.epd_timings for o in outs],
+        "send_times": result.send_times,
     }
 
 
 def run_to_dict(result: RunResult, m: BenchMetrics, burstiness: float) -> dict[str, Any]:
     out: dict[str, Any] = {
-        "request_rate": _rate(result.request_rate),
+        "request_rate": json_rate(result.request_rate),
         "burstiness": burstiness,
         "max_concurrency": result.max_concurrency,
         "peak_concurrency": result.peak_in_flight,
@@ -91,6 +93,7 @@ def run_to_dict(result: RunResult, m: BenchMetrics, burstiness: float) -> dict[s
             out[f"{stat}_{key}_ms"] = getattr(stats, stat)
     out["epd_timings"] = {stage: _stats_dict(s) for stage, s in m.epd_timings.items()}
     out.update(_per_request(result))
+    out["server_queue"] = dataclasses.asdict(result.queue) if result.queue is not None else None
     return out
 
 
@@ -106,7 +109,7 @@ def _heading(text: str, fill: str = "-") -> str:
 def format_summary(m: BenchMetrics, result: RunResult, slo_given: bool) -> str:
     lines = [
         _heading("Serving Benchmark Result", "="),
-        _line("Request rate (req/s):", _rate_text(result.request_rate)),
+        _line("Request rate (req/s):", rate_text(result.request_rate)),
         _line("Max concurrency:", result.max_concurrency or "none"),
         _line("Successful requests:", m.completed),
         _line("Failed requests:", m.failed),
@@ -146,12 +149,12 @@ def format_sweep(rates: list[float], runs: list[BenchMetrics], best: float | Non
     lines = [_heading("Request Rate Sweep", "=").center(len(head), "="), head]
     for rate, m in zip(rates, runs, strict=True):
         lines.append(
-            f"{_rate_text(rate):>8}{m.completed:>6}{m.failed:>6}"
+            f"{rate_text(rate):>8}{m.completed:>6}{m.failed:>6}"
             f"{m.request_throughput:>9.2f}{m.request_goodput:>9.2f}{100 * m.slo_attainment:>8.1f}"
             f"{m.ttft.median:>10.1f}{m.ttft.p99:>10.1f}{m.tpot.median:>10.1f}"
             f"{m.tpot.p99:>10.1f}  {'yes' if m.meets_slo else 'no'}"
         )
-    verdict = "none" if best is None else f"{_rate_text(best)} req/s"
+    verdict = "none" if best is None else f"{rate_text(best)} req/s"
     lines.append(f"Highest rate meeting the SLOs (attainment >= {100 * target:g}%): {verdict}")
     return "\n".join(lines)
 

@@ -10,8 +10,9 @@ Lifecycle of a run (``run_traffic``):
    their results;
 3. start the clock, then release each measured request at ``start + offset[i]`` from the
    arrival process; with ``--max-concurrency`` a released request also waits for one of
-   ``C`` slots, and its latencies start only once it is actually sent;
-4. stop the clock when the last request has finished; ``duration`` spans 3-4.
+   ``C`` slots, and its latencies start only once it is actually sent; with ``poll_s`` set,
+   a ``QueuePoller`` scrapes the server's ``/metrics`` alongside, from the same start;
+4. stop the clock when the last request has finished (and the poller); ``duration`` spans 3-4.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from bench.client import RequestOutput, send_request
 from bench.config import ClientConfig, TrafficConfig
 from bench.datasets import BenchRequest
 from bench.progress import Progress
+from bench.server_queue import QueuePoller, QueueTrace
 
 
 @dataclass
@@ -43,6 +45,13 @@ class RunResult:
     request_rate: float
     max_concurrency: int | None
     peak_in_flight: int  # most requests the client had outstanding at once
+    started_at: float = 0.0  # time.perf_counter() at the first release; outputs' start/end share the clock
+    queue: QueueTrace | None = None  # the server's queue over the run; None when not polled
+
+    @property
+    def send_times(self) -> list[float]:
+        """Seconds from the run's start to each request's send."""
+        return [out.start - self.started_at for out in self.outputs]
 
 
 @contextlib.asynccontextmanager
@@ -91,8 +100,12 @@ async def run_traffic(
     client: ClientConfig,
     traffic: TrafficConfig,
     show_progress: bool = True,
+    poll_s: float | None = None,
+    label: str = "",
 ) -> RunResult:
-    """Send ``warmup`` (not measured), then ``requests`` on the arrival schedule."""
+    """Send ``warmup`` (not measured), then ``requests`` on the arrival schedule; with ``poll_s``,
+    scrape the server's queue every ``poll_s`` seconds meanwhile. ``label`` names the server
+    on the progress bar."""
     offsets = arrival_offsets(len(requests), traffic.request_rate, traffic.burstiness, traffic.seed)
     async with open_http(client) as http:
         await probe(http, client)
@@ -101,9 +114,12 @@ async def run_traffic(
             await asyncio.gather(*(warm.send(req) for req in warmup))
         dispatcher = _Dispatcher(http, client, traffic.max_concurrency)
         rate = "inf" if math.isinf(traffic.request_rate) else f"{traffic.request_rate:g}"
-        progress = Progress(len(requests), f"rate={rate} req/s", enabled=show_progress)
+        desc = f"{label} rate={rate} req/s" if label else f"rate={rate} req/s"
+        progress = Progress(len(requests), desc, enabled=show_progress)
         tasks: list[asyncio.Task[RequestOutput]] = []
         start = time.perf_counter()
+        poller = QueuePoller(http, client, start, poll_s) if poll_s else None
+        polling = asyncio.create_task(poller.run()) if poller else None
         for req, offset in zip(requests, offsets, strict=True):
             delay = start + offset - time.perf_counter()
             if delay > 0:
@@ -112,6 +128,10 @@ async def run_traffic(
         outputs = list(await asyncio.gather(*tasks))
         duration = time.perf_counter() - start
         progress.close()
+        if polling is not None:
+            polling.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await polling
     return RunResult(
         requests=requests,
         outputs=outputs,
@@ -119,4 +139,6 @@ async def run_traffic(
         request_rate=traffic.request_rate,
         max_concurrency=traffic.max_concurrency,
         peak_in_flight=dispatcher.peak_in_flight,
+        started_at=start,
+        queue=poller.trace if poller else None,
     )

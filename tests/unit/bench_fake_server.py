@@ -22,6 +22,10 @@ their TTFT), which models a server at capacity. The server records every request
 time it arrived, when it really wrote its first and last content chunk, and the most requests
 it ever had open at once.
 
+``GET /metrics`` answers in Prometheus' text format with vLLM's queue gauges, as EPD's router
+does: ``vllm:num_requests_waiting`` (streams waiting for a ``max_parallel`` slot) and
+``vllm:num_requests_running`` (streams holding one); ``Script(metrics=False)`` makes it a 404.
+
 ``run_harness`` runs the harness in-process against such a server and returns the raw
 result with its metrics.
 """
@@ -29,6 +33,7 @@ result with its metrics.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import threading
 import time
@@ -52,6 +57,7 @@ class Script:
     epd_timings: dict[str, float] | None = None
     max_parallel: int | None = None
     stall_s: float = 5.0
+    metrics: bool = True  # serve GET /metrics
 
 
 @dataclass
@@ -64,6 +70,8 @@ class ServerLog:
     last_chunk_s: dict[int, float] = field(default_factory=dict)
     open_now: int = 0
     max_open: int = 0
+    running_now: int = 0  # open streams past the max_parallel gate
+    scrapes: int = 0  # GET /metrics answered
     connections: int = 0  # TCP connections accepted
 
 
@@ -137,6 +145,8 @@ class FakeChatServer:
 
     async def _respond(self, path: str, body: dict[str, Any], writer: asyncio.StreamWriter) -> bool:
         """Answer one request; False when the connection must close."""
+        if path == "/metrics" and self.script.metrics:
+            return self._metrics(writer)
         if path != "/v1/chat/completions":
             return self._plain(writer, 404, {"error": {"message": f"no route {path}"}})
         index = len(self.log.bodies)
@@ -151,12 +161,31 @@ class FakeChatServer:
         self.log.open_now += 1
         self.log.max_open = max(self.log.max_open, self.log.open_now)
         try:
-            if self._slots is None:
-                return await self._stream(index, mode, body, writer)
-            async with self._slots:
-                return await self._stream(index, mode, body, writer)
+            async with self._slots if self._slots is not None else contextlib.nullcontext():
+                self.log.running_now += 1
+                try:
+                    return await self._stream(index, mode, body, writer)
+                finally:
+                    self.log.running_now -= 1
         finally:
             self.log.open_now -= 1
+
+    def _metrics(self, writer: asyncio.StreamWriter) -> bool:
+        self.log.scrapes += 1
+        labels = '{model_name="fake-model"}'
+        waiting, running = self.log.open_now - self.log.running_now, self.log.running_now
+        text = (
+            "# HELP vllm:num_requests_running running\n# TYPE vllm:num_requests_running gauge\n"
+            f"vllm:num_requests_running{labels} {running:.1f}\n"
+            "# HELP vllm:num_requests_waiting waiting\n# TYPE vllm:num_requests_waiting gauge\n"
+            f"vllm:num_requests_waiting{labels} {waiting:.1f}\n"
+        ).encode()
+        writer.write(
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/plain; version=0.0.4\r\n"
+            + f"content-length: {len(text)}\r\n\r\n".encode()
+            + text
+        )
+        return True
 
     def _plain(self, writer: asyncio.StreamWriter, status: int, obj: Any) -> bool:
         data = json.dumps(obj).encode()

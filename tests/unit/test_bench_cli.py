@@ -94,6 +94,7 @@ def test_sweep_finds_the_highest_rate_within_the_slo(tmp_path: Path, capsys: pyt
     assert all(run["completed"] == 5 for run in result["runs"])
     assert "Highest rate meeting the SLOs (attainment >= 90%): 10 req/s" in capsys.readouterr().out
     names = {"ttft_cdf.png", "tpot_cdf.png", "sweep_throughput.png", "sweep_latency.png"}
+    names |= {f"timeline_rate{rate}.png" for rate in (5, 10, 200)}  # TTFT and server queue over each run
     assert {p.name for p in plots.iterdir()} == names
     for name in names:
         with Image.open(plots / name) as image:
@@ -104,7 +105,7 @@ def test_plot_writes_cdf_pngs_for_a_single_run(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
     with FakeChatServer(FAST) as server:
         assert main(_args(server, "--num-prompts", "4", "--random-output-len", "3", "--plot", str(tmp_path))) == 0
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["tpot_cdf.png", "ttft_cdf.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["timeline_rateinf.png", "tpot_cdf.png", "ttft_cdf.png"]
     with Image.open(tmp_path / "ttft_cdf.png") as image:
         assert image.format == "PNG"
 
