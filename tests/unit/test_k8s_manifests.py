@@ -6,13 +6,11 @@ their drain, selectors select, and every Secret, ConfigMap and volume referenced
 from __future__ import annotations
 
 import argparse
-import base64
 import functools
 import math
 import os
 import re
 import shutil
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +20,7 @@ from urllib.parse import urlsplit
 import kubernetes_validate
 import pytest
 import yaml
+from k8s_support import K8S, Rendered, container_env, expand, referenced, render
 
 from epd.engine.engine_args import engine_flags
 from epd.node.runtime import NodeArgs
@@ -30,7 +29,6 @@ from router.main import build_parser
 from router.metrics import RouterMetrics
 from router.node_stats import gauges
 
-K8S = Path(__file__).resolve().parents[2] / "deploy" / "k8s"
 K8S_VERSION = "1.30"          # the oldest Kubernetes the manifests are written for
 NODE_ROLES = ("encoder", "prefill", "decode")
 FIELD_VALUES = {"status.podIP": "10.1.2.3"}   # the downward API, as a pod would see it
@@ -39,18 +37,6 @@ VARIANTS = {f"overlays/{p.name}": () for p in sorted((K8S / "overlays").iterdir(
     "overlays/cpu-demo+external-redis": ("components/external-redis",)}
 
 pytestmark = pytest.mark.skipif(not shutil.which("kubectl"), reason="kubectl is not on PATH (it renders the overlays)")
-
-
-@dataclass(frozen=True)
-class Rendered:
-    name: str
-    objects: tuple[dict[str, Any], ...]
-
-    def of(self, kind: str) -> list[dict[str, Any]]:
-        return [o for o in self.objects if o["kind"] == kind]
-
-    def get(self, kind: str, name: str) -> dict[str, Any] | None:
-        return next((o for o in self.of(kind) if o["metadata"]["name"] == name), None)
 
 
 @dataclass(frozen=True, eq=False)   # hashed by identity: parse() caches per container
@@ -74,64 +60,10 @@ class EpdContainer:
         return self.argv[1]
 
 
-def render(variant: str, workdir: str) -> Rendered:
-    overlay, components = variant.split("+")[0], VARIANTS[variant]
-    target = K8S / overlay
-    if components:   # an overlay with components added, as an operator would write it
-        target = Path(workdir) / variant.replace("/", "_")
-        target.mkdir(exist_ok=True)
-        rel = os.path.relpath(K8S, target)
-        (target / "kustomization.yaml").write_text(yaml.safe_dump(
-            {"resources": [f"{rel}/{overlay}"], "components": [f"{rel}/{c}" for c in components]}))
-    out = subprocess.run(["kubectl", "kustomize", str(target)], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, f"kubectl kustomize {variant} failed:\n{out.stderr}"
-    return Rendered(variant, tuple(o for o in yaml.safe_load_all(out.stdout) if o))
-
-
 @pytest.fixture(scope="module", params=list(VARIANTS))
 def rendered(request, tmp_path_factory) -> Rendered:
-    return render(request.param, str(tmp_path_factory.getbasetemp()))
-
-
-def data_of(obj: dict[str, Any]) -> dict[str, str]:
-    """A ConfigMap's or Secret's keys and (decoded) values."""
-    data = {k: base64.b64decode(v).decode() for k, v in obj.get("data", {}).items()} if obj["kind"] == "Secret" \
-        else dict(obj.get("data", {}))
-    return data | obj.get("stringData", {})
-
-
-def referenced(r: Rendered, kind: str, name: str, key: str | None, where: str) -> str | dict[str, str]:
-    obj = r.get(kind, name)
-    assert obj is not None, f"{r.name}: {where} uses {kind} {name!r}, which is not rendered"
-    if key is None:
-        return data_of(obj)
-    assert key in data_of(obj), f"{r.name}: {where} uses key {key!r} of {kind} {name}, which has {sorted(data_of(obj))}"
-    return data_of(obj)[key]
-
-
-def container_env(r: Rendered, c: dict[str, Any], where: str) -> dict[str, str]:
-    env: dict[str, str] = {}
-    for src in c.get("envFrom", []):
-        kind, ref = ("ConfigMap", src["configMapRef"]) if "configMapRef" in src else ("Secret", src["secretRef"])
-        env |= referenced(r, kind, ref["name"], None, where)
-    for e in c.get("env", []):
-        source = e.get("valueFrom", {})
-        if "value" in e:
-            env[e["name"]] = expand(e["value"], env, where)
-        elif "fieldRef" in source:
-            env[e["name"]] = FIELD_VALUES[source["fieldRef"]["fieldPath"]]
-        else:
-            kind, ref = ("ConfigMap", source["configMapKeyRef"]) if "configMapKeyRef" in source \
-                else ("Secret", source["secretKeyRef"])
-            env[e["name"]] = referenced(r, kind, ref["name"], ref["key"], where)
-    return env
-
-
-def expand(text: str, env: dict[str, str], where: str) -> str:
-    """Kubernetes' $(VAR) expansion; an undefined VAR fails here (Kubernetes passes the text on as is)."""
-    missing = [m for m in re.findall(r"\$\((\w+)\)", text) if m not in env]
-    assert not missing, f"{where}: $({missing[0]}) is used but not defined in the container's env"
-    return re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], text)
+    variant = request.param
+    return render(variant, variant.split("+")[0], VARIANTS[variant], str(tmp_path_factory.getbasetemp()))
 
 
 def epd_containers(r: Rendered, workdir: Path) -> list[EpdContainer]:
@@ -142,7 +74,7 @@ def epd_containers(r: Rendered, workdir: Path) -> list[EpdContainer]:
             if c["image"].rsplit("/", 1)[-1].split(":")[0] != "epd":
                 continue
             where = f"{r.name}: {d['metadata']['name']}/{c['name']}"
-            env = container_env(r, c, where)
+            env = container_env(r, c, where, FIELD_VALUES)
             argv = [expand(a, env, where) for a in c.get("command", []) + c.get("args", [])]
             out.append(EpdContainer(r, d, spec, c, env, argv, init, workdir))
     assert out, f"{r.name}: no container runs the epd image"
@@ -309,7 +241,7 @@ def test_every_referenced_secret_configmap_and_claim_is_rendered(rendered):
         spec, where = d["spec"]["template"]["spec"], d["metadata"]["name"]
         volumes = {v["name"] for v in spec.get("volumes", [])}
         for c in spec.get("initContainers", []) + spec["containers"]:
-            container_env(rendered, c, where)   # every envFrom / valueFrom, key included
+            container_env(rendered, c, where, FIELD_VALUES)   # every envFrom / valueFrom, key included
             assert {m["name"] for m in c.get("volumeMounts", [])} <= volumes, f"{where}: mounts a volume it lacks"
         for v in spec.get("volumes", []):
             if "secret" in v:
@@ -335,7 +267,7 @@ def test_the_redis_url_reaches_the_redis_that_is_deployed(rendered, containers):
     svc = rendered.get("Service", url.hostname)
     assert svc is not None, f"{rendered.name}: the Redis URL names {url.hostname}, which is no Service"
     assert url.port in {p["port"] for p in svc["spec"]["ports"]}
-    env = container_env(rendered, redis["spec"]["template"]["spec"]["containers"][0], "epd-redis")
+    env = container_env(rendered, redis["spec"]["template"]["spec"]["containers"][0], "epd-redis", FIELD_VALUES)
     assert url.password == env["REDIS_PASSWORD"], f"{rendered.name}: the URL's password is not Redis's"
 
 
