@@ -6,7 +6,8 @@ Queues, in order:
                     told the transport what the prefill node will send, from it only and no
                     larger than the prompt's KV; the pool cannot yet hold prompt + max tokens
   awaiting_kv    -> pages reserved: the receiver scatters KV groups into them as they land, or
-                    (CUDA IPC) has sent their ids to the prefill node, which writes into them;
+                    (CUDA IPC) has sent their ids to the prefill node, which writes into them (or,
+                    when it cannot, sends the KV over the wire: the receiver takes that too);
                     the `HandOver` record (first token, decode state, sampler state) completes it
   running        -> in the continuous batch (DecodeEngine.step); tokens stream to the router
   fenced         -> (CUDA IPC only) pages of a request dropped after the prefill node was told to
@@ -103,8 +104,8 @@ class DecodeService:
                                                             stage="decode", node=self.runtime.node_id))
             return
         transport = self.runtime.transport
-        receiver = IpcReceiver(transport, msg.prefill_ucx, msg.rid, req.prompt_len) if msg.kv_ipc else \
-            WireReceiver(transport, msg.prefill_ucx, msg.rid, self.engine.kv_layers, req.prompt_len)
+        kind = IpcReceiver if msg.kv_ipc else WireReceiver
+        receiver = kind(transport, msg.prefill_ucx, msg.rid, self.engine.kv_layers, req.prompt_len)
         self.awaiting_pages[msg.rid] = Incoming(identity, msg, req, time.monotonic(), receiver)
 
     def _layout_problem(self, prefill_hash: str) -> str:

@@ -1,6 +1,6 @@
 """Node processes for one machine: start, wait until registered in Redis, stop, kill.
 
-`Cluster` starts `epd encoder|prefill|decode` processes (each in its own process group, each set
+`Cluster` starts `epd encoder|prefill|decode|colocated` processes (each in its own process group, each set
 to die if the launcher dies), waits until every one has registered in Redis, and stops them
 with SIGTERM (then SIGKILL after a grace period). Used by `epd serve` and the e2e tests.
 """
@@ -61,6 +61,7 @@ class Cluster:
     secret_file: str = ""        # the cluster secret (made in log_dir when not given)
     log_max_bytes: int = DEFAULT_MAX_BYTES   # each node's log is rotated at this size
     log_backups: int = DEFAULT_BACKUPS       # rotated files kept per node
+    extra_env: dict[str, str] = field(default_factory=dict)   # e.g. CUDA MPS's pipe directory
 
     def __post_init__(self) -> None:
         os.makedirs(self.log_dir, exist_ok=True)
@@ -97,7 +98,7 @@ class Cluster:
 
     def env(self) -> dict[str, str]:
         """The environment of the processes it starts: the Redis URL (it may hold a password) there."""
-        return dict(os.environ, EPD_REDIS_URL=self.redis_url)
+        return dict(os.environ, EPD_REDIS_URL=self.redis_url, **self.extra_env)
 
     def wait_ready(self, nodes: list[NodeProc] | None = None, timeout_s: float = 180.0) -> None:
         registry = NodeRegistry(redis.Redis.from_url(self.redis_url))

@@ -2,20 +2,23 @@
 into the pages the decode node reserved for it, one read and one write per byte, in one kernel.
 
 The UCX path moves a request's KV three times (gather into a wire tensor, UCX copy, scatter into
-pages) and pays ~1 ms of fixed latency per message (BENCHMARKS.md section 4). When both nodes
-share a host and a page size, this path replaces it (decode pre-allocates, prefill writes, as
-in SGLang's and Mooncake's disaggregation):
+pages) and pays ~1 ms of fixed latency per message (BENCHMARKS.md section 4). When prefill can map
+decode's pool and both share a page size, this path replaces it (decode pre-allocates, prefill
+writes, as in SGLang's and Mooncake's disaggregation):
 
-1. `host_key()` names the machine (its boot id); two processes can map each other's CUDA memory
-   only when it matches. Nodes publish it with their page size in their registry record.
+1. `ipc_capability()` is what a node publishes in its registry record (`IpcCapability.to_wire`):
+   its host key (`host_key()`: boot id + IPC namespace), page size, the UUID of the GPU its pool
+   lives on and the UUIDs of every GPU it can see (CUDA_VISIBLE_DEVICES narrows them, as in a pod).
+   The router pairs two nodes through CUDA IPC only when `ipc_pairable(prefill, decode)`.
 2. Decode: `export_pool(layers)` once -> a msgpack-able descriptor (CUDA IPC handles of every
-   layer tensor, plus dtype and shape). When it reserves a request's pages it sends the
-   descriptor and the page ids to the prefill node, long before prefill finishes.
-3. Prefill: `PoolImports.writer(desc, layers)` maps the peer's pool once and caches a
-   `PageWriter` (the layer-offset table is built once per pool pair); `PageWriter.copy` queues
-   the copy of the request's pages into decode's right behind the last layer on the GPU
+   layer tensor, plus dtype, shape and the pool's GPU). When it reserves a request's pages it sends
+   the descriptor and the page ids to the prefill node, long before prefill finishes.
+3. Prefill: `PoolImports.writer(desc, layers)` maps the peer's pool once (on its own GPU's context)
+   and caches a `PageWriter` (the layer-offset table is built once per pool pair); `PageWriter.copy`
+   queues the copy of the request's pages into decode's right behind the last layer on the GPU
    (`write` also waits for it), then prefill frees its own pages and tells decode the KV is in
-   place.
+   place. A pool that cannot be mapped or written is remembered (`PoolImports.unusable`): the
+   prefill node hands its KV over the wire instead (`epd.node.ipc_handover`).
 
 Handles are plain bytes/ints/strings in msgpack; nothing is pickled.
 """
@@ -23,8 +26,10 @@ Handles are plain bytes/ints/strings in msgpack; nothing is pickled.
 from __future__ import annotations
 
 import os
+import re
 import socket
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -55,9 +60,74 @@ def host_key() -> str:
     return f"{machine}:{namespace}" if namespace else machine
 
 
+CAPABILITY_VERSION = "ipc2"
+MAX_CAPABILITY_CHARS = 4096     # it travels in the Redis registry record
+MAX_VISIBLE_GPUS = 64           # 8 GPUs of 7 MIG instances each fit
+_HOST_KEY = re.compile(r"[^;,\s]{1,256}")
+_GPU_UUID = re.compile(r"[A-Za-z0-9/_-]{1,96}")
+
+
+@dataclass(frozen=True)
+class IpcCapability:
+    """Where a node's KV pool lives, as far as CUDA IPC cares."""
+
+    host: str                   # host_key(): boot id + IPC namespace
+    page_size: int
+    gpu: str                    # UUID of the GPU holding the node's KV pool
+    visible: tuple[str, ...]    # UUIDs of every GPU this process can see (it may map memory on these)
+
+    def to_wire(self) -> str:
+        """`ipc2;HOST;PAGE_SIZE;GPU;VISIBLE,VISIBLE,...` (parsed back by `parse`)."""
+        return ";".join([CAPABILITY_VERSION, self.host, str(self.page_size), self.gpu, ",".join(self.visible)])
+
+    @classmethod
+    def parse(cls, text: str) -> IpcCapability | None:
+        """The capability in `text`, or None when it is empty, malformed, too long or of another
+        version (an older node's "host/page-size": such a node never pairs through CUDA IPC)."""
+        if not text or len(text) > MAX_CAPABILITY_CHARS:
+            return None
+        parts = text.split(";")
+        if len(parts) != 5 or parts[0] != CAPABILITY_VERSION:
+            return None
+        _, host, page_size, gpu, visible = parts
+        gpus = tuple(visible.split(",")) if visible else ()
+        if not _HOST_KEY.fullmatch(host) or not page_size.isdigit() or int(page_size) <= 0 \
+                or not _GPU_UUID.fullmatch(gpu) or len(gpus) > MAX_VISIBLE_GPUS \
+                or not all(_GPU_UUID.fullmatch(g) for g in gpus):
+            return None
+        return cls(host, int(page_size), gpu, gpus)
+
+
+def ipc_pairable(prefill_capability: str, decode_capability: str) -> bool:
+    """Whether the prefill node can write the KV straight into the decode node's pages: one host key
+    (machine and IPC namespace), one page size, and decode's pool on a GPU the prefill process sees
+    (it opens decode's pool handles and writes into them). Either string may be "" (no GPU)."""
+    prefill, decode = IpcCapability.parse(prefill_capability), IpcCapability.parse(decode_capability)
+    return prefill is not None and decode is not None and prefill.host == decode.host \
+        and prefill.page_size == decode.page_size and decode.gpu in prefill.visible
+
+
+def gpu_uuid(index: int) -> str:
+    """The UUID of this process's CUDA device `index`, as nvidia-smi and CUDA_VISIBLE_DEVICES write it."""
+    uuid_ = str(torch.cuda.get_device_properties(index).uuid)
+    return uuid_ if uuid_.startswith(("GPU-", "MIG-")) else f"GPU-{uuid_}"
+
+
+def visible_gpus() -> tuple[str, ...]:
+    """The UUIDs of every GPU this process can see (after CUDA_VISIBLE_DEVICES), by device index."""
+    if not torch.cuda.is_available():
+        return ()
+    return tuple(gpu_uuid(i) for i in range(torch.cuda.device_count()))
+
+
 def ipc_capability(device: torch.device | str, page_size: int) -> str:
-    """What a node advertises: "" when it cannot take part (not CUDA), else host key + page size."""
-    return f"{host_key()}/{page_size}" if torch.device(device).type == "cuda" else ""
+    """What a node advertises: "" when it cannot take part (not CUDA), else `IpcCapability.to_wire`."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return ""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    visible = visible_gpus()[:MAX_VISIBLE_GPUS]
+    return IpcCapability(host_key(), page_size, gpu_uuid(index), visible).to_wire()
 
 
 def export_pool(layers: list[torch.Tensor], owner: str = "") -> dict[str, Any]:
@@ -72,6 +142,7 @@ def export_pool(layers: list[torch.Tensor], owner: str = "") -> dict[str, Any]:
         fields = layer.untyped_storage()._share_cuda_()
         handles.append([_plain(x) for x in fields])
     return {"id": f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}", "owner": owner, "host": host_key(),
+            "gpu": gpu_uuid(first.device.index if first.device.index is not None else torch.cuda.current_device()),
             "dtype": str(first.dtype).removeprefix("torch."), "shape": list(first.shape), "handles": handles}
 
 
@@ -84,37 +155,59 @@ def _plain(x: Any) -> Any:
 
 
 class PoolImports:
-    """Peer pools mapped into this process, by descriptor id (mapped once, kept until `drop`)."""
+    """Peer pools mapped into this process, by descriptor id (mapped once, kept until `drop`), and
+    those that could not be mapped or written (`unusable`: not tried again until `drop`)."""
 
     def __init__(self, device: torch.device | str) -> None:
         self.device = torch.device(device)
         self._pools: dict[str, list[torch.Tensor]] = {}
         self._owners: dict[str, str] = {}
         self._writers: dict[str, PageWriter] = {}
+        self._unusable: dict[str, str] = {}   # pool id -> why
 
     def layers(self, desc: dict[str, Any]) -> list[torch.Tensor]:
+        """The peer pool's layer tensors, mapped on this process's device (peer access when the
+        pool is on another GPU that this process sees)."""
         pool = self._pools.get(desc["id"])
         if pool is None:
-            if desc["host"] != host_key():
-                raise ValueError(f"pool {desc['id']} is on another host")
-            dtype, shape = _DTYPES[desc["dtype"]], tuple(desc["shape"])
-            with torch.cuda.device(self.device):
-                pool = [_map(fields, dtype, shape, self.device) for fields in desc["handles"]]
-            self._pools[desc["id"]] = pool
             self._owners[desc["id"]] = desc.get("owner", "")
+            if desc["host"] != host_key():
+                raise ValueError(f"pool {desc['id']} is on another host or IPC namespace")
+            gpu = desc.get("gpu", "")
+            if gpu and gpu not in visible_gpus():
+                raise ValueError(f"pool {desc['id']} is on GPU {gpu}, which this process cannot see")
+            dtype, shape = _DTYPES[desc["dtype"]], tuple(desc["shape"])
+            index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+            with torch.cuda.device(index):
+                pool = [_map(fields, dtype, shape, index) for fields in desc["handles"]]
+            self._pools[desc["id"]] = pool
         return pool
 
     def writer(self, desc: dict[str, Any], local_layers: list[torch.Tensor]) -> PageWriter:
-        """A writer from our `local_layers` into the peer pool `desc` (mapped on first use)."""
+        """A writer from our `local_layers` into the peer pool `desc` (mapped on first use); raises
+        at once for a pool found `unusable` before."""
+        why = self._unusable.get(desc["id"])
+        if why is not None:
+            raise RuntimeError(why)
         writer = self._writers.get(desc["id"])
         if writer is None:
             writer = self._writers[desc["id"]] = PageWriter(local_layers, self.layers(desc))
         return writer
 
+    def mark_unusable(self, desc: dict[str, Any], why: str) -> bool:
+        """Stop using the pool `desc` (mapping or writing it failed); True the first time."""
+        first = desc["id"] not in self._unusable
+        self._unusable.setdefault(desc["id"], why)
+        self._owners.setdefault(desc["id"], desc.get("owner", ""))
+        self._writers.pop(desc["id"], None)
+        self._pools.pop(desc["id"], None)
+        return first
+
     def drop(self, pool_id: str) -> None:
         self._writers.pop(pool_id, None)
         self._pools.pop(pool_id, None)
         self._owners.pop(pool_id, None)
+        self._unusable.pop(pool_id, None)
 
     def drop_orphans(self, live_owners: set[str]) -> list[str]:
         """Unmap the pools of nodes that are gone (their GPU memory stays allocated while mapped)."""
@@ -127,9 +220,11 @@ class PoolImports:
         return len(self._pools)
 
 
-def _map(fields: list[Any], dtype: torch.dtype, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    storage = torch.UntypedStorage._new_shared_cuda(*fields)
-    out = torch.empty(0, dtype=dtype, device=device)
+def _map(fields: list[Any], dtype: torch.dtype, shape: tuple[int, ...], index: int) -> torch.Tensor:
+    """One exported storage opened in device `index`'s context (its first field, the exporter's own
+    device index, means another GPU in this process's numbering)."""
+    storage = torch.UntypedStorage._new_shared_cuda(index, *fields[1:])
+    out = torch.empty(0, dtype=dtype, device=torch.device("cuda", index))
     out.set_(storage, 0, shape)
     return out
 

@@ -58,7 +58,7 @@ class NodeInfo:
     load: float = 0.0  # e.g. running + waiting requests; refreshed by the heartbeat
     started_at: float = 0.0  # unix time
     heartbeat_at: float = 0.0  # unix time of the last write
-    kv_ipc: str = ""  # "host-key/page-size" when KV pages can be copied through CUDA IPC, else ""
+    kv_ipc: str = ""  # where its KV pool lives for CUDA IPC (cuda_ipc.IpcCapability.to_wire; ipc_pairable), else ""
     max_context: int = 0  # prompt + output tokens a request may have here (prefill, decode); 0 = unknown
     draining: int = 0  # 1: finishing what it holds before it exits; routers send it nothing new
 

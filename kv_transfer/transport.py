@@ -43,6 +43,7 @@ import torch
 from kv_transfer.auth import ClusterSecret
 from kv_transfer.errors import PeerLostError, TransferError, TransportClosedError
 from kv_transfer.inbox import Inbox, Message, SlotState
+from kv_transfer.net_devices import narrowed_options
 from kv_transfer.ucx_engine import UcxEngine
 from kv_transfer.wire import MAX_TENSORS, dtype_name
 
@@ -94,6 +95,9 @@ class KVTransport:
 
     host: the address peers use to reach this node (advertised, and the connect target).
     port: listener port, 0 for any free one.
+    bind: the address the process was told to bind (a node's --host), or None. ucxx binds its
+        listener to every interface whatever it is told; for one address, UCX's transports are
+        narrowed to the interface carrying it (`net_devices.narrowed_options`).
     device: where tensors of un-`expect`ed messages are allocated ("cpu", "cuda:0").
     ucx_options: UCX config without the ``UCX_`` prefix, e.g. ``{"TLS": "tcp"}``; these
         override ``UCX_*`` environment variables. Leave empty on GPU hosts so UCX picks
@@ -114,6 +118,7 @@ class KVTransport:
         unclaimed_ttl_s: float = 300.0,
         progress_mode: str = "thread",
         secret: ClusterSecret | None = None,
+        bind: str | None = None,
     ) -> None:
         # A byte lands on this pipe whenever a message finishes or fails and whenever a send
         # completes, so a node's loop can sleep in poll() on it instead of spinning (a spinning
@@ -132,7 +137,8 @@ class KVTransport:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._run_loop, name="kv-transport", daemon=True)
         self._thread.start()
-        self._engine = UcxEngine(self._inbox, f"{host}:{port}", device, ucx_options, connect_timeout_s,
+        options = narrowed_options(bind, dict(ucx_options or {}))
+        self._engine = UcxEngine(self._inbox, f"{host}:{port}", device, options, connect_timeout_s,
                                  progress_mode, secret)
         self._closed = False
         try:
@@ -143,7 +149,9 @@ class KVTransport:
         self.address = f"[{host}]:{bound}" if ":" in host else f"{host}:{bound}"
         self._engine.set_advertised(self.address)
         self._sweeper = asyncio.run_coroutine_threadsafe(self._sweep_forever(), self._loop)
-        logger.info("KV transport listening on %s", self.address)
+        devices = options.get("NET_DEVICES") or os.environ.get("UCX_NET_DEVICES", "all")
+        logger.info("KV transport listening on %s (port %d on every interface: ucxx binds no address; "
+                    "UCX network devices: %s)", self.address, bound, devices)
 
     # ---- sending -----------------------------------------------------------------------
     def send(

@@ -119,10 +119,12 @@ class Harness:
 
 @contextlib.contextmanager
 def disagg_cluster(model: str, tmp_dir: str, roles: dict[str, list[list[str]]],
-                   common_args: list[str] | None = None, device: str = "cpu") -> Iterator[Harness]:
-    """roles: {"encoder": [[extra args of node 1], ...], "prefill": [...], "decode": [...]}."""
+                   common_args: list[str] | None = None, device: str = "cpu",
+                   env: dict[str, str] | None = None) -> Iterator[Harness]:
+    """roles: {"encoder": [[extra args of node 1], ...], "prefill": [...], "decode": [...]};
+    env: set in every node process."""
     redis = PrivateRedis().start()
-    cluster = Cluster(model, redis.url, tmp_dir, device=device, common_args=common_args or [])
+    cluster = Cluster(model, redis.url, tmp_dir, device=device, common_args=common_args or [], extra_env=env or {})
     harness = None
     try:
         for role, nodes in roles.items():

@@ -12,7 +12,8 @@ every group it names are in.
 
 Both move through `HandOverState`: WAITING_FOR_PAGES (IPC only: the sender waits for decode's page
 list) -> TRANSFERRING -> DONE | FAILED (with `error`). The CUDA IPC pair (`ipc_handover`) has the
-same surface.
+same surface, and falls back on this pair (one group of every layer) when prefill cannot write
+into decode's pages.
 """
 
 from __future__ import annotations
@@ -56,6 +57,10 @@ class WireSender:
         self.sends: list[Future] = []
         self.state, self.error = HandOverState.TRANSFERRING, ""
 
+    @property
+    def via(self) -> str:
+        return "over UCX"
+
     def on_layer(self, layer: int) -> None:
         """In the forward: layer `layer`'s K/V are in the pages; send the group it completes."""
         gi = self._last_of.get(layer)
@@ -98,18 +103,21 @@ class WireSender:
 
 
 class WireReceiver:
-    def __init__(self, transport: Any, peer: str, rid: str, layers: list[torch.Tensor], prompt_len: int) -> None:
+    def __init__(self, transport: Any, peer: str, rid: str, layers: list[torch.Tensor], prompt_len: int,
+                 max_groups: int | None = None) -> None:
         """Announces what prefill will send for the request (when it arrives: the KV may come
-        before this node has pages for it, and waits in the transport until `start`)."""
+        before this node has pages for it, and waits in the transport until `start`): at most
+        `max_groups` KV groups (default: one a layer)."""
         self.transport, self.peer, self.rid = transport, peer, rid
         self.layers, self.pages, self.prompt_len = layers, None, prompt_len
+        self.max_groups = len(layers) if max_groups is None else max_groups
         self.record: protocol.HandOver | None = None
         self.generator_state: torch.Tensor | None = None
         self.next_group = 0
         self.first_kv_at = self.record_landed_at = 0.0
         self.state, self.error = HandOverState.TRANSFERRING, ""
         total = kv_bytes(layers, prompt_len)
-        for key in self._group_keys(0):   # a group is at most every layer: at most one key a layer
+        for key in self._group_keys(0):
             transport.expect(key, peer=peer, max_bytes=total)
         transport.expect(f"{rid}:meta", peer=peer, max_bytes=GENERATOR_STATE_BYTES)
 
@@ -118,7 +126,7 @@ class WireReceiver:
         self.pages = pages
 
     def _group_keys(self, start: int) -> list[str]:
-        return [f"{self.rid}:kv:{g}" for g in range(start, len(self.layers))]
+        return [f"{self.rid}:kv:{g}" for g in range(start, self.max_groups)]
 
     def poll(self, now: float) -> HandOverState:
         if self.state is not HandOverState.TRANSFERRING or self.pages is None:
@@ -132,8 +140,7 @@ class WireReceiver:
             return self.state
         if self.record is not None and self.next_group == self.record.num_groups:
             self.state = HandOverState.DONE
-            for key in self._group_keys(self.next_group):   # announced, never coming
-                self.transport.ignore(key)
+            self.ignore_groups()   # announced, never coming
         return self.state
 
     def _take_groups(self, now: float) -> None:
@@ -155,7 +162,7 @@ class WireReceiver:
         record = protocol.read_data_meta(msg.meta, protocol.HandOver, self.rid)
         if record.error:
             raise RuntimeError(record.error)
-        if record.prompt_len != self.prompt_len or not 0 <= record.num_groups <= len(self.layers):
+        if record.prompt_len != self.prompt_len or not 0 <= record.num_groups <= self.max_groups:
             raise protocol.ProtocolError(f"prefill handed over {record.prompt_len} tokens of KV in "
                                          f"{record.num_groups} groups, {self.prompt_len} tokens expected")
         self.record, self.record_landed_at = record, msg.landed_at
@@ -165,9 +172,14 @@ class WireReceiver:
         self.state, self.error = HandOverState.FAILED, error
         self.abort()
 
+    def ignore_groups(self) -> None:
+        """KV groups prefill still sends for this request are freed as they land, never scattered."""
+        for key in self._group_keys(self.next_group):
+            self.transport.ignore(key)
+
     def abort(self) -> bool:
         """Whatever prefill still sends for this request is freed as it lands (no fence needed:
         nothing is written into the pages but by this node)."""
-        for key in self._group_keys(self.next_group) + [f"{self.rid}:meta"]:
-            self.transport.ignore(key)
+        self.ignore_groups()
+        self.transport.ignore(f"{self.rid}:meta")
         return False

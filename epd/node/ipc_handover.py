@@ -8,8 +8,16 @@ pool until prefill says it wrote or never will, or `fence_timeout_s` passes (`fe
 Prefill side, `IpcSender`: WAITING_FOR_PAGES until decode's page list is in; queues the copy of
 the request's pages into decode's right behind the last layer when the list came first
 (`on_layer`), else writes once it comes (`poll`); then gives its own pages back and sends the
-record (TRANSFERRING until that send is acknowledged, then DONE). A write that fails sends the
-error instead (FAILED); a request dropped before its write sends the release.
+record (TRANSFERRING until that send is acknowledged, then DONE). A page list that does not fit
+the prompt fails the request (FAILED, decode told); a request dropped before its write sends the
+release.
+
+Fallback: when prefill cannot map decode's pool (its GPU is not visible here, the IPC handle does
+not open) or the write fails, it hands the KV over the wire instead, through the wire pair
+(`epd.node.handover`): one KV group of every layer, then the record with `num_groups` 1 and
+`ipc_written` false. The receiver announced that group from the start (from prefill only, of the
+prompt's KV size), so it takes either outcome; the pool is not tried again (`PoolImports.unusable`),
+and the prefill node warns once per decode pool.
 """
 
 from __future__ import annotations
@@ -23,7 +31,7 @@ from typing import Any
 import torch
 
 from epd import protocol
-from epd.node.handover import GENERATOR_STATE_BYTES, HandOverState
+from epd.node.handover import HandOverState, WireReceiver, WireSender
 
 log = logging.getLogger(__name__)
 
@@ -32,24 +40,43 @@ class IpcSender:
     def __init__(self, transport: Any, peer: str, rid: str, pools: Any, layers: list[torch.Tensor],
                  pages: list[int], prompt_pages: int, release: Callable[[list[int]], None],
                  timeout_s: float) -> None:
+        """pools: this node's `PoolImports` (None off a GPU: every hand-over then goes over the wire)."""
         self.transport, self.peer, self.rid, self.pools, self.layers = transport, peer, rid, pools, layers
         self.pages, self.prompt_pages, self._release = pages, prompt_pages, release
         self.timeout_s, self.since = timeout_s, time.monotonic()
         self.dst: protocol.PageList | None = None
+        self._dst_error = ""
         self.queued = self.written = False
         self.record: tuple[protocol.HandOver, torch.Tensor | None] | None = None
         self.send: Future | None = None
+        self.wire: WireSender | None = None   # the fallback, once CUDA IPC failed for this request
         self.write_ms, self.state, self.error = 0.0, HandOverState.WAITING_FOR_PAGES, ""
 
+    @property
+    def via(self) -> str:
+        return "over UCX (CUDA IPC failed)" if self.wire is not None else "through CUDA IPC"
+
     def _page_list(self) -> protocol.PageList | None:
-        if self.dst is None:
-            msg = self.transport.poll(f"{self.rid}:kvdst")
-            if msg is not None:
-                dst = protocol.read_data_meta(msg.meta, protocol.PageList, self.rid)
-                if len(dst.pages) != self.prompt_pages:
-                    raise ValueError(f"decode reserved {len(dst.pages)} pages for a {self.prompt_pages}-page prompt")
-                self.dst = dst
+        """Decode's page list once it is in; raises (every time) if it was refused."""
+        if self.dst is None and not self._dst_error:
+            try:
+                msg = self.transport.poll(f"{self.rid}:kvdst")
+                if msg is not None:
+                    dst = protocol.read_data_meta(msg.meta, protocol.PageList, self.rid)
+                    if len(dst.pages) != self.prompt_pages:
+                        raise ValueError(f"decode reserved {len(dst.pages)} pages for a "
+                                         f"{self.prompt_pages}-page prompt")
+                    self.dst = dst
+            except Exception as e:  # noqa: BLE001 - consumed: remembered, so poll reports it
+                self._dst_error = str(e) or type(e).__name__
+        if self._dst_error:
+            raise ValueError(self._dst_error)
         return self.dst
+
+    def _writer(self, dst: protocol.PageList) -> Any:
+        if self.pools is None:
+            raise RuntimeError("this prefill node is not on a GPU")
+        return self.pools.writer(dst.pool, self.layers)
 
     def on_layer(self, layer: int) -> None:
         """After the last layer: queue the copy behind the forward when decode's page list is in."""
@@ -58,17 +85,19 @@ class IpcSender:
         try:
             dst = self._page_list()
             if dst is not None:
-                self.pools.writer(dst.pool, self.layers).copy(self.pages[:self.prompt_pages], dst.pages)
+                self._writer(dst).copy(self.pages[:self.prompt_pages], dst.pages)
                 self.queued = True
-        except Exception:  # noqa: BLE001 - written, or reported, by poll
-            log.exception("could not queue the CUDA IPC write of %s", self.rid)
+        except Exception:  # noqa: BLE001 - poll writes again, sends over the wire, or reports it
+            log.debug("could not queue the CUDA IPC write of %s", self.rid, exc_info=True)
 
     def finish(self, record: protocol.HandOver, generator_state: torch.Tensor | None) -> None:
         record.num_groups = 0
         self.record = (record, generator_state)
 
     def poll(self) -> HandOverState:
-        if self.state is HandOverState.WAITING_FOR_PAGES and self.record is not None:
+        if self.wire is not None:
+            self.state, self.error = self.wire.poll(), self.wire.error
+        elif self.state is HandOverState.WAITING_FOR_PAGES and self.record is not None:
             self._write()
         elif self.state is HandOverState.TRANSFERRING and self.send is not None and self.send.done():
             failed = self.send.exception()
@@ -88,12 +117,10 @@ class IpcSender:
             return
         started = time.monotonic()
         try:
-            if self.pools is None:
-                raise ValueError("this prefill node is not on a GPU")
             if not self.queued:   # else it ran behind the last layer and is done by now
-                self.pools.writer(dst.pool, self.layers).write(self.pages[:self.prompt_pages], dst.pages)
-        except Exception as e:  # noqa: BLE001 - decode must hear of it, then the request fails
-            self._fail(f"CUDA IPC write failed: {e}", tell_decode=True)
+                self._writer(dst).write(self.pages[:self.prompt_pages], dst.pages)
+        except Exception as e:  # noqa: BLE001 - decode takes the KV over the wire instead
+            self._send_over_wire(dst, str(e) or type(e).__name__)
             return
         self.written, self.write_ms = True, (time.monotonic() - started) * 1e3
         self._give_back()
@@ -102,6 +129,19 @@ class IpcSender:
         record.timings.update(kv_write_ms=self.write_ms, kv_written_at=time.time())
         self.send = self.transport.send(self.peer, f"{self.rid}:meta", [generator_state] if generator_state
                                         is not None else [], meta=protocol.data_meta(record))
+        self.state = HandOverState.TRANSFERRING
+
+    def _send_over_wire(self, dst: protocol.PageList, why: str) -> None:
+        """CUDA IPC failed: the prompt's KV goes over UCX as one group, then the record. The pages
+        stay ours (`pages`) until the wire sender gives them back through `_give_back`."""
+        if self.pools is None or self.pools.mark_unusable(dst.pool, why):
+            log.warning("CUDA IPC to the decode node at %s failed (%s): its KV goes over UCX instead", self.peer, why)
+        record, generator_state = self.record
+        record.ipc_written = False
+        self.wire = WireSender(self.transport, self.peer, self.rid, self.layers, [range(len(self.layers))],
+                               list(self.pages), record.prompt_len, lambda _: self._give_back(), self.timeout_s)
+        self.wire.on_layer(len(self.layers) - 1)
+        self.wire.finish(record, generator_state)
         self.state = HandOverState.TRANSFERRING
 
     def _fail(self, error: str, tell_decode: bool) -> None:
@@ -113,13 +153,15 @@ class IpcSender:
 
     @property
     def nbytes(self) -> int:
-        return 0
+        return self.wire.nbytes if self.wire is not None else 0
 
     def abort(self) -> None:
         """Dropped: if nothing was written, decode may free the pages it offered."""
         if not self.written and self.state is not HandOverState.FAILED:
             self.transport.send(self.peer, f"{self.rid}:kvrelease", [],
                                 meta=protocol.data_meta(protocol.Release(self.rid)))
+        if self.wire is not None:
+            self.wire.abort()
         if self.state in (HandOverState.WAITING_FOR_PAGES, HandOverState.TRANSFERRING):
             self.state, self.error = HandOverState.FAILED, "aborted"
         self.transport.ignore(f"{self.rid}:kvdst")
@@ -137,19 +179,32 @@ def announce_page_list(transport: Any, decode_peer: str, rid: str) -> None:
 
 
 class IpcReceiver:
-    def __init__(self, transport: Any, peer: str, rid: str, prompt_len: int) -> None:
-        """Announces what prefill will send for the request (when it arrives)."""
+    def __init__(self, transport: Any, peer: str, rid: str, layers: list[torch.Tensor], prompt_len: int) -> None:
+        """Announces what prefill will send for the request (when it arrives): the record, the
+        release, and the KV as one wire group (`wire`, for when prefill cannot write through CUDA IPC)."""
         self.transport, self.peer, self.rid, self.prompt_len = transport, peer, rid, prompt_len
-        self.record: protocol.HandOver | None = None
-        self.generator_state: torch.Tensor | None = None
-        self.first_kv_at = self.record_landed_at = 0.0
+        self.wire = WireReceiver(transport, peer, rid, layers, prompt_len, max_groups=1)
+        self.first_kv_at = 0.0
         self.offered = False
         self.state, self.error = HandOverState.TRANSFERRING, ""
-        transport.expect(f"{rid}:meta", peer=peer, max_bytes=GENERATOR_STATE_BYTES)
         transport.expect(f"{rid}:kvrelease", peer=peer, max_bytes=0)
 
+    @property
+    def record(self) -> protocol.HandOver | None:
+        return self.wire.record
+
+    @property
+    def generator_state(self) -> torch.Tensor | None:
+        return self.wire.generator_state
+
+    @property
+    def record_landed_at(self) -> float:
+        return self.wire.record_landed_at
+
     def start(self, pool_desc: dict[str, Any], pages: list[int]) -> None:
-        """Pages are reserved: tell prefill where to write the prompt's KV."""
+        """Pages are reserved: tell prefill where to write the prompt's KV (or scatter it here, if it
+        comes over the wire)."""
+        self.wire.start(None, pages)
         self.transport.send(self.peer, f"{self.rid}:kvdst", [],
                             meta=protocol.data_meta(protocol.PageList(self.rid, pool_desc, pages)))
         self.offered = True
@@ -158,26 +213,28 @@ class IpcReceiver:
         if self.state is not HandOverState.TRANSFERRING or not self.offered:
             return self.state
         try:
-            msg = self.transport.poll(f"{self.rid}:meta")
-            if msg is not None:
-                record = protocol.read_data_meta(msg.meta, protocol.HandOver, self.rid)
-                if record.error:
-                    raise RuntimeError(record.error)
-                if record.prompt_len != self.prompt_len or not record.ipc_written:
-                    raise protocol.ProtocolError(f"a hand-over record of {record.prompt_len} tokens, not written")
-                self.record, self.record_landed_at, self.first_kv_at = record, msg.landed_at, now
-                self.generator_state = msg.tensors[0] if msg.tensors else None
+            state = self.wire.poll(now)
+            if state is HandOverState.FAILED:
+                raise RuntimeError(self.wire.error)
+            if state is HandOverState.DONE:
+                record = self.wire.record
+                if record.ipc_written == (record.num_groups > 0):
+                    raise protocol.ProtocolError(f"a hand-over record of {record.num_groups} KV groups, "
+                                                 f"{'' if record.ipc_written else 'not '}written into the pages")
+                self.first_kv_at = self.wire.first_kv_at or now
                 self.state = HandOverState.DONE
+                self.transport.ignore(f"{self.rid}:kvrelease")
             elif self.transport.poll(f"{self.rid}:kvrelease") is not None:
                 raise RuntimeError("the prefill node released the pages without writing them")
         except Exception as e:  # noqa: BLE001 - a broken or refused transfer fails this request only
             self.state, self.error = HandOverState.FAILED, str(e)
+            self.wire.abort()
             self.transport.ignore(f"{self.rid}:kvrelease")
         return self.state
 
     def fence_over(self, since: float, timeout_s: float) -> bool:
-        """Dropped while prefill may still write: True once it wrote, said it never will, or
-        `timeout_s` passed since `since` (the pages may then go back)."""
+        """Dropped while prefill may still write: True once it wrote (or sent the KV over the wire),
+        said it never will, or `timeout_s` passed since `since` (the pages may then go back)."""
         try:
             done = any([self.transport.poll(f"{self.rid}:meta"), self.transport.poll(f"{self.rid}:kvrelease")])
         except Exception:  # noqa: BLE001 - the connection to prefill failed: it writes no more
@@ -189,9 +246,12 @@ class IpcReceiver:
         return False
 
     def abort(self) -> bool:
-        """Dropped: True when prefill may still write into the pages (fence them), else False."""
-        if self.state is HandOverState.TRANSFERRING and self.offered:
+        """Dropped: True when prefill may still write into the pages (fence them: the offer is out
+        and no record came yet), else False. KV groups still to come over the wire are freed as
+        they land either way."""
+        if self.state is HandOverState.TRANSFERRING and self.offered and self.wire.record is None:
+            self.wire.ignore_groups()
             return True
-        for key in (f"{self.rid}:meta", f"{self.rid}:kvrelease"):
-            self.transport.ignore(key)
+        self.wire.abort()
+        self.transport.ignore(f"{self.rid}:kvrelease")
         return False

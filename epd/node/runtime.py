@@ -32,6 +32,7 @@ import zmq
 
 from epd import protocol
 from epd.engine.engine_args import add_engine_args, engine_kwargs
+from epd.node.gpu_sharing import warn_if_shared_without_mps
 from epd.node.http_probe import NodeHTTP
 from epd.periodic_stats import DEFAULT_INTERVAL_S, add_log_stats_args, log_stats_interval
 from kv_transfer.auth import AuthError, ClusterSecret
@@ -101,8 +102,10 @@ def node_parser(role: str) -> argparse.ArgumentParser:
     ap.add_argument("--redis-url", default=os.environ.get("EPD_REDIS_URL"),
                     help="redis[s]://[user:password@]host:port/db (default: $EPD_REDIS_URL, which keeps a "
                          "password off the command line)")
-    ap.add_argument("--host", default="127.0.0.1", help="address the control socket binds (0.0.0.0: every "
-                    "interface, as in a pod) (default: 127.0.0.1)")
+    ap.add_argument("--host", default="127.0.0.1", help="address the control socket, /health and UCX's "
+                    "transports bind (0.0.0.0: every interface, as in a pod); the UCX listener's own port listens "
+                    "on every interface whatever this says (ucxx binds no address) and reads only peers holding "
+                    "the cluster secret (default: 127.0.0.1)")
     ap.add_argument("--advertise-host", default=None, help="address the registry publishes for peers to reach "
                     "this node (default: --host; with --host 0.0.0.0, this host's name resolved, as a pod's IP)")
     ap.add_argument("--port", type=int, default=0, help="control (ZMQ) port; 0 = any free port")
@@ -159,7 +162,7 @@ def pool_status(pool: Any, check: Any, queues: dict[str, int]) -> dict[str, Any]
     except AssertionError as e:
         ok, error = False, str(e)
     return dict(pages_total=pool.capacity, pages_free=pool.num_free, integrity_ok=ok, integrity_error=error,
-                queues=queues, preemptions=pool.num_preemptions)
+                queues=queues, preemptions=pool.num_preemptions, page_size=pool.page_size)
 
 
 class NodeRuntime:
@@ -177,7 +180,8 @@ class NodeRuntime:
             port = self.sock.bind_to_random_port(f"tcp://{args.host}")
         host = args.advertise_host or args.host
         self.zmq_address = f"{host}:{port}"
-        self.transport = KVTransport(host, 0, device=device, progress_mode=args.ucx_progress, secret=args.secret)
+        self.transport = KVTransport(host, 0, device=device, progress_mode=args.ucx_progress, secret=args.secret,
+                                     bind=args.host)
         self.http = NodeHTTP(args.host, args.http_port, args.role, args.node_id) if args.http_port is not None else None
         self.http_address = f"{host}:{self.http.port}" if self.http is not None else ""
         self.poller = zmq.Poller()   # control messages, or a KV/embedding message landing
@@ -196,6 +200,7 @@ class NodeRuntime:
         self.lease = NodeRegistry(self.redis, self.secret).register(info, ttl_s=args.heartbeat_ttl, also_write=keep)
         self.rejected = 0   # control messages refused (not the cluster's, or malformed)
         self.node_id = args.node_id
+        warn_if_shared_without_mps(device, args.role)
 
     def recv(self, timeout_ms: int) -> list[tuple[bytes, Any]]:
         """Drain the control socket; waits up to timeout_ms for the first message."""

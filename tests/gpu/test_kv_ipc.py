@@ -1,6 +1,7 @@
 """Same-host KV hand-over through CUDA IPC: the page-copy kernel, real prefill/decode node
-processes on one GPU whose greedy tokens equal the colocated engine's and the UCX path's, and
-an abort while prefill may still write into decode's pages."""
+processes on one GPU whose greedy tokens equal the colocated engine's and the UCX path's, the
+same tokens when prefill cannot open decode's pool (the KV goes over the wire instead), the
+capability a node publishes, and an abort while prefill may still write into decode's pages."""
 
 from __future__ import annotations
 
@@ -21,7 +22,13 @@ from disagg_support import disagg_cluster  # noqa: E402
 from support import IMAGE, chat_prompt, noise_image  # noqa: E402
 
 from epd import Engine  # noqa: E402
-from kv_transfer.cuda_ipc import PageWriter, copy_pages  # noqa: E402
+from kv_transfer.cuda_ipc import (  # noqa: E402
+    IpcCapability,
+    PageWriter,
+    copy_pages,
+    ipc_capability,
+    ipc_pairable,
+)
 
 pytestmark = pytest.mark.gpu
 
@@ -53,10 +60,10 @@ ROLES = {"encoder": [[]], "prefill": [[]], "decode": [[]]}
 SMALL_POOLS = ["--kv-cache-tokens", "16384"]   # node pools of a few MB, whatever this process holds
 
 
-def _run(model, tmp, extra):
+def _run(model, tmp, extra, env=None):
     common = ["--dtype", "float32", "--heartbeat-ttl", "2", *SMALL_POOLS, *extra]
     out = []
-    with disagg_cluster(model, tmp, ROLES, common, device="cuda") as h:
+    with disagg_cluster(model, tmp, ROLES, common, device="cuda", env=env) as h:
         for prompt, sizes in PROMPTS:
             images = [noise_image(w, hh, seed=i) for i, (w, hh) in enumerate(sizes)]
             got = h.generate(prompt, images, max_new_tokens=12)
@@ -87,6 +94,31 @@ def test_disaggregated_over_cuda_ipc_equals_ucx_and_colocated(tiny_models, tmp_p
                      for p, s in PROMPTS]
     torch.cuda.empty_cache()   # the engine's pool goes back to the GPU, not to this process's cache
     assert ipc == ucx == colocated
+
+
+def _prefill_logs(tmp) -> str:
+    return "".join(open(p).read() for p in glob.glob(os.path.join(tmp, "prefill-*.log")))
+
+
+def test_a_decode_pool_prefill_cannot_open_hands_the_kv_over_the_wire_token_exact(tiny_models, tmp_path):
+    """Every CUDA IPC handle fails to open in the nodes (`ipc_unmappable`): the requests still
+    complete, with the tokens the UCX path gives, and prefill warns once for the decode pool."""
+    model = tiny_models["qwen2_5_vl"]
+    unmappable = os.path.join(os.path.dirname(__file__), "ipc_unmappable")
+    env = {"PYTHONPATH": os.pathsep.join([unmappable, *filter(None, [os.environ.get("PYTHONPATH")])])}
+    fallback = _run(model, str(tmp_path / "fallback"), [], env=env)
+    logs = _prefill_logs(str(tmp_path / "fallback"))
+    assert "through CUDA IPC" not in logs and logs.count("over UCX (CUDA IPC failed)") == len(PROMPTS)
+    assert logs.count("its KV goes over UCX instead") == 1 and "refused by tests/gpu/ipc_unmappable" in logs
+    ucx = _run(model, str(tmp_path / "ucx"), ["--no-kv-ipc"])
+    assert fallback == ucx
+
+
+def test_a_gpu_node_publishes_its_pool_s_gpu_among_those_it_sees():
+    cap = IpcCapability.parse(ipc_capability("cuda:0", 16))
+    assert cap is not None and cap.page_size == 16 and cap.gpu.startswith(("GPU-", "MIG-"))
+    assert cap.gpu in cap.visible and len(cap.visible) == torch.cuda.device_count()
+    assert ipc_pairable(cap.to_wire(), cap.to_wire())
 
 
 def test_abort_before_prefill_wrote_keeps_decode_pages_fenced_until_released(tiny_models, tmp_path):
