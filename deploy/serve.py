@@ -1,15 +1,16 @@
 """`epd serve`: the whole system on one machine with one command.
 
-    epd serve --model DIR|tiny-random [--encoders N --prefills N --decodes N] [--port 8000]
+    epd serve --model DIR|tiny-random [--encoders N --prefills N --decodes N] [--colocated N] [--port 8000]
               [--host 127.0.0.1] [--redis-url URL] [--device cpu|cuda] [engine flags, given to
               every node: --max-model-len N --dtype ...] [router options...]
 
 Lifecycle: check every option and the port -> resolve the model (`tiny-random` /
 `tiny-random-ARCH` builds a tiny checkpoint into ~/.cache/epd once) -> start a private Redis
-unless --redis-url is given -> start the node processes and wait until each has registered ->
+unless --redis-url is given -> on a GPU shared by several nodes, start CUDA MPS (`deploy.mps`)
+-> start the node processes and wait until each has registered ->
 start the router and wait for /health -> print the URL -> keep every process up
 (`deploy.supervisor`: what exits is started again, the rest keeps serving) -> on Ctrl-C /
-SIGTERM stop the router, the nodes (each drains), then Redis (children also die with this
+SIGTERM stop the router, the nodes (each drains), then MPS and Redis (children also die with this
 process, so none are orphaned).
 """
 
@@ -30,6 +31,7 @@ import httpx
 
 from deploy.gpu_shares import describe, gpu_shares, user_sized
 from deploy.logs import DEFAULT_BACKUPS, DEFAULT_MAX_BYTES, LogPump
+from deploy.mps import MPSDaemon
 from deploy.procs import Cluster, die_with_parent
 from deploy.redis_proc import PrivateRedis, free_port
 from deploy.supervisor import Supervisor
@@ -76,9 +78,15 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
                "any node starts.")
     ap.add_argument("--model", required=True, help="HF checkpoint directory, or tiny-random (Qwen2.5-VL) / "
                     "tiny-random-ARCH (a tiny random checkpoint of any supported architecture)")
-    ap.add_argument("--encoders", type=int, default=1, help="encoder nodes (the vision tower) (default: 1)")
-    ap.add_argument("--prefills", type=int, default=1, help="prefill nodes (default: 1)")
-    ap.add_argument("--decodes", type=int, default=1, help="decode nodes (default: 1)")
+    ap.add_argument("--encoders", type=int, default=None, help="encoder nodes (the vision tower) (default: 1, "
+                    "0 with --colocated)")
+    ap.add_argument("--prefills", type=int, default=None, help="prefill nodes (default: 1, 0 with --colocated)")
+    ap.add_argument("--decodes", type=int, default=None, help="decode nodes (default: 1, 0 with --colocated)")
+    ap.add_argument("--colocated", type=int, default=0, help="colocated nodes (each encodes, prefills and decodes; "
+                    "the router balances over them, and sends them text-only requests when there are split pools "
+                    "too) (default: 0)")
+    ap.add_argument("--mps", default="auto", choices=["auto", "on", "off"], help="CUDA MPS for nodes sharing the "
+                    "GPU: auto starts it when more than one node runs on the GPU (default: %(default)s)")
     ap.add_argument("--port", type=int, default=8000, help="the router's HTTP port; 0 picks a free one "
                     "(default: 8000)")
     ap.add_argument("--host", default="127.0.0.1", help="the router's address (default: 127.0.0.1)")
@@ -96,7 +104,12 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
                     help="rotated files kept per log (default: %(default)s)")
     ap.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to wait for every node and the "
                     "router to come up (default: %(default)s)")
-    return ap.parse_known_args(argv)   # engine flags go to the nodes, the rest to the router
+    args, rest = ap.parse_known_args(argv)   # engine flags go to the nodes, the rest to the router
+    split = 0 if args.colocated else 1
+    for name in ("encoders", "prefills", "decodes"):
+        if getattr(args, name) is None:
+            setattr(args, name, split)
+    return args, rest
 
 
 def _wait_http(url: str, proc: subprocess.Popen, timeout_s: float) -> None:
@@ -135,7 +148,11 @@ def check_before_start(args: argparse.Namespace, model: str, engine_args: list[s
             raise ValueError(f"{who}: {e} (options epd serve does not know go to the router; see epd serve "
                              "--help)") from None
 
-    for role in ("encoder", "prefill", "decode"):
+    if not args.colocated and not (args.prefills and args.decodes):
+        raise ValueError("nothing would serve: give at least one prefill and one decode node, or --colocated N")
+    if min(args.encoders, args.prefills, args.decodes, args.colocated) < 0:
+        raise ValueError("node counts must be 0 or more")
+    for role in ("encoder", "prefill", "decode", "colocated"):
         parse(f"epd {role}", node_parser(role), ["--model", model, *engine_args, *args.node_args.split()])
     settings = check_args(parse("epd router", build_parser(), _router_cmd(args, model, args.port, router_args, "")))
     if args.port:
@@ -169,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     node_args = [*engine_args, "--http-port", "0", *args.node_args.split()]   # /health, /metrics: any free port
     cluster = Cluster(model, redis_url, log_dir, device=args.device, common_args=node_args,
                       log_max_bytes=int(args.log_max_mb * (1 << 20)), log_backups=args.log_backups)
+    mps: MPSDaemon | None = None
     supervisor: Supervisor | None = None
     stopping = {"flag": False}
 
@@ -178,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
     try:
+        mps = _start_mps(args)
+        cluster.extra_env = mps.env() if mps is not None else {}
         _start_nodes(cluster, args, node_args)
         cluster.wait_ready(timeout_s=args.ready_timeout)
         port = args.port or free_port()
@@ -186,9 +206,8 @@ def main(argv: list[str] | None = None) -> int:
         supervisor = Supervisor(cluster, redis, lambda: _start_router(cmd, cluster, log_dir))
         url = f"http://{args.host}:{port}"
         _wait_http(url, supervisor.router, args.ready_timeout)
-        print(f"EPD ready on {url}/v1 (model {settings.served_model_name}; {args.encoders}E {args.prefills}P "
-              f"{args.decodes}D; redis {_shown(redis_url)}; started in {time.monotonic() - t0:.1f}s; "
-              f"logs in {log_dir})", flush=True)
+        print(f"EPD ready on {url}/v1 (model {settings.served_model_name}; {_pools(args)}; redis "
+              f"{_shown(redis_url)}; started in {time.monotonic() - t0:.1f}s; logs in {log_dir})", flush=True)
         while not stopping["flag"]:
             supervisor.check()   # what dies is started again; the rest keeps serving
             if supervisor.gave_up_on_router:
@@ -200,6 +219,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         _shut_down(supervisor.router if supervisor is not None else None, cluster, redis)
+        if mps is not None:
+            mps.stop()
 
 
 def _start_nodes(cluster: Cluster, args: argparse.Namespace, node_args: list[str]) -> None:
@@ -208,12 +229,36 @@ def _start_nodes(cluster: Cluster, args: argparse.Namespace, node_args: list[str
     if _on_gpu(args.device) and not user_sized(node_args):
         import torch
 
-        shares = gpu_shares(args.encoders, args.prefills, args.decodes)
+        shares = gpu_shares(args.encoders, args.prefills, args.decodes, args.colocated)
         print(describe(shares, args.encoders, torch.cuda.get_device_properties(0).total_memory), flush=True)
         extra = {role: ["--gpu-memory-utilization", str(share)] for role, share in shares.items()}
-    for role, count in (("encoder", args.encoders), ("prefill", args.prefills), ("decode", args.decodes)):
+    for role, count in (("encoder", args.encoders), ("prefill", args.prefills), ("decode", args.decodes),
+                        ("colocated", args.colocated)):
         for _ in range(count):
             cluster.add(role, extra.get(role))
+
+
+def _pools(args: argparse.Namespace) -> str:
+    split = f"{args.encoders}E {args.prefills}P {args.decodes}D" if args.prefills or args.decodes else ""
+    colocated = f"{args.colocated} colocated" if args.colocated else ""
+    return " + ".join(part for part in (split, colocated) if part)
+
+
+def _start_mps(args: argparse.Namespace) -> MPSDaemon | None:
+    """CUDA MPS when several nodes share the GPU (--mps auto) or when asked (on); None when not used."""
+    nodes = args.encoders + args.prefills + args.decodes + args.colocated
+    if args.mps == "off" or not _on_gpu(args.device) or (args.mps == "auto" and nodes < 2):
+        return None
+    mps = MPSDaemon()
+    try:
+        print(mps.start(), flush=True)
+    except (RuntimeError, OSError, subprocess.TimeoutExpired) as e:
+        if args.mps == "on":
+            raise RuntimeError(f"--mps on: {e}") from None
+        print(f"CUDA MPS not started ({e}): the {nodes} nodes on this GPU will take turns on it, which costs "
+              "latency under load (see BENCHMARKS.md)", flush=True)
+        return None
+    return mps
 
 
 def _on_gpu(device: str | None) -> bool:

@@ -19,6 +19,7 @@ from PIL import Image
 from epd import protocol
 from epd.config import ModelConfig
 from epd.models.family import ImageLayout
+from epd.node.throughput import Throughput
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,7 @@ class EncoderService:
         self.max_batch_images = max_batch_images
         self.pending: OrderedDict[str, tuple[bytes, protocol.EncodeRequest, float]] = OrderedDict()
         self.images_encoded = 0   # the periodic stats line
+        self.throughput = Throughput()   # image tokens per busy second (NodeStatus.rates)
         self.runtime: Any = None   # set by main: NodeRuntime (send, transport, node_id)
         self._warm_up()
 
@@ -102,6 +104,7 @@ class EncoderService:
             return True
         encode_ms = (time.monotonic() - t0) * 1e3
         self.images_encoded += count
+        self.throughput.add(sum(_image_tokens(req) for _, req, _ in batch), encode_ms / 1e3)
         for (identity, req, arrived), (embeds, layouts) in zip(batch, results, strict=True):
             meta = protocol.data_meta(protocol.Embeddings(req.rid, [layout.to_wire() for layout in layouts]))
             self.runtime.transport.send(req.prefill_ucx, f"{req.rid}:emb", embeds, meta=meta)
@@ -145,8 +148,16 @@ class EncoderService:
         return {"images": self.images_encoded}
 
     def status(self) -> dict[str, Any]:
+        queued = sum(_image_tokens(req) for _, req, _ in self.pending.values())
         return {"queues": {"pending": len(self.pending), "cache_entries": len(self.cache._items),
-                           "cache_hits": self.cache.hits, "cache_misses": self.cache.misses}}
+                           "cache_hits": self.cache.hits, "cache_misses": self.cache.misses,
+                           "queued_image_tokens": queued},
+                "rates": {"image_tokens": self.throughput.rate}}
 
     def shutdown(self) -> None:
         self.pending.clear()
+
+
+def _image_tokens(req: protocol.EncodeRequest) -> int:
+    """The image tokens a request asks the vision tower for (cached ones included)."""
+    return sum(ImageLayout.from_wire(p.layout).num_tokens for p in req.images)

@@ -2,7 +2,7 @@
 
     epd tiny-model ARCH OUT_DIR [--preset tiny|NAME] [--seed N] [--device cpu|cuda]
     epd bench ...            (the benchmark harness, see bench/README.md)
-    epd serve | router | encoder | prefill | decode ...   (when those roles are installed)
+    epd serve | router | encoder | prefill | decode | colocated ...   (when those roles are installed)
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ _DELEGATES = {
     "encoder": "encoder_node.main",
     "prefill": "prefill_node.main",
     "decode": "decode_node.main",
+    "colocated": "colocated_node.main",
 }
 
 

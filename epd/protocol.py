@@ -12,6 +12,7 @@ A request's messages, in order:
                                       kv_ipc, tell prefill over UCX which pages to write)
   router -> prefill  PrefillRequest  (wait for embeddings if any, prefill, hand the KV to decode)
   router -> encoder  EncodeRequest   (images -> embeddings, sent to the prefill node over UCX)
+  router -> colocated GenerateRequest (the whole request in one process: its TokenDeltas come back)
   node   -> router   StageReport     (a stage finished or failed, with timings)
   decode -> router   TokenDelta      (new tokens; the last one has finished=True)
   router -> any      Abort           (free everything held for the request)
@@ -35,7 +36,7 @@ from typing import Any
 
 import msgpack
 
-PROTOCOL_VERSION = 5
+PROTOCOL_VERSION = 6
 MAX_ID = 128                   # characters of a request or node id
 MAX_TOKENS = 1 << 20           # token ids in one message
 MAX_IMAGES = 256
@@ -97,6 +98,16 @@ class DecodeRequest:
 
 
 @dataclass
+class GenerateRequest:
+    """router -> colocated node: encode, prefill and decode in one process; the images' pixels
+    travel with it (their layouts and content hashes too), its tokens come back as TokenDeltas."""
+    rid: str
+    input_ids: list[int]               # image placeholders already expanded
+    images: list[ImagePayload]
+    params: dict                       # SamplingParams fields
+
+
+@dataclass
 class StageReport:
     rid: str
     stage: str                         # "encode" | "prefill" | "transfer" | "decode"
@@ -149,6 +160,9 @@ class NodeStatus:
     queues: dict[str, int] = field(default_factory=dict)
     rejected_messages: int = 0         # control and data-plane messages refused (unauthenticated, malformed)
     preemptions: int = 0               # requests its scheduler pushed back for want of pages, since start
+    page_size: int = 0                 # tokens per KV page (0: no KV pool)
+    rates: dict[str, float] = field(default_factory=dict)   # what it gets through while busy, per second
+                                                            # ("prompt_tokens", "image_tokens")
 
 
 # ---- data plane (UCX, node -> node): a transfer's `meta` -----------------------------------------
@@ -209,6 +223,7 @@ MESSAGE_TYPES: dict[int, type] = {
     6: Abort,
     7: StatusRequest,
     8: NodeStatus,
+    9: GenerateRequest,
     20: Embeddings,
     21: KVGroup,
     22: HandOver,
@@ -327,9 +342,9 @@ def _limits(msg: Any) -> str:
             continue
         if not _ID.fullmatch(value):
             return f"{name} {str(value)[:40]!r} is not an id (1-{MAX_ID} of [A-Za-z0-9._:@/+-])"
-    if isinstance(msg, PrefillRequest | DecodeRequest):
+    if isinstance(msg, PrefillRequest | DecodeRequest | GenerateRequest):
         return _tokens(msg.input_ids, "input_ids") or (
-            "too many images" if isinstance(msg, PrefillRequest) and len(msg.images) > MAX_IMAGES else "")
+            "too many images" if not isinstance(msg, DecodeRequest) and len(msg.images) > MAX_IMAGES else "")
     if isinstance(msg, EncodeRequest) and not 0 < len(msg.images) <= MAX_IMAGES:
         return f"1 to {MAX_IMAGES} images expected"
     if isinstance(msg, ImagePayload):

@@ -6,7 +6,8 @@ Queues, in order:
   transferring -> the request's hand-over sender (`epd.node.handover.WireSender` over UCX, or
                   `epd.node.ipc_handover.IpcSender` through CUDA IPC on one host), made when its
                   last chunk is scheduled: the forward's layer hook streams the KV (wire) or queues
-                  the write into decode's pages (IPC); then the `HandOver` record follows.
+                  the write into decode's pages (IPC; sent over the wire instead when decode's pool
+                  cannot be mapped or written); then the `HandOver` record follows.
 The sender owns the request's pages from then on and gives them back exactly once: hand-over
 done, failed, or aborted (an IPC sender dropped before its write tells decode it may free the pages
 it offered). A hand-over that fails (decode node dead) marks the room failed and reports the
@@ -32,6 +33,7 @@ from epd.models.family import ImageLayout
 from epd.node.handover import HandOverState, WireSender
 from epd.node.ipc_handover import IpcSender, announce_page_list
 from epd.node.runtime import pool_status
+from epd.node.throughput import Throughput
 from kv_transfer.cuda_ipc import PoolImports
 from kv_transfer.kv_codec import layer_groups
 from kv_transfer.layout import KVLayout
@@ -82,6 +84,7 @@ class PrefillService:
         self.rooms: RoomStore | None = None
         self.refused = 0                            # requests refused on arrival (duplicate id)
         self.prompt_tokens = 0                      # prompt tokens this node computed (the periodic stats line)
+        self.throughput = Throughput()              # prompt tokens per busy second (NodeStatus.rates)
         self.redis_watch = RedisWatch("prefill node")
 
     # ---- control messages ---------------------------------------------------------------
@@ -196,9 +199,11 @@ class PrefillService:
             p = self.active[req.rid]
             p.started = p.started or now
 
+        queued = self.engine.queued_prompt_tokens
         first = self.engine.step(started, self._hook)
         if first is not None:
             self._first_tokens(first)
+            self.throughput.add(queued - self.engine.queued_prompt_tokens, time.monotonic() - now)
         return first is not None
 
     def _hook(self, finishing: list[Request]):
@@ -269,7 +274,7 @@ class PrefillService:
             seconds = time.monotonic() - p.sent_at
             nbytes = p.sender.nbytes or self.engine.pages_for(p.req.prompt_len) * self.engine.bytes_per_page
             log.info("KV of %s: %d bytes handed to decode node %s %s, done %.2f ms after the first token", rid,
-                     nbytes, p.msg.decode_node, "through CUDA IPC" if p.msg.kv_ipc else "over UCX", seconds * 1e3)
+                     nbytes, p.msg.decode_node, p.sender.via, seconds * 1e3)
             self._report(p, "prefill", ok=True, timings={
                 **p.waits(), "prefill_ms": (p.sent_at - p.started) * 1e3,
                 "transfer_tail_ms": seconds * 1e3}, info={"kv_bytes": nbytes})
@@ -285,9 +290,12 @@ class PrefillService:
         self.engine.check_integrity([pg for p in self.transferring.values() for pg in p.sender.pages])
 
     def status(self) -> dict[str, Any]:
+        queued = self.engine.queued_prompt_tokens + sum(len(p.msg.input_ids) for p in self.awaiting.values())
         queues = {"awaiting_embeddings": len(self.awaiting), "prefilling": len(self.active),
-                  "scheduler_waiting": self.engine.num_waiting, "transferring": len(self.transferring)}
-        return pool_status(self.engine, self.check_integrity, queues)
+                  "scheduler_waiting": self.engine.num_waiting, "transferring": len(self.transferring),
+                  "queued_prompt_tokens": queued}
+        return {**pool_status(self.engine, self.check_integrity, queues),
+                "rates": {"prompt_tokens": self.throughput.rate}}
 
     def shutdown(self) -> None:
         for rid in list(self.active) + list(self.transferring) + list(self.awaiting):

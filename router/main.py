@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--mm-processor-kwargs", default=None,
                     help="vLLM's; refused: set the image processor's options (e.g. Qwen2-VL's min_pixels / "
                          "max_pixels) in the checkpoint's preprocessor_config.json")
-    ap.add_argument("--routing-policy", default="least_load", choices=["least_load", "round_robin"])
+    _add_routing_args(ap)
     ap.add_argument("--cluster-secret-file", default=None,
                     help="disagg: the secret the nodes hold (default: $EPD_CLUSTER_SECRET_FILE, else "
                          "$EPD_CLUSTER_SECRET; epd serve makes one)")
@@ -79,6 +79,29 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--drain-timeout", type=float, default=30.0, help="on SIGTERM: stop accepting connections "
                     "and let the requests in flight finish within this many seconds (default: %(default)s)")
     return ap
+
+
+def _add_routing_args(ap: argparse.ArgumentParser) -> None:
+    from router.routing import POLICIES
+
+    g = ap.add_argument_group("routing (disagg)")
+    g.add_argument("--routing-policy", default="cache_aware", choices=POLICIES,
+                   help="how a node of each pool is picked: cache_aware (an image to the encoder that has its "
+                        "embeddings, a prompt to the prefill or colocated node that has its prefix, unless that node "
+                        "is much busier; least_load otherwise), least_load (least queued work, from the nodes' own "
+                        "reports), round_robin (default: %(default)s)")
+    for role in ("encoder", "prefill", "decode", "colocated"):
+        g.add_argument(f"--{role}-policy", default=None, choices=POLICIES,
+                       help=f"the {role} pool's policy (default: --routing-policy)")
+    g.add_argument("--ttft-target-ms", type=float, default=0.0,
+                   help="answer 429 (with Retry-After) to a request whose foreseen wait for its first token, from the "
+                        "work queued on the nodes it would go to and their measured throughput, is over this; 0 = "
+                        "never (default: %(default)s)")
+
+
+def routing_policies(args: argparse.Namespace) -> dict[str, str]:
+    return {role: getattr(args, f"{role}_policy") or args.routing_policy
+            for role in ("encoder", "prefill", "decode", "colocated")}
 
 
 def _add_media_limit_args(ap: argparse.ArgumentParser) -> None:
@@ -116,8 +139,8 @@ def make_backend(args: argparse.Namespace) -> Backend:
         from router.pipeline import DisaggBackend
 
         secret = ClusterSecret.load(args.cluster_secret_file)
-        return DisaggBackend(args.model, args.redis_url, secret, policy=args.routing_policy,
-                             max_model_len=args.max_model_len)
+        return DisaggBackend(args.model, args.redis_url, secret, policy=routing_policies(args),
+                             max_model_len=args.max_model_len, ttft_target_ms=args.ttft_target_ms)
     raise ValueError(f"unknown backend {kind!r}")
 
 

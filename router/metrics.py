@@ -95,6 +95,10 @@ class Histogram:
         return out
 
 
+BACKEND_COUNTERS = {"num_preemptions_total", "encoder_cache_hits_total", "encoder_cache_queries_total",
+                    "routing_affinity_picks_total"}   # backend values that only grow (the rest are gauges)
+
+
 def _gauge_lines(model: Labels, stats: dict[str, float]) -> list[str]:
     """Backend gauges: `name|<role>` (and `pool_size_<role>`) keys become one `epd:name{pool=...}` family."""
     families: dict[str, list[tuple[Labels, float]]] = defaultdict(list)
@@ -108,8 +112,8 @@ def _gauge_lines(model: Labels, stats: dict[str, float]) -> list[str]:
             families[re.sub(r"[^a-zA-Z0-9_:]", "_", key)].append((model, value))
     out: list[str] = []
     for name, samples in families.items():
-        kind = "counter" if name == "num_preemptions_total" else "gauge"
-        for prefix in (PREFIX, VLLM) if name in VLLM_GAUGES or kind == "counter" else (PREFIX,):
+        kind = "counter" if name in BACKEND_COUNTERS else "gauge"
+        for prefix in (PREFIX, VLLM) if name in VLLM_GAUGES or name == "num_preemptions_total" else (PREFIX,):
             out += header(prefix + name, kind, f"{name.replace('_', ' ')} (from the backend)")
             out += [f"{prefix}{name}{labels_text(labels)} {number(v)}" for labels, v in samples]
     return out

@@ -5,10 +5,12 @@ The disaggregated router asks every live node for its status once per pool refre
 folds those answers into the keys `Backend.stats()` returns:
 
 - `kv_cache_usage_perc`: fraction of the decode pool's pages in use (vLLM's meaning: the pages
-  that bound how many requests can decode at once);
+  that bound how many requests can decode at once), the colocated pool's where there is no decode
+  pool;
 - `kv_cache_pages_in_use` / `kv_cache_pages_total`: summed over every node with a KV pool;
 - `num_requests_waiting`: requests queued on a node, not yet being computed on (encoder: for the
-  vision tower; prefill: for embeddings or for its scheduler; decode: for pages), also per pool;
+  vision tower; prefill: for embeddings or for its scheduler; decode: for pages; colocated: for its
+  pixels or its scheduler), also per pool;
 - `num_preemptions_total`: requests the nodes' schedulers pushed back for want of pages (vLLM's
   counter; summed over the nodes that answered, each counting since it started);
 - per pool (`name|pool` keys, rendered with a `pool` label): requests waiting, pages in use and total, nodes
@@ -23,7 +25,7 @@ from dataclasses import dataclass
 from epd import protocol
 
 WAITING_QUEUES = {"encoder": ("pending",), "prefill": ("awaiting_embeddings", "scheduler_waiting"),
-                  "decode": ("awaiting_pages",)}
+                  "decode": ("awaiting_pages",), "colocated": ("preparing", "scheduler_waiting")}
 
 
 @dataclass
@@ -35,7 +37,7 @@ class NodeReport:
 def gauges(reports: dict[str, NodeReport]) -> dict[str, float]:
     out: dict[str, float] = {"kv_cache_pages_in_use": 0.0, "kv_cache_pages_total": 0.0, "num_requests_waiting": 0.0,
                              "num_preemptions_total": 0.0}
-    for role in ("encoder", "prefill", "decode"):
+    for role in WAITING_QUEUES:
         mine = [r.status for r in reports.values() if r.role == role]
         answered = [s for s in mine if s is not None]
         in_use = float(sum(s.pages_total - s.pages_free for s in answered))
@@ -53,6 +55,6 @@ def gauges(reports: dict[str, NodeReport]) -> dict[str, float]:
         out["kv_cache_pages_in_use"] += in_use
         out["kv_cache_pages_total"] += total
         out["num_preemptions_total"] += sum(s.preemptions for s in answered)
-        if role == "decode":
+        if role == "decode" or (role == "colocated" and total and not out.get("kv_cache_usage_perc")):
             out["kv_cache_usage_perc"] = in_use / total if total else 0.0
     return out

@@ -26,6 +26,7 @@ from epd import protocol
 from epd.config import ModelConfig, load_tokenizer
 from epd.engine.inputs import InputProcessor, ProcessedInput
 from kv_transfer.auth import ClusterSecret
+from kv_transfer.cuda_ipc import ipc_pairable
 from kv_transfer.layout import KVLayout, LayoutMismatchError
 from kv_transfer.redis_util import RedisWatch, connect
 from kv_transfer.rooms import RoomStore
@@ -33,10 +34,11 @@ from kv_transfer.sessions import SessionStore, Stage
 from router.backend import BackendError, BackendEvent, BackendRequest, openai_finish_reason
 from router.node_client import NodeClients
 from router.node_stats import NodeReport, gauges
+from router.planning import foreseen_wait_s, pool_gauges, route, split_ready, work_of
 from router.pool import NoNodeError, PoolView
 
 log = logging.getLogger(__name__)
-STAGE_OF_ROLE = {"encoder": "encode", "prefill": "prefill", "decode": "decode"}
+STAGE_OF_ROLE = {"encoder": "encode", "prefill": "prefill", "decode": "decode", "colocated": "generate"}
 RETRY_AFTER_S = 2.0    # a 503 for want of Redis or of a node: when to try again
 _DOWN = object()       # what a Redis call gives while Redis is down
 
@@ -59,8 +61,9 @@ class Flight:
 
 
 class DisaggBackend:
-    def __init__(self, model_path: str, redis_url: str, secret: ClusterSecret, policy: str = "least_load",
-                 refresh_s: float = 0.5, request_timeout_s: float = 600.0, max_model_len: int | None = None) -> None:
+    def __init__(self, model_path: str, redis_url: str, secret: ClusterSecret,
+                 policy: str | dict[str, str] = "cache_aware", refresh_s: float = 0.5, request_timeout_s: float = 600.0,
+                 max_model_len: int | None = None, ttft_target_ms: float = 0.0) -> None:
         self.config = ModelConfig.from_pretrained(model_path)
         self.tokenizer = load_tokenizer(model_path)
         self.model_name = os.path.basename(os.path.normpath(model_path))
@@ -75,16 +78,18 @@ class DisaggBackend:
         self.redis_watch = RedisWatch("router")
         self.refresh_s = refresh_s
         self.request_timeout_s = request_timeout_s
+        self.ttft_target_s = ttft_target_ms / 1e3   # 0: never refuse for a foreseen wait
         self.inflight: dict[str, Flight] = {}
         self.node_reports: dict[str, NodeReport] = {}
         self._refresher: asyncio.Task | None = None
 
     @property
     def max_context(self) -> int:
-        """The smallest context the prefill and decode nodes publish (the model's before any has
-        registered), within --max-model-len."""
-        published = [n.max_context for role in ("prefill", "decode") for n in self.pool.nodes[role].values()
-                     if n.max_context > 0] or [self.config.text.max_position_embeddings]
+        """The smallest context the prefill, decode and colocated nodes publish (the model's before
+        any has registered), within --max-model-len."""
+        published = [n.max_context for role in ("prefill", "decode", "colocated")
+                     for n in self.pool.nodes[role].values() if n.max_context > 0] \
+            or [self.config.text.max_position_embeddings]
         return min(published + ([self.max_model_len] if self.max_model_len else []))
 
     # ---- lifecycle --------------------------------------------------------------------------
@@ -118,6 +123,9 @@ class DisaggBackend:
 
         answers = await asyncio.gather(*(ask(role, node_id) for role, node_id in targets))
         self.node_reports = {node_id: report for (_, node_id), report in zip(targets, answers, strict=True)}
+        for report in answers:
+            if report.status is not None:
+                self.pool.reported(report.status)
 
     async def close(self) -> None:
         if self._refresher is not None:
@@ -127,7 +135,8 @@ class DisaggBackend:
     async def health(self) -> tuple[bool, dict[str, Any]]:
         await self.start()
         sizes = self.pool.sizes()
-        return all(sizes.values()) and self.redis_watch.up, {"pools": sizes, "redis": self.redis_watch.up}
+        serving = bool(sizes["colocated"]) or split_ready(self.pool, with_images=True)
+        return serving and self.redis_watch.up, {"pools": sizes, "redis": self.redis_watch.up}
 
     def stats(self) -> dict[str, float]:
         """vLLM's meanings: waiting = queued on a node for inputs, pages or compute; running = the rest
@@ -135,6 +144,7 @@ class DisaggBackend:
         out = gauges(self.node_reports)
         out["num_requests_running"] = float(max(0, len(self.inflight) - out["num_requests_waiting"]))
         out.update({f"pool_size_{role}": float(n) for role, n in self.pool.sizes().items()})
+        out.update(pool_gauges(self.pool, self.node_reports))
         return out
 
     async def node_status(self, role: str, node_id: str, timeout: float = 5.0) -> protocol.NodeStatus:
@@ -207,31 +217,31 @@ class DisaggBackend:
             if self.redis_watch.up:
                 await asyncio.to_thread(self._close_room, flight)
 
-    def _pick(self, inp: ProcessedInput, excluded: set[str], nodes: dict[str, Any]) -> None:
-        nodes["prefill"] = self.pool.pick("prefill", lambda n: n.node_id not in excluded)
-        nodes["decode"] = self.pool.pick("decode", lambda d: d.layout_hash == nodes["prefill"].layout_hash
-                                         and d.node_id not in excluded)
-        if inp.images:
-            nodes["encoder"] = self.pool.pick("encoder", lambda n: n.node_id not in excluded)
-
     async def _plan(self, rid: str, inp: ProcessedInput, excluded: set[str]) -> Flight:
         """Pick a node of each pool the request needs (from the pool view in memory; when a pool has
         no node to give, read the pools from Redis once more first: one may have just come up, as in
-        a rolling restart)."""
+        a rolling restart), and refuse it (429) when its foreseen wait breaks the TTFT target."""
         nodes: dict[str, Any] = {}
+        work = work_of(inp)
         try:
             try:
-                self._pick(inp, excluded, nodes)
+                route(self.pool, inp, work, excluded, nodes)
             except NoNodeError:
                 await asyncio.to_thread(self.redis_watch.call, self.pool.refresh)
                 nodes.clear()
-                self._pick(inp, excluded, nodes)
+                route(self.pool, inp, work, excluded, nodes)
         except NoNodeError as e:
             message = str(e)
             if "fits" in message and "decode" in message:
                 message = await asyncio.to_thread(self._layout_mismatch, nodes["prefill"])
             raise BackendError(message, 503, code="no_capacity", retry_after=RETRY_AFTER_S) from None
-        for node in nodes.values():
+        wait_s = foreseen_wait_s(self.pool, nodes, work) if self.ttft_target_s else 0.0
+        if wait_s > self.ttft_target_s > 0:
+            raise BackendError(f"the server is busy: this request would wait about {wait_s * 1e3:.0f} ms for its "
+                               f"first token, over the {self.ttft_target_s * 1e3:.0f} ms target; retry later", 429,
+                               code="overloaded", retry_after=max(1.0, wait_s - self.ttft_target_s))
+        for role, node in nodes.items():
+            self.pool.assign(role, node, work)
             self.pool.begin(node.node_id)
         return Flight(rid, nodes)
 
@@ -255,12 +265,17 @@ class DisaggBackend:
         return "KV layout mismatch between the prefill and decode pools"
 
     async def _dispatch(self, req: BackendRequest, inp: ProcessedInput, flight: Flight) -> None:
-        p, d = flight.nodes["prefill"], flight.nodes["decode"]
         params = _params_dict(req)
-        kv_ipc = bool(p.kv_ipc) and p.kv_ipc == d.kv_ipc
+        images = [protocol.ImagePayload(im.source.width, im.source.height, im.source_rgb, im.content_hash or "",
+                                        im.layout.to_wire()) for im in inp.images]
+        if "colocated" in flight.nodes:   # one node does it all: no room, no hand-over
+            await self.clients.send(flight.nodes["colocated"].zmq,
+                                    protocol.GenerateRequest(req.rid, inp.input_ids, images, params))
+            await self._redis(self.sessions.create, req.rid, {"colocated": flight.nodes["colocated"].node_id})
+            return
+        p, d = flight.nodes["prefill"], flight.nodes["decode"]
+        kv_ipc = ipc_pairable(p.kv_ipc, d.kv_ipc)
         if inp.images:   # first: the encoder is the head of the critical path
-            images = [protocol.ImagePayload(im.source.width, im.source.height, im.source_rgb, im.content_hash or "",
-                                            im.layout.to_wire()) for im in inp.images]
             await self.clients.send(flight.nodes["encoder"].zmq, protocol.EncodeRequest(req.rid, images,
                                                                                        p.node_id, p.ucx))
         await self._redis(self._open, flight)   # the encoder needs no room: it is already at work
@@ -354,7 +369,8 @@ class DisaggBackend:
 
     def _close_room(self, flight: Flight) -> None:
         try:
-            self.rooms.close(flight.rid)
+            if "prefill" in flight.nodes:
+                self.rooms.close(flight.rid)
             if flight.finished:
                 self.sessions.advance(flight.rid, Stage.FINISHED)
             else:

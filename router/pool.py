@@ -1,9 +1,10 @@
 """The router's view of the node pools, refreshed from Redis, and the routing policies.
 
 `PoolView.refresh()` re-reads `epd:node:{role}:*` (a node that registers is picked within one
-refresh interval; one whose key expired is gone after the next refresh). `pick(role)` applies the
-policy: "round_robin" cycles through live nodes; "least_load" takes the node with the fewest
-requests, counting both its last heartbeat load and what this router sent it since.
+refresh interval; one whose key expired is gone after the next refresh); `reported(status)` keeps
+each node's latest own report (the router polls them). `pick(role, accept, work)` applies the
+pool's policy (router.routing: round_robin, least_load, cache_aware) to the live, non-draining
+nodes that `accept` admits; `begin` / `end` count what this router has in flight on each node.
 """
 
 from __future__ import annotations
@@ -14,11 +15,12 @@ from collections.abc import Callable
 
 import redis
 
+from epd import protocol
 from kv_transfer.auth import ClusterSecret
 from kv_transfer.registry import NodeInfo, NodeRegistry
+from router.routing import LOAD_QUEUE, POLICIES, PrefixIndex, Work, affine_node, balanced
 
-ROLES = ("encoder", "prefill", "decode")
-POLICIES = ("round_robin", "least_load")
+ROLES = ("encoder", "prefill", "decode", "colocated")
 
 
 class NoNodeError(RuntimeError):
@@ -26,19 +28,33 @@ class NoNodeError(RuntimeError):
 
 
 class PoolView:
-    def __init__(self, client: redis.Redis, secret: ClusterSecret, policy: str = "least_load") -> None:
-        """Only nodes whose registry entry carries the cluster's signature are seen."""
-        if policy not in POLICIES:
-            raise ValueError(f"unknown routing policy {policy!r}; choose from {', '.join(POLICIES)}")
+    def __init__(self, client: redis.Redis, secret: ClusterSecret, policy: str | dict[str, str] = "least_load") -> None:
+        """Only nodes whose registry entry carries the cluster's signature are seen. `policy`: one
+        for every pool, or {role: policy} (pools not named: least_load)."""
+        self.policies = {role: policy if isinstance(policy, str) else policy.get(role, "least_load")
+                         for role in ROLES}
+        for name in self.policies.values():
+            if name not in POLICIES:
+                raise ValueError(f"unknown routing policy {name!r}; choose from {', '.join(POLICIES)}")
         self.registry = NodeRegistry(client, secret)
-        self.policy = policy
         self.nodes: dict[str, dict[str, NodeInfo]] = {role: {} for role in ROLES}
         self.inflight: dict[str, int] = defaultdict(int)
+        self.reports: dict[str, protocol.NodeStatus] = {}      # node id -> its latest own report
+        self.sent: dict[str, float] = defaultdict(float)       # node id -> work sent since that report
+        self.prefixes = {role: PrefixIndex() for role in ("prefill", "colocated")}
+        self.affinity_picks: dict[str, int] = defaultdict(int)  # role -> picks made for cached inputs
         self._rr = {role: itertools.count() for role in ROLES}
 
     def refresh(self) -> None:
         for role in ROLES:
             self.nodes[role] = {n.node_id: n for n in self.registry.list_nodes(role)}
+        for role, index in self.prefixes.items():
+            if len(index._owner) and not self.nodes[role]:
+                index.forget(set())
+
+    def reported(self, status: protocol.NodeStatus) -> None:
+        self.reports[status.node] = status
+        self.sent[status.node] = 0.0
 
     def alive(self, role: str, node_id: str) -> bool:
         return node_id in self.nodes[role]
@@ -53,15 +69,47 @@ class PoolView:
         """Nodes that take new work, per pool (draining ones finish theirs but are not counted)."""
         return {role: sum(1 for n in nodes.values() if not n.draining) for role, nodes in self.nodes.items()}
 
-    def pick(self, role: str, accept: Callable[[NodeInfo], bool] | None = None) -> NodeInfo:
+    def pick(self, role: str, accept: Callable[[NodeInfo], bool] | None = None, work: Work | None = None) -> NodeInfo:
         live = sorted((n for n in self.nodes[role].values() if not n.draining), key=lambda n: n.node_id)
         candidates = [n for n in live if accept is None or accept(n)]
         if not candidates:
             raise NoNodeError(f"no {role} node is available" if not live else
                               f"no {role} node fits this request")
-        if self.policy == "round_robin":
-            return candidates[next(self._rr[role]) % len(candidates)]
-        return min(candidates, key=lambda n: (n.load + self.inflight[n.node_id], n.node_id))
+        policy = self.policies[role]
+        if policy == "round_robin":
+            chosen = candidates[next(self._rr[role]) % len(candidates)]
+        else:
+            chosen = min(candidates, key=lambda n: (self.load(role, n.node_id), self.inflight[n.node_id], n.node_id))
+            preferred = self.preferred(role, work, [n.node_id for n in candidates])
+            if preferred is not None and balanced(self.load(role, preferred), self.load(role, chosen.node_id),
+                                                  work.amount(role)):
+                chosen = self.nodes[role][preferred]
+                self.affinity_picks[role] += 1
+        return chosen
+
+    def assign(self, role: str, node: NodeInfo, work: Work) -> None:
+        """The request goes to `node`: its work counts there until the node's next report, and
+        (prefix pools) its blocks are remembered there."""
+        self.sent[node.node_id] += work.amount(role) if role != "decode" else work.prompt_tokens
+        if role in self.prefixes:
+            self.prefixes[role].record(work.block_hashes, node.node_id)
+
+    def preferred(self, role: str, work: Work | None, candidates: list[str]) -> str | None:
+        """The node cache_aware would send `work` to for its cached inputs (None: no such node)."""
+        if self.policies[role] != "cache_aware" or work is None or not candidates:
+            return None
+        return affine_node(role, work, candidates, self.prefixes.get(role))
+
+    def load(self, role: str, node_id: str) -> float:
+        """Queued work on the node: its last report plus what this router sent it since (decode:
+        the fraction of its KV pages in use, the prompts sent since counted in)."""
+        status = self.reports.get(node_id)
+        if status is None:
+            return self.sent[node_id]
+        if role == "decode":
+            tokens = max(1, status.pages_total * max(1, status.page_size))
+            return (status.pages_total - status.pages_free) / max(1, status.pages_total) + self.sent[node_id] / tokens
+        return status.queues.get(LOAD_QUEUE[role], 0) + self.sent[node_id]
 
     def begin(self, node_id: str) -> None:
         self.inflight[node_id] += 1

@@ -8,6 +8,8 @@ releases them once the hand-over is over.
 `DecodeEngine`: `reserve` pages for an announced request (all it can ever need, so decoding never
 preempts), `admit` it once its KV and first token have landed, `release` pages of a request that
 never got admitted, and `step` the batch.
+`ColocatedEngine`: the whole request in one process (a colocated node): `prepare` its input (the
+images' pixels, on any thread), `add` it, `step` the batch, `abort` it.
 """
 
 from __future__ import annotations
@@ -73,6 +75,12 @@ class _RoleEngine:
     def num_waiting(self) -> int:
         """Requests queued in the scheduler with nothing allocated yet (vLLM's num_requests_waiting)."""
         return len(self.core.scheduler.waiting)
+
+    @property
+    def queued_prompt_tokens(self) -> int:
+        """Prompt tokens in the scheduler not computed yet (the prefill work queued here)."""
+        sched = self.core.scheduler
+        return sum(max(0, r.prompt_len - r.num_computed) for r in [*sched.waiting, *sched.running])
 
     @property
     def num_preemptions(self) -> int:
@@ -146,3 +154,36 @@ class DecodeEngine(_RoleEngine):
 
     def abort(self, rid: str) -> None:
         self.core.abort(rid)
+
+
+class ColocatedEngine(_RoleEngine):
+    def prepare(self, input_ids: list[int], images: list[Any]) -> Any:
+        """The processed input of an expanded prompt and its images (`ImageInput`s with a source
+        image and layout): pixels preprocessed, positions made. Safe on a worker thread (it
+        touches no engine state); raises InputError / ValueError for a bad request."""
+        from epd.engine.inputs import build_processed
+
+        family = self.core.model_config.family
+        for im in images:
+            family.check_layout(im.layout)
+        self.core.inputs.preprocess(images)
+        return build_processed(self.core.model_config, list(input_ids), images)
+
+    def new_request(self, inp: Any, params: Any, rid: str) -> Request:
+        return self.core.new_request(inp, params, rid=rid)
+
+    def add(self, req: Request) -> None:
+        self.core.add(req)
+
+    def step(self) -> list[TokenEvent]:
+        return self.core.step()
+
+    def has_work(self) -> bool:
+        return self.core.has_work()
+
+    def abort(self, rid: str) -> None:
+        self.core.abort(rid)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.core.scheduler.running)

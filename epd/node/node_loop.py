@@ -28,7 +28,7 @@ from kv_transfer.transport import SWITCH_INTERVAL_S
 log = logging.getLogger("epd.node")
 stats_log = logging.getLogger("epd.stats")
 MIN_DRAIN_S = 2.0            # > the router's pool refresh (0.5 s) plus a message in flight
-STAGE_OF_ROLE = {"encoder": "encode", "prefill": "prefill", "decode": "decode"}
+STAGE_OF_ROLE = {"encoder": "encode", "prefill": "prefill", "decode": "decode", "colocated": "generate"}
 
 
 class _Signals:

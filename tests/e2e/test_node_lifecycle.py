@@ -1,12 +1,15 @@
 """A node as an orchestrator sees it (1E + 1P + 2D, real Redis, real UCX): its own /health and
-/metrics on --http-port (published in the registry), a drain on SIGTERM that finishes the
-streams it holds token for token while new requests go to the other decode node, and a rolling
-restart of every node under 16 streams with no request failing.
+/metrics on --http-port (published in the registry), the addresses its sockets listen on with
+--host 127.0.0.1, a drain on SIGTERM that finishes the streams it holds token for token while new
+requests go to the other decode node, and a rolling restart of every node under 16 streams with
+no request failing.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
+import os
 import signal
 import time
 
@@ -54,6 +57,41 @@ def test_every_node_serves_health_and_its_own_metrics(harness):
     key = ("epd:work_done_total", (("kind", "prompt tokens"), ("node", prefill.node_id), ("role", "prefill")))
     assert samples[key] > 0
     assert httpx.get(f"{_http(harness, prefill)}/nope", timeout=5).status_code == 404
+
+
+def _listening(pid: int) -> dict[int, set[str]]:
+    """{port: addresses} of the TCP sockets process `pid` listens on (/proc, as `ss -ltnp` reads it)."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        target = os.readlink(f"/proc/{pid}/fd/{fd}") if os.path.islink(f"/proc/{pid}/fd/{fd}") else ""
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    out: dict[int, set[str]] = {}
+    for table in ("tcp", "tcp6"):
+        with open(f"/proc/{pid}/net/{table}") as f:
+            for row in [line.split() for line in f][1:]:
+                if row[3] != "0A" or row[9] not in inodes:   # 0A: LISTEN
+                    continue
+                address, port = row[1].split(":")
+                raw = bytes.fromhex(address)   # 32-bit words in host (little-endian) order
+                packed = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+                out.setdefault(int(port, 16), set()).add(str(ipaddress.ip_address(packed)))
+    return out
+
+
+def test_a_node_told_host_127_0_0_1_listens_on_loopback_but_for_the_ucx_listener_port(harness):
+    """ZMQ, /health and UCX's transports bind 127.0.0.1; the UCX listener's own port listens on every
+    interface, because ucxx (0.52) binds its listener to the wildcard whatever it is asked (it takes
+    a port only). Should this start failing because that port is on 127.0.0.1, ucxx learnt to bind
+    an address: then every socket is on loopback."""
+    for node in harness.cluster.nodes:
+        info = NodeRegistry(harness.backend.redis).get(node.role, node.node_id)
+        ucx_port = int(info.ucx.rpartition(":")[2])
+        ports = _listening(node.proc.pid)
+        assert int(info.zmq.rpartition(":")[2]) in ports and int(info.http.rpartition(":")[2]) in ports
+        assert ports.pop(ucx_port) == {"0.0.0.0"}, "the UCX listener's port"
+        assert ports and all(addresses == {"127.0.0.1"} for addresses in ports.values()), \
+            f"{node.node_id} listens beyond loopback: {ports}"
 
 
 def test_sigterm_drains_a_decode_node_its_streams_finish_and_new_requests_go_elsewhere(harness):

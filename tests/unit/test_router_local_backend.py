@@ -120,7 +120,10 @@ def test_duplicate_request_ids_are_refused(backend):
     async def scenario() -> BackendError:
         first = asyncio.ensure_future(collect(backend, request("dup", chat_prompt("one"), max_new_tokens=200,
                                                                ignore_eos=True)))
-        await asyncio.sleep(0.2)
+        for _ in range(200):   # until the first is in the engine (its input is processed on a thread)
+            if backend.stats()["num_requests_running"] >= 1:
+                break
+            await asyncio.sleep(0.05)
         try:
             await collect(backend, request("dup", chat_prompt("two"), max_new_tokens=4))
         except BackendError as e:
