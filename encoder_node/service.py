@@ -133,6 +133,8 @@ class EncoderService:
         if todo:
             for (key, pre), emb in zip(todo, self.vision.encode([pre for _, pre in todo]), strict=True):
                 self.cache.put(key, (emb, pre.layout))
+            if self.vision.device.type == "cuda":   # vision_ms is the GPU's time, not the launches'
+                torch.cuda.synchronize(self.vision.device)
         out = []
         for slots in per_request:
             items = [self.cache._items[k] for k in slots]
