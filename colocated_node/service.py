@@ -3,8 +3,9 @@ other nodes (the data-parallel baseline every disaggregated figure is compared a
 pool that serves when splitting does not pay).
 
 Queues, in order:
-  preparing -> GenerateRequest received: its images' pixels are preprocessed on worker threads
-               (`ColocatedEngine.prepare`), so the loop keeps stepping the batch meanwhile
+  preparing -> GenerateRequest received: its images are decoded (encoded bytes, held to the size
+               the router declared) and preprocessed on worker threads (`ColocatedEngine.prepare`),
+               so the loop keeps stepping the batch meanwhile; a bad image fails its request only
   engine    -> in the scheduler (waiting -> running): chunked, batched prefill with the prefix
                cache (keys include image hashes), then continuous batched decoding; the vision
                tower runs inside the step that first schedules the request's image tokens
@@ -29,6 +30,7 @@ from epd.engine.inputs import ImageInput
 from epd.engine.request import Request, TokenEvent
 from epd.engine.role_engines import ColocatedEngine
 from epd.engine.sampling import SamplingParams
+from epd.media.encoded import EncodedImage
 from epd.models.family import ImageLayout
 from epd.node.runtime import pool_status
 from epd.node.throughput import Throughput
@@ -79,7 +81,7 @@ class ColocatedService:
         try:
             params = SamplingParams.from_dict(msg.params)
             images = [ImageInput(ImageLayout.from_wire(p.layout), content_hash=p.content_hash or None,
-                                 source=Image.frombytes("RGB", (p.width, p.height), p.rgb)) for p in msg.images]
+                                 source=_source(p)) for p in msg.images]
         except ValueError as e:
             self._fail(identity, msg.rid, str(e))
             return
@@ -122,7 +124,7 @@ class ColocatedService:
                 stream.req = self.engine.new_request(stream.prepared.result(), stream.params, rid)
                 self.engine.add(stream.req)
             except ValueError as e:   # InputError, MediaError: the request is at fault
-                self._fail(stream.identity, rid, str(e))
+                self._fail(stream.identity, rid, str(e), bad_input=True)
                 continue
             except Exception as e:  # noqa: BLE001 - reported, the node keeps serving
                 log.exception("preparing request %s failed", rid)
@@ -162,10 +164,10 @@ class ColocatedService:
                 "colocated_received_at": protocol.wall_time(stream.arrived),
                 "prefill_started_at": protocol.wall_time(scheduled)}
 
-    def _fail(self, identity: bytes, rid: str, error: str) -> None:
+    def _fail(self, identity: bytes, rid: str, error: str, bad_input: bool = False) -> None:
         log.warning("request %s failed: %s", rid, error)
         self.runtime.send(identity, protocol.TokenDelta(rid, [], "", finished=True, error=error, stage=STAGE,
-                                                        node=self.runtime.node_id))
+                                                        node=self.runtime.node_id, bad_input=bad_input))
 
     def _drop(self, rid: str) -> None:
         """Abort: free whatever the request holds (no reply is owed)."""
@@ -206,3 +208,10 @@ class ColocatedService:
         for rid in list(self.preparing) + list(self.streams):
             self._drop(rid)
         self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _source(p: protocol.ImagePayload) -> EncodedImage | Image.Image:
+    """An image as the router sent it: encoded bytes (decoded when the request is prepared) or RGB."""
+    if p.data:
+        return EncodedImage.declared(p.data, p.width, p.height)
+    return Image.frombytes("RGB", (p.width, p.height), p.rgb)

@@ -18,6 +18,7 @@ from PIL import Image
 
 from epd import protocol
 from epd.config import ModelConfig
+from epd.media.encoded import EncodedImage, decode_each
 from epd.models.family import ImageLayout
 from epd.node.throughput import Throughput
 
@@ -126,7 +127,7 @@ class EncoderService:
                 if key not in uncached and self.cache.get(key) is None:
                     uncached[key] = payload
             per_request.append(keys)
-        images = [Image.frombytes("RGB", (p.width, p.height), p.rgb) for p in uncached.values()]
+        images = self._pixels(batch, per_request, uncached)
         layouts = [ImageLayout.from_wire(p.layout) for p in uncached.values()]
         todo = list(zip(uncached, self.processor.preprocess_many(images, layouts), strict=True))
         preprocess_ms = (time.monotonic() - t0) * 1e3
@@ -141,10 +142,39 @@ class EncoderService:
             out.append(([e.contiguous() for e, _ in items], [g for _, g in items]))
         return out, preprocess_ms
 
+    def _pixels(self, batch: list, per_request: list[list[str]], uncached: dict[str, Any]) -> list[Image.Image]:
+        """The uncached images' RGB pixels, in order: encoded bytes decoded on a few threads, each held
+        to its declared size (epd.media.encoded); RGB as it came. A request with an image that cannot
+        be decoded is failed and dropped from `batch` and `per_request`; the others go on."""
+        first_place: dict[str, int] = {}   # where a key first appears in its request: "image N" in errors
+        for slots in per_request:
+            for i, key in enumerate(slots):
+                first_place.setdefault(key, i)
+        encoded = [key for key, p in uncached.items() if p.data]
+        decoded = dict(zip(encoded, decode_each([EncodedImage.declared(uncached[k].data, uncached[k].width,
+                                                                       uncached[k].height) for k in encoded],
+                                                [first_place[k] for k in encoded]), strict=True))
+        bad = {key: str(result) for key, result in decoded.items() if isinstance(result, Exception)}
+        if bad:
+            kept = []
+            for item, slots in zip(batch, per_request, strict=True):
+                problem = next((bad[k] for k in slots if k in bad), None)
+                if problem is None:
+                    kept.append((item, slots))
+                else:
+                    self._report(item[0], item[1], ok=False, error=f"bad image: {problem}", bad_input=True)
+            batch[:], per_request[:] = [item for item, _ in kept], [slots for _, slots in kept]
+            for key in bad:
+                del uncached[key]
+        return [decoded[k] if k in decoded else Image.frombytes("RGB", (p.width, p.height), p.rgb)
+                for k, p in uncached.items()]
+
     def _report(self, identity: bytes, req: protocol.EncodeRequest, ok: bool, error: str = "",
-                timings: dict | None = None) -> None:
+                timings: dict | None = None, bad_input: bool = False) -> None:
+        """bad_input: the request's own data is at fault (an image that does not decode), not this node."""
+        info = {"cache_hits": self.cache.hits, **({"bad_input": True} if bad_input else {})}
         self.runtime.send(identity, protocol.StageReport(req.rid, "encode", self.runtime.node_id, ok, error,
-                                                         timings or {}, {"cache_hits": self.cache.hits}))
+                                                         timings or {}, info))
 
     def counters(self) -> dict[str, float]:
         return {"images": self.images_encoded}

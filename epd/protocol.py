@@ -36,11 +36,12 @@ from typing import Any
 
 import msgpack
 
-PROTOCOL_VERSION = 6
+PROTOCOL_VERSION = 7
 MAX_ID = 128                   # characters of a request or node id
 MAX_TOKENS = 1 << 20           # token ids in one message
 MAX_IMAGES = 256
 MAX_IMAGE_SIDE = 1 << 15
+MAX_IMAGE_BYTES = 64 << 20       # an image's encoded bytes (the router's own cap is lower: MediaLimits.max_bytes)
 
 
 class ProtocolError(ValueError):
@@ -54,13 +55,18 @@ def wall_time(monotonic_s: float) -> float:
 
 @dataclass
 class ImagePayload:
-    """Decoded RGB pixels (the router already fetched and validated the image) and the layout the
-    router gave it (epd.models.family.ImageLayout.to_wire): the embeddings must have it."""
+    """An image the router fetched and checked, in one of two forms: `data`, its encoded bytes as
+    the client gave them (the router read only their header; the node decodes them, EXIF orientation
+    applied, and fails the request unless the result is width x height: epd.media.encoded), or `rgb`,
+    its decoded RGB pixels (an image handed to the router already decoded); the other is empty.
+    width x height: its size once oriented. layout: what the router gave it
+    (epd.models.family.ImageLayout.to_wire): the embeddings must have it."""
     width: int
     height: int
     rgb: bytes
     content_hash: str
     layout: list[int] = field(default_factory=list)
+    data: bytes = b""
 
 
 @dataclass
@@ -134,6 +140,7 @@ class TokenDelta:
     stage: str = ""
     node: str = ""
     timings: dict[str, float] = field(default_factory=dict)
+    bad_input: bool = False            # with error: the request's own input is at fault (a 400), not the node
 
 
 @dataclass
@@ -350,6 +357,9 @@ def _limits(msg: Any) -> str:
     if isinstance(msg, ImagePayload):
         if not (0 < msg.width <= MAX_IMAGE_SIDE and 0 < msg.height <= MAX_IMAGE_SIDE):
             return f"image of {msg.width}x{msg.height} pixels"
+        if msg.data:
+            return "both RGB and encoded bytes" if msg.rgb else (
+                f"{len(msg.data)} encoded bytes, over {MAX_IMAGE_BYTES}" if len(msg.data) > MAX_IMAGE_BYTES else "")
         if len(msg.rgb) != msg.width * msg.height * 3:
             return f"{len(msg.rgb)} bytes of RGB for a {msg.width}x{msg.height} image"
     if isinstance(msg, PageList) and (len(msg.pages) > MAX_TOKENS or any(p < 0 for p in msg.pages)):

@@ -170,7 +170,7 @@ class DisaggBackend:
         try:
             inp = req.inp or await asyncio.to_thread(self.inputs.process, prompt=req.prompt,
                                                      input_ids=req.input_ids, image_data=req.images or None)
-            if inp.images:   # what the encoder is sent: each image's pixels and content hash, made once
+            if inp.images:   # what the encoder is sent: each image's encoded bytes and content hash, made once
                 await asyncio.to_thread(self.inputs.attach_sources, inp.images)
         except ValueError as e:
             raise BackendError(str(e), 400, getattr(e, "param", None)) from None
@@ -266,8 +266,8 @@ class DisaggBackend:
 
     async def _dispatch(self, req: BackendRequest, inp: ProcessedInput, flight: Flight) -> None:
         params = _params_dict(req)
-        images = [protocol.ImagePayload(im.source.width, im.source.height, im.source_rgb, im.content_hash or "",
-                                        im.layout.to_wire()) for im in inp.images]
+        images = [protocol.ImagePayload(im.source.width, im.source.height, im.source_rgb or b"", im.content_hash or "",
+                                        im.layout.to_wire(), im.source_data) for im in inp.images]   # bytes or RGB
         if "colocated" in flight.nodes:   # one node does it all: no room, no hand-over
             await self.clients.send(flight.nodes["colocated"].zmq,
                                     protocol.GenerateRequest(req.rid, inp.input_ids, images, params))
@@ -309,6 +309,8 @@ class DisaggBackend:
             if isinstance(msg, protocol.StageReport):
                 self._on_report(flight, msg)
                 continue
+            if msg.error and msg.bad_input:
+                raise BackendError(msg.error, 400, param="messages")
             if msg.error:
                 # before the first token, a hand-over that failed is the prefill node's doing
                 blamed = flight.nodes["prefill"].node_id if msg.stage == "transfer" and "prefill" not in flight.done \
@@ -336,6 +338,9 @@ class DisaggBackend:
                 return
 
     def _on_report(self, flight: Flight, msg: protocol.StageReport) -> None:
+        if not msg.ok and msg.info.get("bad_input") is True:   # the request's image, not the node
+            raise BackendError(f"image could not be decoded: {msg.error.removeprefix('bad image: ')}", 400,
+                               param="messages")
         if not msg.ok:   # embeddings that did not come are the encoder's doing, a failed hand-over decode's
             role = {"encode": "encoder", "transfer": "decode"}.get(msg.stage, "")
             blamed = flight.nodes[role].node_id if role in flight.nodes else ""

@@ -3,11 +3,13 @@
 Lifecycle of a chat request in `PromptBuilder.chat`:
 1. render `messages` with the chat template (`--chat-template` NAME|FILE, else the tokenizer's);
 2. count the images against `--limit-mm-per-prompt` (a 400 before anything is fetched), then fetch
-   every image concurrently with `aload_image` and the server-safe settings (no local files unless
+   every image concurrently with `aprobe_image` and the server-safe settings (no local files unless
    under `--allowed-local-media-path`, link-local / metadata hosts refused, `--allowed-media-domains`),
-   each reserving its header's pixels from the request's `PixelBudget` before it is decoded on the
-   builder's decoder pool (`decode_threads` images decoding at once, over all requests); the first
-   failure cancels the other fetches and becomes a 400 naming the message part;
+   each read up to its header on the builder's decoder pool (`decode_threads` at once, over all
+   requests): format, size (EXIF orientation applied) checked and reserved from the request's
+   `PixelBudget`. No pixel is decoded here: the node that runs the vision tower (or the local
+   backend) decodes the bytes, held to the size read here. The first failure cancels the other
+   fetches and becomes a 400 naming the message part;
 3. tokenize and expand each image placeholder to the image's token count (the layout comes from
    the image size alone; pixels are left to the backend), in a worker thread: the request's
    `ProcessedInput`, which the backend takes as it is (nothing is tokenized twice);
@@ -26,12 +28,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
-from PIL import Image
 
 from epd.chat.conversation import ChatTemplateError, ImageRef, render_messages
 from epd.config import ModelConfig, load_tokenizer
 from epd.engine.inputs import InputProcessor, ProcessedInput, outside_vocabulary
-from epd.media.loading import MediaError, MediaLimits, PixelBudget, aload_image
+from epd.media.encoded import EncodedImage, aprobe_image
+from epd.media.loading import MediaError, MediaLimits, PixelBudget
 from router.openai_format import APIError
 
 _UNLIMITED = 1 << 62     # the context check is done here, with the client-facing wording
@@ -47,7 +49,7 @@ def check_chat_template(model_path: str, template: str | None) -> None:
 @dataclass(frozen=True)
 class Prepared:
     inp: ProcessedInput              # tokenized, expanded, image layouts: what the backend runs
-    images: list[Image.Image]
+    images: list[EncodedImage]       # checked from their headers; decoded where their pixels are needed
     stop: tuple[str, ...] = ()       # stop strings of a built-in chat template
 
     @property
@@ -72,7 +74,7 @@ class PromptBuilder:
                                      limits=self.limits)
         self._lock = threading.Lock()      # one tokenizer, several worker threads
         self._http: httpx.AsyncClient | None = None
-        self._decoder: ThreadPoolExecutor | None = None   # shared by every request: bounds decoding memory
+        self._decoder: ThreadPoolExecutor | None = None   # shared by every request: reads the headers
 
     @property
     def max_context(self) -> int:
@@ -136,7 +138,7 @@ class PromptBuilder:
         with self._lock:
             return render_messages(messages, tokenizer=self.tokenizer, template=self.chat_template, tools=tools)
 
-    def _process(self, text: str | None, ids: list[int] | None, images: list[Image.Image],
+    def _process(self, text: str | None, ids: list[int] | None, images: list[EncodedImage],
                  where: str) -> ProcessedInput:
         try:
             with self._lock:
@@ -151,7 +153,7 @@ class PromptBuilder:
                                 f"token must be left to generate. Please reduce the length of the {where}.",
                            where, "context_length_exceeded")
 
-    async def _fetch(self, refs: list[ImageRef]) -> list[Image.Image]:
+    async def _fetch(self, refs: list[ImageRef]) -> list[EncodedImage]:
         if not refs:
             return []
         limit = self.limits.max_images
@@ -173,10 +175,10 @@ class PromptBuilder:
             raise
         return [t.result() for t in tasks]
 
-    async def _load(self, ref: ImageRef, index: int, budget: PixelBudget) -> Image.Image:
+    async def _load(self, ref: ImageRef, index: int, budget: PixelBudget) -> EncodedImage:
         if isinstance(ref.url, str):
-            return await aload_image(ref.url, allowed_local_dir=self.allowed_dir, allow_any_local=False,
-                                     limits=self.limits, index=index, param=ref.param, client=self._http,
-                                     budget=budget, decoder=self._decoder)
+            return await aprobe_image(ref.url, allowed_local_dir=self.allowed_dir, allow_any_local=False,
+                                      limits=self.limits, index=index, param=ref.param, client=self._http,
+                                      budget=budget, decoder=self._decoder)
         raise MediaError(f"image {index + 1}: give an image as a URL, data URI or (where allowed) a file path",
                          index=index, param=ref.param)

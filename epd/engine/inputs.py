@@ -5,9 +5,10 @@
 image's token count (`ModelFamily.expand`), and computes positions and the request's decode state
 (`ModelFamily.positions`). With pixels (a process that runs the vision tower) the images are
 preprocessed too (`preprocess`, or `process(..., with_pixels=True)`); the router processes a
-request once without them and sends the decoded image on. Mismatches between placeholders and
-images, and prompts longer than the context, raise `InputError` naming the problem; nothing is
-allocated before this succeeds.
+request once without them, reading only each image's header (`epd.media.encoded`), and sends the
+encoded bytes on: an `EncodedImage` source is decoded only where it is preprocessed. Mismatches
+between placeholders and images, and prompts longer than the context, raise `InputError` naming
+the problem; nothing is allocated before this succeeds.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from PIL import Image
 
 from epd.config import ModelConfig
 from epd.errors import InputError
+from epd.media.encoded import EncodedImage, decode_many, probe_image
 from epd.media.loading import DEFAULT_LIMITS, MediaLimits, image_content_hash, load_image
 from epd.models.family import DecodeState, ImageLayout
 
@@ -33,12 +35,17 @@ class ImageInput:
     pixels: Any = None                         # the family's preprocessed image, when the vision tower runs here
     embeddings: torch.Tensor | None = None     # [num_tokens, hidden], once encoded
     content_hash: str | None = None            # the image's identity: embedding-cache and prefix-cache key
-    source: Any = None                         # the PIL image, when pixels are left to the encoder
-    source_rgb: bytes | None = None            # and its raw RGB bytes (what the encoder is sent)
+    source: Any = None                         # PIL image or EncodedImage, while pixels are left to do
+    source_rgb: bytes | None = None            # a PIL source's raw RGB bytes (what a node is sent)
 
     @property
     def num_tokens(self) -> int:
         return self.layout.num_tokens
+
+    @property
+    def source_data(self) -> bytes:
+        """An EncodedImage source's bytes (what a node is sent, to decode itself); b"" otherwise."""
+        return self.source.data if isinstance(self.source, EncodedImage) else b""
 
 
 @dataclass
@@ -76,8 +83,7 @@ class InputProcessor:
         if not ids:
             raise InputError("the prompt is empty", "prompt")
         items = list(image_data or [])
-        loaded = {i: load_image(item, index=i, allow_any_local=True, limits=self.limits)
-                  for i, item in enumerate(items) if not isinstance(item, dict)}
+        loaded = {i: self._load(item, i) for i, item in enumerate(items) if not isinstance(item, dict)}
         images = [self._precomputed(i, item) if isinstance(item, dict) else self._image(loaded[i], len(items))
                   for i, item in enumerate(items)]
         if self.with_pixels:
@@ -97,12 +103,27 @@ class InputProcessor:
             return [self.tokenizer.bos_token_id, *self.tokenizer.encode(prompt[len(bos):], add_special_tokens=False)]
         return self.tokenizer.encode(prompt, add_special_tokens=False)
 
+    def _load(self, item: Any, index: int) -> Image.Image | EncodedImage:
+        """An item as a source: an EncodedImage (checked where it was made) as it is; without pixels
+        here, anything but a PIL image is read up to its header only; else loaded (decoded)."""
+        if isinstance(item, EncodedImage):
+            return item
+        if self.with_pixels or isinstance(item, Image.Image):
+            return load_image(item, index=index, allow_any_local=True, limits=self.limits)
+        return probe_image(item, index=index, allow_any_local=True, limits=self.limits)
+
     def preprocess(self, images: list[ImageInput]) -> None:
         """Preprocess the images that have a source and no pixels or embeddings yet (several on a
-        few threads); each keeps its layout, which must be the one its size gave."""
+        few threads; EncodedImage sources decoded first, each held to its size); each keeps its
+        layout, which must be the one its size gave."""
         todo = [im for im in images if im.source is not None and im.pixels is None and im.embeddings is None]
         if not todo:
             return
+        encoded = [(i, im) for i, im in enumerate(images) if isinstance(im.source, EncodedImage)
+                   and im.pixels is None and im.embeddings is None]
+        decoded = decode_many([im.source for _, im in encoded], [i for i, _ in encoded])
+        for (_, im), pil in zip(encoded, decoded, strict=True):
+            im.source = pil
         pres = self.image_processor.preprocess_many([im.source for im in todo], [im.layout for im in todo])
         for im, pre in zip(todo, pres, strict=True):
             if pre.layout != im.layout:
@@ -112,7 +133,7 @@ class InputProcessor:
             if self.image_keys:   # the pixels' identity names the image for prefix caching
                 im.content_hash = pre.content_key()
 
-    def _image(self, image: Image.Image, count: int) -> ImageInput:
+    def _image(self, image: Image.Image | EncodedImage, count: int) -> ImageInput:
         im = ImageInput(self.image_processor.layout(image, count), source=image)
         if self.image_keys and not self.with_pixels:
             self.attach_sources([im])
@@ -120,10 +141,12 @@ class InputProcessor:
 
     @staticmethod
     def attach_sources(images: list[ImageInput]) -> None:
-        """Each image's raw RGB bytes (what an encoder node is sent) and their content hash, where
-        not made yet."""
+        """Each image's content hash and, for a PIL source, its raw RGB bytes (what a node is sent;
+        an EncodedImage's bytes go as they are), where not made yet."""
         for im in images:
-            if im.source is not None and im.source_rgb is None:
+            if isinstance(im.source, EncodedImage):
+                im.content_hash = im.content_hash or im.source.content_hash()
+            elif im.source is not None and im.source_rgb is None:
                 im.source_rgb = im.source.tobytes()
                 im.content_hash = image_content_hash(im.source, im.source_rgb)
 

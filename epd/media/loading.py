@@ -12,6 +12,8 @@ Lifecycle of one item in ``load_image`` / ``aload_image``:
    its size bounds the images decoding at once across requests, so the pixels held by decoding stay
    under ``decode_threads * max_pixels * 3`` bytes (RGB).
 4. normalise: EXIF orientation applied, first frame only, RGB with alpha composited on white.
+The router stops after step 3's header checks (``epd.media.encoded``): the node that runs the vision
+tower decodes the bytes, held to the size the router read.
 
 Formats: PNG, JPEG, WEBP, GIF, BMP (OpenAI's list plus BMP); TIFF is opt-in (big parser, multi-page,
 rare on the web); PDF, SVG, HEIF/AVIF, ICO, PSD are named in errors, never decoded. ``min_side``
@@ -33,12 +35,14 @@ from __future__ import annotations
 
 import asyncio
 import binascii
+import contextlib
 import hashlib
 import io
 import os
 import re
 import stat
 import threading
+from collections.abc import Iterator
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,7 +84,7 @@ class MediaLimits:
     max_pixels: int = 25_000_000  # per image, from its header: 4K and 24 MP photos pass, a 49 MP bomb does not
     max_request_pixels: int = 100_000_000  # a request's images together; ~128k Qwen2-VL tokens of 28x28 px
     max_images: int = 32  # per request, counted before anything is fetched (vLLM's --limit-mm-per-prompt)
-    decode_threads: int = 4  # images decoding at once, over all requests (the router's decoder pool)
+    decode_threads: int = 4  # images decoding (router: header reads) at once, over all requests
     min_side: int = 1
     max_aspect_ratio: float = 200.0  # Qwen2-VL's processor refuses anything longer
     max_bytes: int = 20 * 1024 * 1024  # encoded size, for every kind of source
@@ -298,6 +302,20 @@ def _check_geometry(size: tuple[int, int], limits: MediaLimits, where: _Where) -
 
 def _decode(data: bytes, limits: MediaLimits, where: _Where, content_type: str | None = None,
             budget: PixelBudget | None = None) -> Image.Image:
+    fmt = _format_of(data, limits, where, content_type)
+    with pillow_errors(fmt, where, "decode"):
+        with Image.open(io.BytesIO(data), formats=[fmt]) as probe:
+            _check_geometry(probe.size, limits, where)  # header only: nothing decoded yet
+            if budget is not None:
+                budget.reserve(probe.size, where)
+            probe.verify()
+        img = Image.open(io.BytesIO(data), formats=[fmt])
+        img.load()
+    return _to_rgb(img, where, owned=True)
+
+
+def _format_of(data: bytes, limits: MediaLimits, where: _Where, content_type: str | None = None) -> str:
+    """The format of encoded bytes, from their magic, once it is one `limits` allow."""
     if not data:
         raise where.error("no image data (0 bytes)")
     if len(data) > limits.max_bytes:
@@ -309,21 +327,20 @@ def _decode(data: bytes, limits: MediaLimits, where: _Where, content_type: str |
     if fmt not in limits.allowed_formats:
         allowed = ", ".join(sorted(limits.allowed_formats))
         raise where.error(f"unsupported image format '{fmt}' (allowed: {allowed})")
+    return fmt
+
+
+@contextlib.contextmanager
+def pillow_errors(fmt: str, where: _Where, doing: str) -> Iterator[None]:
+    """Pillow's many exception types on hostile input as one MediaError (ours pass through)."""
     try:
-        with Image.open(io.BytesIO(data), formats=[fmt]) as probe:
-            _check_geometry(probe.size, limits, where)  # header only: nothing decoded yet
-            if budget is not None:
-                budget.reserve(probe.size, where)
-            probe.verify()
-        img = Image.open(io.BytesIO(data), formats=[fmt])
-        img.load()
+        yield
     except MediaError:
         raise
     except Image.DecompressionBombError as exc:
         raise where.error(f"over Pillow's pixel limit (decompression bomb?): {exc}") from exc
-    except Exception as exc:  # Pillow raises many types on hostile input
-        raise where.error(f"could not decode {fmt} image bytes (truncated or corrupt?)") from exc
-    return _to_rgb(img, where, owned=True)
+    except Exception as exc:
+        raise where.error(f"could not {doing} {fmt} image bytes (truncated or corrupt?)") from exc
 
 
 def _from_pil(img: Image.Image, limits: MediaLimits, where: _Where, budget: PixelBudget | None = None) -> Image.Image:

@@ -156,3 +156,35 @@ def test_mixed_pools_text_to_colocated_images_split_and_image_affinity(mixed):
     stats = mixed.backend.stats()
     assert stats["encoder_cache_hits_total"] >= 3 and stats["encoder_cache_queries_total"] >= 4
     mixed.assert_pools_intact()
+
+
+def _truncated_jpeg_uri() -> str:
+    """A JPEG whose header is whole (the router reads its size from it) and whose pixels are cut."""
+    import base64
+    import io
+
+    buf = io.BytesIO()
+    noise_image(200, 120, seed=3).save(buf, format="JPEG", quality=90)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()[:700]).decode()
+
+
+async def _error(backend: DisaggBackend, req) -> BackendError | None:
+    outcome = await _outcome(backend, req)
+    return outcome if isinstance(outcome, BackendError) else None
+
+
+@pytest.mark.parametrize("cluster", ["mixed", "pool"])
+def test_an_image_that_does_not_decode_on_the_node_is_the_client_s_400(cluster, request):
+    """The router reads only an image's header; the node decodes it (an encoder of the split pools,
+    or a colocated node). A cut JPEG fails there: the client gets a 400 naming the image, no node is
+    blamed, and the next request is served."""
+    h = request.getfixturevalue(cluster)
+    req = h.request(chat_prompt(IMAGE, "Describe it."), [_truncated_jpeg_uri()], max_new_tokens=3)
+    error = h.run(_error(h.backend, req))
+    assert error is not None and error.status == 400 and error.failed_node == ""
+    assert "image" in str(error) and ("truncated" in str(error).lower() or "decode" in str(error).lower()), error
+    node_role = "encoder" if cluster == "mixed" else "colocated"
+    assert node_role in SessionStore(h.backend.redis).get(req.rid).nodes
+    ok = h.generate(chat_prompt(IMAGE, "And this one?"), [noise_image(64, 64, seed=5)], max_new_tokens=3)
+    assert not ok.error and len(ok.token_ids) == 3
+    h.assert_pools_intact()

@@ -9,6 +9,7 @@ import ipaddress
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import httpx
@@ -17,7 +18,7 @@ from PIL import Image
 from test_media import _Handler, data_uri, encode, load_error, png, server  # noqa: F401
 from test_router_app import MAX_CONTEXT, assert_error, make_client, prompts  # noqa: F401
 
-from epd.media import loading
+from epd.media import encoded, loading
 from epd.media.fetching import address_refusal
 from epd.media.loading import MediaError, MediaLimits, PixelBudget, aload_image, load_image
 from router.main import build_parser, main
@@ -267,21 +268,23 @@ def test_bad_media_flags_stop_the_router_at_start(tiny_models, capsys, argv: lis
     assert code == 2 and message in capsys.readouterr().err
 
 
-# ---------------------------------------------------------------- decoding at once, over all requests
+# ---------------------------------------------------------------- header reading at once, over all requests
 
-class DecodeCounter:
-    """Wraps the real decode step: how many images are decoding now, and the most at once."""
+class CallCounter:
+    """Wraps a step: how many calls run now, the most at once, and how many in all. `hold_s`: each
+    call takes at least so long (a header is read in well under a millisecond: overlap would be luck)."""
 
-    def __init__(self, real) -> None:
-        self.real, self.now, self.peak, self.calls = real, 0, 0, 0
+    def __init__(self, real, hold_s: float = 0.0) -> None:
+        self.real, self.hold_s, self.now, self.peak, self.calls = real, hold_s, 0, 0, 0
         self._lock = threading.Lock()
 
-    def __call__(self, *args, **kw) -> Image.Image:
+    def __call__(self, *args, **kw):
         with self._lock:
             self.now += 1
             self.calls += 1
             self.peak = max(self.peak, self.now)
         try:
+            time.sleep(self.hold_s)
             return self.real(*args, **kw)
         finally:
             with self._lock:
@@ -289,11 +292,14 @@ class DecodeCounter:
 
 
 @pytest.mark.parametrize("threads", [2, 8])
-def test_decoding_at_once_is_bounded_over_concurrent_requests(tiny_models, monkeypatch, threads: int) -> None:
-    """8 requests of 4 large images each, all at once: never more than `decode_threads` images decode
-    at the same time (with 2: at most 2 x 0.8 MP x 3 B decoding), and the bound is reached."""
-    counter = DecodeCounter(loading._decode)
-    monkeypatch.setattr(loading, "_decode", counter)
+def test_the_router_reads_headers_on_a_bounded_pool_and_decodes_nothing(tiny_models, monkeypatch,
+                                                                        threads: int) -> None:
+    """8 requests of 4 large images each, all at once: every image is read up to its header, never
+    more than `decode_threads` at the same time (and the bound is reached); no pixel is decoded in the
+    router, the sizes and layouts come from the headers."""
+    decodes, probes = CallCounter(loading._decode), CallCounter(encoded.probe_bytes, hold_s=0.02)
+    monkeypatch.setattr(loading, "_decode", decodes)
+    monkeypatch.setattr(encoded, "probe_bytes", probes)
     builder = PromptBuilder(tiny_models["qwen2_vl"], 1 << 20, media_limits=MediaLimits(decode_threads=threads))
     uris = [data_uri(encode(Image.radial_gradient("L").resize((1024 + i, 768)).convert("RGB"))) for i in range(4)]
 
@@ -305,6 +311,7 @@ def test_decoding_at_once_is_bounded_over_concurrent_requests(tiny_models, monke
 
     prepared = asyncio.run(run())
     assert all([im.size for im in p.images] == [(1024 + i, 768) for i in range(4)] for p in prepared)
-    assert counter.calls == 32
-    assert counter.peak <= threads
-    assert counter.peak >= min(threads, 3), "decodes must overlap up to the bound"
+    assert all(im.num_tokens > 0 for p in prepared for im in p.inp.images)
+    assert probes.calls == 32 and decodes.calls == 0
+    assert probes.peak <= threads
+    assert probes.peak >= min(threads, 3), "header reads must overlap up to the bound"
