@@ -15,7 +15,8 @@ def main(argv: list[str] | None = None) -> int:
     config = ModelConfig.from_pretrained(args.model)
     engine_cfg = EngineConfig(model_path=args.model, device=args.engine["device"], dtype=args.engine["dtype"])
     device = engine_cfg.resolved_device()
-    service = EncoderService(config, str(device), engine_cfg.resolved_dtype(config))
+    service = EncoderService(config, str(device), engine_cfg.resolved_dtype(config),
+                             max_batch_image_tokens=args.max_batch_image_tokens)
     runtime = NodeRuntime(args, str(device), layout=None, capacity=service.max_batch_images)
     service.runtime = runtime
     run_node(runtime, service)

@@ -52,12 +52,13 @@ class EmbeddingCache:
 
 class EncoderService:
     def __init__(self, config: ModelConfig, device: str, dtype: torch.dtype, max_batch_images: int = 32,
-                 cache_entries: int = 256) -> None:
+                 cache_entries: int = 256, max_batch_image_tokens: int = 16384) -> None:
         self.config = config
         self.vision = config.family.build_vision(device, dtype)
         self.processor = config.family.image_processor(on_device=self.vision.device.type == "cuda")
         self.cache = EmbeddingCache(cache_entries)
         self.max_batch_images = max_batch_images
+        self.max_batch_image_tokens = max_batch_image_tokens   # a vision forward's size, in image tokens
         self.pending: OrderedDict[str, tuple[bytes, protocol.EncodeRequest, float]] = OrderedDict()
         self.images_encoded = 0   # the periodic stats line
         self.throughput = Throughput()   # image tokens per busy second (NodeStatus.rates)
@@ -88,12 +89,14 @@ class EncoderService:
     def tick(self) -> bool:
         if not self.pending:
             return False
-        batch, count = [], 0
-        for rid, item in list(self.pending.items()):
-            if batch and count + len(item[1].images) > self.max_batch_images:
+        batch, count, tokens = [], 0, 0
+        for rid, item in list(self.pending.items()):   # arrival order, by image tokens (and images)
+            needs = _image_tokens(item[1])
+            if batch and (count + len(item[1].images) > self.max_batch_images
+                          or tokens + needs > self.max_batch_image_tokens):
                 break
             batch.append(item)
-            count += len(item[1].images)
+            count, tokens = count + len(item[1].images), tokens + needs
             del self.pending[rid]
         t0 = time.monotonic()
         try:

@@ -65,6 +65,7 @@ class NodeArgs:
     advertise_host: str = ""             # what the registry publishes ("" = host)
     http_port: int | None = None         # /health and /metrics (None: not served)
     drain_timeout_s: float = 30.0
+    max_batch_image_tokens: int = 16384  # encoder: image tokens per vision forward
 
     @classmethod
     def from_cli(cls, role: str, argv: list[str] | None) -> NodeArgs:
@@ -82,7 +83,8 @@ class NodeArgs:
             engine["disable_prefix_caching"] = True
         return cls(role, a.model, a.redis_url, a.host, a.port, node_id, a.heartbeat_ttl, a.layer_group_size,
                    a.kv_timeout, engine, secret, a.log_level, not a.no_kv_ipc, a.ucx_progress,
-                   log_stats_interval(a), advertised_host(a.host, a.advertise_host), a.http_port, a.drain_timeout)
+                   log_stats_interval(a), advertised_host(a.host, a.advertise_host), a.http_port, a.drain_timeout,
+                   getattr(a, "max_batch_image_tokens", 16384))
 
 
 def advertised_host(bind: str, given: str | None) -> str:
@@ -127,6 +129,10 @@ def node_parser(role: str) -> argparse.ArgumentParser:
     ap.add_argument("--ucx-progress", default="thread", choices=["thread", "thread-polling"],
                     help="UCX progress thread; thread-polling spins a core (lower latency on an idle CPU "
                          "host, slower TTFT measured on the H100 host, see BENCHMARKS.md)")
+    if role == "encoder":
+        ap.add_argument("--max-batch-image-tokens", type=int, default=16384,
+                        help="image tokens one vision forward takes at most (requests are batched by their "
+                             "images' tokens; a request over it runs alone) (default: 16384)")
     add_engine_args(ap.add_argument_group("engine"))
     ap.add_argument("--cluster-secret-file", default=None,
                     help="the cluster secret every node and router holds (default: $EPD_CLUSTER_SECRET_FILE, "

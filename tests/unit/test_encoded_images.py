@@ -185,3 +185,30 @@ def test_the_encoder_fails_only_the_request_with_a_bad_image(tiny_models, qwen) 
     assert reports["ok"].ok and not reports["bad"].ok
     assert "decoded size 96x60 is not the 60x96 the router declared" in reports["bad"].error
     assert ImageLayout.from_wire(layout).num_tokens > 0 and not service.pending
+
+
+def test_the_encoder_batches_by_image_tokens(qwen) -> None:
+    """One vision forward takes requests in arrival order up to --max-batch-image-tokens; a request
+    over it alone still runs (alone)."""
+    from encoder_node.service import EncoderService
+
+    config, _ = qwen
+    sizes = [(96, 60), (96, 60), (200, 140), (96, 60)]
+    service = EncoderService(config, "cpu", torch.float32)
+    service.runtime = FakeRuntime()
+    per_request = []
+    for i, (w, h) in enumerate(sizes):
+        data = rotated_jpeg(1, (w, h))
+        layout = service.processor.layout(Image.new("RGB", (w, h))).to_wire()
+        per_request.append(ImageLayout.from_wire(layout).num_tokens)
+        payload = protocol.ImagePayload(w, h, b"", EncodedImage.declared(data, w, h).content_hash(), layout, data)
+        service.handle(f"r{i}".encode(), protocol.EncodeRequest(f"r{i}", [payload], "prefill", "127.0.0.1:1"))
+    service.max_batch_image_tokens = per_request[0] + per_request[1]   # the first two fit, the third not
+    batches = []
+    while service.pending:
+        before = set(service.pending)
+        assert service.tick()
+        batches.append(sorted(before - set(service.pending)))
+    assert per_request[2] > service.max_batch_image_tokens
+    assert batches == [["r0", "r1"], ["r2"], ["r3"]]
+    assert all(msg.ok for _, msg in service.runtime.sent)
