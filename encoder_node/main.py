@@ -7,6 +7,7 @@ from epd.config import ModelConfig
 from epd.engine.engine_core import EngineConfig
 from epd.node.node_loop import run_node
 from epd.node.runtime import NodeArgs, NodeRuntime, setup_logging
+from kv_transfer.cuda_ipc import ipc_capability
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -17,7 +18,8 @@ def main(argv: list[str] | None = None) -> int:
     device = engine_cfg.resolved_device()
     service = EncoderService(config, str(device), engine_cfg.resolved_dtype(config),
                              max_batch_image_tokens=args.max_batch_image_tokens)
-    runtime = NodeRuntime(args, str(device), layout=None, capacity=service.max_batch_images)
+    runtime = NodeRuntime(args, str(device), layout=None, capacity=service.max_batch_images,
+                          kv_ipc=ipc_capability(device, 1))   # prefill nodes' arenas it may write into
     service.runtime = runtime
     run_node(runtime, service)
     return 0

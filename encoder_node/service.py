@@ -2,8 +2,10 @@
 
 Queues: pending (EncodeRequests received) -> one batched vision forward per tick over every
 pending image not in the embedding cache -> sent (one UCX message per request, key
-`{rid}:emb`, one tensor per image, their layouts in the metadata). The cache is keyed by image
-content hash and layout, so a repeated image skips the vision tower. An Abort drops a pending request.
+`{rid}:emb`, one tensor per image, their layouts in the metadata), or, when the prefill node offered
+an `EmbeddingSlot` in time (CUDA IPC, `epd.node.embedding_arena`), written into its rows and
+announced by a message without tensors. The cache is keyed by image content hash and layout, so a
+repeated image skips the vision tower. An Abort drops a pending request.
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ from epd import protocol
 from epd.config import ModelConfig
 from epd.media.encoded import EncodedImage, decode_each
 from epd.models.family import ImageLayout
+from epd.node.embedding_arena import ArenaWriter
 from epd.node.throughput import Throughput
+from kv_transfer.registry import NodeRegistry
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +67,9 @@ class EncoderService:
         self.images_encoded = 0   # the periodic stats line
         self.throughput = Throughput()   # image tokens per busy second (NodeStatus.rates)
         self.runtime: Any = None   # set by main: NodeRuntime (send, transport, node_id)
+        self.arenas = ArenaWriter(self.vision.device) if self.vision.device.type == "cuda" else None
+        self.arena_writes = 0     # requests whose embeddings went into a prefill node's arena
+        self._last_arena_sweep = 0.0
         self._warm_up()
 
     def _warm_up(self) -> None:
@@ -76,8 +83,11 @@ class EncoderService:
                 return
             self.pending[msg.rid] = (identity, msg, time.monotonic())
             self.runtime.transport.connect(msg.prefill_ucx)  # overlap connection setup with encoding
+            if msg.emb_ipc and self.arenas is not None:   # the prefill node's slot may come
+                self.runtime.transport.expect(f"{msg.rid}:embslot", peer=msg.prefill_ucx, max_bytes=0)
         elif isinstance(msg, protocol.Abort):
-            self.pending.pop(msg.rid, None)
+            if self.pending.pop(msg.rid, None) is not None:
+                self.runtime.transport.ignore(f"{msg.rid}:embslot")
 
     def load(self) -> float:
         return float(len(self.pending))
@@ -87,6 +97,7 @@ class EncoderService:
         return len(self.pending) + self.runtime.transport.sends_in_flight
 
     def tick(self) -> bool:
+        self._unmap_gone_arenas()
         if not self.pending:
             return False
         batch, count, tokens = [], 0, 0
@@ -110,8 +121,7 @@ class EncoderService:
         self.images_encoded += count
         self.throughput.add(sum(_image_tokens(req) for _, req, _ in batch), encode_ms / 1e3)
         for (identity, req, arrived), (embeds, layouts) in zip(batch, results, strict=True):
-            meta = protocol.data_meta(protocol.Embeddings(req.rid, [layout.to_wire() for layout in layouts]))
-            self.runtime.transport.send(req.prefill_ucx, f"{req.rid}:emb", embeds, meta=meta)
+            self._send(req, embeds, layouts)
             self._report(identity, req, ok=True, timings={
                 "encoder_queue_ms": (t0 - arrived) * 1e3, "encode_ms": encode_ms,
                 "preprocess_ms": preprocess_ms, "vision_ms": encode_ms - preprocess_ms,
@@ -171,6 +181,45 @@ class EncoderService:
                 del uncached[key]
         return [decoded[k] if k in decoded else Image.frombytes("RGB", (p.width, p.height), p.rgb)
                 for k, p in uncached.items()]
+
+    def _send(self, req: protocol.EncodeRequest, embeds: list[torch.Tensor], layouts: list[ImageLayout]) -> None:
+        """Into the prefill node's arena when its slot is in and the write works, else over the wire."""
+        wires = [layout.to_wire() for layout in layouts]
+        transport = self.runtime.transport
+        slot = None
+        if req.emb_ipc and self.arenas is not None:
+            try:
+                msg = transport.poll(f"{req.rid}:embslot")
+                if msg is None:   # not in yet: the wire it is, and a late slot is dropped as it lands
+                    transport.ignore(f"{req.rid}:embslot")
+                else:
+                    slot = protocol.read_data_meta(msg.meta, protocol.EmbeddingSlot, req.rid)
+                    self.arenas.write(slot.arena, slot.first_row, embeds)
+            except Exception as e:  # noqa: BLE001 - the embeddings go over the wire instead
+                if slot is None or self.arenas.first_failure(slot.arena):
+                    log.warning("embeddings of %s to prefill node %s go over UCX: %s", req.rid, req.prefill_node,
+                                f"the CUDA IPC write failed ({e})" if slot else f"bad slot ({e})")
+                slot = None
+        if slot is not None:
+            self.arena_writes += 1
+            transport.send(req.prefill_ucx, f"{req.rid}:emb", [],
+                           meta=protocol.data_meta(protocol.Embeddings(req.rid, wires, in_arena=True)))
+        else:
+            transport.send(req.prefill_ucx, f"{req.rid}:emb", embeds,
+                           meta=protocol.data_meta(protocol.Embeddings(req.rid, wires)))
+
+    def _unmap_gone_arenas(self, every_s: float = 5.0) -> None:
+        """Every few seconds while arenas are mapped: unmap those of prefill nodes that left the registry."""
+        now = time.monotonic()
+        if self.arenas is None or not len(self.arenas.imports) or now - self._last_arena_sweep < every_s:
+            return
+        self._last_arena_sweep = now
+        try:
+            live = {n.node_id for n in NodeRegistry(self.runtime.redis, self.runtime.secret).list_nodes("prefill")}
+        except Exception:  # noqa: BLE001 - Redis down: nobody is known to be gone
+            return
+        for arena_id in self.arenas.drop_orphans(live):
+            log.info("unmapped the embedding arena %s of a prefill node that is gone", arena_id)
 
     def _report(self, identity: bytes, req: protocol.EncodeRequest, ok: bool, error: str = "",
                 timings: dict | None = None, bad_input: bool = False) -> None:

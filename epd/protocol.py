@@ -75,6 +75,7 @@ class EncodeRequest:
     images: list[ImagePayload]
     prefill_node: str
     prefill_ucx: str
+    emb_ipc: bool = False              # the prefill node may offer an EmbeddingSlot to write into (CUDA IPC)
 
 
 @dataclass
@@ -89,6 +90,7 @@ class PrefillRequest:
     encoder_ucx: str = ""              # the only peer whose embeddings are taken for this request
     kv_ipc: bool = False               # write the KV into decode's pages through CUDA IPC (same host and page size)
     image_hashes: list[str] = field(default_factory=list)   # each image's content hash ("" none): prefix caching
+    emb_ipc: bool = False              # offer the encoder an EmbeddingSlot in this node's arena (CUDA IPC)
 
 
 @dataclass
@@ -176,9 +178,21 @@ class NodeStatus:
 
 @dataclass
 class Embeddings:
-    """encoder -> prefill, key `{rid}:emb`: one tensor [tokens, hidden] per image, in order."""
+    """encoder -> prefill, key `{rid}:emb`: one tensor [tokens, hidden] per image, in order; or no
+    tensors and `in_arena`: written into the rows of the prefill node's EmbeddingSlot."""
     rid: str
     layouts: list[list[int]]
+    in_arena: bool = False
+
+
+@dataclass
+class EmbeddingSlot:
+    """prefill -> encoder, key `{rid}:embslot` (CUDA IPC): write the embeddings into the prefill
+    node's arena (`epd.node.embedding_arena`) from row `first_row` on, images in order."""
+    rid: str
+    arena: dict[str, Any]
+    first_row: int
+    rows: int
 
 
 @dataclass
@@ -236,6 +250,7 @@ MESSAGE_TYPES: dict[int, type] = {
     22: HandOver,
     23: PageList,
     24: Release,
+    25: EmbeddingSlot,
 }
 _TAGS = {cls: tag for tag, cls in MESSAGE_TYPES.items()}
 _ID = re.compile(rf"[A-Za-z0-9._:@/+\-]{{1,{MAX_ID}}}")
@@ -362,6 +377,8 @@ def _limits(msg: Any) -> str:
                 f"{len(msg.data)} encoded bytes, over {MAX_IMAGE_BYTES}" if len(msg.data) > MAX_IMAGE_BYTES else "")
         if len(msg.rgb) != msg.width * msg.height * 3:
             return f"{len(msg.rgb)} bytes of RGB for a {msg.width}x{msg.height} image"
+    if isinstance(msg, EmbeddingSlot) and not (0 <= msg.first_row < 1 << 31 and 0 < msg.rows <= MAX_TOKENS):
+        return f"rows {msg.first_row}+{msg.rows} out of range"
     if isinstance(msg, PageList) and (len(msg.pages) > MAX_TOKENS or any(p < 0 for p in msg.pages)):
         return "page ids out of range"
     if isinstance(msg, KVGroup) and not (len(msg.layers) == 2 and 0 <= msg.layers[0] < msg.layers[1] <= 1 << 12):

@@ -98,13 +98,18 @@ class IpcCapability:
         return cls(host, int(page_size), gpu, gpus)
 
 
+def ipc_writable(writer_capability: str, owner_capability: str) -> bool:
+    """Whether the writer's process can open the owner's GPU memory and write into it: one host key
+    (machine and IPC namespace) and the owner's pool on a GPU the writer sees. Either may be ""."""
+    writer, owner = IpcCapability.parse(writer_capability), IpcCapability.parse(owner_capability)
+    return writer is not None and owner is not None and writer.host == owner.host and owner.gpu in writer.visible
+
+
 def ipc_pairable(prefill_capability: str, decode_capability: str) -> bool:
-    """Whether the prefill node can write the KV straight into the decode node's pages: one host key
-    (machine and IPC namespace), one page size, and decode's pool on a GPU the prefill process sees
-    (it opens decode's pool handles and writes into them). Either string may be "" (no GPU)."""
+    """Whether the prefill node can write the KV straight into the decode node's pages: writable
+    (`ipc_writable`) and one page size."""
     prefill, decode = IpcCapability.parse(prefill_capability), IpcCapability.parse(decode_capability)
-    return prefill is not None and decode is not None and prefill.host == decode.host \
-        and prefill.page_size == decode.page_size and decode.gpu in prefill.visible
+    return ipc_writable(prefill_capability, decode_capability) and prefill.page_size == decode.page_size
 
 
 def gpu_uuid(index: int) -> str:
@@ -193,6 +198,14 @@ class PoolImports:
         if writer is None:
             writer = self._writers[desc["id"]] = PageWriter(local_layers, self.layers(desc))
         return writer
+
+    def mapped(self, desc: dict[str, Any]) -> torch.Tensor:
+        """The peer's one exported tensor (an embedding arena), mapped on first use; raises at once
+        for one found `unusable` before."""
+        why = self._unusable.get(desc["id"])
+        if why is not None:
+            raise RuntimeError(why)
+        return self.layers(desc)[0]
 
     def mark_unusable(self, desc: dict[str, Any], why: str) -> bool:
         """Stop using the pool `desc` (mapping or writing it failed); True the first time."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from epd.config import load_tokenizer
 from epd.engine.engine_core import EngineConfig, EngineCore
+from epd.node.embedding_arena import EmbeddingArena
 from epd.node.node_loop import run_node
 from epd.node.runtime import NodeArgs, NodeRuntime, kv_layout_of, setup_logging
 from kv_transfer.cuda_ipc import ipc_capability
@@ -22,6 +23,9 @@ def main(argv: list[str] | None = None) -> int:
     runtime = NodeRuntime(args, str(core.device), layout, capacity=engine.capacity,
                           kv_ipc=ipc_capability(core.device, engine.page_size), max_context=core.max_context)
     service.runtime = runtime
+    if core.device.type == "cuda" and args.kv_ipc and args.embedding_arena_tokens > 0:
+        service.arena = EmbeddingArena(args.embedding_arena_tokens, core.model_config.text.hidden_size, core.dtype,
+                                       core.device, owner=runtime.node_id, fence_timeout_s=args.kv_timeout)
     service.rooms = RoomStore(runtime.redis)
     run_node(runtime, service)
     return 0

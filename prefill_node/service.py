@@ -30,6 +30,7 @@ from epd.engine.request import Request
 from epd.engine.role_engines import FirstTokens, PrefillEngine
 from epd.engine.sampling import SamplingParams
 from epd.models.family import ImageLayout
+from epd.node.embedding_arena import EmbeddingArena
 from epd.node.handover import HandOverState, WireSender
 from epd.node.ipc_handover import IpcSender, announce_page_list
 from epd.node.runtime import pool_status
@@ -55,6 +56,7 @@ class Pending:
     sent_at: float = 0.0
     embeddings_at: float = 0.0   # when the loop took the encoder's embeddings (arrived, for text-only requests)
     embeddings_landed: float = 0.0   # when they landed (on the transport's thread)
+    embeddings_in_arena: bool = False   # the encoder wrote them into this node's arena (CUDA IPC)
     sender: WireSender | IpcSender | None = None
 
     def waits(self) -> dict[str, float]:
@@ -64,7 +66,8 @@ class Pending:
                 "prefill_received_at": protocol.wall_time(self.arrived),
                 "embeddings_landed_at": protocol.wall_time(self.embeddings_landed or self.embeddings_at),
                 "embeddings_taken_at": protocol.wall_time(self.embeddings_at),
-                "prefill_started_at": protocol.wall_time(self.started)}
+                "prefill_started_at": protocol.wall_time(self.started),
+                "embeddings_through_ipc": float(self.embeddings_in_arena)}
 
 
 class PrefillService:
@@ -85,6 +88,8 @@ class PrefillService:
         self.refused = 0                            # requests refused on arrival (duplicate id)
         self.prompt_tokens = 0                      # prompt tokens this node computed (the periodic stats line)
         self.throughput = Throughput()              # prompt tokens per busy second (NodeStatus.rates)
+        self.arena: EmbeddingArena | None = None    # encoders write embeddings here (CUDA IPC), set by main
+        self.embeddings_in_arena = 0                # requests whose embeddings came that way
         self.redis_watch = RedisWatch("prefill node")
 
     # ---- control messages ---------------------------------------------------------------
@@ -112,10 +117,23 @@ class PrefillService:
         transport.expect(f"{msg.rid}:emb", peer=msg.encoder_ucx or None,
                          max_bytes=tokens * self.core.model_config.text.hidden_size * EMBEDDING_BYTES)
         self.awaiting[msg.rid] = p
+        if msg.emb_ipc and self.arena is not None and msg.encoder_ucx:
+            self._offer_slot(msg, tokens)
+
+    def _offer_slot(self, msg: protocol.PrefillRequest, tokens: int) -> None:
+        """CUDA IPC: rows of this node's arena for the encoder to write the embeddings into (none free:
+        the encoder sends them over the wire, as it does when the slot comes late)."""
+        first_row = self.arena.reserve(msg.rid, tokens)
+        if first_row is not None:
+            self.runtime.transport.send(msg.encoder_ucx, f"{msg.rid}:embslot", [], meta=protocol.data_meta(
+                protocol.EmbeddingSlot(msg.rid, self.arena.desc, first_row, tokens)))
 
     def _abort(self, rid: str) -> None:
         transport = self.runtime.transport
-        for key in (f"{rid}:emb", f"{rid}:kvdst"):   # may still come: freed as they land
+        fenced = self.arena is not None and rid in self.arena.held and rid in self.awaiting
+        if fenced:   # the encoder may still write into the rows: they wait for its message
+            self.arena.fence(rid)
+        for key in ([] if fenced else [f"{rid}:emb"]) + [f"{rid}:kvdst"]:   # may still come: freed as they land
             transport.ignore(key)
         held = self.awaiting.pop(rid, None)
         p = self.active.pop(rid, None)
@@ -165,7 +183,7 @@ class PrefillService:
         return stepped   # waiting for embeddings or sends: the loop sleeps until the transport wakes it
 
     def counters(self) -> dict[str, float]:
-        return {"prompt tokens": self.prompt_tokens}
+        return {"prompt tokens": self.prompt_tokens, "embeddings through CUDA IPC": self.embeddings_in_arena}
 
     def load(self) -> float:
         return float(len(self.awaiting) + len(self.active))
@@ -180,17 +198,47 @@ class PrefillService:
                 msg = self.runtime.transport.poll(f"{rid}:emb")
                 if msg is None:
                     continue
-                emb = protocol.read_data_meta(msg.meta, protocol.Embeddings, rid)
-                if emb.layouts != p.msg.images or len(msg.tensors) != len(p.msg.images):
-                    raise protocol.ProtocolError("the encoder's image layouts do not match the router's")
+                tensors = self._embeddings(rid, p, msg)
             except Exception as e:  # noqa: BLE001 - transfer failures fail the request
                 del self.awaiting[rid]
+                if self.arena is not None:
+                    self.arena.release(rid)   # the encoder's message failed: it writes no more
                 self._report(p, "encode", ok=False,
                              error=f"embeddings from encoder node {p.msg.encoder_node} failed: {e}")
                 continue
             del self.awaiting[rid]
             p.embeddings_at, p.embeddings_landed = time.monotonic(), msg.landed_at
-            self._start(p, [t.to(self.core.device, self.core.dtype) for t in msg.tensors])
+            self._start(p, tensors)
+        self._poll_fenced()
+
+    def _embeddings(self, rid: str, p: Pending, msg: Any) -> list[torch.Tensor]:
+        """The encoder's embeddings for `rid`: from this node's arena (CUDA IPC) or the message."""
+        emb = protocol.read_data_meta(msg.meta, protocol.Embeddings, rid)
+        offered = self.arena is not None and rid in self.arena.held
+        if emb.layouts != p.msg.images or len(msg.tensors) != (0 if emb.in_arena else len(p.msg.images)) \
+                or (emb.in_arena and not offered):
+            raise protocol.ProtocolError("the encoder's image layouts do not match the router's")
+        if emb.in_arena:
+            self.embeddings_in_arena += 1
+            p.embeddings_in_arena = True
+            return self.arena.take(rid, [values[0] for values in p.msg.images])
+        if offered:
+            self.arena.release(rid)
+        return [t.to(self.core.device, self.core.dtype) for t in msg.tensors]
+
+    def _poll_fenced(self) -> None:
+        """Rows of dropped requests are free once the encoder's message is in (or the fence times out)."""
+        if self.arena is None or not self.arena.fenced:
+            return
+        for rid in list(self.arena.fenced):
+            try:
+                landed = self.runtime.transport.poll(f"{rid}:emb") is not None
+            except Exception:  # noqa: BLE001 - the encoder's message failed: it writes no more
+                landed = True
+            if landed:
+                self.arena.release(rid)
+        for rid in self.arena.expire_fences():
+            self.runtime.transport.ignore(f"{rid}:emb")
 
     def _step(self) -> bool:
         now = time.monotonic()

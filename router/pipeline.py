@@ -26,7 +26,7 @@ from epd import protocol
 from epd.config import ModelConfig, load_tokenizer
 from epd.engine.inputs import InputProcessor, ProcessedInput
 from kv_transfer.auth import ClusterSecret
-from kv_transfer.cuda_ipc import ipc_pairable
+from kv_transfer.cuda_ipc import ipc_pairable, ipc_writable
 from kv_transfer.layout import KVLayout, LayoutMismatchError
 from kv_transfer.redis_util import RedisWatch, connect
 from kv_transfer.rooms import RoomStore
@@ -275,15 +275,16 @@ class DisaggBackend:
             return
         p, d = flight.nodes["prefill"], flight.nodes["decode"]
         kv_ipc = ipc_pairable(p.kv_ipc, d.kv_ipc)
+        emb_ipc = bool(inp.images) and ipc_writable(flight.nodes["encoder"].kv_ipc, p.kv_ipc)
         if inp.images:   # first: the encoder is the head of the critical path
             await self.clients.send(flight.nodes["encoder"].zmq, protocol.EncodeRequest(req.rid, images,
-                                                                                       p.node_id, p.ucx))
+                                                                                       p.node_id, p.ucx, emb_ipc))
         await self._redis(self._open, flight)   # the encoder needs no room: it is already at work
         await self.clients.send(p.zmq, protocol.PrefillRequest(
             req.rid, inp.input_ids, [im.layout.to_wire() for im in inp.images], params, d.node_id, d.ucx,
             flight.nodes["encoder"].node_id if inp.images else "",
             encoder_ucx=flight.nodes["encoder"].ucx if inp.images else "", kv_ipc=kv_ipc,
-            image_hashes=[im.content_hash or "" for im in inp.images]))
+            image_hashes=[im.content_hash or "" for im in inp.images], emb_ipc=emb_ipc))
         await self.clients.send(d.zmq, protocol.DecodeRequest(req.rid, inp.input_ids, params, p.node_id,
                                                               p.layout_hash, p.ucx, kv_ipc))
         await self._redis(self.sessions.advance, req.rid, Stage.ENCODING if inp.images else Stage.PREFILLING)

@@ -66,6 +66,7 @@ class NodeArgs:
     http_port: int | None = None         # /health and /metrics (None: not served)
     drain_timeout_s: float = 30.0
     max_batch_image_tokens: int = 16384  # encoder: image tokens per vision forward
+    embedding_arena_tokens: int = 32768  # prefill: rows encoders may write embeddings into (CUDA IPC)
 
     @classmethod
     def from_cli(cls, role: str, argv: list[str] | None) -> NodeArgs:
@@ -84,7 +85,7 @@ class NodeArgs:
         return cls(role, a.model, a.redis_url, a.host, a.port, node_id, a.heartbeat_ttl, a.layer_group_size,
                    a.kv_timeout, engine, secret, a.log_level, not a.no_kv_ipc, a.ucx_progress,
                    log_stats_interval(a), advertised_host(a.host, a.advertise_host), a.http_port, a.drain_timeout,
-                   getattr(a, "max_batch_image_tokens", 16384))
+                   getattr(a, "max_batch_image_tokens", 16384), getattr(a, "embedding_arena_tokens", 32768))
 
 
 def advertised_host(bind: str, given: str | None) -> str:
@@ -133,6 +134,11 @@ def node_parser(role: str) -> argparse.ArgumentParser:
         ap.add_argument("--max-batch-image-tokens", type=int, default=16384,
                         help="image tokens one vision forward takes at most (requests are batched by their "
                              "images' tokens; a request over it runs alone) (default: 16384)")
+    if role == "prefill":
+        ap.add_argument("--embedding-arena-tokens", type=int, default=32768,
+                        help="on a GPU: image-token rows an encoder on this host writes embeddings into through "
+                             "CUDA IPC (32768 x hidden size x dtype bytes of GPU memory; 0: embeddings always "
+                             "come over UCX; --no-kv-ipc turns this off too) (default: 32768)")
     add_engine_args(ap.add_argument_group("engine"))
     ap.add_argument("--cluster-secret-file", default=None,
                     help="the cluster secret every node and router holds (default: $EPD_CLUSTER_SECRET_FILE, "

@@ -1,5 +1,6 @@
 """Same-host KV hand-over through CUDA IPC: the page-copy kernel, real prefill/decode node
-processes on one GPU whose greedy tokens equal the colocated engine's and the UCX path's, the
+processes on one GPU whose greedy tokens equal the colocated engine's and the UCX path's (the
+encoder writing the image embeddings into the prefill node's arena, or sending them over UCX), the
 same tokens when prefill cannot open decode's pool (the KV goes over the wire instead), the
 capability a node publishes, and an abort while prefill may still write into decode's pages."""
 
@@ -60,6 +61,9 @@ ROLES = {"encoder": [[]], "prefill": [[]], "decode": [[]]}
 SMALL_POOLS = ["--kv-cache-tokens", "16384"]   # node pools of a few MB, whatever this process holds
 
 
+EMBEDDINGS_VIA_IPC: dict[str, list[float]] = {}   # per run directory: embeddings_through_ipc of each image request
+
+
 def _run(model, tmp, extra, env=None):
     common = ["--dtype", "float32", "--heartbeat-ttl", "2", *SMALL_POOLS, *extra]
     out = []
@@ -69,6 +73,8 @@ def _run(model, tmp, extra, env=None):
             got = h.generate(prompt, images, max_new_tokens=12)
             assert not got.error, got.error
             out.append(got.token_ids)
+            if images:
+                EMBEDDINGS_VIA_IPC.setdefault(tmp, []).append(got.timings.get("embeddings_through_ipc"))
         h.assert_pools_intact()
         if "--no-kv-ipc" not in extra:   # a decode node that leaves must not keep its pool mapped in prefill
             prefill, decode = h.node("prefill"), h.node("decode")
@@ -88,6 +94,8 @@ def test_disaggregated_over_cuda_ipc_equals_ucx_and_colocated(tiny_models, tmp_p
     ucx = _run(model, str(tmp_path / "ucx"), ["--no-kv-ipc"])
     logs = "".join(open(p).read() for p in glob.glob(str(tmp_path / "ucx" / "prefill-*.log")))
     assert "through CUDA IPC" not in logs
+    assert EMBEDDINGS_VIA_IPC[str(tmp_path / "ipc")] == [1.0], "the encoder wrote into the prefill node's arena"
+    assert EMBEDDINGS_VIA_IPC[str(tmp_path / "ucx")] == [0.0], "--no-kv-ipc: embeddings over UCX"
     with Engine(model_path=model, device="cuda", dtype="float32") as llm:
         colocated = [llm.generate(prompt=p, image_data=[noise_image(w, h, seed=i) for i, (w, h) in enumerate(s)]
                                   or None, sampling_params={"temperature": 0, "max_new_tokens": 12})["output_ids"]
