@@ -1,0 +1,79 @@
+"""Llama 4's mixture-of-experts feed-forward: a router, routed experts, and a shared expert.
+
+For each token the router's logits pick the top-k experts; each picked expert's score is the
+sigmoid of its logit (not a softmax over the picks), and it scales the token's *input* to that
+expert, before the expert's nonlinearity: out = shared(x) + sum_e expert_e(sigmoid(logit_e) * x).
+
+The experts run grouped: the (token, expert) pairs are sorted by expert, and each expert with
+tokens does one matmul over its own rows (decode's few tokens touch only their experts' weights).
+The experts' weights keep the checkpoint's batched layout, `gate_up_proj` [E, H, 2I] (gate first)
+and `down_proj` [E, I, H], multiplied from the right, so they load as stored. Parameter names are
+the checkpoint's below `feed_forward.`: `router.weight`, `experts.gate_up_proj`,
+`experts.down_proj`, `shared_expert.{gate,up,down}_proj.weight`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from epd.config import TextConfig
+from epd.layers.mlp import GatedMLP
+
+
+def route(router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """router_logits [T, E] -> (scores [T, k] in the logits' dtype, expert ids [T, k]); the sigmoid
+    runs in float32."""
+    top_logits, expert_ids = torch.topk(router_logits, top_k, dim=1)
+    return torch.sigmoid(top_logits.float()).to(router_logits.dtype), expert_ids
+
+
+def grouped_experts(x: torch.Tensor, scores: torch.Tensor, expert_ids: torch.Tensor,
+                    gate_up_proj: torch.Tensor, down_proj: torch.Tensor) -> torch.Tensor:
+    """sum over each token's k experts of down(silu(gate) * up) of its score-scaled input.
+
+    x [T, H]; scores, expert_ids [T, k]; gate_up_proj [E, H, 2I]; down_proj [E, I, H] -> [T, H].
+    """
+    num_tokens, top_k = expert_ids.shape
+    flat_ids = expert_ids.reshape(-1)                                 # pair p = (token p // k, pick p % k)
+    order = torch.argsort(flat_ids, stable=True)                     # pairs grouped by expert
+    token_of_row = order // top_k
+    rows = x[token_of_row] * scores.reshape(-1)[order, None]          # [T * k, H], scaled before the expert
+    counts = torch.bincount(flat_ids, minlength=gate_up_proj.shape[0]).tolist()
+    outputs = torch.empty_like(rows)
+    start = 0
+    for expert, count in enumerate(counts):
+        if count:
+            gate, up = (rows[start:start + count] @ gate_up_proj[expert]).chunk(2, dim=-1)
+            outputs[start:start + count] = (F.silu(gate) * up) @ down_proj[expert]
+            start += count
+    per_pair = torch.empty_like(outputs)
+    per_pair[order] = outputs                                         # back to (token, pick) order
+    return per_pair.view(num_tokens, top_k, -1).sum(dim=1)
+
+
+class RoutedExperts(nn.Module):
+    """The experts' weights, in the checkpoint's layout."""
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int) -> None:
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, hidden_size, 2 * intermediate_size))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, intermediate_size, hidden_size))
+
+
+class Llama4MoE(nn.Module):
+    """x [T, H] -> shared_expert(x) + the routed experts' sum [T, H]."""
+
+    def __init__(self, expert_cfg: TextConfig, num_experts: int, top_k: int) -> None:
+        """expert_cfg: the text config with `intermediate_size` set to one expert's width."""
+        super().__init__()
+        self.top_k = top_k
+        self.router = nn.Linear(expert_cfg.hidden_size, num_experts, bias=False)
+        self.experts = RoutedExperts(num_experts, expert_cfg.hidden_size, expert_cfg.intermediate_size)
+        self.shared_expert = GatedMLP(expert_cfg)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scores, expert_ids = route(self.router(x), self.top_k)
+        routed = grouped_experts(x, scores, expert_ids, self.experts.gate_up_proj, self.experts.down_proj)
+        return self.shared_expert(x) + routed
