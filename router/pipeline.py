@@ -211,7 +211,7 @@ class DisaggBackend:
             self.clients.unsubscribe(req.rid)
             del self.inflight[req.rid]
             for node in flight.nodes.values():
-                self.pool.end(node.node_id)
+                self.pool.end(node.node_id, req.rid)
             if not flight.finished:
                 self._abort(flight)
             if self.redis_watch.up:
@@ -241,7 +241,7 @@ class DisaggBackend:
                                f"first token, over the {self.ttft_target_s * 1e3:.0f} ms target; retry later", 429,
                                code="overloaded", retry_after=max(1.0, wait_s - self.ttft_target_s))
         for role, node in nodes.items():
-            self.pool.assign(role, node, work)
+            self.pool.assign(role, node, work, rid)
             self.pool.begin(node.node_id)
         return Flight(rid, nodes)
 

@@ -40,7 +40,8 @@ class PoolView:
         self.nodes: dict[str, dict[str, NodeInfo]] = {role: {} for role in ROLES}
         self.inflight: dict[str, int] = defaultdict(int)
         self.reports: dict[str, protocol.NodeStatus] = {}      # node id -> its latest own report
-        self.sent: dict[str, float] = defaultdict(float)       # node id -> work sent since that report
+        # node id -> {request id: work} sent since that node's last report and not finished since
+        self.sent: dict[str, dict[str, float]] = defaultdict(dict)
         self.prefixes = {role: PrefixIndex() for role in ("prefill", "colocated")}
         self.affinity_picks: dict[str, int] = defaultdict(int)  # role -> picks made for cached inputs
         self._rr = {role: itertools.count() for role in ROLES}
@@ -54,7 +55,7 @@ class PoolView:
 
     def reported(self, status: protocol.NodeStatus) -> None:
         self.reports[status.node] = status
-        self.sent[status.node] = 0.0
+        self.sent[status.node] = {}
 
     def alive(self, role: str, node_id: str) -> bool:
         return node_id in self.nodes[role]
@@ -87,10 +88,10 @@ class PoolView:
                 self.affinity_picks[role] += 1
         return chosen
 
-    def assign(self, role: str, node: NodeInfo, work: Work) -> None:
-        """The request goes to `node`: its work counts there until the node's next report, and
-        (prefix pools) its blocks are remembered there."""
-        self.sent[node.node_id] += work.amount(role) if role != "decode" else work.prompt_tokens
+    def assign(self, role: str, node: NodeInfo, work: Work, rid: str = "") -> None:
+        """The request goes to `node`: its work counts there until the node's next report or the
+        request's end, and (prefix pools) its blocks are remembered there."""
+        self.sent[node.node_id][rid] = work.amount(role) if role != "decode" else work.prompt_tokens
         if role in self.prefixes:
             self.prefixes[role].record(work.block_hashes, node.node_id)
 
@@ -105,14 +106,18 @@ class PoolView:
         the fraction of its KV pages in use, the prompts sent since counted in)."""
         status = self.reports.get(node_id)
         if status is None:
-            return self.sent[node_id]
+            return sum(self.sent[node_id].values())
         if role == "decode":
             tokens = max(1, status.pages_total * max(1, status.page_size))
-            return (status.pages_total - status.pages_free) / max(1, status.pages_total) + self.sent[node_id] / tokens
-        return status.queues.get(LOAD_QUEUE[role], 0) + self.sent[node_id]
+            return (status.pages_total - status.pages_free) / max(1, status.pages_total) \
+                + sum(self.sent[node_id].values()) / tokens
+        return status.queues.get(LOAD_QUEUE[role], 0) + sum(self.sent[node_id].values())
 
     def begin(self, node_id: str) -> None:
         self.inflight[node_id] += 1
 
-    def end(self, node_id: str) -> None:
+    def end(self, node_id: str, rid: str = "") -> None:
+        """The request is over on the node: what was sent for it no longer waits there (a report
+        taken meanwhile counted it, and the next one will not)."""
         self.inflight[node_id] = max(0, self.inflight[node_id] - 1)
+        self.sent[node_id].pop(rid, None)

@@ -50,15 +50,16 @@ def test_redis_restart_under_load(tmp_path):
         redis.stop()
         down_at = time.monotonic()
         time.sleep(4)
+        restart_at = time.monotonic()   # from here Redis may answer, empty, before the nodes register again
         redis = PrivateRedis(redis.port, redis.password).start()
         up_at = time.monotonic()
         time.sleep(8)
         stop.set()
         worker.join(60)
-        during = [r for r in results if down_at + 1.5 < r[0] < up_at]
+        during = [r for r in results if down_at + 1.5 < r[0] < restart_at]
         after = [r for r in results if r[0] > up_at + 5]
-        assert during and all(status == 503 and retry and body["error"]["code"] == "redis_unavailable"
-                              for _, status, retry, body in during), during[:3]
+        odd = [r for r in during if not (r[1] == 503 and r[2] and r[3]["error"]["code"] == "redis_unavailable")]
+        assert during and not odd, odd[:3]
         assert after and all(status == 200 for _, status, _, _ in after), after[:3]
         answers = {body["choices"][0]["message"]["content"] for _, status, _, body in results if status == 200}
         assert len(answers) == 1, "every served request is the same greedy answer"

@@ -63,7 +63,7 @@ def test_cache_aware_sends_a_repeated_prompt_to_its_node_unless_it_is_much_busie
     _report(pool, "c2", 0)
     work = _work(list(range(10 * BLOCK_TOKENS)))
     first = pool.pick("colocated", work=work)
-    pool.assign("colocated", first, work)
+    pool.assign("colocated", first, work, "r1")
     other = "c2" if first.node_id == "c1" else "c1"
     _report(pool, first.node_id, 2 * len(work.block_hashes) * BLOCK_TOKENS)   # busy, but not too busy
     assert pool.pick("colocated", work=work).node_id == first.node_id
@@ -78,9 +78,11 @@ def test_least_load_reads_the_nodes_reports_and_what_was_sent_since():
     _report(pool, "p2", 100)
     work = _work(list(range(300)))
     assert pool.pick("prefill", work=work).node_id == "p2"
-    pool.assign("prefill", pool.nodes["prefill"]["p2"], work)   # p2: 100 + 300 sent since
-    pool.assign("prefill", pool.nodes["prefill"]["p2"], work)   # 700 now
+    pool.assign("prefill", pool.nodes["prefill"]["p2"], work, "r1")   # p2: 100 + 300 sent since
+    pool.assign("prefill", pool.nodes["prefill"]["p2"], work, "r2")   # 700 now
     assert pool.pick("prefill", work=work).node_id == "p1"
+    pool.end("p2", "r1")   # over before p2 reported again: 400
+    assert pool.load("prefill", "p2") == 400 and pool.pick("prefill", work=work).node_id == "p2"
     _report(pool, "d1", pages=(100, 10))    # 90 % of its pages in use
     _report(pool, "d2", pages=(100, 60))
     assert pool.pick("decode", work=work).node_id == "d2"
