@@ -79,6 +79,28 @@ def write_json(path: str, obj: dict) -> None:
         json.dump(obj, f, indent=2)
 
 
+def write_config_and_weights(out_dir: str, config: dict[str, Any], config_class: type,
+                             random_weights: Callable[[Any, int, str, torch.dtype], dict[str, torch.Tensor]],
+                             seed: int, device: str, dtype: torch.dtype, weights: bool = True) -> Any:
+    """A checkpoint whose config nests a `text_config`: config.json (read back by transformers,
+    which must make a `config_class` of it), random weights (unless `weights` is False) and
+    generation_config.json (greedy, the text config's token ids). Returns transformers' config."""
+    from transformers import AutoConfig
+
+    os.makedirs(out_dir, exist_ok=True)
+    write_json(os.path.join(out_dir, "config.json"), config)
+    hf_config = AutoConfig.from_pretrained(out_dir)
+    if not isinstance(hf_config, config_class):
+        raise TypeError(f"config.json loads as {type(hf_config).__name__}, not {config_class.__name__}")
+    if weights:
+        save_weights(random_weights(hf_config, seed, device, dtype), out_dir)
+    text = config["text_config"]
+    write_json(os.path.join(out_dir, "generation_config.json"),
+               {"bos_token_id": text["bos_token_id"], "eos_token_id": text["eos_token_id"],
+                "pad_token_id": text["pad_token_id"], "do_sample": False})
+    return hf_config
+
+
 def write_tiny_model(arch: str, out_dir: str, preset: str = "tiny", seed: int = 0,
                      device: str = "cpu", overrides: dict | None = None) -> str:
     """Write a random checkpoint of `arch` (a registered model_type) at `preset` size into

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from epd.models.llama4.tokenizer import OFFSETS, build_tokenizer, save_tokenizer
-from epd.models.tiny_model import random_state_dict, save_weights, write_json
+from epd.models.tiny_model import random_state_dict, write_config_and_weights, write_json
 
 PRESETS = ("tiny", "scout-12l")
 MEAN, STD = [0.5, 0.5, 0.5], [0.5, 0.5, 0.5]
@@ -102,24 +102,15 @@ def random_weights(hf_config: Any, seed: int, device: str, dtype: torch.dtype) -
 def write_tiny(arch: str, out_dir: str, preset: str = "tiny", seed: int = 0, device: str = "cpu",
                overrides: dict | None = None, weights: bool = True) -> None:
     """A checkpoint directory of `preset`; weights=False writes everything but the weights."""
-    from transformers import AutoConfig, Llama4Config
+    from transformers import Llama4Config
 
     if preset not in PRESETS:
         raise ValueError(f"no preset {preset!r} for llama4; choose from {', '.join(PRESETS)}")
-    os.makedirs(out_dir, exist_ok=True)
     config = build_config(preset)
     config.update(overrides or {})
-    write_json(os.path.join(out_dir, "config.json"), config)
-    hf_config = AutoConfig.from_pretrained(out_dir)
-    if not isinstance(hf_config, Llama4Config):
-        raise TypeError(f"config.json loads as {type(hf_config).__name__}, not Llama4Config")
-    if weights:
-        dtype = torch.float32 if preset == "tiny" else torch.bfloat16
-        save_weights(random_weights(hf_config, seed, device, dtype), out_dir)
+    dtype = torch.float32 if preset == "tiny" else torch.bfloat16
+    write_config_and_weights(out_dir, config, Llama4Config, random_weights, seed, device, dtype, weights)
     text = config["text_config"]
-    write_json(os.path.join(out_dir, "generation_config.json"),
-               {"bos_token_id": text["bos_token_id"], "eos_token_id": text["eos_token_id"],
-                "pad_token_id": text["pad_token_id"], "do_sample": False})
     save_tokenizer(build_tokenizer(_BASE_VOCAB[preset], seed), out_dir, text["max_position_embeddings"])
     tile = config["vision_config"]["image_size"]
     write_json(os.path.join(out_dir, "preprocessor_config.json"), _processor_config(tile))

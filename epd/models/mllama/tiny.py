@@ -21,7 +21,7 @@ import torch
 from epd.models.mllama.image_processor import supported_aspect_ratios
 from epd.models.mllama.names import hub_name
 from epd.models.mllama.tokenizer import build_tokenizer, save_tokenizer
-from epd.models.tiny_model import random_state_dict, save_weights, write_json
+from epd.models.tiny_model import random_state_dict, write_config_and_weights, write_json
 
 PRESETS = ("tiny", "11b")
 CLIP_MEAN, CLIP_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
@@ -97,24 +97,15 @@ def random_weights(hf_config: Any, seed: int, device: str, dtype: torch.dtype) -
 def write_tiny(arch: str, out_dir: str, preset: str = "tiny", seed: int = 0, device: str = "cpu",
                overrides: dict | None = None, weights: bool = True) -> None:
     """A checkpoint directory of `preset`; weights=False writes everything but the weights."""
-    from transformers import AutoConfig, MllamaConfig
+    from transformers import MllamaConfig
 
     if preset not in PRESETS:
         raise ValueError(f"no preset {preset!r} for mllama; choose from {', '.join(PRESETS)}")
-    os.makedirs(out_dir, exist_ok=True)
     config = build_config(preset)
     config.update(overrides or {})
-    write_json(os.path.join(out_dir, "config.json"), config)
-    hf_config = AutoConfig.from_pretrained(out_dir)
-    if not isinstance(hf_config, MllamaConfig):
-        raise TypeError(f"config.json loads as {type(hf_config).__name__}, not MllamaConfig")
-    if weights:
-        dtype = torch.float32 if preset == "tiny" else torch.bfloat16
-        save_weights(random_weights(hf_config, seed, device, dtype), out_dir)
+    dtype = torch.float32 if preset == "tiny" else torch.bfloat16
+    write_config_and_weights(out_dir, config, MllamaConfig, random_weights, seed, device, dtype, weights)
     text = config["text_config"]
-    write_json(os.path.join(out_dir, "generation_config.json"),
-               {"bos_token_id": text["bos_token_id"], "eos_token_id": text["eos_token_id"],
-                "pad_token_id": text["pad_token_id"], "do_sample": False})
     base, special = _VOCAB[preset]
     save_tokenizer(build_tokenizer(base, special, seed), out_dir, text["max_position_embeddings"])
     tile = config["vision_config"]["image_size"]
