@@ -30,10 +30,10 @@ RATE_OF_ROLE = {"encoder": "image_tokens", "prefill": "prompt_tokens", "colocate
 
 
 def work_of(inp: ProcessedInput) -> Work:
-    hashes = [im.content_hash or "" for im in inp.images]
-    spans = [(start, im.num_tokens, h) for start, im, h in zip(inp.image_offsets, inp.images, hashes, strict=False)]
+    spans = [(start, im.num_tokens, im.content_hash) for start, im in zip(inp.image_offsets, inp.images, strict=False)]
     return Work(image_tokens=sum(im.num_tokens for im in inp.images), prompt_tokens=len(inp.input_ids),
-                image_hashes=[h for h in hashes if h], block_hashes=block_hashes(inp.input_ids, spans))
+                image_hashes=[im.content_hash for im in inp.images if im.content_hash],
+                block_hashes=block_hashes(inp.input_ids, spans))
 
 
 def split_ready(pool: PoolView, with_images: bool) -> bool:

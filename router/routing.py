@@ -23,6 +23,8 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from epd.engine.prefix_cache import chained_page_hashes
+
 POLICIES = ("cache_aware", "least_load", "round_robin")
 BLOCK_TOKENS = 16          # prefix blocks the router tracks (finer than any node's page)
 MAX_BLOCKS = 1 << 18       # block hashes remembered per pool (LRU)
@@ -44,20 +46,11 @@ class Work:
         return float(self.image_tokens if role == "encoder" else self.prompt_tokens)
 
 
-def block_hashes(input_ids: Sequence[int], image_spans: Sequence[tuple[int, int, str]]) -> list[bytes]:
-    """The chained hashes of a prompt's full `BLOCK_TOKENS` blocks; a block that holds image
-    tokens mixes in those images' content hashes (image tokens are one placeholder id repeated)."""
-    out, prev = [], b""
-    for start in range(0, len(input_ids) - BLOCK_TOKENS + 1, BLOCK_TOKENS):
-        end = start + BLOCK_TOKENS
-        h = hashlib.blake2b(prev, digest_size=12)
-        h.update(b"".join(t.to_bytes(4, "little") for t in input_ids[start:end]))
-        for first, count, content_hash in image_spans:
-            if first < end and first + count > start:
-                h.update(content_hash.encode())
-        prev = h.digest()
-        out.append(prev)
-    return out
+def block_hashes(input_ids: Sequence[int], image_spans: Sequence[tuple[int, int, str | None]]) -> list[bytes]:
+    """The chained hashes of a prompt's full `BLOCK_TOKENS` blocks, as the nodes' prefix caches
+    chain their pages (`chained_page_hashes`: token ids, and the content hash of each image with
+    a token in the block; the chain ends at an image without one)."""
+    return chained_page_hashes(b"", input_ids, 0, BLOCK_TOKENS, image_spans)
 
 
 class PrefixIndex:

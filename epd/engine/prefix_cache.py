@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 from array import array
+from collections.abc import Sequence
 
 from epd.engine.request import Request
 
@@ -29,24 +30,34 @@ def page_hashes(req: Request, num_tokens: int, page_size: int) -> list[bytes]:
     pages = min(num_tokens, req.total_len) // page_size
     if len(hashes) >= pages:
         return hashes[:pages]
-    images = req.inp.images
-    offsets = req.inp.image_offsets
     first = len(hashes)
-    ids = req.token_at(first * page_size, pages * page_size)
+    spans = [(start, im.num_tokens, im.content_hash)
+             for start, im in zip(req.inp.image_offsets, req.inp.images, strict=False)]
     previous = hashes[-1] if hashes else req.params.cache_salt.encode()   # a salt is its own namespace
-    for i in range(first, pages):
+    hashes.extend(chained_page_hashes(previous, req.token_at(first * page_size, pages * page_size), first,
+                                      page_size, spans))
+    return list(hashes)
+
+
+def chained_page_hashes(previous: bytes, ids: Sequence[int], first_page: int, page_size: int,
+                        image_spans: Sequence[tuple[int, int, str | None]]) -> list[bytes]:
+    """The chain of hashes of the full pages that `ids` holds, page `first_page` on (`ids` starts
+    at its first token), after `previous`: each covers its token ids and the identity of every
+    image (start, tokens, content hash) with a token in it. The chain ends at a page holding a
+    negative id or an image without a content hash."""
+    out = []
+    for i in range(first_page, first_page + len(ids) // page_size):
         lo, hi = i * page_size, (i + 1) * page_size
-        page_ids = ids[lo - first * page_size:hi - first * page_size]
+        page_ids = ids[lo - first_page * page_size:hi - first_page * page_size]
         if min(page_ids) < 0:
+            break
+        keys = [key for start, count, key in image_spans if start < hi and start + count > lo]
+        if any(key is None for key in keys):
             break
         digest = hashlib.blake2b(previous, digest_size=16)
         digest.update(array("q", page_ids).tobytes())
-        keys = [images[k].content_hash for k, start in enumerate(offsets)
-                if start < hi and start + images[k].num_tokens > lo]
-        if any(key is None for key in keys):
-            break
         for key in keys:
             digest.update(key.encode())
         previous = digest.digest()
-        hashes.append(previous)
-    return list(hashes)
+        out.append(previous)
+    return out
