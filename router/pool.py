@@ -47,11 +47,18 @@ class PoolView:
         self._rr = {role: itertools.count() for role in ROLES}
 
     def refresh(self) -> None:
+        """Re-read the pools; what the router kept about nodes that are gone (their prefix blocks,
+        reports, work sent) goes with them."""
+        before = {node_id for nodes in self.nodes.values() for node_id in nodes}
         for role in ROLES:
             self.nodes[role] = {n.node_id: n for n in self.registry.list_nodes(role)}
-        for role, index in self.prefixes.items():
-            if len(index._owner) and not self.nodes[role]:
-                index.forget(set())
+        gone = before - {node_id for nodes in self.nodes.values() for node_id in nodes}
+        if gone:
+            for role, index in self.prefixes.items():
+                index.forget(set(self.nodes[role]))
+            for node_id in gone:
+                self.reports.pop(node_id, None)
+                self.sent.pop(node_id, None)
 
     def reported(self, status: protocol.NodeStatus) -> None:
         self.reports[status.node] = status

@@ -98,3 +98,18 @@ def test_the_foreseen_wait_is_queued_work_over_measured_throughput():
     assert abs(foreseen_wait_s(pool, nodes, work) - 1.6) < 1e-9
     _report(pool, "p1", queued=1000, rate=0.0)   # not measured yet: no wait foreseen there
     assert abs(foreseen_wait_s(pool, nodes, work) - 0.6) < 1e-9
+
+
+def test_a_node_that_leaves_takes_its_prefix_blocks_report_and_sent_work_with_it():
+    pool = _pool(prefill=["p1", "p2"])
+    work = _work(list(range(4 * BLOCK_TOKENS)))
+    _report(pool, "p1", 50)
+    pool.assign("prefill", pool.nodes["prefill"]["p1"], work, "r1")
+    registered = {"prefill": [pool.nodes["prefill"]["p2"]]}
+    pool.registry.list_nodes = lambda role: registered.get(role, [])   # p1 left the registry
+    pool.refresh()
+    assert "p1" not in pool.reports and "p1" not in pool.sent
+    assert pool.prefixes["prefill"].longest(work.block_hashes, {"p1", "p2"}) == (None, 0)
+    registered["prefill"].append(NodeInfo("prefill", "p1", zmq="h:9"))   # back, a new process
+    pool.refresh()
+    assert pool.load("prefill", "p1") == 0 and pool.preferred("prefill", work, ["p1", "p2"]) is None
