@@ -32,7 +32,7 @@ from epd.engine.role_engines import ColocatedEngine
 from epd.engine.sampling import SamplingParams
 from epd.media.encoded import EncodedImage
 from epd.models.family import ImageLayout
-from epd.node.runtime import pool_status
+from epd.node.runtime import pool_status, token_delta
 from epd.node.throughput import Throughput
 
 log = logging.getLogger(__name__)
@@ -148,12 +148,7 @@ class ColocatedService:
             if ev.finished:
                 del self.streams[ev.rid]
                 timings = self._timings(stream, now)
-            self.runtime.send(stream.identity, protocol.TokenDelta(
-                ev.rid, [ev.token_id], ev.text,
-                logprobs=[ev.logprob] if ev.logprob is not None else None,
-                top_logprobs=[[list(x) for x in ev.top_logprobs]] if ev.top_logprobs else None,
-                finished=ev.finished, finish_reason=ev.finish_reason, prompt_tokens=req.prompt_len,
-                completion_tokens=ev.completion_tokens, cached_tokens=req.cached_tokens, timings=timings))
+            self.runtime.send(stream.identity, token_delta(ev, req.prompt_len, req.cached_tokens, timings))
 
     @staticmethod
     def _timings(stream: Stream, now: float) -> dict[str, float]:

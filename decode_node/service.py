@@ -36,7 +36,7 @@ from epd.engine.sampling import SamplingParams
 from epd.models.family import DecodeState
 from epd.node.handover import HandOverState, WireReceiver
 from epd.node.ipc_handover import IpcReceiver
-from epd.node.runtime import pool_status
+from epd.node.runtime import pool_status, token_delta
 from kv_transfer.cuda_ipc import export_pool
 from kv_transfer.layout import KVLayout, LayoutMismatchError
 from kv_transfer.redis_util import RedisWatch
@@ -227,12 +227,7 @@ class DecodeService:
                            "kv_wait_ms": (inc.landed_at - inc.arrived) * 1e3,
                            "transfer_ms": (inc.landed_at - (receiver.first_kv_at or inc.landed_at)) * 1e3,
                            "decode_ms": (time.monotonic() - inc.landed_at) * 1e3}
-            self.runtime.send(inc.identity, protocol.TokenDelta(
-                ev.rid, [ev.token_id], ev.text,
-                logprobs=[ev.logprob] if ev.logprob is not None else None,
-                top_logprobs=[[list(x) for x in ev.top_logprobs]] if ev.top_logprobs else None,
-                finished=ev.finished, finish_reason=ev.finish_reason, prompt_tokens=req.prompt_len,
-                completion_tokens=ev.completion_tokens, cached_tokens=record.cached_tokens, timings=timings))
+            self.runtime.send(inc.identity, token_delta(ev, req.prompt_len, record.cached_tokens, timings))
 
     def _fail(self, inc: Incoming, stage: str, error: str) -> None:
         log.warning("request %s failed at %s: %s", inc.msg.rid, stage, error)

@@ -118,7 +118,7 @@ class EncoderService:
                 self._report(identity, req, ok=False, error=f"encoder failed: {e}")
             return True
         encode_ms = (time.monotonic() - t0) * 1e3
-        self.images_encoded += count
+        self.images_encoded += sum(len(req.images) for _, req, _ in batch)   # those with a bad image were dropped
         self.throughput.add(sum(_image_tokens(req) for _, req, _ in batch), encode_ms / 1e3)
         for (identity, req, arrived), (embeds, layouts) in zip(batch, results, strict=True):
             self._send(req, embeds, layouts)

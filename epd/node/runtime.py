@@ -177,6 +177,15 @@ def pool_status(pool: Any, check: Any, queues: dict[str, int]) -> dict[str, Any]
                 queues=queues, preemptions=pool.num_preemptions, page_size=pool.page_size)
 
 
+def token_delta(ev: Any, prompt_tokens: int, cached_tokens: int, timings: dict[str, float]) -> protocol.TokenDelta:
+    """The router's message for one of the engine's `TokenEvent`s."""
+    return protocol.TokenDelta(
+        ev.rid, [ev.token_id], ev.text, logprobs=[ev.logprob] if ev.logprob is not None else None,
+        top_logprobs=[[list(x) for x in ev.top_logprobs]] if ev.top_logprobs else None,
+        finished=ev.finished, finish_reason=ev.finish_reason, prompt_tokens=prompt_tokens,
+        completion_tokens=ev.completion_tokens, cached_tokens=cached_tokens, timings=timings)
+
+
 class NodeRuntime:
     def __init__(self, args: NodeArgs, device: str, layout: KVLayout | None, capacity: int,
                  kv_ipc: str = "", max_context: int = 0) -> None:
