@@ -16,6 +16,8 @@ import subprocess
 
 import torch
 
+from kv_transfer.cuda_ipc import gpu_uuid
+
 log = logging.getLogger(__name__)
 
 
@@ -23,8 +25,7 @@ def gpu_neighbours(device: torch.device) -> tuple[list[str], bool]:
     """(other processes computing on this GPU, whether an MPS server is among them)."""
     if device.type != "cuda" or shutil.which("nvidia-smi") is None:
         return [], False
-    uuid = str(torch.cuda.get_device_properties(device).uuid)
-    gpu = uuid if uuid.startswith("GPU-") else f"GPU-{uuid}"
+    gpu = gpu_uuid(device.index if device.index is not None else torch.cuda.current_device())
     try:
         out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,process_name", "--format=csv,noheader",
                               f"--id={gpu}"], capture_output=True, text=True, timeout=10).stdout
