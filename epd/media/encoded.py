@@ -30,6 +30,7 @@ from PIL import Image
 from epd.media.fetching import fetch, fetch_blocking
 from epd.media.loading import (
     _DECODABLE,
+    _ORIENTATION,
     DEFAULT_LIMITS,
     ImageItem,
     MediaError,
@@ -44,7 +45,6 @@ from epd.media.loading import (
     pillow_errors,
 )
 
-_ORIENTATION = 0x0112          # the EXIF tag
 _SWAPPED = (5, 6, 7, 8)        # transpose, rotate 270, transverse, rotate 90: width and height trade places
 
 
