@@ -61,6 +61,7 @@ class NodeInfo:
     kv_ipc: str = ""  # where its KV pool lives for CUDA IPC (cuda_ipc.IpcCapability.to_wire; ipc_pairable), else ""
     max_context: int = 0  # prompt + output tokens a request may have here (prefill, decode); 0 = unknown
     draining: int = 0  # 1: finishing what it holds before it exits; routers send it nothing new
+    ttl_s: float = 0.0  # seconds its record lives without a heartbeat (0: not published)
 
     def to_fields(self) -> dict[str, str]:
         return {f.name: str(getattr(self, f.name)) for f in dataclasses.fields(self)}
@@ -165,13 +166,16 @@ class NodeRegistry:
         interval = interval_s if interval_s is not None else ttl_s / 3
         if not 0 < interval < ttl_s:
             raise ValueError(f"heartbeat interval {interval}s must be in (0, ttl {ttl_s}s)")
-        if not info.started_at:
-            info = dataclasses.replace(info, started_at=time.time())
+        info = dataclasses.replace(info, started_at=info.started_at or time.time(), ttl_s=ttl_s)
         return NodeLease(self._client, info, ttl_s, interval, self._secret, also_write)
 
     def remove(self, role: str, node_id: str) -> None:
         """Delete a node's record now (its launcher saw the process die: no need to wait for the TTL)."""
         self._client.delete(node_key(role, node_id))
+
+    def server_run_id(self) -> str:
+        """The Redis server's run id: it changes when Redis restarts (and every record is gone)."""
+        return str(self._client.info("server").get("run_id", ""))
 
     def get(self, role: str, node_id: str) -> NodeInfo | None:
         raw = self._client.hgetall(node_key(role, node_id))

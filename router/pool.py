@@ -1,7 +1,9 @@
 """The router's view of the node pools, refreshed from Redis, and the routing policies.
 
 `PoolView.refresh()` re-reads `epd:node:{role}:*` (a node that registers is picked within one
-refresh interval; one whose key expired is gone after the next refresh); `reported(status)` keeps
+refresh interval; one whose key expired is gone after the next refresh; after a Redis restart, which
+loses every record at once, a node seen before is kept until its own TTL has passed without it
+registering again, as if its record had outlived the restart); `reported(status)` keeps
 each node's latest own report (the router polls them). `pick(role, accept, work)` applies the
 pool's policy (router.routing: round_robin, least_load, cache_aware) to the live, non-draining
 nodes that `accept` admits; `begin` / `end` count what this router has in flight on each node.
@@ -10,6 +12,7 @@ nodes that `accept` admits; `begin` / `end` count what this router has in flight
 from __future__ import annotations
 
 import itertools
+import time
 from collections import defaultdict
 from collections.abc import Callable
 
@@ -21,6 +24,7 @@ from kv_transfer.registry import NodeInfo, NodeRegistry
 from router.routing import LOAD_QUEUE, POLICIES, PrefixIndex, Work, affine_node, balanced
 
 ROLES = ("encoder", "prefill", "decode", "colocated")
+DEFAULT_TTL_S = 6.0   # a node's record lifetime when it does not publish its own (the nodes' default)
 
 
 class NoNodeError(RuntimeError):
@@ -45,13 +49,23 @@ class PoolView:
         self.prefixes = {role: PrefixIndex() for role in ("prefill", "colocated")}
         self.affinity_picks: dict[str, int] = defaultdict(int)  # role -> picks made for cached inputs
         self._rr = {role: itertools.count() for role in ROLES}
+        self._redis_run_id = ""
+        self._redis_restarted_at = -float("inf")   # time.monotonic() when a Redis restart was seen
 
     def refresh(self) -> None:
         """Re-read the pools; what the router kept about nodes that are gone (their prefix blocks,
         reports, work sent) goes with them."""
         before = {node_id for nodes in self.nodes.values() for node_id in nodes}
+        run_id = self.registry.server_run_id()
+        if self._redis_run_id and run_id != self._redis_run_id:
+            self._redis_restarted_at = time.monotonic()
+        self._redis_run_id = run_id
         for role in ROLES:
-            self.nodes[role] = {n.node_id: n for n in self.registry.list_nodes(role)}
+            fresh = {n.node_id: n for n in self.registry.list_nodes(role)}
+            since_restart = time.monotonic() - self._redis_restarted_at
+            kept = {node_id: n for node_id, n in self.nodes[role].items()
+                    if node_id not in fresh and since_restart < (n.ttl_s or DEFAULT_TTL_S)}
+            self.nodes[role] = fresh | kept
         gone = before - {node_id for nodes in self.nodes.values() for node_id in nodes}
         if gone:
             for role, index in self.prefixes.items():

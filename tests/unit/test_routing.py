@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import time
+
 import redis
 
 from epd import protocol
@@ -107,9 +110,30 @@ def test_a_node_that_leaves_takes_its_prefix_blocks_report_and_sent_work_with_it
     pool.assign("prefill", pool.nodes["prefill"]["p1"], work, "r1")
     registered = {"prefill": [pool.nodes["prefill"]["p2"]]}
     pool.registry.list_nodes = lambda role: registered.get(role, [])   # p1 left the registry
+    pool.registry.server_run_id = lambda: "run-1"
     pool.refresh()
     assert "p1" not in pool.reports and "p1" not in pool.sent
     assert pool.prefixes["prefill"].longest(work.block_hashes, {"p1", "p2"}) == (None, 0)
     registered["prefill"].append(NodeInfo("prefill", "p1", zmq="h:9"))   # back, a new process
     pool.refresh()
     assert pool.load("prefill", "p1") == 0 and pool.preferred("prefill", work, ["p1", "p2"]) is None
+
+
+def test_after_a_redis_restart_nodes_are_kept_until_their_own_ttl_passes_without_them_registering():
+    pool = _pool(decode=["d1", "d2"])
+    pool.nodes["decode"] = {n: dataclasses.replace(info, ttl_s=0.3) for n, info in pool.nodes["decode"].items()}
+    registered: dict[str, list[NodeInfo]] = {"decode": list(pool.nodes["decode"].values())}
+    run_id = ["run-1"]
+    pool.registry.list_nodes = lambda role: registered.get(role, [])
+    pool.registry.server_run_id = lambda: run_id[0]
+    pool.refresh()
+    run_id[0], registered["decode"] = "run-2", []   # Redis restarted empty; the nodes have not beaten yet
+    pool.refresh()
+    assert pool.sizes()["decode"] == 2
+    registered["decode"] = [pool.nodes["decode"]["d2"]]   # d2 registers again, d1 never does
+    time.sleep(0.35)
+    pool.refresh()
+    assert list(pool.nodes["decode"]) == ["d2"]
+    registered["decode"] = []   # without a restart, a record that is gone is a node that is gone
+    pool.refresh()
+    assert pool.sizes()["decode"] == 0
