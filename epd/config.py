@@ -51,6 +51,12 @@ class TextConfig:
     max_position_embeddings: int
     tie_word_embeddings: bool
     qkv_bias: bool = False
+    embed_vocab_size: int = 0    # rows of the input embedding when more than vocab_size (0: vocab_size)
+
+    @property
+    def prompt_vocab_size(self) -> int:
+        """Token ids a prompt may hold (the logits cover `vocab_size`)."""
+        return self.embed_vocab_size or self.vocab_size
 
 
 @dataclass(frozen=True)

@@ -129,7 +129,7 @@ class PromptBuilder:
         return requested
 
     def check_token_ids(self, ids: list[int] | None, field: str) -> None:
-        why = outside_vocabulary(ids or [], self.config.text.vocab_size)
+        why = outside_vocabulary(ids or [], self.config.text.prompt_vocab_size)
         if why is not None:
             raise APIError(400, f"{field}: {why}", field)
 

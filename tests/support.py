@@ -51,6 +51,7 @@ _PROCESSORS = {
     "llava_next": "transformers.models.llava_next.image_processing_pil_llava_next.LlavaNextImageProcessorPil",
     "llava_onevision": "transformers.models.llava_onevision.image_processing_pil_llava_onevision."
                        "LlavaOnevisionImageProcessorPil",
+    "mllama": "transformers.models.mllama.image_processing_pil_mllama.MllamaImageProcessorPil",
 }
 
 
@@ -68,6 +69,8 @@ def hf_image_processor(path: str):
 def hf_image_inputs(path: str, images: list[Image.Image], ids: torch.Tensor, image_token_id: int,
                     dtype: torch.dtype, device: str = "cpu") -> dict:
     """The keyword arguments transformers' model takes for `images` (its own processor's output)."""
+    if model_type(path) == "mllama":
+        return _mllama_inputs(path, images, ids, image_token_id, dtype, device)
     one_prompt = [images] if model_type(path) == "llava_onevision" else images   # OneVision counts a prompt's images
     feats = hf_image_processor(path)(images=one_prompt, return_tensors="pt")
     kwargs = {"pixel_values": feats["pixel_values"].to(device, dtype)}
@@ -116,3 +119,23 @@ def hf_generate(path: str, input_ids: list[int], images: list[Image.Image], max_
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                              do_sample=False, **kwargs)
     return out[0, len(input_ids):].tolist()
+
+
+def _mllama_inputs(path: str, images: list[Image.Image], ids: torch.Tensor, image_token_id: int,
+                   dtype: torch.dtype, device: str) -> dict:
+    """Llama-3.2-Vision: pixels, aspect ratios and the cross-attention mask as MllamaProcessor
+    builds them for one prompt."""
+    from transformers.models.mllama.processing_mllama import (
+        convert_sparse_cross_attention_mask_to_dense,
+        get_cross_attention_token_mask,
+    )
+
+    processor = hf_image_processor(path)
+    feats = processor(images=[images], return_tensors="pt")
+    sparse = [get_cross_attention_token_mask(ids[0].tolist(), image_token_id)]
+    mask = convert_sparse_cross_attention_mask_to_dense(sparse, feats["num_tiles"], processor.max_image_tiles,
+                                                        ids.shape[1])
+    return {"pixel_values": feats["pixel_values"].to(device, dtype),
+            "aspect_ratio_ids": feats["aspect_ratio_ids"].to(device),
+            "aspect_ratio_mask": feats["aspect_ratio_mask"].to(device),
+            "cross_attention_mask": torch.as_tensor(mask).to(device)}

@@ -169,7 +169,7 @@ class EngineCore:
 
     def _capture_graphs(self) -> None:
         backend = self.runner.backend
-        if (self.config.disable_cuda_graph or self.device.type != "cuda"
+        if (self.config.disable_cuda_graph or self.device.type != "cuda" or self.model_config.family.cross_attention
                 or not isinstance(backend, flashinfer_backend.FlashInferBackend)):
             return
         max_bs = min(self.config.cuda_graph_max_bs, self.config.max_running_requests)
@@ -248,8 +248,7 @@ class EngineCore:
         return self._settle_step(previous) if previous is not None else []
 
     def _launch(self, chunks: list[Chunk]) -> LaunchedStep:
-        self._encode_images([c.req for c in chunks if c.req.inp.images and c.req.in_prefill
-                             and (c.req.image_embeds is None or c.req.needs_encoding())])
+        self._encode_images([c.req for c in chunks if c.req.needs_images()])
         logits = self.runner.run(chunks)
         self.scheduler.advance(chunks)
         sampling = [c for c in chunks if c.samples]
@@ -297,13 +296,16 @@ class EngineCore:
         """Run the vision tower on the images of `reqs` that still have tokens to compute (a
         preempted request whose cached prefix was evicted since may need one it skipped)."""
         todo = [im for r in reqs for im, start in zip(r.inp.images, r.inp.image_offsets, strict=True)
-                if im.embeddings is None and start + im.num_tokens > r.num_computed]
+                if im.embeddings is None and (start + im.num_tokens > r.num_computed or r.inp.cross_rows)]
         if todo:
             assert self.vision is not None, "this engine was built without a vision tower"
             for im, emb in zip(todo, self.vision.encode([im.pixels for im in todo]), strict=True):
                 im.embeddings, im.pixels = emb, None
         for r in reqs:
-            attach_image_embeddings(r, self.dtype, self.device)
+            if r.inp.cross_rows:
+                self.runner.write_cross_rows(r)
+            else:
+                attach_image_embeddings(r, self.dtype, self.device)
 
     def _commit(self, chunks: list[Chunk], logits: torch.Tensor) -> list[TokenEvent]:
         live = [i for i, c in enumerate(chunks) if c.req.status is not Status.FINISHED]

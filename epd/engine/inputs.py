@@ -55,6 +55,14 @@ class ProcessedInput:
     positions: torch.Tensor                    # [position_rows, len(input_ids)]
     decode_state: DecodeState = field(default_factory=DecodeState)
     image_offsets: list[int] = field(default_factory=list)  # index of each image's first token
+    # cross-attention families: per image (its KV rows, the leading rows a token that sees it reads)
+    # and the tokens [first, end) that see it (end -1: to the end, generated tokens too)
+    cross_rows: list[tuple[int, int]] = field(default_factory=list)
+    cross_spans: list[tuple[int, int]] = field(default_factory=list)
+
+    @property
+    def num_cross_rows(self) -> int:
+        return sum(rows for rows, _ in self.cross_rows)
 
 
 class InputProcessor:
@@ -170,10 +178,14 @@ def outside_vocabulary(ids: Sequence[int], vocab_size: int) -> str | None:
 
 def build_processed(config: ModelConfig, ids: list[int], images: list[ImageInput]) -> ProcessedInput:
     """Validate an expanded prompt against its images; positions and decode state from the family."""
-    why = outside_vocabulary(ids, config.text.vocab_size)
+    why = outside_vocabulary(ids, config.text.prompt_vocab_size)
     if why is not None:
         raise InputError(why, "input_ids")
     family, layouts = config.family, [im.layout for im in images]
     starts = family.check_expanded(ids, layouts)
     positions, state = family.positions(ids, layouts)
-    return ProcessedInput(ids, images, positions, state, starts)
+    out = ProcessedInput(ids, images, positions, state, starts)
+    if family.cross_attention and images:
+        out.cross_rows = [family.cross_rows(layout) for layout in layouts]
+        out.cross_spans = family.cross_spans(ids, starts)
+    return out

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from epd.engine.attention.base import AttentionBackend, StepMetadata
+from epd.engine.attention.cross import CrossChunk, CrossStep, visibility, write_rows
 from epd.engine.device_copy import to_device, to_host
 from epd.engine.kv_pool import KVCache
 from epd.engine.request import Request
@@ -128,13 +129,40 @@ class ModelRunner:
         input_ids, positions, meta = self.step_inputs(chunks)
         embeds = self.embed(chunks, input_ids)
         self.backend.plan(meta)
-        hidden = self.model(embeds, positions, self.backend, self.kv.layers, after_layer)
+        cross = self.cross_step(chunks)
+        extra = {"cross": cross} if cross is not None else {}
+        hidden = self.model(embeds, positions, self.backend, self.kv.layers, after_layer, **extra)
         rows, end = [], -1
         for c in chunks:
             end += c.length
             if c.samples:
                 rows.append(end)
         return self.model.logits(hidden[to_device(rows, self.device, torch.long)])
+
+
+    def cross_step(self, chunks: list[Chunk]) -> CrossStep | None:
+        """The step's cross-attention plan; None when no request of it has image rows."""
+        if not any(c.req.cross_pages for c in chunks):
+            return None
+        items = []
+        for c in chunks:
+            req = c.req
+            if req.cross_pages:
+                visible, sees = visibility(req.inp.cross_rows, req.inp.cross_spans, req.prompt_len,
+                                           c.start, c.start + c.length)
+                items.append(CrossChunk(c.length, req.cross_pages, visible, sees))
+            else:
+                items.append(CrossChunk(c.length))
+        return CrossStep(items, self.kv.spec.page_size, self.device)
+
+    @torch.inference_mode()
+    def write_cross_rows(self, req: Request) -> None:
+        """The K/V of the request's image rows (its images' encoder output, in order) into its
+        cross pages, in every cross-attention layer."""
+        states = torch.cat([im.embeddings for im in req.inp.images]).to(self.device, self.model.lm_head.weight.dtype)
+        for layer, k, v in self.model.cross_kv(states):
+            write_rows(self.kv.layers[layer], req.cross_pages, k, v)
+        req.cross_ready = True
 
 
 def resolve_placeholders(ids: torch.Tensor, future: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,8 @@ positions and equal KV, so a request can take another's pages for its prefix ins
 computing them (`PagePool.match` / `acquire`); its own full pages are registered for other
 requests as steps fill them and when it lets them go (`Scheduler`).
 
+For a model whose images enter through cross-attention, the KV of every token, even before the
+first image, depends on all the request's images: their identities start the chain instead.
 A request's `cache_salt` (vLLM's name; a tenant's, say) starts the chain, so requests under
 different salts never share a page: one cannot learn from `cached_tokens` what another's prompts
 began with. An image's identity is its `content_hash` (a digest of its pixels, or the router's key for the
@@ -34,6 +36,13 @@ def page_hashes(req: Request, num_tokens: int, page_size: int) -> list[bytes]:
     spans = [(start, im.num_tokens, im.content_hash)
              for start, im in zip(req.inp.image_offsets, req.inp.images, strict=False)]
     previous = hashes[-1] if hashes else req.params.cache_salt.encode()   # a salt is its own namespace
+    if req.inp.cross_rows:   # cross-attention: every token's KV depends on every image of the request
+        keys = [im.content_hash for im in req.inp.images]
+        if not hashes and any(key is None for key in keys):
+            return []
+        spans = []
+        if not hashes:
+            previous = hashlib.blake2b(previous + "".join(keys).encode(), digest_size=16).digest()
     hashes.extend(chained_page_hashes(previous, req.token_at(first * page_size, pages * page_size), first,
                                       page_size, spans))
     return list(hashes)

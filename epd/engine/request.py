@@ -50,6 +50,8 @@ class Request:
     generator: torch.Generator | None = None
     output_ids: list[int] = field(default_factory=list)
     pages: list[int] = field(default_factory=list)
+    cross_pages: list[int] = field(default_factory=list)   # its image rows (epd.engine.attention.cross)
+    cross_ready: bool = False                  # the image rows' K/V are in the cross pages
     num_computed: int = 0
     status: Status = Status.WAITING
     finish_reason: dict | None = None
@@ -133,6 +135,15 @@ class Request:
         if start >= n:
             return self.output_ids[start - n:end - n]
         return ids[start:] + self.output_ids[:end - n]
+
+    def needs_images(self) -> bool:
+        """A step of it must first have its images' embeddings (early fusion: an image still to be
+        computed; cross-attention: image rows not written since its admission)."""
+        if not self.inp.images:
+            return False
+        if self.inp.cross_rows:
+            return not self.cross_ready
+        return self.in_prefill and (self.image_embeds is None or self.needs_encoding())
 
     def needs_encoding(self) -> bool:
         """An image still to encode has a token left to compute (an image wholly inside the cached

@@ -88,7 +88,15 @@ class _RoleEngine:
         return self.core.scheduler.num_preemptions
 
 
-class PrefillEngine(_RoleEngine):
+class _SplitRoleEngine(_RoleEngine):
+    def __init__(self, core: EngineCore) -> None:
+        if core.model_config.family.cross_attention:   # its image rows are not handed over yet
+            raise ValueError(f"{core.model_config.model_id} reads images through cross-attention: prefill / decode "
+                             "nodes do not serve it yet; serve it with colocated nodes (`epd serve --colocated N`)")
+        super().__init__(core)
+
+
+class PrefillEngine(_SplitRoleEngine):
     def add(self, req: Request) -> None:
         self.core.add(req)
 
@@ -114,7 +122,7 @@ class PrefillEngine(_RoleEngine):
         return FirstTokens(finishing, sampled, [self.core.scheduler.detach(req) for req in finishing])
 
 
-class DecodeEngine(_RoleEngine):
+class DecodeEngine(_SplitRoleEngine):
     def new_request(self, input_ids: list[int], params: Any, rid: str) -> Request:
         from epd.engine.inputs import ProcessedInput
 

@@ -58,7 +58,7 @@ class Scheduler:
         self.fence: list[int] | None = None   # set by the engine while a step is in flight
 
     def add(self, req: Request) -> None:
-        need = self.pool.pages_for(req.max_total_tokens)
+        need = self.pool.pages_for(req.max_total_tokens) + self._cross_need(req)
         if need > self.pool.capacity:
             raise ValueError(f"request needs up to {req.max_total_tokens} tokens of KV cache; the pool holds "
                              f"{self.pool.capacity * self.pool.page_size}")
@@ -88,7 +88,8 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.max_running:
             req = self.waiting[0]
             hits = self._prefix_hits(req)
-            need = self.pool.pages_for(req.total_len) - len(hits) + self.pool.cost(hits)
+            cross = self._cross_need(req)
+            need = self.pool.pages_for(req.total_len) - len(hits) + self.pool.cost(hits) + cross
             if need > self.pool.num_free - self._owed_to_prefills():
                 break
             self.waiting.popleft()
@@ -98,6 +99,8 @@ class Scheduler:
                 req.num_computed = len(hits) * self.pool.page_size
                 if not req.output_ids:   # the first admission (not a preempted request's return)
                     req.cached_tokens = req.num_computed
+            if cross:   # the image rows' pages (after the hits are held: allocating may evict)
+                req.cross_pages, req.cross_ready = self.pool.allocate(cross), False
             req.status = Status.RUNNING
             self.running.append(req)
             n = min(req.pending_tokens, budget)
@@ -108,6 +111,11 @@ class Scheduler:
             self._preempt(self.running[-1])  # prefills starved of pages: give the oldest room
             return self.schedule()
         return chunks
+
+    def _cross_need(self, req: Request) -> int:
+        """Pages the request's image rows take (cross-attention families; 0 once it holds them)."""
+        rows = req.inp.num_cross_rows if req.inp is not None else 0
+        return self.pool.pages_for(rows) if rows and not req.cross_pages else 0
 
     def _prefix_hits(self, req: Request) -> list[int]:
         """Pages already holding the longest cached prefix of req's tokens, leaving at least its
@@ -156,12 +164,13 @@ class Scheduler:
         if req in self.running:
             self.running.remove(req)
         self._register(req)
-        if req.pages:
+        held = req.pages + req.cross_pages
+        if held:
             if fenced and self.fence is not None:
-                self.fence.extend(req.pages)
+                self.fence.extend(held)
             else:
-                self.pool.free(req.pages)
-            req.pages = []
+                self.pool.free(held)
+            req.pages, req.cross_pages, req.cross_ready = [], [], False
         req.pages_registered = 0
 
     def advance(self, chunks: list[Chunk]) -> None:
@@ -176,6 +185,11 @@ class Scheduler:
         self.running.remove(req)
         self._register(req)
         pages, req.pages = req.pages, []
+        if req.cross_pages:   # image rows are not handed over with the token pages
+            (self.fence if self.fence is not None else []).extend(req.cross_pages)
+            if self.fence is None:
+                self.pool.free(req.cross_pages)
+            req.cross_pages, req.cross_ready = [], False
         req.status = Status.FINISHED
         return pages
 
@@ -207,10 +221,11 @@ class Scheduler:
         requests hold it (plus `held_elsewhere`: pages a node holds outside the batch, e.g. in
         transfer; and the fence). Without prefix caching each page has one owner."""
         self.pool.check_integrity()
-        owned = Counter(p for r in self.running for p in r.pages) + Counter(held_elsewhere) + Counter(self.fence or [])
+        owned = Counter(p for r in self.running for p in r.pages + r.cross_pages)
+        owned += Counter(held_elsewhere) + Counter(self.fence or [])
         if not self.prefix_caching and any(n > 1 for n in owned.values()):
             raise AssertionError("a KV page is owned by two requests")
         if owned != Counter(self.pool.owner_counts()):
             raise AssertionError(f"{self.pool.num_in_use} pages in use but running requests own {len(owned)}")
-        if any(r.pages for r in self.waiting):
+        if any(r.pages or r.cross_pages for r in self.waiting):
             raise AssertionError("a waiting request holds pages")

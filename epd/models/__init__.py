@@ -16,6 +16,7 @@ FAMILIES: dict[str, str] = {
     "llava": "epd.models.llava",
     "llava_next": "epd.models.llava",
     "llava_onevision": "epd.models.llava",
+    "mllama": "epd.models.mllama",
 }
 
 

@@ -98,6 +98,9 @@ class ModelFamily:
     `image_token_id` and `eos_token_ids` in `__init__` and override what differs."""
 
     position_rows = 1            # rows of the positions tensor (M-RoPE: 3)
+    # Images reach the text model through cross-attention layers (their encoder output becomes
+    # KV rows of those layers, `cross_rows`) instead of replacing prompt tokens' embeddings.
+    cross_attention = False
     text: Any                    # epd.config.TextConfig
     image_token_id: int
     eos_token_ids: tuple[int, ...]
@@ -165,6 +168,21 @@ class ModelFamily:
     def positions(self, ids: list[int], layouts: list[ImageLayout]) -> tuple[torch.Tensor, DecodeState]:
         """Positions [position_rows, len(ids)] of an expanded prompt, and the request's decode state."""
         return torch.arange(len(ids), dtype=torch.long)[None], DecodeState()
+
+    def embedding_rows(self, layout: ImageLayout) -> int:
+        """Rows of the vision encoder's output for an image of this layout."""
+        return self.cross_rows(layout)[0] if self.cross_attention else layout.num_tokens
+
+    def cross_rows(self, layout: ImageLayout) -> tuple[int, int]:
+        """(KV rows an image of this layout adds to each cross-attention layer, how many of them
+        leading ones a token that sees the image attends to). Cross-attention families only."""
+        raise NotImplementedError
+
+    def cross_spans(self, ids: list[int], starts: list[int]) -> list[tuple[int, int]]:
+        """Per image (its placeholder at `starts[i]`), the prompt tokens [first, end) that see it;
+        end -1: the rest of the prompt and every generated token. A token that sees no image
+        attends to every row of every image and skips the layer's MLP. Cross-attention families."""
+        raise NotImplementedError
 
     def precomputed_layout(self, item: dict[str, Any], embeddings: torch.Tensor, index: int) -> ImageLayout:
         """The layout of embeddings handed in instead of pixels (the projector's output, one row

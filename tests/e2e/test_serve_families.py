@@ -6,6 +6,7 @@ asked for by name (`tiny-random-llava`), as a new user would."""
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 
 import openai
@@ -45,6 +46,33 @@ def test_llava_variants_through_epd_serve_and_the_openai_client(tiny_models, tmp
         assert token_ids(client.chat.completions.create(
             model=served, messages=[{"role": "user", "content": text}], max_tokens=10, temperature=0,
             **IDS)) == expected
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_llama_3_vision_through_epd_serve_colocated_and_the_openai_client(tiny_models, tmp_path):
+    """SGLang's Llama-3.2-Vision calls (one image; two images, "describe the first, then the
+    second") with `--chat-template llama_3_vision`, served by a colocated node: transformers' tokens.
+    Prefill / decode pools are refused up front with what to use instead."""
+    path = tiny_models["mllama"]
+    base = [sys.executable, "-m", "epd.cli", "serve", "--model", path, "--port", "0", "--device", "cpu",
+            "--log-dir", str(tmp_path / "logs"), "--log-level", "warning", "--chat-template", "llama_3_vision"]
+    refused = subprocess.run(base, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "use --colocated N" in refused.stderr
+    proc, log, line = start_until_line([*base, "--colocated", "1"], "EPD ready on ", 300, "epd serve")
+    try:
+        client = openai.OpenAI(base_url=line.split()[3], api_key="none", max_retries=0, timeout=60)
+        served = client.models.list().data[0].id
+        images = [png_bytes(noise_image(120, 80, seed=1)), png_bytes(noise_image(64, 150, seed=2))]
+        for content in ([image_part(data_uri(images[0])), {"type": "text", "text": "What is in this image?"}],
+                        [image_part(data_uri(images[0])), image_part(data_uri(images[1])),
+                         {"type": "text", "text": "Describe the first image in one sentence, then the second."}]):
+            shown = images[:sum(part["type"] == "image_url" for part in content)]
+            prompt_ids, expected = reference(path, content, shown, 10)
+            whole = client.chat.completions.create(model=served, messages=[{"role": "user", "content": content}],
+                                                   max_tokens=10, temperature=0, **IDS)
+            assert_matches(whole, prompt_ids, expected)
     finally:
         proc.kill()
         proc.wait()

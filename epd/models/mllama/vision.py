@@ -121,3 +121,25 @@ class MllamaVisionEncoder:
         batch = tile_batch(images, self.device)
         states = self.module(batch.pixel_values.to(self.dtype), batch.aspect_ratio_ids, batch.aspect_ratio_mask)
         return list(states.unbind(0))
+
+
+class TransformersVision:
+    """transformers' own vision model + projector (its model loaded whole, the text model then freed):
+    what GPU tests compare `MllamaVisionEncoder` against."""
+
+    def __init__(self, path: str, device: torch.device | str, dtype: torch.dtype) -> None:
+        from transformers import MllamaForConditionalGeneration
+
+        model = MllamaForConditionalGeneration.from_pretrained(path, dtype=dtype)
+        del model.model.language_model, model.lm_head
+        self.model = model.model.to(device).eval()
+        self.device, self.dtype = torch.device(device), dtype
+
+    @torch.inference_mode()
+    def encode(self, images: list[MllamaPixels]) -> list[torch.Tensor]:
+        batch = tile_batch(images, self.device)
+        out = self.model.vision_model(pixel_values=batch.pixel_values[:, None].to(self.dtype),
+                                      aspect_ratio_ids=batch.aspect_ratio_ids[:, None],
+                                      aspect_ratio_mask=batch.aspect_ratio_mask[:, None])
+        states = self.model.multi_modal_projector(out.last_hidden_state)   # [B, 1, T, P, hidden]
+        return list(states.flatten(1, 3).unbind(0))
