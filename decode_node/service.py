@@ -34,7 +34,7 @@ from epd.engine.request import Request, TokenEvent
 from epd.engine.role_engines import DecodeEngine
 from epd.engine.sampling import SamplingParams
 from epd.models.family import DecodeState
-from epd.node.handover import HandOverState, WireReceiver
+from epd.node.handover import CrossRowsKV, HandOverState, WireReceiver
 from epd.node.ipc_handover import IpcReceiver
 from epd.node.runtime import pool_status, token_delta
 from kv_transfer.cuda_ipc import export_pool
@@ -98,14 +98,22 @@ class DecodeService:
                 raise ValueError("CUDA IPC hand-over asked of a decode node that is not on a GPU")
             if not msg.prefill_ucx:
                 raise ValueError("a decode request must name the prefill node's transport address")
-            req = self.engine.new_request(msg.input_ids, SamplingParams.from_dict(msg.params), msg.rid)
+            if msg.kv_ipc and msg.images and self.engine.cross_layer_ids:
+                raise ValueError("image rows are not written through CUDA IPC: the wire hand-over takes them")
+            req = self.engine.new_request(msg.input_ids, SamplingParams.from_dict(msg.params), msg.rid, msg.images)
         except ValueError as e:
             self.runtime.send(identity, protocol.TokenDelta(msg.rid, [], "", finished=True, error=str(e),
                                                             stage="decode", node=self.runtime.node_id))
             return
         transport = self.runtime.transport
         kind = IpcReceiver if msg.kv_ipc else WireReceiver
-        receiver = kind(transport, msg.prefill_ucx, msg.rid, self.engine.kv_layers, req.prompt_len)
+        if kind is WireReceiver:
+            layers = self.engine.kv_layers
+            cross = CrossRowsKV([layers[i] for i in self.engine.cross_layer_ids], req.inp.num_cross_rows)
+            token_layers = [layers[i] for i in self.engine.token_layer_ids]
+            receiver = WireReceiver(transport, msg.prefill_ucx, msg.rid, token_layers, req.prompt_len, cross=cross)
+        else:
+            receiver = IpcReceiver(transport, msg.prefill_ucx, msg.rid, self.engine.kv_layers, req.prompt_len)
         self.awaiting_pages[msg.rid] = Incoming(identity, msg, req, time.monotonic(), receiver)
 
     def _layout_problem(self, prefill_hash: str) -> str:
@@ -157,7 +165,11 @@ class DecodeService:
             self.awaiting_kv[inc.msg.rid] = inc
             if inc.msg.kv_ipc and self._pool_desc is None:
                 self._pool_desc = export_pool(engine.kv_layers, owner=self.runtime.node_id)
-            inc.receiver.start(self._pool_desc, inc.req.pages[:engine.pages_for(inc.req.prompt_len)])
+            prompt_pages = inc.req.pages[:engine.pages_for(inc.req.prompt_len)]
+            if isinstance(inc.receiver, WireReceiver):
+                inc.receiver.start(self._pool_desc, prompt_pages, inc.req.cross_pages)
+            else:
+                inc.receiver.start(self._pool_desc, prompt_pages)
 
     def _receive(self) -> None:
         now = time.monotonic()
@@ -242,11 +254,12 @@ class DecodeService:
             self.engine.abort(rid)
             return
         fence = inc.receiver.abort()   # what prefill may still send is freed as it lands
-        if inc.req.pages and fence:
-            self.fenced[rid] = (inc.receiver, inc.req.pages, time.monotonic())
-        elif inc.req.pages:
-            self.engine.release(inc.req.pages)
-        inc.req.pages = []
+        held = inc.req.pages + inc.req.cross_pages
+        if held and fence:
+            self.fenced[rid] = (inc.receiver, held, time.monotonic())
+        elif held:
+            self.engine.release(held)
+        inc.req.pages, inc.req.cross_pages = [], []
 
     def _drop(self, rid: str) -> None:
         """Abort: free whatever the request holds, wherever it is (no reply is owed)."""
@@ -255,7 +268,7 @@ class DecodeService:
             self._release(inc)
 
     def check_integrity(self) -> None:
-        held = [pg for inc in self.awaiting_kv.values() for pg in inc.req.pages]
+        held = [pg for inc in self.awaiting_kv.values() for pg in inc.req.pages + inc.req.cross_pages]
         self.engine.check_integrity(held + [pg for _, pages, _ in self.fenced.values() for pg in pages])
 
     def status(self) -> dict[str, Any]:

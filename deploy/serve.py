@@ -152,9 +152,6 @@ def check_before_start(args: argparse.Namespace, model: str, engine_args: list[s
         raise ValueError("nothing would serve: give at least one prefill and one decode node, or --colocated N")
     if min(args.encoders, args.prefills, args.decodes, args.colocated) < 0:
         raise ValueError("node counts must be 0 or more")
-    if (args.prefills or args.decodes) and _reads_images_by_cross_attention(model):
-        raise ValueError(f"{os.path.basename(os.path.normpath(model))} reads images through cross-attention, which "
-                         "prefill / decode nodes do not serve yet: use --colocated N")
     for role in ("encoder", "prefill", "decode", "colocated"):
         parse(f"epd {role}", node_parser(role), ["--model", model, *engine_args, *args.node_args.split()])
     settings = check_args(parse("epd router", build_parser(), _router_cmd(args, model, args.port, router_args, "")))
@@ -167,15 +164,6 @@ def check_before_start(args: argparse.Namespace, model: str, engine_args: list[s
                 raise ValueError(f"cannot serve on {args.host}:{args.port}: {e.strerror} (another server "
                                  "holds it?)") from None
     return settings
-
-
-def _reads_images_by_cross_attention(model: str) -> bool:
-    from epd.config import ModelConfig
-
-    try:
-        return bool(ModelConfig.from_pretrained(model).family.cross_attention)
-    except (OSError, ValueError):   # not a checkpoint we can read here: the nodes will say why
-        return False
 
 
 def _is_stats_line(line: bytes) -> bool:

@@ -58,6 +58,7 @@ class EncoderService:
     def __init__(self, config: ModelConfig, device: str, dtype: torch.dtype, max_batch_images: int = 32,
                  cache_entries: int = 256, max_batch_image_tokens: int = 16384) -> None:
         self.config = config
+        self.family = config.family
         self.vision = config.family.build_vision(device, dtype)
         self.processor = config.family.image_processor(on_device=self.vision.device.type == "cuda")
         self.cache = EmbeddingCache(cache_entries)
@@ -102,7 +103,7 @@ class EncoderService:
             return False
         batch, count, tokens = [], 0, 0
         for rid, item in list(self.pending.items()):   # arrival order, by image tokens (and images)
-            needs = _image_tokens(item[1])
+            needs = self._image_tokens(item[1])
             if batch and (count + len(item[1].images) > self.max_batch_images
                           or tokens + needs > self.max_batch_image_tokens):
                 break
@@ -119,7 +120,7 @@ class EncoderService:
             return True
         encode_ms = (time.monotonic() - t0) * 1e3
         self.images_encoded += sum(len(req.images) for _, req, _ in batch)   # those with a bad image were dropped
-        self.throughput.add(sum(_image_tokens(req) for _, req, _ in batch), encode_ms / 1e3)
+        self.throughput.add(sum(self._image_tokens(req) for _, req, _ in batch), encode_ms / 1e3)
         for (identity, req, arrived), (embeds, layouts) in zip(batch, results, strict=True):
             self._send(req, embeds, layouts)
             self._report(identity, req, ok=True, timings={
@@ -232,7 +233,7 @@ class EncoderService:
         return {"images": self.images_encoded}
 
     def status(self) -> dict[str, Any]:
-        queued = sum(_image_tokens(req) for _, req, _ in self.pending.values())
+        queued = sum(self._image_tokens(req) for _, req, _ in self.pending.values())
         return {"queues": {"pending": len(self.pending), "cache_entries": len(self.cache._items),
                            "cache_hits": self.cache.hits, "cache_misses": self.cache.misses,
                            "queued_image_tokens": queued},
@@ -241,7 +242,13 @@ class EncoderService:
     def shutdown(self) -> None:
         self.pending.clear()
 
-
-def _image_tokens(req: protocol.EncodeRequest) -> int:
-    """The image tokens a request asks the vision tower for (cached ones included)."""
-    return sum(ImageLayout.from_wire(p.layout).num_tokens for p in req.images)
+    def _image_tokens(self, req: protocol.EncodeRequest) -> int:
+        """The rows a request asks the vision tower for (cached ones included; a layout that is
+        not the family's counts none: the request fails when it is preprocessed)."""
+        rows = 0
+        for p in req.images:
+            try:
+                rows += self.family.embedding_rows(ImageLayout.from_wire(p.layout))
+            except (ValueError, IndexError):
+                pass
+        return rows

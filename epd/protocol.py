@@ -36,7 +36,7 @@ from typing import Any
 
 import msgpack
 
-PROTOCOL_VERSION = 7
+PROTOCOL_VERSION = 8
 MAX_ID = 128                   # characters of a request or node id
 MAX_TOKENS = 1 << 20           # token ids in one message
 MAX_IMAGES = 256
@@ -103,6 +103,8 @@ class DecodeRequest:
     prefill_ucx: str = ""              # the only peer whose KV is taken for this request (and, with kv_ipc,
                                        # where the reserved pages are sent)
     kv_ipc: bool = False               # prefill writes the KV into our pages through CUDA IPC
+    images: list[list[int]] = field(default_factory=list)   # image layouts, for a cross-attention model
+                                                            # (the image rows decode reserves and reads)
 
 
 @dataclass
@@ -200,7 +202,15 @@ class KVGroup:
     """prefill -> decode, key `{rid}:kv:{group}`: one tensor [layers, 2, tokens, kv_heads, head_dim]."""
     rid: str
     group: int
-    layers: list[int]                  # [first, last + 1)
+    layers: list[int]                  # [first, last + 1) of the layers holding token KV
+
+
+@dataclass
+class CrossRows:
+    """prefill -> decode, key `{rid}:cross` (cross-attention models): the image rows' K/V of every
+    cross-attention layer, one tensor [cross layers, 2, rows, kv_heads, head_dim]."""
+    rid: str
+    rows: int
 
 
 @dataclass
@@ -215,6 +225,7 @@ class HandOver:
     cached_tokens: int = 0
     decode_state: dict[str, Any] = field(default_factory=dict)
     num_groups: int = 0                # KV groups sent over the wire (0: written through CUDA IPC)
+    cross_rows: int = 0                # image rows sent as CrossRows (cross-attention models)
     layout: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     ipc_written: bool = False
@@ -251,6 +262,7 @@ MESSAGE_TYPES: dict[int, type] = {
     23: PageList,
     24: Release,
     25: EmbeddingSlot,
+    26: CrossRows,
 }
 _TAGS = {cls: tag for tag, cls in MESSAGE_TYPES.items()}
 _ID = re.compile(rf"[A-Za-z0-9._:@/+\-]{{1,{MAX_ID}}}")
@@ -365,8 +377,7 @@ def _limits(msg: Any) -> str:
         if not _ID.fullmatch(value):
             return f"{name} {str(value)[:40]!r} is not an id (1-{MAX_ID} of [A-Za-z0-9._:@/+-])"
     if isinstance(msg, PrefillRequest | DecodeRequest | GenerateRequest):
-        return _tokens(msg.input_ids, "input_ids") or (
-            "too many images" if not isinstance(msg, DecodeRequest) and len(msg.images) > MAX_IMAGES else "")
+        return _tokens(msg.input_ids, "input_ids") or ("too many images" if len(msg.images) > MAX_IMAGES else "")
     if isinstance(msg, EncodeRequest) and not 0 < len(msg.images) <= MAX_IMAGES:
         return f"1 to {MAX_IMAGES} images expected"
     if isinstance(msg, ImagePayload):
@@ -381,6 +392,9 @@ def _limits(msg: Any) -> str:
         return f"rows {msg.first_row}+{msg.rows} out of range"
     if isinstance(msg, PageList) and (len(msg.pages) > MAX_TOKENS or any(p < 0 for p in msg.pages)):
         return "page ids out of range"
+    rows = msg.rows if isinstance(msg, CrossRows) else msg.cross_rows if isinstance(msg, HandOver) else 0
+    if not 0 <= rows <= MAX_TOKENS:
+        return f"{rows} image rows"
     if isinstance(msg, KVGroup) and not (len(msg.layers) == 2 and 0 <= msg.layers[0] < msg.layers[1] <= 1 << 12):
         return f"layers {msg.layers} is not a [first, last + 1) range"
     return ""

@@ -31,7 +31,7 @@ from epd.engine.role_engines import FirstTokens, PrefillEngine
 from epd.engine.sampling import SamplingParams
 from epd.models.family import ImageLayout
 from epd.node.embedding_arena import EmbeddingArena
-from epd.node.handover import HandOverState, WireSender
+from epd.node.handover import CrossRowsKV, HandOverState, WireSender
 from epd.node.ipc_handover import IpcSender, announce_page_list
 from epd.node.runtime import pool_status
 from epd.node.throughput import Throughput
@@ -78,7 +78,7 @@ class PrefillService:
         self.kv_timeout_s = kv_timeout_s              # the longest a hand-over may hold its pages
         self.ipc_pools = PoolImports(core.device) if core.device.type == "cuda" else None
         self._last_pool_sweep = 0.0
-        num_layers = core.model_config.text.num_layers
+        num_layers = len(self.engine.token_layer_ids)   # cross-attention layers' image rows go on their own
         self.groups = layer_groups(num_layers, group_size or num_layers)
         self.awaiting: dict[str, Pending] = {}
         self.active: dict[str, Pending] = {}        # in the scheduler
@@ -113,12 +113,22 @@ class PrefillService:
             p.embeddings_at = p.arrived
             self._start(p, [])
             return
-        tokens = sum(values[0] for values in msg.images if values)
+        tokens = self._embedding_rows(msg)
         transport.expect(f"{msg.rid}:emb", peer=msg.encoder_ucx or None,
                          max_bytes=tokens * self.core.model_config.text.hidden_size * EMBEDDING_BYTES)
         self.awaiting[msg.rid] = p
         if msg.emb_ipc and self.arena is not None and msg.encoder_ucx:
             self._offer_slot(msg, tokens)
+
+    def _embedding_rows(self, msg: protocol.PrefillRequest) -> int:
+        """Rows of the encoder's output for the request's images (a layout that is not the family's: 0)."""
+        family, rows = self.core.model_config.family, 0
+        for values in msg.images:
+            try:
+                rows += family.embedding_rows(ImageLayout.from_wire(values))
+            except (ValueError, IndexError):
+                pass   # refused with the reason when the request starts
+        return rows
 
     def _offer_slot(self, msg: protocol.PrefillRequest, tokens: int) -> None:
         """CUDA IPC: rows of this node's arena for the encoder to write the embeddings into (none free:
@@ -221,7 +231,8 @@ class PrefillService:
         if emb.in_arena:
             self.embeddings_in_arena += 1
             p.embeddings_in_arena = True
-            return self.arena.take(rid, [values[0] for values in p.msg.images])
+            family = self.core.model_config.family
+            return self.arena.take(rid, [family.embedding_rows(ImageLayout.from_wire(v)) for v in p.msg.images])
         if offered:
             self.arena.release(rid)
         return [t.to(self.core.device, self.core.dtype) for t in msg.tensors]
@@ -265,20 +276,25 @@ class PrefillService:
 
     def _sender(self, p: Pending) -> WireSender | IpcSender:
         req, msg, engine = p.req, p.msg, self.engine
-        if msg.kv_ipc:
+        if msg.kv_ipc and not req.inp.num_cross_rows:   # image rows go over the wire only (decode refuses this)
             p.sender = IpcSender(self.runtime.transport, msg.decode_ucx, msg.rid, self.ipc_pools, engine.kv_layers,
                                  req.pages, engine.pages_for(req.prompt_len), engine.release, self.kv_timeout_s)
         else:
-            p.sender = WireSender(self.runtime.transport, msg.decode_ucx, msg.rid, engine.kv_layers, self.groups,
-                                  req.pages, req.prompt_len, engine.release, self.kv_timeout_s)
+            layers, token_ids = engine.kv_layers, engine.token_layer_ids
+            cross = CrossRowsKV([layers[i] for i in engine.cross_layer_ids], req.inp.num_cross_rows)
+            p.sender = WireSender(self.runtime.transport, msg.decode_ucx, msg.rid, [layers[i] for i in token_ids],
+                                  self.groups, req.pages, req.prompt_len, engine.release, self.kv_timeout_s,
+                                  layer_ids=token_ids, cross=cross)
         return p.sender
 
     def _first_tokens(self, first: FirstTokens) -> None:
         result = first.sampled
-        for i, (req, pages) in enumerate(zip(first.requests, first.pages, strict=True)):
+        for i, (req, pages, cross) in enumerate(zip(first.requests, first.pages, first.cross_pages, strict=True)):
             p = self.active.pop(req.rid)
             self.prompt_tokens += req.prompt_len - req.cached_tokens   # computed here, not from the cache
             p.sender.pages = pages    # the sender owns them now (the same pages the forward wrote)
+            if cross:                 # image rows: only the wire sender carries them (they go with the KV)
+                p.sender.cross.pages = cross
             now = time.monotonic()
             record = protocol.HandOver(
                 req.rid, first_token=result.token_ids[i],
@@ -335,7 +351,7 @@ class PrefillService:
                                                            timings or {}, info or {}))
 
     def check_integrity(self) -> None:
-        self.engine.check_integrity([pg for p in self.transferring.values() for pg in p.sender.pages])
+        self.engine.check_integrity([pg for p in self.transferring.values() for pg in p.sender.held_pages()])
 
     def status(self) -> dict[str, Any]:
         queued = self.engine.queued_prompt_tokens + sum(len(p.msg.input_ids) for p in self.awaiting.values())

@@ -274,7 +274,8 @@ class DisaggBackend:
             await self._redis(self.sessions.create, req.rid, {"colocated": flight.nodes["colocated"].node_id})
             return
         p, d = flight.nodes["prefill"], flight.nodes["decode"]
-        kv_ipc = ipc_pairable(p.kv_ipc, d.kv_ipc)
+        # a cross-attention model's image rows travel over the wire only
+        kv_ipc = ipc_pairable(p.kv_ipc, d.kv_ipc) and not inp.cross_rows
         emb_ipc = bool(inp.images) and ipc_writable(flight.nodes["encoder"].kv_ipc, p.kv_ipc)
         if inp.images:   # first: the encoder is the head of the critical path
             await self.clients.send(flight.nodes["encoder"].zmq, protocol.EncodeRequest(req.rid, images,
@@ -285,8 +286,9 @@ class DisaggBackend:
             flight.nodes["encoder"].node_id if inp.images else "",
             encoder_ucx=flight.nodes["encoder"].ucx if inp.images else "", kv_ipc=kv_ipc,
             image_hashes=[im.content_hash or "" for im in inp.images], emb_ipc=emb_ipc))
-        await self.clients.send(d.zmq, protocol.DecodeRequest(req.rid, inp.input_ids, params, p.node_id,
-                                                              p.layout_hash, p.ucx, kv_ipc))
+        await self.clients.send(d.zmq, protocol.DecodeRequest(
+            req.rid, inp.input_ids, params, p.node_id, p.layout_hash, p.ucx, kv_ipc,
+            [im.layout.to_wire() for im in inp.images] if inp.cross_rows else []))
         await self._redis(self.sessions.advance, req.rid, Stage.ENCODING if inp.images else Stage.PREFILLING)
 
     async def _redis(self, fn: Any, *args: Any) -> Any:

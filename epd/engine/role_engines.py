@@ -33,6 +33,7 @@ class FirstTokens:
     requests: list[Request]
     sampled: SampleResult
     pages: list[list[int]]
+    cross_pages: list[list[int]]   # each request's image-row pages (cross-attention models; else [])
 
 
 class _RoleEngine:
@@ -43,6 +44,17 @@ class _RoleEngine:
     def kv_layers(self) -> list[torch.Tensor]:
         """The KV pool's per-layer tensors [pages, 2, page_size, kv_heads, head_dim] (hand-over I/O)."""
         return self.core.kv.layers
+
+    @property
+    def cross_layer_ids(self) -> list[int]:
+        """Layers whose KV is image rows (cross-attention models), not tokens."""
+        return list(getattr(self.core.model, "cross_layers", ()))
+
+    @property
+    def token_layer_ids(self) -> list[int]:
+        """Layers whose KV is the tokens' (what the KV groups of a hand-over cover)."""
+        cross = set(self.cross_layer_ids)
+        return [i for i in range(len(self.core.kv.layers)) if i not in cross]
 
     @property
     def bytes_per_page(self) -> int:
@@ -88,15 +100,7 @@ class _RoleEngine:
         return self.core.scheduler.num_preemptions
 
 
-class _SplitRoleEngine(_RoleEngine):
-    def __init__(self, core: EngineCore) -> None:
-        if core.model_config.family.cross_attention:   # its image rows are not handed over yet
-            raise ValueError(f"{core.model_config.model_id} reads images through cross-attention: prefill / decode "
-                             "nodes do not serve it yet; serve it with colocated nodes (`epd serve --colocated N`)")
-        super().__init__(core)
-
-
-class PrefillEngine(_SplitRoleEngine):
+class PrefillEngine(_RoleEngine):
     def add(self, req: Request) -> None:
         self.core.add(req)
 
@@ -112,41 +116,58 @@ class PrefillEngine(_SplitRoleEngine):
             return None
         for c in chunks:
             started(c.req)
-            if c.req.image_embeds is None and c.req.inp.images:
+            if c.req.inp.cross_rows and not c.req.cross_ready:
+                self.core.runner.write_cross_rows(c.req)
+            elif c.req.image_embeds is None and c.req.inp.images and not c.req.inp.cross_rows:
                 attach_image_embeddings(c.req, self.core.dtype, self.core.device)
         finishing = [c.req for c in chunks if c.samples]
         logits = self.core.runner.run(chunks, after_layer=after_layer(finishing))
         self.core.scheduler.advance(chunks)
         # bans, penalties and grammar as the engine's own sampling
         sampled = sample(logits, [self.core.sampling_row(req) for req in finishing])
-        return FirstTokens(finishing, sampled, [self.core.scheduler.detach(req) for req in finishing])
+        held = [self.core.scheduler.detach(req) for req in finishing]
+        return FirstTokens(finishing, sampled, [pages for pages, _ in held], [cross for _, cross in held])
 
 
-class DecodeEngine(_SplitRoleEngine):
-    def new_request(self, input_ids: list[int], params: Any, rid: str) -> Request:
-        from epd.engine.inputs import ProcessedInput
+class DecodeEngine(_RoleEngine):
+    def new_request(self, input_ids: list[int], params: Any, rid: str, layouts: list[list[int]] = ()) -> Request:
+        """`layouts`: the images' (a cross-attention model's decode reads their rows; ValueError
+        when they do not fit the prompt)."""
+        from epd.engine.inputs import ImageInput, ProcessedInput, build_processed
+        from epd.models.family import ImageLayout
 
-        rows = self.core.model.position_rows
-        inp = ProcessedInput(list(input_ids), [], torch.empty(rows, 0, dtype=torch.long))
+        config = self.core.model_config
+        if layouts and config.family.cross_attention:
+            images = [ImageInput(ImageLayout.from_wire(values)) for values in layouts]
+            for im in images:
+                config.family.check_layout(im.layout)
+            inp = build_processed(config, list(input_ids), images)
+        else:
+            inp = ProcessedInput(list(input_ids), [], torch.empty(self.core.model.position_rows, 0, dtype=torch.long))
         return self.core.new_request(inp, params, rid=rid)
 
+    def _need(self, req: Request) -> int:
+        return self.pages_for(req.max_total_tokens) + self.pages_for(req.inp.num_cross_rows)
+
     def fits(self, req: Request) -> bool:
-        """Whether the pool could ever hold the request (prompt + every token it may generate)."""
-        return self.pages_for(req.max_total_tokens) <= self.core.kv.pool.capacity
+        """Whether the pool could ever hold the request (prompt + every token it may generate, and
+        its image rows)."""
+        return self._need(req) <= self.core.kv.pool.capacity
 
     def reserve(self, req: Request) -> bool:
         """Allocate every page the request can need; False while the pool cannot hold it now."""
         pool = self.core.kv.pool
-        need = pool.pages_for(req.max_total_tokens)
-        if not pool.can_allocate(need):
+        if not pool.can_allocate(self._need(req)):
             return False
-        req.pages = pool.allocate(need)
+        req.pages = pool.allocate(pool.pages_for(req.max_total_tokens))
+        req.cross_pages = pool.allocate(pool.pages_for(req.inp.num_cross_rows)) if req.inp.num_cross_rows else []
         return True
 
     def admit(self, req: Request, first_token: int, logprob: float | None, top: Any, state: DecodeState,
               generator_state: torch.Tensor | None) -> TokenEvent:
         """The prompt's KV is in the request's pages: into the batch, with its first token."""
         req.inp.decode_state = state
+        req.cross_ready = bool(req.cross_pages)
         if req.generator is not None and generator_state is not None:
             req.generator.set_state(generator_state.to(torch.uint8))
         req.num_computed = req.prompt_len

@@ -179,23 +179,20 @@ class Scheduler:
             c.req.num_computed = c.start + c.length
             self._register(c.req)
 
-    def detach(self, req: Request) -> list[int]:
-        """Take a running request out of the batch; its pages now belong to the caller (a
-        prefill node keeps them until the KV transfer is acknowledged, then frees them)."""
+    def detach(self, req: Request) -> tuple[list[int], list[int]]:
+        """Take a running request out of the batch; its pages (token pages, image-row pages) now
+        belong to the caller (a prefill node keeps them until the KV transfer is acknowledged,
+        then frees them)."""
         self.running.remove(req)
         self._register(req)
-        pages, req.pages = req.pages, []
-        if req.cross_pages:   # image rows are not handed over with the token pages
-            (self.fence if self.fence is not None else []).extend(req.cross_pages)
-            if self.fence is None:
-                self.pool.free(req.cross_pages)
-            req.cross_pages, req.cross_ready = [], False
+        pages, cross, req.pages, req.cross_pages, req.cross_ready = req.pages, req.cross_pages, [], [], False
         req.status = Status.FINISHED
-        return pages
+        return pages, cross
 
     def admit_prefilled(self, req: Request) -> None:
         """Put a request whose prompt KV is already in its pages straight into the batch."""
         assert req.pages and req.num_computed == req.prompt_len, "KV must be in place"
+        assert req.cross_ready or not req.inp.cross_rows, "image rows must be in place"
         req.status = Status.RUNNING
         self.running.append(req)
 

@@ -3,12 +3,14 @@
 Prefill side, `WireSender`: as the forward finishes each layer group (`on_layer`), that group's KV
 is gathered from the request's pages into the token-major wire layout and sent (`{rid}:kv:{g}`,
 a `protocol.KVGroup`); once the first token is sampled (`finish`) the `protocol.HandOver` record
-follows (`{rid}:meta`). The request's pages go back (`release`, exactly once) when every send is
-acknowledged or one failed, or when it is aborted.
+follows (`{rid}:meta`), after, for a cross-attention model, the image rows' K/V of its
+cross-attention layers (`{rid}:cross`, a `protocol.CrossRows`; token KV groups then cover the other
+layers only). The request's pages (token and image-row pages) go back (`release`, exactly once)
+when every send is acknowledged or one failed, or when it is aborted.
 Decode side, `WireReceiver`: announces every key it will take, from the prefill node only and no
 larger than the prompt's KV (`transport.expect`: the node reads nothing else), scatters each group
-into the pages it reserved as it lands (page sizes may differ), and is DONE once the record and
-every group it names are in.
+(and the image rows) into the pages it reserved as it lands (page sizes may differ), and is DONE
+once the record and everything it names are in.
 
 Both move through `HandOverState`: WAITING_FOR_PAGES (IPC only: the sender waits for decode's page
 list) -> TRANSFERRING -> DONE | FAILED (with `error`). The CUDA IPC pair (`ipc_handover`) has the
@@ -44,16 +46,31 @@ def kv_bytes(layers: list[torch.Tensor], num_tokens: int) -> int:
     return len(layers) * 2 * num_tokens * heads * dim * layers[0].element_size()
 
 
+class CrossRowsKV:
+    """A request's image rows on one node: the cross-attention layers' pool tensors, its pages there."""
+
+    def __init__(self, layers: list[torch.Tensor], rows: int, pages: list[int] | None = None) -> None:
+        self.layers, self.rows, self.pages = layers, rows, pages or []
+
+    def nbytes(self) -> int:
+        return kv_bytes(self.layers, self.rows) if self.layers else 0
+
+
 class WireSender:
     def __init__(self, transport: Any, peer: str, rid: str, layers: list[torch.Tensor], groups: list[range],
                  pages: list[int], prompt_len: int, release: Callable[[list[int]], None],
-                 timeout_s: float | None = None) -> None:
-        """Each send fails after `timeout_s` (a decode node that stopped reading, or an address
+                 timeout_s: float | None = None, layer_ids: list[int] | None = None,
+                 cross: CrossRowsKV | None = None) -> None:
+        """`layers`: the pool tensors holding token KV (`layer_ids`: which model layers they are,
+        default all in order), `groups` ranges over them; `cross`: the image rows to send too.
+        Each send fails after `timeout_s` (a decode node that stopped reading, or an address
         that does not answer, gives the pages back then instead of holding them for good)."""
         self.transport, self.peer, self.rid, self.timeout_s = transport, peer, rid, timeout_s
         self.layers, self.groups, self.prompt_len = layers, groups, prompt_len
         self.pages, self._release = pages, release
-        self._last_of = {g[-1]: i for i, g in enumerate(groups)}
+        self.cross = cross
+        ids = layer_ids if layer_ids is not None else list(range(len(layers)))
+        self._last_of = {ids[g[-1]]: i for i, g in enumerate(groups)}
         self.sends: list[Future] = []
         self.state, self.error = HandOverState.TRANSFERRING, ""
 
@@ -74,6 +91,12 @@ class WireSender:
 
     def finish(self, record: protocol.HandOver, generator_state: torch.Tensor | None) -> None:
         record.num_groups = len(self.groups)
+        if self.cross is not None and self.cross.rows:
+            record.cross_rows = self.cross.rows
+            wire = gather_kv(self.cross.layers, self.cross.pages, self.cross.rows)
+            meta = protocol.data_meta(protocol.CrossRows(self.rid, self.cross.rows))
+            self.sends.append(self.transport.send(self.peer, f"{self.rid}:cross", [wire], meta=meta,
+                                                  timeout=self.timeout_s))
         tensors = [generator_state] if generator_state is not None else []
         self.sends.append(self.transport.send(self.peer, f"{self.rid}:meta", tensors,
                                               meta=protocol.data_meta(record), timeout=self.timeout_s))
@@ -97,19 +120,28 @@ class WireSender:
         self._give_back()
 
     def _give_back(self) -> None:
-        if self.pages:
-            self._release(self.pages)
+        held = self.held_pages()
+        if held:
+            self._release(held)
             self.pages = []
+            if self.cross is not None:
+                self.cross.pages = []
+
+    def held_pages(self) -> list[int]:
+        return self.pages + (self.cross.pages if self.cross is not None else [])
 
 
 class WireReceiver:
     def __init__(self, transport: Any, peer: str, rid: str, layers: list[torch.Tensor], prompt_len: int,
-                 max_groups: int | None = None) -> None:
+                 max_groups: int | None = None, cross: CrossRowsKV | None = None) -> None:
         """Announces what prefill will send for the request (when it arrives: the KV may come
         before this node has pages for it, and waits in the transport until `start`): at most
-        `max_groups` KV groups (default: one a layer)."""
+        `max_groups` KV groups (default: one a layer) over `layers` (those holding token KV), and
+        the image rows of `cross` (its pages come with `start`)."""
         self.transport, self.peer, self.rid = transport, peer, rid
         self.layers, self.pages, self.prompt_len = layers, None, prompt_len
+        self.cross = cross if cross is not None and cross.rows else None
+        self.cross_landed = self.cross is None
         self.max_groups = len(layers) if max_groups is None else max_groups
         self.record: protocol.HandOver | None = None
         self.generator_state: torch.Tensor | None = None
@@ -120,10 +152,14 @@ class WireReceiver:
         for key in self._group_keys(0):
             transport.expect(key, peer=peer, max_bytes=total)
         transport.expect(f"{rid}:meta", peer=peer, max_bytes=GENERATOR_STATE_BYTES)
+        if self.cross is not None:
+            transport.expect(f"{rid}:cross", peer=peer, max_bytes=self.cross.nbytes())
 
-    def start(self, pool_desc: dict[str, Any] | None, pages: list[int]) -> None:
-        """Pages are reserved: KV groups are scattered into them from now on."""
+    def start(self, pool_desc: dict[str, Any] | None, pages: list[int], cross_pages: list[int] | None = None) -> None:
+        """Pages are reserved: KV groups (and image rows, into `cross_pages`) land in them from now on."""
         self.pages = pages
+        if self.cross is not None:
+            self.cross.pages = list(cross_pages or [])
 
     def _group_keys(self, start: int) -> list[str]:
         return [f"{self.rid}:kv:{g}" for g in range(start, self.max_groups)]
@@ -133,12 +169,14 @@ class WireReceiver:
             return self.state
         try:
             self._take_groups(now)
+            if not self.cross_landed:
+                self._take_cross()
             if self.record is None:
                 self._take_record()
         except Exception as e:  # noqa: BLE001 - a broken or refused transfer fails this request only
             self._fail(str(e))
             return self.state
-        if self.record is not None and self.next_group == self.record.num_groups:
+        if self.record is not None and self.next_group == self.record.num_groups and self.cross_landed:
             self.state = HandOverState.DONE
             self.ignore_groups()   # announced, never coming
         return self.state
@@ -155,6 +193,19 @@ class WireReceiver:
             scatter_kv(wire.to(self.layers[0].device), self.layers[lo:hi], self.pages)
             self.next_group += 1
 
+    def _take_cross(self) -> None:
+        msg = self.transport.poll(f"{self.rid}:cross")
+        if msg is None:
+            return
+        rows = protocol.read_data_meta(msg.meta, protocol.CrossRows, self.rid).rows
+        wire = msg.tensors[0] if len(msg.tensors) == 1 else None
+        cross = self.cross
+        if rows != cross.rows or wire is None or \
+                tuple(wire.shape) != (len(cross.layers), 2, rows, *cross.layers[0].shape[3:]):
+            raise protocol.ProtocolError(f"image rows do not fit this request's {cross.rows} rows")
+        scatter_kv(wire.to(cross.layers[0].device), cross.layers, cross.pages)
+        self.cross_landed = True
+
     def _take_record(self) -> None:
         msg = self.transport.poll(f"{self.rid}:meta")
         if msg is None:
@@ -165,6 +216,9 @@ class WireReceiver:
         if record.prompt_len != self.prompt_len or not 0 <= record.num_groups <= self.max_groups:
             raise protocol.ProtocolError(f"prefill handed over {record.prompt_len} tokens of KV in "
                                          f"{record.num_groups} groups, {self.prompt_len} tokens expected")
+        if record.cross_rows != (self.cross.rows if self.cross is not None else 0):
+            raise protocol.ProtocolError(f"prefill handed over {record.cross_rows} image rows, "
+                                         f"{self.cross.rows if self.cross is not None else 0} expected")
         self.record, self.record_landed_at = record, msg.landed_at
         self.generator_state = msg.tensors[0] if msg.tensors else None
 
@@ -182,4 +236,6 @@ class WireReceiver:
         nothing is written into the pages but by this node)."""
         self.ignore_groups()
         self.transport.ignore(f"{self.rid}:meta")
+        if self.cross is not None and not self.cross_landed:
+            self.transport.ignore(f"{self.rid}:cross")
         return False

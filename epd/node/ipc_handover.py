@@ -172,6 +172,9 @@ class IpcSender:
             self._release(self.pages)
             self.pages = []
 
+    def held_pages(self) -> list[int]:
+        return self.pages
+
 
 def announce_page_list(transport: Any, decode_peer: str, rid: str) -> None:
     """Prefill, when the request arrives: decode's page list may come (it has no tensors)."""

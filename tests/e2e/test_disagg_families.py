@@ -1,6 +1,7 @@
-"""Every LLaVA variant through 1 encoder + 1 prefill + 1 decode process (real Redis, real UCX over
-TCP), prefill pages of 4 tokens and decode pages of 16: greedy tokens equal transformers' (float64
-on both sides) and the colocated Engine's; every pool is intact afterwards."""
+"""Every LLaVA variant and Llama-3.2-Vision (cross-attention: its image rows' K/V handed over with
+the prompt's) through 1 encoder + 1 prefill + 1 decode process (real Redis, real UCX over TCP),
+prefill pages of 4 tokens and decode pages of 16: greedy tokens equal transformers' (float64 on both
+sides) and the colocated Engine's; every pool is intact afterwards."""
 
 from __future__ import annotations
 
@@ -15,12 +16,13 @@ COMMON = ["--dtype", "float64", "--heartbeat-ttl", "2", "--max-step-tokens", "64
 ROLES = {"encoder": [[]], "prefill": [["--page-size", "4"]], "decode": [["--page-size", "16"]]}
 CASES = [(("Hello, tell me a story about a red cat.",), []),
          ((IMAGE, "Describe this picture."), [(120, 80)]),
-         ((IMAGE, "and", IMAGE, "Compare them."), [(64, 200), (50, 50)])]
+         ((IMAGE, "and", IMAGE, "Compare them."), [(64, 200), (50, 50)]),
+         (("First", IMAGE, "then", IMAGE, "which is bluer?"), [(300, 90), (90, 90)])]
 MAX_NEW = 8
 
 
-@pytest.mark.parametrize("arch", ["llava", "llava_next", "llava_onevision"])
-def test_llava_variants_split_over_three_pools_equal_transformers(tiny_models, tmp_path, arch):
+@pytest.mark.parametrize("arch", ["llava", "llava_next", "llava_onevision", "mllama"])
+def test_families_split_over_three_pools_equal_transformers(tiny_models, tmp_path, arch):
     path = tiny_models[arch]
     with Engine(model_path=path, device="cpu", dtype="float64") as engine, \
             disagg_cluster(path, str(tmp_path), ROLES, COMMON) as harness:

@@ -6,7 +6,6 @@ asked for by name (`tiny-random-llava`), as a new user would."""
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 
 import openai
@@ -51,16 +50,16 @@ def test_llava_variants_through_epd_serve_and_the_openai_client(tiny_models, tmp
         proc.wait()
 
 
-def test_llama_3_vision_through_epd_serve_colocated_and_the_openai_client(tiny_models, tmp_path):
-    """SGLang's Llama-3.2-Vision calls (one image; two images, "describe the first, then the
-    second") with `--chat-template llama_3_vision`, served by a colocated node: transformers' tokens.
-    Prefill / decode pools are refused up front with what to use instead."""
+@pytest.mark.parametrize("topology", [[], ["--colocated", "1"]], ids=["1E1P1D", "colocated"])
+def test_llama_3_vision_through_epd_serve_and_the_openai_client(tiny_models, tmp_path, topology):
+    """SGLang's Llama-3.2-Vision calls (one image; two images, "describe the first image in one
+    sentence, then the second") with `--chat-template llama_3_vision`, served split over encode /
+    prefill / decode pools (epd serve's defaults) and by one colocated node: transformers' tokens."""
     path = tiny_models["mllama"]
-    base = [sys.executable, "-m", "epd.cli", "serve", "--model", path, "--port", "0", "--device", "cpu",
-            "--log-dir", str(tmp_path / "logs"), "--log-level", "warning", "--chat-template", "llama_3_vision"]
-    refused = subprocess.run(base, capture_output=True, text=True, timeout=120)
-    assert refused.returncode == 2 and "use --colocated N" in refused.stderr
-    proc, log, line = start_until_line([*base, "--colocated", "1"], "EPD ready on ", 300, "epd serve")
+    cmd = [sys.executable, "-m", "epd.cli", "serve", "--model", path, "--port", "0", "--device", "cpu",
+           "--log-dir", str(tmp_path / "logs"), "--log-level", "warning", "--chat-template", "llama_3_vision",
+           *topology]
+    proc, log, line = start_until_line(cmd, "EPD ready on ", 300, "epd serve")
     try:
         client = openai.OpenAI(base_url=line.split()[3], api_key="none", max_retries=0, timeout=60)
         served = client.models.list().data[0].id
