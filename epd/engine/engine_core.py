@@ -303,9 +303,14 @@ class EngineCore:
                 im.embeddings, im.pixels = emb, None
         for r in reqs:
             if r.inp.cross_rows:
-                self.runner.write_cross_rows(r)
+                self.write_cross_rows(r)
             else:
                 attach_image_embeddings(r, self.dtype, self.device)
+
+    def write_cross_rows(self, req: Request) -> None:
+        """The request's image rows' K/V into its cross pages, offered to requests with its images."""
+        self.runner.write_cross_rows(req)
+        self.scheduler.register_cross(req)
 
     def _commit(self, chunks: list[Chunk], logits: torch.Tensor) -> list[TokenEvent]:
         live = [i for i, c in enumerate(chunks) if c.req.status is not Status.FINISHED]

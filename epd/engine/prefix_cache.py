@@ -70,3 +70,18 @@ def chained_page_hashes(previous: bytes, ids: Sequence[int], first_page: int, pa
         previous = digest.digest()
         out.append(previous)
     return out
+
+
+def cross_page_hashes(req: Request, page_size: int) -> list[bytes]:
+    """Names of the pages holding a cross-attention request's image rows: its images in order (their
+    identities and layouts, under its cache salt) and the page's index; [] when an image has no
+    identity. Requests with the same images share those pages (no vision forward, no K/V again)."""
+    keys = [im.content_hash for im in req.inp.images]
+    if not req.inp.cross_rows or any(key is None for key in keys):
+        return []
+    base = hashlib.blake2b(b"image-rows", digest_size=16)
+    base.update(req.params.cache_salt.encode())
+    for key, im in zip(keys, req.inp.images, strict=True):
+        base.update(key.encode() + array("q", im.layout.to_wire()).tobytes())
+    pages = -(-req.inp.num_cross_rows // page_size)
+    return [hashlib.blake2b(base.digest() + i.to_bytes(4, "little"), digest_size=16).digest() for i in range(pages)]

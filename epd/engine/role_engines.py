@@ -48,7 +48,7 @@ class _RoleEngine:
     @property
     def cross_layer_ids(self) -> list[int]:
         """Layers whose KV is image rows (cross-attention models), not tokens."""
-        return list(getattr(self.core.model, "cross_layers", ()))
+        return list(self.core.model.cross_layers)
 
     @property
     def token_layer_ids(self) -> list[int]:
@@ -117,7 +117,7 @@ class PrefillEngine(_RoleEngine):
         for c in chunks:
             started(c.req)
             if c.req.inp.cross_rows and not c.req.cross_ready:
-                self.core.runner.write_cross_rows(c.req)
+                self.core.write_cross_rows(c.req)
             elif c.req.image_embeds is None and c.req.inp.images and not c.req.inp.cross_rows:
                 attach_image_embeddings(c.req, self.core.dtype, self.core.device)
         finishing = [c.req for c in chunks if c.samples]

@@ -29,7 +29,7 @@ from collections import Counter, deque
 from dataclasses import dataclass
 
 from epd.engine.kv_pool import KVCache
-from epd.engine.prefix_cache import page_hashes
+from epd.engine.prefix_cache import cross_page_hashes, page_hashes
 from epd.engine.request import Request, Status
 
 
@@ -88,8 +88,9 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.max_running:
             req = self.waiting[0]
             hits = self._prefix_hits(req)
-            cross = self._cross_need(req)
-            need = self.pool.pages_for(req.total_len) - len(hits) + self.pool.cost(hits) + cross
+            cross_hits = self._cross_hits(req)
+            cross = 0 if cross_hits else self._cross_need(req)
+            need = self.pool.pages_for(req.total_len) - len(hits) + self.pool.cost(hits + cross_hits) + cross
             if need > self.pool.num_free - self._owed_to_prefills():
                 break
             self.waiting.popleft()
@@ -99,7 +100,10 @@ class Scheduler:
                 req.num_computed = len(hits) * self.pool.page_size
                 if not req.output_ids:   # the first admission (not a preempted request's return)
                     req.cached_tokens = req.num_computed
-            if cross:   # the image rows' pages (after the hits are held: allocating may evict)
+            if cross_hits:   # another request's image rows, the same images'
+                self.pool.acquire(cross_hits)
+                req.cross_pages, req.cross_ready = list(cross_hits), True
+            elif cross:   # the image rows' pages (after the hits are held: allocating may evict)
                 req.cross_pages, req.cross_ready = self.pool.allocate(cross), False
             req.status = Status.RUNNING
             self.running.append(req)
@@ -116,6 +120,19 @@ class Scheduler:
         """Pages the request's image rows take (cross-attention families; 0 once it holds them)."""
         rows = req.inp.num_cross_rows if req.inp is not None else 0
         return self.pool.pages_for(rows) if rows and not req.cross_pages else 0
+
+    def _cross_hits(self, req: Request) -> list[int]:
+        """Pages holding all of req's image rows already (cached by a request with its images), or []."""
+        if not self.prefix_caching or not req.inp.cross_rows or req.cross_pages:
+            return []
+        hashes = cross_page_hashes(req, self.pool.page_size)
+        pages = self.pool.match(hashes) if hashes else []
+        return pages if len(pages) == len(hashes) else []
+
+    def register_cross(self, req: Request) -> None:
+        """req's image rows are written (by a launched step): offer their pages to requests with its images."""
+        if self.prefix_caching and req.cross_pages:
+            self.pool.register(req.cross_pages, cross_page_hashes(req, self.pool.page_size))
 
     def _prefix_hits(self, req: Request) -> list[int]:
         """Pages already holding the longest cached prefix of req's tokens, leaving at least its

@@ -62,6 +62,8 @@ class TextModel(nn.Module):
 class DecoderLM(nn.Module):
     """Text decoder + LM head. `forward` runs one flat step; `logits` projects selected rows."""
 
+    cross_layers: tuple[int, ...] = ()   # every layer attends over tokens (no cross-attention layers)
+
     def __init__(self, cfg: TextConfig, rotary: nn.Module, position_rows: int = 1) -> None:
         super().__init__()
         self.cfg = cfg

@@ -162,7 +162,8 @@ def kv_layout_of(core: Any) -> KVLayout:
     """The KV layout an EngineCore's pool has (what prefill and decode must agree on)."""
     tc = core.model_config.text
     return KVLayout(model_id=core.model_config.model_id, dtype=str(core.dtype).replace("torch.", ""),
-                    num_layers=tc.num_layers, num_kv_heads=tc.num_kv_heads, head_dim=tc.head_dim)
+                    num_layers=tc.num_layers, num_kv_heads=tc.num_kv_heads, head_dim=tc.head_dim,
+                    cross_layers=tuple(core.model.cross_layers))
 
 
 def pool_status(pool: Any, check: Any, queues: dict[str, int]) -> dict[str, Any]:

@@ -62,6 +62,7 @@ def test_hash_is_stable_across_processes() -> None:
         ("head_dim", 64),
         ("tp_rank", 1),
         ("tp_size", 4),
+        ("cross_layers", (3, 8)),
     ],
 )
 def test_any_field_change_changes_hash_and_is_named(field: str, value: object) -> None:
@@ -101,3 +102,13 @@ def test_invalid_layouts_are_refused(overrides: dict[str, object]) -> None:
 def test_from_dict_refuses_unknown_fields() -> None:
     with pytest.raises(ValueError, match="page_size"):
         KVLayout.from_dict({**make().to_dict(), "page_size": 16})
+
+
+def test_a_layout_with_image_rows_round_trips_through_json_and_msgpack() -> None:
+    import json
+
+    layout = make(cross_layers=(3, 8, 13))
+    assert KVLayout.from_dict(json.loads(json.dumps(layout.to_dict()))) == layout
+    assert KVLayout.from_dict(msgpack.unpackb(msgpack.packb(layout.to_dict()))).layout_hash() == layout.layout_hash()
+    with pytest.raises(ValueError, match="cross_layers"):
+        make(cross_layers=(28,))

@@ -100,19 +100,41 @@ def test_preemption_under_a_small_pool_keeps_outputs(tiny_models):
     assert got == expected
 
 
-def test_a_prefix_cache_hit_needs_the_same_image(engine):
-    """The same image and text again: its prompt's pages come from the cache, with the logprobs of
-    the run that computed them; another image under the same text shares nothing (every token's
-    KV depends on the request's images)."""
+def test_a_prefix_cache_hit_needs_the_same_image(engine, monkeypatch):
+    """The same image and text again: its prompt's pages and its image rows come from the cache (the
+    vision tower does not run), with the logprobs of the run that computed them; another image
+    under the same text shares nothing (every token's KV depends on the request's images)."""
+    encoded = []
+    encode = engine.core.vision.encode
+    monkeypatch.setattr(engine.core.vision, "encode", lambda images: encoded.append(len(images)) or encode(images))
     prompt = family_prompt(engine.tokenizer, "A long preamble about colors and shapes.", IMAGE, "What is it?")
     params = {"temperature": 0, "max_new_tokens": 6, "logprobs": True}
     image = noise_image(150, 100, seed=7)
     first = engine.generate(prompt=prompt, image_data=[image], sampling_params=params)
+    assert encoded == [1]
     again = engine.generate(prompt=prompt, image_data=[image], sampling_params=params)
+    assert encoded == [1], "the image rows were cached: no vision forward"
     other = engine.generate(prompt=prompt, image_data=[noise_image(150, 100, seed=8)], sampling_params=params)
+    assert encoded == [1, 1]
     assert first["meta_info"]["cached_tokens"] == 0
     assert again["meta_info"]["cached_tokens"] >= 4 * (first["meta_info"]["prompt_tokens"] // 4 - 1)
     assert again["output_ids"] == first["output_ids"]
     assert again["meta_info"]["output_token_logprobs"] == pytest.approx(first["meta_info"]["output_token_logprobs"],
                                                                        abs=1e-5)
     assert other["meta_info"]["cached_tokens"] == 0
+
+
+def test_image_rows_cached_alone_serve_another_prompt_with_the_same_image(engine, monkeypatch):
+    """Different text, same image: the image rows are shared (one vision forward for both), and
+    each answer is still transformers'."""
+    encoded = []
+    encode = engine.core.vision.encode
+    monkeypatch.setattr(engine.core.vision, "encode", lambda images: encoded.append(len(images)) or encode(images))
+    image = noise_image(130, 70, seed=11)
+    for text in ("Describe it.", "What colors does it have?"):
+        prompt = family_prompt(engine.tokenizer, IMAGE, text)
+        out = engine.generate(prompt=prompt, image_data=[image], sampling_params=GREEDY)
+        ids = engine.core.inputs.process(prompt=prompt, image_data=[image]).input_ids
+        assert out["output_ids"] == hf_generate(engine.core.model_config.model_path, ids, [image],
+                                                GREEDY["max_new_tokens"])
+    assert encoded == [1]
