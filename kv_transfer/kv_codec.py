@@ -15,7 +15,9 @@ Shapes:
 - wire, one tensor per layer group: ``[layers_in_group, 2, num_tokens, kv_heads, head_dim]``
 
 Both directions are one `index_select` / `index_copy_` per layer over a flattened
-``[num_pages * 2 * page_size, kv_heads, head_dim]`` view; no Python loop per token or page.
+``[num_pages * 2 * page_size, kv_heads, head_dim]`` view; no Python loop per token or page. A layer
+that is a strided view of a larger buffer (pages a stride apart: a model with cross-attention
+layers) is indexed by (page, row) pairs instead.
 """
 
 from __future__ import annotations
@@ -59,8 +61,8 @@ def _check_pool(layer_caches: Sequence[torch.Tensor]) -> tuple[int, int, int, to
     for cache in layer_caches:
         if cache.shape[1:] != first.shape[1:] or cache.dtype != first.dtype or cache.device != first.device:
             raise ValueError("all layer caches of a group must share shape[1:], dtype and device")
-        if not cache.is_contiguous():
-            raise ValueError("layer caches must be contiguous")
+        if not cache[0].is_contiguous():
+            raise ValueError("each page of a layer cache must be contiguous")
     _, _, page_size, kv_heads, head_dim = first.shape
     return page_size, kv_heads, head_dim, first.dtype, first.device
 
@@ -103,8 +105,12 @@ def gather_kv(
         raise ValueError(f"out must be contiguous {shape} {dtype}, got {tuple(out.shape)} {out.dtype}")
     rows = token_slots(page_ids, num_tokens, page_size, device)
     for layer, cache in enumerate(layer_caches):
-        flat = cache.view(-1, kv_heads, head_dim)  # [num_pages * 2 * page_size, kv_heads, head_dim]
-        torch.index_select(flat, 0, rows, out=out[layer].view(2 * num_tokens, kv_heads, head_dim))
+        dst = out[layer].view(2 * num_tokens, kv_heads, head_dim)
+        if cache.is_contiguous():
+            flat = cache.view(-1, kv_heads, head_dim)  # [num_pages * 2 * page_size, kv_heads, head_dim]
+            torch.index_select(flat, 0, rows, out=dst)
+        else:
+            dst.copy_(cache.flatten(1, 2)[rows // (2 * page_size), rows % (2 * page_size)])
     return out
 
 
@@ -123,5 +129,8 @@ def scatter_kv(
     rows = token_slots(page_ids, num_tokens, page_size, device)
     wire = wire.to(device)
     for layer, cache in enumerate(layer_caches):
-        flat = cache.view(-1, kv_heads, head_dim)
-        flat.index_copy_(0, rows, wire[layer].reshape(2 * num_tokens, kv_heads, head_dim))
+        src = wire[layer].reshape(2 * num_tokens, kv_heads, head_dim)
+        if cache.is_contiguous():
+            cache.view(-1, kv_heads, head_dim).index_copy_(0, rows, src)
+        else:
+            cache.flatten(1, 2)[rows // (2 * page_size), rows % (2 * page_size)] = src

@@ -274,8 +274,8 @@ class DisaggBackend:
             await self._redis(self.sessions.create, req.rid, {"colocated": flight.nodes["colocated"].node_id})
             return
         p, d = flight.nodes["prefill"], flight.nodes["decode"]
-        # a cross-attention model's image rows travel over the wire only
-        kv_ipc = ipc_pairable(p.kv_ipc, d.kv_ipc) and not inp.cross_rows
+        # a cross-attention model's pool is not one tensor a layer: its KV travels over the wire only
+        kv_ipc = ipc_pairable(p.kv_ipc, d.kv_ipc) and not self.config.family.cross_attention
         emb_ipc = bool(inp.images) and ipc_writable(flight.nodes["encoder"].kv_ipc, p.kv_ipc)
         if inp.images:   # first: the encoder is the head of the critical path
             await self.clients.send(flight.nodes["encoder"].zmq, protocol.EncodeRequest(req.rid, images,

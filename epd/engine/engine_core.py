@@ -127,7 +127,8 @@ class EngineCore:
 
     def _make_kv_cache(self) -> KVCache:
         tc = self.model_config.text
-        spec = KVCacheSpec(tc.num_layers, tc.num_kv_heads, tc.head_dim, self.config.page_size, self.dtype)
+        spec = KVCacheSpec(tc.num_layers, tc.num_kv_heads, tc.head_dim, self.config.page_size, self.dtype,
+                           tuple(self.model.cross_layers))
         if self.config.kv_cache_tokens:
             pages = -(-self.config.kv_cache_tokens // spec.page_size) + 1
         elif self.device.type == "cuda" and self.config.gpu_memory_utilization is not None:

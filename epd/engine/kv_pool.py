@@ -10,6 +10,14 @@ Freeing a page that is not allocated raises, so a double free is a loud bug, not
 
 Layout per layer: `[num_pages, 2, page_size, kv_heads, head_dim]` (flashinfer "NHD"). Page 0 is
 reserved as a dummy page (padding slots of CUDA-graph batches write there), never handed out.
+
+A model with cross-attention layers (their KV is image rows, not tokens) has one buffer
+`[num_pages, self-attention layers, 2, page_size, kv_heads, head_dim]` instead: a page is either a
+token page, read through the self-attention layers' views (`buffer[:, i]`, a page stride over all
+of them), or an image-row page, read through the cross-attention layers' views, each of which
+spans `k = self layers // cross layers` of those slots and so holds `k * page_size` rows
+(`cross_page_rows`). Both kinds come from the one allocator, and a page costs its bytes once,
+whichever kind it is (one tensor a layer would cost an image row every layer's bytes).
 """
 
 from __future__ import annotations
@@ -29,11 +37,12 @@ class OutOfPagesError(RuntimeError):
 class PagePool:
     """Hands out page ids; knows nothing about tensors."""
 
-    def __init__(self, num_pages: int, page_size: int) -> None:
+    def __init__(self, num_pages: int, page_size: int, cross_page_rows: int = 0) -> None:
         if num_pages < 2:
             raise ValueError(f"need at least 2 KV pages (one is a reserved dummy), got {num_pages}")
         self.num_pages = num_pages
         self.page_size = page_size
+        self.cross_page_rows = cross_page_rows or page_size   # image rows a page holds (cross-attention)
         self._free: list[int] = list(range(num_pages - 1, DUMMY_PAGE, -1))  # pop() gives low ids first
         self._owners: dict[int, int] = {}                  # page in use -> how many requests hold it
         self._cached: OrderedDict[int, None] = OrderedDict()   # registered pages nobody holds, LRU first
@@ -62,6 +71,10 @@ class PagePool:
 
     def pages_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.page_size)
+
+    def pages_for_rows(self, rows: int) -> int:
+        """Pages `rows` image rows take (cross-attention layers)."""
+        return -(-rows // self.cross_page_rows)
 
     def can_allocate(self, n: int) -> bool:
         return n <= self.num_free
@@ -153,10 +166,18 @@ class KVCacheSpec:
     head_dim: int
     page_size: int
     dtype: torch.dtype
+    cross_layers: tuple[int, ...] = ()   # layers whose KV is image rows (cross-attention)
+
+    @property
+    def slots_per_cross_layer(self) -> int:
+        """Self-attention layer slots of a page one cross-attention layer spans (0: no shared buffer)."""
+        cross = len(self.cross_layers)
+        return (self.num_layers - cross) // cross if cross else 0
 
     def bytes_per_page(self) -> int:
         elem = torch.tensor([], dtype=self.dtype).element_size()
-        return self.num_layers * 2 * self.page_size * self.num_kv_heads * self.head_dim * elem
+        layers = self.num_layers - len(self.cross_layers) if self.slots_per_cross_layer else self.num_layers
+        return layers * 2 * self.page_size * self.num_kv_heads * self.head_dim * elem
 
 
 class KVCache:
@@ -164,13 +185,36 @@ class KVCache:
 
     def __init__(self, spec: KVCacheSpec, num_pages: int, device: torch.device | str) -> None:
         self.spec = spec
-        self.pool = PagePool(num_pages, spec.page_size)
+        k = spec.slots_per_cross_layer
+        self.pool = PagePool(num_pages, spec.page_size, cross_page_rows=k * spec.page_size)
         shape = (num_pages, 2, spec.page_size, spec.num_kv_heads, spec.head_dim)
         # Uninitialised: attention only reads slots that were written. The dummy page is zeroed
         # because padded CUDA-graph rows write and read it.
-        self.layers = [torch.empty(shape, dtype=spec.dtype, device=device) for _ in range(spec.num_layers)]
+        if k:
+            self.layers = self._shared_views(spec, num_pages, device)
+        else:
+            self.layers = [torch.empty(shape, dtype=spec.dtype, device=device) for _ in range(spec.num_layers)]
         for layer in self.layers:
             layer[DUMMY_PAGE].zero_()
+
+    @staticmethod
+    def _shared_views(spec: KVCacheSpec, num_pages: int, device: torch.device | str) -> list[torch.Tensor]:
+        """Views of one buffer: a self-attention layer's `[pages, 2, page_size, ...]`, a cross-attention
+        layer's `[pages, 2, k * page_size, ...]` over k consecutive self-attention slots."""
+        k, cross = spec.slots_per_cross_layer, set(spec.cross_layers)
+        slots = spec.num_layers - len(cross)
+        buffer = torch.empty(num_pages, slots, 2, spec.page_size, spec.num_kv_heads, spec.head_dim,
+                             dtype=spec.dtype, device=device)
+        layers, next_slot, next_cross = [], 0, 0
+        for i in range(spec.num_layers):
+            if i in cross:
+                block = buffer[:, k * next_cross:k * (next_cross + 1)].flatten(1, 3)
+                layers.append(block.unflatten(1, (2, k * spec.page_size)))
+                next_cross += 1
+            else:
+                layers.append(buffer[:, next_slot])
+                next_slot += 1
+        return layers
 
     @staticmethod
     def pages_fitting(spec: KVCacheSpec, budget_bytes: int) -> int:

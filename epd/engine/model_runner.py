@@ -153,7 +153,7 @@ class ModelRunner:
                 items.append(CrossChunk(c.length, req.cross_pages, visible, sees))
             else:
                 items.append(CrossChunk(c.length))
-        return CrossStep(items, self.kv.spec.page_size, self.device)
+        return CrossStep(items, self.kv.pool.cross_page_rows, self.device)
 
     @torch.inference_mode()
     def write_cross_rows(self, req: Request) -> None:

@@ -72,7 +72,7 @@ def chained_page_hashes(previous: bytes, ids: Sequence[int], first_page: int, pa
     return out
 
 
-def cross_page_hashes(req: Request, page_size: int) -> list[bytes]:
+def cross_page_hashes(req: Request, rows_per_page: int) -> list[bytes]:
     """Names of the pages holding a cross-attention request's image rows: its images in order (their
     identities and layouts, under its cache salt) and the page's index; [] when an image has no
     identity. Requests with the same images share those pages (no vision forward, no K/V again)."""
@@ -83,5 +83,5 @@ def cross_page_hashes(req: Request, page_size: int) -> list[bytes]:
     base.update(req.params.cache_salt.encode())
     for key, im in zip(keys, req.inp.images, strict=True):
         base.update(key.encode() + array("q", im.layout.to_wire()).tobytes())
-    pages = -(-req.inp.num_cross_rows // page_size)
+    pages = -(-req.inp.num_cross_rows // rows_per_page)
     return [hashlib.blake2b(base.digest() + i.to_bytes(4, "little"), digest_size=16).digest() for i in range(pages)]

@@ -147,7 +147,7 @@ class DecodeEngine(_RoleEngine):
         return self.core.new_request(inp, params, rid=rid)
 
     def _need(self, req: Request) -> int:
-        return self.pages_for(req.max_total_tokens) + self.pages_for(req.inp.num_cross_rows)
+        return self.pages_for(req.max_total_tokens) + self.core.kv.pool.pages_for_rows(req.inp.num_cross_rows)
 
     def fits(self, req: Request) -> bool:
         """Whether the pool could ever hold the request (prompt + every token it may generate, and
@@ -160,7 +160,7 @@ class DecodeEngine(_RoleEngine):
         if not pool.can_allocate(self._need(req)):
             return False
         req.pages = pool.allocate(pool.pages_for(req.max_total_tokens))
-        req.cross_pages = pool.allocate(pool.pages_for(req.inp.num_cross_rows)) if req.inp.num_cross_rows else []
+        req.cross_pages = pool.allocate(pool.pages_for_rows(req.inp.num_cross_rows)) if req.inp.num_cross_rows else []
         return True
 
     def admit(self, req: Request, first_token: int, logprob: float | None, top: Any, state: DecodeState,

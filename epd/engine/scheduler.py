@@ -119,20 +119,20 @@ class Scheduler:
     def _cross_need(self, req: Request) -> int:
         """Pages the request's image rows take (cross-attention families; 0 once it holds them)."""
         rows = req.inp.num_cross_rows if req.inp is not None else 0
-        return self.pool.pages_for(rows) if rows and not req.cross_pages else 0
+        return self.pool.pages_for_rows(rows) if rows and not req.cross_pages else 0
 
     def _cross_hits(self, req: Request) -> list[int]:
         """Pages holding all of req's image rows already (cached by a request with its images), or []."""
         if not self.prefix_caching or not req.inp.cross_rows or req.cross_pages:
             return []
-        hashes = cross_page_hashes(req, self.pool.page_size)
+        hashes = cross_page_hashes(req, self.pool.cross_page_rows)
         pages = self.pool.match(hashes) if hashes else []
         return pages if len(pages) == len(hashes) else []
 
     def register_cross(self, req: Request) -> None:
         """req's image rows are written (by a launched step): offer their pages to requests with its images."""
         if self.prefix_caching and req.cross_pages:
-            self.pool.register(req.cross_pages, cross_page_hashes(req, self.pool.page_size))
+            self.pool.register(req.cross_pages, cross_page_hashes(req, self.pool.cross_page_rows))
 
     def _prefix_hits(self, req: Request) -> list[int]:
         """Pages already holding the longest cached prefix of req's tokens, leaving at least its

@@ -140,7 +140,7 @@ def rotary_qk_store_kv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, 
     parts = qkv.dim() == 3
     t = qkv.shape[-2]
     d = cos.shape[-1]
-    if not fused_path(cache) or (not parts and cache.dtype != qkv.dtype):
+    if not fused_path(cache) or not cache.is_contiguous() or (not parts and cache.dtype != qkv.dtype):
         if parts:
             total = qkv.sum(0) + (bias.float() if bias is not None else 0.0)
             qkv = total.to(cache.dtype)
@@ -196,7 +196,7 @@ def store_kv(cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch
     """cache: [P, 2, page_size, Hkv, D]; k, v: [T, Hkv, D] (rows may be strided); slots: [T] int64
     flat slot (page * page_size + offset) of each new token."""
     ps = cache.shape[2]
-    if not fused_path(cache) or k.stride(-1) != 1 or k.stride(-2) != k.shape[-1]:
+    if not fused_path(cache) or not cache.is_contiguous() or k.stride(-1) != 1 or k.stride(-2) != k.shape[-1]:
         cache[slots // ps, 0, slots % ps] = k.to(cache.dtype)
         cache[slots // ps, 1, slots % ps] = v.to(cache.dtype)
         return

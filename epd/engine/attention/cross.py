@@ -65,10 +65,10 @@ def write_rows(kv_cache: torch.Tensor, pages: Sequence[int], k: torch.Tensor, v:
 class CrossStep:
     """One step's cross-attention plan (torch)."""
 
-    def __init__(self, chunks: list[CrossChunk], page_size: int, device: torch.device) -> None:
+    def __init__(self, chunks: list[CrossChunk], rows_per_page: int, device: torch.device) -> None:
         self.chunks = chunks
         self.device = device
-        self._slots = [row_slots(c.pages, c.visible.shape[1], page_size).to(device) if c.visible is not None
+        self._slots = [row_slots(c.pages, c.visible.shape[1], rows_per_page).to(device) if c.visible is not None
                        else None for c in chunks]
         scale = [c.sees if c.sees is not None else torch.zeros(c.q_len, dtype=torch.bool) for c in chunks]
         self.mlp_scale = torch.cat(scale).to(device=device, dtype=torch.float32)[:, None]
