@@ -35,6 +35,7 @@ import epd
 from epd.engine.sampling import SamplingParamError, SamplingParams
 from epd.periodic_stats import PeriodicStats
 from epd.prometheus_text import CONTENT_TYPE
+from router import worker_metrics
 from router.backend import Backend, BackendRequest
 from router.choices import choice_requests
 from router.metrics import RequestTimer, RouterMetrics
@@ -63,6 +64,8 @@ class Router:
                                                 settings.chat_template, settings.allowed_local_media_path,
                                                 settings.media_limits)
         self.metrics = RouterMetrics(settings.served_model_name)
+        self.snapshots = worker_metrics.SnapshotDir(settings.worker_metrics_dir, settings.worker_index) \
+            if settings.worker_metrics_dir else None
         self.token_text = {as_ids: TokenText(self.prompts.tokenizer, as_ids) for as_ids in (False, True)}
         self.started = int(time.time())
 
@@ -173,6 +176,15 @@ def _error_response(e: APIError) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status, headers=e.headers())
 
 
+async def _snapshot_forever(router: Router) -> None:
+    """One of several workers: what it counted, for whichever worker a scrape reaches (written when it
+    changed, at most every 0.2 s: a sibling's scrape lags this worker by that much)."""
+    while True:
+        stats = router.backend.stats()
+        router.snapshots.write_if_changed(worker_metrics.snapshot(router.metrics, worker_metrics.local_stats(stats)))
+        await asyncio.sleep(0.2)
+
+
 async def _log_stats_forever(router: Router) -> None:
     periodic = PeriodicStats(router.settings.stats_interval_s)
     while True:
@@ -188,9 +200,11 @@ def create_app(backend: Backend, settings: RouterSettings, prompts: PromptBuilde
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         stats = asyncio.create_task(_log_stats_forever(router)) if settings.stats_interval_s > 0 else None
+        snapshots = asyncio.create_task(_snapshot_forever(router)) if router.snapshots is not None else None
         yield
-        if stats is not None:
-            stats.cancel()
+        for task in (stats, snapshots):
+            if task is not None:
+                task.cancel()
         await router.prompts.close()
         await backend.close()
 
@@ -324,4 +338,10 @@ def _add_info_routes(app: FastAPI, router: Router) -> None:
 
     @app.get("/metrics")
     async def metrics() -> PlainTextResponse:
-        return PlainTextResponse(router.metrics.render(router.backend.stats()), media_type=CONTENT_TYPE)
+        stats = router.backend.stats()
+        if router.snapshots is None:
+            return PlainTextResponse(router.metrics.render(stats), media_type=CONTENT_TYPE)
+        router.snapshots.write(worker_metrics.snapshot(router.metrics, worker_metrics.local_stats(stats)))
+        snaps = router.snapshots.read_all()
+        text = worker_metrics.merged(router.metrics, snaps).render(worker_metrics.merged_stats(stats, snaps))
+        return PlainTextResponse(text, media_type=CONTENT_TYPE)

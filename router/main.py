@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import logging
 import os
+import socket
 import sys
 
 import uvicorn
@@ -78,6 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_log_stats_args(ap)
     ap.add_argument("--drain-timeout", type=float, default=30.0, help="on SIGTERM: stop accepting connections "
                     "and let the requests in flight finish within this many seconds (default: %(default)s)")
+    ap.add_argument("--api-server-count", "-asc", type=int, default=1,
+                    help="router processes serving the one port (vLLM's flag; node pools only): one process "
+                         "tops out at one core (default: %(default)s)")
+    for hidden in ("--worker-socket-fd", "--worker-index", "--worker-metrics-dir"):   # set by the parent
+        ap.add_argument(hidden, type=int if hidden != "--worker-metrics-dir" else str,
+                        default=0 if hidden == "--worker-index" else None, help=argparse.SUPPRESS)
     return ap
 
 
@@ -144,14 +151,17 @@ def make_backend(args: argparse.Namespace) -> Backend:
     raise ValueError(f"unknown backend {kind!r}")
 
 
-async def _serve(server: uvicorn.Server, host: str) -> None:
-    task = asyncio.create_task(server.serve())
+async def _serve(server: uvicorn.Server, host: str, args: argparse.Namespace) -> None:
+    worker = args.worker_socket_fd is not None
+    sockets = [socket.socket(fileno=args.worker_socket_fd)] if worker else None
+    task = asyncio.create_task(server.serve(sockets=sockets))
     while not server.started and not task.done():
         await asyncio.sleep(0.05)
     if server.started:
         port = server.servers[0].sockets[0].getsockname()[1]
         shown = f"[{host}]" if ":" in host else host
-        print(f"EPD router ready on http://{shown}:{port}", flush=True)
+        what = f"worker {args.worker_index}" if worker else ""
+        print(f"EPD router {what + ' ' if what else ''}ready on http://{shown}:{port}", flush=True)
     await task
 
 
@@ -174,6 +184,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         settings = check_args(args)
+        if args.api_server_count > 1 and args.worker_socket_fd is None:
+            if not (args.backend == "disagg" or (args.backend is None and args.redis_url)):
+                raise ValueError("--api-server-count > 1 needs node pools (--redis-url): a local backend's model "
+                                 "lives in one process")
+            from router.workers import run_workers
+
+            return run_workers(args.api_server_count, args.host, args.port,
+                               sys.argv[1:] if argv is None else list(argv))
         backend = make_backend(args)
     except (ValueError, OSError) as e:
         print(f"epd router: {e}", file=sys.stderr)
@@ -185,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
                             timeout_keep_alive=30, timeout_graceful_shutdown=args.drain_timeout)
     if settings.sampling_defaults:
         log.info("sampling defaults from the generation config: %s", settings.sampling_defaults)
-    asyncio.run(_serve(uvicorn.Server(config), args.host))
+    asyncio.run(_serve(uvicorn.Server(config), args.host, args))
     return 0
 
 

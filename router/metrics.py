@@ -150,7 +150,7 @@ class RouterMetrics:
         self.cache_hits = Counter("prefix_cache_hits_total", "Prompt tokens found in the prefix cache.", vllm=True)
         self.success = Counter("request_success_total", "Requests that finished, by finish reason.", vllm=True)
         self.failure = Counter("request_failure_total", "Requests that failed or were abandoned, by reason.")
-        for family in self._families():
+        for family in self.families():
             if family not in (self.stage, self.success, self.failure):
                 family.start(self.model)
         for reason in ("stop", "length", "abort"):
@@ -160,7 +160,7 @@ class RouterMetrics:
     def timer(self) -> RequestTimer:
         return RequestTimer(self)
 
-    def _families(self) -> Iterable[Counter | Histogram]:
+    def families(self) -> Iterable[Counter | Histogram]:
         return (self.ttft, self.itl, self.tpot, self.e2e, self.stage, *self.phases.values(), self.request_prompt,
                 self.request_generation, self.params_n, self.params_max_tokens, self.prompt_tokens,
                 self.cached_tokens, self.cache_queries, self.cache_hits, self.generation_tokens, self.success,
@@ -177,7 +177,7 @@ class RouterMetrics:
 
     def render(self, stats: dict[str, float]) -> str:
         lines = _gauge_lines(self.model, stats)
-        for family in self._families():
+        for family in self.families():
             lines += family.lines()
         return "\n".join(lines) + "\n" + process_families()   # and the process_* / python_* families
 

@@ -143,6 +143,7 @@ class DisaggBackend:
         of the requests in flight (encoding, prefilling, handing over, decoding)."""
         out = gauges(self.node_reports)
         out["num_requests_running"] = float(max(0, len(self.inflight) - out["num_requests_waiting"]))
+        out["requests_in_flight"] = float(len(self.inflight))   # this router process's (summed over workers)
         out.update({f"pool_size_{role}": float(n) for role, n in self.pool.sizes().items()})
         out.update(pool_gauges(self.pool, self.node_reports))
         return out

@@ -30,6 +30,8 @@ class RouterSettings:
     tool_call_parser: str | None = None          # "hermes": tool_choice "auto" finds calls in the text
     sampling_defaults: dict = field(default_factory=dict)   # --generation-config: for fields a request leaves out
     stats_interval_s: float = 0.0                # the periodic stats line in the log; 0: none
+    worker_metrics_dir: str | None = None        # one of several workers: /metrics sums theirs (router.worker_metrics)
+    worker_index: int = 0
 
     @classmethod
     def from_cli(cls, args: argparse.Namespace) -> RouterSettings:
@@ -49,6 +51,8 @@ class RouterSettings:
             tool_call_parser=args.tool_call_parser,
             stats_interval_s=log_stats_interval(args),
             sampling_defaults=generation_defaults(args.generation_config, args.model),
+            worker_metrics_dir=getattr(args, "worker_metrics_dir", None),
+            worker_index=getattr(args, "worker_index", 0),
         )
 
 
