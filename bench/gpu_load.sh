@@ -6,6 +6,7 @@
 #   source .whl/setup.sh && bash bench/gpu_load.sh OUT_DIR [SETUPS] [IMAGE_COUNTS]
 #
 # SETUPS: comma-separated, of split, colocated (default both). IMAGE_COUNTS: default 4,1,2.
+# EPD_LOAD_ROUTER_WORKERS=N gives both setups' routers `--api-server-count N` (default 1).
 # Per image count, Poisson rates swept past the knee (RATES_<n> below), 40 requests a rate, JPEG
 # images of 1280x720 plus 128 text tokens, 128 output tokens, SLO TTFT <= 1 s and TPOT <= 50 ms.
 # Writes OUT_DIR/<setup>_<n>img.json (bench results, per-request records included), serve logs
@@ -29,6 +30,7 @@ export PYTHONUNBUFFERED=1
 serve_until_ready() {  # serve_until_ready SETUP: start epd serve (defaults) and wait for its ready line
     local setup=$1 extra=()
     [ "$setup" = colocated ] && extra=(--colocated 1)
+    extra+=(--api-server-count "${EPD_LOAD_ROUTER_WORKERS:-1}")
     python3 -m epd.cli serve --model "$model" --port $port "${extra[@]}" --log-dir "$out/logs_$setup" \
         >"$out/serve_$setup.log" 2>&1 &
     serve_pid=$!
