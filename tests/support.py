@@ -71,6 +71,11 @@ def hf_image_inputs(path: str, images: list[Image.Image], ids: torch.Tensor, ima
     """The keyword arguments transformers' model takes for `images` (its own processor's output)."""
     if model_type(path) == "mllama":
         return _mllama_inputs(path, images, ids, image_token_id, dtype, device)
+    if model_type(path) == "llama4":   # transformers' processor needs torchvision: ours (checked against it on GPU)
+        from epd.config import ModelConfig
+
+        pre = ModelConfig.from_pretrained(path).family.image_processor().preprocess_many(images)
+        return {"pixel_values": torch.cat([p.pixels.tiles for p in pre]).to(device, dtype)}
     one_prompt = [images] if model_type(path) == "llava_onevision" else images   # OneVision counts a prompt's images
     feats = hf_image_processor(path)(images=one_prompt, return_tensors="pt")
     kwargs = {"pixel_values": feats["pixel_values"].to(device, dtype)}

@@ -158,6 +158,8 @@ class EngineCore:
         if choice not in ("auto", "torch", "flashinfer"):
             raise ValueError(f"attention_backend={choice!r}; expected auto, torch or flashinfer")
         reason = flashinfer_backend.supports(self.device, self.dtype, tc.head_dim)
+        if reason is None and self.model.chunked_attention:
+            reason = "chunked local attention is not written for it yet"
         if choice == "flashinfer" and reason is not None:
             raise ValueError(f"attention_backend='flashinfer': {reason}")
         if choice == "torch" or reason is not None:

@@ -59,6 +59,8 @@ class ProcessedInput:
     # and the tokens [first, end) that see it (end -1: to the end, generated tokens too)
     cross_rows: list[tuple[int, int]] = field(default_factory=list)
     cross_spans: list[tuple[int, int]] = field(default_factory=list)
+    # per image, where its embedding rows go among its tokens (ModelFamily.embedding_offsets); [] all of them
+    row_offsets: list[list[int] | None] = field(default_factory=list)
 
     @property
     def num_cross_rows(self) -> int:
@@ -92,7 +94,7 @@ class InputProcessor:
             raise InputError("the prompt is empty", "prompt")
         items = list(image_data or [])
         loaded = {i: self._load(item, i) for i, item in enumerate(items) if not isinstance(item, dict)}
-        images = [self._precomputed(i, item) if isinstance(item, dict) else self._image(loaded[i], len(items))
+        images = [self._precomputed(i, item, ids) if isinstance(item, dict) else self._image(loaded[i], len(items))
                   for i, item in enumerate(items)]
         if self.with_pixels:
             self.preprocess(images)
@@ -158,7 +160,7 @@ class InputProcessor:
                 im.source_rgb = im.source.tobytes()
                 im.content_hash = image_content_hash(im.source, im.source_rgb)
 
-    def _precomputed(self, index: int, item: dict) -> ImageInput:
+    def _precomputed(self, index: int, item: dict, ids: list[int]) -> ImageInput:
         modality = str(item.get("modality", "IMAGE")).upper()
         if modality != "IMAGE":
             raise InputError(f"image {index}: unsupported modality {modality!r}", f"image_data[{index}]")
@@ -167,7 +169,7 @@ class InputProcessor:
             raise InputError(f"image {index}: a precomputed item needs 'precomputed_embeddings'",
                              f"image_data[{index}]")
         emb = torch.as_tensor(emb)
-        return ImageInput(self.family.precomputed_layout(item, emb, index), embeddings=emb)
+        return ImageInput(self.family.precomputed_layout(item, emb, index, ids), embeddings=emb)
 
 
 def outside_vocabulary(ids: Sequence[int], vocab_size: int) -> str | None:
@@ -185,6 +187,9 @@ def build_processed(config: ModelConfig, ids: list[int], images: list[ImageInput
     starts = family.check_expanded(ids, layouts)
     positions, state = family.positions(ids, layouts)
     out = ProcessedInput(ids, images, positions, state, starts)
+    offsets = [family.embedding_offsets(layout) for layout in layouts]
+    if any(o is not None for o in offsets):
+        out.row_offsets = offsets
     if family.cross_attention and images:
         out.cross_rows = [family.cross_rows(layout) for layout in layouts]
         out.cross_spans = family.cross_spans(ids, starts)

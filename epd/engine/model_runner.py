@@ -31,16 +31,18 @@ if TYPE_CHECKING:
 def attach_image_embeddings(req: Request, dtype: torch.dtype, device: torch.device) -> None:
     """Concatenate the request's image embeddings and index them by prompt position (images not
     encoded, wholly inside the cached prefix, have no rows: their positions are never computed)."""
-    encoded = [(im, start) for im, start in zip(req.inp.images, req.inp.image_offsets, strict=True)
+    offsets = req.inp.row_offsets or [None] * len(req.inp.images)
+    encoded = [(im, start, off) for im, start, off in zip(req.inp.images, req.inp.image_offsets, offsets, strict=True)
                if im.embeddings is not None]
     if not encoded:
         return
-    req.image_embeds = torch.cat([im.embeddings for im, _ in encoded]).to(device, dtype)  # type: ignore[misc]
+    req.image_embeds = torch.cat([im.embeddings for im, _, _ in encoded]).to(device, dtype)  # type: ignore[misc]
     index = torch.full((req.prompt_len,), -1, dtype=torch.long)
     row = 0
-    for im, start in encoded:
-        index[start:start + im.num_tokens] = torch.arange(row, row + im.num_tokens)
-        row += im.num_tokens
+    for im, start, off in encoded:
+        where = torch.arange(start, start + im.num_tokens) if off is None else torch.tensor(off) + start
+        index[where] = torch.arange(row, row + len(where))
+        row += len(where)
     req.image_index = index
 
 

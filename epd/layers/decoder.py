@@ -63,6 +63,7 @@ class DecoderLM(nn.Module):
     """Text decoder + LM head. `forward` runs one flat step; `logits` projects selected rows."""
 
     cross_layers: tuple[int, ...] = ()   # every layer attends over tokens (no cross-attention layers)
+    chunked_attention = False            # no layer attends within chunks of positions only
 
     def __init__(self, cfg: TextConfig, rotary: nn.Module, position_rows: int = 1) -> None:
         super().__init__()

@@ -17,6 +17,7 @@ FAMILIES: dict[str, str] = {
     "llava_next": "epd.models.llava",
     "llava_onevision": "epd.models.llava",
     "mllama": "epd.models.mllama",
+    "llama4": "epd.models.llama4",
 }
 
 

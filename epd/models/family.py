@@ -146,15 +146,7 @@ class ModelFamily:
         pad = self.image_token_id
         if image_starts(ids, pad, [lay.num_tokens for lay in layouts]) is not None:
             return ids
-        count = sum(1 for t in ids if t == pad)
-        if count != len(layouts):
-            raise InputError(f"the prompt has {count} image placeholder(s) but {len(layouts)} image(s) were given",
-                             "image_data")
-        out: list[int] = []
-        it = iter(layouts)
-        for t in ids:
-            out.extend([pad] * next(it).num_tokens if t == pad else [t])
-        return out
+        return replace_placeholders(ids, pad, layouts, lambda layout: [pad] * layout.num_tokens)
 
     def check_expanded(self, ids: list[int], layouts: list[ImageLayout]) -> list[int]:
         """Where each image's tokens start in an expanded prompt; InputError when they do not match."""
@@ -173,6 +165,12 @@ class ModelFamily:
         """Rows of the vision encoder's output for an image of this layout."""
         return self.cross_rows(layout)[0] if self.cross_attention else layout.num_tokens
 
+    def embedding_offsets(self, layout: ImageLayout) -> list[int] | None:
+        """Where an image's embedding rows go among its `num_tokens` prompt tokens, in row order;
+        None: one row per token, all of them (a family whose image tokens interleave with others
+        names them)."""
+        return None
+
     def cross_rows(self, layout: ImageLayout) -> tuple[int, int]:
         """(KV rows an image of this layout adds to each cross-attention layer, how many of them
         leading ones a token that sees the image attends to). Cross-attention families only."""
@@ -184,9 +182,10 @@ class ModelFamily:
         attends to every row of every image and skips the layer's MLP. Cross-attention families."""
         raise NotImplementedError
 
-    def precomputed_layout(self, item: dict[str, Any], embeddings: torch.Tensor, index: int) -> ImageLayout:
+    def precomputed_layout(self, item: dict[str, Any], embeddings: torch.Tensor, index: int,
+                           ids: list[int] | None = None) -> ImageLayout:
         """The layout of embeddings handed in instead of pixels (the projector's output, one row
-        per image token); InputError naming what is wrong."""
+        per image token), image `index` of the prompt `ids`; InputError naming what is wrong."""
         where = f"image_data[{index}]"
         if embeddings.dim() != 2 or embeddings.shape[1] != self.text.hidden_size or not embeddings.shape[0]:
             raise InputError(f"image {index}: precomputed_embeddings has shape {tuple(embeddings.shape)}, expected "
@@ -202,6 +201,21 @@ class ModelFamily:
     @property
     def model_id(self) -> str:
         return os.path.basename(os.path.normpath(self.path))
+
+
+def replace_placeholders(ids: list[int], placeholder: int, layouts: list[ImageLayout],
+                         tokens_of: Callable[[ImageLayout], list[int]]) -> list[int]:
+    """`ids` with its i-th `placeholder` replaced by `tokens_of(layouts[i])`; InputError when the
+    placeholders and the images do not pair up."""
+    count = sum(1 for t in ids if t == placeholder)
+    if count != len(layouts):
+        raise InputError(f"the prompt has {count} image placeholder(s) but {len(layouts)} image(s) were given",
+                         "image_data")
+    out: list[int] = []
+    it = iter(layouts)
+    for t in ids:
+        out.extend(tokens_of(next(it)) if t == placeholder else [t])
+    return out
 
 
 _preprocess_pool: ThreadPoolExecutor | None = None

@@ -59,3 +59,17 @@ def load_into(module: torch.nn.Module, weights: Iterator[tuple[str, torch.Tensor
     missing = [n for n, _ in module.named_parameters() if n not in seen]
     if missing:
         raise KeyError(f"checkpoint is missing weights: {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+
+
+def vlm_weight_name(raw: str, vision_prefixes: tuple[str, ...]) -> str | None:
+    """Our name of a tensor of a checkpoint laid out as the Hub's vision-language models are
+    (`language_model.model.*`, `language_model.lm_head.weight`, vision modules at the top) or as
+    transformers 5 saves them (`model.language_model.*`, `lm_head.weight`, `model.<vision>.*`):
+    `language_model.*`, `lm_head.weight`, `vision.<vision>.*`; None for anything else."""
+    if raw in ("lm_head.weight", "language_model.lm_head.weight"):
+        return "lm_head.weight"
+    for prefix in ("language_model.model.", "model.language_model."):
+        if raw.startswith(prefix):
+            return "language_model." + raw[len(prefix):]
+    name = raw[len("model."):] if raw.startswith("model.") else raw
+    return "vision." + name if name.startswith(vision_prefixes) else None

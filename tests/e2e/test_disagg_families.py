@@ -1,7 +1,8 @@
-"""Every LLaVA variant and Llama-3.2-Vision (cross-attention: its image rows' K/V handed over with
-the prompt's) through 1 encoder + 1 prefill + 1 decode process (real Redis, real UCX over TCP),
-prefill pages of 4 tokens and decode pages of 16: greedy tokens equal transformers' (float64 on both
-sides) and the colocated Engine's; every pool is intact afterwards."""
+"""Every LLaVA variant, Llama-3.2-Vision (cross-attention: its image rows' K/V handed over with
+the prompt's) and Llama 4 (MoE, chunked attention, tiled images) through 1 encoder + 1 prefill +
+1 decode process (real Redis, real UCX over TCP), prefill pages of 4 tokens and decode pages of
+16: greedy tokens equal transformers' (float64 on both sides) and the colocated Engine's; every
+pool is intact afterwards."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ CASES = [(("Hello, tell me a story about a red cat.",), []),
 MAX_NEW = 8
 
 
-@pytest.mark.parametrize("arch", ["llava", "llava_next", "llava_onevision", "mllama"])
+@pytest.mark.parametrize("arch", ["llava", "llava_next", "llava_onevision", "mllama", "llama4"])
 def test_families_split_over_three_pools_equal_transformers(tiny_models, tmp_path, arch):
     path = tiny_models[arch]
     with Engine(model_path=path, device="cpu", dtype="float64") as engine, \

@@ -50,15 +50,19 @@ def test_llava_variants_through_epd_serve_and_the_openai_client(tiny_models, tmp
         proc.wait()
 
 
-@pytest.mark.parametrize("topology", [[], ["--colocated", "1"]], ids=["1E1P1D", "colocated"])
-def test_llama_3_vision_through_epd_serve_and_the_openai_client(tiny_models, tmp_path, topology):
-    """SGLang's Llama-3.2-Vision calls (one image; two images, "describe the first image in one
-    sentence, then the second") with `--chat-template llama_3_vision`, served split over encode /
-    prefill / decode pools (epd serve's defaults) and by one colocated node: transformers' tokens."""
-    path = tiny_models["mllama"]
+@pytest.mark.parametrize("arch,template,topology", [("mllama", "llama_3_vision", []),
+                                                   ("mllama", "llama_3_vision", ["--colocated", "1"]),
+                                                   ("llama4", "llama-4", [])],
+                         ids=["mllama-1E1P1D", "mllama-colocated", "llama4-1E1P1D"])
+def test_sglang_vision_doc_calls_through_epd_serve_and_the_openai_client(tiny_models, tmp_path, arch, template,
+                                                                          topology):
+    """SGLang's vision-doc calls (one image; two images, "describe the first image in one sentence,
+    then the second") for Llama-3.2-Vision with `--chat-template llama_3_vision` and Llama 4 with
+    `llama-4`, served split over encode / prefill / decode pools (epd serve's defaults) and by one
+    colocated node: transformers' tokens."""
+    path = tiny_models[arch]
     cmd = [sys.executable, "-m", "epd.cli", "serve", "--model", path, "--port", "0", "--device", "cpu",
-           "--log-dir", str(tmp_path / "logs"), "--log-level", "warning", "--chat-template", "llama_3_vision",
-           *topology]
+           "--log-dir", str(tmp_path / "logs"), "--log-level", "warning", "--chat-template", template, *topology]
     proc, log, line = start_until_line(cmd, "EPD ready on ", 300, "epd serve")
     try:
         client = openai.OpenAI(base_url=line.split()[3], api_key="none", max_retries=0, timeout=60)

@@ -41,7 +41,8 @@ class AttentionBackend(ABC):
     def attend(self, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None,
                kv_cache: torch.Tensor) -> torch.Tensor:
         """q: [T, Hq, D], k/v: [T, Hkv, D], kv_cache: [P, 2, page_size, Hkv, D] -> out [T, Hq, D].
-        k and v None: the caller already wrote them to `kv_write_slots()`."""
+        k and v None: the caller already wrote them to `kv_write_slots()`. A backend that offers
+        chunked local attention takes `chunk=C` too (the torch backend does)."""
 
     def kv_write_slots(self) -> torch.Tensor | None:
         """[T] int64 flat cache slots of this step's new tokens, for a model that writes K/V

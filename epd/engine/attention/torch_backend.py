@@ -2,7 +2,9 @@
 
 Per step, `plan` turns each request's page table into the flat slot indices of its context;
 `attend` scatters the new K/V into the cache, gathers each request's K/V and runs SDPA with the
-causal mask offset for chunked prefill (the chunk's queries see every earlier token).
+causal mask offset for chunked prefill (the chunk's queries see every earlier token). A layer of
+chunked local attention (`chunk` C: a query at position p sees keys k <= p with k // C == p // C)
+gets that mask instead.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ class TorchAttentionBackend(AttentionBackend):
             self._read_slots.append(table[pos // ps] * ps + pos % ps)
             self._masks.append(_causal_mask(q_len, kv_len))
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor) -> torch.Tensor:
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
+               chunk: int | None = None) -> torch.Tensor:
         meta = self._meta
         assert meta is not None, "plan() must run before attend()"
         ps = kv_cache.shape[2]
@@ -43,7 +46,7 @@ class TorchAttentionBackend(AttentionBackend):
             keys = kv_cache[read // ps, 0, read % ps].to(q.dtype)   # [kv_len, Hkv, D]
             vals = kv_cache[read // ps, 1, read % ps].to(q.dtype)
             qs = q[start:start + q_len].transpose(0, 1).unsqueeze(0)  # [1, Hq, q_len, D]
-            mask = self._masks[i]
+            mask = self._masks[i] if chunk is None else _chunked_mask(q_len, meta.kv_lens[i], chunk)
             o = F.scaled_dot_product_attention(
                 qs, keys.transpose(0, 1).unsqueeze(0), vals.transpose(0, 1).unsqueeze(0),
                 attn_mask=None if mask is None else mask.to(q.device),
@@ -61,3 +64,10 @@ def _causal_mask(q_len: int, kv_len: int) -> torch.Tensor | None:
     offset = kv_len - q_len
     rows = torch.arange(q_len).unsqueeze(1) + offset
     return torch.arange(kv_len).unsqueeze(0) <= rows  # [q_len, kv_len], True = attend
+
+
+def _chunked_mask(q_len: int, kv_len: int, chunk: int) -> torch.Tensor:
+    """[q_len, kv_len]: causal, and within the query's chunk of `chunk` positions."""
+    queries = torch.arange(kv_len - q_len, kv_len).unsqueeze(1)
+    keys = torch.arange(kv_len).unsqueeze(0)
+    return (keys <= queries) & (keys // chunk == queries // chunk)

@@ -131,7 +131,7 @@ class VisionTower(nn.Module):
         self.layernorm_pre, self.layernorm_post = nn.LayerNorm(cfg.hidden_size), nn.LayerNorm(cfg.hidden_size)
         self.model = Layers(cfg)
         self.vision_adapter = Adapter(cfg)
-        self.register_buffer("rope", rope_table(cfg), persistent=False)
+        self.rope = rope_table(cfg)   # complex: kept out of the module's dtype casts (made again on a device)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         """tiles [T, C, H, W] -> [T, tokens a tile, vision_output_dim]."""

@@ -88,6 +88,7 @@ class MllamaFamily(ModelFamily):
             reach = span[1]
         return [(s, e) for s, e in spans]
 
-    def precomputed_layout(self, item: dict[str, Any], embeddings: torch.Tensor, index: int) -> ImageLayout:
+    def precomputed_layout(self, item: dict[str, Any], embeddings: torch.Tensor, index: int,
+                           ids: list[int] | None = None) -> ImageLayout:
         raise InputError(f"image {index}: precomputed embeddings are not supported for {self.model_id} "
                          "(a cross-attention model)", f"image_data[{index}]")

@@ -9,6 +9,8 @@ On the Hub: `language_model.model.*`, `language_model.lm_head.weight`, `vision_m
 
 from __future__ import annotations
 
+from epd.models.weights import vlm_weight_name
+
 _VISION_PREFIXES = ("vision_model.", "multi_modal_projector.")
 
 
@@ -23,10 +25,4 @@ def hub_name(name: str) -> str:
 
 def weight_name(raw: str) -> str | None:
     """A checkpoint tensor's name in our modules (either naming); None for anything else."""
-    if raw in ("lm_head.weight", "language_model.lm_head.weight"):
-        return "lm_head.weight"
-    for prefix in ("language_model.model.", "model.language_model."):
-        if raw.startswith(prefix):
-            return "language_model." + raw[len(prefix):]
-    name = raw[len("model."):] if raw.startswith("model.") else raw
-    return "vision." + name if name.startswith(_VISION_PREFIXES) else None
+    return vlm_weight_name(raw, _VISION_PREFIXES)

@@ -74,6 +74,8 @@ class MllamaTextModel(nn.Module):
 class MllamaLM(nn.Module):
     """Text model + LM head, the engine's language-model interface (`DecoderLM`'s), with `cross`."""
 
+    chunked_attention = False
+
     def __init__(self, cfg: TextConfig, rotary: nn.Module, cross_layers: tuple[int, ...]) -> None:
         super().__init__()
         self.cfg = cfg

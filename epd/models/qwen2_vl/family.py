@@ -73,7 +73,8 @@ class QwenVLFamily(ModelFamily):
         positions, offset = mrope_positions(ids, self.image_token_id, [lay.dims for lay in layouts], self.merge)
         return positions, DecodeState(offset)
 
-    def precomputed_layout(self, item: dict[str, Any], embeddings: torch.Tensor, index: int) -> ImageLayout:
+    def precomputed_layout(self, item: dict[str, Any], embeddings: torch.Tensor, index: int,
+                           ids: list[int] | None = None) -> ImageLayout:
         where = f"image_data[{index}]"
         thw = item.get("image_grid_thw")
         if thw is None:
