@@ -111,7 +111,8 @@ class DecodeService:
             layers = self.engine.kv_layers
             cross = CrossRowsKV([layers[i] for i in self.engine.cross_layer_ids], req.inp.num_cross_rows)
             token_layers = [layers[i] for i in self.engine.token_layer_ids]
-            receiver = WireReceiver(transport, msg.prefill_ucx, msg.rid, token_layers, req.prompt_len, cross=cross)
+            receiver = WireReceiver(transport, msg.prefill_ucx, msg.rid, token_layers, req.prompt_len, cross=cross,
+                                    chunks=self.engine.token_layer_chunks)
         else:
             receiver = IpcReceiver(transport, msg.prefill_ucx, msg.rid, self.engine.kv_layers, req.prompt_len)
         self.awaiting_pages[msg.rid] = Incoming(identity, msg, req, time.monotonic(), receiver)

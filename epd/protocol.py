@@ -202,7 +202,8 @@ class KVGroup:
     """prefill -> decode, key `{rid}:kv:{group}`: one tensor [layers, 2, tokens, kv_heads, head_dim]."""
     rid: str
     group: int
-    layers: list[int]                  # [first, last + 1) of the layers holding token KV
+    layers: list[int]                  # which of the layers holding token KV (increasing)
+    first_token: int = 0               # tokens first_token..prompt_len-1 (chunked layers: the last chunk)
 
 
 @dataclass
@@ -395,6 +396,8 @@ def _limits(msg: Any) -> str:
     rows = msg.rows if isinstance(msg, CrossRows) else msg.cross_rows if isinstance(msg, HandOver) else 0
     if not 0 <= rows <= MAX_TOKENS:
         return f"{rows} image rows"
-    if isinstance(msg, KVGroup) and not (len(msg.layers) == 2 and 0 <= msg.layers[0] < msg.layers[1] <= 1 << 12):
-        return f"layers {msg.layers} is not a [first, last + 1) range"
+    if isinstance(msg, KVGroup) and not (0 < len(msg.layers) <= 1 << 12 and 0 <= msg.layers[0] and all(
+            a < b for a, b in zip(msg.layers, msg.layers[1:], strict=False)) and msg.layers[-1] < 1 << 12
+            and 0 <= msg.first_token < MAX_TOKENS):
+        return f"layers {msg.layers[:8]} (from token {msg.first_token}) are not increasing layer indices"
     return ""

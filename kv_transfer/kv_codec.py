@@ -34,6 +34,23 @@ def layer_groups(num_layers: int, group_size: int) -> list[range]:
     return [range(s, min(s + group_size, num_layers)) for s in range(0, num_layers, group_size)]
 
 
+def kind_groups(chunks: Sequence[int | None], group_size: int) -> list[list[int]]:
+    """Layer groups for a model whose layers keep different token ranges (`chunks[i]`: layer i's
+    attention chunk, None for full attention): each group holds layers of one kind only, at most
+    `group_size`, in the order the layers complete; with one kind, the layers of `layer_groups`."""
+    by_kind: dict[int | None, list[int]] = {}
+    for i, chunk in enumerate(chunks):
+        by_kind.setdefault(chunk, []).append(i)
+    groups = [layers[s:s + group_size] for layers in by_kind.values() for s in range(0, len(layers), group_size)]
+    return sorted(groups, key=lambda g: g[-1])
+
+
+def tokens_needed(prompt_len: int, chunk: int | None) -> int:
+    """The first prompt token a layer's decode still reads: 0 for full attention, the start of the
+    chunk the first generated token falls in for chunked attention."""
+    return prompt_len // chunk * chunk if chunk else 0
+
+
 def wire_shape(num_layers: int, num_tokens: int, kv_heads: int, head_dim: int) -> tuple[int, ...]:
     """Shape of one layer group on the wire."""
     return (num_layers, 2, num_tokens, kv_heads, head_dim)
@@ -68,17 +85,18 @@ def _check_pool(layer_caches: Sequence[torch.Tensor]) -> tuple[int, int, int, to
 
 
 def token_slots(
-    page_ids: torch.Tensor | Sequence[int], num_tokens: int, page_size: int, device: torch.device
+    page_ids: torch.Tensor | Sequence[int], num_tokens: int, page_size: int, device: torch.device, first: int = 0
 ) -> torch.Tensor:
     """Row indices of K then V of each token in a ``[pages * 2 * page_size, ...]`` view.
 
-    Returns int64 ``[2 * num_tokens]``: first the K rows of tokens 0..n-1, then their V rows.
+    Returns int64 ``[2 * num_tokens]``: first the K rows of tokens first..first+n-1, then their V rows.
     """
     pages = torch.as_tensor(page_ids, dtype=torch.int64, device=device).flatten()
-    needed = -(-num_tokens // page_size)
+    needed = -(-(first + num_tokens) // page_size)
     if pages.numel() < needed:
-        raise ValueError(f"{num_tokens} tokens need {needed} pages of {page_size}, page table has {pages.numel()}")
-    tok = torch.arange(num_tokens, dtype=torch.int64, device=device)
+        raise ValueError(f"{first + num_tokens} tokens need {needed} pages of {page_size}, page table has "
+                         f"{pages.numel()}")
+    tok = torch.arange(first, first + num_tokens, dtype=torch.int64, device=device)
     # row of (page, kv, slot) in the flattened pool: (page * 2 + kv) * page_size + slot
     base = pages[tok // page_size] * (2 * page_size) + tok % page_size
     return torch.cat([base, base + page_size])
@@ -89,12 +107,14 @@ def gather_kv(
     page_ids: torch.Tensor | Sequence[int],
     num_tokens: int,
     out: torch.Tensor | None = None,
+    first: int = 0,
 ) -> torch.Tensor:
     """Copy one request's KV out of a group of layer caches into wire layout.
 
     layer_caches: the group's layers, each ``[num_pages, 2, page_size, kv_heads, head_dim]``
     page_ids: the request's page table (token i lives in page ``page_ids[i // page_size]``)
     out: optional destination ``[len(layer_caches), 2, num_tokens, kv_heads, head_dim]``
+    first: the first token copied (tokens first..first+num_tokens-1)
     Returns the (contiguous) wire tensor.
     """
     page_size, kv_heads, head_dim, dtype, device = _check_pool(layer_caches)
@@ -103,7 +123,7 @@ def gather_kv(
         out = torch.empty(shape, dtype=dtype, device=device)
     elif tuple(out.shape) != shape or out.dtype != dtype or not out.is_contiguous():
         raise ValueError(f"out must be contiguous {shape} {dtype}, got {tuple(out.shape)} {out.dtype}")
-    rows = token_slots(page_ids, num_tokens, page_size, device)
+    rows = token_slots(page_ids, num_tokens, page_size, device, first)
     for layer, cache in enumerate(layer_caches):
         dst = out[layer].view(2 * num_tokens, kv_heads, head_dim)
         if cache.is_contiguous():
@@ -118,15 +138,17 @@ def scatter_kv(
     wire: torch.Tensor,
     layer_caches: Sequence[torch.Tensor],
     page_ids: torch.Tensor | Sequence[int],
+    first: int = 0,
 ) -> None:
-    """Write a wire tensor ``[layers, 2, num_tokens, kv_heads, head_dim]`` into pages in place."""
+    """Write a wire tensor ``[layers, 2, num_tokens, kv_heads, head_dim]`` into pages in place (as
+    tokens first..first+num_tokens-1)."""
     page_size, kv_heads, head_dim, dtype, device = _check_pool(layer_caches)
     if wire.dim() != 5 or wire.shape[0] != len(layer_caches) or wire.shape[1] != 2:
         raise ValueError(f"wire shape {tuple(wire.shape)} does not match {len(layer_caches)} layer caches")
     if tuple(wire.shape[3:]) != (kv_heads, head_dim) or wire.dtype != dtype:
         raise ValueError(f"wire {tuple(wire.shape[3:])} {wire.dtype} != pool {(kv_heads, head_dim)} {dtype}")
     num_tokens = wire.shape[2]
-    rows = token_slots(page_ids, num_tokens, page_size, device)
+    rows = token_slots(page_ids, num_tokens, page_size, device, first)
     wire = wire.to(device)
     for layer, cache in enumerate(layer_caches):
         src = wire[layer].reshape(2 * num_tokens, kv_heads, head_dim)

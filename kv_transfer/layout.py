@@ -38,11 +38,14 @@ class KVLayout:
     tp_rank: int = 0
     tp_size: int = 1
     cross_layers: tuple[int, ...] = ()   # layers whose KV is image rows (cross-attention), not tokens
+    chunked_layers: tuple[int, ...] = ()   # layers attending within chunks (decode reads their last chunk only)
+    attention_chunk_size: int = 0
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "cross_layers", tuple(self.cross_layers))   # lists from JSON / msgpack
-        if not all(isinstance(i, int) and 0 <= i < self.num_layers for i in self.cross_layers):
-            raise ValueError(f"cross_layers {self.cross_layers!r} are not layers of {self.num_layers}")
+        for name in ("cross_layers", "chunked_layers"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))   # lists from JSON / msgpack
+            if not all(isinstance(i, int) and 0 <= i < self.num_layers for i in getattr(self, name)):
+                raise ValueError(f"{name} {getattr(self, name)!r} are not layers of {self.num_layers}")
         if self.dtype not in KV_DTYPES:
             raise ValueError(f"unknown KV dtype {self.dtype!r}; expected one of {sorted(KV_DTYPES)}")
         for name in ("num_layers", "num_kv_heads", "head_dim", "tp_size"):

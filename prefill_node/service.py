@@ -36,7 +36,7 @@ from epd.node.ipc_handover import IpcSender, announce_page_list
 from epd.node.runtime import pool_status
 from epd.node.throughput import Throughput
 from kv_transfer.cuda_ipc import PoolImports
-from kv_transfer.kv_codec import layer_groups
+from kv_transfer.kv_codec import kind_groups
 from kv_transfer.layout import KVLayout
 from kv_transfer.redis_util import RedisWatch
 from kv_transfer.registry import NodeRegistry
@@ -78,8 +78,8 @@ class PrefillService:
         self.kv_timeout_s = kv_timeout_s              # the longest a hand-over may hold its pages
         self.ipc_pools = PoolImports(core.device) if core.device.type == "cuda" else None
         self._last_pool_sweep = 0.0
-        num_layers = len(self.engine.token_layer_ids)   # cross-attention layers' image rows go on their own
-        self.groups = layer_groups(num_layers, group_size or num_layers)
+        chunks = self.engine.token_layer_chunks   # cross-attention layers' image rows go on their own
+        self.groups = kind_groups(chunks, group_size or len(chunks))
         self.awaiting: dict[str, Pending] = {}
         self.active: dict[str, Pending] = {}        # in the scheduler
         self.transferring: dict[str, Pending] = {}
@@ -284,7 +284,7 @@ class PrefillService:
             cross = CrossRowsKV([layers[i] for i in engine.cross_layer_ids], req.inp.num_cross_rows)
             p.sender = WireSender(self.runtime.transport, msg.decode_ucx, msg.rid, [layers[i] for i in token_ids],
                                   self.groups, req.pages, req.prompt_len, engine.release, self.kv_timeout_s,
-                                  layer_ids=token_ids, cross=cross)
+                                  layer_ids=token_ids, cross=cross, chunks=engine.token_layer_chunks)
         return p.sender
 
     def _first_tokens(self, first: FirstTokens) -> None:

@@ -57,6 +57,12 @@ class _RoleEngine:
         return [i for i in range(len(self.core.kv.layers)) if i not in cross]
 
     @property
+    def token_layer_chunks(self) -> list[int | None]:
+        """Each token layer's attention chunk (None: full attention), in `token_layer_ids` order."""
+        chunks = list(self.core.model.attention_chunks) or [None] * len(self.core.kv.layers)
+        return [chunks[i] for i in self.token_layer_ids]
+
+    @property
     def bytes_per_page(self) -> int:
         return self.core.kv.spec.bytes_per_page()
 

@@ -64,6 +64,7 @@ class DecoderLM(nn.Module):
 
     cross_layers: tuple[int, ...] = ()   # every layer attends over tokens (no cross-attention layers)
     chunked_attention = False            # no layer attends within chunks of positions only
+    attention_chunks: tuple[int | None, ...] = ()   # per layer its attention chunk (empty: none chunked)
 
     def __init__(self, cfg: TextConfig, rotary: nn.Module, position_rows: int = 1) -> None:
         super().__init__()

@@ -21,14 +21,14 @@ into decode's pages.
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from typing import Any
 
 import torch
 
 from epd import protocol
-from kv_transfer.kv_codec import gather_kv, scatter_kv
+from kv_transfer.kv_codec import gather_kv, scatter_kv, tokens_needed
 
 GENERATOR_STATE_BYTES = 1 << 16    # a seeded request's sampler state (torch: 16 bytes on a GPU, 5 KB on a CPU)
 
@@ -57,18 +57,21 @@ class CrossRowsKV:
 
 
 class WireSender:
-    def __init__(self, transport: Any, peer: str, rid: str, layers: list[torch.Tensor], groups: list[range],
+    def __init__(self, transport: Any, peer: str, rid: str, layers: list[torch.Tensor], groups: list[Sequence[int]],
                  pages: list[int], prompt_len: int, release: Callable[[list[int]], None],
                  timeout_s: float | None = None, layer_ids: list[int] | None = None,
-                 cross: CrossRowsKV | None = None) -> None:
+                 cross: CrossRowsKV | None = None, chunks: Sequence[int | None] = ()) -> None:
         """`layers`: the pool tensors holding token KV (`layer_ids`: which model layers they are,
-        default all in order), `groups` ranges over them; `cross`: the image rows to send too.
+        default all in order), `groups` lists of them (one kind each, `kv_codec.kind_groups`);
+        `chunks`: each layer's attention chunk (a chunked layer sends only the prompt's tokens
+        decode still reads: the last, partial chunk); `cross`: the image rows to send too.
         Each send fails after `timeout_s` (a decode node that stopped reading, or an address
         that does not answer, gives the pages back then instead of holding them for good)."""
         self.transport, self.peer, self.rid, self.timeout_s = transport, peer, rid, timeout_s
         self.layers, self.groups, self.prompt_len = layers, groups, prompt_len
         self.pages, self._release = pages, release
         self.cross = cross
+        self.chunks = list(chunks) or [None] * len(layers)
         ids = layer_ids if layer_ids is not None else list(range(len(layers)))
         self._last_of = {ids[g[-1]]: i for i, g in enumerate(groups)}
         self.sends: list[Future] = []
@@ -84,8 +87,9 @@ class WireSender:
         if gi is None:
             return
         group = self.groups[gi]
-        wire = gather_kv([self.layers[j] for j in group], self.pages, self.prompt_len)
-        meta = protocol.data_meta(protocol.KVGroup(self.rid, gi, [group.start, group.stop]))
+        first = min(tokens_needed(self.prompt_len, self.chunks[group[0]]), self.prompt_len - 1)   # never empty
+        wire = gather_kv([self.layers[j] for j in group], self.pages, self.prompt_len - first, first=first)
+        meta = protocol.data_meta(protocol.KVGroup(self.rid, gi, list(group), first))
         self.sends.append(self.transport.send(self.peer, f"{self.rid}:kv:{gi}", [wire], meta=meta,
                                              timeout=self.timeout_s))
 
@@ -133,13 +137,16 @@ class WireSender:
 
 class WireReceiver:
     def __init__(self, transport: Any, peer: str, rid: str, layers: list[torch.Tensor], prompt_len: int,
-                 max_groups: int | None = None, cross: CrossRowsKV | None = None) -> None:
+                 max_groups: int | None = None, cross: CrossRowsKV | None = None,
+                 chunks: Sequence[int | None] = ()) -> None:
         """Announces what prefill will send for the request (when it arrives: the KV may come
         before this node has pages for it, and waits in the transport until `start`): at most
-        `max_groups` KV groups (default: one a layer) over `layers` (those holding token KV), and
-        the image rows of `cross` (its pages come with `start`)."""
+        `max_groups` KV groups (default: one a layer) over `layers` (those holding token KV; a
+        chunked one, `chunks`, needs only the prompt's last chunk), and the image rows of `cross`
+        (its pages come with `start`)."""
         self.transport, self.peer, self.rid = transport, peer, rid
         self.layers, self.pages, self.prompt_len = layers, None, prompt_len
+        self.needed = [tokens_needed(prompt_len, chunk) for chunk in (list(chunks) or [None] * len(layers))]
         self.cross = cross if cross is not None and cross.rows else None
         self.cross_landed = self.cross is None
         self.max_groups = len(layers) if max_groups is None else max_groups
@@ -184,13 +191,13 @@ class WireReceiver:
     def _take_groups(self, now: float) -> None:
         while (msg := self.transport.poll(f"{self.rid}:kv:{self.next_group}")) is not None:
             group = protocol.read_data_meta(msg.meta, protocol.KVGroup, self.rid)
-            lo, hi = group.layers
-            wire = msg.tensors[0] if len(msg.tensors) == 1 else None
-            if group.group != self.next_group or hi > len(self.layers) or wire is None or \
-                    tuple(wire.shape) != (hi - lo, 2, self.prompt_len, *self.layers[0].shape[3:]):
+            wire, first = msg.tensors[0] if len(msg.tensors) == 1 else None, group.first_token
+            if group.group != self.next_group or group.layers[-1] >= len(self.layers) or wire is None or \
+                    any(first > self.needed[j] for j in group.layers) or tuple(wire.shape) != \
+                    (len(group.layers), 2, self.prompt_len - first, *self.layers[0].shape[3:]):
                 raise protocol.ProtocolError(f"KV group {self.next_group} does not fit this request's KV")
             self.first_kv_at = self.first_kv_at or now
-            scatter_kv(wire.to(self.layers[0].device), self.layers[lo:hi], self.pages)
+            scatter_kv(wire.to(self.layers[0].device), [self.layers[j] for j in group.layers], self.pages, first)
             self.next_group += 1
 
     def _take_cross(self) -> None:

@@ -163,7 +163,9 @@ def kv_layout_of(core: Any) -> KVLayout:
     tc = core.model_config.text
     return KVLayout(model_id=core.model_config.model_id, dtype=str(core.dtype).replace("torch.", ""),
                     num_layers=tc.num_layers, num_kv_heads=tc.num_kv_heads, head_dim=tc.head_dim,
-                    cross_layers=tuple(core.model.cross_layers))
+                    cross_layers=tuple(core.model.cross_layers),
+                    chunked_layers=tuple(i for i, c in enumerate(core.model.attention_chunks) if c),
+                    attention_chunk_size=max((c for c in core.model.attention_chunks if c), default=0))
 
 
 def pool_status(pool: Any, check: Any, queues: dict[str, int]) -> dict[str, Any]:

@@ -6,6 +6,8 @@ pool is intact afterwards."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from disagg_support import disagg_cluster
@@ -25,6 +27,7 @@ MAX_NEW = 8
 @pytest.mark.parametrize("arch", ["llava", "llava_next", "llava_onevision", "mllama", "llama4"])
 def test_families_split_over_three_pools_equal_transformers(tiny_models, tmp_path, arch):
     path = tiny_models[arch]
+    prompt_lens: list[int] = []
     with Engine(model_path=path, device="cpu", dtype="float64") as engine, \
             disagg_cluster(path, str(tmp_path), ROLES, COMMON) as harness:
         for parts, sizes in CASES:
@@ -38,4 +41,21 @@ def test_families_split_over_three_pools_equal_transformers(tiny_models, tmp_pat
                                         sampling_params={"temperature": 0, "max_new_tokens": MAX_NEW,
                                                          "ignore_eos": True})
             assert got.token_ids == colocated["output_ids"] and got.text == colocated["text"]
+            prompt_lens.append(len(ids))
         harness.assert_pools_intact()
+        if arch == "llama4":
+            _chunked_layers_handed_over_their_last_chunk_only(engine, tmp_path, prompt_lens)
+
+
+def _chunked_layers_handed_over_their_last_chunk_only(engine: Engine, log_dir, prompt_lens: list[int]) -> None:
+    """The prefill node's log of each hand-over: the bytes of every full-attention layer's prompt
+    KV, and of each chunked layer's tokens from the chunk the first generated token falls in."""
+    _, _, _, heads, dim = engine.core.kv.layers[0].shape
+    per_token = 2 * heads * dim * 8   # K and V, float64
+    chunks = engine.core.model.attention_chunks
+    assert any(chunks) and not all(chunks)
+    expected = sorted(per_token * sum(n - (min(n // c * c, n - 1) if c else 0) for c in chunks) for n in prompt_lens)
+    text = "".join(p.read_text() for p in sorted(log_dir.glob("prefill*.log")))
+    logged = sorted(int(b) for b in re.findall(r"KV of \S+: (\d+) bytes handed", text))
+    assert logged == expected
+    assert all(b < per_token * len(chunks) * n for b, n in zip(expected, sorted(prompt_lens), strict=True))

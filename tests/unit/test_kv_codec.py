@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kv_transfer.kv_codec import empty_wire, gather_kv, layer_groups, scatter_kv
+from kv_transfer.kv_codec import empty_wire, gather_kv, kind_groups, layer_groups, scatter_kv, tokens_needed
 
 HEADS, HEAD_DIM = 2, 8
 
@@ -106,3 +106,19 @@ def test_wire_that_does_not_fit_the_pool_is_refused() -> None:
         scatter_kv(torch.zeros(2, 2, 4, HEADS + 1, HEAD_DIM), pool, [1])  # wrong head count
     with pytest.raises(ValueError):
         scatter_kv(torch.zeros(2, 2, 4, HEADS, HEAD_DIM, dtype=torch.float16), pool, [1])  # dtype
+
+
+def test_chunked_layers_hand_over_only_the_last_chunk() -> None:
+    """A chunked layer's decode reads only the prompt's tokens in the chunk the first generated token
+    falls in: groups keep one kind each, and a group moves from that token on."""
+    assert tokens_needed(100, None) == 0 and tokens_needed(100, 8) == 96 and tokens_needed(96, 8) == 96
+    chunks = [8, 8, None, 8, 8, None]
+    assert kind_groups(chunks, 8) == [[0, 1, 3, 4], [2, 5]]   # in the order their last layer completes
+    assert kind_groups(chunks, 2) == [[0, 1], [3, 4], [2, 5]]
+    assert kind_groups([None] * 5, 2) == [list(r) for r in layer_groups(5, 2)]
+    src, dst = torch.randn(6, 2, 4, 2, 8), torch.zeros(9, 2, 4, 2, 8)
+    wire = gather_kv([src], [5, 0, 3, 1], 5, first=10)          # tokens 10..14: pages 3 (10, 11) and 1 (12..14)
+    assert torch.equal(wire[0, :, 0], src[3, :, 2]) and torch.equal(wire[0, :, 4], src[1, :, 2])
+    scatter_kv(wire, [dst], [8, 7, 6, 2], first=10)
+    assert torch.equal(dst[6, :, 2:4], src[3, :, 2:4]) and torch.equal(dst[2, :, :3], src[1, :, :3])
+    assert not dst[8].any() and not dst[7].any()

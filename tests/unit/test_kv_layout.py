@@ -63,6 +63,8 @@ def test_hash_is_stable_across_processes() -> None:
         ("tp_rank", 1),
         ("tp_size", 4),
         ("cross_layers", (3, 8)),
+        ("chunked_layers", (0, 1, 2)),
+        ("attention_chunk_size", 8192),
     ],
 )
 def test_any_field_change_changes_hash_and_is_named(field: str, value: object) -> None:

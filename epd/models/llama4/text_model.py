@@ -92,7 +92,9 @@ class Llama4LM(nn.Module):
         self.language_model = Llama4TextModel(spec)
         self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
         self.rotary = rotary
-        self.chunked_attention = any(kind.uses_chunked_attention for kind in spec.layers)   # backends must offer it
+        self.attention_chunks = tuple(spec.attention_chunk_size if kind.uses_chunked_attention else None
+                                      for kind in spec.layers)
+        self.chunked_attention = any(self.attention_chunks)   # backends must offer it
 
     def fuse_projections(self) -> None:
         """(The fused GPU path is not written for this family yet: the plain one runs.)"""

@@ -75,6 +75,7 @@ class MllamaLM(nn.Module):
     """Text model + LM head, the engine's language-model interface (`DecoderLM`'s), with `cross`."""
 
     chunked_attention = False
+    attention_chunks: tuple[int | None, ...] = ()
 
     def __init__(self, cfg: TextConfig, rotary: nn.Module, cross_layers: tuple[int, ...]) -> None:
         super().__init__()
