@@ -51,15 +51,14 @@ def test_llava_variants_through_epd_serve_and_the_openai_client(tiny_models, tmp
 
 
 @pytest.mark.parametrize("arch,template,topology", [("mllama", "llama_3_vision", []),
-                                                   ("mllama", "llama_3_vision", ["--colocated", "1"]),
-                                                   ("llama4", "llama-4", [])],
-                         ids=["mllama-1E1P1D", "mllama-colocated", "llama4-1E1P1D"])
+                                                   ("llama4", "llama-4", ["--colocated", "1"])],
+                         ids=["mllama-1E1P1D", "llama4-colocated"])
 def test_sglang_vision_doc_calls_through_epd_serve_and_the_openai_client(tiny_models, tmp_path, arch, template,
                                                                           topology):
     """SGLang's vision-doc calls (one image; two images, "describe the first image in one sentence,
-    then the second") for Llama-3.2-Vision with `--chat-template llama_3_vision` and Llama 4 with
-    `llama-4`, served split over encode / prefill / decode pools (epd serve's defaults) and by one
-    colocated node: transformers' tokens."""
+    then the second") for Llama-3.2-Vision with `--chat-template llama_3_vision`, served split over
+    encode / prefill / decode pools (epd serve's defaults), and Llama 4 with `llama-4` by one
+    colocated node: transformers' tokens (both families' other topology: test_disagg_families)."""
     path = tiny_models[arch]
     cmd = [sys.executable, "-m", "epd.cli", "serve", "--model", path, "--port", "0", "--device", "cpu",
            "--log-dir", str(tmp_path / "logs"), "--log-level", "warning", "--chat-template", template, *topology]
