@@ -1,5 +1,6 @@
 """Faults in the disaggregated path: each ends with the request failed by a clear error naming the
-stage and the node, within a bounded time, and every surviving node's page pool intact.
+stage and the node, within a bounded time, and every surviving node's page pool intact (the KV
+hand-over cases for Llama-3.2-Vision too, whose hand-over carries its image rows).
 
 To hit the window deterministically, the node upstream of the victim is frozen with SIGSTOP
 while the request is dispatched, the victim is SIGKILLed, and the frozen node is resumed.
@@ -14,7 +15,7 @@ import time
 
 import pytest
 from disagg_support import disagg_cluster
-from support import IMAGE, chat_prompt, noise_image
+from support import IMAGE, chat_prompt, family_prompt, noise_image
 
 TTL = ["--heartbeat-ttl", "2", "--kv-timeout", "30"]
 PROMPT = chat_prompt(IMAGE, "Describe this picture.")
@@ -25,7 +26,24 @@ BOUND_S = 15.0
 def harness(tiny_models, tmp_path_factory):
     roles = {"encoder": [[]], "prefill": [[]], "decode": [[]]}
     with disagg_cluster(tiny_models["qwen2_vl"], str(tmp_path_factory.mktemp("logs")), roles, TTL) as h:
+        h.prompt = PROMPT
         yield h
+
+
+@pytest.fixture(scope="module")
+def mllama_harness(tiny_models, tmp_path_factory):
+    """Llama-3.2-Vision: its hand-over carries the image rows' K/V too."""
+    from transformers import AutoTokenizer
+
+    path = tiny_models["mllama"]
+    roles = {"encoder": [[]], "prefill": [[]], "decode": [[]]}
+    with disagg_cluster(path, str(tmp_path_factory.mktemp("logs")), roles, TTL) as h:
+        h.prompt = family_prompt(AutoTokenizer.from_pretrained(path), IMAGE, "Describe this picture.")
+        yield h
+
+
+def _family(request, family: str):
+    return request.getfixturevalue("harness" if family == "qwen2_vl" else "mllama_harness")
 
 
 def _signal(node, sig):
@@ -42,7 +60,7 @@ def _replace(harness, victim):
 def _fault(harness, freeze, victim, wait_on, queue, images=True):
     """Freeze `freeze`, start a request, wait until `wait_on` holds it in `queue`, SIGKILL `victim`,
     resume `freeze`; returns the request's result."""
-    req = harness.request(PROMPT, [noise_image(120, 80)] if images else [], max_new_tokens=8)
+    req = harness.request(harness.prompt, [noise_image(120, 80)] if images else [], max_new_tokens=8)
     _signal(freeze, signal.SIGSTOP)
 
     async def scenario():
@@ -61,17 +79,21 @@ def _fault(harness, freeze, victim, wait_on, queue, images=True):
             _signal(freeze, signal.SIGCONT)
 
 
-def test_decode_killed_while_prefill_transfers(harness):
+@pytest.mark.parametrize("family", ["qwen2_vl", "mllama"])
+def test_decode_killed_while_prefill_transfers(request, family):
+    harness = _family(request, family)
     prefill, decode = harness.node("prefill"), harness.node("decode")
     result, elapsed = _fault(harness, freeze=prefill, victim=decode, wait_on=decode, queue="awaiting_kv")
     assert decode.node_id in result.error and ("transfer" in result.error or "decode" in result.error)
     assert elapsed < BOUND_S
     _replace(harness, decode)
     harness.assert_pools_intact()
-    assert not harness.generate(PROMPT, [noise_image(120, 80)], max_new_tokens=4).error
+    assert not harness.generate(harness.prompt, [noise_image(120, 80)], max_new_tokens=4).error
 
 
-def test_prefill_killed_while_decode_waits_for_kv(harness):
+@pytest.mark.parametrize("family", ["qwen2_vl", "mllama"])
+def test_prefill_killed_while_decode_waits_for_kv(request, family):
+    harness = _family(request, family)
     prefill, decode = harness.node("prefill"), harness.node("decode")
     result, elapsed = _fault(harness, freeze=prefill, victim=prefill, wait_on=decode, queue="awaiting_kv")
     # decode expects the KV from that node only: its connection ending fails the hand-over at once
@@ -79,7 +101,7 @@ def test_prefill_killed_while_decode_waits_for_kv(harness):
     assert elapsed < BOUND_S
     _replace(harness, prefill)
     harness.assert_pools_intact()
-    assert not harness.generate(PROMPT, [noise_image(120, 80)], max_new_tokens=4).error
+    assert not harness.generate(harness.prompt, [noise_image(120, 80)], max_new_tokens=4).error
 
 
 def test_encoder_killed_before_sending(harness):

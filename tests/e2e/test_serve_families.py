@@ -5,7 +5,9 @@ asked for by name (`tiny-random-llava`), as a new user would."""
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
 import sys
 
 import openai
@@ -72,9 +74,23 @@ def test_sglang_vision_doc_calls_through_epd_serve_and_the_openai_client(tiny_mo
                          {"type": "text", "text": "Describe the first image in one sentence, then the second."}]):
             shown = images[:sum(part["type"] == "image_url" for part in content)]
             prompt_ids, expected = reference(path, content, shown, 10)
-            whole = client.chat.completions.create(model=served, messages=[{"role": "user", "content": content}],
-                                                   max_tokens=10, temperature=0, **IDS)
+            messages = [{"role": "user", "content": content}]
+            whole = client.chat.completions.create(model=served, messages=messages, max_tokens=10, temperature=0,
+                                                   **IDS)
             assert_matches(whole, prompt_ids, expected)
+            chunks = list(client.chat.completions.create(model=served, messages=messages, max_tokens=10,
+                                                         temperature=0, stream=True))
+            assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == \
+                whole.choices[0].message.content
+        body = json.dumps({"model": served, "max_tokens": 10, "temperature": 0, "messages": [
+            {"role": "user", "content": [image_part(data_uri(images[0])),
+                                         {"type": "text", "text": "What is in this image?"}]}]})
+        curl = subprocess.run(["curl", "-s", f"{line.split()[3]}/chat/completions", "-H",
+                               "Content-Type: application/json", "-d", body], capture_output=True, text=True,
+                              timeout=60)   # the doc's curl request, one image
+        one_image = client.chat.completions.create(model=served, messages=json.loads(body)["messages"],
+                                                   max_tokens=10, temperature=0)   # checked against transformers above
+        assert json.loads(curl.stdout)["choices"][0]["message"]["content"] == one_image.choices[0].message.content
     finally:
         proc.kill()
         proc.wait()
