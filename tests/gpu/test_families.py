@@ -21,14 +21,14 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 GREEDY = {"temperature": 0, "max_new_tokens": 12}
 CASES = [(("Hello, tell me a story about a red cat.",), []), ((IMAGE, "Describe this picture."), [(120, 80)]),
          (("First:", IMAGE, " and second:", IMAGE, " which is bluer?"), [(300, 90), (50, 50)])]
-LLAVA_7B = ("llava", "llava_next", "llava_onevision")
+LARGE = {"llava": "7b", "llava_next": "7b", "llava_onevision": "7b", "mllama": "11b"}   # arch -> preset
 
 
 def _images(sizes):
     return [noise_image(w, h, seed=i) for i, (w, h) in enumerate(sizes)]
 
 
-@pytest.mark.parametrize("arch", ARCHS + LLAVA_BACKBONES)
+@pytest.mark.parametrize("arch", ARCHS + LLAVA_BACKBONES + ("mllama", "llama4"))
 def test_fp32_greedy_equals_transformers_on_gpu(tiny_models, arch):
     path = tiny_models[arch]
     with Engine(model_path=path, dtype="float32", page_size=4, max_step_tokens=48, kv_cache_tokens=32768) as llm:
@@ -40,18 +40,20 @@ def test_fp32_greedy_equals_transformers_on_gpu(tiny_models, arch):
         llm.check_integrity()
 
 
-def _checkpoint_7b(arch: str, tmp_path_factory) -> str:
+def _checkpoint_large(arch: str, tmp_path_factory) -> str:
     path = os.environ.get(f"EPD_GPU_MODEL_{arch.upper()}")
     if path and os.path.isdir(path):
         return path
     from epd.models.tiny_model import write_tiny_model
 
-    return write_tiny_model(arch, str(tmp_path_factory.mktemp(f"{arch}7b")), "7b", device="cuda")
+    preset = LARGE[arch]
+    return write_tiny_model(arch, str(tmp_path_factory.mktemp(f"{arch}{preset}")), preset, device="cuda")
 
 
-@pytest.mark.parametrize("arch", LLAVA_7B)
-def test_7b_bf16_prefill_logits_and_vision_match_transformers(arch, tmp_path_factory):
-    path = _checkpoint_7b(arch, tmp_path_factory)
+@pytest.mark.parametrize("arch", list(LARGE))
+def test_large_bf16_prefill_logits_and_vision_match_transformers(arch, tmp_path_factory):
+    """(Llama-3.2-Vision's 11b: its pool is one buffer of strided layer views, which flashinfer reads.)"""
+    path = _checkpoint_large(arch, tmp_path_factory)
     images = [noise_image(448, 336, seed=3)]
     with Engine(model_path=path, kv_cache_tokens=8192, max_step_tokens=8192, disable_prefix_caching=True,
                 disable_cuda_graph=True) as llm:
@@ -68,7 +70,9 @@ def test_7b_bf16_prefill_logits_and_vision_match_transformers(arch, tmp_path_fac
         with torch.inference_mode():
             input_ids, positions, meta = runner.step_inputs(chunks)
             runner.backend.plan(meta)
-            hidden = runner.model(runner.embed(chunks, input_ids), positions, runner.backend, core.kv.layers)
+            cross = runner.cross_step(chunks)   # image rows (cross-attention families), written by _encode_images
+            hidden = runner.model(runner.embed(chunks, input_ids), positions, runner.backend, core.kv.layers,
+                                  **({"cross": cross} if cross is not None else {}))
             ours = runner.model.logits(hidden)
         core.abort(req.rid)
         pre = core.inputs.image_processor.preprocess_many(images)
