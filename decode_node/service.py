@@ -106,15 +106,12 @@ class DecodeService:
                                                             stage="decode", node=self.runtime.node_id))
             return
         transport = self.runtime.transport
-        kind = IpcReceiver if msg.kv_ipc else WireReceiver
-        if kind is WireReceiver:
-            layers = self.engine.kv_layers
-            cross = CrossRowsKV([layers[i] for i in self.engine.cross_layer_ids], req.inp.num_cross_rows)
-            token_layers = [layers[i] for i in self.engine.token_layer_ids]
-            receiver = WireReceiver(transport, msg.prefill_ucx, msg.rid, token_layers, req.prompt_len, cross=cross,
-                                    chunks=self.engine.token_layer_chunks)
-        else:
+        if msg.kv_ipc:
             receiver = IpcReceiver(transport, msg.prefill_ucx, msg.rid, self.engine.kv_layers, req.prompt_len)
+        else:
+            receiver = WireReceiver(transport, msg.prefill_ucx, msg.rid, self.engine.token_layers, req.prompt_len,
+                                    cross=CrossRowsKV(self.engine.cross_layers, req.inp.num_cross_rows),
+                                    chunks=self.engine.token_layer_chunks)
         self.awaiting_pages[msg.rid] = Incoming(identity, msg, req, time.monotonic(), receiver)
 
     def _layout_problem(self, prefill_hash: str) -> str:

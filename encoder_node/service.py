@@ -245,10 +245,4 @@ class EncoderService:
     def _image_tokens(self, req: protocol.EncodeRequest) -> int:
         """The rows a request asks the vision tower for (cached ones included; a layout that is
         not the family's counts none: the request fails when it is preprocessed)."""
-        rows = 0
-        for p in req.images:
-            try:
-                rows += self.family.embedding_rows(ImageLayout.from_wire(p.layout))
-            except (ValueError, IndexError):
-                pass
-        return rows
+        return sum(self.family.wire_embedding_rows(p.layout) for p in req.images)

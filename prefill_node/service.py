@@ -113,22 +113,16 @@ class PrefillService:
             p.embeddings_at = p.arrived
             self._start(p, [])
             return
-        tokens = self._embedding_rows(msg)
+        tokens = sum(self._embedding_rows(msg))
         transport.expect(f"{msg.rid}:emb", peer=msg.encoder_ucx or None,
                          max_bytes=tokens * self.core.model_config.text.hidden_size * EMBEDDING_BYTES)
         self.awaiting[msg.rid] = p
         if msg.emb_ipc and self.arena is not None and msg.encoder_ucx:
             self._offer_slot(msg, tokens)
 
-    def _embedding_rows(self, msg: protocol.PrefillRequest) -> int:
-        """Rows of the encoder's output for the request's images (a layout that is not the family's: 0)."""
-        family, rows = self.core.model_config.family, 0
-        for values in msg.images:
-            try:
-                rows += family.embedding_rows(ImageLayout.from_wire(values))
-            except (ValueError, IndexError):
-                pass   # refused with the reason when the request starts
-        return rows
+    def _embedding_rows(self, msg: protocol.PrefillRequest) -> list[int]:
+        """Rows of the encoder's output for each of the request's images."""
+        return [self.core.model_config.family.wire_embedding_rows(values) for values in msg.images]
 
     def _offer_slot(self, msg: protocol.PrefillRequest, tokens: int) -> None:
         """CUDA IPC: rows of this node's arena for the encoder to write the embeddings into (none free:
@@ -231,8 +225,7 @@ class PrefillService:
         if emb.in_arena:
             self.embeddings_in_arena += 1
             p.embeddings_in_arena = True
-            family = self.core.model_config.family
-            return self.arena.take(rid, [family.embedding_rows(ImageLayout.from_wire(v)) for v in p.msg.images])
+            return self.arena.take(rid, self._embedding_rows(p.msg))
         if offered:
             self.arena.release(rid)
         return [t.to(self.core.device, self.core.dtype) for t in msg.tensors]
@@ -280,11 +273,10 @@ class PrefillService:
             p.sender = IpcSender(self.runtime.transport, msg.decode_ucx, msg.rid, self.ipc_pools, engine.kv_layers,
                                  req.pages, engine.pages_for(req.prompt_len), engine.release, self.kv_timeout_s)
         else:
-            layers, token_ids = engine.kv_layers, engine.token_layer_ids
-            cross = CrossRowsKV([layers[i] for i in engine.cross_layer_ids], req.inp.num_cross_rows)
-            p.sender = WireSender(self.runtime.transport, msg.decode_ucx, msg.rid, [layers[i] for i in token_ids],
-                                  self.groups, req.pages, req.prompt_len, engine.release, self.kv_timeout_s,
-                                  layer_ids=token_ids, cross=cross, chunks=engine.token_layer_chunks)
+            cross = CrossRowsKV(engine.cross_layers, req.inp.num_cross_rows)
+            p.sender = WireSender(self.runtime.transport, msg.decode_ucx, msg.rid, engine.token_layers, self.groups,
+                                  req.pages, req.prompt_len, engine.release, self.kv_timeout_s,
+                                  layer_ids=engine.token_layer_ids, cross=cross, chunks=engine.token_layer_chunks)
         return p.sender
 
     def _first_tokens(self, first: FirstTokens) -> None:

@@ -82,9 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--api-server-count", "-asc", type=int, default=1,
                     help="router processes serving the one port (vLLM's flag; node pools only): one process "
                          "tops out at one core (default: %(default)s)")
-    for hidden in ("--worker-socket-fd", "--worker-index", "--worker-metrics-dir"):   # set by the parent
-        ap.add_argument(hidden, type=int if hidden != "--worker-metrics-dir" else str,
-                        default=0 if hidden == "--worker-index" else None, help=argparse.SUPPRESS)
+    # one of --api-server-count's workers (set by the parent): its listening socket, index, metrics directory
+    ap.add_argument("--worker-socket-fd", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--worker-index", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--worker-metrics-dir", default=None, help=argparse.SUPPRESS)
     return ap
 
 
@@ -128,9 +129,14 @@ def _add_media_limit_args(ap: argparse.ArgumentParser) -> None:
                          "(link-local / cloud-metadata addresses are refused always)")
 
 
+def backend_kind(args: argparse.Namespace) -> str:
+    """--backend, or disagg when --redis-url is given, else local."""
+    return args.backend or ("disagg" if args.redis_url else "local")
+
+
 def make_backend(args: argparse.Namespace) -> Backend:
-    """The backend named by --backend (disagg when --redis-url is given, else local); extend here for new kinds."""
-    kind = args.backend or ("disagg" if args.redis_url else "local")
+    """The backend named by `backend_kind`; extend here for new kinds."""
+    kind = backend_kind(args)
     if kind == "local":
         from router.local_backend import LocalBackend
 
@@ -160,8 +166,8 @@ async def _serve(server: uvicorn.Server, host: str, args: argparse.Namespace) ->
     if server.started:
         port = server.servers[0].sockets[0].getsockname()[1]
         shown = f"[{host}]" if ":" in host else host
-        what = f"worker {args.worker_index}" if worker else ""
-        print(f"EPD router {what + ' ' if what else ''}ready on http://{shown}:{port}", flush=True)
+        label = f"worker {args.worker_index} " if worker else ""
+        print(f"EPD router {label}ready on http://{shown}:{port}", flush=True)
     await task
 
 
@@ -185,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = check_args(args)
         if args.api_server_count > 1 and args.worker_socket_fd is None:
-            if not (args.backend == "disagg" or (args.backend is None and args.redis_url)):
+            if backend_kind(args) != "disagg":
                 raise ValueError("--api-server-count > 1 needs node pools (--redis-url): a local backend's model "
                                  "lives in one process")
             from router.workers import run_workers

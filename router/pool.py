@@ -60,9 +60,9 @@ class PoolView:
         if self._redis_run_id and run_id != self._redis_run_id:
             self._redis_restarted_at = time.monotonic()
         self._redis_run_id = run_id
+        since_restart = time.monotonic() - self._redis_restarted_at
         for role in ROLES:
             fresh = {n.node_id: n for n in self.registry.list_nodes(role)}
-            since_restart = time.monotonic() - self._redis_restarted_at
             kept = {node_id: n for node_id, n in self.nodes[role].items()
                     if node_id not in fresh and since_restart < (n.ttl_s or DEFAULT_TTL_S)}
             self.nodes[role] = fresh | kept

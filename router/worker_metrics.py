@@ -87,17 +87,20 @@ class SnapshotDir:
         os.makedirs(path, exist_ok=True)
 
     def write(self, snap: dict[str, Any]) -> None:
+        self._write(json.dumps(snap))
+
+    def write_if_changed(self, snap: dict[str, Any]) -> None:
         text = json.dumps(snap)
+        if text != self._last:
+            self._write(text)
+
+    def _write(self, text: str) -> None:
         final = os.path.join(self.path, f"worker-{self.worker}.json")
         partial = f"{final}.{os.getpid()}.tmp"
         with open(partial, "w") as f:
             f.write(text)
         os.replace(partial, final)
         self._last = text
-
-    def write_if_changed(self, snap: dict[str, Any]) -> None:
-        if json.dumps(snap) != self._last:
-            self.write(snap)
 
     def read_all(self) -> list[dict[str, Any]]:
         out = []

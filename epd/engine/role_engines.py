@@ -21,7 +21,6 @@ from typing import Any
 import torch
 
 from epd.engine.engine_core import EngineCore
-from epd.engine.model_runner import attach_image_embeddings
 from epd.engine.request import Request, TokenEvent
 from epd.engine.sampling import SampleResult, sample
 from epd.models.family import DecodeState
@@ -55,6 +54,16 @@ class _RoleEngine:
         """Layers whose KV is the tokens' (what the KV groups of a hand-over cover)."""
         cross = set(self.cross_layer_ids)
         return [i for i in range(len(self.core.kv.layers)) if i not in cross]
+
+    @property
+    def token_layers(self) -> list[torch.Tensor]:
+        """The pool tensors of `token_layer_ids`."""
+        return [self.core.kv.layers[i] for i in self.token_layer_ids]
+
+    @property
+    def cross_layers(self) -> list[torch.Tensor]:
+        """The pool tensors of `cross_layer_ids` (where requests' image rows live)."""
+        return [self.core.kv.layers[i] for i in self.cross_layer_ids]
 
     @property
     def token_layer_chunks(self) -> list[int | None]:
@@ -122,10 +131,8 @@ class PrefillEngine(_RoleEngine):
             return None
         for c in chunks:
             started(c.req)
-            if c.req.inp.cross_rows and not c.req.cross_ready:
-                self.core.write_cross_rows(c.req)
-            elif c.req.image_embeds is None and c.req.inp.images and not c.req.inp.cross_rows:
-                attach_image_embeddings(c.req, self.core.dtype, self.core.device)
+        # embeddings are in (from the encoder node): placed, or made image rows' K/V
+        self.core._encode_images([c.req for c in chunks if c.req.needs_images()])
         finishing = [c.req for c in chunks if c.samples]
         logits = self.core.runner.run(chunks, after_layer=after_layer(finishing))
         self.core.scheduler.advance(chunks)

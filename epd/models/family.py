@@ -171,6 +171,14 @@ class ModelFamily:
         names them)."""
         return None
 
+    def wire_embedding_rows(self, values: Any) -> int:
+        """`embedding_rows` of a layout as it travels; 0 for one that is not this family's (refused
+        with the reason where the layout is checked)."""
+        try:
+            return self.embedding_rows(ImageLayout.from_wire(values))
+        except (ValueError, IndexError):
+            return 0
+
     def cross_rows(self, layout: ImageLayout) -> tuple[int, int]:
         """(KV rows an image of this layout adds to each cross-attention layer, how many of them
         leading ones a token that sees the image attends to). Cross-attention families only."""

@@ -18,16 +18,13 @@ from safetensors.torch import load_file
 from epd.models.llama4 import attention_math
 from epd.models.llama4.attention_math import attention_layer, reference_text_forward
 from epd.models.llama4.text_config import Llama4TextSpec
-from epd.models.llama4.tiny import write_tiny
 
 PROMPT_LENGTH = 27
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> str:
-    path = str(tmp_path_factory.mktemp("llama4-tiny"))
-    write_tiny("llama4", path, "tiny")
-    return path
+def checkpoint(tiny_models) -> str:
+    return tiny_models["llama4"]   # the session's tiny checkpoint (epd tiny-model llama4)
 
 
 @pytest.fixture(scope="module")

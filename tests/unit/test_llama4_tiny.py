@@ -20,10 +20,8 @@ PATCHES_PER_TILE = 4    # (56 / 14)^2 patches, pixel-shuffled by 0.5 in each dir
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> str:
-    path = str(tmp_path_factory.mktemp("llama4-tiny"))
-    write_tiny("llama4", path, "tiny")
-    return path
+def checkpoint(tiny_models) -> str:
+    return tiny_models["llama4"]   # the session's tiny checkpoint (epd tiny-model llama4)
 
 
 def _config(path: str) -> dict:

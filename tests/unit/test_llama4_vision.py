@@ -7,16 +7,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from epd.models.llama4.tiny import write_tiny
 from epd.models.llama4.vision import Llama4Vision, pixel_shuffle
 from epd.models.weights import iter_weights, load_into
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> str:
-    path = str(tmp_path_factory.mktemp("llama4-tiny"))
-    write_tiny("llama4", path, "tiny")
-    return path
+def checkpoint(tiny_models) -> str:
+    return tiny_models["llama4"]   # the session's tiny checkpoint (epd tiny-model llama4)
 
 
 def test_vision_rows_equal_transformers(checkpoint) -> None:

@@ -16,10 +16,8 @@ from epd.models.mllama.vision import MllamaVision, MllamaVisionEncoder
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> str:
-    path = str(tmp_path_factory.mktemp("mllama-tiny"))
-    write_tiny("mllama", path, "tiny")
-    return path
+def checkpoint(tiny_models) -> str:
+    return tiny_models["mllama"]   # the session's tiny checkpoint (epd tiny-model mllama)
 
 
 @pytest.fixture(scope="module")

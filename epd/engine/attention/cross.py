@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from epd.kernels.fused_ops import store_kv
+
 
 @dataclass
 class CrossChunk:
@@ -56,10 +58,7 @@ def row_slots(pages: Sequence[int], rows: int, page_size: int) -> torch.Tensor:
 
 def write_rows(kv_cache: torch.Tensor, pages: Sequence[int], k: torch.Tensor, v: torch.Tensor) -> None:
     """k, v [R, Hkv, D] into rows 0..R-1 of `pages` of one layer's cache [P, 2, page_size, Hkv, D]."""
-    ps = kv_cache.shape[2]
-    slots = row_slots(pages, k.shape[0], ps).to(kv_cache.device)
-    kv_cache[slots // ps, 0, slots % ps] = k.to(kv_cache.dtype)
-    kv_cache[slots // ps, 1, slots % ps] = v.to(kv_cache.dtype)
+    store_kv(kv_cache, k, v, row_slots(pages, k.shape[0], kv_cache.shape[2]).to(kv_cache.device))
 
 
 class CrossStep:

@@ -45,7 +45,7 @@ class VisionEncoder:
         with torch.device("meta"):
             module = Llama4Vision(family.hf)
         module = module.to_empty(device=self.device).to(dtype)
-        load_into(module, ((n, t) for n, t in family.weights("vision.")), strip="vision.")
+        load_into(module, family.weights("vision."), strip="vision.")
         module.vision_model.rope = _rope(family.hf, self.device)   # made on the meta device: made again here
         self.module = module.eval()
 

@@ -13,6 +13,7 @@ generated token. Positions are 1-D (Llama 3 RoPE), so the decode state is empty.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -29,8 +30,7 @@ class MllamaFamily(ModelFamily):
     def __init__(self, path: str, raw: dict[str, Any], hf: Any) -> None:
         super().__init__(path, raw, hf)
         tc, vc = hf.text_config, hf.vision_config
-        base = text_config(tc, raw, qkv_bias=False)
-        self.text = type(base)(**{**base.__dict__, "embed_vocab_size": tc.vocab_size + 8})
+        self.text = dataclasses.replace(text_config(tc, raw, qkv_bias=False), embed_vocab_size=tc.vocab_size + 8)
         self.cross_layers = tuple(int(i) for i in tc.cross_attention_layers)
         self.image_token_id = hf.image_token_index
         self.eos_token_ids = eos_ids(path, tc)
