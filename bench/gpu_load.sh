@@ -6,6 +6,7 @@
 #   source .whl/setup.sh && bash bench/gpu_load.sh OUT_DIR [SETUPS] [IMAGE_COUNTS]
 #
 # SETUPS: comma-separated, of split, colocated (default both). IMAGE_COUNTS: default 4,1,2.
+# EPD_LOAD_MODEL / EPD_LOAD_PRESET: the checkpoint (default /tmp/m3b, written with the 3b preset).
 # EPD_LOAD_ROUTER_WORKERS=N gives both setups' routers `--api-server-count N` (default 1).
 # Per image count, Poisson rates swept past the knee (RATES_<n> below), 40 requests a rate, JPEG
 # images of 1280x720 plus 128 text tokens, 128 output tokens, SLO TTFT <= 1 s and TPOT <= 50 ms.
@@ -17,6 +18,7 @@ out=${1:?usage: bench/gpu_load.sh OUT_DIR [SETUPS] [IMAGE_COUNTS]}
 setups=${2:-split,colocated}
 counts=${3:-4,1,2}
 model=${EPD_LOAD_MODEL:-/tmp/m3b}
+preset=${EPD_LOAD_PRESET:-3b}   # the random checkpoint written at $model when it is not there yet
 port=8100
 RATES_1=${RATES_1:-4,8,16,24}
 RATES_2=${RATES_2:-2,4,8,12}
@@ -25,7 +27,7 @@ mkdir -p "$out"
 log="$out/load.log"
 export PYTHONUNBUFFERED=1
 
-[ -d "$model" ] || timeout 180 python3 -m epd.cli tiny-model qwen2_5_vl "$model" --preset 3b --device cuda >>"$log" 2>&1
+[ -d "$model" ] || timeout 180 python3 -m epd.cli tiny-model qwen2_5_vl "$model" --preset "$preset" --device cuda >>"$log" 2>&1
 
 serve_until_ready() {  # serve_until_ready SETUP: start epd serve (defaults) and wait for its ready line
     local setup=$1 extra=()
