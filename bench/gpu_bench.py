@@ -90,12 +90,14 @@ def _engine(path: str, vision: bool):
     from epd.config import ModelConfig
     from epd.engine.engine_core import EngineConfig, EngineCore
 
-    tc = ModelConfig.from_pretrained(path).text
+    mc = ModelConfig.from_pretrained(path)
+    tc = mc.text
     wanted = max(DECODE_BATCHES) * (CONTEXT + 64) + 4 * 8192
     kv_bytes = wanted * tc.num_layers * 2 * tc.num_kv_heads * tc.head_dim * 2
     # a pool too large for the GPU (LLaVA-1.5-7B's 32 KV heads: 0.5 MB a token) is sized from memory
-    # instead, and the decode batches it cannot hold at CONTEXT are left out
-    fits = kv_bytes < 0.6 * torch.cuda.get_device_properties(0).total_memory
+    # instead, and the decode batches it cannot hold at CONTEXT are left out; so is a cross-attention
+    # model's (its requests' image rows take pages too)
+    fits = kv_bytes < 0.6 * torch.cuda.get_device_properties(0).total_memory and not mc.family.cross_attention
     cfg = EngineConfig(model_path=path, max_running_requests=max(DECODE_BATCHES), max_step_tokens=8192,
                        kv_cache_tokens=wanted if fits else None, load_vision=vision)
     t0 = time.perf_counter()
@@ -108,16 +110,18 @@ def _engine(path: str, vision: bool):
                   "graph_capture_s": graphs.capture_seconds if graphs else None}
 
 
-def _fitting(core) -> tuple[int, ...]:
-    """The decode batches whose CONTEXT-token requests the KV pool holds."""
-    tokens = core.kv.pool.capacity * core.kv.spec.page_size
-    return tuple(b for b in DECODE_BATCHES if b * (CONTEXT + 64) <= tokens)
+def _fitting(core, cross_rows: int = 0) -> tuple[int, ...]:
+    """The decode batches whose CONTEXT-token requests (with `cross_rows` image rows each) the KV
+    pool holds."""
+    pool = core.kv.pool
+    per_request = pool.pages_for(CONTEXT + 64) + (pool.pages_for_rows(cross_rows) if cross_rows else 0)
+    return tuple(b for b in DECODE_BATCHES if b * per_request <= pool.capacity)
 
 
 def _decode_all(core, facts: dict, bw: float) -> list[dict]:
     rows = []
     for graphs in (True, False):
-        for b in _fitting(core):
+        for b in _fitting(core, facts.get("decode_cross_rows", 0)):
             rows.append(w.decode(core, facts, bw, b, CONTEXT, graphs))
             r = rows[-1]
             print(f"  decode b={b:<3} graphs={graphs!s:<5} engine {r['engine_step_ms']:.2f} ms "
@@ -219,6 +223,8 @@ def _engine_sections(report: Report, name: str, core, args: argparse.Namespace) 
     """Sections 1, 3, 5 and the profile on one loaded engine; returns graph decode tokens/s by batch."""
     ceil = report.data["ceilings"]
     facts = w.model_facts(core)
+    if facts["cross_layers"]:
+        facts["decode_cross_rows"] = args.cross_rows
     report.data["models"][name]["facts"] = facts
     wanted = set(args.sections.split(","))
     if "decode" in wanted:
@@ -266,6 +272,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--vision", action="append", default=["3b", "llava7b"],
                     help="models whose vision tower is measured")
     ap.add_argument("--skip-hf", action="store_true", help="leave out the transformers baseline")
+    ap.add_argument("--cross-rows", type=int, default=6404,
+                    help="cross-attention models: image rows each decoding request reads (default: one "
+                         "Llama-3.2-Vision image of 4 tiles x 1601)")
     ap.add_argument("--gemv-configs", default="", help="a `bench.gpu_gemv --sweep` report: also decode with its "
                     "best block configs (section decode_with_swept_gemv_configs)")
     ap.add_argument("--sections", default="decode,variants,profile,prefill,vision,hf",

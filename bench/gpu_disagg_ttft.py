@@ -9,7 +9,7 @@ prefill -> KV over UCX -> decode), one more `epd serve` per `--variant`. Request
 time, interleaved: round i sends the same image to each setup in turn (the order rotating), so
 drift of the host (its image preprocessing varied 33-47 ms between runs on one H200 host) falls
 on both alike and each round is a paired comparison (`ratio_paired_median`, beside the ratio of
-the medians). Each request is one 1280x720 JPEG (a different random image each round, so no
+the medians). Each request is one 1280x720 JPEG (`--image-size`) (a different random image each round, so no
 embedding cache hits) as a data URI plus `--text-tokens` tokens of text, `stream: true`.
 TTFT = request sent -> first chunk carrying content, on the client, over one kept-alive HTTP
 client per setup (as an API user holds; until 2026-11-29 each request built a new httpx client,
@@ -137,8 +137,9 @@ def measure_interleaved(servers: list[Server], args: argparse.Namespace, text: s
 
 
 def _rounds(servers: list[Server], clients: dict[str, httpx.Client], args: argparse.Namespace, text: str) -> None:
+    width, height = (int(x) for x in args.image_size.lower().split("x"))
     for i in range(args.warmup + args.requests):
-        image = image_data_uri(i)
+        image = image_data_uri(i, width, height)
         order = servers[i % len(servers):] + servers[:i % len(servers)]
         for server in order:
             t0 = time.perf_counter()
@@ -164,7 +165,7 @@ def summarize(results: list[dict[str, Any]], ready_s: float) -> dict[str, Any]:
 def _report(args: argparse.Namespace, servers: list[Server]) -> dict[str, Any]:
     colocated = summarize(servers[0].results, servers[0].ready_s)
     report: dict[str, Any] = {"model": args.model, "text_tokens": args.text_tokens,
-                              "image": "1280x720 JPEG, random pixels", "interleaved": True, "colocated": colocated}
+                              "image": f"{args.image_size} JPEG, random pixels", "interleaved": True, "colocated": colocated}
     for variant, server in zip(args.variant or [""], servers[1:], strict=True):
         disagg = summarize(server.results, server.ready_s)
         disagg["node_args"] = variant
@@ -187,6 +188,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--variant", action="append", default=None,
                     help="extra node arguments of one disaggregated run, e.g. '--layer-group-size 4' or "
                          "'--no-kv-ipc'; repeat for several runs (default: one run with the defaults)")
+    ap.add_argument("--image-size", default="1280x720", help="WIDTH x HEIGHT of each request's JPEG")
     ap.add_argument("--device", default="cuda", choices=["cpu", "cuda"])
     ap.add_argument("--log-dir", default="/tmp")
     ap.add_argument("--out", default=None)

@@ -4,7 +4,9 @@
 #   source .whl/setup.sh && bash bench/gpu_pass.sh OUT_DIR [STEPS]
 #
 # STEPS (comma-separated, default all but sweep): tests, gemv, sweep, bench, llava, qwen_decode,
-# attention, kv, ttft. `llava` measures the LLaVA-1.5 7b preset (decode, prefill, vision tower,
+# attention, kv, ttft, mllama, mllama_ttft. `mllama` measures the Llama-3.2-Vision 11b preset (decode
+# with one 4-tile image of cross-attention rows per request, prefill, vision tower); `mllama_ttft` its
+# TTFT for a 1120x1120 image, colocated against 1E + 1P + 1D. `llava` measures the LLaVA-1.5 7b preset (decode, prefill, vision tower,
 # transformers' generate); `qwen_decode` the Qwen 3b / 7b graph decode only (no variants).
 # All of them take about eleven minutes, over one device call's ten: run them as two calls, e.g.
 # "tests,gemv,bench" then "attention,kv,ttft". `sweep` (about four minutes) times every GEMV block
@@ -37,6 +39,7 @@ want() { [[ $steps == *",$1,"* ]]; }
 if want tests || want bench || want qwen_decode || want ttft; then model /tmp/m3b qwen2_5_vl 3b; fi
 if want bench || want qwen_decode || want kv; then model /tmp/m7b qwen2_5_vl 7b; fi
 want llava && model /tmp/mllava7b llava 7b
+if want mllama || want mllama_ttft; then model /tmp/mllama11b mllama 11b; fi
 if [[ $steps == *",tests,"* ]]; then
     EPD_GPU_MODEL_3B=/tmp/m3b timeout 420 python3 -m pytest tests/gpu -m gpu -q >"$out/tests.log" 2>&1
     echo "== tests: exit $? ($(tail -1 "$out/tests.log"))" | tee -a "$log"
@@ -50,6 +53,10 @@ step llava 300 python3 -m bench.gpu_bench --out "$out/gpu_llava.json" --model ll
     --sections decode,profile,prefill,vision,hf
 step qwen_decode 200 python3 -m bench.gpu_bench --out "$out/gpu_qwen_decode.json" --model 3b=/tmp/m3b \
     --model 7b=/tmp/m7b --sections decode
+step mllama 300 python3 -m bench.gpu_bench --out "$out/gpu_mllama.json" --model mllama11b=/tmp/mllama11b \
+    --vision mllama11b --sections decode,prefill,vision --skip-hf
+step mllama_ttft 300 python3 -m bench.gpu_disagg_ttft --model /tmp/mllama11b --image-size 1120x1120 \
+    --kv-cache-tokens 16384 --requests 10 --log-dir "$out/mllama_ttft_logs" --out "$out/ttft_mllama.json"
 step attention 50 python3 -m bench.gpu_attention --out "$out/attn.json"
 step kv 60 python3 -m bench.gpu_kv_transfer --preset 7b --ipc --out "$out/kv_ipc.json"
 # (`--variant='--ucx-progress thread-polling'` adds a run with a spinning UCX progress thread: no

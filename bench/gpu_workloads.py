@@ -76,17 +76,24 @@ def model_facts(core: EngineCore) -> dict:
     embed = model.language_model.embed_tokens.weight
     lm_head = model.lm_head.weight
     weight_bytes = total if lm_head is embed else total - embed.numel() * embed.element_size()
-    layer_params = sum(p.numel() for n, p in model.named_parameters()
-                       if ".layers." in n and n.endswith("weight") and "norm" not in n)
-    kv_token = tc.num_layers * 2 * tc.num_kv_heads * tc.head_dim * embed.element_size()
-    return {"decode_weight_bytes": weight_bytes, "kv_bytes_per_token": kv_token,
-            "layer_matmul_params": layer_params, "lm_head_params": lm_head.numel(),
-            "num_layers": tc.num_layers, "num_heads": tc.num_heads, "head_dim": tc.head_dim}
+    cross = tuple(getattr(model, "cross_layers", ()))
+    matmuls = {n: p.numel() for n, p in model.named_parameters()
+               if ".layers." in n and n.endswith("weight") and "norm" not in n}
+    in_cross = {n for n in matmuls if any(f".layers.{i}." in n for i in cross)}
+    row_bytes = 2 * tc.num_kv_heads * tc.head_dim * embed.element_size()   # one layer's K and V of a token or row
+    return {"decode_weight_bytes": weight_bytes, "kv_bytes_per_token": (tc.num_layers - len(cross)) * row_bytes,
+            "cross_kv_bytes_per_row": len(cross) * row_bytes,   # cross-attention layers: image rows, not tokens
+            "layer_matmul_params": sum(matmuls.values()),
+            "cross_layer_matmul_params": sum(matmuls[n] for n in in_cross), "lm_head_params": lm_head.numel(),
+            "num_layers": tc.num_layers, "cross_layers": len(cross), "num_heads": tc.num_heads,
+            "head_dim": tc.head_dim}
 
 
-def _decoding_requests(core: EngineCore, batch: int, context: int, gen: torch.Generator) -> list[Request]:
+def _decoding_requests(core: EngineCore, batch: int, context: int, gen: torch.Generator,
+                       cross_rows: int = 0) -> list[Request]:
     """`batch` requests whose `context`-token prompts count as prefilled (random KV), each with
-    one pending token: the state a decode node is in after the KV transfer."""
+    one pending token: the state a decode node is in after the KV transfer. `cross_rows`
+    (cross-attention models): each also holds one image of that many rows, which its tokens read."""
     vocab = core.model_config.text.vocab_size - 1000
     reqs = []
     for _ in range(batch):
@@ -95,6 +102,10 @@ def _decoding_requests(core: EngineCore, batch: int, context: int, gen: torch.Ge
                                SamplingParams(temperature=0, max_new_tokens=4096, ignore_eos=True))
         req.pages = core.kv.pool.allocate(core.kv.pool.pages_for(context + 1))  # + the pending token
         req.num_computed = context
+        if cross_rows:   # one image at the prompt's start, seen by every token after it
+            req.inp.cross_rows, req.inp.cross_spans = [(cross_rows, cross_rows)], [(0, -1)]
+            req.cross_pages = core.kv.pool.allocate(core.kv.pool.pages_for_rows(cross_rows))
+            req.cross_ready = True
         core.scheduler.admit_prefilled(req)
         core._append_token(req, int(torch.randint(0, vocab, (1,), generator=gen)), None, None)
         reqs.append(req)
@@ -104,10 +115,12 @@ def _decoding_requests(core: EngineCore, batch: int, context: int, gen: torch.Ge
 def decode(core: EngineCore, facts: dict, bw: float, batch: int, context: int, graphs: bool,
            steps: int = 32) -> dict:
     """Engine steps (wall; with the overlap schedule when `core.overlap`) and the forward alone
-    (device events) at `batch` x `context`."""
+    (device events) at `batch` x `context`; each request also reads `facts["decode_cross_rows"]`
+    image rows (cross-attention models)."""
+    cross_rows = facts.get("decode_cross_rows", 0)
     saved = core.runner.graphs
     core.runner.graphs = saved if graphs else None
-    reqs = _decoding_requests(core, batch, context, torch.Generator().manual_seed(batch))
+    reqs = _decoding_requests(core, batch, context, torch.Generator().manual_seed(batch), cross_rows)
     try:
         for _ in range(3):
             core.step()
@@ -131,8 +144,9 @@ def decode(core: EngineCore, facts: dict, bw: float, batch: int, context: int, g
         core.runner.graphs = saved
         for r in reqs:
             core.abort(r.rid)
-    step_bytes = facts["decode_weight_bytes"] + batch * ctx * facts["kv_bytes_per_token"]
-    return {"batch": batch, "context": context, "cuda_graph": graphs, "overlap": core.overlap,
+    step_bytes = facts["decode_weight_bytes"] + batch * (ctx * facts["kv_bytes_per_token"]
+                                                         + cross_rows * facts["cross_kv_bytes_per_row"])
+    return {"batch": batch, "context": context, "cross_rows": cross_rows, "cuda_graph": graphs, "overlap": core.overlap,
             "engine_step_ms": engine_ms,
             "forward_ms": forward_ms, "tokens_per_s": batch / engine_ms * 1e3, "bytes_per_step": step_bytes,
             "host_ms": host,
@@ -179,7 +193,10 @@ def prefill(core: EngineCore, facts: dict, peak_tflops: float, batch: int, lengt
     sec = sorted(times[1:])[len(times[1:]) // 2]
     tokens = batch * length
     attn = 4 * facts["num_heads"] * facts["head_dim"] * facts["num_layers"] * batch * length * (length + 1) // 2
-    flops = 2 * facts["layer_matmul_params"] * tokens + 2 * facts["lm_head_params"] * batch + attn
+    layers = facts["num_layers"] - facts.get("cross_layers", 0)   # a prompt without images skips the cross layers
+    attn = attn * layers // facts["num_layers"]
+    params = facts["layer_matmul_params"] - facts.get("cross_layer_matmul_params", 0)
+    flops = 2 * params * tokens + 2 * facts["lm_head_params"] * batch + attn
     return {"shape": f"{batch}x{length}", "ms": sec * 1e3, "tokens_per_s": tokens / sec, "flops": flops,
             "mfu_pct": 100 * flops / sec / (peak_tflops * 1e12)}
 

@@ -13,6 +13,8 @@ Lifecycle:
   3. per step, `can_run(chunks)` says whether the step is pure decode and fits a bucket; `run`
      pads the batch to the bucket (padding rows read and write slot 0 of the dummy page 0),
      plans the bucket's wrapper on the host, replays and returns the logits view [n, vocab].
+A model with cross-attention layers also gets, per bucket, a `CrossGraphDecode` (each row's image
+rows as page lists and row ranges in fixed buffers) that `prepare` plans with the same copy.
 Anything else (prefill chunks, a batch above the largest bucket, a layer callback) runs eagerly.
 """
 
@@ -26,10 +28,12 @@ import numpy as np
 import torch
 
 from epd.engine.attention.base import GraphDecodeBucket
+from epd.engine.attention.cross import token_segments
 from epd.engine.attention.flashinfer_backend import FlashInferBackend
 from epd.engine.kv_pool import KVCache
 from epd.engine.model_runner import decode_positions, resolve_placeholders, token_positions, write_slots
 from epd.engine.scheduler import Chunk
+from epd.kernels.cross_decode import CrossGraphDecode
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +70,8 @@ class CudaGraphDecodeRunner:
         self._indices = torch.zeros(kv.pool.num_pages + n, dtype=torch.int32, device=dev)
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._attn: dict[int, GraphDecodeBucket] = {}
+        self._cross: dict[int, CrossGraphDecode] = {}   # models with cross-attention layers only
+        self.has_cross = bool(getattr(model, "cross_layers", ()))
         self.replays = 0
         self.capture_seconds = 0.0
 
@@ -79,6 +85,10 @@ class CudaGraphDecodeRunner:
             attn = self.attention.graph_decode(bs, self._indices)
             attn.plan_padded([], [])  # every row padding: one token on the dummy page
             self._attn[bs] = attn
+            if self.has_cross:
+                self._cross[bs] = CrossGraphDecode(bs, self.kv.spec.num_kv_heads, self.kv.pool.num_pages,
+                                                   self.attention.device)
+                self._cross[bs].plan([])
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
                 for _ in range(2):  # warm-up: lazy inits and autotuning stay out of the graph
@@ -100,7 +110,8 @@ class CudaGraphDecodeRunner:
         positions = self._dev[n:(r + 1) * n].view(r, n)[:, :bs]
         attn = self._attn[bs]
         attn.slots = self._dev[(r + 1) * n:(r + 1) * n + bs]
-        hidden = self.model(self.model.embed(ids), positions, attn, self.kv.layers)
+        extra = {"cross": self._cross[bs]} if self.has_cross else {}
+        hidden = self.model(self.model.embed(ids), positions, attn, self.kv.layers, **extra)
         self.logits[:bs].copy_(self.model.lm_head(hidden))
 
     # ---- per step -------------------------------------------------------------------------------
@@ -111,7 +122,20 @@ class CudaGraphDecodeRunner:
             req = c.req
             if c.length != 1 or (req.image_index is not None and c.start < req.prompt_len):
                 return False
-        return True
+        return not self.has_cross or self._cross[self.bucket(len(chunks))].fits(self._cross_rows(chunks))
+
+    @staticmethod
+    def _cross_rows(chunks: list[Chunk]) -> list[tuple[list[int], list[tuple[int, int]], bool]]:
+        """Each decoded token's cross pages, the row ranges it reads and whether it sees an image."""
+        rows = []
+        for c in chunks:
+            req = c.req
+            if req.cross_pages:
+                segments, sees = token_segments(req.inp.cross_rows, req.inp.cross_spans, req.prompt_len, c.start)
+                rows.append((req.cross_pages, segments, sees))
+            else:
+                rows.append(([], [], False))
+        return rows
 
     def bucket(self, n: int) -> int:
         return self.buckets[bisect.bisect_left(self.buckets, n)]
@@ -147,6 +171,8 @@ class CudaGraphDecodeRunner:
         host[(r + 1) * m:(r + 1) * m + n] = slots
         self._dev.copy_(self._host, non_blocking=True)
         self._attn[bs].plan_padded([c.start + 1 for c in chunks], tables)
+        if self.has_cross:
+            self._cross[bs].plan(self._cross_rows(chunks))
         self._copied.record()   # after the plan's copies too: its host buffers are free once this completes
 
     @torch.inference_mode()

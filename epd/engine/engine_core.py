@@ -172,7 +172,7 @@ class EngineCore:
 
     def _capture_graphs(self) -> None:
         backend = self.runner.backend
-        if (self.config.disable_cuda_graph or self.device.type != "cuda" or self.model_config.family.cross_attention
+        if (self.config.disable_cuda_graph or self.device.type != "cuda"
                 or not isinstance(backend, flashinfer_backend.FlashInferBackend)):
             return
         max_bs = min(self.config.cuda_graph_max_bs, self.config.max_running_requests)

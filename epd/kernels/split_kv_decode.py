@@ -68,7 +68,8 @@ class SplitKVGraphDecode(GraphDecodeBucket):
 
 def split_kv_decode(q: torch.Tensor, kv_cache: torch.Tensor, indices: torch.Tensor, rows: torch.Tensor,
                     splits: int) -> torch.Tensor:
-    """q [B, Hq, D], kv_cache [P, 2, page_size, Hk, D], indices: the requests' pages back to back,
+    """q [B, Hq, D], kv_cache [P, 2, page_size, Hk, D] (any page stride: a layer's view of a shared
+    buffer), indices: the requests' pages back to back,
     rows: int32 [indptr (B + 1) | kv_lens (B)] -> out [B, Hq, D]."""
     b, hq, d = q.shape
     ps, hk = kv_cache.shape[2], kv_cache.shape[3]
@@ -78,7 +79,7 @@ def split_kv_decode(q: torch.Tensor, kv_cache: torch.Tensor, indices: torch.Tens
     out = torch.empty_like(q)
     _split_kv_kernel[(b, hk, splits)](
         q, kv_cache, indices, rows, part, lse, 1.0 / math.sqrt(d) * 1.4426950408889634, b, splits,
-        HQ=hq, HK=hk, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), D=d, PS=ps,
+        kv_cache.stride(0), HQ=hq, HK=hk, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), D=d, PS=ps,
         BLOCK_T=BLOCK_T, num_warps=4, num_stages=2, **launch_options(q, b))
     block_d = min(d, 32)
     _merge_kernel[(b * hq, d // block_d)](part, lse, out, splits, D=d, BLOCK_D=block_d,
@@ -91,7 +92,7 @@ if triton is not None:
 
     @triton.jit
     def _split_kv_kernel(q_ptr, cache_ptr, indices_ptr, rows_ptr, part_ptr, lse_ptr, scale_log2, B, SPLITS,
-                         HQ: tl.constexpr, HK: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
+                         page_stride, HQ: tl.constexpr, HK: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
                          D: tl.constexpr, PS: tl.constexpr, BLOCK_T: tl.constexpr, USE_GDC: tl.constexpr):
         gdc_enter(USE_GDC)
         req = tl.program_id(0)
@@ -110,22 +111,35 @@ if triton is not None:
         mass = tl.zeros([GROUP_PAD], dtype=tl.float32)
         acc = tl.zeros([GROUP_PAD, D], dtype=tl.float32)
         for t0 in range(t_lo, t_hi, BLOCK_T):
-            t = t0 + tl.arange(0, BLOCK_T)
-            tmask = t < t_hi
-            page = tl.load(indices_ptr + page0 + t // PS, mask=tmask, other=0).to(tl.int64)
-            krow = (page * 2 * PS + t % PS) * HK + kvh                 # cache[page, 0, slot, kvh]
-            k = tl.load(cache_ptr + krow[:, None] * D + d[None, :], mask=tmask[:, None], other=0.0)
-            v = tl.load(cache_ptr + (krow + PS * HK)[:, None] * D + d[None, :], mask=tmask[:, None], other=0.0)
-            s = tl.dot(q, tl.trans(k)) * scale_log2                    # [GROUP_PAD, BLOCK_T], log2 units
-            s = tl.where(tmask[None, :], s, float("-inf"))
-            m_new = tl.maximum(m, tl.max(s, axis=1))
-            alpha = tl.exp2(m - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            mass = mass * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m = m_new
-        base = (req * HQ + heads) * SPLITS + split
-        live = g < GROUP
+            m, mass, acc = attend_block(q, cache_ptr, indices_ptr + page0, t0 + tl.arange(0, BLOCK_T), t_hi, kvh,
+                                        page_stride, scale_log2, m, mass, acc, PS, HK, D)
+        store_slice(part_ptr, lse_ptr, (req * HQ + heads) * SPLITS + split, g < GROUP, acc, mass, m, D)
+
+    @triton.jit
+    def attend_block(q, cache_ptr, pages_ptr, t, t_hi, kvh, page_stride, scale_log2, m, mass, acc,
+                     ROWS_PER_PAGE: tl.constexpr, HK: tl.constexpr, D: tl.constexpr):
+        """One block of rows `t` (those < t_hi) of a paged KV view (rows contiguous within a page,
+        any page stride) into a GQA group's online softmax: returns the new (max, mass, acc)."""
+        d = tl.arange(0, D)
+        tmask = t < t_hi
+        page = tl.load(pages_ptr + t // ROWS_PER_PAGE, mask=tmask, other=0).to(tl.int64)
+        krow = page * page_stride + ((t % ROWS_PER_PAGE) * HK + kvh) * D         # cache[page, 0, row, kvh]
+        k = tl.load(cache_ptr + krow[:, None] + d[None, :], mask=tmask[:, None], other=0.0)
+        v = tl.load(cache_ptr + (krow + ROWS_PER_PAGE * HK * D)[:, None] + d[None, :], mask=tmask[:, None],
+                    other=0.0)
+        s = tl.dot(q, tl.trans(k)) * scale_log2                    # [GROUP_PAD, rows], log2 units
+        s = tl.where(tmask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        alpha = tl.exp2(m - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        mass = mass * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        return m_new, mass, acc
+
+    @triton.jit
+    def store_slice(part_ptr, lse_ptr, base, live, acc, mass, m, D: tl.constexpr):
+        """A slice's normalized output and log-sum-exp (-inf: it had no rows) for the merge."""
+        d = tl.arange(0, D)
         tl.store(part_ptr + base[:, None] * D + d[None, :], acc / tl.maximum(mass, 1e-30)[:, None], mask=live[:, None])
         tl.store(lse_ptr + base, tl.where(mass > 0, m + tl.log2(tl.maximum(mass, 1e-30)), float("-inf")), mask=live)
 
@@ -137,8 +151,8 @@ if triton is not None:
         s = tl.arange(0, SPLITS_PAD)
         smask = s < SPLITS
         lse = tl.load(lse_ptr + row * SPLITS + s, mask=smask, other=float("-inf"))
-        w = tl.exp2(lse - tl.max(lse, axis=0))
-        w = w / tl.sum(w, axis=0)
+        w = tl.where(lse > float("-inf"), tl.exp2(lse - tl.max(lse, axis=0)), 0.0)
+        w = w / tl.maximum(tl.sum(w, axis=0), 1e-30)      # no slice with rows (cross attention): zero
         d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
         part = tl.load(part_ptr + (row * SPLITS + s)[:, None] * D + d[None, :], mask=smask[:, None], other=0.0)
         tl.store(out_ptr + row * D + d, tl.sum(part * w[:, None], axis=0).to(out_ptr.dtype.element_ty))

@@ -43,19 +43,24 @@ def hf_generate_on(path: str, input_ids: list[int], images: list[Image.Image], m
     return out[0, len(input_ids):].tolist()
 
 
-def small128_checkpoint(root: str) -> str:
-    """The tiny qwen2_5_vl checkpoint with 2 query heads / 1 KV head of width 128, bf16."""
+def small128_checkpoint(root: str, arch: str = "qwen2_5_vl") -> str:
+    """The tiny checkpoint of `arch` (qwen2_5_vl or mllama) with 2 query heads / 1 KV head of width
+    128 (flashinfer's and the graph kernels' head size), bf16."""
     from transformers import AutoConfig
 
     from epd.models.tiny_model import random_state_dict, save_weights, write_tiny_model
 
-    path = write_tiny_model("qwen2_5_vl", root, "tiny", seed=1)
+    path = write_tiny_model(arch, root, "tiny", seed=1)
     cfg_file = os.path.join(path, "config.json")
     with open(cfg_file) as f:
         cfg = json.load(f)
-    cfg.update(hidden_size=256, intermediate_size=512, num_attention_heads=2, num_key_value_heads=1,
-               torch_dtype="bfloat16", rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]})
-    cfg["vision_config"]["out_hidden_size"] = 256
+    wide = dict(hidden_size=256, intermediate_size=512, num_attention_heads=2, num_key_value_heads=1)
+    cfg["torch_dtype"] = "bfloat16"
+    if arch == "mllama":
+        cfg["text_config"].update(wide)
+    else:
+        cfg.update(wide, rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]})
+        cfg["vision_config"]["out_hidden_size"] = 256
     with open(cfg_file, "w") as f:
         json.dump(cfg, f, indent=2)
     for name in os.listdir(path):

@@ -16,6 +16,7 @@ triton = pytest.importorskip("triton")
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
+from epd.kernels import cross_decode as cd  # noqa: E402
 from epd.kernels import decode_gemv as g  # noqa: E402
 from epd.kernels import fused_ops as fo  # noqa: E402
 from epd.kernels import split_kv_decode as skv  # noqa: E402
@@ -53,8 +54,13 @@ KERNELS = {  # name: (kernel, argument types, constants, warps, stages)
         "v_stride": "i32", "page_size": "i32", "width": "i32"}, {"BLOCK": 256, "USE_GDC": False}, 4, 3),
     "split_kv": (skv._split_kv_kernel, {
         "q_ptr": "*bf16", "cache_ptr": "*bf16", "indices_ptr": "*i32", "rows_ptr": "*i32", "part_ptr": "*fp32",
-        "lse_ptr": "*fp32", "scale_log2": "fp32", "B": "i32", "SPLITS": "i32"},
+        "lse_ptr": "*fp32", "scale_log2": "fp32", "B": "i32", "SPLITS": "i32", "page_stride": "i32"},
         {"HQ": 16, "HK": 2, "GROUP": 8, "GROUP_PAD": 16, "D": 128, "PS": 16, "BLOCK_T": 16, "USE_GDC": True}, 4, 2),
+    "cross_decode": (cd._cross_decode_kernel, {
+        "q_ptr": "*bf16", "cache_ptr": "*bf16", "pages_ptr": "*i32", "meta_ptr": "*i32", "segs_ptr": "*i32",
+        "part_ptr": "*fp32", "lse_ptr": "*fp32", "scale_log2": "fp32", "B": "i32", "SPLITS": "i32",
+        "page_stride": "i32"},
+        {"HQ": 32, "HK": 8, "GROUP": 4, "GROUP_PAD": 16, "D": 128, "RPP": 64, "BLOCK_T": 16, "USE_GDC": True}, 4, 2),
     "merge": (skv._merge_kernel, {"part_ptr": "*fp32", "lse_ptr": "*fp32", "out_ptr": "*bf16", "SPLITS": "i32"},
               {"D": 128, "BLOCK_D": 32, "SPLITS_PAD": 64, "USE_GDC": True}, 1, 3),
     "copy_pages": (cuda_ipc._copy_pages_kernel, {

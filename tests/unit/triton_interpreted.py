@@ -93,9 +93,46 @@ def model() -> None:
         torch.testing.assert_close(caches, ref_caches, atol=1e-2, rtol=1e-2)
 
 
+def graph_decode_attention() -> None:
+    """The CUDA-graph decode attention kernels over a cross-attention family's KV pool (one buffer
+    of strided layer views): split-KV self-attention on a token layer's view, and cross attention
+    on an image-row layer's view for a request reading two row ranges, one reading one, a request
+    without images and a padding row, against the torch paths."""
+    from epd.engine.attention.cross import CrossChunk, CrossStep, token_segments, visibility
+    from epd.engine.kv_pool import KVCache, KVCacheSpec
+    from epd.kernels.cross_decode import CrossGraphDecode
+    from epd.kernels.split_kv_decode import split_kv_decode
+
+    kv = KVCache(KVCacheSpec(6, 2, 32, 4, F16, cross_layers=(1, 4)), 40, "cpu")   # 2 slots a cross page
+    for layer in kv.layers:
+        layer.normal_()
+    token, image = kv.layers[0], kv.layers[1]
+    q = torch.randn(4, 8, 32, dtype=F16)
+    pages = [[7, 3, 9, 12, 5], [20, 21, 30], [11]]
+    lens = [19, 9, 2]
+    rows = torch.tensor([0, 5, 8, 9, 9, *lens, 1], dtype=torch.int32)   # 3 requests + a padding row
+    got = split_kv_decode(q, token, torch.tensor([p for t in pages for p in t] + [0], dtype=torch.int32), rows, 3)
+    for i, (table, n) in enumerate(zip(pages, lens, strict=True)):
+        ref = CrossStep([CrossChunk(1, table, torch.ones(1, n, dtype=torch.bool))], 4, torch.device("cpu"))
+        torch.testing.assert_close(got[i:i + 1], ref.attend(q[i:i + 1], token), atol=2e-3, rtol=2e-3)
+    # request 0: images of 20 / 12 rows (valid 13 / 12), the token sees both; request 1: one image
+    reqs = [([2, 8, 15, 16, 33], [(20, 13), (12, 12)], [(1, -1), (2, -1)]), ([6, 17], [(10, 7)], [(0, -1)]),
+            ([], [], [])]
+    plan = CrossGraphDecode(4, 2, 16, torch.device("cpu"))
+    plan.plan([(p, *token_segments(r, sp, 4, 6)) for p, r, sp in reqs])
+    out = plan.attend(q, image)
+    for i, (p, r, sp) in enumerate(reqs[:2]):
+        visible, sees = visibility(r, sp, 4, 6, 7)
+        ref = CrossStep([CrossChunk(1, p, visible, sees)], 8, torch.device("cpu"))
+        torch.testing.assert_close(out[i:i + 1], ref.attend(q[i:i + 1], image), atol=2e-3, rtol=2e-3)
+    assert plan.mlp_scale.flatten().tolist() == [1.0, 1.0, 0.0, 0.0]
+    assert not out[2:].any(), "no image rows (or padding): zero"
+
+
 if __name__ == "__main__":
     _numpy2_scalar_index()
     _on_cpu()
     torch.manual_seed(0)
     model()
+    graph_decode_attention()
     print("close")

@@ -50,6 +50,25 @@ def visibility(cross_rows: list[tuple[int, int]], spans: list[tuple[int, int]], 
     return visible, sees_any
 
 
+def token_segments(cross_rows: list[tuple[int, int]], spans: list[tuple[int, int]], prompt_len: int,
+                   index: int) -> tuple[list[tuple[int, int]], bool]:
+    """The rows token `index` reads as [start, end) ranges (adjacent ones joined), and whether it
+    sees an image: `visibility`'s row for one token, for kernels that take ranges."""
+    segments: list[tuple[int, int]] = []
+    offset = 0
+    for (rows, valid), (first, last) in zip(cross_rows, spans, strict=True):
+        in_prompt = first <= index < min(prompt_len if last == -1 else last, prompt_len)
+        if in_prompt or (index >= prompt_len and last == -1):
+            if segments and segments[-1][1] == offset:
+                segments[-1] = (segments[-1][0], offset + valid)
+            else:
+                segments.append((offset, offset + valid))
+        offset += rows
+    if not segments:   # a token that sees no image reads every row (its MLP is skipped)
+        return [(0, offset)] if offset else [], False
+    return segments, True
+
+
 def row_slots(pages: Sequence[int], rows: int, page_size: int) -> torch.Tensor:
     """Flat slots (page * page_size + offset) of rows 0..rows-1 laid over `pages`."""
     r = torch.arange(rows)
