@@ -25,7 +25,7 @@ from collections.abc import Sequence
 import torch
 
 from epd.kernels.fused_ops import gdc_enter, launch_options, tl, triton
-from epd.kernels.split_kv_decode import BLOCK_T, _merge_kernel, splits_for
+from epd.kernels.split_kv_decode import BLOCK_T, merged_slices, splits_for
 
 if triton is not None:
     from epd.kernels.split_kv_decode import attend_block, store_slice
@@ -85,19 +85,10 @@ def cross_decode(q: torch.Tensor, kv_cache: torch.Tensor, pages: torch.Tensor, m
     rpp, hk = kv_cache.shape[2], kv_cache.shape[3]
     assert kv_cache.stride(2) == hk * d and kv_cache.stride(1) == rpp * hk * d, "rows contiguous within a page"
     group = hq // hk
-    part = torch.empty(b, hq, splits, d, dtype=torch.float32, device=q.device)
-    lse = torch.empty(b, hq, splits, dtype=torch.float32, device=q.device)
-    out = torch.empty_like(q)
-    _cross_decode_kernel[(b, hk, splits)](
+    return merged_slices(q, splits, lambda part, lse: _cross_decode_kernel[(b, hk, splits)](
         q, kv_cache, pages, meta, segments, part, lse, 1.0 / math.sqrt(d) * 1.4426950408889634, b, splits,
         kv_cache.stride(0), HQ=hq, HK=hk, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), D=d,
-        RPP=rpp, BLOCK_T=BLOCK_T, num_warps=4, num_stages=2, **launch_options(q, b))
-    block_d = min(d, 32)
-    _merge_kernel[(b * hq, d // block_d)](part, lse, out, splits, D=d, BLOCK_D=block_d,
-                                          SPLITS_PAD=triton.next_power_of_2(splits), num_warps=1,
-                                          **launch_options(q, b))
-    return out
-
+        RPP=rpp, BLOCK_T=BLOCK_T, num_warps=4, num_stages=2, **launch_options(q, b)))
 
 if triton is not None:
 

@@ -74,19 +74,25 @@ def split_kv_decode(q: torch.Tensor, kv_cache: torch.Tensor, indices: torch.Tens
     b, hq, d = q.shape
     ps, hk = kv_cache.shape[2], kv_cache.shape[3]
     group = hq // hk
+    return merged_slices(q, splits, lambda part, lse: _split_kv_kernel[(b, hk, splits)](
+        q, kv_cache, indices, rows, part, lse, 1.0 / math.sqrt(d) * 1.4426950408889634, b, splits,
+        kv_cache.stride(0), HQ=hq, HK=hk, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), D=d, PS=ps,
+        BLOCK_T=BLOCK_T, num_warps=4, num_stages=2, **launch_options(q, b)))
+
+
+def merged_slices(q: torch.Tensor, splits: int, attend_slices) -> torch.Tensor:
+    """Run `attend_slices(part, lse)` (a kernel writing each split's normalized output [B, Hq,
+    splits, D] and log-sum-exp [B, Hq, splits], fp32), then merge the splits -> out like q."""
+    b, hq, d = q.shape
     part = torch.empty(b, hq, splits, d, dtype=torch.float32, device=q.device)
     lse = torch.empty(b, hq, splits, dtype=torch.float32, device=q.device)
     out = torch.empty_like(q)
-    _split_kv_kernel[(b, hk, splits)](
-        q, kv_cache, indices, rows, part, lse, 1.0 / math.sqrt(d) * 1.4426950408889634, b, splits,
-        kv_cache.stride(0), HQ=hq, HK=hk, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), D=d, PS=ps,
-        BLOCK_T=BLOCK_T, num_warps=4, num_stages=2, **launch_options(q, b))
+    attend_slices(part, lse)
     block_d = min(d, 32)
     _merge_kernel[(b * hq, d // block_d)](part, lse, out, splits, D=d, BLOCK_D=block_d,
                                           SPLITS_PAD=triton.next_power_of_2(splits), num_warps=1,
                                           **launch_options(q, b))
     return out
-
 
 if triton is not None:
 
