@@ -4,7 +4,11 @@ sweep is written by a plain `epd bench --sweep-rates ... --output DIR/<setup>_<n
 (`bench/gpu_load.sh` does); this prints, per image count and offered rate, both setups' SLO
 attainment, goodput, TTFT and TPOT, and the goodput ratio of the first setup to the second:
 
-    python3 -m bench.compare_runs DIR [--setups split,colocated] [--markdown]
+    python3 -m bench.compare_runs DIR [--setups split,colocated] [--markdown] [--slo ttft_ms=500 tpot_ms=25]
+
+`--slo` scores every run again against another SLO from its per-request records (`ttfts`, `tpots`
+in seconds, `errors`), as `epd bench` scores them: a request is good when it succeeded and meets
+each bound (a one-token output has no TPOT).
 """
 
 from __future__ import annotations
@@ -30,6 +34,19 @@ def load_sweeps(out_dir: Path) -> dict[tuple[str, int], list[dict[str, Any]]]:
         runs = payload.get("runs", [payload])
         sweeps[(match["setup"], int(match["images"]))] = sorted(runs, key=lambda r: float(r["request_rate"]))
     return sweeps
+
+
+def rescored(run: dict[str, Any], slo: dict[str, float]) -> dict[str, Any]:
+    """`run` with its SLO attainment and goodput against `slo` (ttft_ms, tpot_ms)."""
+    good = 0
+    for ttft, tpot, error in zip(run["ttfts"], run["tpots"], run["errors"], strict=True):
+        ok = not error and ttft is not None
+        ok = ok and ("ttft_ms" not in slo or ttft * 1e3 <= slo["ttft_ms"])
+        ok = ok and ("tpot_ms" not in slo or tpot is None or tpot * 1e3 <= slo["tpot_ms"])
+        good += ok
+    total = len(run["ttfts"])
+    return {**run, "slo_attainment": good / total if total else 0.0,
+            "request_goodput": good / max(run["duration"], 1e-9)}
 
 
 def _cells(run: dict[str, Any] | None) -> list[str]:
@@ -74,7 +91,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("out_dir", type=Path, help="directory of <setup>_<n>img.json sweep results")
     p.add_argument("--setups", default="split,colocated", help="FIRST,SECOND (the ratio is FIRST / SECOND)")
     p.add_argument("--markdown", action="store_true", help="a Markdown table (for BENCHMARKS.md)")
+    p.add_argument("--slo", nargs="+", default=None, metavar="KEY=MS",
+                   help="score the runs against this SLO instead (ttft_ms=..., tpot_ms=...)")
     args = p.parse_args(argv)
+    slo = {}
+    for item in args.slo or []:
+        key, _, value = item.partition("=")
+        if key not in ("ttft_ms", "tpot_ms") or not value:
+            p.error(f"--slo takes ttft_ms=MS and tpot_ms=MS, not {item!r}")
+        slo[key] = float(value)
     first, _, second = args.setups.partition(",")
     if not second:
         p.error("--setups takes two names, FIRST,SECOND")
@@ -82,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     if not sweeps:
         print(f"no <setup>_<n>img.json results in {args.out_dir}", file=sys.stderr)
         return 1
+    if slo:
+        sweeps = {key: [rescored(run, slo) for run in runs] for key, runs in sweeps.items()}
     print(format_table(comparison_rows(sweeps, first, second), header(first, second), args.markdown))
     return 0
 

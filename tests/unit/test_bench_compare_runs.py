@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from bench.compare_runs import main
 
 
@@ -29,3 +31,22 @@ def test_rows_pair_setups_by_image_count_and_rate_with_the_goodput_ratio(tmp_pat
 def test_a_directory_without_results_is_an_error(tmp_path, capsys):
     assert main([str(tmp_path)]) == 1
     assert "no <setup>_<n>img.json results" in capsys.readouterr().err
+
+
+def test_a_tighter_slo_scores_the_runs_again_from_their_requests(tmp_path, capsys):
+    run = {**_run(4, 3.0, 0.75), "duration": 2.0, "ttfts": [0.2, 0.45, 0.6, 0.3, None],
+           "tpots": [0.020, 0.030, 0.010, None, None], "errors": ["", "", "", "", "HTTP 500"]}
+    (tmp_path / "split_4img.json").write_text(json.dumps({"runs": [run]}))
+    (tmp_path / "colocated_4img.json").write_text(json.dumps({"runs": [{**run, "tpots": [0.02] * 5}]}))
+    assert main([str(tmp_path), "--markdown", "--slo", "ttft_ms=500", "tpot_ms=25"]) == 0
+    row = [c.strip() for c in capsys.readouterr().out.splitlines()[2].strip("|").split("|")]
+    # split: 0.2 s / 20 ms and 0.3 s / one token are good; 0.45 s / 30 ms and 0.6 s are not; the error is not
+    assert row[2] == "40.0%" and row[3] == "1.00"
+    assert row[7] == "60.0%" and row[8] == "1.50" and row[-1] == "0.67"
+
+
+def test_an_unknown_slo_key_is_refused(tmp_path):
+    (tmp_path / "split_4img.json").write_text(json.dumps({"runs": [_run(4, 3.0, 0.75)]}))
+    with pytest.raises(SystemExit) as refused:
+        main([str(tmp_path), "--slo", "e2e_ms=3"])
+    assert refused.value.code == 2
