@@ -165,7 +165,8 @@ def summarize(results: list[dict[str, Any]], ready_s: float) -> dict[str, Any]:
 def _report(args: argparse.Namespace, servers: list[Server]) -> dict[str, Any]:
     colocated = summarize(servers[0].results, servers[0].ready_s)
     report: dict[str, Any] = {"model": args.model, "text_tokens": args.text_tokens,
-                              "image": f"{args.image_size} JPEG, random pixels", "interleaved": True, "colocated": colocated}
+                              "image": f"{args.image_size} JPEG, random pixels", "interleaved": True,
+                              "colocated": colocated}
     for variant, server in zip(args.variant or [""], servers[1:], strict=True):
         disagg = summarize(server.results, server.ready_s)
         disagg["node_args"] = variant
