@@ -98,20 +98,19 @@ class DecodeService:
                 raise ValueError("CUDA IPC hand-over asked of a decode node that is not on a GPU")
             if not msg.prefill_ucx:
                 raise ValueError("a decode request must name the prefill node's transport address")
-            if msg.kv_ipc and msg.images and self.engine.cross_layer_ids:
-                raise ValueError("image rows are not written through CUDA IPC: the wire hand-over takes them")
             req = self.engine.new_request(msg.input_ids, SamplingParams.from_dict(msg.params), msg.rid, msg.images)
         except ValueError as e:
             self.runtime.send(identity, protocol.TokenDelta(msg.rid, [], "", finished=True, error=str(e),
                                                             stage="decode", node=self.runtime.node_id))
             return
         transport = self.runtime.transport
+        cross = CrossRowsKV(self.engine.cross_layers, req.inp.num_cross_rows)
         if msg.kv_ipc:
-            receiver = IpcReceiver(transport, msg.prefill_ucx, msg.rid, self.engine.kv_layers, req.prompt_len)
+            receiver = IpcReceiver(transport, msg.prefill_ucx, msg.rid, self.engine.token_layers, req.prompt_len,
+                                   cross=cross)
         else:
             receiver = WireReceiver(transport, msg.prefill_ucx, msg.rid, self.engine.token_layers, req.prompt_len,
-                                    cross=CrossRowsKV(self.engine.cross_layers, req.inp.num_cross_rows),
-                                    chunks=self.engine.token_layer_chunks)
+                                    cross=cross, chunks=self.engine.token_layer_chunks)
         self.awaiting_pages[msg.rid] = Incoming(identity, msg, req, time.monotonic(), receiver)
 
     def _layout_problem(self, prefill_hash: str) -> str:
@@ -162,12 +161,9 @@ class DecodeService:
             del self.awaiting_pages[inc.msg.rid]
             self.awaiting_kv[inc.msg.rid] = inc
             if inc.msg.kv_ipc and self._pool_desc is None:
-                self._pool_desc = export_pool(engine.kv_layers, owner=self.runtime.node_id)
+                self._pool_desc = export_pool(engine.ipc_tensors, owner=self.runtime.node_id)
             prompt_pages = inc.req.pages[:engine.pages_for(inc.req.prompt_len)]
-            if isinstance(inc.receiver, WireReceiver):
-                inc.receiver.start(self._pool_desc, prompt_pages, inc.req.cross_pages)
-            else:
-                inc.receiver.start(self._pool_desc, prompt_pages)
+            inc.receiver.start(self._pool_desc, prompt_pages, inc.req.cross_pages)
 
     def _receive(self) -> None:
         now = time.monotonic()

@@ -144,7 +144,7 @@ class PrefillService:
         if p is not None:
             self.engine.abort(rid)     # frees the request's pages
             if p.sender is not None:   # made for a forward that then failed: it owns no pages yet
-                p.sender.pages = []
+                p.sender.disown()
                 p.sender.abort()
         sending = self.transferring.pop(rid, None)
         if sending is not None:
@@ -269,15 +269,26 @@ class PrefillService:
 
     def _sender(self, p: Pending) -> WireSender | IpcSender:
         req, msg, engine = p.req, p.msg, self.engine
-        if msg.kv_ipc and not req.inp.num_cross_rows:   # image rows go over the wire only (decode refuses this)
-            p.sender = IpcSender(self.runtime.transport, msg.decode_ucx, msg.rid, self.ipc_pools, engine.kv_layers,
-                                 req.pages, engine.pages_for(req.prompt_len), engine.release, self.kv_timeout_s)
+        if msg.kv_ipc:
+            p.sender = IpcSender(self.runtime.transport, msg.decode_ucx, msg.rid, self.ipc_pools, engine.ipc_tensors,
+                                 req.pages, engine.pages_for(req.prompt_len), engine.release, self.kv_timeout_s,
+                                 engine.num_layers - 1, lambda pages, cross, release: self._wire_sender(
+                                     p, pages, cross, release, fallback=True),
+                                 cross_pages=req.cross_pages, cross_rows=req.inp.num_cross_rows)
         else:
-            cross = CrossRowsKV(engine.cross_layers, req.inp.num_cross_rows)
-            p.sender = WireSender(self.runtime.transport, msg.decode_ucx, msg.rid, engine.token_layers, self.groups,
-                                  req.pages, req.prompt_len, engine.release, self.kv_timeout_s,
-                                  layer_ids=engine.token_layer_ids, cross=cross, chunks=engine.token_layer_chunks)
+            p.sender = self._wire_sender(p, req.pages, [], engine.release)
         return p.sender
+
+    def _wire_sender(self, p: Pending, pages: list[int], cross_pages: list[int], release,
+                     fallback: bool = False) -> WireSender:
+        """The wire hand-over of `p` (`fallback`: of a CUDA IPC one, which decode announced as one
+        group of the token layers' whole prompt)."""
+        engine = self.engine
+        cross = CrossRowsKV(engine.cross_layers, p.req.inp.num_cross_rows, cross_pages)
+        groups = [range(len(engine.token_layers))] if fallback else self.groups
+        return WireSender(self.runtime.transport, p.msg.decode_ucx, p.msg.rid, engine.token_layers, groups, pages,
+                          p.req.prompt_len, release, self.kv_timeout_s, layer_ids=engine.token_layer_ids,
+                          cross=cross, chunks=() if fallback else engine.token_layer_chunks)
 
     def _first_tokens(self, first: FirstTokens) -> None:
         result = first.sampled
@@ -285,8 +296,8 @@ class PrefillService:
             p = self.active.pop(req.rid)
             self.prompt_tokens += req.prompt_len - req.cached_tokens   # computed here, not from the cache
             p.sender.pages = pages    # the sender owns them now (the same pages the forward wrote)
-            if cross:                 # image rows: only the wire sender carries them (they go with the KV)
-                p.sender.cross.pages = cross
+            if cross:                 # image rows, which go with the KV
+                p.sender.hold_cross_pages(cross)
             now = time.monotonic()
             record = protocol.HandOver(
                 req.rid, first_token=result.token_ids[i],
@@ -328,7 +339,8 @@ class PrefillService:
                 self._report(p, "transfer", ok=False, error=error)
                 continue
             seconds = time.monotonic() - p.sent_at
-            nbytes = p.sender.nbytes or self.engine.pages_for(p.req.prompt_len) * self.engine.bytes_per_page
+            nbytes = p.sender.nbytes or self.engine.bytes_per_page * (   # written through CUDA IPC: whole pages
+                self.engine.pages_for(p.req.prompt_len) + self.engine.pages_for_rows(p.req.inp.num_cross_rows))
             log.info("KV of %s: %d bytes handed to decode node %s %s, done %.2f ms after the first token", rid,
                      nbytes, p.msg.decode_node, p.sender.via, seconds * 1e3)
             self._report(p, "prefill", ok=True, timings={

@@ -276,7 +276,7 @@ class DisaggBackend:
             return
         p, d = flight.nodes["prefill"], flight.nodes["decode"]
         # a cross-attention model's pool is not one tensor a layer: its KV travels over the wire only
-        kv_ipc = ipc_pairable(p.kv_ipc, d.kv_ipc) and not self.config.family.cross_attention
+        kv_ipc = ipc_pairable(p.kv_ipc, d.kv_ipc)
         emb_ipc = bool(inp.images) and ipc_writable(flight.nodes["encoder"].kv_ipc, p.kv_ipc)
         if inp.images:   # first: the encoder is the head of the critical path
             await self.clients.send(flight.nodes["encoder"].zmq, protocol.EncodeRequest(req.rid, images,

@@ -190,17 +190,19 @@ class KVCache:
         shape = (num_pages, 2, spec.page_size, spec.num_kv_heads, spec.head_dim)
         # Uninitialised: attention only reads slots that were written. The dummy page is zeroed
         # because padded CUDA-graph rows write and read it.
+        self.buffer: torch.Tensor | None = None   # the one tensor behind every layer's view (shared buffer)
         if k:
-            self.layers = self._shared_views(spec, num_pages, device)
+            self.layers, self.buffer = self._shared_views(spec, num_pages, device)
         else:
             self.layers = [torch.empty(shape, dtype=spec.dtype, device=device) for _ in range(spec.num_layers)]
         for layer in self.layers:
             layer[DUMMY_PAGE].zero_()
 
     @staticmethod
-    def _shared_views(spec: KVCacheSpec, num_pages: int, device: torch.device | str) -> list[torch.Tensor]:
-        """Views of one buffer: a self-attention layer's `[pages, 2, page_size, ...]`, a cross-attention
-        layer's `[pages, 2, k * page_size, ...]` over k consecutive self-attention slots."""
+    def _shared_views(spec: KVCacheSpec, num_pages: int,
+                      device: torch.device | str) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Views of one buffer (returned too): a self-attention layer's `[pages, 2, page_size, ...]`,
+        a cross-attention layer's `[pages, 2, k * page_size, ...]` over k consecutive self-attention slots."""
         k, cross = spec.slots_per_cross_layer, set(spec.cross_layers)
         slots = spec.num_layers - len(cross)
         buffer = torch.empty(num_pages, slots, 2, spec.page_size, spec.num_kv_heads, spec.head_dim,
@@ -214,7 +216,7 @@ class KVCache:
             else:
                 layers.append(buffer[:, next_slot])
                 next_slot += 1
-        return layers
+        return layers, buffer
 
     @staticmethod
     def pages_fitting(spec: KVCacheSpec, budget_bytes: int) -> int:

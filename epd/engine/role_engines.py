@@ -40,9 +40,16 @@ class _RoleEngine:
         self.core = core
 
     @property
-    def kv_layers(self) -> list[torch.Tensor]:
-        """The KV pool's per-layer tensors [pages, 2, page_size, kv_heads, head_dim] (hand-over I/O)."""
-        return self.core.kv.layers
+    def ipc_tensors(self) -> list[torch.Tensor]:
+        """What a CUDA IPC hand-over maps and writes page by page: the pool's one buffer when its
+        layers are views of one (a page of it then holds a token page of every self-attention layer,
+        or an image-row page of every cross-attention layer), else the per-layer tensors."""
+        kv = self.core.kv
+        return [kv.buffer] if kv.buffer is not None else kv.layers
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.core.kv.layers)
 
     @property
     def cross_layer_ids(self) -> list[int]:
@@ -77,6 +84,10 @@ class _RoleEngine:
 
     def pages_for(self, num_tokens: int) -> int:
         return self.core.kv.pool.pages_for(num_tokens)
+
+    def pages_for_rows(self, rows: int) -> int:
+        """Pages `rows` image rows take (cross-attention models; 0 rows: none)."""
+        return self.core.kv.pool.pages_for_rows(rows) if rows else 0
 
     def release(self, pages: list[int]) -> None:
         """Give back pages the node held outside the batch (hand-over done, failed or dropped)."""

@@ -93,6 +93,16 @@ class WireSender:
         self.sends.append(self.transport.send(self.peer, f"{self.rid}:kv:{gi}", [wire], meta=meta,
                                              timeout=self.timeout_s))
 
+    def hold_cross_pages(self, pages: list[int]) -> None:
+        """The image rows' pages are this sender's now (it sends them, then gives them back)."""
+        self.cross.pages = pages
+
+    def disown(self) -> None:
+        """Made for a forward that failed: the pages it names are the engine's, not its own."""
+        self.pages = []
+        if self.cross is not None:
+            self.cross.pages = []
+
     def finish(self, record: protocol.HandOver, generator_state: torch.Tensor | None) -> None:
         record.num_groups = len(self.groups)
         if self.cross is not None and self.cross.rows:
@@ -183,9 +193,12 @@ class WireReceiver:
         except Exception as e:  # noqa: BLE001 - a broken or refused transfer fails this request only
             self._fail(str(e))
             return self.state
-        if self.record is not None and self.next_group == self.record.num_groups and self.cross_landed:
+        if self.record is not None and self.next_group == self.record.num_groups and \
+                (self.cross_landed or self.record.ipc_written):   # CUDA IPC wrote the image rows too
             self.state = HandOverState.DONE
             self.ignore_groups()   # announced, never coming
+            if not self.cross_landed:
+                self.transport.ignore(f"{self.rid}:cross")
         return self.state
 
     def _take_groups(self, now: float) -> None:

@@ -12,12 +12,17 @@ record (TRANSFERRING until that send is acknowledged, then DONE). A page list th
 the prompt fails the request (FAILED, decode told); a request dropped before its write sends the
 release.
 
+What is mapped and written are the pools' `ipc_tensors`: per-layer tensors, or, for a
+cross-attention family, the one buffer whose pages hold either a token page of every
+self-attention layer or an image-row page of every cross-attention layer; so the page list is the
+prompt's pages followed by the image rows' pages, each written whole.
+
 Fallback: when prefill cannot map decode's pool (its GPU is not visible here, the IPC handle does
 not open) or the write fails, it hands the KV over the wire instead, through the wire pair
-(`epd.node.handover`): one KV group of every layer, then the record with `num_groups` 1 and
-`ipc_written` false. The receiver announced that group from the start (from prefill only, of the
-prompt's KV size), so it takes either outcome; the pool is not tried again (`PoolImports.unusable`),
-and the prefill node warns once per decode pool.
+(`epd.node.handover`): one KV group of the token layers (and the image rows), then the record with
+`num_groups` 1 and `ipc_written` false. The receiver announced that group from the start (from
+prefill only, of the prompt's KV size), so it takes either outcome; the pool is not tried again
+(`PoolImports.unusable`), and the prefill node warns once per decode pool.
 """
 
 from __future__ import annotations
@@ -31,18 +36,27 @@ from typing import Any
 import torch
 
 from epd import protocol
-from epd.node.handover import HandOverState, WireReceiver, WireSender
+from epd.node.handover import CrossRowsKV, HandOverState, WireReceiver, WireSender
 
 log = logging.getLogger(__name__)
 
 
+WireFactory = Callable[[list[int], list[int], Callable[[list[int]], None]], WireSender]
+
+
 class IpcSender:
-    def __init__(self, transport: Any, peer: str, rid: str, pools: Any, layers: list[torch.Tensor],
+    def __init__(self, transport: Any, peer: str, rid: str, pools: Any, tensors: list[torch.Tensor],
                  pages: list[int], prompt_pages: int, release: Callable[[list[int]], None],
-                 timeout_s: float) -> None:
-        """pools: this node's `PoolImports` (None off a GPU: every hand-over then goes over the wire)."""
-        self.transport, self.peer, self.rid, self.pools, self.layers = transport, peer, rid, pools, layers
+                 timeout_s: float, last_layer: int, wire_sender: WireFactory, cross_pages: list[int] | None = None,
+                 cross_rows: int = 0) -> None:
+        """pools: this node's `PoolImports` (None off a GPU: every hand-over then goes over the wire);
+        tensors: the pool's `ipc_tensors`; `last_layer`: the model layer whose end queues the write;
+        `wire_sender(pages, cross_pages, release)`: the fallback's sender; `cross_pages` /
+        `cross_rows`: the request's image rows (cross-attention families), written after its prompt."""
+        self.transport, self.peer, self.rid, self.pools, self.layers = transport, peer, rid, pools, tensors
         self.pages, self.prompt_pages, self._release = pages, prompt_pages, release
+        self.cross_pages, self.cross_rows = list(cross_pages or []), cross_rows
+        self.last_layer, self._wire_sender = last_layer, wire_sender
         self.timeout_s, self.since = timeout_s, time.monotonic()
         self.dst: protocol.PageList | None = None
         self._dst_error = ""
@@ -63,9 +77,9 @@ class IpcSender:
                 msg = self.transport.poll(f"{self.rid}:kvdst")
                 if msg is not None:
                     dst = protocol.read_data_meta(msg.meta, protocol.PageList, self.rid)
-                    if len(dst.pages) != self.prompt_pages:
-                        raise ValueError(f"decode reserved {len(dst.pages)} pages for a "
-                                         f"{self.prompt_pages}-page prompt")
+                    if len(dst.pages) != self.prompt_pages + len(self.cross_pages):
+                        raise ValueError(f"decode reserved {len(dst.pages)} pages for a {self.prompt_pages}-page "
+                                         f"prompt and {len(self.cross_pages)} pages of image rows")
                     self.dst = dst
             except Exception as e:  # noqa: BLE001 - consumed: remembered, so poll reports it
                 self._dst_error = str(e) or type(e).__name__
@@ -80,18 +94,29 @@ class IpcSender:
 
     def on_layer(self, layer: int) -> None:
         """After the last layer: queue the copy behind the forward when decode's page list is in."""
-        if layer != len(self.layers) - 1 or self.pools is None:
+        if layer != self.last_layer or self.pools is None:
             return
         try:
             dst = self._page_list()
             if dst is not None:
-                self._writer(dst).copy(self.pages[:self.prompt_pages], dst.pages)
+                self._writer(dst).copy(self._source_pages(), dst.pages)
                 self.queued = True
         except Exception:  # noqa: BLE001 - poll writes again, sends over the wire, or reports it
             log.debug("could not queue the CUDA IPC write of %s", self.rid, exc_info=True)
 
+    def hold_cross_pages(self, pages: list[int]) -> None:
+        """The image rows' pages are this sender's now (it writes them, then gives them back)."""
+        self.cross_pages = list(pages)
+
+    def disown(self) -> None:
+        """Made for a forward that failed: the pages it names are the engine's, not its own."""
+        self.pages, self.cross_pages = [], []
+
+    def _source_pages(self) -> list[int]:
+        return self.pages[:self.prompt_pages] + self.cross_pages
+
     def finish(self, record: protocol.HandOver, generator_state: torch.Tensor | None) -> None:
-        record.num_groups = 0
+        record.num_groups, record.cross_rows = 0, self.cross_rows
         self.record = (record, generator_state)
 
     def poll(self) -> HandOverState:
@@ -118,7 +143,7 @@ class IpcSender:
         started = time.monotonic()
         try:
             if not self.queued:   # else it ran behind the last layer and is done by now
-                self._writer(dst).write(self.pages[:self.prompt_pages], dst.pages)
+                self._writer(dst).write(self._source_pages(), dst.pages)
         except Exception as e:  # noqa: BLE001 - decode takes the KV over the wire instead
             self._send_over_wire(dst, str(e) or type(e).__name__)
             return
@@ -138,9 +163,9 @@ class IpcSender:
             log.warning("CUDA IPC to the decode node at %s failed (%s): its KV goes over UCX instead", self.peer, why)
         record, generator_state = self.record
         record.ipc_written = False
-        self.wire = WireSender(self.transport, self.peer, self.rid, self.layers, [range(len(self.layers))],
-                               list(self.pages), record.prompt_len, lambda _: self._give_back(), self.timeout_s)
-        self.wire.on_layer(len(self.layers) - 1)
+        self.wire = self._wire_sender(list(self.pages), list(self.cross_pages), lambda _: self._give_back())
+        for layer in range(self.last_layer + 1):
+            self.wire.on_layer(layer)
         self.wire.finish(record, generator_state)
         self.state = HandOverState.TRANSFERRING
 
@@ -168,12 +193,13 @@ class IpcSender:
         self._give_back()
 
     def _give_back(self) -> None:
-        if self.pages:
-            self._release(self.pages)
-            self.pages = []
+        held = self.held_pages()
+        if held:
+            self._release(held)
+            self.pages, self.cross_pages = [], []
 
     def held_pages(self) -> list[int]:
-        return self.pages
+        return self.pages + self.cross_pages
 
 
 def announce_page_list(transport: Any, decode_peer: str, rid: str) -> None:
@@ -182,11 +208,13 @@ def announce_page_list(transport: Any, decode_peer: str, rid: str) -> None:
 
 
 class IpcReceiver:
-    def __init__(self, transport: Any, peer: str, rid: str, layers: list[torch.Tensor], prompt_len: int) -> None:
+    def __init__(self, transport: Any, peer: str, rid: str, layers: list[torch.Tensor], prompt_len: int,
+                 cross: CrossRowsKV | None = None) -> None:
         """Announces what prefill will send for the request (when it arrives): the record, the
-        release, and the KV as one wire group (`wire`, for when prefill cannot write through CUDA IPC)."""
+        release, and the KV as one wire group of the token `layers` with the image rows of `cross`
+        (`wire`, for when prefill cannot write through CUDA IPC)."""
         self.transport, self.peer, self.rid, self.prompt_len = transport, peer, rid, prompt_len
-        self.wire = WireReceiver(transport, peer, rid, layers, prompt_len, max_groups=1)
+        self.wire = WireReceiver(transport, peer, rid, layers, prompt_len, max_groups=1, cross=cross)
         self.first_kv_at = 0.0
         self.offered = False
         self.state, self.error = HandOverState.TRANSFERRING, ""
@@ -204,12 +232,13 @@ class IpcReceiver:
     def record_landed_at(self) -> float:
         return self.wire.record_landed_at
 
-    def start(self, pool_desc: dict[str, Any], pages: list[int]) -> None:
-        """Pages are reserved: tell prefill where to write the prompt's KV (or scatter it here, if it
-        comes over the wire)."""
-        self.wire.start(None, pages)
+    def start(self, pool_desc: dict[str, Any], pages: list[int], cross_pages: list[int] | None = None) -> None:
+        """Pages are reserved: tell prefill where to write the prompt's KV and then the image rows
+        (or scatter them here, if they come over the wire)."""
+        cross_pages = list(cross_pages or [])
+        self.wire.start(None, pages, cross_pages)
         self.transport.send(self.peer, f"{self.rid}:kvdst", [],
-                            meta=protocol.data_meta(protocol.PageList(self.rid, pool_desc, pages)))
+                            meta=protocol.data_meta(protocol.PageList(self.rid, pool_desc, pages + cross_pages)))
         self.offered = True
 
     def poll(self, now: float) -> HandOverState:

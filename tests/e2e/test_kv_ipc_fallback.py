@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from epd import protocol
-from epd.node.handover import HandOverState
+from epd.engine.kv_pool import KVCache, KVCacheSpec
+from epd.node.handover import CrossRowsKV, HandOverState, WireSender
 from epd.node.ipc_handover import IpcReceiver, IpcSender, announce_page_list
 from kv_transfer.auth import ClusterSecret
 from kv_transfer.cuda_ipc import PoolImports, host_key
@@ -54,13 +55,28 @@ def _until(step, timeout_s: float = 20.0) -> None:
         time.sleep(0.005)
 
 
-def _hand_over(prefill_t, decode_t, rid, pools, src, dst, src_pages, dst_pages, released):
-    """One request's hand-over, as the two services drive it; returns (sender, receiver)."""
-    receiver = IpcReceiver(decode_t, prefill_t.address, rid, dst, PROMPT_LEN)          # DecodeRequest
+def _sender(prefill_t, decode_t, rid, pools, src, src_pages, released, cross: CrossRowsKV | None = None,
+            ipc_tensors=None):
+    """The prefill service's CUDA IPC sender: `src` token layers (and `cross`'s image rows), whose
+    fallback sends them over the wire as one group."""
+    cross = cross or CrossRowsKV([], 0)
+
+    def wire(pages, cross_pages, release):
+        return WireSender(prefill_t, decode_t.address, rid, src, [range(len(src))], pages, PROMPT_LEN, release, 10.0,
+                          cross=CrossRowsKV(cross.layers, cross.rows, cross_pages))
+    return IpcSender(prefill_t, decode_t.address, rid, pools, ipc_tensors or src, src_pages, PROMPT_PAGES,
+                     released.append, 10.0, len(src) + len(cross.layers) - 1, wire, cross_pages=cross.pages,
+                     cross_rows=cross.rows)
+
+
+def _hand_over(prefill_t, decode_t, rid, pools, src, dst, src_pages, dst_pages, released, cross=(None, None)):
+    """One request's hand-over, as the two services drive it; returns (sender, receiver). `cross`:
+    the image rows' (prefill side, decode side) `CrossRowsKV`."""
+    receiver = IpcReceiver(decode_t, prefill_t.address, rid, dst, PROMPT_LEN, cross=cross[1])   # DecodeRequest
     announce_page_list(prefill_t, decode_t.address, rid)                                # PrefillRequest
-    receiver.start(_unmappable_pool(), dst_pages)                                      # pages reserved
-    sender = IpcSender(prefill_t, decode_t.address, rid, pools, src, src_pages, PROMPT_PAGES, released.append, 10.0)
-    sender.on_layer(LAYERS - 1)                                                        # the last layer ran
+    receiver.start(_unmappable_pool(), dst_pages, cross[1].pages if cross[1] else None)   # pages reserved
+    sender = _sender(prefill_t, decode_t, rid, pools, src, src_pages, released, cross[0])
+    sender.on_layer(sender.last_layer)                                                  # the last layer ran
     sender.finish(protocol.HandOver(rid, first_token=42, prompt_len=PROMPT_LEN), None)  # first token sampled
     ends = (HandOverState.DONE, HandOverState.FAILED)
     _until(lambda: sender.poll() in ends and receiver.poll(time.monotonic()) in ends)
@@ -85,6 +101,29 @@ def test_kv_goes_over_the_wire_when_decode_s_pool_cannot_be_mapped(transports, c
         assert "over UCX" in sender.via and sender.nbytes >= LAYERS * 2 * PROMPT_LEN * HEADS * DIM * 4
     warnings = [r for r in caplog.records if "its KV goes over UCX instead" in r.getMessage()]
     assert len(warnings) == 1 and "cannot see" in warnings[0].getMessage()
+
+
+def test_image_rows_go_over_the_wire_with_the_kv_when_the_shared_buffer_cannot_be_mapped(transports):
+    """A cross-attention family's pool (one buffer of strided layer views): the fallback hands over
+    the token layers' KV and the image rows, into decode's prompt and image-row pages."""
+    prefill_t, decode_t, _ = transports
+    spec = KVCacheSpec(6, HEADS, DIM, PAGE_SIZE, torch.float32, cross_layers=(1, 4))   # 2 slots a row page
+    src, dst = KVCache(spec, PAGES, "cpu"), KVCache(spec, PAGES, "cpu")
+    src.buffer.normal_(generator=torch.Generator().manual_seed(5))
+    dst.buffer.zero_()
+    token = lambda kv: [kv.layers[i] for i in (0, 2, 3, 5)]   # noqa: E731
+    rows, released = 11, []
+    sender, receiver = _hand_over(
+        prefill_t, decode_t, "fallback-cross", PoolImports("cpu"), token(src), token(dst), [3, 1, 8], [9, 4, 2],
+        released, cross=(CrossRowsKV([src.layers[1], src.layers[4]], rows, [6, 10]),
+                         CrossRowsKV([dst.layers[1], dst.layers[4]], rows, [11, 5])))
+    assert receiver.state is HandOverState.DONE and sender.state is HandOverState.DONE, receiver.error
+    assert receiver.record.cross_rows == rows and not receiver.record.ipc_written
+    assert torch.equal(gather_kv(token(dst), [9, 4, 2], PROMPT_LEN), gather_kv(token(src), [3, 1, 8], PROMPT_LEN))
+    assert torch.equal(gather_kv([dst.layers[1], dst.layers[4]], [11, 5], rows),
+                       gather_kv([src.layers[1], src.layers[4]], [6, 10], rows))
+    assert not dst.buffer[[p for p in range(PAGES) if p not in (9, 4, 2, 11, 5)]].any()
+    assert released == [[3, 1, 8, 6, 10]], "prefill's prompt and image-row pages go back once"
 
 
 def _stray_group(rid: str, nbytes_factor: int = 1) -> tuple[str, list[torch.Tensor], dict]:
@@ -118,8 +157,7 @@ def test_a_request_dropped_by_decode_before_the_fallback_is_fenced_only_until_th
     receiver.start(_unmappable_pool(), [4, 5, 6])
     assert receiver.abort(), "offered pages are fenced: prefill may be writing into them"
     dropped_at = time.monotonic()
-    sender = IpcSender(prefill_t, decode_t.address, rid, PoolImports("cpu"), src, [0, 1, 2], PROMPT_PAGES,
-                       released.append, 10.0)
+    sender = _sender(prefill_t, decode_t, rid, PoolImports("cpu"), src, [0, 1, 2], released)
     sender.finish(protocol.HandOver(rid, first_token=1, prompt_len=PROMPT_LEN), None)
     _until(lambda: sender.poll() is HandOverState.DONE and receiver.fence_over(dropped_at, timeout_s=60.0))
     assert time.monotonic() - dropped_at < 20, "the fence ended with the record, not the timeout"

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import glob
 import os
+import re
 import signal
 import sys
 import time
@@ -20,7 +21,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from disagg_support import disagg_cluster  # noqa: E402
-from support import IMAGE, chat_prompt, noise_image  # noqa: E402
+from support import IMAGE, chat_prompt, family_prompt, noise_image  # noqa: E402
 
 from epd import Engine  # noqa: E402
 from kv_transfer.cuda_ipc import (  # noqa: E402
@@ -64,11 +65,11 @@ SMALL_POOLS = ["--kv-cache-tokens", "16384"]   # node pools of a few MB, whateve
 EMBEDDINGS_VIA_IPC: dict[str, list[float]] = {}   # per run directory: embeddings_through_ipc of each image request
 
 
-def _run(model, tmp, extra, env=None):
+def _run(model, tmp, extra, env=None, prompts=PROMPTS):
     common = ["--dtype", "float32", "--heartbeat-ttl", "2", *SMALL_POOLS, *extra]
     out = []
     with disagg_cluster(model, tmp, ROLES, common, device="cuda", env=env) as h:
-        for prompt, sizes in PROMPTS:
+        for prompt, sizes in prompts:
             images = [noise_image(w, hh, seed=i) for i, (w, hh) in enumerate(sizes)]
             got = h.generate(prompt, images, max_new_tokens=12)
             assert not got.error, got.error
@@ -102,6 +103,33 @@ def test_disaggregated_over_cuda_ipc_equals_ucx_and_colocated(tiny_models, tmp_p
                      for p, s in PROMPTS]
     torch.cuda.empty_cache()   # the engine's pool goes back to the GPU, not to this process's cache
     assert ipc == ucx == colocated
+
+
+def _colocated(model, prompts) -> list[list[int]]:
+    with Engine(model_path=model, device="cuda", dtype="float32") as llm:
+        out = [llm.generate(prompt=p, image_data=[noise_image(w, h, seed=i) for i, (w, h) in enumerate(s)] or None,
+                            sampling_params={"temperature": 0, "max_new_tokens": 12})["output_ids"] for p, s in prompts]
+    torch.cuda.empty_cache()
+    return out
+
+
+def test_llama_3_2_vision_writes_its_image_rows_through_cuda_ipc_token_exact(tiny_models, tmp_path):
+    """A cross-attention family's pool is one buffer of strided layer views: prefill writes the
+    prompt's pages and the image rows' pages of it through CUDA IPC; the tokens equal the UCX
+    path's (the rows as a CrossRows message) and the colocated engine's."""
+    from transformers import AutoTokenizer
+
+    model = tiny_models["mllama"]
+    tok = AutoTokenizer.from_pretrained(model)
+    prompts = [(family_prompt(tok, IMAGE, "Describe this picture."), [(120, 80)]),
+               (family_prompt(tok, "First:", IMAGE, " and second:", IMAGE, " which is bluer?"), [(300, 90), (50, 50)]),
+               (family_prompt(tok, "Hello, tell me a story about a red cat."), [])]
+    ipc = _run(model, str(tmp_path / "ipc"), [], prompts=prompts)
+    handed = re.findall(r"KV of \S+: \d+ bytes handed to decode node \S+ through CUDA IPC",
+                        _prefill_logs(str(tmp_path / "ipc")))
+    assert len(handed) == len(prompts), "every request's KV (and image rows) written through CUDA IPC"
+    ucx = _run(model, str(tmp_path / "ucx"), ["--no-kv-ipc"], prompts=prompts)
+    assert ipc == ucx == _colocated(model, prompts)
 
 
 def _prefill_logs(tmp) -> str:
