@@ -10,7 +10,9 @@ that sees no image reads every row and its MLP is skipped (`mlp_scale` 0), and a
 images skips the layer (its rows of the output are zero, `mlp_scale` 0).
 
 `CrossStep.plan(chunks)` builds this once per step; `attend(q, kv_cache)` runs per layer. This is
-the torch path (CPU, and the reference on GPU): one SDPA per request with a boolean row mask.
+the torch path (CPU, prefill and eager steps on the GPU): one SDPA per request with a boolean row
+mask. CUDA-graph decode takes `epd.kernels.cross_decode.CrossGraphDecode` instead, which reads a
+token's rows as ranges (`token_segments`).
 """
 
 from __future__ import annotations
