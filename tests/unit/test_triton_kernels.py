@@ -19,6 +19,7 @@ from triton.compiler import ASTSource  # noqa: E402
 from epd.kernels import cross_decode as cd  # noqa: E402
 from epd.kernels import decode_gemv as g  # noqa: E402
 from epd.kernels import fused_ops as fo  # noqa: E402
+from epd.kernels import moe  # noqa: E402
 from epd.kernels import split_kv_decode as skv  # noqa: E402
 from kv_transfer import cuda_ipc  # noqa: E402
 
@@ -61,6 +62,14 @@ KERNELS = {  # name: (kernel, argument types, constants, warps, stages)
         "part_ptr": "*fp32", "lse_ptr": "*fp32", "scale_log2": "fp32", "B": "i32", "SPLITS": "i32",
         "page_stride": "i32"},
         {"HQ": 32, "HK": 8, "GROUP": 4, "GROUP_PAD": 16, "D": 128, "RPP": 64, "BLOCK_T": 16, "USE_GDC": True}, 4, 2),
+    "moe_gate_up": (moe._gate_up_kernel, {
+        "x_ptr": "*bf16", "score_ptr": "*bf16", "rows_ptr": "*i32", "block_expert_ptr": "*i32", "w_ptr": "*bf16",
+        "mid_ptr": "*bf16", "PAIRS": "i32", "H": "i32", "INTER": "i32", "TOP_K": "i32", "w_stride_e": "i32",
+        "w_stride_h": "i32"}, {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64}, 4, 3),
+    "moe_down": (moe._down_kernel, {
+        "mid_ptr": "*bf16", "rows_ptr": "*i32", "block_expert_ptr": "*i32", "w_ptr": "*bf16", "out_ptr": "*bf16",
+        "PAIRS": "i32", "H": "i32", "INTER": "i32", "w_stride_e": "i32", "w_stride_i": "i32"},
+        {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64}, 4, 3),
     "merge": (skv._merge_kernel, {"part_ptr": "*fp32", "lse_ptr": "*fp32", "out_ptr": "*bf16", "SPLITS": "i32"},
               {"D": 128, "BLOCK_D": 32, "SPLITS_PAD": 64, "USE_GDC": True}, 1, 3),
     "copy_pages": (cuda_ipc._copy_pages_kernel, {

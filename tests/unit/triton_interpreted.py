@@ -129,10 +129,31 @@ def graph_decode_attention() -> None:
     assert not out[2:].any(), "no image rows (or padding): zero"
 
 
+def routed_experts() -> None:
+    """The MoE grouped-GEMM kernels (block layout by expert, padding rows, an expert no token
+    picked, widths not a multiple of the blocks) against the per-expert torch loop."""
+    from epd.kernels.moe import expert_blocks, grouped_experts_fused
+    from epd.models.llama4.moe import grouped_experts
+
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(7, 32, generator=gen).to(F16)
+    ids = torch.tensor([[0, 2], [2, 0], [3, 0], [0, 2], [2, 3], [0, 3], [3, 2]])   # expert 1 unpicked
+    scores = torch.rand(7, 2, generator=gen).to(F16)
+    gate_up = (torch.randn(4, 32, 2 * 48, generator=gen) * 0.2).to(F16)
+    down = (torch.randn(4, 48, 32, generator=gen) * 0.2).to(F16)
+    rows, blocks = expert_blocks(ids, 4)
+    assert blocks.tolist()[:3] == [0, 2, 3] and set(blocks.tolist()[3:]) == {-1}
+    assert sorted(r for r in rows.tolist() if r < 14) == list(range(14))
+    got = grouped_experts_fused(x, scores, ids, gate_up, down)
+    torch.testing.assert_close(got.float(), grouped_experts(x, scores, ids, gate_up, down).float(),
+                               atol=2e-2, rtol=2e-2)
+
+
 if __name__ == "__main__":
     _numpy2_scalar_index()
     _on_cpu()
     torch.manual_seed(0)
     model()
     graph_decode_attention()
+    routed_experts()
     print("close")

@@ -6,6 +6,8 @@ expert, before the expert's nonlinearity: out = shared(x) + sum_e expert_e(sigmo
 
 The experts run grouped: the (token, expert) pairs are sorted by expert, and each expert with
 tokens does one matmul over its own rows (decode's few tokens touch only their experts' weights).
+On a GPU in bf16/fp16 that is `epd.kernels.moe.grouped_experts_fused` (Triton grouped GEMMs, no
+host sync, so it can sit in a CUDA graph); elsewhere the per-expert loop below.
 The experts' weights keep the checkpoint's batched layout, `gate_up_proj` [E, H, 2I] (gate first)
 and `down_proj` [E, I, H], multiplied from the right, so they load as stored. Parameter names are
 the checkpoint's below `feed_forward.`: `router.weight`, `experts.gate_up_proj`,
@@ -19,6 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from epd.config import TextConfig
+from epd.kernels.fused_ops import fused_path
+from epd.kernels.moe import grouped_experts_fused
 from epd.layers.mlp import GatedMLP
 
 
@@ -75,5 +79,6 @@ class Llama4MoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         scores, expert_ids = route(self.router(x), self.top_k)
-        routed = grouped_experts(x, scores, expert_ids, self.experts.gate_up_proj, self.experts.down_proj)
+        grouped = grouped_experts_fused if fused_path(x) else grouped_experts
+        routed = grouped(x, scores, expert_ids, self.experts.gate_up_proj, self.experts.down_proj)
         return self.shared_expert(x) + routed
