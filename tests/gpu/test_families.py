@@ -111,12 +111,17 @@ def _mllama_forced(path: str, **engine_kwargs):
     return forced_logits(llm.core, inputs, forced), llm
 
 
-def test_cross_attention_graph_decode_matches_the_torch_path(mllama128):
-    """Llama-3.2-Vision's decode in CUDA graphs (split-KV over the strided token views, the cross
-    decode kernel over the image rows: two images read as two row ranges, a text-only request in
-    the same batch) gives the torch backend's eager logits at every step."""
+@pytest.mark.parametrize("graph_decode", ["split_kv", "flashinfer"])
+def test_cross_attention_graph_decode_matches_the_torch_path(mllama128, graph_decode, monkeypatch):
+    """Llama-3.2-Vision's decode in CUDA graphs (the self-attention layers through split-KV or
+    flashinfer's decode over the buffer's strided views, the cross decode kernel over the image
+    rows: two images read as two row ranges, a text-only request in the same batch) gives the torch
+    backend's eager logits at every step."""
+    from epd.engine.attention import flashinfer_backend
+
     ref, ref_llm = _mllama_forced(mllama128, attention_backend="torch")
     ref_llm.shutdown()
+    monkeypatch.setattr(flashinfer_backend, "GRAPH_DECODE", graph_decode)
     got, llm = _mllama_forced(mllama128)
     assert isinstance(llm.core.runner.backend, FlashInferBackend) and llm.core.runner.graphs is not None
     assert llm.core.runner.graphs.replays > 5, "pure-decode steps should replay graphs"
