@@ -68,12 +68,15 @@ class Harness:
         return self.run(self.consume(self.request(prompt, images, **params)))
 
     def statuses(self) -> dict:
-        """NodeStatus of every live node, by node id."""
+        """NodeStatus of every live node, by node id (a node this test killed may stay registered
+        until its TTL passes: it is not asked)."""
         self.run(asyncio.to_thread(self.backend.pool.refresh))
+        dead = {n.node_id for n in self.cluster.nodes if not n.alive()}
         out = {}
         for role, nodes in self.backend.pool.nodes.items():
             for node_id in nodes:
-                out[node_id] = self.run(self.backend.node_status(role, node_id))
+                if node_id not in dead:
+                    out[node_id] = self.run(self.backend.node_status(role, node_id))
         return out
 
     def assert_pools_intact(self, settle_s: float = 15.0) -> None:
