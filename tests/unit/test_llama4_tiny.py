@@ -98,6 +98,21 @@ def test_scout_12l_config_without_weights(tmp_path) -> None:
     assert _config(str(tmp_path))["image_token_index"] == 200092
 
 
+def test_scout_config_is_the_whole_model_and_equals_the_published_text_config(tmp_path) -> None:
+    """`scout`: Scout's 48 layers (every fourth without RoPE), all else as scout-12l; transformers
+    builds it (on the meta device) with about 109B parameters."""
+    from transformers import AutoConfig, Llama4ForConditionalGeneration
+
+    write_tiny("llama4", str(tmp_path), "scout", weights=False)
+    config = AutoConfig.from_pretrained(str(tmp_path))
+    text = config.text_config
+    assert text.num_hidden_layers == 48 and text.moe_layers == list(range(48))
+    assert text.no_rope_layers == [1, 1, 1, 0] * 12 and text.hidden_size == 5120
+    with torch.device("meta"):
+        params = sum(p.numel() for p in Llama4ForConditionalGeneration(config).parameters())
+    assert 107e9 < params < 110e9, params
+
+
 def test_unknown_preset_is_refused(tmp_path) -> None:
     with pytest.raises(ValueError, match="scout-12l"):
         write_tiny("llama4", str(tmp_path), "maverick")

@@ -1,5 +1,5 @@
 """Random Llama 4 checkpoints: `tiny` for tests, `scout-12l` with Llama-4-Scout-17B-16E's dims
-but 12 of its 48 layers.
+but 12 of its 48 layers (one GPU), `scout` with all 48 (about 109B parameters: tensor parallelism).
 
 config.json is written in the Hub's layout (`text_config` with `rope_theta` + llama3 `rope_scaling`,
 `vision_config`, `image_token_index` = `<|patch|>`) and checked by loading it as transformers'
@@ -23,10 +23,10 @@ import torch
 from epd.models.llama4.tokenizer import OFFSETS, build_tokenizer, save_tokenizer
 from epd.models.tiny_model import random_state_dict, write_config_and_weights, write_json
 
-PRESETS = ("tiny", "scout-12l")
+PRESETS = ("tiny", "scout-12l", "scout")
 MEAN, STD = [0.5, 0.5, 0.5], [0.5, 0.5, 0.5]
 
-_BASE_VOCAB = {"tiny": 1000, "scout-12l": 200000}
+_BASE_VOCAB = {"tiny": 1000, "scout-12l": 200000, "scout": 200000}
 _TEXT = {
     "tiny": dict(hidden_size=64, intermediate_size=96, intermediate_size_mlp=128, num_hidden_layers=6,
                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4,
@@ -47,6 +47,8 @@ _VISION = {
     "scout-12l": dict(hidden_size=1408, intermediate_size=5632, num_hidden_layers=34, num_attention_heads=16,
                       image_size=336, projector_input_dim=4096, projector_output_dim=4096, vision_output_dim=4096),
 }
+_TEXT["scout"] = dict(_TEXT["scout-12l"], num_hidden_layers=48, no_rope_layers=[1, 1, 1, 0] * 12)
+_VISION["scout"] = _VISION["scout-12l"]
 _MAX_TILES = 16
 
 
