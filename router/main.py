@@ -152,8 +152,12 @@ def make_backend(args: argparse.Namespace) -> Backend:
         from router.pipeline import DisaggBackend
 
         secret = ClusterSecret.load(args.cluster_secret_file)
-        return DisaggBackend(args.model, args.redis_url, secret, policy=routing_policies(args),
-                             max_model_len=args.max_model_len, ttft_target_ms=args.ttft_target_ms)
+        backend = DisaggBackend(args.model, args.redis_url, secret, policy=routing_policies(args),
+                                max_model_len=args.max_model_len, ttft_target_ms=args.ttft_target_ms)
+        # one of several router processes: a prefix none of them told the others about is placed
+        # by hashing, so they agree on its node (each keeps its own prefix index)
+        backend.pool.hash_unseen_prefixes = getattr(args, "worker_socket_fd", None) is not None
+        return backend
     raise ValueError(f"unknown backend {kind!r}")
 
 

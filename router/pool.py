@@ -47,6 +47,7 @@ class PoolView:
         # node id -> {request id: work} sent since that node's last report and not finished since
         self.sent: dict[str, dict[str, float]] = defaultdict(dict)
         self.prefixes = {role: PrefixIndex() for role in ("prefill", "colocated")}
+        self.hash_unseen_prefixes = False   # one of several router processes: see routing.affine_node
         self.affinity_picks: dict[str, int] = defaultdict(int)  # role -> picks made for cached inputs
         self._rr = {role: itertools.count() for role in ROLES}
         self._redis_run_id = ""
@@ -120,7 +121,7 @@ class PoolView:
         """The node cache_aware would send `work` to for its cached inputs (None: no such node)."""
         if self.policies[role] != "cache_aware" or work is None or not candidates:
             return None
-        return affine_node(role, work, candidates, self.prefixes.get(role))
+        return affine_node(role, work, candidates, self.prefixes.get(role), self.hash_unseen_prefixes)
 
     def load(self, role: str, node_id: str) -> float:
         """Queued work on the node: its last report plus what this router sent it since (decode:

@@ -87,14 +87,20 @@ def rendezvous(key: str, node_ids: Sequence[str]) -> str:
     return max(node_ids, key=lambda n: hashlib.blake2b(f"{key}|{n}".encode(), digest_size=8).digest())
 
 
-def affine_node(role: str, work: Work, candidates: Sequence[str], index: PrefixIndex | None) -> str | None:
-    """The node `cache_aware` prefers for this request in pool `role` (None: no preference)."""
+def affine_node(role: str, work: Work, candidates: Sequence[str], index: PrefixIndex | None,
+                hash_unseen: bool = False) -> str | None:
+    """The node `cache_aware` prefers for this request in pool `role` (None: no preference).
+    `hash_unseen`: a prompt whose first block this router never sent goes where rendezvous hashing
+    of that block says, so that several router processes (each with its own index) send a shared
+    prefix to the same node without telling each other."""
     if role == "encoder" and work.image_hashes:
         return rendezvous(work.image_hashes[0], candidates)
     if role in ("prefill", "colocated") and index is not None and work.block_hashes:
         node, run = index.longest(work.block_hashes, set(candidates))
         if node is not None and run >= MIN_MATCH * len(work.block_hashes):
             return node
+        if node is None and hash_unseen:
+            return rendezvous(work.block_hashes[0].hex(), candidates)
     return None
 
 

@@ -75,6 +75,37 @@ def test_cache_aware_sends_a_repeated_prompt_to_its_node_unless_it_is_much_busie
     assert _pool("least_load", colocated=["c1", "c2"]).pick("colocated", work=work).node_id == "c1"
 
 
+def test_router_workers_send_a_shared_prefix_to_one_node_without_sharing_their_index():
+    """Several router processes (`--api-server-count`), each with its own prefix index: prompts of
+    one prefix reach the same prefill node through any of them (a lone router keeps least load
+    for prompts it never sent)."""
+    workers = [_pool(prefill=["p1", "p2", "p3"]) for _ in range(3)]
+    for i, pool in enumerate(workers):
+        pool.hash_unseen_prefixes = True
+        for node in ("p1", "p2", "p3"):
+            _report(pool, node, 0)
+        for j, node in enumerate(("p1", "p2", "p3")):   # each has sent other work: their least-loaded nodes differ
+            if j != i:
+                pool.assign("prefill", pool.nodes["prefill"][node], _work([9] * BLOCK_TOKENS), f"other-{j}")
+    placed = set()
+    for prefix in range(12):
+        system = [1000 + prefix] * (2 * BLOCK_TOKENS)
+        picks = set()
+        for i, pool in enumerate(workers):   # each worker sees a different question after the prefix
+            work = _work(system + [7, 8, 9, i] * BLOCK_TOKENS)
+            node = pool.pick("prefill", work=work)
+            pool.assign("prefill", node, work, f"r{prefix}-{i}")
+            pool.end(node.node_id, f"r{prefix}-{i}")   # done: only the other work stays queued
+            picks.add(node.node_id)
+        assert len(picks) == 1, f"prefix {prefix} went to {picks}"
+        placed |= picks
+    assert placed == {"p1", "p2", "p3"}, "different prefixes still spread over the pool"
+    lone = _pool(prefill=["p1", "p2", "p3"])
+    for node in ("p1", "p2", "p3"):
+        _report(lone, node, 0)
+    assert lone.pick("prefill", work=_work([5] * (2 * BLOCK_TOKENS))).node_id == "p1"   # least load, then id
+
+
 def test_least_load_reads_the_nodes_reports_and_what_was_sent_since():
     pool = _pool("least_load", prefill=["p1", "p2"], decode=["d1", "d2"])
     _report(pool, "p1", 500)
