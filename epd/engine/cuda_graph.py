@@ -30,14 +30,27 @@ import torch
 from epd.engine.attention.base import GraphDecodeBucket
 from epd.engine.attention.cross import token_segments
 from epd.engine.attention.flashinfer_backend import FlashInferBackend
-from epd.engine.kv_pool import KVCache
+from epd.engine.kv_pool import KVCache, KVCacheSpec
 from epd.engine.model_runner import decode_positions, resolve_placeholders, token_positions, write_slots
 from epd.engine.scheduler import Chunk
+from epd.kernels import split_kv_decode
 from epd.kernels.cross_decode import CrossGraphDecode
+from epd.kernels.split_kv_decode import SplitKVGraphSource
 
 log = logging.getLogger(__name__)
 
 _BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320, 384, 448, 512)
+
+
+def graph_source(backend: object, model: torch.nn.Module, spec: KVCacheSpec,
+                 device: torch.device) -> FlashInferBackend | SplitKVGraphSource | None:
+    """Where the graphs' decode attention comes from: the flashinfer backend; for a model with
+    chunked local attention (stepped eagerly by the torch backend) the split-KV kernels; else none."""
+    if isinstance(backend, FlashInferBackend):
+        return backend
+    if getattr(model, "chunked_attention", False) and split_kv_decode.triton is not None:
+        return SplitKVGraphSource(spec.num_kv_heads, spec.page_size, device)
+    return None
 
 
 def graph_buckets(max_bs: int) -> list[int]:
@@ -51,8 +64,9 @@ def graph_buckets(max_bs: int) -> list[int]:
 
 
 class CudaGraphDecodeRunner:
-    def __init__(self, model: torch.nn.Module, kv: KVCache, attention: FlashInferBackend,
+    def __init__(self, model: torch.nn.Module, kv: KVCache, attention: FlashInferBackend | SplitKVGraphSource,
                  max_bs: int, future: torch.Tensor) -> None:
+        """attention: where each bucket's decode attention comes from (`graph_decode`)."""
         self.model = model
         self.future = future   # the step before's sampled tokens, which placeholder ids read
         self.kv = kv

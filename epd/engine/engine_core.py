@@ -171,16 +171,15 @@ class EngineCore:
                                                     self.config.page_size, self.dtype, self.device)
 
     def _capture_graphs(self) -> None:
-        backend = self.runner.backend
-        if (self.config.disable_cuda_graph or self.device.type != "cuda"
-                or not isinstance(backend, flashinfer_backend.FlashInferBackend)):
+        if self.config.disable_cuda_graph or self.device.type != "cuda":
             return
-        max_bs = min(self.config.cuda_graph_max_bs, self.config.max_running_requests)
-        if max_bs < 1:
-            return
-        from epd.engine.cuda_graph import CudaGraphDecodeRunner
+        from epd.engine.cuda_graph import CudaGraphDecodeRunner, graph_source
 
-        graphs = CudaGraphDecodeRunner(self.model, self.kv, backend, max_bs, self.runner.future)
+        source = graph_source(self.runner.backend, self.model, self.kv.spec, self.device)
+        max_bs = min(self.config.cuda_graph_max_bs, self.config.max_running_requests)
+        if source is None or max_bs < 1:
+            return
+        graphs = CudaGraphDecodeRunner(self.model, self.kv, source, max_bs, self.runner.future)
         graphs.capture()
         self.runner.graphs = graphs
 

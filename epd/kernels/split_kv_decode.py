@@ -21,7 +21,10 @@ KV at 2.2-3.4 TB/s; so graphs use it for buckets up to `MAX_BATCH` only.
 
 `SplitKVGraphDecode` is a drop-in for the flashinfer graph wrapper (`plan_padded`, `slots`,
 `attend`): its page indptr / indices / lengths live in fixed device buffers that `plan_padded`
-refreshes before each replay. Padding rows read one token of the dummy page 0.
+refreshes before each replay. Padding rows read one token of the dummy page 0. A layer of chunked
+local attention (`chunk` C) reads only the token's own chunk, from position (p // C) * C on.
+`SplitKVGraphSource` hands out such buckets to the graph runner for models the flashinfer backend
+does not serve (chunked attention).
 """
 
 from __future__ import annotations
@@ -65,19 +68,34 @@ class SplitKVGraphDecode(GraphDecodeBucket):
     def decode(self, q: torch.Tensor, kv_cache: torch.Tensor) -> torch.Tensor:
         return split_kv_decode(q.contiguous(), kv_cache, self._indices, self._rows, self.splits)
 
+    def decode_chunked(self, q: torch.Tensor, kv_cache: torch.Tensor, chunk: int) -> torch.Tensor:
+        return split_kv_decode(q.contiguous(), kv_cache, self._indices, self._rows, self.splits, chunk)
+
+
+class SplitKVGraphSource:
+    """The graph runner's source of decode buckets (`device`, `graph_decode`) when the step's own
+    backend has none (the torch backend, for chunked-attention models on a GPU)."""
+
+    def __init__(self, num_kv_heads: int, page_size: int, device: torch.device) -> None:
+        self.num_kv_heads, self.page_size, self.device = num_kv_heads, page_size, device
+
+    def graph_decode(self, batch_size: int, indices_buf: torch.Tensor) -> SplitKVGraphDecode:
+        return SplitKVGraphDecode(self.num_kv_heads, self.page_size, batch_size, indices_buf)
+
 
 def split_kv_decode(q: torch.Tensor, kv_cache: torch.Tensor, indices: torch.Tensor, rows: torch.Tensor,
-                    splits: int) -> torch.Tensor:
+                    splits: int, chunk: int = 0) -> torch.Tensor:
     """q [B, Hq, D], kv_cache [P, 2, page_size, Hk, D] (any page stride: a layer's view of a shared
-    buffer), indices: the requests' pages back to back,
+    buffer), `chunk` > 0: chunked local attention (a row reads its own chunk only), indices: the
+    requests' pages back to back,
     rows: int32 [indptr (B + 1) | kv_lens (B)] -> out [B, Hq, D]."""
     b, hq, d = q.shape
     ps, hk = kv_cache.shape[2], kv_cache.shape[3]
     group = hq // hk
     return merged_slices(q, splits, lambda part, lse: _split_kv_kernel[(b, hk, splits)](
         q, kv_cache, indices, rows, part, lse, 1.0 / math.sqrt(d) * 1.4426950408889634, b, splits,
-        kv_cache.stride(0), HQ=hq, HK=hk, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), D=d, PS=ps,
-        BLOCK_T=BLOCK_T, num_warps=4, num_stages=2, **launch_options(q, b)))
+        kv_cache.stride(0), chunk, HQ=hq, HK=hk, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
+        D=d, PS=ps, BLOCK_T=BLOCK_T, num_warps=4, num_stages=2, **launch_options(q, b)))
 
 
 def merged_slices(q: torch.Tensor, splits: int, attend_slices) -> torch.Tensor:
@@ -98,16 +116,18 @@ if triton is not None:
 
     @triton.jit
     def _split_kv_kernel(q_ptr, cache_ptr, indices_ptr, rows_ptr, part_ptr, lse_ptr, scale_log2, B, SPLITS,
-                         page_stride, HQ: tl.constexpr, HK: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
-                         D: tl.constexpr, PS: tl.constexpr, BLOCK_T: tl.constexpr, USE_GDC: tl.constexpr):
+                         page_stride, chunk, HQ: tl.constexpr, HK: tl.constexpr, GROUP: tl.constexpr,
+                         GROUP_PAD: tl.constexpr, D: tl.constexpr, PS: tl.constexpr, BLOCK_T: tl.constexpr,
+                         USE_GDC: tl.constexpr):
         gdc_enter(USE_GDC)
         req = tl.program_id(0)
         kvh = tl.program_id(1)
         split = tl.program_id(2)
         kv_len = tl.load(rows_ptr + B + 1 + req)
         page0 = tl.load(rows_ptr + req)
-        per_split = tl.cdiv(tl.cdiv(kv_len, SPLITS), BLOCK_T) * BLOCK_T
-        t_lo = split * per_split
+        kv_start = tl.where(chunk > 0, ((kv_len - 1) // tl.maximum(chunk, 1)) * chunk, 0)   # chunked: own chunk
+        per_split = tl.cdiv(tl.cdiv(kv_len - kv_start, SPLITS), BLOCK_T) * BLOCK_T
+        t_lo = kv_start + split * per_split
         t_hi = tl.minimum(t_lo + per_split, kv_len)
         g = tl.arange(0, GROUP_PAD)
         heads = kvh * GROUP + g

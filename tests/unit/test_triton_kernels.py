@@ -55,7 +55,8 @@ KERNELS = {  # name: (kernel, argument types, constants, warps, stages)
         "v_stride": "i32", "page_size": "i32", "width": "i32"}, {"BLOCK": 256, "USE_GDC": False}, 4, 3),
     "split_kv": (skv._split_kv_kernel, {
         "q_ptr": "*bf16", "cache_ptr": "*bf16", "indices_ptr": "*i32", "rows_ptr": "*i32", "part_ptr": "*fp32",
-        "lse_ptr": "*fp32", "scale_log2": "fp32", "B": "i32", "SPLITS": "i32", "page_stride": "i32"},
+        "lse_ptr": "*fp32", "scale_log2": "fp32", "B": "i32", "SPLITS": "i32", "page_stride": "i32",
+        "chunk": "i32"},
         {"HQ": 16, "HK": 2, "GROUP": 8, "GROUP_PAD": 16, "D": 128, "PS": 16, "BLOCK_T": 16, "USE_GDC": True}, 4, 2),
     "cross_decode": (cd._cross_decode_kernel, {
         "q_ptr": "*bf16", "cache_ptr": "*bf16", "pages_ptr": "*i32", "meta_ptr": "*i32", "segs_ptr": "*i32",

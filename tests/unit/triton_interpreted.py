@@ -115,6 +115,14 @@ def graph_decode_attention() -> None:
     for i, (table, n) in enumerate(zip(pages, lens, strict=True)):
         ref = CrossStep([CrossChunk(1, table, torch.ones(1, n, dtype=torch.bool))], 4, torch.device("cpu"))
         torch.testing.assert_close(got[i:i + 1], ref.attend(q[i:i + 1], token), atol=2e-3, rtol=2e-3)
+    chunked = split_kv_decode(q, token, torch.tensor([p for t in pages for p in t] + [0], dtype=torch.int32), rows, 3,
+                              chunk=8)   # a chunked local attention layer: each row reads its own chunk
+    for i, (table, n) in enumerate(zip(pages, lens, strict=True)):
+        own = torch.zeros(1, n, dtype=torch.bool)
+        own[0, (n - 1) // 8 * 8:] = True
+        ref = CrossStep([CrossChunk(1, table, own)], 4, torch.device("cpu"))
+        torch.testing.assert_close(chunked[i:i + 1], ref.attend(q[i:i + 1], token), atol=2e-3, rtol=2e-3)
+    assert not torch.allclose(chunked[0], got[0], atol=1e-2), "19 tokens: the chunk cuts"
     # request 0: images of 20 / 12 rows (valid 13 / 12), the token sees both; request 1: one image
     reqs = [([2, 8, 15, 16, 33], [(20, 13), (12, 12)], [(1, -1), (2, -1)]), ([6, 17], [(10, 7)], [(0, -1)]),
             ([], [], [])]

@@ -88,6 +88,10 @@ class GraphDecodeBucket(AttentionBackend):
     def decode(self, q: torch.Tensor, kv_cache: torch.Tensor) -> torch.Tensor:
         """q [bucket, Hq, D] -> out [bucket, Hq, D] over the planned pages."""
 
+    def decode_chunked(self, q: torch.Tensor, kv_cache: torch.Tensor, chunk: int) -> torch.Tensor:
+        """`decode` of a chunked local attention layer (each row reads its own chunk of `chunk`)."""
+        raise NotImplementedError(f"{type(self).__name__} has no chunked attention")
+
     def plan(self, meta: StepMetadata) -> None:
         self.plan_padded(meta.kv_lens, meta.page_tables)
 
@@ -95,8 +99,8 @@ class GraphDecodeBucket(AttentionBackend):
         return self.slots
 
     def attend(self, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None,
-               kv_cache: torch.Tensor) -> torch.Tensor:
+               kv_cache: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
         assert self.slots is not None, "the graph runner sets the static slot buffer"
         if k is not None:
             store_kv(kv_cache, k, v, self.slots)
-        return self.decode(q, kv_cache)
+        return self.decode(q, kv_cache) if chunk is None else self.decode_chunked(q, kv_cache, chunk)
