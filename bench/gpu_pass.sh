@@ -4,7 +4,11 @@
 #   source .whl/setup.sh && bash bench/gpu_pass.sh OUT_DIR [STEPS]
 #
 # STEPS (comma-separated, default all but sweep): tests, gemv, sweep, bench, llava, qwen_decode,
-# attention, kv, ttft, mllama, mllama_ttft. `mllama` measures the Llama-3.2-Vision 11b preset (decode
+# attention, kv, ttft, mllama, mllama_ttft, families, load_workers, serve7b. `families` runs the GPU
+# tests of Llama-3.2-Vision and Llama 4 (graph decode, CUDA IPC of image rows, MoE kernels, the Llama 4
+# processor against transformers'); `load_workers` the serving-under-load sweep with 4 router
+# processes (1 image at 16 and 24 req/s, 2 images at 8), split and colocated; `serve7b` brings up
+# `epd serve` with its defaults on the 7b preset and serves a 4-image workload. `mllama` measures the Llama-3.2-Vision 11b preset (decode
 # with one 4-tile image of cross-attention rows per request, prefill, vision tower); `mllama_ttft` its
 # TTFT for a 1120x1120 image, colocated against 1E + 1P + 1D. `llava` measures the LLaVA-1.5 7b preset (decode, prefill, vision tower,
 # transformers' generate); `qwen_decode` the Qwen 3b / 7b graph decode only (no variants).
@@ -57,6 +61,18 @@ step mllama 300 python3 -m bench.gpu_bench --out "$out/gpu_mllama.json" --model 
     --vision mllama11b --sections decode,prefill,vision --skip-hf
 step mllama_ttft 300 python3 -m bench.gpu_disagg_ttft --model /tmp/mllama11b --image-size 1120x1120 \
     --kv-cache-tokens 16384 --requests 10 --log-dir "$out/mllama_ttft_logs" --out "$out/ttft_mllama.json"
+if [[ $steps == *",families,"* ]]; then
+    timeout 420 python3 -m pytest tests/gpu/test_families.py tests/gpu/test_moe_kernels.py \
+        tests/gpu/test_llama4_processor.py tests/gpu/test_kv_ipc.py -m gpu -q -rf \
+        -k "((mllama or llama4 or cross or moe or processor or ipc) and not large) or (large and mllama)" >"$out/families.log" 2>&1
+    echo "== families: exit $? ($(tail -1 "$out/families.log"))" | tee -a "$log"
+fi
+step load_workers 330 env EPD_LOAD_ROUTER_WORKERS=4 RATES_1=16,24 RATES_2=8 EPD_LOAD_PROMPTS=40 \
+    bash bench/gpu_load.sh "$out/load_workers" split,colocated 1,2
+want load_workers && pkill -f "epd.cli serve"   # a sweep cut off by its limit leaves its server
+step serve7b 200 env EPD_LOAD_MODEL=/tmp/m7b EPD_LOAD_PRESET=7b RATES_4=2 EPD_LOAD_PROMPTS=12 \
+    bash bench/gpu_load.sh "$out/serve7b" split 4
+want serve7b && pkill -f "epd.cli serve"
 step attention 50 python3 -m bench.gpu_attention --out "$out/attn.json"
 step kv 60 python3 -m bench.gpu_kv_transfer --preset 7b --ipc --out "$out/kv_ipc.json"
 # (`--variant='--ucx-progress thread-polling'` adds a run with a spinning UCX progress thread: no
