@@ -81,12 +81,38 @@ def model_facts(core: EngineCore) -> dict:
                if ".layers." in n and n.endswith("weight") and "norm" not in n}
     in_cross = {n for n in matmuls if any(f".layers.{i}." in n for i in cross)}
     row_bytes = 2 * tc.num_kv_heads * tc.head_dim * embed.element_size()   # one layer's K and V of a token or row
+    moe = _routed_experts(model)
     return {"decode_weight_bytes": weight_bytes, "kv_bytes_per_token": (tc.num_layers - len(cross)) * row_bytes,
+            **moe,
             "cross_kv_bytes_per_row": len(cross) * row_bytes,   # cross-attention layers: image rows, not tokens
             "layer_matmul_params": sum(matmuls.values()),
             "cross_layer_matmul_params": sum(matmuls[n] for n in in_cross), "lm_head_params": lm_head.numel(),
             "num_layers": tc.num_layers, "cross_layers": len(cross), "num_heads": tc.num_heads,
             "head_dim": tc.head_dim}
+
+
+def _routed_experts(model: torch.nn.Module) -> dict:
+    """A mixture-of-experts model's routed experts (modules with `top_k` and batched `experts`
+    weights [E, ...]): per layer E, k, and one expert's parameters and bytes; zeros for a dense model."""
+    layers = [m for m in model.modules() if hasattr(m, "top_k") and hasattr(m, "experts")]
+    if not layers:
+        return {"moe_layers": 0, "num_experts": 0, "top_k": 0, "expert_params": 0, "expert_bytes": 0}
+    weights = list(layers[0].experts.parameters())
+    experts = weights[0].shape[0]
+    params = sum(w.numel() for w in weights) // experts
+    return {"moe_layers": len(layers), "num_experts": experts, "top_k": layers[0].top_k, "expert_params": params,
+            "expert_bytes": params * weights[0].element_size()}
+
+
+def step_weight_bytes(facts: dict, batch: int) -> float:
+    """Weight bytes a decode step of `batch` tokens reads: every dense weight, and of each MoE layer's
+    routed experts the expected number a batch picks (uniform routing: E * (1 - (1 - k/E)^batch))."""
+    experts, k = facts.get("num_experts", 0), facts.get("top_k", 0)
+    if not experts:
+        return facts["decode_weight_bytes"]
+    all_experts = facts["moe_layers"] * experts * facts["expert_bytes"]
+    touched = experts * (1 - (1 - k / experts) ** batch)
+    return facts["decode_weight_bytes"] - all_experts + facts["moe_layers"] * touched * facts["expert_bytes"]
 
 
 def _decoding_requests(core: EngineCore, batch: int, context: int, gen: torch.Generator,
@@ -144,7 +170,7 @@ def decode(core: EngineCore, facts: dict, bw: float, batch: int, context: int, g
         core.runner.graphs = saved
         for r in reqs:
             core.abort(r.rid)
-    step_bytes = facts["decode_weight_bytes"] + batch * (ctx * facts["kv_bytes_per_token"]
+    step_bytes = step_weight_bytes(facts, batch) + batch * (ctx * facts["kv_bytes_per_token"]
                                                          + cross_rows * facts["cross_kv_bytes_per_row"])
     return {"batch": batch, "context": context, "cross_rows": cross_rows, "cuda_graph": graphs, "overlap": core.overlap,
             "engine_step_ms": engine_ms,
@@ -196,6 +222,7 @@ def prefill(core: EngineCore, facts: dict, peak_tflops: float, batch: int, lengt
     layers = facts["num_layers"] - facts.get("cross_layers", 0)   # a prompt without images skips the cross layers
     attn = attn * layers // facts["num_layers"]
     params = facts["layer_matmul_params"] - facts.get("cross_layer_matmul_params", 0)
+    params += facts.get("moe_layers", 0) * facts.get("top_k", 0) * facts.get("expert_params", 0)   # routed: k a token
     flops = 2 * params * tokens + 2 * facts["lm_head_params"] * batch + attn
     return {"shape": f"{batch}x{length}", "ms": sec * 1e3, "tokens_per_s": tokens / sec, "flops": flops,
             "mfu_pct": 100 * flops / sec / (peak_tflops * 1e12)}
