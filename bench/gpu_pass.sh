@@ -39,7 +39,7 @@ step() {  # step NAME SECONDS COMMAND...: run if NAME is in STEPS, with a time l
 }
 
 model() {  # model DIR ARCH PRESET: write the random checkpoint once
-    [ -d "$1" ] || step "model $2 $3" 120 python3 -m epd.cli tiny-model "$2" "$1" --preset "$3" --device cuda
+    [ -d "$1" ] || step "model $2 $3" 300 python3 -m epd.cli tiny-model "$2" "$1" --preset "$3" --device cuda
 }
 want() { [[ $steps == *",$1,"* ]]; }
 if want tests || want bench || want qwen_decode || want ttft; then model /tmp/m3b qwen2_5_vl 3b; fi
