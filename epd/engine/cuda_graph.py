@@ -86,6 +86,7 @@ class CudaGraphDecodeRunner:
         self._attn: dict[int, GraphDecodeBucket] = {}
         self._cross: dict[int, CrossGraphDecode] = {}   # models with cross-attention layers only
         self.has_cross = bool(getattr(model, "cross_layers", ()))
+        self._checked_cross: tuple[list[Chunk], list] | None = None   # can_run's rows, which prepare plans
         self.replays = 0
         self.capture_seconds = 0.0
 
@@ -136,11 +137,16 @@ class CudaGraphDecodeRunner:
             req = c.req
             if c.length != 1 or (req.image_index is not None and c.start < req.prompt_len):
                 return False
-        return not self.has_cross or self._cross[self.bucket(len(chunks))].fits(self._cross_rows(chunks))
+        if not self.has_cross:
+            return True
+        self._checked_cross = (chunks, self._cross_rows(chunks))
+        return self._cross[self.bucket(len(chunks))].fits(self._checked_cross[1])
 
-    @staticmethod
-    def _cross_rows(chunks: list[Chunk]) -> list[tuple[list[int], list[tuple[int, int]], bool]]:
-        """Each decoded token's cross pages, the row ranges it reads and whether it sees an image."""
+    def _cross_rows(self, chunks: list[Chunk]) -> list[tuple[list[int], list[tuple[int, int]], bool]]:
+        """Each decoded token's cross pages, the row ranges it reads and whether it sees an image
+        (what `can_run` found for these chunks, if it just checked them)."""
+        if self._checked_cross is not None and self._checked_cross[0] is chunks:
+            return self._checked_cross[1]
         rows = []
         for c in chunks:
             req = c.req

@@ -87,7 +87,7 @@ class _RoleEngine:
 
     def pages_for_rows(self, rows: int) -> int:
         """Pages `rows` image rows take (cross-attention models; 0 rows: none)."""
-        return self.core.kv.pool.pages_for_rows(rows) if rows else 0
+        return self.core.kv.pool.pages_for_rows(rows)
 
     def release(self, pages: list[int]) -> None:
         """Give back pages the node held outside the batch (hand-over done, failed or dropped)."""
@@ -171,7 +171,7 @@ class DecodeEngine(_RoleEngine):
         return self.core.new_request(inp, params, rid=rid)
 
     def _need(self, req: Request) -> int:
-        return self.pages_for(req.max_total_tokens) + self.core.kv.pool.pages_for_rows(req.inp.num_cross_rows)
+        return self.pages_for(req.max_total_tokens) + self.pages_for_rows(req.inp.num_cross_rows)
 
     def fits(self, req: Request) -> bool:
         """Whether the pool could ever hold the request (prompt + every token it may generate, and

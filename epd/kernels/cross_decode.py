@@ -28,7 +28,7 @@ from epd.kernels.fused_ops import gdc_enter, launch_options, tl, triton
 from epd.kernels.split_kv_decode import BLOCK_T, merged_slices, splits_for
 
 if triton is not None:
-    from epd.kernels.split_kv_decode import attend_block, store_slice
+    from epd.kernels.split_kv_decode import attend_block, start_group, store_slice
 
 MAX_SEGMENTS = 8      # row ranges one decoded token may read (images it sees whose rows are not adjacent)
 
@@ -104,13 +104,7 @@ if triton is not None:
         seg_lo = tl.load(meta_ptr + req)
         seg_hi = tl.load(meta_ptr + req + 1)
         page0 = tl.load(meta_ptr + B + 1 + req)
-        g = tl.arange(0, GROUP_PAD)
-        heads = kvh * GROUP + g
-        d = tl.arange(0, D)
-        q = tl.load(q_ptr + (req * HQ + heads)[:, None] * D + d[None, :], mask=(g < GROUP)[:, None], other=0.0)
-        m = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
-        mass = tl.zeros([GROUP_PAD], dtype=tl.float32)
-        acc = tl.zeros([GROUP_PAD, D], dtype=tl.float32)
+        q, rows, live, m, mass, acc = start_group(q_ptr, req, kvh, HQ, GROUP, GROUP_PAD, D)
         for s in range(seg_lo, seg_hi):
             r_lo = tl.load(segs_ptr + 2 * s)
             r_hi = tl.load(segs_ptr + 2 * s + 1)
@@ -120,4 +114,4 @@ if triton is not None:
             for t0 in range(t_lo, t_hi, BLOCK_T):
                 m, mass, acc = attend_block(q, cache_ptr, pages_ptr + page0, t0 + tl.arange(0, BLOCK_T), t_hi, kvh,
                                             page_stride, scale_log2, m, mass, acc, RPP, HK, D)
-        store_slice(part_ptr, lse_ptr, (req * HQ + heads) * SPLITS + split, g < GROUP, acc, mass, m, D)
+        store_slice(part_ptr, lse_ptr, rows * SPLITS + split, live, acc, mass, m, D)

@@ -67,15 +67,20 @@ def grouped_experts_fused(x: torch.Tensor, scores: torch.Tensor, expert_ids: tor
 if triton is not None:
 
     @triton.jit
+    def block_pairs(rows_ptr, block, PAIRS, BLOCK_M: tl.constexpr):
+        """A block's padded rows (`expert_blocks` layout), the pair each holds, and which are real."""
+        m = block * BLOCK_M + tl.arange(0, BLOCK_M)
+        pair = tl.load(rows_ptr + m)
+        return m, pair, pair < PAIRS
+
+    @triton.jit
     def _gate_up_kernel(x_ptr, score_ptr, rows_ptr, block_expert_ptr, w_ptr, mid_ptr, PAIRS, H, INTER, TOP_K,
                         w_stride_e, w_stride_h, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_K: tl.constexpr):
         block = tl.program_id(0)
         expert = tl.load(block_expert_ptr + block)
         if expert >= 0:
-            m = block * BLOCK_M + tl.arange(0, BLOCK_M)
-            pair = tl.load(rows_ptr + m)
-            live = pair < PAIRS
+            m, pair, live = block_pairs(rows_ptr, block, PAIRS, BLOCK_M)
             token = tl.where(live, pair // TOP_K, 0)
             score = tl.load(score_ptr + pair, mask=live, other=0.0)
             n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -106,9 +111,7 @@ if triton is not None:
         block = tl.program_id(0)
         expert = tl.load(block_expert_ptr + block)
         if expert >= 0:
-            m = block * BLOCK_M + tl.arange(0, BLOCK_M)
-            pair = tl.load(rows_ptr + m)
-            live = pair < PAIRS
+            m, pair, live = block_pairs(rows_ptr, block, PAIRS, BLOCK_M)
             n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
             nmask = n < H
             w = w_ptr + expert.to(tl.int64) * w_stride_e

@@ -129,17 +129,25 @@ if triton is not None:
         per_split = tl.cdiv(tl.cdiv(kv_len - kv_start, SPLITS), BLOCK_T) * BLOCK_T
         t_lo = kv_start + split * per_split
         t_hi = tl.minimum(t_lo + per_split, kv_len)
-        g = tl.arange(0, GROUP_PAD)
-        heads = kvh * GROUP + g
-        d = tl.arange(0, D)
-        q = tl.load(q_ptr + (req * HQ + heads)[:, None] * D + d[None, :], mask=(g < GROUP)[:, None], other=0.0)
-        m = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
-        mass = tl.zeros([GROUP_PAD], dtype=tl.float32)
-        acc = tl.zeros([GROUP_PAD, D], dtype=tl.float32)
+        q, rows, live, m, mass, acc = start_group(q_ptr, req, kvh, HQ, GROUP, GROUP_PAD, D)
         for t0 in range(t_lo, t_hi, BLOCK_T):
             m, mass, acc = attend_block(q, cache_ptr, indices_ptr + page0, t0 + tl.arange(0, BLOCK_T), t_hi, kvh,
                                         page_stride, scale_log2, m, mass, acc, PS, HK, D)
-        store_slice(part_ptr, lse_ptr, (req * HQ + heads) * SPLITS + split, g < GROUP, acc, mass, m, D)
+        store_slice(part_ptr, lse_ptr, rows * SPLITS + split, live, acc, mass, m, D)
+
+    @triton.jit
+    def start_group(q_ptr, req, kvh, HQ: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
+                    D: tl.constexpr):
+        """One KV head's GQA group of request `req`: its queries [GROUP_PAD, D] (padding rows zero),
+        their rows of q (request x head), which rows are real, and an empty online softmax."""
+        g = tl.arange(0, GROUP_PAD)
+        rows = req * HQ + kvh * GROUP + g
+        d = tl.arange(0, D)
+        q = tl.load(q_ptr + rows[:, None] * D + d[None, :], mask=(g < GROUP)[:, None], other=0.0)
+        m = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
+        mass = tl.zeros([GROUP_PAD], dtype=tl.float32)
+        acc = tl.zeros([GROUP_PAD, D], dtype=tl.float32)
+        return q, rows, g < GROUP, m, mass, acc
 
     @triton.jit
     def attend_block(q, cache_ptr, pages_ptr, t, t_hi, kvh, page_stride, scale_log2, m, mass, acc,

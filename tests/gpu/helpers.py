@@ -98,3 +98,11 @@ def forced_logits(core: EngineCore, inputs: list[ProcessedInput], forced: list[l
 
 def cosine_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=-1)
+
+
+def assert_steps_close(got: list[torch.Tensor], ref: list[torch.Tensor], label: str = "") -> None:
+    """Two `forced_logits` runs: as many steps, each row's logits within cosine 0.999 of the reference's."""
+    assert len(got) == len(ref)
+    for step, (a, b) in enumerate(zip(got, ref, strict=True)):
+        cos = cosine_rows(a, b)
+        assert (cos > 0.999).all(), f"step {step}: cosine {cos.min():.5f}{label}"
