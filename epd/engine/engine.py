@@ -70,6 +70,7 @@ class Engine:
         for req in list(self.core.scheduler.running) + list(self.core.scheduler.waiting):
             self.core.abort(req.rid)
         self.core.check_integrity()
+        self.core.close()
 
     def __enter__(self) -> Engine:
         return self

@@ -4,8 +4,7 @@ nodes). `engine_kwargs(args)` turns the parsed flags into `EngineConfig` fields.
 
 vLLM's names are taken where EPD does the same thing (`--gpu-memory-utilization`,
 `--max-num-seqs`, `--enable-prefix-caching` / `--no-enable-prefix-caching`, `--seed`,
-`--trust-remote-code`); `--tensor-parallel-size` / `-tp` above 1 is refused with a message (not
-built yet) rather than ignored.
+`--trust-remote-code`, `--tensor-parallel-size` / `-tp`).
 """
 
 from __future__ import annotations
@@ -19,17 +18,8 @@ _FIELDS = {"device": "device", "dtype": "dtype", "page_size": "page_size", "max_
            "kv_cache_tokens": "kv_cache_tokens", "mem_fraction": "mem_fraction",
            "gpu_memory_utilization": "gpu_memory_utilization", "seed": "seed",
            "disable_overlap_schedule": "disable_overlap_schedule",
-           "disable_prefix_caching": "disable_prefix_caching", "disable_cuda_graph": "disable_cuda_graph"}
-
-
-class _NotBuilt(argparse.Action):
-    """A vLLM flag whose feature is not built here: refused at once, naming what to do instead."""
-
-    def __call__(self, parser: argparse.ArgumentParser, namespace: Any, values: Any, option: str | None = None) -> None:
-        if str(values) not in ("1", "1.0"):
-            parser.error(f"{option} {values}: tensor parallelism is not built yet; serve a model that fits one GPU, "
-                         f"or scale out with more prefill / decode nodes")
-        setattr(namespace, self.dest, values)
+           "disable_prefix_caching": "disable_prefix_caching", "disable_cuda_graph": "disable_cuda_graph",
+           "tensor_parallel_size": "tensor_parallel_size"}
 
 
 def add_engine_args(ap: argparse.ArgumentParser | Any) -> None:
@@ -53,8 +43,9 @@ def add_engine_args(ap: argparse.ArgumentParser | Any) -> None:
     ap.add_argument("--seed", type=int, default=None,
                     help="vLLM's: seeds the engine's random generator (requests without a seed of their own draw "
                          "from it, so a run repeats)")
-    ap.add_argument("--tensor-parallel-size", "-tp", default=1, action=_NotBuilt,
-                    help="vLLM's; only 1 for now (tensor parallelism is not built yet)")
+    ap.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                    help="vLLM's: split the language model over this many processes, one per GPU (on a CPU: "
+                         "processes over gloo); see README, Tensor parallelism")
     ap.add_argument("--trust-remote-code", action="store_true",
                     help="accepted for vLLM's command lines: EPD never runs a checkpoint's own code")
     ap.add_argument("--disable-overlap-schedule", action="store_true",

@@ -24,17 +24,16 @@ from dataclasses import dataclass, field
 import torch
 
 from epd.config import ModelConfig, parse_dtype
-from epd.engine.attention import flashinfer_backend
-from epd.engine.attention.base import AttentionBackend
-from epd.engine.attention.torch_backend import TorchAttentionBackend
 from epd.engine.detokenizer import IncrementalDetokenizer
 from epd.engine.device_copy import to_device
+from epd.engine.engine_parts import make_backend, make_kv_cache
 from epd.engine.inputs import InputError, InputProcessor, ProcessedInput, outside_vocabulary
-from epd.engine.kv_pool import KVCache, KVCacheSpec, PagePool
+from epd.engine.kv_pool import PagePool
 from epd.engine.model_runner import ModelRunner, attach_image_embeddings
 from epd.engine.request import Request, Status, TokenEvent
 from epd.engine.sampling import DeviceSample, SamplingParams, SamplingRow, sample
 from epd.engine.scheduler import Chunk, Scheduler
+from epd.engine.tensor_parallel import TPLeader
 from epd.kernels.fused_ops import fused_path
 from epd.models.loader import default_device
 
@@ -60,6 +59,7 @@ class EngineConfig:
     disable_cuda_graph: bool = False
     disable_overlap_schedule: bool = False   # else a step launches before the last one's tokens are read
     disable_prefix_caching: bool = False     # else cached prefixes are reused (epd.engine.prefix_cache)
+    tensor_parallel_size: int = 1            # processes (GPUs) the language model is split over
 
     def resolved_device(self) -> torch.device:
         return torch.device(self.device or default_device())
@@ -103,11 +103,19 @@ class EngineCore:
         self.tokenizer = tokenizer
         t0 = time.perf_counter()
         family = self.model_config.family
-        self.model = family.build_lm(self.device, self.dtype)
-        if fused_path(self.model.lm_head.weight):
-            self.model.fuse_projections()
-        self.vision = family.build_vision(self.device, self.dtype) if config.load_vision else None
-        self.kv = self._make_kv_cache()
+        self.tp = self._start_tensor_parallel()
+        try:
+            self.model = family.build_lm(self.device, self.dtype)
+            if fused_path(self.model.lm_head.weight):
+                self.model.fuse_projections()
+            self.vision = family.build_vision(self.device, self.dtype) if config.load_vision else None
+            self.kv = make_kv_cache(config, self.model_config, self.model, self.device, self.dtype)
+        except BaseException:
+            if self.tp is not None:   # the workers fail as this process did, or wait for it: end them
+                self.tp.stop(kill=True)
+            raise
+        if self.tp is not None:
+            self.tp.layers = self.kv.layers
         log.info("loaded %s on %s (%s) in %.2fs; KV pool %d pages x %d tokens", self.model_config.model_id,
                  self.device, self.dtype, time.perf_counter() - t0, self.kv.pool.capacity, config.page_size)
         self.max_context = min(self.model_config.text.max_position_embeddings,
@@ -115,8 +123,9 @@ class EngineCore:
                                self.kv.pool.capacity * config.page_size)
         self.scheduler = Scheduler(self.kv, config.max_running_requests, config.max_step_tokens,
                                    prefix_caching=not config.disable_prefix_caching)
-        self.runner = ModelRunner(self.model, self.kv, self._make_backend(), self.device,
-                                  max_rows=config.max_running_requests)
+        self.runner = ModelRunner(self.model, self.kv, make_backend(config, self.model_config, self.model, self.device,
+                                                                     self.dtype),
+                                  self.device, max_rows=config.max_running_requests, tp=self.tp)
         self._capture_graphs()
         self.inputs = InputProcessor(self.model_config, tokenizer, self.max_context,
                                      resize_on_device=self.device.type == "cuda")
@@ -125,53 +134,27 @@ class EngineCore:
         self.overlap = not config.disable_overlap_schedule
         self._in_flight: LaunchedStep | None = None
 
-    def _make_kv_cache(self) -> KVCache:
-        tc = self.model_config.text
-        spec = KVCacheSpec(tc.num_layers, tc.num_kv_heads, tc.head_dim, self.config.page_size, self.dtype,
-                           tuple(self.model.cross_layers))
-        if self.config.kv_cache_tokens:
-            pages = -(-self.config.kv_cache_tokens // spec.page_size) + 1
-        elif self.device.type == "cuda" and self.config.gpu_memory_utilization is not None:
-            pages = KVCache.pages_fitting(spec, self._share_left())
-        elif self.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(self.device)  # shared with other processes on this GPU
-            free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)  # our cache
-            pages = KVCache.pages_fitting(spec, int(free * self.config.mem_fraction))
-        else:
-            pages = KVCache.pages_fitting(spec, 1 << 30)  # 1 GiB of host memory by default
-        return KVCache(spec, pages, self.device)
+    def _start_tensor_parallel(self) -> TPLeader | None:
+        """Launch and join the other ranks (--tensor-parallel-size above 1); this process is rank 0."""
+        size = self.config.tensor_parallel_size
+        if size == 1:
+            return None
+        if size < 1:
+            raise ValueError(f"tensor parallel size {size} must be at least 1")
+        if self.device.type == "cuda" and size > torch.cuda.device_count():
+            raise ValueError(f"tensor parallel size {size}: only {torch.cuda.device_count()} GPUs are visible")
+        if self.model_config.family.cross_attention:
+            raise ValueError(f"tensor parallel size {size}: not built for cross-attention models yet")
+        leader, self.device = TPLeader.start(self.config, self.device)
+        return leader
 
-    def _share_left(self) -> int:
-        """Bytes of --gpu-memory-utilization's share of the GPU not yet taken by this process (its
-        weights), less room for a step's activations and the CUDA graphs."""
-        _, total = torch.cuda.mem_get_info(self.device)
-        share = int(total * self.config.gpu_memory_utilization)
-        headroom = (1 << 30) + self.config.max_step_tokens * self.model_config.text.hidden_size * 64
-        weights = torch.cuda.memory_allocated(self.device)
-        if share - weights - headroom <= 0:
-            raise ValueError(f"--gpu-memory-utilization {self.config.gpu_memory_utilization}: {share / 2**30:.1f} "
-                             f"GiB do not hold the weights ({weights / 2**30:.1f} GiB) and a step's activations")
-        return share - weights - headroom
-
-    def _make_backend(self) -> AttentionBackend:
-        choice, tc = self.config.attention_backend, self.model_config.text
-        if choice not in ("auto", "torch", "flashinfer"):
-            raise ValueError(f"attention_backend={choice!r}; expected auto, torch or flashinfer")
-        reason = flashinfer_backend.supports(self.device, self.dtype, tc.head_dim)
-        if reason is None and self.model.chunked_attention:
-            reason = "chunked local attention is not written for it yet"
-        if choice == "flashinfer" and reason is not None:
-            raise ValueError(f"attention_backend='flashinfer': {reason}")
-        if choice == "torch" or reason is not None:
-            if self.device.type == "cuda":
-                log.info("attention: torch backend (%s)", reason or "requested")
-            return TorchAttentionBackend()
-        log.info("attention: flashinfer backend")
-        return flashinfer_backend.FlashInferBackend(tc.num_heads, tc.num_kv_heads, tc.head_dim,
-                                                    self.config.page_size, self.dtype, self.device)
+    def close(self) -> None:
+        """Stop the tensor-parallel workers (the engine cannot step after this)."""
+        if self.tp is not None:
+            self.tp.stop()
 
     def _capture_graphs(self) -> None:
-        if self.config.disable_cuda_graph or self.device.type != "cuda":
+        if self.config.disable_cuda_graph or self.device.type != "cuda" or self.tp is not None:
             return
         from epd.engine.cuda_graph import CudaGraphDecodeRunner, graph_source
 

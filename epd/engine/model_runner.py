@@ -26,6 +26,7 @@ from epd.engine.scheduler import Chunk
 
 if TYPE_CHECKING:
     from epd.engine.cuda_graph import CudaGraphDecodeRunner
+    from epd.engine.tensor_parallel import TPLeader
 
 
 def attach_image_embeddings(req: Request, dtype: torch.dtype, device: torch.device) -> None:
@@ -48,8 +49,9 @@ def attach_image_embeddings(req: Request, dtype: torch.dtype, device: torch.devi
 
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, kv: KVCache, backend: AttentionBackend,
-                 device: torch.device, max_rows: int = 1) -> None:
+                 device: torch.device, max_rows: int = 1, tp: TPLeader | None = None) -> None:
         self.model = model
+        self.tp = tp   # tensor parallelism: every step goes to the other ranks first
         self.kv = kv
         self.backend = backend
         self.device = device
@@ -129,16 +131,21 @@ class ModelRunner:
             logits = self.graphs.run(chunks)  # every decode chunk samples
             return logits if all(c.samples for c in chunks) else logits[[c.samples for c in chunks]]
         input_ids, positions, meta = self.step_inputs(chunks)
-        embeds = self.embed(chunks, input_ids)
-        self.backend.plan(meta)
-        cross = self.cross_step(chunks)
-        extra = {"cross": cross} if cross is not None else {}
-        hidden = self.model(embeds, positions, self.backend, self.kv.layers, after_layer, **extra)
         rows, end = [], -1
         for c in chunks:
             end += c.length
             if c.samples:
                 rows.append(end)
+        spliced = any(c.req.image_index is not None and c.start < c.req.prompt_len for c in chunks)
+        if self.tp is not None:
+            self.tp.step(input_ids, positions, meta, rows, spliced)
+        embeds = self.embed(chunks, input_ids)
+        if self.tp is not None and spliced:
+            self.tp.broadcast(embeds)
+        self.backend.plan(meta)
+        cross = self.cross_step(chunks)
+        extra = {"cross": cross} if cross is not None else {}
+        hidden = self.model(embeds, positions, self.backend, self.kv.layers, after_layer, **extra)
         return self.model.logits(hidden[to_device(rows, self.device, torch.long)])
 
 

@@ -26,19 +26,24 @@ BLOCK_M = 16
 def expert_blocks(expert_ids: torch.Tensor, num_experts: int,
                   block_m: int = BLOCK_M) -> tuple[torch.Tensor, torch.Tensor]:
     """expert_ids [T, k] -> (pair of each padded row [P] (T*k: padding), expert of each block [P / block_m]
-    (-1: no expert)), P = T*k + num_experts * (block_m - 1) rounded up to block_m."""
+    (-1: no expert)), P = T*k + num_experts * (block_m - 1) rounded up to block_m. A pair of expert id
+    `num_experts` (another process's expert, tensor parallelism) gets no row: its output stays zero."""
     flat = expert_ids.reshape(-1)
     pairs = flat.numel()
     order = torch.argsort(flat, stable=True)
-    counts = torch.zeros(num_experts, dtype=torch.long, device=flat.device)   # (bincount syncs on CUDA)
+    counts = torch.zeros(num_experts + 1, dtype=torch.long, device=flat.device)   # (bincount syncs on CUDA)
     counts.scatter_add_(0, flat, torch.ones_like(flat))
+    counts = counts[:num_experts]               # id num_experts: another process's expert, dropped
     padded = (counts + block_m - 1) // block_m * block_m
     ends = torch.cumsum(padded, 0)
     sorted_experts = flat[order]
-    rank = torch.arange(pairs, device=flat.device) - (torch.cumsum(counts, 0) - counts)[sorted_experts]
+    kept = sorted_experts < num_experts         # the dropped pairs sort last
+    expert_of = sorted_experts.clamp(max=num_experts - 1)
+    rank = torch.arange(pairs, device=flat.device) - (torch.cumsum(counts, 0) - counts)[expert_of]
     total = -(-(pairs + num_experts * (block_m - 1)) // block_m) * block_m
-    rows = torch.full((total,), pairs, dtype=torch.int32, device=flat.device)
-    rows[(ends - padded)[sorted_experts] + rank] = order.to(torch.int32)
+    rows = torch.full((total + 1,), pairs, dtype=torch.int32, device=flat.device)   # + a slot the dropped land in
+    rows[torch.where(kept, (ends - padded)[expert_of] + rank, total)] = order.to(torch.int32)
+    rows = rows[:total]
     block_starts = torch.arange(0, total, block_m, device=flat.device)
     block_expert = torch.searchsorted(ends, block_starts, right=True).to(torch.int32)
     return rows, torch.where(block_expert < num_experts, block_expert, -1)

@@ -14,6 +14,7 @@ from epd.config import TextConfig
 from epd.engine.attention.base import AttentionBackend
 from epd.kernels.decode_gemv import gemv_path, project
 from epd.kernels.fused_ops import rotary_qk, rotary_qk_store_kv
+from epd.layers.parallel import ColumnParallelLinear, RowParallelLinear, local_size
 from epd.layers.rotary import apply_rotary
 
 
@@ -31,12 +32,15 @@ def fuse_linears(parts: list[nn.Linear]) -> nn.Linear:
 class Attention(nn.Module):
     def __init__(self, cfg: TextConfig) -> None:
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        bias = cfg.qkv_bias
-        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=bias)
-        self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=bias)
-        self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=bias)
-        self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
+        # under tensor parallelism: this process's heads
+        self.num_heads, self.num_kv_heads = local_size(cfg.num_heads, "the attention heads"), \
+            local_size(cfg.num_kv_heads, "the KV heads")
+        self.head_dim = d = cfg.head_dim
+        bias, heads, kv = cfg.qkv_bias, "the attention heads", "the KV heads"
+        self.q_proj = ColumnParallelLinear(cfg.hidden_size, cfg.num_heads * d, bias=bias, what=heads)
+        self.k_proj = ColumnParallelLinear(cfg.hidden_size, cfg.num_kv_heads * d, bias=bias, what=kv)
+        self.v_proj = ColumnParallelLinear(cfg.hidden_size, cfg.num_kv_heads * d, bias=bias, what=kv)
+        self.o_proj = RowParallelLinear(cfg.num_heads * d, cfg.hidden_size, bias=False, what=heads)
         self.qkv_proj: nn.Linear | None = None  # set by fuse(); q/k/v_proj are then dropped
 
     def fuse(self) -> None:

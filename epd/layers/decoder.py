@@ -25,6 +25,7 @@ from epd.engine.attention.base import AttentionBackend
 from epd.layers.attention import Attention
 from epd.layers.mlp import GatedMLP
 from epd.layers.norm import RMSNorm
+from epd.layers.parallel import VocabParallelEmbedding, VocabParallelHead, tp_group
 
 
 class DecoderLayer(nn.Module):
@@ -47,6 +48,9 @@ class DecoderLayer(nn.Module):
             x, h = self.post_attention_layernorm.add_forward(x, attn(h, cos, sin, backend, kv_cache))
             return next_norm.add_forward(x, mlp(h))
         attended = attn.attend_qkv(h, cos, sin, backend, kv_cache)
+        if tp_group().size > 1:   # the projections' partial sums are summed over the group first
+            x, h = self.post_attention_layernorm.add_forward(x, attn.o_proj(attended))
+            return next_norm.add_forward(x, mlp.down_proj(mlp.activation(h)))
         x, h = self.post_attention_layernorm.add_projection(x, attended, attn.o_proj.weight)
         return next_norm.add_projection(x, mlp.activation(h), mlp.down_proj.weight)
 
@@ -54,7 +58,7 @@ class DecoderLayer(nn.Module):
 class TextModel(nn.Module):
     def __init__(self, cfg: TextConfig) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList([DecoderLayer(cfg) for _ in range(cfg.num_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -71,7 +75,7 @@ class DecoderLM(nn.Module):
         self.cfg = cfg
         self.position_rows = position_rows
         self.language_model = TextModel(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = VocabParallelHead(cfg.hidden_size, cfg.vocab_size)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.language_model.embed_tokens.weight
         self.rotary = rotary

@@ -9,14 +9,18 @@ from torch import nn
 from epd.config import TextConfig
 from epd.kernels.decode_gemv import silu_mul_project
 from epd.layers.attention import fuse_linears
+from epd.layers.parallel import ColumnParallelLinear, RowParallelLinear
 
 
 class GatedMLP(nn.Module):
-    def __init__(self, cfg: TextConfig) -> None:
+    def __init__(self, cfg: TextConfig, reduce: bool = True) -> None:
+        """Under tensor parallelism each process holds a slice of the width; `reduce=False` leaves
+        the output this process's partial sum (the caller sums it with others, then reduces)."""
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        width, what = cfg.intermediate_size, "the MLP width"
+        self.gate_proj = ColumnParallelLinear(cfg.hidden_size, width, bias=False, what=what)
+        self.up_proj = ColumnParallelLinear(cfg.hidden_size, width, bias=False, what=what)
+        self.down_proj = RowParallelLinear(width, cfg.hidden_size, bias=False, reduce=reduce, what=what)
         self.gate_up_proj: nn.Linear | None = None  # set by fuse()
 
     def fuse(self) -> None:

@@ -16,6 +16,8 @@ from collections.abc import Callable, Iterator
 import torch
 from safetensors import safe_open
 
+from epd.layers.parallel import shard_dims, shard_piece
+
 
 def checkpoint_files(path: str) -> list[str]:
     index = os.path.join(path, "model.safetensors.index.json")
@@ -41,15 +43,19 @@ def iter_weights(path: str) -> Iterator[tuple[str, Callable[[], torch.Tensor]]]:
 
 
 def load_into(module: torch.nn.Module, weights: Iterator[tuple[str, torch.Tensor]], strip: str = "") -> None:
-    """Copy weights into module parameters by name; every parameter must be covered exactly."""
+    """Copy weights into module parameters by name; every parameter must be covered exactly (a
+    tensor-parallel layer's parameter takes this process's piece of the checkpoint's tensor)."""
     params = dict(module.named_parameters())
     params.update(dict(module.named_buffers(remove_duplicate=False)))
+    shards = shard_dims(module)   # tensor parallelism: this process keeps its piece of those
     seen = set()
     for name, tensor in weights:
         key = name[len(strip):] if strip and name.startswith(strip) else name
         if key not in params:
             raise KeyError(f"checkpoint weight {name!r} has no matching parameter")
         target = params[key]
+        if key in shards:
+            tensor = shard_piece(tensor, target.shape, shards[key])
         if target.shape != tensor.shape:
             raise ValueError(f"weight {name!r}: checkpoint shape {tuple(tensor.shape)} "
                              f"!= model shape {tuple(target.shape)}")

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 
 import pytest
 from test_router_app import make_client, prompts  # noqa: F401 - the fixture
@@ -36,11 +34,10 @@ def test_vllm_engine_flags_map_to_the_engine():
     assert not _engine_args("--enable-prefix-caching")["disable_prefix_caching"]
 
 
-def test_tensor_parallelism_is_refused_at_once_with_a_message(tiny_models):
-    out = subprocess.run([sys.executable, "-m", "epd.cli", "prefill", "--model", tiny_models["qwen2_vl"],
-                          "--redis-url", "redis://127.0.0.1:1/0", "-tp", "2"], capture_output=True, text=True,
-                         timeout=60, env={"EPD_CLUSTER_SECRET": "x" * 32, "PATH": "/usr/bin:/bin"})
-    assert out.returncode == 2 and "tensor parallelism is not built yet" in out.stderr
+def test_tensor_parallel_size_reaches_the_engine():
+    assert _engine_args("-tp", "2")["tensor_parallel_size"] == 2
+    assert _engine_args("--tensor-parallel-size", "4")["tensor_parallel_size"] == 4
+    assert _engine_args()["tensor_parallel_size"] == 1
 
 
 def test_mm_processor_kwargs_is_refused_naming_what_to_do(tiny_models, capsys):

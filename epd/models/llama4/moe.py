@@ -24,6 +24,7 @@ from epd.config import TextConfig
 from epd.kernels.fused_ops import fused_path
 from epd.kernels.moe import grouped_experts_fused
 from epd.layers.mlp import GatedMLP
+from epd.layers.parallel import all_reduce, local_size, tp_group
 
 
 def route(router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -38,14 +39,16 @@ def grouped_experts(x: torch.Tensor, scores: torch.Tensor, expert_ids: torch.Ten
     """sum over each token's k experts of down(silu(gate) * up) of its score-scaled input.
 
     x [T, H]; scores, expert_ids [T, k]; gate_up_proj [E, H, 2I]; down_proj [E, I, H] -> [T, H].
+    An expert id E (one past this process's experts) picks nothing here.
     """
     num_tokens, top_k = expert_ids.shape
     flat_ids = expert_ids.reshape(-1)                                 # pair p = (token p // k, pick p % k)
     order = torch.argsort(flat_ids, stable=True)                     # pairs grouped by expert
     token_of_row = order // top_k
     rows = x[token_of_row] * scores.reshape(-1)[order, None]          # [T * k, H], scaled before the expert
-    counts = torch.bincount(flat_ids, minlength=gate_up_proj.shape[0]).tolist()
-    outputs = torch.empty_like(rows)
+    experts = gate_up_proj.shape[0]   # an id of `experts`: another process's expert (its rows stay zero)
+    counts = torch.bincount(flat_ids, minlength=experts + 1).tolist()[:experts]
+    outputs = torch.zeros_like(rows)
     start = 0
     for expert, count in enumerate(counts):
         if count:
@@ -58,10 +61,15 @@ def grouped_experts(x: torch.Tensor, scores: torch.Tensor, expert_ids: torch.Ten
 
 
 class RoutedExperts(nn.Module):
-    """The experts' weights, in the checkpoint's layout."""
+    """The experts' weights, in the checkpoint's layout. Under tensor parallelism the experts are
+    placed, not split: process r holds experts [r * E / N, (r + 1) * E / N), whole."""
+
+    TP_SHARDS = {"gate_up_proj": 0, "down_proj": 0}
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int) -> None:
         super().__init__()
+        num_experts = local_size(num_experts, "the routed experts")
+        self.first = tp_group().rank * num_experts
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, hidden_size, 2 * intermediate_size))
         self.down_proj = nn.Parameter(torch.empty(num_experts, intermediate_size, hidden_size))
 
@@ -75,10 +83,15 @@ class Llama4MoE(nn.Module):
         self.top_k = top_k
         self.router = nn.Linear(expert_cfg.hidden_size, num_experts, bias=False)
         self.experts = RoutedExperts(num_experts, expert_cfg.hidden_size, expert_cfg.intermediate_size)
-        self.shared_expert = GatedMLP(expert_cfg)
+        self.shared_expert = GatedMLP(expert_cfg, reduce=False)   # summed with the routed experts, then reduced
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         scores, expert_ids = route(self.router(x), self.top_k)
+        experts = self.experts
+        if tp_group().size > 1:   # this process's experts by local id; the others' as one past them
+            local = experts.gate_up_proj.shape[0]
+            expert_ids = (expert_ids - experts.first).masked_fill_((expert_ids < experts.first) |
+                                                                  (expert_ids >= experts.first + local), local)
         grouped = grouped_experts_fused if fused_path(x) else grouped_experts
-        routed = grouped(x, scores, expert_ids, self.experts.gate_up_proj, self.experts.down_proj)
-        return self.shared_expert(x) + routed
+        routed = grouped(x, scores, expert_ids, experts.gate_up_proj, experts.down_proj)
+        return all_reduce(self.shared_expert(x) + routed)

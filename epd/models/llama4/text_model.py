@@ -20,6 +20,13 @@ from torch import nn
 from epd.engine.attention.base import AttentionBackend
 from epd.layers.mlp import GatedMLP
 from epd.layers.norm import RMSNorm
+from epd.layers.parallel import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    VocabParallelHead,
+    local_size,
+)
 from epd.layers.rotary import apply_rotary
 from epd.models.llama4.attention_math import temperature_scales, weightless_rms_norm
 from epd.models.llama4.moe import Llama4MoE
@@ -32,18 +39,20 @@ class Llama4Attention(nn.Module):
         self.kind, self.spec = kind, spec
         hq, hk, d, bias = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim, spec.head_dim, \
             spec.attention_bias
-        self.q_proj = nn.Linear(spec.hidden_size, hq, bias=bias)
-        self.k_proj = nn.Linear(spec.hidden_size, hk, bias=bias)
-        self.v_proj = nn.Linear(spec.hidden_size, hk, bias=bias)
-        self.o_proj = nn.Linear(hq, spec.hidden_size, bias=bias)
+        heads, kv = "the attention heads", "the KV heads"
+        self.num_heads, self.num_kv_heads = local_size(spec.num_heads, heads), local_size(spec.num_kv_heads, kv)
+        self.q_proj = ColumnParallelLinear(spec.hidden_size, hq, bias=bias, what=heads)
+        self.k_proj = ColumnParallelLinear(spec.hidden_size, hk, bias=bias, what=kv)
+        self.v_proj = ColumnParallelLinear(spec.hidden_size, hk, bias=bias, what=kv)
+        self.o_proj = RowParallelLinear(hq, spec.hidden_size, bias=bias, what=heads)
         self.head_dim = d
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, temperature: torch.Tensor,
                 backend: AttentionBackend, kv_cache: torch.Tensor) -> torch.Tensor:
         t, kind, spec = x.shape[0], self.kind, self.spec
-        q = self.q_proj(x).view(t, spec.num_heads, self.head_dim)
-        k = self.k_proj(x).view(t, spec.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(t, spec.num_kv_heads, self.head_dim)
+        q = self.q_proj(x).view(t, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
         if kind.uses_rope:
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if kind.qk_norm:
@@ -76,7 +85,7 @@ class Llama4Layer(nn.Module):
 class Llama4TextModel(nn.Module):
     def __init__(self, spec: Llama4TextSpec) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
+        self.embed_tokens = VocabParallelEmbedding(spec.vocab_size, spec.hidden_size)
         self.layers = nn.ModuleList([Llama4Layer(spec, kind) for kind in spec.layers])
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
 
@@ -90,7 +99,7 @@ class Llama4LM(nn.Module):
         self.spec = spec
         self.cfg = spec.text_config()
         self.language_model = Llama4TextModel(spec)
-        self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
+        self.lm_head = VocabParallelHead(spec.hidden_size, spec.vocab_size)
         self.rotary = rotary
         self.attention_chunks = tuple(spec.attention_chunk_size if kind.uses_chunked_attention else None
                                       for kind in spec.layers)

@@ -1,0 +1,201 @@
+"""Tensor parallelism across processes: the leader (the engine's own process, rank 0) and its group.
+
+`--tensor-parallel-size N` makes one engine N processes: the engine core is rank 0, and
+`TPLeader.start` launches ranks 1..N-1 (`python -m epd.engine.tp_worker`, one per GPU, or N CPU
+processes), joins them in a torch.distributed group (NCCL for the tensors on GPUs, gloo on a CPU;
+a gloo group always carries the leader's messages) and sets the process's `epd.layers.parallel`
+group before any model is built. Each process loads its shard of the language model and a KV pool
+of its share of the heads with the same page count, so a page id means the same page everywhere.
+
+Only the leader schedules. For every forward it broadcasts one `step` message (msgpack: the
+step's token ids, positions, page tables, write slots, which rows sample, whether image
+embeddings were spliced in); every rank then embeds its vocabulary rows, takes the leader's
+spliced embeddings when there are any, runs the same layers (the row-parallel projections sum over
+the group) and gathers the logits of the sampling rows; the leader samples. For a hand-over the
+leader asks every rank for its heads of a request's KV (`gather_kv`: the wire tensor has every
+head, as with one process) or gives them theirs (`scatter_kv`), so the wire layout does not
+depend on either side's tensor-parallel size. `stop` ends the workers; a worker also ends when its
+leader dies (the kernel signals it) and the leader's next collective fails when a worker died.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import socket
+import subprocess
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import msgpack
+import numpy as np
+import torch
+
+from epd.engine.attention.base import StepMetadata
+from epd.layers.parallel import TPGroup, set_group
+from kv_transfer.kv_codec import gather_kv, scatter_kv
+
+_IDLE_FOREVER = datetime.timedelta(days=365)   # a worker waits for the next step as long as the node lives
+
+
+def init_group(rank: int, size: int, init: str, device: torch.device) -> TPGroup:
+    """Join the group; set and return it (device: this rank's)."""
+    import torch.distributed as dist
+
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, init_method=init, rank=rank, world_size=size, timeout=_IDLE_FOREVER)
+    cpu = dist.new_group(backend="gloo", timeout=_IDLE_FOREVER) if backend != "gloo" else dist.group.WORLD
+    group = TPGroup(rank, size, dist.group.WORLD, cpu)
+    set_group(group)
+    return group
+
+
+def rank_device(device: torch.device, rank: int) -> torch.device:
+    """The device of `rank` (GPU r of those visible; a CPU for all)."""
+    if device.type != "cuda":
+        return device
+    dev = torch.device("cuda", rank)
+    torch.cuda.set_device(dev)
+    return dev
+
+
+def send(group: TPGroup, msg: dict[str, Any]) -> None:
+    import torch.distributed as dist
+
+    payload = msgpack.packb(msg, use_bin_type=True)
+    dist.broadcast(torch.tensor([len(payload)], dtype=torch.long), src=0, group=group.cpu_group)
+    dist.broadcast(torch.frombuffer(bytearray(payload), dtype=torch.uint8), src=0, group=group.cpu_group)
+
+
+def receive(group: TPGroup) -> dict[str, Any]:
+    import torch.distributed as dist
+
+    length = torch.zeros(1, dtype=torch.long)
+    dist.broadcast(length, src=0, group=group.cpu_group)
+    payload = torch.empty(int(length.item()), dtype=torch.uint8)
+    dist.broadcast(payload, src=0, group=group.cpu_group)
+    msg = msgpack.unpackb(payload.numpy().tobytes(), raw=False)
+    if not isinstance(msg, dict) or not isinstance(msg.get("op"), str):
+        raise ValueError("tensor parallel: a message without an op")
+    return msg
+
+
+def broadcast(group: TPGroup, tensor: torch.Tensor) -> torch.Tensor:
+    """The leader's `tensor` in every rank (in place)."""
+    import torch.distributed as dist
+
+    dist.broadcast(tensor, src=0, group=group.group)
+    return tensor
+
+
+def _ints(values: Any) -> bytes:
+    return np.ascontiguousarray(values, dtype=np.int64).tobytes()
+
+
+def _array(data: bytes) -> np.ndarray:
+    return np.frombuffer(data, dtype=np.int64)
+
+
+def step_message(ids: torch.Tensor, positions: torch.Tensor, meta: StepMetadata, rows: list[int],
+                 spliced: bool) -> dict[str, Any]:
+    tables = [np.asarray(t, dtype=np.int64) for t in meta.page_tables]
+    return {"op": "step", "ids": _ints(ids.cpu()), "positions": _ints(positions.cpu()), "rows": rows,
+            "position_rows": int(positions.shape[0]), "qo_lens": list(meta.qo_lens), "kv_lens": list(meta.kv_lens),
+            "table_lens": [len(t) for t in tables], "tables": _ints(np.concatenate(tables) if tables else []),
+            "page_size": meta.page_size, "slots": _ints(meta.write_slots.cpu()), "spliced": spliced}
+
+
+def read_step(msg: dict[str, Any], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, StepMetadata]:
+    """(token ids, positions, attention metadata) of a `step` message, on `device`."""
+    ids = torch.from_numpy(_array(msg["ids"]).copy()).to(device)
+    positions = torch.from_numpy(_array(msg["positions"]).reshape(msg["position_rows"], -1).copy()).to(device)
+    flat, tables, start = _array(msg["tables"]), [], 0
+    for n in msg["table_lens"]:
+        tables.append(flat[start:start + n].astype(np.int32))
+        start += n
+    slots = torch.from_numpy(_array(msg["slots"]).copy()).to(device)
+    return ids, positions, StepMetadata(list(msg["qo_lens"]), list(msg["kv_lens"]), tables, msg["page_size"], slots)
+
+
+def gather_heads(group: TPGroup, layers: list[torch.Tensor], pages: Sequence[int], num_tokens: int,
+                 first: int) -> torch.Tensor:
+    """Every rank's heads of `layers`' KV, as one wire tensor [L, 2, n, heads, D] (rank order)."""
+    import torch.distributed as dist
+
+    local = gather_kv(layers, list(pages), num_tokens, first=first).contiguous()
+    parts = [torch.empty_like(local) for _ in range(group.size)]
+    dist.all_gather(parts, local, group=group.group)
+    return torch.cat(parts, dim=3)
+
+
+def scatter_heads(group: TPGroup, wire: torch.Tensor, layers: list[torch.Tensor], pages: Sequence[int],
+                  first: int) -> None:
+    """This rank's heads of the leader's wire tensor (broadcast into `wire`) into `layers`' pages."""
+    broadcast(group, wire)
+    heads = layers[0].shape[3]
+    scatter_kv(wire[:, :, :, group.rank * heads:(group.rank + 1) * heads].contiguous(), layers, list(pages), first)
+
+
+class TPLeader:
+    """Rank 0's side of the group: launches the workers, sends them the step and the KV operations."""
+
+    def __init__(self, group: TPGroup, workers: list[subprocess.Popen], layers: list[torch.Tensor] | None = None):
+        self.group, self.workers = group, workers
+        self.layers = layers or []   # this process's KV pool layers (set once the pool exists)
+
+    @classmethod
+    def start(cls, config: Any, device: torch.device) -> tuple[TPLeader, torch.device]:
+        """Launch ranks 1..N-1 of `config` (an EngineConfig) and join them; (leader, rank 0's device)."""
+        size = config.tensor_parallel_size
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            init = f"tcp://127.0.0.1:{s.getsockname()[1]}"
+        spec = json.dumps(dataclasses.asdict(config))
+        workers = [subprocess.Popen([sys.executable, "-m", "epd.engine.tp_worker", "--rank", str(rank),
+                                     "--size", str(size), "--init", init, "--config", spec])
+                   for rank in range(1, size)]
+        device = rank_device(device, 0)
+        try:
+            return cls(init_group(0, size, init, device), workers), device
+        except BaseException:
+            for w in workers:
+                w.kill()
+            raise
+
+    def step(self, ids: torch.Tensor, positions: torch.Tensor, meta: StepMetadata, rows: list[int],
+             spliced: bool) -> None:
+        send(self.group, step_message(ids, positions, meta, rows, spliced))
+
+    def broadcast(self, tensor: torch.Tensor) -> torch.Tensor:
+        return broadcast(self.group, tensor)
+
+    def gather_kv(self, layer_ids: list[int], pages: Sequence[int], num_tokens: int, first: int = 0) -> torch.Tensor:
+        send(self.group, {"op": "gather_kv", "layers": layer_ids, "pages": _ints(pages), "n": num_tokens,
+                          "first": first})
+        return gather_heads(self.group, [self.layers[i] for i in layer_ids], pages, num_tokens, first)
+
+    def scatter_kv(self, wire: torch.Tensor, layer_ids: list[int], pages: Sequence[int], first: int = 0) -> None:
+        send(self.group, {"op": "scatter_kv", "layers": layer_ids, "pages": _ints(pages), "first": first,
+                          "shape": list(wire.shape)})
+        scatter_heads(self.group, wire.contiguous(), [self.layers[i] for i in layer_ids], pages, first)
+
+    def stop(self, kill: bool = False) -> None:
+        """End the workers (each exits after the message; `kill`: at once) and leave the group;
+        idempotent."""
+        import torch.distributed as dist
+
+        if self.workers and not kill and all(w.poll() is None for w in self.workers):
+            send(self.group, {"op": "stop"})
+        for w in self.workers:
+            if kill:
+                w.kill()
+            try:
+                w.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                w.kill()
+        self.workers = []
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        set_group(TPGroup())

@@ -1,0 +1,100 @@
+"""A tensor-parallel worker: rank r > 0 of an engine (`epd.engine.tensor_parallel` launches it).
+
+    python -m epd.engine.tp_worker --rank R --size N --init tcp://127.0.0.1:PORT --config JSON
+
+It joins the group, loads its shard of the language model and its KV pool, then does what the
+leader's messages say until `stop`: run a step's forward (its logits go to the leader through the
+gather inside the LM head), or give / take its heads of a request's KV for a hand-over. It exits
+when its leader's process is gone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import threading
+import time
+
+import numpy as np
+import torch
+
+from epd.config import ModelConfig
+from epd.engine.engine_core import EngineConfig
+from epd.engine.engine_parts import make_backend, make_kv_cache
+from epd.engine.tensor_parallel import gather_heads, init_group, rank_device, read_step, receive, scatter_heads
+from epd.kernels.fused_ops import fused_path
+
+log = logging.getLogger("epd.tp_worker")
+
+
+def _exit_with_parent() -> None:
+    parent = os.getppid()
+    while True:
+        time.sleep(1.0)
+        if os.getppid() != parent:
+            os._exit(1)
+
+
+class Worker:
+    def __init__(self, config: EngineConfig, rank: int, size: int, init: str) -> None:
+        if config.seed is not None:
+            torch.manual_seed(config.seed)
+        self.device = rank_device(config.resolved_device(), rank)
+        self.group = init_group(rank, size, init, self.device)
+        model_config = ModelConfig.from_pretrained(config.model_path)
+        dtype = config.resolved_dtype(model_config)
+        self.model = model_config.family.build_lm(self.device, dtype)
+        if fused_path(self.model.lm_head.weight):
+            self.model.fuse_projections()
+        self.kv = make_kv_cache(config, model_config, self.model, self.device, dtype)
+        self.backend = make_backend(config, model_config, self.model, self.device, dtype)
+
+    @torch.inference_mode()
+    def step(self, msg: dict) -> None:
+        ids, positions, meta = read_step(msg, self.device)
+        embeds = self.model.embed(ids)
+        if msg["spliced"]:   # the leader's embeddings, image rows spliced in
+            import torch.distributed as dist
+
+            dist.broadcast(embeds, src=0, group=self.group.group)
+        self.backend.plan(meta)
+        hidden = self.model(embeds, positions, self.backend, self.kv.layers)
+        self.model.logits(hidden[torch.tensor(msg["rows"], dtype=torch.long, device=self.device)])
+
+    def serve(self) -> None:
+        while True:
+            msg = receive(self.group)
+            op = msg["op"]
+            if op == "stop":
+                return
+            if op == "step":
+                self.step(msg)
+                continue
+            layers = [self.kv.layers[i] for i in msg["layers"]]
+            pages = np.frombuffer(msg["pages"], dtype=np.int64).tolist()
+            if op == "gather_kv":
+                gather_heads(self.group, layers, pages, msg["n"], msg["first"])
+            elif op == "scatter_kv":
+                wire = torch.empty(msg["shape"], dtype=layers[0].dtype, device=self.device)
+                scatter_heads(self.group, wire, layers, pages, msg["first"])
+            else:
+                raise ValueError(f"tensor parallel worker: unknown op {op!r}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rank", type=int, required=True)
+    ap.add_argument("--size", type=int, required=True)
+    ap.add_argument("--init", required=True)
+    ap.add_argument("--config", required=True, help="the leader's EngineConfig as JSON")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s tp{args.rank} %(levelname)s %(message)s")
+    threading.Thread(target=_exit_with_parent, daemon=True).start()
+    worker = Worker(EngineConfig(**json.loads(args.config)), args.rank, args.size, args.init)
+    worker.serve()
+
+
+if __name__ == "__main__":
+    main()

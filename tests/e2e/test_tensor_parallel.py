@@ -1,0 +1,51 @@
+"""Tensor parallelism on a CPU: `tensor_parallel_size=2` runs the language model over two gloo
+processes (the engine and one `epd.engine.tp_worker`) and gives the one-process engine's tokens,
+token for token (float32), for Qwen2.5-VL, LLaVA and Llama 4 (its experts placed, two per
+process): text, images, and a batch of both, with prompts longer than a step so prefill runs in
+chunks. The one-process engine equals transformers in the families' own tests. A size that does
+not divide the model is refused naming both numbers, and the worker processes end with the engine.
+"""
+
+from __future__ import annotations
+
+import pytest
+from support import IMAGE, family_prompt, noise_image
+
+from epd import Engine
+
+GREEDY = {"temperature": 0, "max_new_tokens": 8}
+FAMILIES = ["qwen2_5_vl", "llava", "llama4"]
+
+
+def _requests(llm: Engine) -> tuple[list[str], list[list | None]]:
+    text = family_prompt(llm.tokenizer, "Tell me a long story about a red cat and a lighthouse by the sea, please.")
+    one = family_prompt(llm.tokenizer, IMAGE, "Describe this picture.")
+    two = family_prompt(llm.tokenizer, "First:", IMAGE, " and second:", IMAGE, " which is bluer?")
+    images = [None, [noise_image(120, 80, seed=1)], [noise_image(64, 64, seed=2), noise_image(90, 150, seed=3)]]
+    return [text, one, two], images
+
+
+def _run(path: str, tp: int) -> tuple[list[list[int]], list[list[int]]]:
+    """(each request alone, the three as one batch) token ids."""
+    with Engine(model_path=path, device="cpu", tensor_parallel_size=tp, page_size=4, max_step_tokens=40) as llm:
+        prompts, images = _requests(llm)
+        alone = [llm.generate(prompt=p, image_data=im, sampling_params=GREEDY)["output_ids"]
+                 for p, im in zip(prompts, images, strict=True)]
+        batch = [o["output_ids"] for o in llm.generate(prompt=prompts, image_data=images, sampling_params=GREEDY)]
+        workers = llm.core.tp.workers if llm.core.tp is not None else []
+    assert all(w.poll() is not None for w in workers), "the workers ended with the engine"
+    return alone, batch
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_two_processes_give_one_process_tokens(tiny_models, family):
+    one_alone, one_batch = _run(tiny_models[family], 1)
+    two_alone, two_batch = _run(tiny_models[family], 2)
+    assert two_alone == one_alone
+    assert two_batch == one_batch
+    assert len({tuple(t) for t in one_alone}) == 3, "the three requests differ"
+
+
+def test_a_size_that_does_not_divide_the_heads_is_refused(tiny_models):
+    with pytest.raises(ValueError, match=r"tensor parallel size 3 does not divide the attention heads \(4\)"):
+        Engine(model_path=tiny_models["qwen2_5_vl"], device="cpu", tensor_parallel_size=3)
