@@ -20,8 +20,10 @@ def main(argv: list[str] | None = None) -> int:
     layout = kv_layout_of(core)
     service = PrefillService(core, layout, args.layer_group_size, kv_timeout_s=args.kv_timeout)
     engine = service.engine
-    runtime = NodeRuntime(args, str(core.device), layout, capacity=engine.capacity,
-                          kv_ipc=ipc_capability(core.device, engine.page_size), max_context=core.max_context)
+    # CUDA IPC maps one process's pool: a node over several processes (tensor parallel) hands over through UCX
+    ipc = ipc_capability(core.device, engine.page_size) if engine.tensor_parallel_size == 1 else ""
+    runtime = NodeRuntime(args, str(core.device), layout, capacity=engine.capacity, kv_ipc=ipc,
+                          max_context=core.max_context)
     service.runtime = runtime
     if core.device.type == "cuda" and args.kv_ipc and args.embedding_arena_tokens > 0:
         service.arena = EmbeddingArena(args.embedding_arena_tokens, core.model_config.text.hidden_size, core.dtype,

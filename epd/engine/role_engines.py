@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from epd.engine.engine_core import EngineCore
+from epd.engine.kv_access import PoolLayers
 from epd.engine.request import Request, TokenEvent
 from epd.engine.sampling import SampleResult, sample
 from epd.models.family import DecodeState
@@ -63,14 +64,21 @@ class _RoleEngine:
         return [i for i in range(len(self.core.kv.layers)) if i not in cross]
 
     @property
-    def token_layers(self) -> list[torch.Tensor]:
-        """The pool tensors of `token_layer_ids`."""
-        return [self.core.kv.layers[i] for i in self.token_layer_ids]
+    def token_layers(self) -> PoolLayers:
+        """The pool layers of `token_layer_ids`, as a hand-over gathers and scatters them."""
+        ids = self.token_layer_ids
+        return PoolLayers([self.core.kv.layers[i] for i in ids], ids, self.core.tp)
 
     @property
-    def cross_layers(self) -> list[torch.Tensor]:
-        """The pool tensors of `cross_layer_ids` (where requests' image rows live)."""
-        return [self.core.kv.layers[i] for i in self.cross_layer_ids]
+    def cross_layers(self) -> PoolLayers:
+        """The pool layers of `cross_layer_ids` (where requests' image rows live)."""
+        ids = self.cross_layer_ids
+        return PoolLayers([self.core.kv.layers[i] for i in ids], ids, self.core.tp)
+
+    @property
+    def tensor_parallel_size(self) -> int:
+        """Processes the language model runs over (a CUDA IPC hand-over needs one)."""
+        return self.core.tp.group.size if self.core.tp is not None else 1
 
     @property
     def token_layer_chunks(self) -> list[int | None]:
@@ -145,7 +153,13 @@ class PrefillEngine(_RoleEngine):
         # embeddings are in (from the encoder node): placed, or made image rows' K/V
         self.core._encode_images([c.req for c in chunks if c.req.needs_images()])
         finishing = [c.req for c in chunks if c.samples]
-        logits = self.core.runner.run(chunks, after_layer=after_layer(finishing))
+        hook = after_layer(finishing)
+        if self.core.tp is None:
+            logits = self.core.runner.run(chunks, after_layer=hook)
+        else:   # the hook's KV gathers are collectives of the group: after the forward, not inside it
+            logits = self.core.runner.run(chunks)
+            for layer in range(self.num_layers):
+                hook(layer)
         self.core.scheduler.advance(chunks)
         # bans, penalties and grammar as the engine's own sampling
         sampled = sample(logits, [self.core.sampling_row(req) for req in finishing])

@@ -50,6 +50,8 @@ class Worker:
             self.model.fuse_projections()
         self.kv = make_kv_cache(config, model_config, self.model, self.device, dtype)
         self.backend = make_backend(config, model_config, self.model, self.device, dtype)
+        log.info("rank %d of %d: %s on %s, KV pool %d pages of %d heads", rank, size, model_config.model_id,
+                 self.device, self.kv.pool.capacity, self.kv.spec.num_kv_heads)
 
     @torch.inference_mode()
     def step(self, msg: dict) -> None:

@@ -28,7 +28,8 @@ from typing import Any
 import torch
 
 from epd import protocol
-from kv_transfer.kv_codec import gather_kv, scatter_kv, tokens_needed
+from epd.engine.kv_access import PoolLayers, as_pool_layers
+from kv_transfer.kv_codec import tokens_needed
 
 GENERATOR_STATE_BYTES = 1 << 16    # a seeded request's sampler state (torch: 16 bytes on a GPU, 5 KB on a CPU)
 
@@ -40,24 +41,19 @@ class HandOverState(enum.Enum):
     FAILED = "failed"
 
 
-def kv_bytes(layers: list[torch.Tensor], num_tokens: int) -> int:
-    """Bytes of `num_tokens` tokens' K and V over `layers` (one pool tensor per layer)."""
-    _, _, _, heads, dim = layers[0].shape
-    return len(layers) * 2 * num_tokens * heads * dim * layers[0].element_size()
-
-
 class CrossRowsKV:
     """A request's image rows on one node: the cross-attention layers' pool tensors, its pages there."""
 
-    def __init__(self, layers: list[torch.Tensor], rows: int, pages: list[int] | None = None) -> None:
-        self.layers, self.rows, self.pages = layers, rows, pages or []
+    def __init__(self, layers: PoolLayers | list[torch.Tensor], rows: int, pages: list[int] | None = None) -> None:
+        self.layers, self.rows, self.pages = as_pool_layers(layers), rows, pages or []
 
     def nbytes(self) -> int:
-        return kv_bytes(self.layers, self.rows) if self.layers else 0
+        return self.layers.nbytes(self.rows)
 
 
 class WireSender:
-    def __init__(self, transport: Any, peer: str, rid: str, layers: list[torch.Tensor], groups: list[Sequence[int]],
+    def __init__(self, transport: Any, peer: str, rid: str, layers: PoolLayers | list[torch.Tensor],
+                 groups: list[Sequence[int]],
                  pages: list[int], prompt_len: int, release: Callable[[list[int]], None],
                  timeout_s: float | None = None, layer_ids: list[int] | None = None,
                  cross: CrossRowsKV | None = None, chunks: Sequence[int | None] = ()) -> None:
@@ -68,7 +64,7 @@ class WireSender:
         Each send fails after `timeout_s` (a decode node that stopped reading, or an address
         that does not answer, gives the pages back then instead of holding them for good)."""
         self.transport, self.peer, self.rid, self.timeout_s = transport, peer, rid, timeout_s
-        self.layers, self.groups, self.prompt_len = layers, groups, prompt_len
+        self.layers, self.groups, self.prompt_len = as_pool_layers(layers), groups, prompt_len
         self.pages, self._release = pages, release
         self.cross = cross
         self.chunks = list(chunks) or [None] * len(layers)
@@ -88,7 +84,7 @@ class WireSender:
             return
         group = self.groups[gi]
         first = min(tokens_needed(self.prompt_len, self.chunks[group[0]]), self.prompt_len - 1)   # never empty
-        wire = gather_kv([self.layers[j] for j in group], self.pages, self.prompt_len - first, first=first)
+        wire = self.layers.gather(group, self.pages, self.prompt_len - first, first=first)
         meta = protocol.data_meta(protocol.KVGroup(self.rid, gi, list(group), first))
         self.sends.append(self.transport.send(self.peer, f"{self.rid}:kv:{gi}", [wire], meta=meta,
                                              timeout=self.timeout_s))
@@ -107,7 +103,7 @@ class WireSender:
         record.num_groups = len(self.groups)
         if self.cross is not None and self.cross.rows:
             record.cross_rows = self.cross.rows
-            wire = gather_kv(self.cross.layers, self.cross.pages, self.cross.rows)
+            wire = self.cross.layers.gather(range(len(self.cross.layers)), self.cross.pages, self.cross.rows)
             meta = protocol.data_meta(protocol.CrossRows(self.rid, self.cross.rows))
             self.sends.append(self.transport.send(self.peer, f"{self.rid}:cross", [wire], meta=meta,
                                                   timeout=self.timeout_s))
@@ -146,7 +142,7 @@ class WireSender:
 
 
 class WireReceiver:
-    def __init__(self, transport: Any, peer: str, rid: str, layers: list[torch.Tensor], prompt_len: int,
+    def __init__(self, transport: Any, peer: str, rid: str, layers: PoolLayers | list[torch.Tensor], prompt_len: int,
                  max_groups: int | None = None, cross: CrossRowsKV | None = None,
                  chunks: Sequence[int | None] = ()) -> None:
         """Announces what prefill will send for the request (when it arrives: the KV may come
@@ -155,6 +151,7 @@ class WireReceiver:
         chunked one, `chunks`, needs only the prompt's last chunk), and the image rows of `cross`
         (its pages come with `start`)."""
         self.transport, self.peer, self.rid = transport, peer, rid
+        layers = as_pool_layers(layers)
         self.layers, self.pages, self.prompt_len = layers, None, prompt_len
         self.needed = [tokens_needed(prompt_len, chunk) for chunk in (list(chunks) or [None] * len(layers))]
         self.cross = cross if cross is not None and cross.rows else None
@@ -165,7 +162,7 @@ class WireReceiver:
         self.next_group = 0
         self.first_kv_at = self.record_landed_at = 0.0
         self.state, self.error = HandOverState.TRANSFERRING, ""
-        total = kv_bytes(layers, prompt_len)
+        total = layers.nbytes(prompt_len)
         for key in self._group_keys(0):
             transport.expect(key, peer=peer, max_bytes=total)
         transport.expect(f"{rid}:meta", peer=peer, max_bytes=GENERATOR_STATE_BYTES)
@@ -207,10 +204,10 @@ class WireReceiver:
             wire, first = msg.tensors[0] if len(msg.tensors) == 1 else None, group.first_token
             if group.group != self.next_group or group.layers[-1] >= len(self.layers) or wire is None or \
                     any(first > self.needed[j] for j in group.layers) or tuple(wire.shape) != \
-                    (len(group.layers), 2, self.prompt_len - first, *self.layers[0].shape[3:]):
+                    (len(group.layers), 2, self.prompt_len - first, *self.layers.wire_tail):
                 raise protocol.ProtocolError(f"KV group {self.next_group} does not fit this request's KV")
             self.first_kv_at = self.first_kv_at or now
-            scatter_kv(wire.to(self.layers[0].device), [self.layers[j] for j in group.layers], self.pages, first)
+            self.layers.scatter(wire, group.layers, self.pages, first)
             self.next_group += 1
 
     def _take_cross(self) -> None:
@@ -221,9 +218,9 @@ class WireReceiver:
         wire = msg.tensors[0] if len(msg.tensors) == 1 else None
         cross = self.cross
         if rows != cross.rows or wire is None or \
-                tuple(wire.shape) != (len(cross.layers), 2, rows, *cross.layers[0].shape[3:]):
+                tuple(wire.shape) != (len(cross.layers), 2, rows, *cross.layers.wire_tail):
             raise protocol.ProtocolError(f"image rows do not fit this request's {cross.rows} rows")
-        scatter_kv(wire.to(cross.layers[0].device), cross.layers, cross.pages)
+        cross.layers.scatter(wire, range(len(cross.layers)), cross.pages)
         self.cross_landed = True
 
     def _take_record(self) -> None:

@@ -49,3 +49,28 @@ def test_two_processes_give_one_process_tokens(tiny_models, family):
 def test_a_size_that_does_not_divide_the_heads_is_refused(tiny_models):
     with pytest.raises(ValueError, match=r"tensor parallel size 3 does not divide the attention heads \(4\)"):
         Engine(model_path=tiny_models["qwen2_5_vl"], device="cpu", tensor_parallel_size=3)
+
+
+@pytest.mark.parametrize(("family", "decode_tp"), [("llama4", "2"), ("qwen2_5_vl", "1")])
+def test_tensor_parallel_prefill_hands_over_to_a_decode_node(tiny_models, tmp_path, family, decode_tp):
+    """1 encoder + 1 prefill node of two processes + 1 decode node of `decode_tp` (real Redis, UCX
+    over TCP, pages of 4 and 16 tokens): the colocated one-process engine's tokens and text."""
+    from disagg_support import disagg_cluster
+
+    path = tiny_models[family]
+    roles = {"encoder": [[]], "prefill": [["--page-size", "4", "-tp", "2"]],
+             "decode": [["--page-size", "16", "-tp", decode_tp]]}
+    common = ["--dtype", "float64", "--heartbeat-ttl", "2", "--max-step-tokens", "40"]
+    with Engine(model_path=path, device="cpu", dtype="float64") as engine, \
+            disagg_cluster(path, str(tmp_path), roles, common) as harness:
+        prompts, images = _requests(engine)
+        for prompt, imgs in zip(prompts, images, strict=True):
+            got = harness.generate(prompt, imgs or [], max_new_tokens=8, ignore_eos=True)
+            assert not got.error, got.error
+            want = engine.generate(prompt=prompt, image_data=imgs,
+                                   sampling_params={"temperature": 0, "max_new_tokens": 8, "ignore_eos": True})
+            assert got.token_ids == want["output_ids"] and got.text == want["text"]
+        harness.assert_pools_intact()
+    logs = {role: "".join(p.read_text() for p in tmp_path.glob(f"{role}*.log")) for role in ("prefill", "decode")}
+    assert "rank 1 of 2" in logs["prefill"]
+    assert ("rank 1 of 2" in logs["decode"]) == (decode_tp == "2")
