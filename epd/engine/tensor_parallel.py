@@ -138,6 +138,11 @@ def scatter_heads(group: TPGroup, wire: torch.Tensor, layers: list[torch.Tensor]
     scatter_kv(wire[:, :, :, group.rank * heads:(group.rank + 1) * heads].contiguous(), layers, list(pages), first)
 
 
+class GroupLost(SystemExit):
+    """A rank of the group is gone: the node exits (a supervisor or Kubernetes starts it again) rather
+    than fail every request from now on."""
+
+
 class TPLeader:
     """Rank 0's side of the group: launches the workers, sends them the step and the KV operations."""
 
@@ -164,19 +169,31 @@ class TPLeader:
                 w.kill()
             raise
 
+    def check_alive(self) -> None:
+        """Raise `GroupLost` (the process exits) when a worker has exited: the model is incomplete."""
+        for rank, w in enumerate(self.workers, start=1):
+            if w.poll() is not None:
+                code = w.returncode
+                self.stop(kill=True)
+                raise GroupLost(f"tensor parallel rank {rank} exited (code {code}): this process cannot run the "
+                                f"model without it and stops")
+
     def step(self, ids: torch.Tensor, positions: torch.Tensor, meta: StepMetadata, rows: list[int],
              spliced: bool) -> None:
+        self.check_alive()
         send(self.group, step_message(ids, positions, meta, rows, spliced))
 
     def broadcast(self, tensor: torch.Tensor) -> torch.Tensor:
         return broadcast(self.group, tensor)
 
     def gather_kv(self, layer_ids: list[int], pages: Sequence[int], num_tokens: int, first: int = 0) -> torch.Tensor:
+        self.check_alive()
         send(self.group, {"op": "gather_kv", "layers": layer_ids, "pages": _ints(pages), "n": num_tokens,
                           "first": first})
         return gather_heads(self.group, [self.layers[i] for i in layer_ids], pages, num_tokens, first)
 
     def scatter_kv(self, wire: torch.Tensor, layer_ids: list[int], pages: Sequence[int], first: int = 0) -> None:
+        self.check_alive()
         send(self.group, {"op": "scatter_kv", "layers": layer_ids, "pages": _ints(pages), "first": first,
                           "shape": list(wire.shape)})
         scatter_heads(self.group, wire.contiguous(), [self.layers[i] for i in layer_ids], pages, first)

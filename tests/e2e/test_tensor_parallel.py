@@ -74,3 +74,17 @@ def test_tensor_parallel_prefill_hands_over_to_a_decode_node(tiny_models, tmp_pa
     logs = {role: "".join(p.read_text() for p in tmp_path.glob(f"{role}*.log")) for role in ("prefill", "decode")}
     assert "rank 1 of 2" in logs["prefill"]
     assert ("rank 1 of 2" in logs["decode"]) == (decode_tp == "2")
+
+
+def test_a_worker_that_dies_stops_the_engine_with_its_reason(tiny_models):
+    """A rank killed under a live engine: the next step ends the process (GroupLost is a SystemExit,
+    so a node's loop does not swallow it and its supervisor starts it again), naming the rank."""
+    from epd.engine.tensor_parallel import GroupLost
+
+    llm = Engine(model_path=tiny_models["qwen2_5_vl"], device="cpu", tensor_parallel_size=2)
+    assert len(llm.generate(prompt="hi", sampling_params=GREEDY)["output_ids"]) == GREEDY["max_new_tokens"]
+    worker = llm.core.tp.workers[0]
+    worker.kill()
+    worker.wait()
+    with pytest.raises(GroupLost, match=r"tensor parallel rank 1 exited \(code -9\)"):
+        llm.generate(prompt="hi again", sampling_params=GREEDY)
