@@ -143,8 +143,6 @@ class EngineCore:
             raise ValueError(f"tensor parallel size {size} must be at least 1")
         if self.device.type == "cuda" and size > torch.cuda.device_count():
             raise ValueError(f"tensor parallel size {size}: only {torch.cuda.device_count()} GPUs are visible")
-        if self.model_config.family.cross_attention:
-            raise ValueError(f"tensor parallel size {size}: not built for cross-attention models yet")
         leader, self.device = TPLeader.start(self.config, self.device)
         return leader
 

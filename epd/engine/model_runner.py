@@ -137,20 +137,26 @@ class ModelRunner:
             if c.samples:
                 rows.append(end)
         spliced = any(c.req.image_index is not None and c.start < c.req.prompt_len for c in chunks)
+        cross = self.cross_chunks(chunks)
         if self.tp is not None:
-            self.tp.step(input_ids, positions, meta, rows, spliced)
+            self.tp.step(input_ids, positions, meta, rows, spliced, cross)
         embeds = self.embed(chunks, input_ids)
         if self.tp is not None and spliced:
             self.tp.broadcast(embeds)
         self.backend.plan(meta)
-        cross = self.cross_step(chunks)
-        extra = {"cross": cross} if cross is not None else {}
+        extra = {"cross": CrossStep(cross, self.kv.pool.cross_page_rows, self.device)} if cross is not None else {}
         hidden = self.model(embeds, positions, self.backend, self.kv.layers, after_layer, **extra)
         return self.model.logits(hidden[to_device(rows, self.device, torch.long)])
 
 
     def cross_step(self, chunks: list[Chunk]) -> CrossStep | None:
         """The step's cross-attention plan; None when no request of it has image rows."""
+        items = self.cross_chunks(chunks)
+        return CrossStep(items, self.kv.pool.cross_page_rows, self.device) if items is not None else None
+
+    def cross_chunks(self, chunks: list[Chunk]) -> list[CrossChunk] | None:
+        """The step's cross-attention chunks (the rows each token reads); None when no request of it
+        has image rows."""
         if not any(c.req.cross_pages for c in chunks):
             return None
         items = []
@@ -162,13 +168,15 @@ class ModelRunner:
                 items.append(CrossChunk(c.length, req.cross_pages, visible, sees))
             else:
                 items.append(CrossChunk(c.length))
-        return CrossStep(items, self.kv.pool.cross_page_rows, self.device)
+        return items
 
     @torch.inference_mode()
     def write_cross_rows(self, req: Request) -> None:
         """The K/V of the request's image rows (its images' encoder output, in order) into its
         cross pages, in every cross-attention layer."""
         states = torch.cat([im.embeddings for im in req.inp.images]).to(self.device, self.model.lm_head.weight.dtype)
+        if self.tp is not None:
+            self.tp.cross_rows(states, req.cross_pages)
         for layer, k, v in self.model.cross_kv(states):
             write_rows(self.kv.layers[layer], req.cross_pages, k, v)
         req.cross_ready = True

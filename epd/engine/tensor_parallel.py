@@ -9,13 +9,15 @@ of its share of the heads with the same page count, so a page id means the same 
 
 Only the leader schedules. For every forward it broadcasts one `step` message (msgpack: the
 step's token ids, positions, page tables, write slots, which rows sample, whether image
-embeddings were spliced in); every rank then embeds its vocabulary rows, takes the leader's
-spliced embeddings when there are any, runs the same layers (the row-parallel projections sum over
-the group) and gathers the logits of the sampling rows; the leader samples. For a hand-over the
-leader asks every rank for its heads of a request's KV (`gather_kv`: the wire tensor has every
-head, as with one process) or gives them theirs (`scatter_kv`), so the wire layout does not
-depend on either side's tensor-parallel size. `stop` ends the workers; a worker also ends when its
-leader dies (the kernel signals it) and the leader's next collective fails when a worker died.
+embeddings were spliced in, and for a cross-attention model the rows each token reads; before
+that, `cross_rows` gives every rank a request's image rows to make its heads' K/V of); every rank
+then embeds its vocabulary rows, takes the leader's spliced embeddings when there are any, runs the
+same layers (the row-parallel projections sum over the group) and gathers the logits of the
+sampling rows; the leader samples. For a hand-over the leader asks every rank for its heads of a
+request's KV (`gather_kv`: the wire tensor has every head, as with one process) or gives them
+theirs (`scatter_kv`), so the wire layout does not depend on either side's tensor-parallel size.
+`stop` ends the workers; a worker also ends once its leader's process is gone, and the leader
+stops (`GroupLost`) once a worker's is.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import numpy as np
 import torch
 
 from epd.engine.attention.base import StepMetadata
+from epd.engine.attention.cross import CrossChunk
 from epd.layers.parallel import TPGroup, set_group
 from kv_transfer.kv_codec import gather_kv, scatter_kv
 
@@ -99,12 +102,44 @@ def _array(data: bytes) -> np.ndarray:
 
 
 def step_message(ids: torch.Tensor, positions: torch.Tensor, meta: StepMetadata, rows: list[int],
-                 spliced: bool) -> dict[str, Any]:
+                 spliced: bool, cross: list[CrossChunk] | None = None) -> dict[str, Any]:
     tables = [np.asarray(t, dtype=np.int64) for t in meta.page_tables]
     return {"op": "step", "ids": _ints(ids.cpu()), "positions": _ints(positions.cpu()), "rows": rows,
             "position_rows": int(positions.shape[0]), "qo_lens": list(meta.qo_lens), "kv_lens": list(meta.kv_lens),
             "table_lens": [len(t) for t in tables], "tables": _ints(np.concatenate(tables) if tables else []),
-            "page_size": meta.page_size, "slots": _ints(meta.write_slots.cpu()), "spliced": spliced}
+            "page_size": meta.page_size, "slots": _ints(meta.write_slots.cpu()), "spliced": spliced,
+            "cross": [_cross_chunk(c) for c in cross] if cross is not None else None}
+
+
+def _bits(mask: torch.Tensor) -> bytes:
+    return np.packbits(mask.numpy().reshape(-1)).tobytes()
+
+
+def _unbits(data: bytes, shape: tuple[int, ...]) -> torch.Tensor:
+    flat = np.unpackbits(np.frombuffer(data, dtype=np.uint8), count=int(np.prod(shape)))
+    return torch.from_numpy(flat.astype(bool).reshape(shape))
+
+
+def _cross_chunk(c: CrossChunk) -> dict[str, Any]:
+    if c.visible is None:
+        return {"q": c.q_len}
+    return {"q": c.q_len, "pages": _ints(list(c.pages)), "rows": int(c.visible.shape[1]), "visible": _bits(c.visible),
+            "sees": _bits(c.sees)}
+
+
+def read_cross(msg: dict[str, Any]) -> list[CrossChunk] | None:
+    """The step's cross-attention chunks (a cross-attention model's step with image rows), else None."""
+    if msg["cross"] is None:
+        return None
+    chunks = []
+    for c in msg["cross"]:
+        if "pages" not in c:
+            chunks.append(CrossChunk(c["q"]))
+            continue
+        q = c["q"]
+        chunks.append(CrossChunk(q, _array(c["pages"]).tolist(), _unbits(c["visible"], (q, c["rows"])),
+                                 _unbits(c["sees"], (q,))))
+    return chunks
 
 
 def read_step(msg: dict[str, Any], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, StepMetadata]:
@@ -179,9 +214,16 @@ class TPLeader:
                                 f"model without it and stops")
 
     def step(self, ids: torch.Tensor, positions: torch.Tensor, meta: StepMetadata, rows: list[int],
-             spliced: bool) -> None:
+             spliced: bool, cross: list[CrossChunk] | None = None) -> None:
         self.check_alive()
-        send(self.group, step_message(ids, positions, meta, rows, spliced))
+        send(self.group, step_message(ids, positions, meta, rows, spliced, cross))
+
+    def cross_rows(self, states: torch.Tensor, pages: Sequence[int]) -> None:
+        """Image rows (the encoder's output [R, H]) to every rank, which writes its heads' K/V of them
+        into `pages` of its cross-attention layers (the leader writes its own after this)."""
+        self.check_alive()
+        send(self.group, {"op": "cross_rows", "pages": _ints(list(pages)), "shape": list(states.shape)})
+        broadcast(self.group, states.contiguous())
 
     def broadcast(self, tensor: torch.Tensor) -> torch.Tensor:
         return broadcast(self.group, tensor)

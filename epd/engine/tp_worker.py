@@ -21,9 +21,19 @@ import numpy as np
 import torch
 
 from epd.config import ModelConfig
+from epd.engine.attention.cross import CrossStep, write_rows
 from epd.engine.engine_core import EngineConfig
 from epd.engine.engine_parts import make_backend, make_kv_cache
-from epd.engine.tensor_parallel import gather_heads, init_group, rank_device, read_step, receive, scatter_heads
+from epd.engine.tensor_parallel import (
+    broadcast,
+    gather_heads,
+    init_group,
+    rank_device,
+    read_cross,
+    read_step,
+    receive,
+    scatter_heads,
+)
 from epd.kernels.fused_ops import fused_path
 
 log = logging.getLogger("epd.tp_worker")
@@ -62,8 +72,18 @@ class Worker:
 
             dist.broadcast(embeds, src=0, group=self.group.group)
         self.backend.plan(meta)
-        hidden = self.model(embeds, positions, self.backend, self.kv.layers)
+        cross = read_cross(msg)
+        extra = {"cross": CrossStep(cross, self.kv.pool.cross_page_rows, self.device)} if cross is not None else {}
+        hidden = self.model(embeds, positions, self.backend, self.kv.layers, **extra)
         self.model.logits(hidden[torch.tensor(msg["rows"], dtype=torch.long, device=self.device)])
+
+    @torch.inference_mode()
+    def cross_rows(self, msg: dict) -> None:
+        states = torch.empty(msg["shape"], dtype=self.model.lm_head.weight.dtype, device=self.device)
+        broadcast(self.group, states)
+        pages = np.frombuffer(msg["pages"], dtype=np.int64).tolist()
+        for layer, k, v in self.model.cross_kv(states):
+            write_rows(self.kv.layers[layer], pages, k, v)
 
     def serve(self) -> None:
         while True:
@@ -73,6 +93,9 @@ class Worker:
                 return
             if op == "step":
                 self.step(msg)
+                continue
+            if op == "cross_rows":
+                self.cross_rows(msg)
                 continue
             layers = [self.kv.layers[i] for i in msg["layers"]]
             pages = np.frombuffer(msg["pages"], dtype=np.int64).tolist()

@@ -1,9 +1,12 @@
 """Tensor parallelism on a CPU: `tensor_parallel_size=2` runs the language model over two gloo
 processes (the engine and one `epd.engine.tp_worker`) and gives the one-process engine's tokens,
-token for token (float32), for Qwen2.5-VL, LLaVA and Llama 4 (its experts placed, two per
-process): text, images, and a batch of both, with prompts longer than a step so prefill runs in
+token for token (float32), for Qwen2.5-VL, LLaVA, Llama 4 (its experts placed, two per
+process) and Llama-3.2-Vision (its image rows' K/V made by every process for its heads): text,
+images, and a batch of both, with prompts longer than a step so prefill runs in
 chunks. The one-process engine equals transformers in the families' own tests. A size that does
 not divide the model is refused naming both numbers, and the worker processes end with the engine.
+Split over pools, a prefill node of two processes hands over to decode nodes of one and of two
+(the image rows too, for Llama-3.2-Vision).
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from support import IMAGE, family_prompt, noise_image
 from epd import Engine
 
 GREEDY = {"temperature": 0, "max_new_tokens": 8}
-FAMILIES = ["qwen2_5_vl", "llava", "llama4"]
+FAMILIES = ["qwen2_5_vl", "llava", "llama4", "mllama"]
 
 
 def _requests(llm: Engine) -> tuple[list[str], list[list | None]]:
@@ -51,7 +54,7 @@ def test_a_size_that_does_not_divide_the_heads_is_refused(tiny_models):
         Engine(model_path=tiny_models["qwen2_5_vl"], device="cpu", tensor_parallel_size=3)
 
 
-@pytest.mark.parametrize(("family", "decode_tp"), [("llama4", "2"), ("qwen2_5_vl", "1")])
+@pytest.mark.parametrize(("family", "decode_tp"), [("llama4", "2"), ("qwen2_5_vl", "1"), ("mllama", "2")])
 def test_tensor_parallel_prefill_hands_over_to_a_decode_node(tiny_models, tmp_path, family, decode_tp):
     """1 encoder + 1 prefill node of two processes + 1 decode node of `decode_tp` (real Redis, UCX
     over TCP, pages of 4 and 16 tokens): the colocated one-process engine's tokens and text."""

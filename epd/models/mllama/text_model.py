@@ -21,16 +21,25 @@ from epd.engine.attention.base import AttentionBackend
 from epd.layers.decoder import DecoderLayer
 from epd.layers.mlp import GatedMLP
 from epd.layers.norm import RMSNorm
+from epd.layers.parallel import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    VocabParallelHead,
+    local_size,
+)
 
 
 class CrossAttention(nn.Module):
     def __init__(self, cfg: TextConfig) -> None:
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=False)
-        self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=False)
-        self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=False)
-        self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
+        heads, kv, d = "the attention heads", "the KV heads", cfg.head_dim
+        self.num_heads, self.num_kv_heads = local_size(cfg.num_heads, heads), local_size(cfg.num_kv_heads, kv)
+        self.head_dim = d
+        self.q_proj = ColumnParallelLinear(cfg.hidden_size, cfg.num_heads * d, bias=False, what=heads)
+        self.k_proj = ColumnParallelLinear(cfg.hidden_size, cfg.num_kv_heads * d, bias=False, what=kv)
+        self.v_proj = ColumnParallelLinear(cfg.hidden_size, cfg.num_kv_heads * d, bias=False, what=kv)
+        self.o_proj = RowParallelLinear(cfg.num_heads * d, cfg.hidden_size, bias=False, what=heads)
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
 
@@ -65,7 +74,7 @@ class CrossAttentionLayer(nn.Module):
 class MllamaTextModel(nn.Module):
     def __init__(self, cfg: TextConfig, cross_layers: tuple[int, ...]) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.prompt_vocab_size, cfg.hidden_size)
+        self.embed_tokens = VocabParallelEmbedding(cfg.prompt_vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList([CrossAttentionLayer(cfg) if i in cross_layers else DecoderLayer(cfg)
                                      for i in range(cfg.num_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -83,7 +92,7 @@ class MllamaLM(nn.Module):
         self.position_rows = 1
         self.cross_layers = tuple(sorted(cross_layers))
         self.language_model = MllamaTextModel(cfg, self.cross_layers)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = VocabParallelHead(cfg.hidden_size, cfg.vocab_size)
         self.rotary = rotary
 
     def fuse_projections(self) -> None:
