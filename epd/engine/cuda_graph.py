@@ -16,6 +16,8 @@ Lifecycle:
 A model with cross-attention layers also gets, per bucket, a `CrossGraphDecode` (each row's image
 rows as page lists and row ranges in fixed buffers) that `prepare` plans with the same copy.
 Anything else (prefill chunks, a batch above the largest bucket, a layer callback) runs eagerly.
+Under tensor parallelism each rank holds its own runner and graphs (their collectives captured
+inside): the leader's `prepare` sends the staged inputs, the other ranks `stage` and `replay` them.
 """
 
 from __future__ import annotations
@@ -33,9 +35,11 @@ from epd.engine.attention.flashinfer_backend import FlashInferBackend
 from epd.engine.kv_pool import KVCache, KVCacheSpec
 from epd.engine.model_runner import decode_positions, resolve_placeholders, token_positions, write_slots
 from epd.engine.scheduler import Chunk
+from epd.engine.tensor_parallel import TPLeader, broadcast
 from epd.kernels import split_kv_decode
 from epd.kernels.cross_decode import CrossGraphDecode
 from epd.kernels.split_kv_decode import SplitKVGraphSource
+from epd.layers.parallel import tp_group
 
 log = logging.getLogger(__name__)
 
@@ -65,9 +69,15 @@ def graph_buckets(max_bs: int) -> list[int]:
 
 class CudaGraphDecodeRunner:
     def __init__(self, model: torch.nn.Module, kv: KVCache, attention: FlashInferBackend | SplitKVGraphSource,
-                 max_bs: int, future: torch.Tensor) -> None:
-        """attention: where each bucket's decode attention comes from (`graph_decode`)."""
+                 max_bs: int, future: torch.Tensor, leader: TPLeader | None = None) -> None:
+        """attention: where each bucket's decode attention comes from (`graph_decode`). Under
+        tensor parallelism every rank captures the same buckets; `leader` (rank 0's) sends each
+        step's staged inputs to the other ranks, which `stage` and `replay` them, and each replay
+        starts by broadcasting rank 0's `future` (the tokens it sampled) so placeholders resolve
+        alike everywhere."""
         self.model = model
+        self.leader = leader
+        self.group = tp_group() if tp_group().size > 1 else None
         self.future = future   # the step before's sampled tokens, which placeholder ids read
         self.kv = kv
         self.attention = attention
@@ -120,6 +130,8 @@ class CudaGraphDecodeRunner:
 
     def _forward(self, bs: int) -> None:
         n = self.max_bs
+        if self.group is not None:
+            broadcast(self.group, self.future)
         ids = resolve_placeholders(self._dev[:bs], self.future)
         r = self.rows
         positions = self._dev[n:(r + 1) * n].view(r, n)[:, :bs]
@@ -174,25 +186,36 @@ class CudaGraphDecodeRunner:
         """Stage the step's inputs (one copy) and plan the bucket's attention; no device sync
         unless the previous step's copies have not finished reading their host buffers (with
         the overlap schedule the step before is still running: its copies ran before it)."""
-        ps, m = self.kv.spec.page_size, self.max_bs
         ids = [c.req.output_ids[c.start - c.req.prompt_len] if c.start >= c.req.prompt_len
                else c.req.inp.input_ids[c.start] for c in chunks]
         pos = decode_positions(chunks)   # [n], or [rows, n] below for a last prompt token
         if pos is None:
             pos = np.concatenate([token_positions(c.req, c.start, c.start + 1) for c in chunks], axis=1)
         tables = [c.req.page_array() for c in chunks]
-        slots = write_slots(chunks, tables, ps)
+        slots = write_slots(chunks, tables, self.kv.spec.page_size)
+        kv_lens = [c.start + 1 for c in chunks]
+        cross = self._cross_rows(chunks) if self.has_cross else None
+        if self.leader is not None:
+            self.leader.graph_step(bs, ids, np.broadcast_to(pos, (self.rows, len(ids))), slots, kv_lens, tables, cross)
+        self.stage(bs, ids, pos, slots, kv_lens, tables, cross)
+
+    @torch.inference_mode()
+    def stage(self, bs: int, ids: list[int], pos: np.ndarray, slots: np.ndarray, kv_lens: list[int],
+              tables: list[np.ndarray], cross: list | None) -> None:
+        """One step's inputs into the static buffers and the bucket's attention planned (what
+        `prepare` found, or, on a tensor-parallel rank, what the leader sent)."""
+        m = self.max_bs
         self._copied.synchronize()
-        host, n = self._host_np, len(chunks)
+        host, n = self._host_np, len(ids)
         host[:] = 0
         host[:n] = ids
         r = self.rows
         host[m:(r + 1) * m].reshape(r, m)[:, :n] = pos
         host[(r + 1) * m:(r + 1) * m + n] = slots
         self._dev.copy_(self._host, non_blocking=True)
-        self._attn[bs].plan_padded([c.start + 1 for c in chunks], tables)
+        self._attn[bs].plan_padded(kv_lens, tables)
         if self.has_cross:
-            self._cross[bs].plan(self._cross_rows(chunks))
+            self._cross[bs].plan(cross)
         self._copied.record()   # after the plan's copies too: its host buffers are free once this completes
 
     @torch.inference_mode()

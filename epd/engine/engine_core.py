@@ -26,7 +26,7 @@ import torch
 from epd.config import ModelConfig, parse_dtype
 from epd.engine.detokenizer import IncrementalDetokenizer
 from epd.engine.device_copy import to_device
-from epd.engine.engine_parts import make_backend, make_kv_cache
+from epd.engine.engine_parts import make_backend, make_graphs, make_kv_cache
 from epd.engine.inputs import InputError, InputProcessor, ProcessedInput, outside_vocabulary
 from epd.engine.kv_pool import PagePool
 from epd.engine.model_runner import ModelRunner, attach_image_embeddings
@@ -126,7 +126,8 @@ class EngineCore:
         self.runner = ModelRunner(self.model, self.kv, make_backend(config, self.model_config, self.model, self.device,
                                                                      self.dtype),
                                   self.device, max_rows=config.max_running_requests, tp=self.tp)
-        self._capture_graphs()
+        self.runner.graphs = make_graphs(config, self.model, self.kv, self.runner.backend, self.device,
+                                         self.runner.future, self.tp)
         self.inputs = InputProcessor(self.model_config, tokenizer, self.max_context,
                                      resize_on_device=self.device.type == "cuda")
         self._rid = 0
@@ -150,19 +151,6 @@ class EngineCore:
         """Stop the tensor-parallel workers (the engine cannot step after this)."""
         if self.tp is not None:
             self.tp.stop()
-
-    def _capture_graphs(self) -> None:
-        if self.config.disable_cuda_graph or self.device.type != "cuda" or self.tp is not None:
-            return
-        from epd.engine.cuda_graph import CudaGraphDecodeRunner, graph_source
-
-        source = graph_source(self.runner.backend, self.model, self.kv.spec, self.device)
-        max_bs = min(self.config.cuda_graph_max_bs, self.config.max_running_requests)
-        if source is None or max_bs < 1:
-            return
-        graphs = CudaGraphDecodeRunner(self.model, self.kv, source, max_bs, self.runner.future)
-        graphs.capture()
-        self.runner.graphs = graphs
 
     def new_request(self, inp: ProcessedInput, params: SamplingParams, rid: str | None = None) -> Request:
         for name, ids in (("stop_token_ids", params.stop_token_ids), ("logit_bias", [t for t, _ in params.logit_bias])):

@@ -1,4 +1,5 @@
-"""What every process of an engine builds the same way: its KV pool and its attention backend.
+"""What every process of an engine builds the same way: its KV pool, its attention backend and its
+CUDA-graph decode runner.
 
 The engine core (and, under tensor parallelism, each of its worker processes) calls these once
 after its language model is loaded. Under tensor parallelism a process's pool holds its share of
@@ -78,3 +79,21 @@ def make_backend(config: Any, model_config: ModelConfig, model: torch.nn.Module,
     log.info("attention: flashinfer backend")
     return flashinfer_backend.FlashInferBackend(tc.num_heads // size, tc.num_kv_heads // size, tc.head_dim,
                                                 config.page_size, dtype, device)
+
+
+def make_graphs(config: Any, model: torch.nn.Module, kv: KVCache, backend: AttentionBackend, device: torch.device,
+                future: torch.Tensor, leader: Any = None) -> Any:
+    """The captured decode graphs (`epd.engine.cuda_graph.CudaGraphDecodeRunner`), or None (a CPU,
+    --disable-cuda-graph, or an attention backend no graph can take). Under tensor parallelism every
+    rank calls this at start-up and captures the same buckets (their collectives inside)."""
+    if config.disable_cuda_graph or device.type != "cuda":
+        return None
+    from epd.engine.cuda_graph import CudaGraphDecodeRunner, graph_source
+
+    source = graph_source(backend, model, kv.spec, device)
+    max_bs = min(config.cuda_graph_max_bs, config.max_running_requests)
+    if source is None or max_bs < 1:
+        return None
+    graphs = CudaGraphDecodeRunner(model, kv, source, max_bs, future, leader)
+    graphs.capture()
+    return graphs

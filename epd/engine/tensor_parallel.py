@@ -142,14 +142,28 @@ def read_cross(msg: dict[str, Any]) -> list[CrossChunk] | None:
     return chunks
 
 
-def read_step(msg: dict[str, Any], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, StepMetadata]:
-    """(token ids, positions, attention metadata) of a `step` message, on `device`."""
-    ids = torch.from_numpy(_array(msg["ids"]).copy()).to(device)
-    positions = torch.from_numpy(_array(msg["positions"]).reshape(msg["position_rows"], -1).copy()).to(device)
+def read_tables(msg: dict[str, Any]) -> list[np.ndarray]:
+    """The page tables of a `step` or `graph` message (int32 arrays, as `Request.page_array()`)."""
     flat, tables, start = _array(msg["tables"]), [], 0
     for n in msg["table_lens"]:
         tables.append(flat[start:start + n].astype(np.int32))
         start += n
+    return tables
+
+
+def read_graph_step(msg: dict[str, Any]) -> tuple[Any, ...]:
+    """`CudaGraphDecodeRunner.stage`'s arguments from a `graph` message."""
+    cross = [(pages, [tuple(seg) for seg in segments], sees) for pages, segments, sees in msg["cross"]] \
+        if msg["cross"] is not None else None
+    return (msg["bs"], _array(msg["ids"]).tolist(), _array(msg["positions"]).reshape(msg["position_rows"], -1),
+            _array(msg["slots"]), list(msg["kv_lens"]), read_tables(msg), cross)
+
+
+def read_step(msg: dict[str, Any], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, StepMetadata]:
+    """(token ids, positions, attention metadata) of a `step` message, on `device`."""
+    ids = torch.from_numpy(_array(msg["ids"]).copy()).to(device)
+    positions = torch.from_numpy(_array(msg["positions"]).reshape(msg["position_rows"], -1).copy()).to(device)
+    tables = read_tables(msg)
     slots = torch.from_numpy(_array(msg["slots"]).copy()).to(device)
     return ids, positions, StepMetadata(list(msg["qo_lens"]), list(msg["kv_lens"]), tables, msg["page_size"], slots)
 
@@ -217,6 +231,19 @@ class TPLeader:
              spliced: bool, cross: list[CrossChunk] | None = None) -> None:
         self.check_alive()
         send(self.group, step_message(ids, positions, meta, rows, spliced, cross))
+
+    def graph_step(self, bs: int, ids: list[int], positions: np.ndarray, slots: np.ndarray, kv_lens: list[int],
+                   tables: list[np.ndarray], cross: list | None) -> None:
+        """A CUDA-graph decode step's staged inputs (`CudaGraphDecodeRunner.stage`), for every rank
+        to replay bucket `bs` with."""
+        self.check_alive()
+        arrays = [np.asarray(t, dtype=np.int64) for t in tables]
+        send(self.group, {"op": "graph", "bs": bs, "ids": _ints(ids), "positions": _ints(positions),
+                          "position_rows": int(positions.shape[0]), "slots": _ints(slots), "kv_lens": kv_lens,
+                          "table_lens": [len(t) for t in arrays],
+                          "tables": _ints(np.concatenate(arrays) if arrays else []),
+                          "cross": [[list(map(int, pages)), [list(seg) for seg in segments], bool(sees)]
+                                    for pages, segments, sees in cross] if cross is not None else None})
 
     def cross_rows(self, states: torch.Tensor, pages: Sequence[int]) -> None:
         """Image rows (the encoder's output [R, H]) to every rank, which writes its heads' K/V of them

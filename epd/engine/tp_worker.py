@@ -23,13 +23,14 @@ import torch
 from epd.config import ModelConfig
 from epd.engine.attention.cross import CrossStep, write_rows
 from epd.engine.engine_core import EngineConfig
-from epd.engine.engine_parts import make_backend, make_kv_cache
+from epd.engine.engine_parts import make_backend, make_graphs, make_kv_cache
 from epd.engine.tensor_parallel import (
     broadcast,
     gather_heads,
     init_group,
     rank_device,
     read_cross,
+    read_graph_step,
     read_step,
     receive,
     scatter_heads,
@@ -60,6 +61,8 @@ class Worker:
             self.model.fuse_projections()
         self.kv = make_kv_cache(config, model_config, self.model, self.device, dtype)
         self.backend = make_backend(config, model_config, self.model, self.device, dtype)
+        future = torch.zeros(max(1, config.max_running_requests), dtype=torch.long, device=self.device)
+        self.graphs = make_graphs(config, self.model, self.kv, self.backend, self.device, future)
         log.info("rank %d of %d: %s on %s, KV pool %d pages of %d heads", rank, size, model_config.model_id,
                  self.device, self.kv.pool.capacity, self.kv.spec.num_kv_heads)
 
@@ -96,6 +99,11 @@ class Worker:
                 continue
             if op == "cross_rows":
                 self.cross_rows(msg)
+                continue
+            if op == "graph":
+                args = read_graph_step(msg)
+                self.graphs.stage(*args)
+                self.graphs.replay(args[0])
                 continue
             layers = [self.kv.layers[i] for i in msg["layers"]]
             pages = np.frombuffer(msg["pages"], dtype=np.int64).tolist()
