@@ -84,7 +84,7 @@ class Report:
         self.save()
 
 
-def _engine(path: str, vision: bool):
+def _engine(path: str, vision: bool, tp: int = 1):
     from transformers import AutoTokenizer
 
     from epd.config import ModelConfig
@@ -93,13 +93,13 @@ def _engine(path: str, vision: bool):
     mc = ModelConfig.from_pretrained(path)
     tc = mc.text
     wanted = max(DECODE_BATCHES) * (CONTEXT + 64) + 4 * 8192
-    kv_bytes = wanted * tc.num_layers * 2 * tc.num_kv_heads * tc.head_dim * 2
+    kv_bytes = wanted * tc.num_layers * 2 * tc.num_kv_heads // tp * tc.head_dim * 2   # a rank's share
     # a pool too large for the GPU (LLaVA-1.5-7B's 32 KV heads: 0.5 MB a token) is sized from memory
     # instead, and the decode batches it cannot hold at CONTEXT are left out; so is a cross-attention
     # model's (its requests' image rows take pages too)
     fits = kv_bytes < 0.6 * torch.cuda.get_device_properties(0).total_memory and not mc.family.cross_attention
     cfg = EngineConfig(model_path=path, max_running_requests=max(DECODE_BATCHES), max_step_tokens=8192,
-                       kv_cache_tokens=wanted if fits else None, load_vision=vision)
+                       kv_cache_tokens=wanted if fits else None, load_vision=vision, tensor_parallel_size=tp)
     t0 = time.perf_counter()
     core = EngineCore(cfg, AutoTokenizer.from_pretrained(path))
     for layer in core.kv.layers:  # decode reads KV that was never prefilled: make it real numbers
@@ -255,7 +255,7 @@ def _hf_rows(path: str, ours: dict[int, float]) -> list[dict]:
 
 
 def bench_model(report: Report, name: str, path: str, args: argparse.Namespace) -> None:
-    core, startup = _engine(path, vision=name in args.vision)
+    core, startup = _engine(path, vision=name in args.vision, tp=args.tensor_parallel_size)
     report.data["models"][name] = {"path": path, "startup": startup}
     ours = _engine_sections(report, name, core, args)
     core = None  # the engine's memory goes back before transformers loads its copy
@@ -280,6 +280,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sections", default="decode,variants,profile,prefill,vision,hf",
                     help="comma-separated subset of decode,variants (decode without each fast-path piece),profile,"
                          "prefill,vision,hf")
+    ap.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                    help="run each model over this many GPUs (the roofline then counts the bytes one rank reads)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     report = Report(args.out, argv)

@@ -10,7 +10,8 @@
 # processes (1 image at 16 and 24 req/s, 2 images at 8), split and colocated; `serve7b` brings up
 # `epd serve` with its defaults on the 7b preset and serves a 4-image workload; `llama4` the Llama 4
 # scout-12l preset's decode (graphs, the MoE kernels; the roofline counts the experts a batch is
-# expected to pick) and prefill. `mllama` measures the Llama-3.2-Vision 11b preset (decode
+# expected to pick) and prefill; `tp` (a machine of 2 GPUs or more) the tensor-parallel GPU tests and
+# scout-12l's decode and prefill over 2 GPUs (the roofline counts the bytes one rank reads). `mllama` measures the Llama-3.2-Vision 11b preset (decode
 # with one 4-tile image of cross-attention rows per request, prefill, vision tower); `mllama_ttft` its
 # TTFT for a 1120x1120 image, colocated against 1E + 1P + 1D. `llava` measures the LLaVA-1.5 7b preset (decode, prefill, vision tower,
 # transformers' generate); `qwen_decode` the Qwen 3b / 7b graph decode only (no variants).
@@ -46,7 +47,7 @@ if want tests || want bench || want qwen_decode || want ttft; then model /tmp/m3
 if want bench || want qwen_decode || want kv; then model /tmp/m7b qwen2_5_vl 7b; fi
 want llava && model /tmp/mllava7b llava 7b
 if want mllama || want mllama_ttft; then model /tmp/mllama11b mllama 11b; fi
-want llama4 && model /tmp/mscout12l llama4 scout-12l
+if want llama4 || want tp; then model /tmp/mscout12l llama4 scout-12l; fi
 if [[ $steps == *",tests,"* ]]; then
     EPD_GPU_MODEL_3B=/tmp/m3b timeout 420 python3 -m pytest tests/gpu -m gpu -q >"$out/tests.log" 2>&1
     echo "== tests: exit $? ($(tail -1 "$out/tests.log"))" | tee -a "$log"
@@ -78,6 +79,12 @@ step serve7b 200 env EPD_LOAD_MODEL=/tmp/m7b EPD_LOAD_PRESET=7b RATES_4=2 EPD_LO
 want serve7b && pkill -f "epd.cli serve"
 step llama4 300 python3 -m bench.gpu_bench --out "$out/gpu_llama4.json" --model scout12l=/tmp/mscout12l \
     --sections decode,prefill --skip-hf
+if [[ $steps == *",tp,"* ]]; then   # two GPUs or more: tensor parallelism against one GPU
+    timeout 400 python3 -m pytest tests/gpu/test_tensor_parallel_gpu.py -m gpu -q -rf >"$out/tp_tests.log" 2>&1
+    echo "== tp tests: exit $? ($(tail -1 "$out/tp_tests.log"))" | tee -a "$log"
+fi
+step tp 300 python3 -m bench.gpu_bench --out "$out/gpu_tp.json" --model scout12l_tp2=/tmp/mscout12l \
+    --tensor-parallel-size 2 --sections decode,prefill --skip-hf
 step attention 50 python3 -m bench.gpu_attention --out "$out/attn.json"
 step kv 60 python3 -m bench.gpu_kv_transfer --preset 7b --ipc --out "$out/kv_ipc.json"
 # (`--variant='--ucx-progress thread-polling'` adds a run with a spinning UCX progress thread: no

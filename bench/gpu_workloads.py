@@ -69,8 +69,10 @@ def ceilings() -> dict:
 
 
 def model_facts(core: EngineCore) -> dict:
-    """Bytes a decode step must read for weights, KV bytes per token, matmul parameters per token."""
+    """Bytes a decode step must read for weights, KV bytes per token, matmul parameters per token:
+    of one rank under tensor parallelism (its slice of the weights, its KV heads, its experts)."""
     model, tc = core.model, core.model_config.text
+    ranks = core.tp.group.size if core.tp is not None else 1
     params = list(model.parameters())  # tied weights appear once
     total = sum(p.numel() * p.element_size() for p in params)
     embed = model.language_model.embed_tokens.weight
@@ -80,38 +82,44 @@ def model_facts(core: EngineCore) -> dict:
     matmuls = {n: p.numel() for n, p in model.named_parameters()
                if ".layers." in n and n.endswith("weight") and "norm" not in n}
     in_cross = {n for n in matmuls if any(f".layers.{i}." in n for i in cross)}
-    row_bytes = 2 * tc.num_kv_heads * tc.head_dim * embed.element_size()   # one layer's K and V of a token or row
+    row_bytes = 2 * core.kv.spec.num_kv_heads * tc.head_dim * embed.element_size()   # one layer's K, V of a token/row
     moe = _routed_experts(model)
     return {"decode_weight_bytes": weight_bytes, "kv_bytes_per_token": (tc.num_layers - len(cross)) * row_bytes,
             **moe,
             "cross_kv_bytes_per_row": len(cross) * row_bytes,   # cross-attention layers: image rows, not tokens
             "layer_matmul_params": sum(matmuls.values()),
             "cross_layer_matmul_params": sum(matmuls[n] for n in in_cross), "lm_head_params": lm_head.numel(),
-            "num_layers": tc.num_layers, "cross_layers": len(cross), "num_heads": tc.num_heads,
-            "head_dim": tc.head_dim}
+            "num_layers": tc.num_layers, "cross_layers": len(cross), "num_heads": tc.num_heads // ranks,
+            "head_dim": tc.head_dim, "tensor_parallel_size": ranks}
 
 
 def _routed_experts(model: torch.nn.Module) -> dict:
     """A mixture-of-experts model's routed experts (modules with `top_k` and batched `experts`
-    weights [E, ...]): per layer E, k, and one expert's parameters and bytes; zeros for a dense model."""
+    weights [E, ...]): per layer E (this rank's: `num_experts`; the model's: `routed_experts`, the
+    router's outputs), k, and one expert's parameters and bytes; zeros for a dense model."""
     layers = [m for m in model.modules() if hasattr(m, "top_k") and hasattr(m, "experts")]
     if not layers:
-        return {"moe_layers": 0, "num_experts": 0, "top_k": 0, "expert_params": 0, "expert_bytes": 0}
+        return {"moe_layers": 0, "num_experts": 0, "routed_experts": 0, "top_k": 0, "expert_params": 0,
+                "expert_bytes": 0}
     weights = list(layers[0].experts.parameters())
     experts = weights[0].shape[0]
+    router = getattr(layers[0], "router", None)
     params = sum(w.numel() for w in weights) // experts
     return {"moe_layers": len(layers), "num_experts": experts, "top_k": layers[0].top_k, "expert_params": params,
+            "routed_experts": router.out_features if router is not None else experts,
             "expert_bytes": params * weights[0].element_size()}
 
 
 def step_weight_bytes(facts: dict, batch: int) -> float:
     """Weight bytes a decode step of `batch` tokens reads: every dense weight, and of each MoE layer's
-    routed experts the expected number a batch picks (uniform routing: E * (1 - (1 - k/E)^batch))."""
+    routed experts the expected number a batch picks (uniform routing: E * (1 - (1 - k/E)^batch); of
+    a rank's experts under tensor parallelism, each picked with the same chance)."""
     experts, k = facts.get("num_experts", 0), facts.get("top_k", 0)
     if not experts:
         return facts["decode_weight_bytes"]
+    routed = facts.get("routed_experts") or experts
     all_experts = facts["moe_layers"] * experts * facts["expert_bytes"]
-    touched = experts * (1 - (1 - k / experts) ** batch)
+    touched = experts * (1 - (1 - k / routed) ** batch)
     return facts["decode_weight_bytes"] - all_experts + facts["moe_layers"] * touched * facts["expert_bytes"]
 
 
@@ -162,7 +170,10 @@ def decode(core: EngineCore, facts: dict, bw: float, batch: int, context: int, g
         if graphs and saved is not None:
             bs = saved.bucket(batch)
             host = _host_breakdown(saved, chunks, bs)
-            forward_ms = _events_ms(lambda: saved.replay(bs), 20)
+            if core.tp is None:
+                forward_ms = _events_ms(lambda: saved.replay(bs), 20)
+            else:   # every rank must replay too: the leader's prepare sends them the step (staging counted)
+                forward_ms = _events_ms(lambda: (saved.prepare(chunks, bs), saved.replay(bs)), 20)
         else:
             forward_ms = _events_ms(lambda: core.runner.run(chunks), 10)
         ctx = reqs[0].num_computed
