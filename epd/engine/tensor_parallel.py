@@ -3,7 +3,8 @@
 `--tensor-parallel-size N` makes one engine N processes: the engine core is rank 0, and
 `TPLeader.start` launches ranks 1..N-1 (`python -m epd.engine.tp_worker`, one per GPU, or N CPU
 processes), joins them in a torch.distributed group (NCCL for the tensors on GPUs, gloo on a CPU;
-a gloo group always carries the leader's messages) and sets the process's `epd.layers.parallel`
+a gloo group always carries the leader's messages; the rendezvous is a file in a directory only
+the user can open, and the group's sockets listen on loopback) and sets the process's `epd.layers.parallel`
 group before any model is built. Each process loads its shard of the language model and a KV pool
 of its share of the heads with the same page count, so a page id means the same page everywhere.
 
@@ -25,9 +26,11 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
-import socket
+import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Sequence
 from typing import Any
 
@@ -48,6 +51,8 @@ def init_group(rank: int, size: int, init: str, device: torch.device) -> TPGroup
     import torch.distributed as dist
 
     backend = "nccl" if device.type == "cuda" else "gloo"
+    for name in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):   # one host: nothing listens beyond loopback
+        os.environ.setdefault(name, "lo")
     dist.init_process_group(backend, init_method=init, rank=rank, world_size=size, timeout=_IDLE_FOREVER)
     cpu = dist.new_group(backend="gloo", timeout=_IDLE_FOREVER) if backend != "gloo" else dist.group.WORLD
     group = TPGroup(rank, size, dist.group.WORLD, cpu)
@@ -195,27 +200,30 @@ class GroupLost(SystemExit):
 class TPLeader:
     """Rank 0's side of the group: launches the workers, sends them the step and the KV operations."""
 
-    def __init__(self, group: TPGroup, workers: list[subprocess.Popen], layers: list[torch.Tensor] | None = None):
-        self.group, self.workers = group, workers
+    def __init__(self, group: TPGroup, workers: list[subprocess.Popen], layers: list[torch.Tensor] | None = None,
+                 rendezvous: str = "") -> None:
+        self.group, self.workers, self.rendezvous = group, workers, rendezvous
         self.layers = layers or []   # this process's KV pool layers (set once the pool exists)
 
     @classmethod
     def start(cls, config: Any, device: torch.device) -> tuple[TPLeader, torch.device]:
         """Launch ranks 1..N-1 of `config` (an EngineConfig) and join them; (leader, rank 0's device)."""
         size = config.tensor_parallel_size
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            init = f"tcp://127.0.0.1:{s.getsockname()[1]}"
+        # the rendezvous is a file in a directory only this user can open (a TCP store would let any
+        # local process join the group first and read the steps); the group's own sockets use loopback
+        rendezvous = tempfile.mkdtemp(prefix="epd-tp-")
+        init = f"file://{os.path.join(rendezvous, 'store')}"
         spec = json.dumps(dataclasses.asdict(config))
         workers = [subprocess.Popen([sys.executable, "-m", "epd.engine.tp_worker", "--rank", str(rank),
                                      "--size", str(size), "--init", init, "--config", spec])
                    for rank in range(1, size)]
         device = rank_device(device, 0)
         try:
-            return cls(init_group(0, size, init, device), workers), device
+            return cls(init_group(0, size, init, device), workers, rendezvous=rendezvous), device
         except BaseException:
             for w in workers:
                 w.kill()
+            shutil.rmtree(rendezvous, ignore_errors=True)
             raise
 
     def check_alive(self) -> None:
@@ -285,3 +293,5 @@ class TPLeader:
         if dist.is_initialized():
             dist.destroy_process_group()
         set_group(TPGroup())
+        if self.rendezvous:
+            shutil.rmtree(self.rendezvous, ignore_errors=True)

@@ -91,3 +91,32 @@ def test_a_worker_that_dies_stops_the_engine_with_its_reason(tiny_models):
     worker.wait()
     with pytest.raises(GroupLost, match=r"tensor parallel rank 1 exited \(code -9\)"):
         llm.generate(prompt="hi again", sampling_params=GREEDY)
+
+
+def test_the_group_listens_on_loopback_only_and_ignores_strangers(tiny_models):
+    """A local process without the user's files cannot join the group (the rendezvous is a file in a
+    private directory, gone once the engine stops), the group's sockets listen on loopback only, and
+    bytes a stranger writes to them change no answer."""
+    import os
+    import socket
+    import time
+
+    psutil = pytest.importorskip("psutil")
+    llm = Engine(model_path=tiny_models["qwen2_5_vl"], device="cpu", tensor_parallel_size=2)
+    try:
+        want = llm.generate(prompt="hi", sampling_params=GREEDY)["output_ids"]
+        rendezvous = llm.core.tp.rendezvous
+        assert os.stat(rendezvous).st_mode & 0o077 == 0
+        pids = [os.getpid()] + [w.pid for w in llm.core.tp.workers]
+        listening = [c.laddr for pid in pids for c in psutil.Process(pid).net_connections("tcp")
+                     if c.status == psutil.CONN_LISTEN]
+        assert listening and all(addr.ip == "127.0.0.1" for addr in listening)
+        for addr in listening:
+            for junk in (os.urandom(4096), b"\0" * 64):
+                with socket.create_connection((addr.ip, addr.port)) as s:
+                    s.sendall(junk)
+                    time.sleep(0.1)
+        assert llm.generate(prompt="hi", sampling_params=GREEDY)["output_ids"] == want
+    finally:
+        llm.shutdown()
+    assert not os.path.exists(rendezvous)
