@@ -23,6 +23,7 @@ stops (`GroupLost`) once a worker's is.
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import datetime
 import json
@@ -219,7 +220,9 @@ class TPLeader:
                    for rank in range(1, size)]
         device = rank_device(device, 0)
         try:
-            return cls(init_group(0, size, init, device), workers, rendezvous=rendezvous), device
+            leader = cls(init_group(0, size, init, device), workers, rendezvous=rendezvous)
+            atexit.register(leader.stop)   # a process that ends without stopping its engine ends its workers
+            return leader, device
         except BaseException:
             for w in workers:
                 w.kill()

@@ -90,7 +90,11 @@ class Worker:
 
     def serve(self) -> None:
         while True:
-            msg = receive(self.group)
+            try:
+                msg = receive(self.group)
+            except RuntimeError as e:   # the leader's connection closed: it ended without a stop
+                log.info("rank %d: the leader is gone (%s); exiting", self.group.rank, str(e).splitlines()[0][:120])
+                return
             op = msg["op"]
             if op == "stop":
                 return
