@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     runtime = NodeRuntime(args, str(core.device), layout, capacity=engine.capacity, kv_ipc=ipc,
                           max_context=core.max_context)
     service.runtime = runtime
-    if core.device.type == "cuda" and args.kv_ipc and args.embedding_arena_tokens > 0:
+    if ipc and args.kv_ipc and args.embedding_arena_tokens > 0:   # encoders write embeddings into it through IPC
         service.arena = EmbeddingArena(args.embedding_arena_tokens, core.model_config.text.hidden_size, core.dtype,
                                        core.device, owner=runtime.node_id, fence_timeout_s=args.kv_timeout)
     service.rooms = RoomStore(runtime.redis)

@@ -139,7 +139,8 @@ class ModelRunner:
         spliced = any(c.req.image_index is not None and c.start < c.req.prompt_len for c in chunks)
         cross = self.cross_chunks(chunks)
         if self.tp is not None:
-            self.tp.step(input_ids, positions, meta, rows, spliced, cross)
+            self.tp.step(input_ids, positions, meta, rows, spliced, cross, hooked=after_layer is not None)
+            after_layer = self.tp.layer_hook(after_layer) if after_layer is not None else None
         embeds = self.embed(chunks, input_ids)
         if self.tp is not None and spliced:
             self.tp.broadcast(embeds)

@@ -153,13 +153,7 @@ class PrefillEngine(_RoleEngine):
         # embeddings are in (from the encoder node): placed, or made image rows' K/V
         self.core._encode_images([c.req for c in chunks if c.req.needs_images()])
         finishing = [c.req for c in chunks if c.samples]
-        hook = after_layer(finishing)
-        if self.core.tp is None:
-            logits = self.core.runner.run(chunks, after_layer=hook)
-        else:   # the hook's KV gathers are collectives of the group: after the forward, not inside it
-            logits = self.core.runner.run(chunks)
-            for layer in range(self.num_layers):
-                hook(layer)
+        logits = self.core.runner.run(chunks, after_layer=after_layer(finishing))
         self.core.scheduler.advance(chunks)
         # bans, penalties and grammar as the engine's own sampling
         sampled = sample(logits, [self.core.sampling_row(req) for req in finishing])

@@ -16,7 +16,9 @@ then embeds its vocabulary rows, takes the leader's spliced embeddings when ther
 same layers (the row-parallel projections sum over the group) and gathers the logits of the
 sampling rows; the leader samples. For a hand-over the leader asks every rank for its heads of a
 request's KV (`gather_kv`: the wire tensor has every head, as with one process) or gives them
-theirs (`scatter_kv`), so the wire layout does not depend on either side's tensor-parallel size.
+theirs (`scatter_kv`), so the wire layout does not depend on either side's tensor-parallel size;
+a prefill forward that streams KV groups as layers finish has every rank wait after each layer for
+the leader's gathers of that layer (then `layer_done`).
 `stop` ends the workers; a worker also ends once its leader's process is gone, and the leader
 stops (`GroupLost`) once a worker's is.
 """
@@ -32,7 +34,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import msgpack
@@ -108,13 +110,13 @@ def _array(data: bytes) -> np.ndarray:
 
 
 def step_message(ids: torch.Tensor, positions: torch.Tensor, meta: StepMetadata, rows: list[int],
-                 spliced: bool, cross: list[CrossChunk] | None = None) -> dict[str, Any]:
+                 spliced: bool, cross: list[CrossChunk] | None = None, hooked: bool = False) -> dict[str, Any]:
     tables = [np.asarray(t, dtype=np.int64) for t in meta.page_tables]
     return {"op": "step", "ids": _ints(ids.cpu()), "positions": _ints(positions.cpu()), "rows": rows,
             "position_rows": int(positions.shape[0]), "qo_lens": list(meta.qo_lens), "kv_lens": list(meta.kv_lens),
             "table_lens": [len(t) for t in tables], "tables": _ints(np.concatenate(tables) if tables else []),
             "page_size": meta.page_size, "slots": _ints(meta.write_slots.cpu()), "spliced": spliced,
-            "cross": [_cross_chunk(c) for c in cross] if cross is not None else None}
+            "cross": [_cross_chunk(c) for c in cross] if cross is not None else None, "hooked": hooked}
 
 
 def _bits(mask: torch.Tensor) -> bytes:
@@ -239,9 +241,20 @@ class TPLeader:
                                 f"model without it and stops")
 
     def step(self, ids: torch.Tensor, positions: torch.Tensor, meta: StepMetadata, rows: list[int],
-             spliced: bool, cross: list[CrossChunk] | None = None) -> None:
+             spliced: bool, cross: list[CrossChunk] | None = None, hooked: bool = False) -> None:
+        """`hooked`: the forward calls a layer hook (a prefill streaming KV groups): after each layer
+        the other ranks take the leader's messages (its hook's `gather_kv`) until `layer_done`."""
         self.check_alive()
-        send(self.group, step_message(ids, positions, meta, rows, spliced, cross))
+        send(self.group, step_message(ids, positions, meta, rows, spliced, cross, hooked))
+
+    def layer_hook(self, hook: Callable[[int], None]) -> Callable[[int], None]:
+        """`hook` for the leader's forward of a `hooked` step: then tell the ranks the layer is done."""
+        def after_layer(layer: int) -> None:
+            try:
+                hook(layer)
+            finally:
+                send(self.group, {"op": "layer_done"})
+        return after_layer
 
     def graph_step(self, bs: int, ids: list[int], positions: np.ndarray, slots: np.ndarray, kv_lens: list[int],
                    tables: list[np.ndarray], cross: list | None) -> None:

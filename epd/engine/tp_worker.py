@@ -77,7 +77,8 @@ class Worker:
         self.backend.plan(meta)
         cross = read_cross(msg)
         extra = {"cross": CrossStep(cross, self.kv.pool.cross_page_rows, self.device)} if cross is not None else {}
-        hidden = self.model(embeds, positions, self.backend, self.kv.layers, **extra)
+        hook = self.serve_layer if msg.get("hooked") else None
+        hidden = self.model(embeds, positions, self.backend, self.kv.layers, hook, **extra)
         self.model.logits(hidden[torch.tensor(msg["rows"], dtype=torch.long, device=self.device)])
 
     @torch.inference_mode()
@@ -87,6 +88,22 @@ class Worker:
         pages = np.frombuffer(msg["pages"], dtype=np.int64).tolist()
         for layer, k, v in self.model.cross_kv(states):
             write_rows(self.kv.layers[layer], pages, k, v)
+
+    def serve_layer(self, layer: int) -> None:
+        """Inside a hooked forward, after `layer`: the leader's KV gathers of it, until `layer_done`."""
+        while (msg := receive(self.group))["op"] != "layer_done":
+            self.kv_op(msg)
+
+    def kv_op(self, msg: dict) -> None:
+        layers = [self.kv.layers[i] for i in msg["layers"]]
+        pages = np.frombuffer(msg["pages"], dtype=np.int64).tolist()
+        if msg["op"] == "gather_kv":
+            gather_heads(self.group, layers, pages, msg["n"], msg["first"])
+        elif msg["op"] == "scatter_kv":
+            wire = torch.empty(msg["shape"], dtype=layers[0].dtype, device=self.device)
+            scatter_heads(self.group, wire, layers, pages, msg["first"])
+        else:
+            raise ValueError(f"tensor parallel worker: unknown op {msg['op']!r}")
 
     def serve(self) -> None:
         while True:
@@ -109,15 +126,7 @@ class Worker:
                 self.graphs.stage(*args)
                 self.graphs.replay(args[0])
                 continue
-            layers = [self.kv.layers[i] for i in msg["layers"]]
-            pages = np.frombuffer(msg["pages"], dtype=np.int64).tolist()
-            if op == "gather_kv":
-                gather_heads(self.group, layers, pages, msg["n"], msg["first"])
-            elif op == "scatter_kv":
-                wire = torch.empty(msg["shape"], dtype=layers[0].dtype, device=self.device)
-                scatter_heads(self.group, wire, layers, pages, msg["first"])
-            else:
-                raise ValueError(f"tensor parallel worker: unknown op {op!r}")
+            self.kv_op(msg)
 
 
 def main() -> None:

@@ -102,14 +102,19 @@ def test_the_group_listens_on_loopback_only_and_ignores_strangers(tiny_models):
     import time
 
     psutil = pytest.importorskip("psutil")
+
+    def listeners(pid: int) -> set:
+        return {c.laddr for c in psutil.Process(pid).net_connections("tcp") if c.status == psutil.CONN_LISTEN}
+
+    before = listeners(os.getpid())   # this test process's own (other tests' servers)
     llm = Engine(model_path=tiny_models["qwen2_5_vl"], device="cpu", tensor_parallel_size=2)
     try:
         want = llm.generate(prompt="hi", sampling_params=GREEDY)["output_ids"]
         rendezvous = llm.core.tp.rendezvous
         assert os.stat(rendezvous).st_mode & 0o077 == 0
-        pids = [os.getpid()] + [w.pid for w in llm.core.tp.workers]
-        listening = [c.laddr for pid in pids for c in psutil.Process(pid).net_connections("tcp")
-                     if c.status == psutil.CONN_LISTEN]
+        listening = listeners(os.getpid()) - before
+        for w in llm.core.tp.workers:
+            listening |= listeners(w.pid)
         assert listening and all(addr.ip == "127.0.0.1" for addr in listening)
         for addr in listening:
             for junk in (os.urandom(4096), b"\0" * 64):
