@@ -280,7 +280,8 @@ def test_gpus_are_asked_for_where_the_nodes_run_on_cuda(rendered, containers):
     for c in containers:
         device = parse(c).engine["device"] if not c.init and c.role in NODE_ROLES else None
         assert device in (None, expected), f"{c.where}: --device {device} in {rendered.name}"
-        assert gpus(c) == (1 if device == "cuda" else 0), f"{c.where}: --device {device}, {gpus(c)} GPU(s)"
+        ranks = parse(c).engine["tensor_parallel_size"] if device == "cuda" else 0   # a process per GPU
+        assert gpus(c) == ranks, f"{c.where}: --device {device}, {ranks} processes, {gpus(c)} GPU(s)"
 
 
 def test_shared_gpu_memory_shares_fit_the_card_during_a_rollout(rendered, containers):
@@ -307,9 +308,23 @@ def router_series() -> dict[str, set[str]]:
     return series
 
 
+def adapter_values(overlay: Path) -> Path:
+    """The overlay's prometheus-adapter rules: its own, or those of the overlay it builds on."""
+    own = overlay / "prometheus-adapter-values.yaml"
+    if own.is_file():
+        return own
+    kustomization = yaml.safe_load((overlay / "kustomization.yaml").read_text())
+    for resource in kustomization.get("resources", []):
+        if resource.startswith("../") and (overlay / resource / "kustomization.yaml").is_file():
+            found = adapter_values((overlay / resource).resolve())
+            if found.is_file():
+                return found
+    return own
+
+
 def test_autoscalers_read_series_the_router_serves(rendered):
     hpas = rendered.of("HorizontalPodAutoscaler")
-    adapter = K8S / rendered.name.split("+")[0] / "prometheus-adapter-values.yaml"
+    adapter = adapter_values(K8S / rendered.name.split("+")[0])
     assert bool(hpas) == adapter.is_file(), f"{rendered.name}: HPAs {len(hpas)}, adapter rules {adapter.is_file()}"
     if not hpas:
         return
