@@ -127,6 +127,12 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, chunks: list[Chunk], after_layer: Callable[[int], None] | None = None) -> torch.Tensor:
         """Returns logits [num sampling chunks, vocab] (float32), in chunk order."""
+        if self.tp is None:
+            return self._run(chunks, after_layer)
+        with self.tp.stepping():   # a step that fails half-way leaves the ranks out of step: GroupLost
+            return self._run(chunks, after_layer)
+
+    def _run(self, chunks: list[Chunk], after_layer: Callable[[int], None] | None) -> torch.Tensor:
         if after_layer is None and self.graphs is not None and self.graphs.can_run(chunks):
             logits = self.graphs.run(chunks)  # every decode chunk samples
             return logits if all(c.samples for c in chunks) else logits[[c.samples for c in chunks]]

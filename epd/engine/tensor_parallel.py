@@ -26,6 +26,7 @@ stops (`GroupLost`) once a worker's is.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -34,7 +35,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import msgpack
@@ -247,6 +248,19 @@ class TPLeader:
         self.check_alive()
         send(self.group, step_message(ids, positions, meta, rows, spliced, cross, hooked))
 
+    @contextlib.contextmanager
+    def stepping(self) -> Iterator[None]:
+        """Around a step or an operation of the group: an error in it (other than `GroupLost`) may have
+        left the ranks at different collectives, so the workers are ended and `GroupLost` raised."""
+        try:
+            yield
+        except GroupLost:
+            raise
+        except BaseException as e:
+            self.stop(kill=True)
+            raise GroupLost(f"tensor parallel: a step failed on rank 0 ({type(e).__name__}: {e}); the other ranks "
+                            f"are out of step with it, so this process stops") from e
+
     def layer_hook(self, hook: Callable[[int], None]) -> Callable[[int], None]:
         """`hook` for the leader's forward of a `hooked` step: then tell the ranks the layer is done."""
         def after_layer(layer: int) -> None:
@@ -273,23 +287,26 @@ class TPLeader:
         """Image rows (the encoder's output [R, H]) to every rank, which writes its heads' K/V of them
         into `pages` of its cross-attention layers (the leader writes its own after this)."""
         self.check_alive()
-        send(self.group, {"op": "cross_rows", "pages": _ints(list(pages)), "shape": list(states.shape)})
-        broadcast(self.group, states.contiguous())
+        with self.stepping():
+            send(self.group, {"op": "cross_rows", "pages": _ints(list(pages)), "shape": list(states.shape)})
+            broadcast(self.group, states.contiguous())
 
     def broadcast(self, tensor: torch.Tensor) -> torch.Tensor:
         return broadcast(self.group, tensor)
 
     def gather_kv(self, layer_ids: list[int], pages: Sequence[int], num_tokens: int, first: int = 0) -> torch.Tensor:
         self.check_alive()
-        send(self.group, {"op": "gather_kv", "layers": layer_ids, "pages": _ints(pages), "n": num_tokens,
-                          "first": first})
-        return gather_heads(self.group, [self.layers[i] for i in layer_ids], pages, num_tokens, first)
+        with self.stepping():
+            send(self.group, {"op": "gather_kv", "layers": layer_ids, "pages": _ints(pages), "n": num_tokens,
+                              "first": first})
+            return gather_heads(self.group, [self.layers[i] for i in layer_ids], pages, num_tokens, first)
 
     def scatter_kv(self, wire: torch.Tensor, layer_ids: list[int], pages: Sequence[int], first: int = 0) -> None:
         self.check_alive()
-        send(self.group, {"op": "scatter_kv", "layers": layer_ids, "pages": _ints(pages), "first": first,
-                          "shape": list(wire.shape)})
-        scatter_heads(self.group, wire.contiguous(), [self.layers[i] for i in layer_ids], pages, first)
+        with self.stepping():
+            send(self.group, {"op": "scatter_kv", "layers": layer_ids, "pages": _ints(pages), "first": first,
+                              "shape": list(wire.shape)})
+            scatter_heads(self.group, wire.contiguous(), [self.layers[i] for i in layer_ids], pages, first)
 
     def stop(self, kill: bool = False) -> None:
         """End the workers (each exits after the message; `kill`: at once) and leave the group;

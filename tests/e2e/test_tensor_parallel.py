@@ -125,3 +125,21 @@ def test_the_group_listens_on_loopback_only_and_ignores_strangers(tiny_models):
     finally:
         llm.shutdown()
     assert not os.path.exists(rendezvous)
+
+
+def test_a_step_that_fails_on_the_leader_stops_the_group(tiny_models):
+    """An error half-way through a forward on rank 0 (here: its second layer raises) leaves the other
+    rank at another collective: the engine ends its workers and stops with GroupLost naming the error,
+    rather than running on out of step."""
+    from epd.engine.tensor_parallel import GroupLost
+
+    llm = Engine(model_path=tiny_models["qwen2_5_vl"], device="cpu", tensor_parallel_size=2)
+    workers = list(llm.core.tp.workers)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("device fault")
+
+    llm.core.model.language_model.layers[1].forward = broken
+    with pytest.raises(GroupLost, match=r"a step failed on rank 0 \(RuntimeError: device fault\)"):
+        llm.generate(prompt="hi", sampling_params=GREEDY)
+    assert all(w.poll() is not None for w in workers)
