@@ -172,6 +172,7 @@ class NodeStatus:
     rejected_messages: int = 0         # control and data-plane messages refused (unauthenticated, malformed)
     preemptions: int = 0               # requests its scheduler pushed back for want of pages, since start
     page_size: int = 0                 # tokens per KV page (0: no KV pool)
+    tensor_parallel_size: int = 1      # processes (GPUs) its language model runs over
     rates: dict[str, float] = field(default_factory=dict)   # what it gets through while busy, per second
                                                             # ("prompt_tokens", "image_tokens")
 

@@ -177,7 +177,8 @@ def pool_status(pool: Any, check: Any, queues: dict[str, int]) -> dict[str, Any]
     except AssertionError as e:
         ok, error = False, str(e)
     return dict(pages_total=pool.capacity, pages_free=pool.num_free, integrity_ok=ok, integrity_error=error,
-                queues=queues, preemptions=pool.num_preemptions, page_size=pool.page_size)
+                queues=queues, preemptions=pool.num_preemptions, page_size=pool.page_size,
+                tensor_parallel_size=pool.tensor_parallel_size)
 
 
 def token_delta(ev: Any, prompt_tokens: int, cached_tokens: int, timings: dict[str, float]) -> protocol.TokenDelta:

@@ -74,6 +74,8 @@ def test_tensor_parallel_prefill_hands_over_to_a_decode_node(tiny_models, tmp_pa
                                    sampling_params={"temperature": 0, "max_new_tokens": 8, "ignore_eos": True})
             assert got.token_ids == want["output_ids"] and got.text == want["text"]
         harness.assert_pools_intact()
+        sizes = {s.role: s.tensor_parallel_size for s in harness.statuses().values() if s.role != "encoder"}
+        assert sizes == {"prefill": 2, "decode": int(decode_tp)}, "each node reports its processes"
     logs = {role: "".join(p.read_text() for p in tmp_path.glob(f"{role}*.log")) for role in ("prefill", "decode")}
     assert "rank 1 of 2" in logs["prefill"]
     assert ("rank 1 of 2" in logs["decode"]) == (decode_tp == "2")
