@@ -8,18 +8,18 @@ the user can open, and the group's sockets listen on loopback) and sets the proc
 group before any model is built. Each process loads its shard of the language model and a KV pool
 of its share of the heads with the same page count, so a page id means the same page everywhere.
 
-Only the leader schedules. For every forward it broadcasts one `step` message (msgpack: the
+Only the leader schedules. For every forward it broadcasts one `TPStep` (`epd.tp_protocol`: the
 step's token ids, positions, page tables, write slots, which rows sample, whether image
 embeddings were spliced in, and for a cross-attention model the rows each token reads; before
-that, `cross_rows` gives every rank a request's image rows to make its heads' K/V of); every rank
+that, `TPCrossRows` gives every rank a request's image rows to make its heads' K/V of); every rank
 then embeds its vocabulary rows, takes the leader's spliced embeddings when there are any, runs the
 same layers (the row-parallel projections sum over the group) and gathers the logits of the
 sampling rows; the leader samples. For a hand-over the leader asks every rank for its heads of a
 request's KV (`gather_kv`: the wire tensor has every head, as with one process) or gives them
 theirs (`scatter_kv`), so the wire layout does not depend on either side's tensor-parallel size;
 a prefill forward that streams KV groups as layers finish has every rank wait after each layer for
-the leader's gathers of that layer (then `layer_done`).
-`stop` ends the workers; a worker also ends once its leader's process is gone, and the leader
+the leader's gathers of that layer (then `TPLayerDone`).
+`TPStop` ends the workers; a worker also ends once its leader's process is gone, and the leader
 stops (`GroupLost`) once a worker's is.
 """
 
@@ -38,13 +38,26 @@ import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-import msgpack
 import numpy as np
 import torch
 
+from epd import tp_protocol
 from epd.engine.attention.base import StepMetadata
 from epd.engine.attention.cross import CrossChunk
 from epd.layers.parallel import TPGroup, set_group
+from epd.tp_protocol import (
+    TPCrossChunk,
+    TPCrossRows,
+    TPGatherKV,
+    TPGraphCross,
+    TPGraphStep,
+    TPLayerDone,
+    TPScatterKV,
+    TPStep,
+    TPStop,
+    array,
+    ints,
+)
 from kv_transfer.kv_codec import gather_kv, scatter_kv
 
 _IDLE_FOREVER = datetime.timedelta(days=365)   # a worker waits for the next step as long as the node lives
@@ -73,25 +86,24 @@ def rank_device(device: torch.device, rank: int) -> torch.device:
     return dev
 
 
-def send(group: TPGroup, msg: dict[str, Any]) -> None:
+def send(group: TPGroup, msg: Any) -> None:
+    """A declared `epd.tp_protocol` message from the leader to every other rank."""
     import torch.distributed as dist
 
-    payload = msgpack.packb(msg, use_bin_type=True)
+    payload = tp_protocol.encode(msg)
     dist.broadcast(torch.tensor([len(payload)], dtype=torch.long), src=0, group=group.cpu_group)
     dist.broadcast(torch.frombuffer(bytearray(payload), dtype=torch.uint8), src=0, group=group.cpu_group)
 
 
-def receive(group: TPGroup) -> dict[str, Any]:
+def receive(group: TPGroup) -> Any:
+    """The leader's next message, checked (`tp_protocol.decode`)."""
     import torch.distributed as dist
 
     length = torch.zeros(1, dtype=torch.long)
     dist.broadcast(length, src=0, group=group.cpu_group)
     payload = torch.empty(int(length.item()), dtype=torch.uint8)
     dist.broadcast(payload, src=0, group=group.cpu_group)
-    msg = msgpack.unpackb(payload.numpy().tobytes(), raw=False)
-    if not isinstance(msg, dict) or not isinstance(msg.get("op"), str):
-        raise ValueError("tensor parallel: a message without an op")
-    return msg
+    return tp_protocol.decode(payload.numpy().tobytes())
 
 
 def broadcast(group: TPGroup, tensor: torch.Tensor) -> torch.Tensor:
@@ -102,22 +114,28 @@ def broadcast(group: TPGroup, tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def _ints(values: Any) -> bytes:
-    return np.ascontiguousarray(values, dtype=np.int64).tobytes()
+def _tables(page_tables: Sequence[Any]) -> dict[str, Any]:
+    """The `table_lens` / `tables` fields of a step message."""
+    arrays = [np.asarray(t, dtype=np.int64) for t in page_tables]
+    return {"table_lens": [len(t) for t in arrays], "tables": ints(np.concatenate(arrays) if arrays else [])}
 
 
-def _array(data: bytes) -> np.ndarray:
-    return np.frombuffer(data, dtype=np.int64)
+def read_tables(msg: TPStep | TPGraphStep) -> list[np.ndarray]:
+    """The page tables of a step message (int32 arrays, as `Request.page_array()`)."""
+    flat, tables, start = array(msg.tables), [], 0
+    for n in msg.table_lens:
+        tables.append(flat[start:start + n].astype(np.int32))
+        start += n
+    return tables
 
 
 def step_message(ids: torch.Tensor, positions: torch.Tensor, meta: StepMetadata, rows: list[int],
-                 spliced: bool, cross: list[CrossChunk] | None = None, hooked: bool = False) -> dict[str, Any]:
-    tables = [np.asarray(t, dtype=np.int64) for t in meta.page_tables]
-    return {"op": "step", "ids": _ints(ids.cpu()), "positions": _ints(positions.cpu()), "rows": rows,
-            "position_rows": int(positions.shape[0]), "qo_lens": list(meta.qo_lens), "kv_lens": list(meta.kv_lens),
-            "table_lens": [len(t) for t in tables], "tables": _ints(np.concatenate(tables) if tables else []),
-            "page_size": meta.page_size, "slots": _ints(meta.write_slots.cpu()), "spliced": spliced,
-            "cross": [_cross_chunk(c) for c in cross] if cross is not None else None, "hooked": hooked}
+                 spliced: bool, cross: list[CrossChunk] | None = None, hooked: bool = False) -> TPStep:
+    return TPStep(ids=ints(ids.cpu()), positions=ints(positions.cpu()), position_rows=int(positions.shape[0]),
+                  rows=rows, qo_lens=list(meta.qo_lens), kv_lens=list(meta.kv_lens), page_size=meta.page_size,
+                  slots=ints(meta.write_slots.cpu()), spliced=spliced, hooked=hooked,
+                  cross=[_cross_chunk(c) for c in cross] if cross is not None else None,
+                  **_tables(meta.page_tables))
 
 
 def _bits(mask: torch.Tensor) -> bytes:
@@ -129,52 +147,34 @@ def _unbits(data: bytes, shape: tuple[int, ...]) -> torch.Tensor:
     return torch.from_numpy(flat.astype(bool).reshape(shape))
 
 
-def _cross_chunk(c: CrossChunk) -> dict[str, Any]:
+def _cross_chunk(c: CrossChunk) -> TPCrossChunk:
     if c.visible is None:
-        return {"q": c.q_len}
-    return {"q": c.q_len, "pages": _ints(list(c.pages)), "rows": int(c.visible.shape[1]), "visible": _bits(c.visible),
-            "sees": _bits(c.sees)}
+        return TPCrossChunk(c.q_len)
+    return TPCrossChunk(c.q_len, int(c.visible.shape[1]), ints(list(c.pages)), _bits(c.visible), _bits(c.sees))
 
 
-def read_cross(msg: dict[str, Any]) -> list[CrossChunk] | None:
+def read_cross(msg: TPStep) -> list[CrossChunk] | None:
     """The step's cross-attention chunks (a cross-attention model's step with image rows), else None."""
-    if msg["cross"] is None:
+    if msg.cross is None:
         return None
-    chunks = []
-    for c in msg["cross"]:
-        if "pages" not in c:
-            chunks.append(CrossChunk(c["q"]))
-            continue
-        q = c["q"]
-        chunks.append(CrossChunk(q, _array(c["pages"]).tolist(), _unbits(c["visible"], (q, c["rows"])),
-                                 _unbits(c["sees"], (q,))))
-    return chunks
+    return [CrossChunk(c.q, array(c.pages).tolist(), _unbits(c.visible, (c.q, c.rows)), _unbits(c.sees, (c.q,)))
+            if c.rows else CrossChunk(c.q) for c in msg.cross]
 
 
-def read_tables(msg: dict[str, Any]) -> list[np.ndarray]:
-    """The page tables of a `step` or `graph` message (int32 arrays, as `Request.page_array()`)."""
-    flat, tables, start = _array(msg["tables"]), [], 0
-    for n in msg["table_lens"]:
-        tables.append(flat[start:start + n].astype(np.int32))
-        start += n
-    return tables
+def read_graph_step(msg: TPGraphStep) -> tuple[Any, ...]:
+    """`CudaGraphDecodeRunner.stage`'s arguments from a graph step."""
+    cross = [(c.pages, [tuple(seg) for seg in c.segments], c.sees) for c in msg.cross] \
+        if msg.cross is not None else None
+    return (msg.bs, array(msg.ids).tolist(), array(msg.positions).reshape(msg.position_rows, -1),
+            array(msg.slots), list(msg.kv_lens), read_tables(msg), cross)
 
 
-def read_graph_step(msg: dict[str, Any]) -> tuple[Any, ...]:
-    """`CudaGraphDecodeRunner.stage`'s arguments from a `graph` message."""
-    cross = [(pages, [tuple(seg) for seg in segments], sees) for pages, segments, sees in msg["cross"]] \
-        if msg["cross"] is not None else None
-    return (msg["bs"], _array(msg["ids"]).tolist(), _array(msg["positions"]).reshape(msg["position_rows"], -1),
-            _array(msg["slots"]), list(msg["kv_lens"]), read_tables(msg), cross)
-
-
-def read_step(msg: dict[str, Any], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, StepMetadata]:
-    """(token ids, positions, attention metadata) of a `step` message, on `device`."""
-    ids = torch.from_numpy(_array(msg["ids"]).copy()).to(device)
-    positions = torch.from_numpy(_array(msg["positions"]).reshape(msg["position_rows"], -1).copy()).to(device)
-    tables = read_tables(msg)
-    slots = torch.from_numpy(_array(msg["slots"]).copy()).to(device)
-    return ids, positions, StepMetadata(list(msg["qo_lens"]), list(msg["kv_lens"]), tables, msg["page_size"], slots)
+def read_step(msg: TPStep, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, StepMetadata]:
+    """(token ids, positions, attention metadata) of a step, on `device`."""
+    ids = torch.from_numpy(array(msg.ids).copy()).to(device)
+    positions = torch.from_numpy(array(msg.positions).reshape(msg.position_rows, -1).copy()).to(device)
+    slots = torch.from_numpy(array(msg.slots).copy()).to(device)
+    return ids, positions, StepMetadata(list(msg.qo_lens), list(msg.kv_lens), read_tables(msg), msg.page_size, slots)
 
 
 def gather_heads(group: TPGroup, layers: list[torch.Tensor], pages: Sequence[int], num_tokens: int,
@@ -244,7 +244,7 @@ class TPLeader:
     def step(self, ids: torch.Tensor, positions: torch.Tensor, meta: StepMetadata, rows: list[int],
              spliced: bool, cross: list[CrossChunk] | None = None, hooked: bool = False) -> None:
         """`hooked`: the forward calls a layer hook (a prefill streaming KV groups): after each layer
-        the other ranks take the leader's messages (its hook's `gather_kv`) until `layer_done`."""
+        the other ranks take the leader's messages (its hook's `gather_kv`) until `TPLayerDone`."""
         self.check_alive()
         send(self.group, step_message(ids, positions, meta, rows, spliced, cross, hooked))
 
@@ -267,7 +267,7 @@ class TPLeader:
             try:
                 hook(layer)
             finally:
-                send(self.group, {"op": "layer_done"})
+                send(self.group, TPLayerDone())
         return after_layer
 
     def graph_step(self, bs: int, ids: list[int], positions: np.ndarray, slots: np.ndarray, kv_lens: list[int],
@@ -275,20 +275,18 @@ class TPLeader:
         """A CUDA-graph decode step's staged inputs (`CudaGraphDecodeRunner.stage`), for every rank
         to replay bucket `bs` with."""
         self.check_alive()
-        arrays = [np.asarray(t, dtype=np.int64) for t in tables]
-        send(self.group, {"op": "graph", "bs": bs, "ids": _ints(ids), "positions": _ints(positions),
-                          "position_rows": int(positions.shape[0]), "slots": _ints(slots), "kv_lens": kv_lens,
-                          "table_lens": [len(t) for t in arrays],
-                          "tables": _ints(np.concatenate(arrays) if arrays else []),
-                          "cross": [[list(map(int, pages)), [list(seg) for seg in segments], bool(sees)]
-                                    for pages, segments, sees in cross] if cross is not None else None})
+        rows = [TPGraphCross(list(map(int, pages)), [list(seg) for seg in segments], bool(sees))
+                for pages, segments, sees in cross] if cross is not None else None
+        send(self.group, TPGraphStep(bs=bs, ids=ints(ids), positions=ints(positions),
+                                     position_rows=int(positions.shape[0]), slots=ints(slots), kv_lens=kv_lens,
+                                     cross=rows, **_tables(tables)))
 
     def cross_rows(self, states: torch.Tensor, pages: Sequence[int]) -> None:
         """Image rows (the encoder's output [R, H]) to every rank, which writes its heads' K/V of them
         into `pages` of its cross-attention layers (the leader writes its own after this)."""
         self.check_alive()
         with self.stepping():
-            send(self.group, {"op": "cross_rows", "pages": _ints(list(pages)), "shape": list(states.shape)})
+            send(self.group, TPCrossRows(ints(list(pages)), list(states.shape)))
             broadcast(self.group, states.contiguous())
 
     def broadcast(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -297,15 +295,13 @@ class TPLeader:
     def gather_kv(self, layer_ids: list[int], pages: Sequence[int], num_tokens: int, first: int = 0) -> torch.Tensor:
         self.check_alive()
         with self.stepping():
-            send(self.group, {"op": "gather_kv", "layers": layer_ids, "pages": _ints(pages), "n": num_tokens,
-                              "first": first})
+            send(self.group, TPGatherKV(list(layer_ids), ints(list(pages)), num_tokens, first))
             return gather_heads(self.group, [self.layers[i] for i in layer_ids], pages, num_tokens, first)
 
     def scatter_kv(self, wire: torch.Tensor, layer_ids: list[int], pages: Sequence[int], first: int = 0) -> None:
         self.check_alive()
         with self.stepping():
-            send(self.group, {"op": "scatter_kv", "layers": layer_ids, "pages": _ints(pages), "first": first,
-                              "shape": list(wire.shape)})
+            send(self.group, TPScatterKV(list(layer_ids), ints(list(pages)), first, list(wire.shape)))
             scatter_heads(self.group, wire.contiguous(), [self.layers[i] for i in layer_ids], pages, first)
 
     def stop(self, kill: bool = False) -> None:
@@ -314,7 +310,7 @@ class TPLeader:
         import torch.distributed as dist
 
         if self.workers and not kill and all(w.poll() is None for w in self.workers):
-            send(self.group, {"op": "stop"})
+            send(self.group, TPStop())
         for w in self.workers:
             if kill:
                 w.kill()

@@ -1,11 +1,11 @@
 """A tensor-parallel worker: rank r > 0 of an engine (`epd.engine.tensor_parallel` launches it).
 
-    python -m epd.engine.tp_worker --rank R --size N --init tcp://127.0.0.1:PORT --config JSON
+    python -m epd.engine.tp_worker --rank R --size N --init file:///tmp/epd-tp-XXXX/store --config JSON
 
 It joins the group, loads its shard of the language model and its KV pool, then does what the
-leader's messages say until `stop`: run a step's forward (its logits go to the leader through the
-gather inside the LM head), or give / take its heads of a request's KV for a hand-over. It exits
-when its leader's process is gone.
+leader's messages say until `TPStop`: run a step's forward (its logits go to the leader through the
+gather inside the LM head), or give / take its heads of a request's KV for a hand-over. Messages are
+`epd.tp_protocol`'s declared types, checked on receipt. It exits when its leader's process is gone.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import os
 import threading
 import time
 
-import numpy as np
 import torch
 
 from epd.config import ModelConfig
@@ -36,6 +35,8 @@ from epd.engine.tensor_parallel import (
     scatter_heads,
 )
 from epd.kernels.fused_ops import fused_path
+from epd.protocol import ProtocolError
+from epd.tp_protocol import TPCrossRows, TPGatherKV, TPGraphStep, TPLayerDone, TPScatterKV, TPStep, TPStop, array
 
 log = logging.getLogger("epd.tp_worker")
 
@@ -67,43 +68,41 @@ class Worker:
                  self.device, self.kv.pool.capacity, self.kv.spec.num_kv_heads)
 
     @torch.inference_mode()
-    def step(self, msg: dict) -> None:
+    def step(self, msg: TPStep) -> None:
         ids, positions, meta = read_step(msg, self.device)
         embeds = self.model.embed(ids)
-        if msg["spliced"]:   # the leader's embeddings, image rows spliced in
-            import torch.distributed as dist
-
-            dist.broadcast(embeds, src=0, group=self.group.group)
+        if msg.spliced:   # the leader's embeddings, image rows spliced in
+            broadcast(self.group, embeds)
         self.backend.plan(meta)
         cross = read_cross(msg)
         extra = {"cross": CrossStep(cross, self.kv.pool.cross_page_rows, self.device)} if cross is not None else {}
-        hook = self.serve_layer if msg.get("hooked") else None
+        hook = self.serve_layer if msg.hooked else None
         hidden = self.model(embeds, positions, self.backend, self.kv.layers, hook, **extra)
-        self.model.logits(hidden[torch.tensor(msg["rows"], dtype=torch.long, device=self.device)])
+        self.model.logits(hidden[torch.tensor(msg.rows, dtype=torch.long, device=self.device)])
 
     @torch.inference_mode()
-    def cross_rows(self, msg: dict) -> None:
-        states = torch.empty(msg["shape"], dtype=self.model.lm_head.weight.dtype, device=self.device)
+    def cross_rows(self, msg: TPCrossRows) -> None:
+        states = torch.empty(msg.shape, dtype=self.model.lm_head.weight.dtype, device=self.device)
         broadcast(self.group, states)
-        pages = np.frombuffer(msg["pages"], dtype=np.int64).tolist()
+        pages = array(msg.pages).tolist()
         for layer, k, v in self.model.cross_kv(states):
             write_rows(self.kv.layers[layer], pages, k, v)
 
     def serve_layer(self, layer: int) -> None:
-        """Inside a hooked forward, after `layer`: the leader's KV gathers of it, until `layer_done`."""
-        while (msg := receive(self.group))["op"] != "layer_done":
+        """Inside a hooked forward, after `layer`: the leader's KV gathers of it, until TPLayerDone."""
+        while not isinstance(msg := receive(self.group), TPLayerDone):
             self.kv_op(msg)
 
-    def kv_op(self, msg: dict) -> None:
-        layers = [self.kv.layers[i] for i in msg["layers"]]
-        pages = np.frombuffer(msg["pages"], dtype=np.int64).tolist()
-        if msg["op"] == "gather_kv":
-            gather_heads(self.group, layers, pages, msg["n"], msg["first"])
-        elif msg["op"] == "scatter_kv":
-            wire = torch.empty(msg["shape"], dtype=layers[0].dtype, device=self.device)
-            scatter_heads(self.group, wire, layers, pages, msg["first"])
+    def kv_op(self, msg: TPGatherKV | TPScatterKV) -> None:
+        if not isinstance(msg, TPGatherKV | TPScatterKV):
+            raise ProtocolError(f"tensor parallel worker: {type(msg).__name__} where a KV operation belongs")
+        layers = [self.kv.layers[i] for i in msg.layers]
+        pages = array(msg.pages).tolist()
+        if isinstance(msg, TPGatherKV):
+            gather_heads(self.group, layers, pages, msg.n, msg.first)
         else:
-            raise ValueError(f"tensor parallel worker: unknown op {msg['op']!r}")
+            wire = torch.empty(msg.shape, dtype=layers[0].dtype, device=self.device)
+            scatter_heads(self.group, wire, layers, pages, msg.first)
 
     def serve(self) -> None:
         while True:
@@ -112,21 +111,18 @@ class Worker:
             except RuntimeError as e:   # the leader's connection closed: it ended without a stop
                 log.info("rank %d: the leader is gone (%s); exiting", self.group.rank, str(e).splitlines()[0][:120])
                 return
-            op = msg["op"]
-            if op == "stop":
+            if isinstance(msg, TPStop):
                 return
-            if op == "step":
+            if isinstance(msg, TPStep):
                 self.step(msg)
-                continue
-            if op == "cross_rows":
+            elif isinstance(msg, TPCrossRows):
                 self.cross_rows(msg)
-                continue
-            if op == "graph":
+            elif isinstance(msg, TPGraphStep):
                 args = read_graph_step(msg)
                 self.graphs.stage(*args)
                 self.graphs.replay(args[0])
-                continue
-            self.kv_op(msg)
+            else:
+                self.kv_op(msg)
 
 
 def main() -> None:
