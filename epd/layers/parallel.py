@@ -95,7 +95,9 @@ class RowParallelLinear(nn.Linear):
         out = F.linear(x, self.weight)
         if self.reduce:
             out = all_reduce(out)
-        return out + self.bias if self.bias is not None else out
+        # once in the sum: after it, or (a partial sum the caller reduces) on rank 0's part only
+        once = self.bias is not None and (self.reduce or _GROUP.rank == 0)
+        return out + self.bias if once else out
 
 
 def _vocab_rows(vocab: int) -> int:

@@ -59,3 +59,19 @@ def test_layers_name_the_dimension_they_split(rank):
     assert shard_dims(mlp) == {"gate_proj.weight": 0, "up_proj.weight": 0, "down_proj.weight": 1}
     with pytest.raises(ValueError, match=r"tensor parallel size 2 does not divide the MLP width \(13\)"):
         GatedMLP(TextConfig(**{**cfg.__dict__, "intermediate_size": 13}))
+
+
+def test_a_partial_sum_carries_the_bias_on_one_rank_only(rank):
+    """A row-parallel projection whose caller sums the ranks' parts itself (reduce=False): the bias
+    is in rank 0's part alone, so the sum holds it once."""
+    from epd.layers.parallel import RowParallelLinear
+
+    x = torch.ones(1, 2)
+    parts = []
+    for r in range(2):
+        rank(r)
+        layer = RowParallelLinear(4, 3, bias=True, reduce=False)
+        torch.nn.init.ones_(layer.weight)
+        torch.nn.init.constant_(layer.bias, 10.0)
+        parts.append(layer(x))
+    assert torch.equal(parts[0] + parts[1], torch.full((1, 3), 4.0 + 10.0))
