@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     # CUDA IPC maps one process's pool: a node over several processes (tensor parallel) hands over through UCX
     ipc = ipc_capability(core.device, engine.page_size) if engine.tensor_parallel_size == 1 else ""
     runtime = NodeRuntime(args, str(core.device), layout, capacity=engine.capacity, kv_ipc=ipc,
-                          max_context=core.max_context)
+                          max_context=core.max_context, tp_leader=core.tp)
     service.runtime = runtime
     service.rooms = RoomStore(runtime.redis)
     run_node(runtime, service)

@@ -36,6 +36,7 @@ from epd.engine.sampling import SamplingParams
 from epd.models.family import DecodeState
 from epd.node.handover import CrossRowsKV, HandOverState, WireReceiver
 from epd.node.ipc_handover import IpcReceiver
+from epd.node.rank_handover import RankWireReceiver, rank_peers
 from epd.node.runtime import pool_status, token_delta
 from kv_transfer.cuda_ipc import export_pool
 from kv_transfer.layout import KVLayout, LayoutMismatchError
@@ -108,8 +109,12 @@ class DecodeService:
         if msg.kv_ipc:
             receiver = IpcReceiver(transport, msg.prefill_ucx, msg.rid, self.engine.token_layers, req.prompt_len,
                                    cross=cross)
+        elif rank_peers(layers := self.engine.token_layers, msg.prefill_ucx_ranks):   # equal TP: rank by rank
+            receiver = RankWireReceiver(transport, msg.prefill_ucx, msg.rid, layers, req.prompt_len,
+                                        peers=msg.prefill_ucx_ranks, cross=cross,
+                                        chunks=self.engine.token_layer_chunks)
         else:
-            receiver = WireReceiver(transport, msg.prefill_ucx, msg.rid, self.engine.token_layers, req.prompt_len,
+            receiver = WireReceiver(transport, msg.prefill_ucx, msg.rid, layers, req.prompt_len,
                                     cross=cross, chunks=self.engine.token_layer_chunks)
         self.awaiting_pages[msg.rid] = Incoming(identity, msg, req, time.monotonic(), receiver)
 

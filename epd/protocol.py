@@ -26,26 +26,22 @@ after it received the request: the request's timeline across processes and hosts
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 import time
-import types
-import typing
 from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
 
-PROTOCOL_VERSION = 8
+from epd.typed_messages import ProtocolError, check_typed
+
+PROTOCOL_VERSION = 9
 MAX_ID = 128                   # characters of a request or node id
 MAX_TOKENS = 1 << 20           # token ids in one message
 MAX_IMAGES = 256
+MAX_RANKS = 256                # tensor parallel ranks of a node
 MAX_IMAGE_SIDE = 1 << 15
 MAX_IMAGE_BYTES = 64 << 20       # an image's encoded bytes (the router's own cap is lower: MediaLimits.max_bytes)
-
-
-class ProtocolError(ValueError):
-    pass
 
 
 def wall_time(monotonic_s: float) -> float:
@@ -91,6 +87,7 @@ class PrefillRequest:
     kv_ipc: bool = False               # write the KV into decode's pages through CUDA IPC (same host and page size)
     image_hashes: list[str] = field(default_factory=list)   # each image's content hash ("" none): prefix caching
     emb_ipc: bool = False              # offer the encoder an EmbeddingSlot in this node's arena (CUDA IPC)
+    decode_ucx_ranks: list[str] = field(default_factory=list)   # decode's ranks 1..N-1 (equal TP: rank by rank)
 
 
 @dataclass
@@ -105,6 +102,7 @@ class DecodeRequest:
     kv_ipc: bool = False               # prefill writes the KV into our pages through CUDA IPC
     images: list[list[int]] = field(default_factory=list)   # image layouts, for a cross-attention model
                                                             # (the image rows decode reserves and reads)
+    prefill_ucx_ranks: list[str] = field(default_factory=list)  # prefill's ranks 1..N-1 (equal TP: rank by rank)
 
 
 @dataclass
@@ -308,60 +306,7 @@ def read_data_meta(meta: Any, cls: type, rid: str) -> Any:
 
 def check_message(cls: type, body: Any) -> Any:
     """`cls(**body)` once every field has its declared type and the message's limits hold."""
-    if not isinstance(body, dict):
-        raise ProtocolError(f"{cls.__name__}: body is not a map")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(body) - names
-    if unknown:
-        raise ProtocolError(f"{cls.__name__}: unknown fields {sorted(map(str, unknown))}")
-    missing = [f.name for f in dataclasses.fields(cls) if f.name not in body
-               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
-    if missing:
-        raise ProtocolError(f"{cls.__name__}: missing fields {missing}")
-    values = {name: _typed(value, hints[name], f"{cls.__name__}.{name}") for name, value in body.items()}
-    msg = cls(**values)
-    problem = _limits(msg)
-    if problem:
-        raise ProtocolError(f"{cls.__name__}: {problem}")
-    return msg
-
-
-def _typed(value: Any, hint: Any, where: str) -> Any:
-    """`value` as `hint` says (nested messages built), or ProtocolError naming `where`."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if hint is Any:
-        return value
-    if origin in (typing.Union, types.UnionType):
-        for arm in args:
-            try:
-                return _typed(value, arm, where)
-            except ProtocolError:
-                continue
-        raise ProtocolError(f"{where}: {type(value).__name__} is none of {hint}")
-    if hint is type(None):
-        if value is None:
-            return None
-    elif dataclasses.is_dataclass(hint):
-        return check_message(hint, value)
-    elif origin is list or hint is list:
-        if isinstance(value, list):
-            if args and args[0] is int and all(type(v) is int for v in value):   # token ids: long lists, fast
-                return value
-            return [_typed(v, args[0], f"{where}[]") for v in value] if args else value
-    elif origin is dict or hint is dict:
-        if isinstance(value, dict):
-            return {_typed(k, args[0], f"{where} key"): _typed(v, args[1], f"{where}[{k!r}]")
-                    for k, v in value.items()} if args else value
-    elif hint is float:
-        if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
-            return float(value)
-    elif hint is int:
-        if isinstance(value, int) and not isinstance(value, bool) and -(1 << 63) <= value < 1 << 64:
-            return value
-    elif isinstance(value, hint):
-        return value
-    raise ProtocolError(f"{where}: expected {getattr(hint, '__name__', hint)}, got {type(value).__name__}")
+    return check_typed(cls, body, _limits)
 
 
 def _tokens(ids: list[int], name: str) -> str:
@@ -378,6 +323,10 @@ def _limits(msg: Any) -> str:
             continue
         if not _ID.fullmatch(value):
             return f"{name} {str(value)[:40]!r} is not an id (1-{MAX_ID} of [A-Za-z0-9._:@/+-])"
+    ranks = msg.decode_ucx_ranks if isinstance(msg, PrefillRequest) else \
+        msg.prefill_ucx_ranks if isinstance(msg, DecodeRequest) else []
+    if len(ranks) > MAX_RANKS or any(len(a) > MAX_ID * 2 for a in ranks):
+        return f"{len(ranks)} rank addresses (at most {MAX_RANKS} of {MAX_ID * 2} characters)"
     if isinstance(msg, PrefillRequest | DecodeRequest | GenerateRequest):
         return _tokens(msg.input_ids, "input_ids") or ("too many images" if len(msg.images) > MAX_IMAGES else "")
     if isinstance(msg, EncodeRequest) and not 0 < len(msg.images) <= MAX_IMAGES:

@@ -4,8 +4,10 @@ Declared as `epd.protocol`'s are, msgpack (never pickle), and checked on receipt
 `check_message` (every field's declared type): a frame is `msgpack([tag, {field: value}])`. Arrays
 of int64 travel as their bytes (`ints` / `array`). `epd.engine.tensor_parallel` sends them, in this
 order per forward: `TPStep` (or `TPGraphStep` for a CUDA-graph replay), and within a hooked step,
-after each layer, the layer's `TPGatherKV`s then `TPLayerDone`; between steps `TPCrossRows`,
-`TPGatherKV` / `TPScatterKV` for hand-overs, and `TPStop` at the end.
+after each layer, the layer's `TPGatherKV`s (or, rank by rank, `TPSendKV`s) then `TPLayerDone`;
+between steps `TPCrossRows`, `TPGatherKV` / `TPScatterKV` for hand-overs through rank 0,
+`TPExpectKV` / `TPLandKV` / `TPDropKV` for hand-overs rank by rank (`epd.engine.rank_handover`,
+after one `TPOpenTransport`), and `TPStop` at the end.
 """
 
 from __future__ import annotations
@@ -110,6 +112,61 @@ class TPScatterKV:
 
 
 @dataclass
+class TPOpenTransport:
+    """Each rank opens a KV transport of its own (rank-by-rank hand-over): listening on `host`
+    (advertised) / `bind`, with the cluster secret of `secret_file` ("": the node's environment);
+    the ranks' addresses come back to the leader (`rank_handover.open_rank_transports`)."""
+    host: str
+    bind: str
+    secret_file: str
+    progress: str
+
+
+@dataclass
+class TPSendKV:
+    """Each rank sends its heads of `layer_ids`' KV (tokens [first, first + n) of `pages`) to its
+    peer rank, `peers[rank - 1]`, as KV group `group` of request `rid` (`positions`: the layers'
+    places in the token layers, as the group's `protocol.KVGroup` names them)."""
+    peers: list[str]
+    rid: str
+    group: int
+    positions: list[int]
+    layer_ids: list[int]
+    pages: bytes
+    n: int
+    first: int
+    timeout_s: float
+
+
+@dataclass
+class TPExpectKV:
+    """Each rank announces the KV groups of `rid` it takes from its peer rank, `peers[rank - 1]`:
+    at most `max_groups` groups, `max_bytes` in all, the prompt's `prompt_len` tokens of the token
+    layers `layer_ids` (a layer at position j reads tokens from `needed[j]` on)."""
+    rid: str
+    peers: list[str]
+    max_groups: int
+    max_bytes: int
+    prompt_len: int
+    layer_ids: list[int]
+    needed: list[int]
+
+
+@dataclass
+class TPLandKV:
+    """Each rank writes what has landed of `rid`'s KV groups into `pages` and answers (a gather)
+    with how many groups it has written, -1 when a group failed."""
+    rid: str
+    pages: bytes
+
+
+@dataclass
+class TPDropKV:
+    """Each rank forgets `rid`'s hand-over: groups still coming are freed as they land."""
+    rid: str
+
+
+@dataclass
 class TPLayerDone:
     """Within a hooked step: the leader's gathers of this layer are done."""
 
@@ -120,7 +177,8 @@ class TPStop:
 
 
 MESSAGE_TYPES: dict[int, type] = {1: TPStep, 2: TPGraphStep, 3: TPCrossRows, 4: TPGatherKV, 5: TPScatterKV,
-                                  6: TPLayerDone, 7: TPStop}
+                                  6: TPLayerDone, 7: TPStop, 8: TPOpenTransport, 9: TPSendKV, 10: TPExpectKV,
+                                  11: TPLandKV, 12: TPDropKV}
 _TAGS = {cls: tag for tag, cls in MESSAGE_TYPES.items()}
 
 

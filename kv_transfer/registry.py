@@ -62,6 +62,11 @@ class NodeInfo:
     max_context: int = 0  # prompt + output tokens a request may have here (prefill, decode); 0 = unknown
     draining: int = 0  # 1: finishing what it holds before it exits; routers send it nothing new
     ttl_s: float = 0.0  # seconds its record lives without a heartbeat (0: not published)
+    ucx_ranks: str = ""  # tensor parallel: ranks 1..N-1's transport addresses, comma-separated (rank by rank)
+
+    def rank_addresses(self) -> list[str]:
+        """Ranks 1..N-1's transport addresses (a node of N tensor-parallel processes), else []."""
+        return [a for a in self.ucx_ranks.split(",") if a]
 
     def to_fields(self) -> dict[str, str]:
         return {f.name: str(getattr(self, f.name)) for f in dataclasses.fields(self)}

@@ -33,6 +33,7 @@ from epd.models.family import ImageLayout
 from epd.node.embedding_arena import EmbeddingArena
 from epd.node.handover import CrossRowsKV, HandOverState, WireSender
 from epd.node.ipc_handover import IpcSender, announce_page_list
+from epd.node.rank_handover import RankWireSender, rank_peers
 from epd.node.runtime import pool_status
 from epd.node.throughput import Throughput
 from kv_transfer.cuda_ipc import PoolImports
@@ -286,7 +287,12 @@ class PrefillService:
         engine = self.engine
         cross = CrossRowsKV(engine.cross_layers, p.req.inp.num_cross_rows, cross_pages)
         groups = [range(len(engine.token_layers))] if fallback else self.groups
-        return WireSender(self.runtime.transport, p.msg.decode_ucx, p.msg.rid, engine.token_layers, groups, pages,
+        layers = engine.token_layers
+        if not fallback and rank_peers(layers, p.msg.decode_ucx_ranks):   # equal TP: each rank its own heads
+            return RankWireSender(self.runtime.transport, p.msg.decode_ucx, p.msg.rid, layers, groups, pages,
+                                  p.req.prompt_len, release, self.kv_timeout_s, peers=p.msg.decode_ucx_ranks,
+                                  cross=cross, chunks=engine.token_layer_chunks)
+        return WireSender(self.runtime.transport, p.msg.decode_ucx, p.msg.rid, layers, groups, pages,
                           p.req.prompt_len, release, self.kv_timeout_s, layer_ids=engine.token_layer_ids,
                           cross=cross, chunks=() if fallback else engine.token_layer_chunks)
 

@@ -286,10 +286,11 @@ class DisaggBackend:
             req.rid, inp.input_ids, [im.layout.to_wire() for im in inp.images], params, d.node_id, d.ucx,
             flight.nodes["encoder"].node_id if inp.images else "",
             encoder_ucx=flight.nodes["encoder"].ucx if inp.images else "", kv_ipc=kv_ipc,
-            image_hashes=[im.content_hash or "" for im in inp.images], emb_ipc=emb_ipc))
+            image_hashes=[im.content_hash or "" for im in inp.images], emb_ipc=emb_ipc,
+            decode_ucx_ranks=d.rank_addresses()))
         await self.clients.send(d.zmq, protocol.DecodeRequest(
             req.rid, inp.input_ids, params, p.node_id, p.layout_hash, p.ucx, kv_ipc,
-            [im.layout.to_wire() for im in inp.images] if inp.cross_rows else []))
+            [im.layout.to_wire() for im in inp.images] if inp.cross_rows else [], prefill_ucx_ranks=p.rank_addresses()))
         await self._redis(self.sessions.advance, req.rid, Stage.ENCODING if inp.images else Stage.PREFILLING)
 
     async def _redis(self, fn: Any, *args: Any) -> Any:

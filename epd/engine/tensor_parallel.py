@@ -292,6 +292,10 @@ class TPLeader:
     def broadcast(self, tensor: torch.Tensor) -> torch.Tensor:
         return broadcast(self.group, tensor)
 
+    def send(self, msg: Any) -> None:
+        """A declared `epd.tp_protocol` message to every other rank (`epd.engine.rank_handover`)."""
+        send(self.group, msg)
+
     def gather_kv(self, layer_ids: list[int], pages: Sequence[int], num_tokens: int, first: int = 0) -> torch.Tensor:
         self.check_alive()
         with self.stepping():

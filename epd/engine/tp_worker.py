@@ -23,6 +23,7 @@ from epd.config import ModelConfig
 from epd.engine.attention.cross import CrossStep, write_rows
 from epd.engine.engine_core import EngineConfig
 from epd.engine.engine_parts import make_backend, make_graphs, make_kv_cache
+from epd.engine.rank_handover import RankKV
 from epd.engine.tensor_parallel import (
     broadcast,
     gather_heads,
@@ -36,7 +37,21 @@ from epd.engine.tensor_parallel import (
 )
 from epd.kernels.fused_ops import fused_path
 from epd.protocol import ProtocolError
-from epd.tp_protocol import TPCrossRows, TPGatherKV, TPGraphStep, TPLayerDone, TPScatterKV, TPStep, TPStop, array
+from epd.tp_protocol import (
+    TPCrossRows,
+    TPDropKV,
+    TPExpectKV,
+    TPGatherKV,
+    TPGraphStep,
+    TPLandKV,
+    TPLayerDone,
+    TPOpenTransport,
+    TPScatterKV,
+    TPSendKV,
+    TPStep,
+    TPStop,
+    array,
+)
 
 log = logging.getLogger("epd.tp_worker")
 
@@ -64,6 +79,9 @@ class Worker:
         self.backend = make_backend(config, model_config, self.model, self.device, dtype)
         future = torch.zeros(max(1, config.max_running_requests), dtype=torch.long, device=self.device)
         self.graphs = make_graphs(config, self.model, self.kv, self.backend, self.device, future)
+        self.ranks = RankKV(self.group, self.kv.layers, self.device)   # rank-by-rank hand-overs
+        self.handlers = {TPOpenTransport: self.ranks.open, TPExpectKV: self.ranks.expect,
+                         TPLandKV: self.ranks.land, TPDropKV: self.ranks.drop}
         log.info("rank %d of %d: %s on %s, KV pool %d pages of %d heads", rank, size, model_config.model_id,
                  self.device, self.kv.pool.capacity, self.kv.spec.num_kv_heads)
 
@@ -93,7 +111,10 @@ class Worker:
         while not isinstance(msg := receive(self.group), TPLayerDone):
             self.kv_op(msg)
 
-    def kv_op(self, msg: TPGatherKV | TPScatterKV) -> None:
+    def kv_op(self, msg: TPGatherKV | TPScatterKV | TPSendKV) -> None:
+        if isinstance(msg, TPSendKV):
+            self.ranks.send(msg)
+            return
         if not isinstance(msg, TPGatherKV | TPScatterKV):
             raise ProtocolError(f"tensor parallel worker: {type(msg).__name__} where a KV operation belongs")
         layers = [self.kv.layers[i] for i in msg.layers]
@@ -112,8 +133,12 @@ class Worker:
                 log.info("rank %d: the leader is gone (%s); exiting", self.group.rank, str(e).splitlines()[0][:120])
                 return
             if isinstance(msg, TPStop):
+                self.ranks.close()
                 return
-            if isinstance(msg, TPStep):
+            handler = self.handlers.get(type(msg))
+            if handler is not None:
+                handler(msg)
+            elif isinstance(msg, TPStep):
                 self.step(msg)
             elif isinstance(msg, TPCrossRows):
                 self.cross_rows(msg)

@@ -77,13 +77,21 @@ class WireSender:
     def via(self) -> str:
         return "over UCX"
 
-    def on_layer(self, layer: int) -> None:
-        """In the forward: layer `layer`'s K/V are in the pages; send the group it completes."""
+    def completed_group(self, layer: int) -> tuple[int, Sequence[int], int] | None:
+        """(index, layers, first token sent) of the group layer `layer` completes, else None."""
         gi = self._last_of.get(layer)
         if gi is None:
-            return
+            return None
         group = self.groups[gi]
         first = min(tokens_needed(self.prompt_len, self.chunks[group[0]]), self.prompt_len - 1)   # never empty
+        return gi, group, first
+
+    def on_layer(self, layer: int) -> None:
+        """In the forward: layer `layer`'s K/V are in the pages; send the group it completes."""
+        done = self.completed_group(layer)
+        if done is None:
+            return
+        gi, group, first = done
         wire = self.layers.gather(group, self.pages, self.prompt_len - first, first=first)
         meta = protocol.data_meta(protocol.KVGroup(self.rid, gi, list(group), first))
         self.sends.append(self.transport.send(self.peer, f"{self.rid}:kv:{gi}", [wire], meta=meta,
@@ -187,16 +195,22 @@ class WireReceiver:
                 self._take_cross()
             if self.record is None:
                 self._take_record()
+            done = self.record is not None and self.next_group == self.record.num_groups and \
+                (self.cross_landed or self.record.ipc_written) and self.others_landed()
         except Exception as e:  # noqa: BLE001 - a broken or refused transfer fails this request only
             self._fail(str(e))
             return self.state
-        if self.record is not None and self.next_group == self.record.num_groups and \
-                (self.cross_landed or self.record.ipc_written):   # CUDA IPC wrote the image rows too
+        if done:
             self.state = HandOverState.DONE
             self.ignore_groups()   # announced, never coming
             if not self.cross_landed:
                 self.transport.ignore(f"{self.rid}:cross")
         return self.state
+
+    def others_landed(self) -> bool:
+        """Whatever other processes take of the hand-over is in (`RankWireReceiver`; here, nothing;
+        image rows over CUDA IPC come with the record). Raises when theirs failed."""
+        return True
 
     def _take_groups(self, now: float) -> None:
         while (msg := self.transport.poll(f"{self.rid}:kv:{self.next_group}")) is not None:

@@ -32,6 +32,7 @@ import zmq
 
 from epd import protocol
 from epd.engine.engine_args import add_engine_args, engine_kwargs
+from epd.engine.rank_handover import open_rank_transports
 from epd.node.gpu_sharing import warn_if_shared_without_mps
 from epd.node.http_probe import NodeHTTP
 from epd.periodic_stats import DEFAULT_INTERVAL_S, add_log_stats_args, log_stats_interval
@@ -67,6 +68,7 @@ class NodeArgs:
     drain_timeout_s: float = 30.0
     max_batch_image_tokens: int = 16384  # encoder: image tokens per vision forward
     embedding_arena_tokens: int = 32768  # prefill: rows encoders may write embeddings into (CUDA IPC)
+    secret_file: str = ""                # where `secret` came from ("": the environment), for TP ranks
 
     @classmethod
     def from_cli(cls, role: str, argv: list[str] | None) -> NodeArgs:
@@ -85,7 +87,8 @@ class NodeArgs:
         return cls(role, a.model, a.redis_url, a.host, a.port, node_id, a.heartbeat_ttl, a.layer_group_size,
                    a.kv_timeout, engine, secret, a.log_level, not a.no_kv_ipc, a.ucx_progress,
                    log_stats_interval(a), advertised_host(a.host, a.advertise_host), a.http_port, a.drain_timeout,
-                   getattr(a, "max_batch_image_tokens", 16384), getattr(a, "embedding_arena_tokens", 32768))
+                   getattr(a, "max_batch_image_tokens", 16384), getattr(a, "embedding_arena_tokens", 32768),
+                   a.cluster_secret_file or "")
 
 
 def advertised_host(bind: str, given: str | None) -> str:
@@ -192,7 +195,9 @@ def token_delta(ev: Any, prompt_tokens: int, cached_tokens: int, timings: dict[s
 
 class NodeRuntime:
     def __init__(self, args: NodeArgs, device: str, layout: KVLayout | None, capacity: int,
-                 kv_ipc: str = "", max_context: int = 0) -> None:
+                 kv_ipc: str = "", max_context: int = 0, tp_leader: Any = None) -> None:
+        """`tp_leader`: a node of several processes (tensor parallel): each rank opens a KV transport
+        too, published for rank-by-rank hand-overs."""
         self.args = args
         self.redis = connect(args.redis_url)
         self.ctx = zmq.Context()
@@ -207,6 +212,8 @@ class NodeRuntime:
         self.zmq_address = f"{host}:{port}"
         self.transport = KVTransport(host, 0, device=device, progress_mode=args.ucx_progress, secret=args.secret,
                                      bind=args.host)
+        ranks = open_rank_transports(tp_leader, host, args.host, args.secret_file, args.ucx_progress) \
+            if tp_leader is not None else []
         self.http = NodeHTTP(args.host, args.http_port, args.role, args.node_id) if args.http_port is not None else None
         self.http_address = f"{host}:{self.http.port}" if self.http is not None else ""
         self.poller = zmq.Poller()   # control messages, or a KV/embedding message landing
@@ -220,7 +227,7 @@ class NodeRuntime:
                         http=self.http_address,
                         model=os.path.basename(os.path.normpath(args.model)), layout_hash=layout_hash,
                         capacity=capacity, started_at=time.time(), kv_ipc=kv_ipc if args.kv_ipc else "",
-                        max_context=max_context)
+                        max_context=max_context, ucx_ranks=",".join(ranks))
         self.secret = args.secret
         self.lease = NodeRegistry(self.redis, self.secret).register(info, ttl_s=args.heartbeat_ttl, also_write=keep)
         self.rejected = 0   # control messages refused (not the cluster's, or malformed)

@@ -11,6 +11,8 @@ Split over pools, a prefill node of two processes hands over to decode nodes of 
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from support import IMAGE, family_prompt, noise_image
 
@@ -79,6 +81,9 @@ def test_tensor_parallel_prefill_hands_over_to_a_decode_node(tiny_models, tmp_pa
     logs = {role: "".join(p.read_text() for p in tmp_path.glob(f"{role}*.log")) for role in ("prefill", "decode")}
     assert "rank 1 of 2" in logs["prefill"]
     assert ("rank 1 of 2" in logs["decode"]) == (decode_tp == "2")
+    # equal sizes hand over rank by rank: the leader sends its own heads only (half of the bytes)
+    handed = re.findall(r"KV of \S+: (\d+) bytes handed to decode node \S+ (.*), done", logs["prefill"])
+    assert handed and all(("rank by rank (2 ranks)" in via) == (decode_tp == "2") for _, via in handed), handed
 
 
 def test_a_worker_that_dies_stops_the_engine_with_its_reason(tiny_models):
@@ -145,3 +150,70 @@ def test_a_step_that_fails_on_the_leader_stops_the_group(tiny_models):
     with pytest.raises(GroupLost, match=r"a step failed on rank 0 \(RuntimeError: device fault\)"):
         llm.generate(prompt="hi", sampling_params=GREEDY)
     assert all(w.poll() is not None for w in workers)
+
+
+def _land(receiver, deadline_s: float = 20.0):
+    import time
+
+    from epd.node.handover import HandOverState
+
+    end = time.monotonic() + deadline_s
+    while receiver.poll(time.monotonic()) is HandOverState.TRANSFERRING and time.monotonic() < end:
+        time.sleep(0.02)
+    return receiver.state
+
+
+def test_each_rank_takes_only_its_heads_from_its_peer_rank(tiny_models, monkeypatch):
+    """Rank by rank (a decode node of 2 processes, real UCX): what each prefill rank sends lands in
+    the same pages of its peer rank (read back through the group: every head in place); a rank's
+    group of the wrong shape, or one sent by another peer, fails that request with a clear error."""
+    import torch
+
+    from epd import protocol
+    from epd.engine.kv_access import PoolLayers
+    from epd.engine.rank_handover import open_rank_transports
+    from epd.node.handover import HandOverState
+    from epd.node.rank_handover import RankWireReceiver
+    from kv_transfer.auth import ClusterSecret
+    from kv_transfer.transport import KVTransport
+
+    monkeypatch.setenv("EPD_CLUSTER_SECRET", "rank-by-rank-test-secret-0123456789")
+    monkeypatch.delenv("EPD_CLUSTER_SECRET_FILE", raising=False)
+    secret = ClusterSecret.load()
+    llm = Engine(model_path=tiny_models["qwen2_5_vl"], device="cpu", tensor_parallel_size=2, page_size=4)
+    try:
+        leader = llm.core.tp
+        (rank1,) = open_rank_transports(leader, "127.0.0.1", "127.0.0.1", "", "thread")
+        layers = PoolLayers(list(llm.core.kv.layers), None, leader)
+        _, _, _, heads, dim = layers.layers[0].shape
+        n, pages, dtype = 6, [1, 2], layers.layers[0].dtype
+        with KVTransport(secret=secret) as decode, KVTransport(secret=secret) as p0, \
+                KVTransport(secret=secret) as p1:
+            def hand_over(rid: str, rank1_wire: torch.Tensor, rank1_sender) -> RankWireReceiver:
+                receiver = RankWireReceiver(decode, p0.address, rid, layers, n, peers=[p1.address], max_groups=1)
+                receiver.start(None, pages)
+                group = protocol.data_meta(protocol.KVGroup(rid, 0, list(range(len(layers))), 0))
+                own = torch.randn(len(layers), 2, n, heads, dim, dtype=dtype)
+                p0.send(decode.address, f"{rid}:kv:0", [own], meta=group).result(10)
+                rank1_sender.send(rank1, f"{rid}:kv:0", [rank1_wire], meta=group)
+                p0.send(decode.address, f"{rid}:meta", [], meta=protocol.data_meta(
+                    protocol.HandOver(rid, first_token=1, prompt_len=n, num_groups=1))).result(10)
+                _land(receiver)
+                receiver.own = own
+                return receiver
+
+            theirs = torch.randn(len(layers), 2, n, heads, dim, dtype=dtype)
+            good = hand_over("r-good", theirs, p1)
+            assert good.state is HandOverState.DONE, good.error
+            every_head = leader.gather_kv(list(range(len(layers))), pages, n)
+            assert torch.equal(every_head, torch.cat([good.own, theirs], dim=3))
+
+            wrong = hand_over("r-shape", torch.randn(len(layers), 2, n, heads + 1, dim, dtype=dtype), p1)
+            assert wrong.state is HandOverState.FAILED
+            assert "tensor parallel rank 1 could not take its KV heads" in wrong.error
+            stranger = hand_over("r-stranger", theirs, p0)   # rank 1 takes its heads from p1 only
+            assert stranger.state is HandOverState.FAILED
+            assert "tensor parallel rank 1" in stranger.error
+        assert len(llm.generate(prompt="hi", sampling_params=GREEDY)["output_ids"]) == GREEDY["max_new_tokens"]
+    finally:
+        llm.shutdown()
