@@ -135,7 +135,7 @@ class TPSendKV:
     pages: bytes
     n: int
     first: int
-    timeout_s: float
+    timeout_s: float       # each send fails after it (0: no limit)
 
 
 @dataclass

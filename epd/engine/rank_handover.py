@@ -129,7 +129,8 @@ class RankKV:
         meta = protocol.data_meta(protocol.KVGroup(msg.rid, msg.group, list(msg.positions), msg.first))
         peer = msg.peers[self.group.rank - 1]
         self.sends = [f for f in self.sends if not f.done()]
-        future = self.transport.send(peer, f"{msg.rid}:kv:{msg.group}", [wire], meta=meta, timeout=msg.timeout_s)
+        future = self.transport.send(peer, f"{msg.rid}:kv:{msg.group}", [wire], meta=meta,
+                                     timeout=msg.timeout_s or None)   # 0: none
         future.add_done_callback(lambda f, rid=msg.rid: f.exception() and log.warning(
             "rank %d: KV of %s not sent: %s", self.group.rank, rid, f.exception()))
         self.sends.append(future)
