@@ -10,7 +10,8 @@
 # processes (1 image at 16 and 24 req/s, 2 images at 8), split and colocated; `serve7b` brings up
 # `epd serve` with its defaults on the 7b preset and serves a 4-image workload; `llama4` the Llama 4
 # scout-12l preset's decode (graphs, the MoE kernels; the roofline counts the experts a batch is
-# expected to pick) and prefill; `tp` (a machine of 2 GPUs or more) the tensor-parallel GPU tests and
+# expected to pick) and prefill; `moe` the routed-experts Triton kernels against a per-expert loop of
+# cuBLAS GEMMs at Scout's expert shapes (bench/gpu_moe.py); `tp` (a machine of 2 GPUs or more) the tensor-parallel GPU tests and
 # scout-12l's decode and prefill over 2 GPUs (the roofline counts the bytes one rank reads). `mllama` measures the Llama-3.2-Vision 11b preset (decode
 # with one 4-tile image of cross-attention rows per request, prefill, vision tower); `mllama_ttft` its
 # TTFT for a 1120x1120 image, colocated against 1E + 1P + 1D. `llava` measures the LLaVA-1.5 7b preset (decode, prefill, vision tower,
@@ -77,6 +78,7 @@ want load_workers && pkill -f "epd.cli serve"   # a sweep cut off by its limit l
 step serve7b 200 env EPD_LOAD_MODEL=/tmp/m7b EPD_LOAD_PRESET=7b RATES_4=2 EPD_LOAD_PROMPTS=12 \
     bash bench/gpu_load.sh "$out/serve7b" split 4
 want serve7b && pkill -f "epd.cli serve"
+step moe 120 python3 -m bench.gpu_moe --out "$out/moe.json"
 step llama4 300 python3 -m bench.gpu_bench --out "$out/gpu_llama4.json" --model scout12l=/tmp/mscout12l \
     --sections decode,prefill --skip-hf
 if [[ $steps == *",tp,"* ]]; then   # two GPUs or more: tensor parallelism against one GPU
