@@ -5,7 +5,9 @@
 #
 #   source .whl/setup.sh && bash bench/gpu_load.sh OUT_DIR [SETUPS] [IMAGE_COUNTS]
 #
-# SETUPS: comma-separated, of split, colocated (default both). IMAGE_COUNTS: default 4,1,2.
+# SETUPS: comma-separated, of split (1E + 1P + 1D), colocated (one node), colocatedN (N colocated
+# nodes), split-E-P-D (E encoder, P prefill and D decode nodes) (default: split,colocated).
+# IMAGE_COUNTS: default 4,1,2. EPD_LOAD_GPUS: `epd serve --gpus` (default: every visible GPU).
 # EPD_LOAD_MODEL / EPD_LOAD_PRESET: the checkpoint (default /tmp/m3b, written with the 3b preset).
 # EPD_LOAD_ROUTER_WORKERS=N gives both setups' routers `--api-server-count N` (default 1).
 # Per image count, Poisson rates swept past the knee (RATES_<n> below), 40 requests a rate, JPEG
@@ -30,8 +32,13 @@ export PYTHONUNBUFFERED=1
 [ -d "$model" ] || timeout 180 python3 -m epd.cli tiny-model qwen2_5_vl "$model" --preset "$preset" --device cuda >>"$log" 2>&1
 
 serve_until_ready() {  # serve_until_ready SETUP: start epd serve (defaults) and wait for its ready line
-    local setup=$1 extra=()
-    [ "$setup" = colocated ] && extra=(--colocated 1)
+    local setup=$1 extra=() e p d
+    case $setup in   # split: 1E 1P 1D; colocated: 1 node; colocatedN: N nodes; split-E-P-D: E, P and D nodes
+        colocated) extra=(--colocated 1) ;;
+        colocated[0-9]*) extra=(--colocated "${setup#colocated}") ;;
+        split-*) IFS=- read -r _ e p d <<<"$setup"; extra=(--encoders "$e" --prefills "$p" --decodes "$d") ;;
+    esac
+    [ -n "${EPD_LOAD_GPUS:-}" ] && extra+=(--gpus "$EPD_LOAD_GPUS")
     extra+=(--api-server-count "${EPD_LOAD_ROUTER_WORKERS:-1}")
     python3 -m epd.cli serve --model "$model" --port $port "${extra[@]}" --log-dir "$out/logs_$setup" \
         >"$out/serve_$setup.log" 2>&1 &

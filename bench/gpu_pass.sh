@@ -11,7 +11,9 @@
 # `epd serve` with its defaults on the 7b preset and serves a 4-image workload; `llama4` the Llama 4
 # scout-12l preset's decode (graphs, the MoE kernels; the roofline counts the experts a batch is
 # expected to pick) and prefill; `moe` the routed-experts Triton kernels against a per-expert loop of
-# cuBLAS GEMMs at Scout's expert shapes (bench/gpu_moe.py); `tp` (a machine of 2 GPUs or more) the tensor-parallel GPU tests and
+# cuBLAS GEMMs at Scout's expert shapes (bench/gpu_moe.py); `multi2` / `multi4` (2 / 4 GPUs) N
+# colocated nodes against E/P/D splits of the same GPUs, each node on its GPU (`epd serve --gpus`),
+# for EPD_MULTI_IMAGES images a request (default 4; one image count a device call); `tp` (a machine of 2 GPUs or more) the tensor-parallel GPU tests and
 # scout-12l's decode and prefill over 2 GPUs (the roofline counts the bytes one rank reads). `mllama` measures the Llama-3.2-Vision 11b preset (decode
 # with one 4-tile image of cross-attention rows per request, prefill, vision tower); `mllama_ttft` its
 # TTFT for a 1120x1120 image, colocated against 1E + 1P + 1D. `llava` measures the LLaVA-1.5 7b preset (decode, prefill, vision tower,
@@ -78,6 +80,11 @@ want load_workers && pkill -f "epd.cli serve"   # a sweep cut off by its limit l
 step serve7b 200 env EPD_LOAD_MODEL=/tmp/m7b EPD_LOAD_PRESET=7b RATES_4=2 EPD_LOAD_PROMPTS=12 \
     bash bench/gpu_load.sh "$out/serve7b" split 4
 want serve7b && pkill -f "epd.cli serve"
+# 2 or 4 GPUs (the multi-GPU goodput issue): N colocated nodes against splits of the same N GPUs
+step multi2 590 env RATES_1=8,16,32 RATES_2=4,8,16 RATES_4=2,4,8,12 EPD_LOAD_PROMPTS=40 EPD_LOAD_GPUS=0,1 \
+    bash bench/gpu_load.sh "$out/multi2" colocated2,split-1-1-1 "${EPD_MULTI_IMAGES:-4}"
+step multi4 590 env RATES_1=16,32,48 RATES_2=8,16,24 RATES_4=4,8,16,24 EPD_LOAD_PROMPTS=40 EPD_LOAD_GPUS=0,1,2,3 \
+    bash bench/gpu_load.sh "$out/multi4" colocated4,split-1-1-2,split-1-2-1 "${EPD_MULTI_IMAGES:-4}"
 step moe 120 python3 -m bench.gpu_moe --out "$out/moe.json"
 step llama4 300 python3 -m bench.gpu_bench --out "$out/gpu_llama4.json" --model scout12l=/tmp/mscout12l \
     --sections decode,prefill --skip-hf

@@ -86,9 +86,10 @@ class Cluster:
 
     def _spawn(self, role: str, node_id: str, extra: list[str], model: str | None) -> NodeProc:
         args = [sys.executable, "-m", "epd.cli", role, "--model", model or self.model, "--node-id", node_id,
-                "--cluster-secret-file", self.secret_file, *self.common_args, *extra]
+                "--cluster-secret-file", self.secret_file, *self.common_args]
         if self.device:
             args += ["--device", self.device]
+        args += extra   # last: a node's own --device cuda:N (epd serve's GPU placement) wins
         log_path = os.path.join(self.log_dir, f"{node_id}.log")
         pump = LogPump(log_path, self.log_max_bytes, self.log_backups)
         proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, preexec_fn=die_with_parent,

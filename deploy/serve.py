@@ -29,6 +29,8 @@ from typing import TYPE_CHECKING
 
 import httpx
 
+from deploy.gpu_placement import ROLES, Placement, place, shared_gpus
+from deploy.gpu_placement import describe as describe_placements
 from deploy.gpu_shares import describe, gpu_shares, user_sized
 from deploy.logs import DEFAULT_BACKUPS, DEFAULT_MAX_BYTES, LogPump
 from deploy.mps import MPSDaemon
@@ -87,6 +89,9 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
                     "too) (default: 0)")
     ap.add_argument("--mps", default="auto", choices=["auto", "on", "off"], help="CUDA MPS for nodes sharing the "
                     "GPU: auto starts it when more than one node runs on the GPU (default: %(default)s)")
+    ap.add_argument("--gpus", default=None, help="GPUs to place the nodes on, comma-separated indices as visible "
+                    "(default: every visible GPU); each node runs on its own GPU while there are enough, then they "
+                    "share, splitting each GPU's memory")
     ap.add_argument("--port", type=int, default=8000, help="the router's HTTP port; 0 picks a free one "
                     "(default: 8000)")
     ap.add_argument("--host", default="127.0.0.1", help="the router's address (default: 127.0.0.1)")
@@ -177,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         engine_args, router_args = engine_flags(rest)
         model = resolve_model(args.model)
         settings = check_before_start(args, model, engine_args, router_args)
+        placements = _placements(args, [*engine_args, *args.node_args.split()])
     except (ValueError, OSError) as e:
         print(f"epd serve: {e}", file=sys.stderr)
         return 2
@@ -196,9 +202,9 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
     try:
-        mps = _start_mps(args)
+        mps = _start_mps(args, placements)
         cluster.extra_env = mps.env() if mps is not None else {}
-        _start_nodes(cluster, args, node_args)
+        _start_nodes(cluster, args, node_args, placements)
         cluster.wait_ready(timeout_s=args.ready_timeout)
         port = args.port or free_port()
         cmd = [sys.executable, "-m", "epd.cli", "router", *_router_cmd(args, model, port, router_args,
@@ -223,19 +229,50 @@ def main(argv: list[str] | None = None) -> int:
             mps.stop()
 
 
-def _start_nodes(cluster: Cluster, args: argparse.Namespace, node_args: list[str]) -> None:
-    """Every node; on one GPU each prefill and decode node with its share of the GPU's memory."""
-    extra: dict[str, list[str]] = {}
-    if _on_gpu(args.device) and not user_sized(node_args):
+def _placements(args: argparse.Namespace, node_args: list[str]) -> list[Placement] | None:
+    """Each node's GPU and memory share (`deploy.gpu_placement`); None on a CPU. ValueError when
+    --gpus names GPUs that are not there."""
+    if not _on_gpu(args.device):
+        if args.gpus:
+            raise ValueError("--gpus places nodes on GPUs; there are none here (or --device cpu was given)")
+        return None
+    import torch
+
+    from epd.node.runtime import node_parser
+
+    visible = torch.cuda.device_count()
+    gpus = [int(g) if g.strip().isdigit() else -1 for g in args.gpus.split(",")] if args.gpus else \
+        list(range(visible))
+    if not gpus or any(not 0 <= g < visible for g in gpus) or len(set(gpus)) != len(gpus):
+        raise ValueError(f"--gpus {args.gpus}: GPUs 0..{visible - 1} are visible, each given once")
+    tp = node_parser("prefill").parse_known_args(["--model", "-", *node_args])[0].tensor_parallel_size
+    return place(gpus, {"encoder": args.encoders, "prefill": args.prefills, "decode": args.decodes,
+                        "colocated": args.colocated}, tp)
+
+
+def _start_nodes(cluster: Cluster, args: argparse.Namespace, node_args: list[str],
+                 placements: list[Placement] | None) -> None:
+    """Every node; on GPUs each on its own (`--device cuda:N`, when more than GPU 0 is used) with
+    its share of that GPU's memory (unless the user sized the pools)."""
+    if placements is None:
+        for role in ROLES:
+            for _ in range(getattr(args, "colocated" if role == "colocated" else f"{role}s")):
+                cluster.add(role)
+        return
+    sized = user_sized(node_args)
+    one_gpu = {g for p in placements for g in p.gpus} == {0}
+    if not sized and one_gpu:
         import torch
 
         shares = gpu_shares(args.encoders, args.prefills, args.decodes, args.colocated)
         print(describe(shares, args.encoders, torch.cuda.get_device_properties(0).total_memory), flush=True)
-        extra = {role: ["--gpu-memory-utilization", str(share)] for role, share in shares.items()}
-    for role, count in (("encoder", args.encoders), ("prefill", args.prefills), ("decode", args.decodes),
-                        ("colocated", args.colocated)):
-        for _ in range(count):
-            cluster.add(role, extra.get(role))
+    elif not one_gpu:
+        print(describe_placements(placements), flush=True)
+    for p in sorted(placements, key=lambda p: ROLES.index(p.role)):
+        extra = [] if one_gpu else ["--device", f"cuda:{p.gpu}"]
+        if p.share is not None and not sized:
+            extra += ["--gpu-memory-utilization", str(p.share)]
+        cluster.add(p.role, extra)
 
 
 def _pools(args: argparse.Namespace) -> str:
@@ -244,10 +281,10 @@ def _pools(args: argparse.Namespace) -> str:
     return " + ".join(part for part in (split, colocated) if part)
 
 
-def _start_mps(args: argparse.Namespace) -> MPSDaemon | None:
-    """CUDA MPS when several nodes share the GPU (--mps auto) or when asked (on); None when not used."""
+def _start_mps(args: argparse.Namespace, placements: list[Placement] | None) -> MPSDaemon | None:
+    """CUDA MPS when several nodes share a GPU (--mps auto) or when asked (on); None when not used."""
     nodes = args.encoders + args.prefills + args.decodes + args.colocated
-    if args.mps == "off" or not _on_gpu(args.device) or (args.mps == "auto" and nodes < 2):
+    if args.mps == "off" or placements is None or (args.mps == "auto" and not shared_gpus(placements)):
         return None
     mps = MPSDaemon()
     try:
@@ -255,7 +292,7 @@ def _start_mps(args: argparse.Namespace) -> MPSDaemon | None:
     except (RuntimeError, OSError, subprocess.TimeoutExpired) as e:
         if args.mps == "on":
             raise RuntimeError(f"--mps on: {e}") from None
-        print(f"CUDA MPS not started ({e}): the {nodes} nodes on this GPU will take turns on it, which costs "
+        print(f"CUDA MPS not started ({e}): the {nodes} nodes sharing GPUs will take turns on them, which costs "
               "latency under load (see BENCHMARKS.md)", flush=True)
         return None
     return mps

@@ -22,9 +22,19 @@ _FIELDS = {"device": "device", "dtype": "dtype", "page_size": "page_size", "max_
            "tensor_parallel_size": "tensor_parallel_size"}
 
 
+def device_name(text: str) -> str:
+    """An engine's --device: cpu, cuda or cuda:N."""
+    kind, sep, index = text.partition(":")
+    if kind == "cpu" and not sep or kind == "cuda" and (not sep or index.isdigit()):
+        return text
+    raise argparse.ArgumentTypeError(f"{text!r} is not a device (cpu, cuda or cuda:N)")
+
+
 def add_engine_args(ap: argparse.ArgumentParser | Any) -> None:
     """Add the engine flags to `ap` (an argument parser or group)."""
-    ap.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda when present")
+    ap.add_argument("--device", default=None, type=device_name,
+                    help="cpu, cuda or cuda:N (GPU N of those visible; with -tp K, GPUs N..N+K-1) "
+                         "(default: cuda when present)")
     ap.add_argument("--dtype", default=None, help="float32 / bfloat16 / float16 (default: float32 on a CPU, "
                                                   "the checkpoint's on a GPU)")
     ap.add_argument("--max-model-len", type=int, default=None,

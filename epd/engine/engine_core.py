@@ -35,7 +35,7 @@ from epd.engine.sampling import DeviceSample, SamplingParams, SamplingRow, sampl
 from epd.engine.scheduler import Chunk, Scheduler
 from epd.engine.tensor_parallel import TPLeader
 from epd.kernels.fused_ops import fused_path
-from epd.models.loader import default_device
+from epd.models.loader import default_device, select_device
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,7 @@ class EngineCore:
         if config.seed is not None:
             torch.manual_seed(config.seed)
         self.model_config = ModelConfig.from_pretrained(config.model_path)
-        self.device = config.resolved_device()
+        self.device = select_device(config.resolved_device())
         self.dtype = config.resolved_dtype(self.model_config)
         self.tokenizer = tokenizer
         t0 = time.perf_counter()
@@ -142,8 +142,10 @@ class EngineCore:
             return None
         if size < 1:
             raise ValueError(f"tensor parallel size {size} must be at least 1")
-        if self.device.type == "cuda" and size > torch.cuda.device_count():
-            raise ValueError(f"tensor parallel size {size}: only {torch.cuda.device_count()} GPUs are visible")
+        first = self.device.index or 0
+        if self.device.type == "cuda" and first + size > torch.cuda.device_count():
+            raise ValueError(f"tensor parallel size {size} from GPU {first}: only {torch.cuda.device_count()} "
+                             f"GPUs are visible")
         leader, self.device = TPLeader.start(self.config, self.device)
         return leader
 

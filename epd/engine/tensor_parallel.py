@@ -78,10 +78,10 @@ def init_group(rank: int, size: int, init: str, device: torch.device) -> TPGroup
 
 
 def rank_device(device: torch.device, rank: int) -> torch.device:
-    """The device of `rank` (GPU r of those visible; a CPU for all)."""
+    """The device of `rank` (GPU first + r of those visible, `device` being cuda:first; a CPU for all)."""
     if device.type != "cuda":
         return device
-    dev = torch.device("cuda", rank)
+    dev = torch.device("cuda", (device.index or 0) + rank)
     torch.cuda.set_device(dev)
     return dev
 

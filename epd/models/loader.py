@@ -34,3 +34,11 @@ def load_decoder_lm(family, rotary: Callable[[], nn.Module], device: torch.devic
 
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def select_device(device: torch.device) -> torch.device:
+    """`device`, made this process's current CUDA device when it names one (`cuda:N`), so that
+    kernels, graphs and libraries that use the current device run on it."""
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)
+    return device

@@ -17,6 +17,8 @@ from deploy import serve
     (["--chat-template", "no-such-template"], "unknown chat template 'no-such-template'"),
     (["--mm-processor-kwargs", '{"max_pixels": 1}'], "--mm-processor-kwargs is not supported"),
     (["--max-model-len", "x"], "argument --max-model-len: invalid int value: 'x'"),
+    (["--device", "cpu", "--node-args=--device gpu1"], "'gpu1' is not a device (cpu, cuda or cuda:N)"),
+    (["--gpus", "0,1"], "--gpus places nodes on GPUs; there are none here"),
 ])
 def test_a_wrong_option_is_refused_before_any_process_starts(tiny_models, tmp_path, capsys, extra, says):
     started = time.monotonic()
