@@ -136,6 +136,7 @@ class TPSendKV:
     n: int
     first: int
     timeout_s: float       # each send fails after it (0: no limit)
+    groups: int = 0        # the hand-over's groups (the rank logs its part's time once all are sent)
 
 
 @dataclass

@@ -19,6 +19,8 @@ node whose peer published no rank addresses, hand over through rank 0 (`epd.engi
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from concurrent.futures import Future
 from typing import Any
 
@@ -106,6 +108,8 @@ class RankKV:
         self.transport: Any = None
         self.incoming: dict[str, _Incoming] = {}
         self.sends: list[Future] = []
+        self.outgoing: dict[str, list] = {}   # rid -> [groups sent, bytes, first gather's time]
+        self.lock = threading.Lock()
 
     def open(self, msg: TPOpenTransport) -> None:
         from kv_transfer.auth import ClusterSecret
@@ -131,9 +135,28 @@ class RankKV:
         self.sends = [f for f in self.sends if not f.done()]
         future = self.transport.send(peer, f"{msg.rid}:kv:{msg.group}", [wire], meta=meta,
                                      timeout=msg.timeout_s or None)   # 0: none
-        future.add_done_callback(lambda f, rid=msg.rid: f.exception() and log.warning(
-            "rank %d: KV of %s not sent: %s", self.group.rank, rid, f.exception()))
+        with self.lock:
+            self.outgoing.setdefault(msg.rid, [0, 0, time.monotonic()])
+        future.add_done_callback(lambda f: self._sent(msg, peer, f))
         self.sends.append(future)
+
+    def _sent(self, msg: TPSendKV, peer: str, future: Future) -> None:
+        """(The transport's thread.) Once every group of a request is sent, its time, for the log."""
+        error = future.exception()
+        with self.lock:
+            part = self.outgoing.get(msg.rid)
+            if part is None:
+                return
+            part[0] += 1
+            part[1] += 0 if error is not None else future.result().nbytes
+            if error is None and part[0] < msg.groups:
+                return
+            del self.outgoing[msg.rid]
+        if error is not None:
+            log.warning("rank %d: KV of %s not sent: %s", self.group.rank, msg.rid, error)
+        else:
+            log.info("rank %d: KV of %s: %d bytes (its heads) sent to %s in %.2f ms", self.group.rank, msg.rid,
+                     part[1], peer, (time.monotonic() - part[2]) * 1e3)
 
     def expect(self, msg: TPExpectKV) -> None:
         peer = msg.peers[self.group.rank - 1]

@@ -51,7 +51,8 @@ class RankWireSender(WireSender):
             return
         gi, group, first = done
         send_kv(self.leader, TPSendKV(self.peers, self.rid, gi, list(group), [self.layers.layer_ids[j] for j in group],
-                                      ints(self.pages), self.prompt_len - first, first, self.timeout_s or 0.0))
+                                      ints(self.pages), self.prompt_len - first, first, self.timeout_s or 0.0,
+                                      len(self.groups)))
         super().on_layer(layer)
 
 

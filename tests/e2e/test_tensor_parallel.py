@@ -84,6 +84,10 @@ def test_tensor_parallel_prefill_hands_over_to_a_decode_node(tiny_models, tmp_pa
     # equal sizes hand over rank by rank: the leader sends its own heads only (half of the bytes)
     handed = re.findall(r"KV of \S+: (\d+) bytes handed to decode node \S+ (.*), done", logs["prefill"])
     assert handed and all(("rank by rank (2 ranks)" in via) == (decode_tp == "2") for _, via in handed), handed
+    ranks = re.findall(r"rank 1: KV of \S+: (\d+) bytes \(its heads\) sent to", logs["prefill"])
+    assert len(ranks) == (len(handed) if decode_tp == "2" else 0), ranks
+    if family == "llama4":   # the same number of heads each: rank 1 sent what rank 0 did (mllama's image
+        assert sorted(ranks) == sorted(n for n, _ in handed)   # rows go with rank 0's part)
 
 
 def test_a_worker_that_dies_stops_the_engine_with_its_reason(tiny_models):
