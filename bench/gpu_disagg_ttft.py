@@ -110,18 +110,24 @@ class Server:
 
     def __init__(self, name: str, cmd: list[str], port: int, log_dir: str) -> None:
         self.name, self.url, self.results = name, f"http://127.0.0.1:{port}", []
-        os.makedirs(log_dir, exist_ok=True)
-        self._log = open(os.path.join(log_dir, f"{name}.log"), "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT)
+        self.cmd, self.log_dir = cmd, log_dir
+        self.proc: subprocess.Popen | None = None
         self.ready_s = 0.0
+
+    def start(self) -> None:
+        os.makedirs(self.log_dir, exist_ok=True)
+        self._log = open(os.path.join(self.log_dir, f"{self.name}.log"), "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT)
 
     def wait_ready(self, timeout_s: float) -> None:
         self.ready_s = _wait_ready(self.url, self.proc, timeout_s)
         print(f"[{self.name}] ready after {self.ready_s:.1f}s", flush=True)
 
     def stop(self) -> None:
-        _stop(self.proc)
-        self._log.close()
+        if self.proc is not None:
+            _stop(self.proc)
+            self._log.close()
+            self.proc = None
 
 
 def measure_interleaved(servers: list[Server], args: argparse.Namespace, text: str) -> None:
@@ -165,7 +171,7 @@ def summarize(results: list[dict[str, Any]], ready_s: float) -> dict[str, Any]:
 def _report(args: argparse.Namespace, servers: list[Server]) -> dict[str, Any]:
     colocated = summarize(servers[0].results, servers[0].ready_s)
     report: dict[str, Any] = {"model": args.model, "text_tokens": args.text_tokens,
-                              "image": f"{args.image_size} JPEG, random pixels", "interleaved": True,
+                              "image": f"{args.image_size} JPEG, random pixels", "interleaved": not args.one_at_a_time,
                               "colocated": colocated}
     for variant, server in zip(args.variant or [""], servers[1:], strict=True):
         disagg = summarize(server.results, server.ready_s)
@@ -190,6 +196,9 @@ def main(argv: list[str] | None = None) -> None:
                     help="extra node arguments of one disaggregated run, e.g. '--layer-group-size 4' or "
                          "'--no-kv-ipc'; repeat for several runs (default: one run with the defaults)")
     ap.add_argument("--image-size", default="1280x720", help="WIDTH x HEIGHT of each request's JPEG")
+    ap.add_argument("--one-at-a-time", action="store_true",
+                    help="run the setups one after the other instead of side by side (a model whose colocated "
+                         "and split setups do not fit the GPU together: the 11b preset on 80 GB)")
     ap.add_argument("--device", default="cuda", choices=["cpu", "cuda"])
     ap.add_argument("--log-dir", default="/tmp")
     ap.add_argument("--out", default=None)
@@ -220,9 +229,18 @@ def main(argv: list[str] | None = None) -> None:
                                                           "--node-args", node_args, *common(port)],
                               port, args.log_dir))
     try:
-        for server in servers:
-            server.wait_ready(args.ready_timeout)
-        measure_interleaved(servers, args, text)
+        if args.one_at_a_time:   # each alone on the GPU: the same images, one setup after the other
+            for server in servers:
+                server.start()
+                server.wait_ready(args.ready_timeout)
+                measure_interleaved([server], args, text)
+                server.stop()
+        else:
+            for server in servers:
+                server.start()
+            for server in servers:
+                server.wait_ready(args.ready_timeout)
+            measure_interleaved(servers, args, text)
     finally:
         for server in servers:
             server.stop()

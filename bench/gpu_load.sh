@@ -9,7 +9,7 @@
 # nodes), split-E-P-D (E encoder, P prefill and D decode nodes) (default: split,colocated).
 # IMAGE_COUNTS: default 4,1,2. EPD_LOAD_GPUS: `epd serve --gpus` (default: every visible GPU).
 # EPD_LOAD_MODEL / EPD_LOAD_PRESET: the checkpoint (default /tmp/m3b, written with the 3b preset).
-# EPD_LOAD_ROUTER_WORKERS=N gives both setups' routers `--api-server-count N` (default 1).
+# EPD_LOAD_ROUTER_WORKERS=N gives both setups' routers `--api-server-count N` (default: epd serve's own).
 # Per image count, Poisson rates swept past the knee (RATES_<n> below), 40 requests a rate, JPEG
 # images of 1280x720 plus 128 text tokens, 128 output tokens, SLO TTFT <= 1 s and TPOT <= 50 ms.
 # Writes OUT_DIR/<setup>_<n>img.json (bench results, per-request records included), serve logs
@@ -39,7 +39,7 @@ serve_until_ready() {  # serve_until_ready SETUP: start epd serve (defaults) and
         split-*) IFS=- read -r _ e p d <<<"$setup"; extra=(--encoders "$e" --prefills "$p" --decodes "$d") ;;
     esac
     [ -n "${EPD_LOAD_GPUS:-}" ] && extra+=(--gpus "$EPD_LOAD_GPUS")
-    extra+=(--api-server-count "${EPD_LOAD_ROUTER_WORKERS:-1}")
+    [ -n "${EPD_LOAD_ROUTER_WORKERS:-}" ] && extra+=(--api-server-count "$EPD_LOAD_ROUTER_WORKERS")
     python3 -m epd.cli serve --model "$model" --port $port "${extra[@]}" --log-dir "$out/logs_$setup" \
         >"$out/serve_$setup.log" 2>&1 &
     serve_pid=$!
@@ -71,5 +71,5 @@ for setup in ${setups//,/ }; do
     fi
     kill -TERM $serve_pid 2>/dev/null
     wait $serve_pid
-    grep -h "WARNING\|Error\|error" "$out/logs_$setup"/*.log 2>/dev/null | tail -20 >>"$out/serve_$setup.log"
+    grep -h "WARNING\|Error\|error" "$out/logs_$setup"/*.log 2>/dev/null | tail -20 >>"$out/serve_$setup.log" || true
 done

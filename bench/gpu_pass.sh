@@ -67,7 +67,8 @@ step qwen_decode 200 python3 -m bench.gpu_bench --out "$out/gpu_qwen_decode.json
 step mllama 300 python3 -m bench.gpu_bench --out "$out/gpu_mllama.json" --model mllama11b=/tmp/mllama11b \
     --vision mllama11b --sections decode,prefill,vision --skip-hf
 step mllama_ttft 300 python3 -m bench.gpu_disagg_ttft --model /tmp/mllama11b --image-size 1120x1120 \
-    --kv-cache-tokens 16384 --requests 10 --log-dir "$out/mllama_ttft_logs" --out "$out/ttft_mllama.json"
+    --kv-cache-tokens 16384 --requests 10 --one-at-a-time --log-dir "$out/mllama_ttft_logs" \
+    --out "$out/ttft_mllama.json"
 if [[ $steps == *",families,"* ]]; then
     timeout 420 python3 -m pytest tests/gpu/test_families.py tests/gpu/test_moe_kernels.py \
         tests/gpu/test_llama4_processor.py tests/gpu/test_kv_ipc.py -m gpu -q -rf \

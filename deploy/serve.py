@@ -131,9 +131,18 @@ def _wait_http(url: str, proc: subprocess.Popen, timeout_s: float) -> None:
     raise TimeoutError(f"router not healthy after {timeout_s}s")
 
 
+def router_processes(cores: int | None = None) -> int:
+    """`epd serve`'s router processes unless --api-server-count says: one per 4 of the host's cores,
+    1 to 4 (one Python router relaying 16 one-image requests a second saturated, BENCHMARKS.md)."""
+    cores = cores if cores is not None else len(os.sched_getaffinity(0))
+    return max(1, min(4, cores // 4))
+
+
 def _router_cmd(args: argparse.Namespace, model: str, port: int, router_args: list[str], secret_file: str) -> list[str]:
     cmd = ["--model", model, "--backend", "disagg", "--host", args.host, "--port", str(port),
            "--cluster-secret-file", secret_file, *router_args]
+    if not any(a.split("=")[0] in ("--api-server-count", "-asc") for a in router_args):
+        cmd += ["--api-server-count", str(router_processes())]
     if not any(a.startswith("--served-model-name") for a in router_args):   # vLLM: --model as given
         cmd += ["--served-model-name", args.model] + ([model, os.path.basename(model)] if model != args.model else [])
     return cmd

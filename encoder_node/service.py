@@ -27,6 +27,10 @@ from epd.node.throughput import Throughput
 from kv_transfer.registry import NodeRegistry
 
 log = logging.getLogger(__name__)
+# How long a finished image waits for the prefill node's arena slot (sent as the router's request
+# reaches that node) before its embeddings go over the wire instead: the wire costs tens of ms an
+# image where the CUDA IPC write costs a few (BENCHMARKS.md); a tiny vision tower finishes first.
+SLOT_WAIT_S = 0.01
 
 
 class EmbeddingCache:
@@ -191,6 +195,10 @@ class EncoderService:
         if req.emb_ipc and self.arenas is not None:
             try:
                 msg = transport.poll(f"{req.rid}:embslot")
+                deadline = time.monotonic() + SLOT_WAIT_S
+                while msg is None and time.monotonic() < deadline:
+                    time.sleep(0.0002)
+                    msg = transport.poll(f"{req.rid}:embslot")
                 if msg is None:   # not in yet: the wire it is, and a late slot is dropped as it lands
                     transport.ignore(f"{req.rid}:embslot")
                 else:

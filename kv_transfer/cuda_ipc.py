@@ -230,7 +230,8 @@ class PoolImports:
         return gone
 
     def __len__(self) -> int:
-        return len(self._pools)
+        """Pools known here: mapped, or marked unusable (both are forgotten once their owner is gone)."""
+        return len(self._owners)
 
 
 def _map(fields: list[Any], dtype: torch.dtype, shape: tuple[int, ...], index: int) -> torch.Tensor:

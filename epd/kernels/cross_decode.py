@@ -45,10 +45,10 @@ class CrossGraphDecode:
         self._pages = torch.zeros(max_pages, dtype=torch.int32, device=device)
         self.mlp_scale = torch.zeros(batch_size, 1, dtype=torch.float32, device=device)
 
-    def fits(self, rows: Sequence[tuple[Sequence[int], Sequence[tuple[int, int]]]]) -> bool:
-        """Whether the (pages, segments) of a step's rows fit the buffers."""
-        return (len(rows) <= self.batch_size and sum(len(p) for p, _ in rows) <= self.max_pages
-                and all(len(s) <= MAX_SEGMENTS for _, s in rows))
+    def fits(self, rows: Sequence[tuple[Sequence[int], Sequence[tuple[int, int]], bool]]) -> bool:
+        """Whether a step's rows (`plan`'s: pages, segments, whether it sees an image) fit the buffers."""
+        return (len(rows) <= self.batch_size and sum(len(row[0]) for row in rows) <= self.max_pages
+                and all(len(row[1]) <= MAX_SEGMENTS for row in rows))
 
     def plan(self, rows: Sequence[tuple[Sequence[int], Sequence[tuple[int, int]], bool]]) -> None:
         """Per row of the step: (its cross pages, the row segments its token reads, whether it sees

@@ -85,3 +85,19 @@ def test_the_largest_capability_a_node_can_publish_is_within_the_bound():
     migs = tuple(f"MIG-{i:08d}-0000-4000-8000-000000000000" for i in range(MAX_VISIBLE_GPUS))
     text = _cap(gpu=migs[0], visible=migs, host="b" * 36 + ":ipc:[4026531839]")
     assert len(text) <= MAX_CAPABILITY_CHARS and ipc_pairable(text, text)
+
+
+def test_a_pool_that_could_not_be_opened_is_forgotten_once_its_owner_is_gone():
+    """A prefill node whose every write into a decode pool failed keeps only the note not to try it
+    again; its sweep of departed decode nodes still drops that note (it used to skip the sweep while
+    no pool was mapped, keeping the note for good)."""
+    from kv_transfer.cuda_ipc import PoolImports
+
+    pools = PoolImports("cpu")
+    assert not pools
+    assert pools.mark_unusable({"id": "pool-1", "owner": "decode-a"}, "cannot open")
+    assert not pools.mark_unusable({"id": "pool-1", "owner": "decode-a"}, "cannot open"), "noted once"
+    assert len(pools) == 1, "the sweep runs while a note is held"
+    assert pools.drop_orphans({"decode-a"}) == []
+    assert pools.drop_orphans({"decode-b"}) == ["pool-1"]
+    assert not pools

@@ -105,3 +105,20 @@ def test_unpicked_experts_are_never_multiplied() -> None:
         got = ours(x)
     assert len(picked) < NUM_EXPERTS
     torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_the_graph_capturable_dense_path_equals_the_grouped_one(top_k):
+    """What a float32 CUDA graph captures (every expert on every token, no host sync) gives the
+    grouped path's output, another process's expert id (one past ours) picking nothing."""
+    from epd.models.llama4.moe import dense_experts, grouped_experts
+
+    gen = torch.Generator().manual_seed(top_k)
+    experts, hidden, inter, tokens = 4, 16, 24, 9
+    gate_up = torch.randn(experts, hidden, 2 * inter, generator=gen, dtype=torch.float64)
+    down = torch.randn(experts, inter, hidden, generator=gen, dtype=torch.float64)
+    x = torch.randn(tokens, hidden, generator=gen, dtype=torch.float64)
+    top, ids = torch.topk(torch.randn(tokens, experts, generator=gen, dtype=torch.float64), top_k, dim=1)
+    ids[0, 0] = experts
+    got = dense_experts(x, torch.sigmoid(top), ids, gate_up, down)
+    torch.testing.assert_close(got, grouped_experts(x, torch.sigmoid(top), ids, gate_up, down))

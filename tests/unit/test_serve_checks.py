@@ -40,3 +40,17 @@ def test_a_port_another_server_holds_is_refused_at_once(tiny_models, tmp_path, c
     assert code == 2
     assert f"cannot serve on 127.0.0.1:{port}: Address already in use" in capsys.readouterr().err
     assert not (tmp_path / "logs").exists()
+
+
+def test_the_router_gets_a_process_per_four_cores_unless_told():
+    """One router process relaying 16 image requests a second was the split's wall on a 16-core GPU
+    host (BENCHMARKS.md): epd serve runs one per 4 cores, 1 to 4, and --api-server-count decides
+    when given."""
+    import argparse
+
+    assert [serve.router_processes(n) for n in (1, 2, 7, 8, 16, 64)] == [1, 1, 1, 2, 4, 4]
+    args = argparse.Namespace(host="127.0.0.1", model="m")
+    cmd = serve._router_cmd(args, "m", 8000, [], "s")
+    assert cmd[cmd.index("--api-server-count") + 1] == str(serve.router_processes())
+    mine = serve._router_cmd(args, "m", 8000, ["--api-server-count", "3"], "s")
+    assert mine.count("--api-server-count") == 1 and mine[mine.index("--api-server-count") + 1] == "3"

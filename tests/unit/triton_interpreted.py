@@ -127,7 +127,9 @@ def graph_decode_attention() -> None:
     reqs = [([2, 8, 15, 16, 33], [(20, 13), (12, 12)], [(1, -1), (2, -1)]), ([6, 17], [(10, 7)], [(0, -1)]),
             ([], [], [])]
     plan = CrossGraphDecode(4, 2, 16, torch.device("cpu"))
-    plan.plan([(p, *token_segments(r, sp, 4, 6)) for p, r, sp in reqs])
+    rows = [(p, *token_segments(r, sp, 4, 6)) for p, r, sp in reqs]
+    assert plan.fits(rows) and not plan.fits(rows + [([0] * 10, [], False)]), "the rows it plans fit its pages"
+    plan.plan(rows)
     out = plan.attend(q, image)
     for i, (p, r, sp) in enumerate(reqs[:2]):
         visible, sees = visibility(r, sp, 4, 6, 7)

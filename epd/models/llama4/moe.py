@@ -60,6 +60,19 @@ def grouped_experts(x: torch.Tensor, scores: torch.Tensor, expert_ids: torch.Ten
     return per_pair.view(num_tokens, top_k, -1).sum(dim=1)
 
 
+def dense_experts(x: torch.Tensor, scores: torch.Tensor, expert_ids: torch.Tensor,
+                  gate_up_proj: torch.Tensor, down_proj: torch.Tensor) -> torch.Tensor:
+    """`grouped_experts` without a host sync, for a CUDA graph being captured outside the fused
+    kernels' dtypes (float32): every expert runs on every token, whose input is scaled by its score
+    for that expert (0 when it did not pick it, which the expert maps to 0), as transformers does."""
+    out = torch.zeros_like(x)
+    for expert in range(gate_up_proj.shape[0]):
+        score = (scores * (expert_ids == expert)).sum(dim=1, keepdim=True)
+        gate, up = ((x * score) @ gate_up_proj[expert]).chunk(2, dim=-1)
+        out += (F.silu(gate) * up) @ down_proj[expert]
+    return out
+
+
 class RoutedExperts(nn.Module):
     """The experts' weights, in the checkpoint's layout. Under tensor parallelism the experts are
     placed, not split: process r holds experts [r * E / N, (r + 1) * E / N), whole."""
@@ -92,6 +105,7 @@ class Llama4MoE(nn.Module):
             local = experts.gate_up_proj.shape[0]
             expert_ids = (expert_ids - experts.first).masked_fill_((expert_ids < experts.first) |
                                                                   (expert_ids >= experts.first + local), local)
-        grouped = grouped_experts_fused if fused_path(x) else grouped_experts
+        grouped = grouped_experts_fused if fused_path(x) else \
+            dense_experts if x.is_cuda and torch.cuda.is_current_stream_capturing() else grouped_experts
         routed = grouped(x, scores, expert_ids, experts.gate_up_proj, experts.down_proj)
         return all_reduce(self.shared_expert(x) + routed)
