@@ -11,6 +11,8 @@ from support import noise_image
 
 from epd.models.llama4.image_processor import Llama4ImageProcessor
 
+pytestmark = pytest.mark.gpu   # the GPU host has torchvision (`-m gpu` runs there); elsewhere they skip
+
 SIZES = [(336, 336), (200, 300), (300, 200), (1280, 720), (720, 1280), (50, 40), (4000, 300), (337, 336),
          (1000, 1000), (672, 336), (100, 3000), (513, 777)]   # (width, height)
 
