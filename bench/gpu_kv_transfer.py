@@ -43,6 +43,7 @@ from typing import Any
 
 import torch
 
+from bench.device_timing import median_ms
 from bench.report import write_json
 from epd.models import preset_text_dims
 from kv_transfer.cuda_ipc import PageWriter, PoolImports, export_pool
@@ -115,32 +116,12 @@ def _scatter_ms(kv: PagedKV, groups: list[range], tokens: int) -> float:
     pages = kv.pages(tokens)
     wires = [gather_kv(kv.layers[g.start:g.stop], pages, tokens) for g in groups]
     pairs = list(zip(wires, groups, strict=True))
-    return _cuda_ms(lambda: [scatter_kv(w, kv.layers[g.start:g.stop], pages) for w, g in pairs])
+    return median_ms(lambda: [scatter_kv(w, kv.layers[g.start:g.stop], pages) for w, g in pairs])
 
 
 def _sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-
-
-def _cuda_ms(fn, repeats: int = 5) -> float:
-    """Median device time of `fn` (wall time on a machine without CUDA)."""
-    fn()
-    times = []
-    if not torch.cuda.is_available():
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - start) * 1e3)
-        return statistics.median(times)
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def _send_one(t: KVTransport, address: str, kv: PagedKV, groups: list[range], tokens: int, round_: int) -> float:
@@ -186,7 +167,7 @@ def _send_one_ipc(t: KVTransport, address: str, kv: PagedKV, imports: PoolImport
 def copy_ms(nbytes: int, device: str) -> float:
     src = torch.empty(nbytes, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
-    return _cuda_ms(lambda: dst.copy_(src), repeats=10)
+    return median_ms(lambda: dst.copy_(src), repeats=10)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -244,11 +225,11 @@ def _row(kv: PagedKV, groups: list[range], tokens: int, ms: list[float], device:
     if ipc:   # "gather" = the page-copy kernel alone, into a second pool of the same shape
         writer = PageWriter(kv.layers, [torch.empty_like(layer) for layer in kv.layers])
         page_list = pages.tolist()
-        gather = _cuda_ms(lambda: writer.copy(page_list, page_list))
+        gather = median_ms(lambda: writer.copy(page_list, page_list))
         split = _write_split(writer, page_list)
         del writer
     else:
-        gather = _cuda_ms(lambda: [gather_kv(kv.layers[g.start:g.stop], pages, tokens) for g in groups])
+        gather = median_ms(lambda: [gather_kv(kv.layers[g.start:g.stop], pages, tokens) for g in groups])
     copy = copy_ms(nbytes, device)
     median = statistics.median(ms)
     return {"tokens": tokens, "kv_bytes": nbytes, "messages": 1 if ipc else len(groups),

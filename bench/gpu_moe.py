@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 
 import torch
 import torch.nn.functional as F
 
+from bench.device_timing import median_ms
 from epd.kernels.moe import grouped_experts_fused
 
 
@@ -33,20 +33,6 @@ def per_expert_loop(x: torch.Tensor, scores: torch.Tensor, ids: torch.Tensor, ga
         gate, up = (rows @ gate_up[expert]).chunk(2, dim=-1)
         out.index_add_(0, token, ((F.silu(gate) * up) @ down[expert]).float())
     return out.to(x.dtype)
-
-
-def _time_ms(fn, repeats: int) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def measure(tokens: int, top_k: int, gate_up: torch.Tensor, down: torch.Tensor, repeats: int) -> dict:
@@ -66,7 +52,7 @@ def measure(tokens: int, top_k: int, gate_up: torch.Tensor, down: torch.Tensor, 
            "relative_error": rel}
     for name, fn in (("fused", lambda: grouped_experts_fused(x, scores, ids, gate_up, down)),
                      ("loop", lambda: per_expert_loop(x, scores, ids, gate_up, down))):
-        ms = _time_ms(fn, repeats)
+        ms = median_ms(fn, repeats, warmup=3)
         row[f"{name}_ms"] = ms
         row[f"{name}_gbps"] = nbytes / ms / 1e6
         row[f"{name}_tflops"] = flops / ms / 1e9
