@@ -31,7 +31,7 @@ import httpx
 
 from deploy.gpu_placement import ROLES, Placement, place, shared_gpus
 from deploy.gpu_placement import describe as describe_placements
-from deploy.gpu_shares import describe, gpu_shares, user_sized
+from deploy.gpu_shares import describe, user_sized
 from deploy.logs import DEFAULT_BACKUPS, DEFAULT_MAX_BYTES, LogPump
 from deploy.mps import MPSDaemon
 from deploy.procs import Cluster, die_with_parent
@@ -255,8 +255,12 @@ def _placements(args: argparse.Namespace, node_args: list[str]) -> list[Placemen
     if not gpus or any(not 0 <= g < visible for g in gpus) or len(set(gpus)) != len(gpus):
         raise ValueError(f"--gpus {args.gpus}: GPUs 0..{visible - 1} are visible, each given once")
     tp = node_parser("prefill").parse_known_args(["--model", "-", *node_args])[0].tensor_parallel_size
-    return place(gpus, {"encoder": args.encoders, "prefill": args.prefills, "decode": args.decodes,
-                        "colocated": args.colocated}, tp)
+    return place(gpus, _counts(args), tp)
+
+
+def _counts(args: argparse.Namespace) -> dict[str, int]:
+    """Nodes of each role (in `ROLES` order) epd serve starts."""
+    return {"encoder": args.encoders, "prefill": args.prefills, "decode": args.decodes, "colocated": args.colocated}
 
 
 def _start_nodes(cluster: Cluster, args: argparse.Namespace, node_args: list[str],
@@ -264,8 +268,8 @@ def _start_nodes(cluster: Cluster, args: argparse.Namespace, node_args: list[str
     """Every node; on GPUs each on its own (`--device cuda:N`, when more than GPU 0 is used) with
     its share of that GPU's memory (unless the user sized the pools)."""
     if placements is None:
-        for role in ROLES:
-            for _ in range(getattr(args, "colocated" if role == "colocated" else f"{role}s")):
+        for role, count in _counts(args).items():
+            for _ in range(count):
                 cluster.add(role)
         return
     sized = user_sized(node_args)
@@ -273,7 +277,7 @@ def _start_nodes(cluster: Cluster, args: argparse.Namespace, node_args: list[str
     if not sized and one_gpu:
         import torch
 
-        shares = gpu_shares(args.encoders, args.prefills, args.decodes, args.colocated)
+        shares = {p.role: p.share for p in placements if p.share is not None}
         print(describe(shares, args.encoders, torch.cuda.get_device_properties(0).total_memory), flush=True)
     elif not one_gpu:
         print(describe_placements(placements), flush=True)

@@ -194,11 +194,10 @@ class EncoderService:
         slot = None
         if req.emb_ipc and self.arenas is not None:
             try:
-                msg = transport.poll(f"{req.rid}:embslot")
-                deadline = time.monotonic() + SLOT_WAIT_S
-                while msg is None and time.monotonic() < deadline:
-                    time.sleep(0.0002)
-                    msg = transport.poll(f"{req.rid}:embslot")
+                try:
+                    msg = transport.wait(f"{req.rid}:embslot", SLOT_WAIT_S)
+                except TimeoutError:
+                    msg = None
                 if msg is None:   # not in yet: the wire it is, and a late slot is dropped as it lands
                     transport.ignore(f"{req.rid}:embslot")
                 else:

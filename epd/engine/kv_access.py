@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from epd import protocol
 from kv_transfer.kv_codec import gather_kv, scatter_kv
 
 
@@ -60,3 +61,17 @@ class PoolLayers:
 
 def as_pool_layers(layers: PoolLayers | list[torch.Tensor]) -> PoolLayers:
     return layers if isinstance(layers, PoolLayers) else PoolLayers(list(layers))
+
+
+def landed_group(landed: Any, rid: str, expected: int, needed: Sequence[int], prompt_len: int,
+                 tail: tuple[int, int], whose: str) -> tuple[protocol.KVGroup, torch.Tensor]:
+    """A KV group that landed for request `rid` (a transport message), checked: group `expected`,
+    layers among the `len(needed)` token layers (layer j decode reads from token `needed[j]` on),
+    one wire tensor [layers, 2, prompt_len - first, *tail]; ProtocolError naming `whose` KV otherwise."""
+    group = protocol.read_data_meta(landed.meta, protocol.KVGroup, rid)
+    wire, first = landed.tensors[0] if len(landed.tensors) == 1 else None, group.first_token
+    if group.group != expected or group.layers[-1] >= len(needed) or wire is None or \
+            any(first > needed[j] for j in group.layers) or \
+            tuple(wire.shape) != (len(group.layers), 2, prompt_len - first, *tail):
+        raise protocol.ProtocolError(f"KV group {expected} does not fit {whose} KV")
+    return group, wire

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from epd import protocol
+from epd.engine.kv_access import landed_group
 from epd.tp_protocol import TPDropKV, TPExpectKV, TPLandKV, TPOpenTransport, TPSendKV, array, ints
 from kv_transfer.kv_codec import gather_kv, scatter_kv
 
@@ -107,7 +108,6 @@ class RankKV:
         self.group, self.kv_layers, self.device = group, kv_layers, device
         self.transport: Any = None
         self.incoming: dict[str, _Incoming] = {}
-        self.sends: list[Future] = []
         self.outgoing: dict[str, list] = {}   # rid -> [groups sent, bytes, first gather's time]
         self.lock = threading.Lock()
 
@@ -132,13 +132,11 @@ class RankKV:
         wire = gather_kv(layers, array(msg.pages).tolist(), msg.n, first=msg.first)
         meta = protocol.data_meta(protocol.KVGroup(msg.rid, msg.group, list(msg.positions), msg.first))
         peer = msg.peers[self.group.rank - 1]
-        self.sends = [f for f in self.sends if not f.done()]
         future = self.transport.send(peer, f"{msg.rid}:kv:{msg.group}", [wire], meta=meta,
                                      timeout=msg.timeout_s or None)   # 0: none
         with self.lock:
             self.outgoing.setdefault(msg.rid, [0, 0, time.monotonic()])
         future.add_done_callback(lambda f: self._sent(msg, peer, f))
-        self.sends.append(future)
 
     def _sent(self, msg: TPSendKV, peer: str, future: Future) -> None:
         """(The transport's thread.) Once every group of a request is sent, its time, for the log."""
@@ -180,15 +178,10 @@ class RankKV:
     def _take(self, inc: _Incoming) -> None:
         want = inc.msg
         while (landed := self.transport.poll(f"{want.rid}:kv:{inc.next_group}")) is not None:
-            group = protocol.read_data_meta(landed.meta, protocol.KVGroup, want.rid)
-            wire, first = landed.tensors[0] if len(landed.tensors) == 1 else None, group.first_token
-            heads, dim = self.kv_layers[0].shape[3:]
-            if group.group != inc.next_group or group.layers[-1] >= len(want.layer_ids) or wire is None or \
-                    any(first > want.needed[j] for j in group.layers) or \
-                    tuple(wire.shape) != (len(group.layers), 2, want.prompt_len - first, heads, dim):
-                raise protocol.ProtocolError(f"KV group {inc.next_group} does not fit this rank's KV")
+            group, wire = landed_group(landed, want.rid, inc.next_group, want.needed, want.prompt_len,
+                                       tuple(self.kv_layers[0].shape[3:]), "this rank's")
             layers = [self.kv_layers[want.layer_ids[j]] for j in group.layers]
-            scatter_kv(wire.to(self.device), layers, inc.pages, first)
+            scatter_kv(wire.to(self.device), layers, inc.pages, group.first_token)
             inc.next_group += 1
 
     def drop(self, msg: TPDropKV) -> None:

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from epd import protocol
-from epd.engine.kv_access import PoolLayers, as_pool_layers
+from epd.engine.kv_access import PoolLayers, as_pool_layers, landed_group
 from kv_transfer.kv_codec import tokens_needed
 
 GENERATOR_STATE_BYTES = 1 << 16    # a seeded request's sampler state (torch: 16 bytes on a GPU, 5 KB on a CPU)
@@ -214,14 +214,10 @@ class WireReceiver:
 
     def _take_groups(self, now: float) -> None:
         while (msg := self.transport.poll(f"{self.rid}:kv:{self.next_group}")) is not None:
-            group = protocol.read_data_meta(msg.meta, protocol.KVGroup, self.rid)
-            wire, first = msg.tensors[0] if len(msg.tensors) == 1 else None, group.first_token
-            if group.group != self.next_group or group.layers[-1] >= len(self.layers) or wire is None or \
-                    any(first > self.needed[j] for j in group.layers) or tuple(wire.shape) != \
-                    (len(group.layers), 2, self.prompt_len - first, *self.layers.wire_tail):
-                raise protocol.ProtocolError(f"KV group {self.next_group} does not fit this request's KV")
+            group, wire = landed_group(msg, self.rid, self.next_group, self.needed, self.prompt_len,
+                                       self.layers.wire_tail, "this request's")
             self.first_kv_at = self.first_kv_at or now
-            self.layers.scatter(wire, group.layers, self.pages, first)
+            self.layers.scatter(wire, group.layers, self.pages, group.first_token)
             self.next_group += 1
 
     def _take_cross(self) -> None:

@@ -17,7 +17,6 @@ from epd.engine.kv_access import PoolLayers
 from epd.engine.rank_handover import drop_kv, expect_kv, land_kv, send_kv
 from epd.node.handover import HandOverState, WireReceiver, WireSender
 from epd.tp_protocol import TPExpectKV, TPSendKV, ints
-from kv_transfer.kv_codec import tokens_needed
 
 
 def rank_peers(layers: PoolLayers, peers: list[str]) -> bool:
@@ -62,20 +61,19 @@ class RankWireReceiver(WireReceiver):
         """As `WireReceiver`, with `peers`: the prefill node's ranks 1..N-1."""
         own = _own_heads(layers)
         super().__init__(transport, peer, rid, own, prompt_len, max_groups, cross, chunks)
-        self.leader, self.ranks_written = layers.leader, [0] * len(peers)
-        needed = [tokens_needed(prompt_len, c) for c in (list(chunks) or [None] * len(own))]
+        self.leader = layers.leader
         expect_kv(self.leader, TPExpectKV(rid, peers, self.max_groups, own.nbytes(prompt_len), prompt_len,
-                                          list(own.layer_ids), needed))
+                                          list(own.layer_ids), self.needed))
         self.dropped = False
 
     def others_landed(self) -> bool:
         """Each other rank writes what has landed of its heads; True once all have every group."""
-        self.ranks_written = land_kv(self.leader, self.rid, self.pages)
-        failed = [rank for rank, n in enumerate(self.ranks_written, start=1) if n < 0]
+        written = land_kv(self.leader, self.rid, self.pages)
+        failed = [rank for rank, n in enumerate(written, start=1) if n < 0]
         if failed:
             raise RuntimeError(f"tensor parallel rank {failed[0]} could not take its KV heads "
                                f"(its log says why)")
-        return all(n == self.record.num_groups for n in self.ranks_written)
+        return all(n == self.record.num_groups for n in written)
 
     def poll(self, now: float) -> HandOverState:
         state = super().poll(now)
